@@ -1,0 +1,3 @@
+from codeaccel.cli import main
+
+main()

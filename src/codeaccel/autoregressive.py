@@ -1,0 +1,57 @@
+"""Autoregressive decoding: the baseline every other method must match.
+
+One model evaluation per generated token: prefill the prompt, then repeat
+pick-a-token → evaluate it, until the :class:`StopChecker` says the generation is over.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from codeaccel.engines.base import Engine
+from codeaccel.generation import Generation, StopChecker, validate_request
+from codeaccel.sampling import SamplingParams, next_token
+
+
+def generate(
+    engine: Engine,
+    prompt_tokens: Sequence[int],
+    params: SamplingParams,
+    max_tokens: int,
+    stop: Sequence[str] = (),
+) -> Generation:
+    max_tokens = validate_request(engine, prompt_tokens, max_tokens)
+    rng = params.rng()
+    checker = StopChecker(engine, stop, max_tokens)
+    t0 = time.perf_counter()
+    logits = engine.prefill(prompt_tokens)  # [vocab]
+    t1 = time.perf_counter()
+    while True:
+        token = next_token(logits, params, rng)
+        if checker.push(token):
+            break
+        logits = engine.eval([token])[-1]
+    t2 = time.perf_counter()
+    return Generation(
+        text=checker.text,
+        tokens=checker.tokens,
+        finish_reason=checker.finish_reason,
+        n_prompt_tokens=len(prompt_tokens),
+        prefill_s=t1 - t0,
+        decode_s=t2 - t1,
+    )
+
+
+class AutoregressiveMethod:
+    """The ``autoregressive`` benchmark method: one target evaluation per token."""
+
+    name = "autoregressive"
+
+    def __init__(self, target: Engine):
+        self.target = target
+
+    def generate(
+        self, prompt_tokens: Sequence[int], params: SamplingParams, max_tokens: int, stop: Sequence[str] = ()
+    ) -> Generation:
+        return generate(self.target, prompt_tokens, params, max_tokens, stop)

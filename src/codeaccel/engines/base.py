@@ -1,0 +1,126 @@
+"""The engine contract: what every decoding method needs from a model.
+
+An engine holds one sequence in its KV cache. It can
+
+* ``eval(tokens)``: append tokens to the cache and return the logits at every new
+  position, ``logits  # [len(tokens), n_vocab]`` (row i predicts the token after
+  ``tokens[i]``);
+* ``rewind(n)``: keep only the first n cached tokens (the one rewind primitive that
+  speculative decoding uses to drop rejected draft tokens);
+* tokenize / detokenize, render a chat, and report its vocabulary and the tokens
+  that end generation.
+
+Subclasses implement ``_forward`` and ``_truncate``; the base class keeps the
+token history and checks inputs at the boundary, so the hot path stays small.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+
+import numpy as np
+
+from codeaccel.errors import CodeaccelError
+
+
+class Engine(abc.ABC):
+    #: short engine name used on the command line ("llama.cpp", "hf")
+    kind: str = ""
+
+    def __init__(self, model_name: str, n_vocab: int, n_ctx: int, eog_token_ids: frozenset[int]):
+        self.model_name = model_name
+        self.n_vocab = n_vocab  # width of a logits row
+        self.n_ctx = n_ctx  # most tokens the cache can hold
+        self.eog_token_ids = eog_token_ids  # tokens that end generation (EOS, end-of-turn)
+        self._tokens: list[int] = []  # what the KV cache holds, in order
+
+    # ---- the contract -------------------------------------------------------------
+    @property
+    def tokens(self) -> list[int]:
+        """A copy of the token ids currently in the cache."""
+        return list(self._tokens)
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self._tokens)
+
+    def eval(self, tokens: Sequence[int]) -> np.ndarray:
+        """Append tokens to the cache; return logits  # [len(tokens), n_vocab] float32."""
+        return self._append(tokens, all_logits=True)
+
+    def _append(self, tokens: Sequence[int], all_logits: bool) -> np.ndarray:
+        tokens = [int(t) for t in tokens]
+        if not tokens:
+            raise CodeaccelError("eval needs at least one token")
+        if len(self._tokens) + len(tokens) > self.n_ctx:
+            raise CodeaccelError(
+                f"context overflow: {len(self._tokens)} cached + {len(tokens)} new tokens > n_ctx={self.n_ctx}"
+            )
+        bad = [t for t in tokens if not 0 <= t < self.n_vocab]
+        if bad:
+            raise CodeaccelError(f"token ids out of range [0, {self.n_vocab}): {bad[:5]}")
+        logits = self._forward(tokens, all_logits)
+        self._tokens.extend(tokens)
+        return logits
+
+    def rewind(self, n_tokens: int) -> None:
+        """Keep only the first n_tokens cached tokens."""
+        if not 0 <= n_tokens <= len(self._tokens):
+            raise CodeaccelError(f"cannot rewind to {n_tokens} tokens: the cache holds {len(self._tokens)}")
+        if n_tokens < len(self._tokens):
+            self._truncate(n_tokens)
+            del self._tokens[n_tokens:]
+
+    def reset(self) -> None:
+        self.rewind(0)
+
+    def prefill(self, tokens: Sequence[int]) -> np.ndarray:
+        """Make the cache hold exactly ``tokens``, reusing the longest cached prefix.
+
+        Returns the logits  # [vocab] for the position after the last token. At least
+        the last token is always evaluated, so its logits are fresh.
+        """
+        tokens = list(tokens)
+        if not tokens:
+            raise CodeaccelError("the prompt is empty: nothing to condition on")
+        common = 0
+        for cached, new in zip(self._tokens, tokens[:-1]):
+            if cached != new:
+                break
+            common += 1
+        self.rewind(common)
+        return self._append(tokens[common:], all_logits=False)[-1]
+
+    @abc.abstractmethod
+    def tokenize(self, text: str) -> list[int]:
+        """Text to token ids; special-token markup (e.g. ``<|im_start|>``) is parsed. No BOS is added."""
+
+    @abc.abstractmethod
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        """Token ids to text (special tokens rendered as text)."""
+
+    @abc.abstractmethod
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
+        """Render chat messages with the model's own template, ending with the assistant's turn opener."""
+
+    def close(self) -> None:
+        """Free the model (optional)."""
+
+    # ---- for subclasses -----------------------------------------------------------
+    @abc.abstractmethod
+    def _forward(self, tokens: list[int], all_logits: bool) -> np.ndarray:
+        """Run the model on tokens appended after the cache.
+
+        Returns logits  # [len(tokens), n_vocab] when all_logits, else  # [1, n_vocab] (last position).
+        """
+
+    @abc.abstractmethod
+    def _truncate(self, n_tokens: int) -> None:
+        """Drop cached positions >= n_tokens."""
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,105 @@
+"""The transformers engine: any causal LM that transformers loads, bf16 or fp32.
+
+Loads a Hugging Face model directory, or a GGUF file (transformers dequantises it,
+about a minute for 1.5B). The KV cache is a ``DynamicCache``; rewinding crops it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from codeaccel.engines.base import Engine
+from codeaccel.errors import CodeaccelError
+
+log = logging.getLogger(__name__)
+
+DTYPES = ("bfloat16", "float32")
+
+
+class HFEngine(Engine):
+    kind = "hf"
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        *,
+        model_name: str | None = None,
+        dtype: Literal["bfloat16", "float32"] = "bfloat16",
+        n_ctx: int = 4096,
+        n_threads: int | None = None,
+    ):
+        try:
+            import torch
+            import transformers
+        except ImportError:
+            raise CodeaccelError("the hf engine needs torch and transformers: run `make install`") from None
+        if dtype not in DTYPES:
+            raise CodeaccelError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+        self._torch = torch
+        if n_threads:
+            torch.set_num_threads(n_threads)
+        path = Path(model_path)
+        if path.is_file() and path.suffix.lower() == ".gguf":
+            where, extra = str(path.parent), {"gguf_file": path.name}
+        elif path.is_dir():
+            where, extra = str(path), {}
+        else:
+            raise CodeaccelError(f"model not found: {path} (need a .gguf file or a Hugging Face model directory)")
+        try:
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(where, **extra)
+            self.model = transformers.AutoModelForCausalLM.from_pretrained(
+                where, dtype=getattr(torch, dtype), **extra
+            ).eval()
+        except (OSError, ValueError) as exc:
+            raise CodeaccelError(f"transformers could not load {path}: {exc}") from None
+        self._cache_cls = transformers.DynamicCache
+        self._cache = None
+        eog = set()
+        for src in (self.model.generation_config.eos_token_id, self.tokenizer.eos_token_id):
+            if src is not None:
+                eog.update([src] if isinstance(src, int) else src)
+        n_vocab = self.model.get_output_embeddings().weight.shape[0]
+        max_pos = getattr(self.model.config, "max_position_embeddings", n_ctx) or n_ctx
+        super().__init__(
+            model_name or path.stem, n_vocab=n_vocab, n_ctx=min(n_ctx, max_pos), eog_token_ids=frozenset(eog)
+        )
+
+    # ---- text ---------------------------------------------------------------------
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(tokens), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
+        if not self.tokenizer.chat_template:
+            raise CodeaccelError(f"model {self.model_name} has no chat template; use a raw prompt")
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    # ---- evaluation ---------------------------------------------------------------
+    def _forward(self, tokens: list[int], all_logits: bool) -> np.ndarray:
+        torch = self._torch
+        if self._cache is None:
+            self._cache = self._cache_cls(config=self.model.config)
+        with torch.inference_mode():
+            out = self.model(
+                input_ids=torch.tensor([tokens], dtype=torch.long),
+                past_key_values=self._cache,
+                use_cache=True,
+                logits_to_keep=0 if all_logits else 1,
+            )
+        return out.logits[0].float().numpy()  # [n or 1, vocab]
+
+    def _truncate(self, n_tokens: int) -> None:
+        if n_tokens == 0:
+            self._cache = None
+        else:  # transformers 5 crops by a negative count of tokens to remove
+            self._cache.crop(n_tokens - len(self._tokens))
+
+    def close(self) -> None:
+        self._cache = None

@@ -1,0 +1,87 @@
+"""What a generation returns, and when it ends.
+
+Every decoding method commits tokens one at a time through :class:`StopChecker`,
+so EOS, stop strings and max-tokens end a speculative run at exactly the token
+where autoregressive decoding would have ended it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from codeaccel.engines.base import Engine
+from codeaccel.errors import CodeaccelError
+
+FinishReason = Literal["stop", "eos", "length"]
+
+
+@dataclass
+class Generation:
+    text: str  # the completion, cut before any stop string, without the EOS token
+    tokens: list[int]  # every generated token, including the one that ended generation
+    finish_reason: FinishReason
+    n_prompt_tokens: int
+    prefill_s: float  # evaluating the prompt
+    decode_s: float  # everything after the prefill
+    stats: dict = field(default_factory=dict)  # method-specific counters (drafts, acceptance, ...)
+
+    @property
+    def n_generated(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.n_generated / self.decode_s if self.decode_s > 0 else 0.0
+
+
+def validate_request(engine: Engine, prompt_tokens: Sequence[int], max_tokens: int) -> int:
+    """Check a request at the boundary; return the max tokens that fit in the context."""
+    if not prompt_tokens:
+        raise CodeaccelError("the prompt is empty: nothing to condition on")
+    if max_tokens < 1:
+        raise CodeaccelError(f"max_tokens must be >= 1, got {max_tokens}")
+    room = engine.n_ctx - len(prompt_tokens)
+    if room < 1:
+        raise CodeaccelError(f"the prompt has {len(prompt_tokens)} tokens; the context holds {engine.n_ctx}")
+    return min(max_tokens, room)
+
+
+class StopChecker:
+    """Decides, token by token, whether generation is over.
+
+    ``push(token)`` returns the finish reason once the token ends generation:
+    ``"eos"`` for an end-of-generation token, ``"stop"`` when the text now contains a
+    stop string (the text is cut before it), ``"length"`` at max_tokens.
+    """
+
+    def __init__(self, engine: Engine, stop: Sequence[str], max_tokens: int):
+        self._engine = engine
+        self._stop = [s for s in stop if s]
+        self._longest_stop = max((len(s) for s in self._stop), default=0)
+        self._max_tokens = max_tokens
+        self.tokens: list[int] = []
+        self.text = ""
+        self.finish_reason: FinishReason | None = None
+
+    def push(self, token: int) -> FinishReason | None:
+        if self.finish_reason is not None:
+            raise RuntimeError("generation already finished")
+        self.tokens.append(token)
+        if token in self._engine.eog_token_ids:
+            self.finish_reason = "eos"
+            return self.finish_reason
+        previous = len(self.text)
+        self.text = self._engine.detokenize(self.tokens)
+        if self._stop:
+            # A stop string can only end in the new text; start a little before it.
+            start = max(0, previous - self._longest_stop)
+            hits = [i for s in self._stop if (i := self.text.find(s, start)) >= 0]
+            if hits:
+                self.text = self.text[: min(hits)]
+                self.finish_reason = "stop"
+                return self.finish_reason
+        if len(self.tokens) >= self._max_tokens:
+            self.finish_reason = "length"
+        return self.finish_reason

@@ -1,0 +1,86 @@
+"""The command line, as a user runs it: one-line errors, and the main jobs on a tiny model."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def run_cli(*args, cwd=None, env=None):
+    return subprocess.run(
+        [sys.executable, "-m", "codeaccel", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=600
+    )
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["generate", "hi", "-m", "no-such-model"], "unknown model"),
+        (["generate", "hi", "-m", "/no/such/model.gguf"], "unknown model"),
+        (["generate", "   ", "-m", "qwen2.5-coder-0.5b-instruct"], "prompt is empty"),
+        (["generate", "hi", "--temperature", "-1"], "temperature"),
+        (["generate", "hi", "--top-p", "0"], "top_p"),
+        (["generate", "hi", "--engine", "vllm", "-m", "{tiny}"], "unknown engine"),
+        (["bench", "apps"], "unknown dataset"),
+        (["bench", "humaneval", "--limit", "0"], "--limit"),
+        (["bench", "humaneval", "--method", "magic"], "unknown method"),
+        (["models", "fetch", "gpt-5"], "unknown bundled model"),
+        (["profile", "{tiny}", "--k-max", "0"], "must be >= 1"),
+    ],
+)
+def test_bad_input_gives_one_line_error(args, message, tiny_gguf):
+    result = run_cli(*[a.replace("{tiny}", tiny_gguf) for a in args])
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.stderr
+
+
+def test_corrupt_model_file(tmp_path):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 64)
+    result = run_cli("generate", "hi", "-m", str(bad))
+    assert result.returncode == 2 and "could not load" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_generate_prints_completion_and_timing(tiny_gguf):
+    result = run_cli("generate", "def add(a, b):", "-m", tiny_gguf, "--max-tokens", "8", "--raw")
+    assert result.returncode == 0, result.stderr
+    assert "tok/s" in result.stderr and "prefill" in result.stderr
+
+
+def test_bench_writes_results_and_resumes(tiny_gguf, tmp_path):
+    out = tmp_path / "run"
+    args = ["bench", "humaneval,mbpp", "-m", tiny_gguf, "--limit", "2", "--max-tokens", "8", "--out", str(out)]
+    first = run_cli(*args)
+    assert first.returncode == 0, first.stderr
+    doc = json.loads((out / "summary.json").read_text())
+    assert doc["command"].startswith("codeaccel bench humaneval,mbpp")
+    assert {"cores", "cpu_model"} <= set(doc["machine"]) and doc["date"]
+    assert [(r["dataset"], r["n_problems"]) for r in doc["rows"]] == [("humaneval", 2), ("mbpp", 2)]
+    for row in doc["rows"]:
+        assert {"dataset", "model", "engine", "method", "n_problems", "tokens_per_s", "pass_at_1"} <= set(row)
+        assert row["tokens_per_s"] > 0
+    assert (out / "summary.md").read_text().count("| autoregressive |") == 2
+    assert (out / "summary.png").stat().st_size > 1000
+    records = (out / "results.jsonl").read_text().splitlines()
+    assert len(records) == 4
+    second = run_cli(*args)
+    assert second.returncode == 0
+    assert (out / "results.jsonl").read_text().splitlines() == records  # nothing regenerated
+    third = run_cli(*args, "--no-resume")
+    assert third.returncode == 0
+    assert len((out / "results.jsonl").read_text().splitlines()) == 8
+
+
+def test_profile_saves_curve(tiny_gguf, tmp_path):
+    env = {"CODEACCEL_CACHE_DIR": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"}
+    result = run_cli(
+        "profile", tiny_gguf, "--k-max", "4", "--repeats", "2", "--context", "16", "--out", str(tmp_path), env=env
+    )
+    assert result.returncode == 0, result.stderr
+    doc = json.loads((tmp_path / "cost_curve-llama.cpp-tiny.json").read_text())
+    assert doc["k"] == [1, 2, 3, 4] and doc["relative"][0] == 1.0
+    assert (tmp_path / "cost_curve-llama.cpp-tiny.png").exists()
+    assert (tmp_path / "cache" / "cost_curves" / "llama.cpp-tiny.json").exists()

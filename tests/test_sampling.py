@@ -1,0 +1,70 @@
+import numpy as np
+import pytest
+
+from codeaccel.errors import CodeaccelError
+from codeaccel.sampling import SamplingParams, logits_to_probs, next_token, sample
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"temperature": -0.1}, {"temperature": float("nan")}, {"top_p": 0.0}, {"top_p": 1.5}, {"top_k": -1}, {"seed": -3}],
+)
+def test_invalid_params_are_refused(kwargs):
+    with pytest.raises(CodeaccelError):
+        SamplingParams(**kwargs)
+
+
+def test_greedy_is_one_hot_on_argmax():
+    logits = np.array([[1.0, 3.0, 2.0], [5.0, 0.0, 5.0]])
+    probs = logits_to_probs(logits, SamplingParams())
+    np.testing.assert_array_equal(probs, [[0, 1, 0], [1, 0, 0]])  # ties: the first index
+
+
+def test_temperature_softmax_exact():
+    logits = np.log(np.array([0.5, 0.25, 0.25]))
+    np.testing.assert_allclose(logits_to_probs(logits, SamplingParams(temperature=1.0)), [0.5, 0.25, 0.25])
+    # temperature 0.5 squares the probabilities before renormalising
+    np.testing.assert_allclose(
+        logits_to_probs(logits, SamplingParams(temperature=0.5)), np.array([0.25, 0.0625, 0.0625]) / 0.375
+    )
+
+
+def test_top_k_keeps_k_largest():
+    logits = np.log(np.array([0.1, 0.4, 0.3, 0.2]))
+    probs = logits_to_probs(logits, SamplingParams(temperature=1.0, top_k=2))
+    np.testing.assert_allclose(probs, [0, 0.4 / 0.7, 0.3 / 0.7, 0])
+
+
+def test_top_p_keeps_smallest_set_reaching_mass():
+    logits = np.log(np.array([0.1, 0.4, 0.3, 0.2]))
+    # 0.4 < 0.65, 0.4 + 0.3 >= 0.65: keep {1, 2}
+    probs = logits_to_probs(logits, SamplingParams(temperature=1.0, top_p=0.65))
+    np.testing.assert_allclose(probs, [0, 0.4 / 0.7, 0.3 / 0.7, 0])
+    # the most likely token is always kept
+    probs = logits_to_probs(logits, SamplingParams(temperature=1.0, top_p=0.01))
+    np.testing.assert_allclose(probs, [0, 1, 0, 0])
+
+
+def test_top_k_then_top_p_on_batch_rows():
+    logits = np.log(np.array([[0.1, 0.4, 0.3, 0.2], [0.7, 0.1, 0.1, 0.1]]))
+    probs = logits_to_probs(logits, SamplingParams(temperature=1.0, top_k=3, top_p=0.5))
+    np.testing.assert_allclose(probs, [[0, 0.4 / 0.7, 0.3 / 0.7, 0], [1, 0, 0, 0]])
+
+
+def test_seeded_sampling_is_deterministic():
+    logits = np.random.default_rng(1).standard_normal(50)
+    params = SamplingParams(temperature=0.8, seed=123)
+    a = [next_token(logits, params, rng) for rng in [params.rng()] for _ in range(20)]
+    b = [next_token(logits, params, rng) for rng in [params.rng()] for _ in range(20)]
+    assert a == b
+    assert len(set(a)) > 1
+
+
+def test_sampling_matches_distribution():
+    p = np.array([0.5, 0.2, 0.15, 0.1, 0.05, 0.0])
+    rng = np.random.default_rng(0)
+    n = 40_000
+    counts = np.bincount([sample(p, rng) for _ in range(n)], minlength=len(p))
+    assert counts[-1] == 0  # zero-probability tokens are never drawn
+    tv = 0.5 * np.abs(counts / n - p).sum()
+    assert tv < 0.01
