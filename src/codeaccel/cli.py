@@ -29,8 +29,8 @@ app = typer.Typer(
 models_app = typer.Typer(help="The bundled models: list, assemble, locate.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 
-out = Console()
-err = Console(stderr=True)
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 
 DEFAULT_MODEL = "qwen2.5-coder-1.5b-instruct"
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Bundled model name, GGUF file or HF directory.")]
