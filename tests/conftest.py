@@ -34,6 +34,17 @@ def tiny_hf(tmp_path_factory) -> str:
     return str(tiny_models.build_hf_model(tmp_path_factory.mktemp("hf") / "tiny-hf"))
 
 
+@pytest.fixture(scope="session")
+def tiny_gguf_draft(tmp_path_factory) -> str:
+    """Same architecture and tokenizer as tiny_gguf, other weights: a draft that is often rejected."""
+    return str(tiny_models.build_gguf_model(tmp_path_factory.mktemp("gguf-draft") / "tiny-draft.gguf", seed=1))
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_draft(tmp_path_factory) -> str:
+    return str(tiny_models.build_hf_model(tmp_path_factory.mktemp("hf-draft") / "tiny-hf-draft", seed=1))
+
+
 class ScriptedEngine(Engine):
     """A fake engine whose next token is a fixed function of the last one.
 

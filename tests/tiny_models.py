@@ -110,11 +110,11 @@ def build_hf_model(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def build_gguf_model(path: Path, seed: int = 0) -> Path:
+def build_gguf_model(path: Path, seed: int = 0, vocab_size: int = 400) -> Path:
     """A tiny llama-architecture GGUF (f32 weights, gpt2-style BPE vocabulary) at ``path``."""
     import gguf
 
-    tok = build_tokenizer()
+    tok = build_tokenizer(vocab_size)
     tokens, merges = _vocab_and_merges(tok)
     n_vocab = len(tokens)
     specials = {t: i for i, t in enumerate(tokens) if t in SPECIALS}

@@ -40,6 +40,7 @@ def generate(
         n_prompt_tokens=len(prompt_tokens),
         prefill_s=t1 - t0,
         decode_s=t2 - t1,
+        stats={"steps": len(checker.tokens) - 1, "target_s": round(t2 - t1, 6)},
     )
 
 
@@ -55,3 +56,6 @@ class AutoregressiveMethod:
         self, prompt_tokens: Sequence[int], params: SamplingParams, max_tokens: int, stop: Sequence[str] = ()
     ) -> Generation:
         return generate(self.target, prompt_tokens, params, max_tokens, stop)
+
+    def close(self) -> None:
+        pass  # the harness owns the target engine

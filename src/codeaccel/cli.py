@@ -36,6 +36,16 @@ DEFAULT_MODEL = "qwen2.5-coder-1.5b-instruct"
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Bundled model name, GGUF file or HF directory.")]
 EngineOpt = Annotated[str, typer.Option("--engine", "-e", help="llama.cpp or hf.")]
 DtypeOpt = Annotated[str, typer.Option(help="hf engine weights: bfloat16 or float32.")]
+MethodOpt = Annotated[
+    str, typer.Option(help="Decoding method: autoregressive, speculative, speculative-client-draft, prompt-lookup, …")
+]
+DraftModelOpt = Annotated[
+    Optional[str], typer.Option(help="Draft model for speculative methods (default: the bundled 0.5B).")
+]
+DraftEngineOpt = Annotated[Optional[str], typer.Option(help="Engine of the draft model (default: the target's).")]
+DraftKOpt = Annotated[
+    Optional[int], typer.Option(help="Fixed draft length (default: chosen per step from the cost curve).")
+]
 
 
 @app.callback()
@@ -110,10 +120,14 @@ def generate(
     stop: Annotated[Optional[list[str]], typer.Option(help="Stop string (repeatable).")] = None,
     chat: Annotated[bool, typer.Option("--chat/--raw", help="Wrap the prompt in the model's chat template.")] = True,
     dtype: DtypeOpt = "bfloat16",
+    method: MethodOpt = "autoregressive",
+    draft_model: DraftModelOpt = None,
+    draft_engine: DraftEngineOpt = None,
+    draft_k: DraftKOpt = None,
 ) -> None:
     """Generate a completion and print it, with its timing."""
-    from codeaccel.autoregressive import generate as ar_generate
     from codeaccel.engines import load_engine
+    from codeaccel.methods import MethodOptions, build_method, parse_methods
     from codeaccel.sampling import SamplingParams
 
     if prompt == "-":
@@ -123,15 +137,28 @@ def generate(
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     if max_tokens < 1:
         raise CodeaccelError(f"--max-tokens must be >= 1, got {max_tokens}")
+    (method,) = parse_methods(method)[:1]
+    options = MethodOptions(draft_model=draft_model, draft_engine=draft_engine, draft_k=draft_k)
     with load_engine(model, engine, dtype=dtype) as eng:
         text = eng.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
-        gen = ar_generate(eng, eng.tokenize(text), params, max_tokens, stop or ())
+        runner = build_method(method, eng, options)
+        try:
+            gen = runner.generate(eng.tokenize(text), params, max_tokens, stop or ())
+        finally:
+            runner.close()
     out.print(gen.text, markup=False, highlight=False, soft_wrap=True)
     err.print(
         f"[dim]{gen.n_prompt_tokens} prompt tokens, prefill {1000 * gen.prefill_s:.0f} ms; "
         f"{gen.n_generated} tokens in {gen.decode_s:.2f} s = {gen.tokens_per_s:.1f} tok/s; "
         f"finish: {gen.finish_reason}[/dim]"
     )
+    if gen.stats.get("drafts") is not None:
+        st = gen.stats
+        err.print(
+            f"[dim]{st['drafts']} drafts in {st['steps']} target steps, {st['accepted_tokens']}/"
+            f"{st['drafted_tokens']} draft tokens accepted, mean accepted length {st['mean_accepted_len']}, "
+            f"k chosen {st['chosen_k']}; target {1000 * st['target_s'] / max(1, gen.n_generated):.1f} ms/token[/dim]"
+        )
 
 
 # ---- profile ------------------------------------------------------------------------
@@ -181,11 +208,14 @@ def bench(
     name: Annotated[str, typer.Option(help="File name stem of the summary files.")] = "summary",
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Skip problems already stored.")] = True,
     dtype: DtypeOpt = "bfloat16",
-    draft_model: Annotated[Optional[str], typer.Option(help="Draft model for methods that use one.")] = None,
+    draft_model: DraftModelOpt = None,
+    draft_engine: DraftEngineOpt = None,
+    draft_k: DraftKOpt = None,
 ) -> None:
     """Benchmark methods on HumanEval / MBPP: speed, pass@1; resumable."""
     from codeaccel.bench.datasets import load_problems
     from codeaccel.bench.harness import BenchConfig, bench_config_dict, run_bench
+    from codeaccel.bench.logit_noise import find_noise
     from codeaccel.bench.report import markdown_table, summarize, write_report
     from codeaccel.bench.store import ResultStore
     from codeaccel.methods import MethodOptions, parse_methods
@@ -205,14 +235,15 @@ def bench(
         max_tokens=max_tokens,
         sampling=SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed),
         dtype=dtype,
-        options=MethodOptions(draft_model=draft_model),
+        options=MethodOptions(draft_model=draft_model, draft_engine=draft_engine, draft_k=draft_k),
     )
     safe_model = Path(model).name.replace(".gguf", "")
     out_dir = out_dir or Path("runs") / f"{safe_model}-{engine}"
     store = ResultStore(out_dir / "results.jsonl")
     records = run_bench(config, store, resume=resume)
-    rows = summarize(records)
-    write_report(rows, out_dir, _command_line(), bench_config_dict(config), name=name)
+    noise = find_noise(out_dir, records[0]["engine"], records[0]["model"]) if records else None
+    rows = summarize(records, noise)
+    write_report(rows, out_dir, _command_line(), bench_config_dict(config), name=name, noise=noise)
     out.print(markdown_table(rows), markup=False, highlight=False, soft_wrap=True)
     out.print(f"results in {out_dir}/ ({name}.json, {name}.md, {name}.png, results.jsonl)")
 

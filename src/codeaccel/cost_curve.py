@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -19,6 +20,8 @@ from codeaccel.engines.base import Engine
 from codeaccel.errors import CodeaccelError
 from codeaccel.machine import machine_info
 from codeaccel.registry import cache_dir
+
+log = logging.getLogger(__name__)
 
 # Real code to fill the context and to feed as "draft" tokens (any tokens would do
 # for timing; code keeps the attention pattern realistic).
@@ -137,6 +140,24 @@ def load_cost_curve(engine: str, model: str, dtype: str | None = None) -> CostCu
     doc = json.loads(path.read_text())
     fields = CostCurve.__dataclass_fields__
     return CostCurve(**{k: v for k, v in doc.items() if k in fields})
+
+
+def cost_curve_for(engine: Engine) -> CostCurve:
+    """The engine's saved curve, or a quick measurement (cached for next time) if none is saved yet."""
+    curve = load_cost_curve(engine.kind, engine.model_name, engine.dtype)
+    if curve is None:
+        log.warning(
+            "no cost curve for %s on %s: measuring a quick one (run `codeaccel profile %s` for a full one)",
+            engine.model_name,
+            engine.kind,
+            engine.model_name,
+        )
+        context = min(256, engine.n_ctx // 2)
+        k_max = min(16, engine.n_ctx - context)
+        curve = measure_cost_curve(engine, k_max=k_max, repeats=3, context_tokens=context, dtype=engine.dtype)
+        save_cost_curve(curve, command="(measured on first use)")
+        engine.reset()
+    return curve
 
 
 def _plot(curve: CostCurve, path: Path) -> None:

@@ -26,16 +26,88 @@ class Method(Protocol):
         self, prompt_tokens: Sequence[int], params: SamplingParams, max_tokens: int, stop: Sequence[str] = ()
     ) -> Generation: ...
 
+    def close(self) -> None: ...
+
+
+DEFAULT_DRAFT_MODEL = "qwen2.5-coder-0.5b-instruct"
+
 
 @dataclass(frozen=True)
 class MethodOptions:
-    """Settings some methods need beyond the target engine (drafters add theirs here)."""
+    """Settings some methods need beyond the target engine.
+
+    draft_model: the drafter's model (default: the bundled 0.5B); draft_engine: the
+    engine it runs on (default: the target's); draft_k: a fixed draft length instead
+    of choosing k from the cost curve each step (>= 1).
+    """
 
     draft_model: str | None = None
+    draft_engine: str | None = None
+    draft_k: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.draft_k is not None and self.draft_k < 1:
+            raise CodeaccelError(f"the draft length k must be >= 1, got {self.draft_k}")
+
+
+def _load_draft_engine(target: Engine, options: MethodOptions) -> Engine:
+    from codeaccel.drafters.draft_model import check_same_vocabulary
+    from codeaccel.engines import load_engine
+
+    engine = load_engine(
+        options.draft_model or DEFAULT_DRAFT_MODEL,
+        options.draft_engine or target.kind,
+        n_ctx=target.n_ctx,
+        dtype=target.dtype or "bfloat16",
+    )
+    try:
+        check_same_vocabulary(engine, target)
+    except CodeaccelError:
+        engine.close()
+        raise
+    return engine
+
+
+def _speculative(objective: str) -> Callable[[Engine, MethodOptions], Method]:
+    def build(target: Engine, options: MethodOptions) -> Method:
+        from codeaccel.cost_curve import cost_curve_for
+        from codeaccel.draft_length import DraftLength
+        from codeaccel.drafters.draft_model import DraftModelDrafter
+        from codeaccel.speculative import SpeculativeMethod
+
+        name = "speculative" if objective == "end-to-end" else "speculative-client-draft"
+        draft_length = DraftLength(cost_curve_for(target), objective=objective, fixed_k=options.draft_k)
+        return SpeculativeMethod(name, target, DraftModelDrafter(_load_draft_engine(target, options)), draft_length)
+
+    return build
+
+
+def _prompt_lookup(target: Engine, options: MethodOptions) -> Method:
+    if target.kind == "llama.cpp":
+        from codeaccel.peers.llama_prompt_lookup import LlamaPromptLookupMethod
+
+        return LlamaPromptLookupMethod(target)
+    from codeaccel.peers.hf_generate import HFGenerateMethod
+
+    return HFGenerateMethod("prompt-lookup", target, {"prompt_lookup_num_tokens": 10})
+
+
+def _hf_assisted(target: Engine, options: MethodOptions) -> Method:
+    from codeaccel.peers.hf_generate import HFGenerateMethod
+
+    if target.kind != "hf":
+        raise CodeaccelError("method 'hf-assisted' runs transformers' assisted generation: it needs --engine hf")
+    return HFGenerateMethod("hf-assisted", target, {}, assistant=_load_draft_engine(target, options))
 
 
 BUILDERS: dict[str, Callable[[Engine, MethodOptions], Method]] = {
     "autoregressive": lambda target, options: AutoregressiveMethod(target),
+    # draft model; k chosen per step to maximise end-to-end tokens/s (falls back to plain decoding)
+    "speculative": _speculative("end-to-end"),
+    # draft model on the client, target on a server: k chosen to minimise target seconds per token
+    "speculative-client-draft": _speculative("target"),
+    "prompt-lookup": _prompt_lookup,  # the engine library's own n-gram prompt lookup
+    "hf-assisted": _hf_assisted,  # transformers' assisted generation with the same draft model
 }
 
 

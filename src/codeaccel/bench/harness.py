@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, replace
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from codeaccel.bench.datasets import PROMPT_FORMAT, STOP, Problem, load_problems
+from codeaccel.bench.logit_noise import first_divergence, load_or_measure
 from codeaccel.bench.store import ResultStore
 from codeaccel.engines import load_engine
 from codeaccel.engines.base import Engine
@@ -69,11 +70,15 @@ def run_bench(config: BenchConfig, store: ResultStore, resume: bool = True) -> l
     """Run every (dataset, method) pair; return the records of this configuration."""
     problems = {d: load_problems(d, config.limit) for d in config.datasets}
     engine = load_engine(config.model, config.engine, n_ctx=config.n_ctx, dtype=config.dtype)
-    model_name = engine.model_name
-    record_cfg = config.record_config()
+    methods: list = []
     records: list[dict] = []
     try:
-        methods = [build_method(name, engine, config.options) for name in config.methods]
+        if config.sampling.greedy and any(m != "autoregressive" for m in config.methods):
+            # one measurement per results folder; the report reads it to classify divergences
+            texts = [(p.code_prefix + p.test_program)[:2000] for ps in problems.values() for p in ps[:4]]
+            load_or_measure(engine, texts, store.path.parent)
+        for name in config.methods:
+            methods.append(build_method(name, engine, config.options))
         total = sum(len(p) for p in problems.values()) * len(methods)
         columns = (
             TextColumn("[bold]{task.description}"),
@@ -89,26 +94,48 @@ def run_bench(config: BenchConfig, store: ResultStore, resume: bool = True) -> l
             for dataset, dataset_problems in problems.items():
                 for method in methods:
                     for problem in dataset_problems:
-                        key = {
-                            "dataset": dataset,
-                            "task_id": problem.task_id,
-                            "model": model_name,
-                            "engine": engine.kind,
-                            "method": method.name,
-                            "config": record_cfg,
-                        }
+                        key = _record_key(config, engine, dataset, problem, method.name)
                         progress.update(bar, description=f"{dataset} {method.name} {problem.task_id}")
                         record = store.get(key) if resume else None
                         if record is None:
                             record = _run_one(engine, method, problem, config, key)
+                            _compare_with_autoregressive(engine, store, config, dataset, problem, record)
                             store.add(record)
                         records.append(record)
                         passed += bool(record["passed"])
                         done += 1
                         progress.update(bar, advance=1, passed=passed, done=done)
     finally:
+        for method in methods:
+            method.close()
         engine.close()
     return records
+
+
+def _record_key(config: BenchConfig, engine: Engine, dataset: str, problem: Problem, method: str) -> dict:
+    return {
+        "dataset": dataset,
+        "task_id": problem.task_id,
+        "model": engine.model_name,
+        "engine": engine.kind,
+        "method": method,
+        "config": config.record_config(),
+    }
+
+
+def _compare_with_autoregressive(
+    engine: Engine, store: ResultStore, config: BenchConfig, dataset: str, problem: Problem, record: dict
+) -> None:
+    """Greedy only: is the output autoregressive decoding's? If not, the target's margin where it left it."""
+    if record["method"] == "autoregressive" or not config.sampling.greedy:
+        return
+    reference = store.get(_record_key(config, engine, dataset, problem, "autoregressive"))
+    if reference is None:
+        return
+    record["identical_to_autoregressive"] = record["tokens"] == reference["tokens"]
+    if not record["identical_to_autoregressive"]:
+        prompt = build_prompt(engine, problem)
+        record["divergence"] = first_divergence(engine, prompt, reference["tokens"], record["tokens"])
 
 
 def _run_one(engine: Engine, method, problem: Problem, config: BenchConfig, key: dict) -> dict:

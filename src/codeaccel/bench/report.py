@@ -23,7 +23,9 @@ from codeaccel.machine import machine_info
 GROUP = ("dataset", "model", "engine", "method")
 
 
-def summarize(records: list[dict]) -> list[dict]:
+def summarize(records: list[dict], noise: dict | None = None) -> list[dict]:
+    """One row per (dataset, model, engine, method). ``noise``: the target's measured logit noise
+    (:mod:`codeaccel.bench.logit_noise`), which separates near-tie divergences from clear ones."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in records:
         groups[tuple(r[k] for k in GROUP)].append(r)
@@ -45,25 +47,59 @@ def summarize(records: list[dict]) -> list[dict]:
                 "mean_prompt_tokens": round(sum(r["n_prompt_tokens"] for r in rs) / len(rs), 1),
                 "mean_prefill_ms": round(1000 * prefill_s / len(rs), 1),
                 "decode_s": round(decode_s, 3),
+                **_speculation_columns(rs, n_gen),
             }
         )
-    _compare_to_autoregressive(rows, groups)
+    _compare_to_autoregressive(rows, groups, noise)
     return rows
 
 
-def _compare_to_autoregressive(rows: list[dict], groups: dict[tuple, list[dict]]) -> None:
+def _speculation_columns(rs: list[dict], n_gen: int) -> dict:
+    """Target seconds per token, and the draft/accept counters of methods that log them."""
+    stats = [r.get("stats") or {} for r in rs]
+    cols: dict = {}
+    if n_gen and all("target_s" in s for s in stats):
+        cols["target_s_per_token"] = round(sum(s["target_s"] for s in stats) / n_gen, 6)
+    drafts = sum(s.get("drafts", 0) for s in stats)
+    steps = sum(s.get("steps", 0) for s in stats)
+    if any("drafts" in s for s in stats):
+        drafted = sum(s["drafted_tokens"] for s in stats)
+        accepted = sum(s["accepted_tokens"] for s in stats)
+        cols["mean_accepted_len"] = round(1 + accepted / drafts, 3) if drafts else None
+        cols["acceptance_rate"] = round(accepted / drafted, 4) if drafted else None
+        cols["mean_draft_len"] = round(drafted / drafts, 2) if drafts else None
+        cols["share_of_steps_drafted"] = round(drafts / steps, 4) if steps else None
+        cols["tokens_per_target_eval"] = round(n_gen / steps, 3) if steps else None
+    return cols
+
+
+def _compare_to_autoregressive(rows: list[dict], groups: dict[tuple, list[dict]], noise: dict | None) -> None:
+    """Speed-up over the autoregressive row of the same run; for greedy runs, how many outputs match it.
+
+    A non-identical output is a near tie when the target's top-1/top-2 margin at the
+    first divergence is below the measured noise tolerance, else a clear divergence.
+    """
+    tolerance = noise["tolerance"] if noise else None
     for row in rows:
         ar_key = (row["dataset"], row["model"], row["engine"], "autoregressive")
         if ar_key not in groups or row["method"] == "autoregressive":
             continue
-        ar_tokens = {r["task_id"]: r["tokens"] for r in groups[ar_key]}
         ar_row = next(r for r in rows if tuple(r[k] for k in GROUP) == ar_key)
-        mine = groups[tuple(row[k] for k in GROUP)]
-        row["identical_to_autoregressive"] = sum(
-            1 for r in mine if r["task_id"] in ar_tokens and r["tokens"] == ar_tokens[r["task_id"]]
-        )
         if ar_row["tokens_per_s"]:
             row["speedup_vs_autoregressive"] = round(row["tokens_per_s"] / ar_row["tokens_per_s"], 3)
+        mine = groups[tuple(row[k] for k in GROUP)]
+        if any(r["config"]["temperature"] > 0 for r in mine):
+            continue  # sampled outputs are compared by distribution, not token by token
+        ar_tokens = {r["task_id"]: r["tokens"] for r in groups[ar_key]}
+        compared = [r for r in mine if r["task_id"] in ar_tokens]
+        different = [r for r in compared if r["tokens"] != ar_tokens[r["task_id"]]]
+        row["identical_to_autoregressive"] = len(compared) - len(different)
+        if tolerance is not None:
+            margins = [r.get("divergence", {}).get("margin") for r in different]
+            row["divergences_at_near_ties"] = sum(1 for m in margins if m is not None and m < tolerance)
+            row["divergences_at_clear_margin"] = sum(1 for m in margins if m is not None and m >= tolerance)
+            row["divergences_unmeasured"] = sum(1 for m in margins if m is None)
+            row["near_tie_tolerance"] = tolerance
 
 
 COLUMNS = [
@@ -76,6 +112,12 @@ COLUMNS = [
     ("tokens_per_s", "tok/s"),
     ("speedup_vs_autoregressive", "speed-up"),
     ("identical_to_autoregressive", "identical"),
+    ("divergences_at_near_ties", "near ties"),
+    ("divergences_at_clear_margin", "clear divergences"),
+    ("mean_accepted_len", "accepted len"),
+    ("mean_draft_len", "draft len"),
+    ("share_of_steps_drafted", "drafted steps"),
+    ("target_s_per_token", "target ms/tok"),
     ("mean_generated_tokens", "gen tok"),
     ("mean_prefill_ms", "prefill ms"),
 ]
@@ -92,6 +134,10 @@ def markdown_table(rows: list[dict]) -> str:
                 v = f"{100 * v:.1f}%"
             elif k == "speedup_vs_autoregressive" and v != "":
                 v = f"{v:.2f}×"
+            elif k == "target_s_per_token" and v != "":
+                v = f"{1000 * v:.1f}"
+            elif k == "share_of_steps_drafted" and v not in ("", None):
+                v = f"{100 * v:.0f}%"
             cells.append(str(v))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -118,7 +164,9 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def write_report(rows: list[dict], out_dir: Path, command: str, config: dict, name: str = "summary") -> dict:
+def write_report(
+    rows: list[dict], out_dir: Path, command: str, config: dict, name: str = "summary", noise: dict | None = None
+) -> dict:
     """Write ``{name}.json``, ``{name}.md`` and ``{name}.png`` into out_dir; return the JSON document."""
     out_dir.mkdir(parents=True, exist_ok=True)
     doc = {
@@ -128,12 +176,19 @@ def write_report(rows: list[dict], out_dir: Path, command: str, config: dict, na
         "config": config,
         "rows": rows,
     }
+    if noise:
+        doc["logit_noise"] = noise
     (out_dir / f"{name}.json").write_text(json.dumps(doc, indent=2) + "\n")
     machine = doc["machine"]
     md = (
         f"# Benchmark: {name}\n\nCommand: `{command}`\n\n"
         f"Machine: {machine['cores']} cores, {machine['cpu_model']}; {doc['date']}\n\n"
     )
+    if noise:
+        md += (
+            f"Near-tie tolerance {noise['tolerance']:.4g} (twice the largest top-10 logit change between "
+            f"one-at-a-time and {noise['chunk']}-token batched evaluation, over {noise['positions']} positions).\n\n"
+        )
     (out_dir / f"{name}.md").write_text(md + markdown_table(rows))
     plot(rows, out_dir / f"{name}.png", name)
     return doc

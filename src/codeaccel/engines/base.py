@@ -27,6 +27,8 @@ from codeaccel.errors import CodeaccelError
 class Engine(abc.ABC):
     #: short engine name used on the command line ("llama.cpp", "hf")
     kind: str = ""
+    #: weights' dtype where the engine has a choice (hf), else None
+    dtype: str | None = None
 
     def __init__(self, model_name: str, n_vocab: int, n_ctx: int, eog_token_ids: frozenset[int]):
         self.model_name = model_name

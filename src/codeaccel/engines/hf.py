@@ -41,6 +41,7 @@ class HFEngine(Engine):
         if dtype not in DTYPES:
             raise CodeaccelError(f"dtype must be one of {DTYPES}, got {dtype!r}")
         self._torch = torch
+        self.dtype = dtype
         if n_threads:
             torch.set_num_threads(n_threads)
         path = Path(model_path)

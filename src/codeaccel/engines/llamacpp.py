@@ -64,6 +64,7 @@ class LlamaCppEngine(Engine):
         n_vocab = self.llm.n_vocab()
         eog = frozenset(t for t in range(n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, t))
         super().__init__(model_name or path.stem, n_vocab=n_vocab, n_ctx=self.llm.n_ctx(), eog_token_ids=eog)
+        self.model_path = path
         self._n_batch = n_batch
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self._chat_formatter = None

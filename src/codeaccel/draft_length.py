@@ -1,0 +1,120 @@
+"""How many tokens to draft each step: the k that maximises expected tokens per second.
+
+With a per-token acceptance rate α (each draft token accepted independently, the
+model of Leviathan et al. 2023), a draft of k tokens commits on average
+
+    E(k) = (1 − α^(k+1)) / (1 − α)        tokens (accepted + one recovered/bonus)
+
+and costs
+
+    T(k) = k · t_draft + t_target · C(k+1)     seconds, end to end, or
+    T(k) = t_target · C(k+1)                   seconds of target time (objective "target"),
+
+where C(n) is the target's measured cost curve (evaluating n tokens at once, in
+decode steps; the verification evaluates the last committed token plus the k
+drafts) and t_target, t_draft are measured online. Plain decoding commits 1 token
+per ``t_target · C(1)``. Each step picks ``k* = argmax E(k)/T(k)`` and drafts only if
+that beats plain decoding; otherwise it returns 0 and the caller decodes one token.
+
+α is estimated online from verified drafts (accepted tokens vs first rejections),
+with exponentially decaying weights so it follows the code being written, and a
+prior it decays back to while no drafts are made (so a stretch of plain decoding
+is followed by a fresh trial once the prior says drafting could pay). When even
+α = 1 cannot beat plain decoding on this hardware, it never drafts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from codeaccel.cost_curve import CostCurve
+from codeaccel.errors import CodeaccelError
+
+Objective = Literal["end-to-end", "target"]
+OBJECTIVES = ("end-to-end", "target")
+
+
+def expected_tokens(alpha: float, k: int) -> float:
+    """E(k): expected tokens committed by one verification of a k-token draft."""
+    if k == 0:
+        return 1.0
+    if alpha >= 1.0:
+        return float(k + 1)
+    return (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
+
+
+@dataclass
+class DraftLength:
+    """Chooses the draft length per step; ``update`` feeds back what each step measured.
+
+    curve: the target engine's cost curve. fixed_k: always draft this many (no
+    adaptation; for ablations). objective: "end-to-end" counts the draft's time,
+    "target" counts only the target's (the draft runs elsewhere, e.g. on a client).
+    """
+
+    curve: CostCurve
+    k_max: int = 16
+    objective: Objective = "end-to-end"
+    fixed_k: int | None = None
+    prior_alpha: float = 0.8
+    prior_weight: float = 2.0  # pseudo-observations behind the prior
+    decay: float = 0.9  # weight kept by old observations per step
+    t_target_s: float | None = None  # seconds per decode step of the target (C(1)), measured online
+    t_draft_s: float | None = None  # seconds per drafted token, measured online
+    _accepted: float = field(default=0.0, init=False)  # decayed count of accepted draft tokens
+    _rejected: float = field(default=0.0, init=False)  # decayed count of first rejections
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise CodeaccelError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.fixed_k is not None and self.fixed_k < 1:
+            raise CodeaccelError(f"the draft length k must be >= 1, got {self.fixed_k}")
+        if self.k_max < 1:
+            raise CodeaccelError(f"k_max must be >= 1, got {self.k_max}")
+        if self.t_target_s is None:
+            self.t_target_s = self.curve.seconds[0]
+
+    @property
+    def alpha(self) -> float:
+        """Current estimate of the per-token acceptance rate."""
+        a = self._accepted + self.prior_alpha * self.prior_weight
+        return a / (self._accepted + self._rejected + self.prior_weight)
+
+    def tokens_per_s(self, k: int, alpha: float | None = None) -> float:
+        """Expected committed tokens per second (per target-second for objective "target") at draft length k."""
+        alpha = self.alpha if alpha is None else alpha
+        seconds = self.t_target_s * self.curve.cost(k + 1)
+        if self.objective == "end-to-end" and k > 0:
+            seconds += k * (self.t_draft_s or 0.0)
+        return expected_tokens(alpha, k) / seconds
+
+    def best_k(self, alpha: float | None = None) -> int:
+        """argmax_k E(k)/T(k) over 0..k_max (0 = plain decoding)."""
+        return max(range(self.k_max + 1), key=lambda k: (self.tokens_per_s(k, alpha), -k))
+
+    def choose(self, room: int) -> int:
+        """The draft length for the next step, at most ``room`` (0: decode one token plainly)."""
+        if room < 1:
+            return 0
+        if self.fixed_k is not None:
+            return min(self.fixed_k, room)
+        if self.best_k(alpha=1.0) == 0:  # cannot pay even if every draft token were accepted
+            return 0
+        return min(self.best_k(), room)
+
+    def update(self, k: int, n_accepted: int, target_s: float, draft_s: float) -> None:
+        """Record one step: k drafted, n_accepted kept, seconds spent verifying and drafting."""
+        self._accepted *= self.decay
+        self._rejected *= self.decay
+        if k > 0:
+            self._accepted += n_accepted
+            self._rejected += n_accepted < k
+            if draft_s > 0:
+                self.t_draft_s = _ema(self.t_draft_s, draft_s / k)
+        if target_s > 0:
+            self.t_target_s = _ema(self.t_target_s, target_s / self.curve.cost(k + 1))
+
+
+def _ema(old: float | None, new: float, weight: float = 0.2) -> float:
+    return new if old is None else (1 - weight) * old + weight * new

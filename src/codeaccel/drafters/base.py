@@ -1,0 +1,45 @@
+"""The drafter contract: propose k tokens that the target model will verify.
+
+A drafter returns a :class:`Draft`: token ids and, when it has them, the
+distributions they were sampled from. Drafts with probabilities are verified by
+rejection sampling; drafts without (retrieval, n-gram lookup) by sample-and-compare.
+Both are lossless (see :mod:`codeaccel.verification`), so a drafter only affects speed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from codeaccel.sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class Draft:
+    tokens: list[int]  # [k] proposed continuation of the context
+    probs: np.ndarray | None = None  # [k, vocab] warped draft distribution each token was sampled from
+
+    def __post_init__(self) -> None:
+        if self.probs is not None and self.probs.shape[0] != len(self.tokens):
+            raise ValueError(f"draft probs {self.probs.shape} do not match {len(self.tokens)} tokens")
+
+
+class Drafter(Protocol):
+    """Anything that proposes continuations.
+
+    ``prepare(prompt)`` is called once per request, during the prefill (a draft model
+    fills its own cache there); ``propose(context, k, params, rng)`` returns at most k
+    tokens continuing ``context`` (the prompt plus everything committed so far),
+    sampled with ``params`` where the drafter samples at all; ``close()`` frees it.
+    """
+
+    name: str
+
+    def prepare(self, prompt: Sequence[int]) -> None: ...
+
+    def propose(self, context: Sequence[int], k: int, params: SamplingParams, rng: np.random.Generator) -> Draft: ...
+
+    def close(self) -> None: ...

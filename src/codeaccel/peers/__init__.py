@@ -1,0 +1,6 @@
+"""Peers: other libraries' own speed-up methods, run through the same harness for comparison.
+
+They are measured, not reimplemented: each wraps the library's generation call and
+passes its tokens through the same :class:`~codeaccel.generation.StopChecker`, so
+every method's output ends by the same rules.
+"""

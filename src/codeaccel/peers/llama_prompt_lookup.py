@@ -1,0 +1,76 @@
+"""llama-cpp-python's prompt-lookup decoding (``LlamaPromptLookupDecoding``) as a peer.
+
+The library drafts by n-gram lookup in the prompt and verifies inside
+``Llama.generate``; it needs its own ``Llama`` object (``draft_model=`` is a
+constructor argument and forces ``logits_all``), so this peer loads a second copy
+of the target's GGUF file.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+
+from codeaccel.engines.base import Engine
+from codeaccel.errors import CodeaccelError
+from codeaccel.generation import Generation, StopChecker, validate_request
+from codeaccel.sampling import SamplingParams
+
+
+class LlamaPromptLookupMethod:
+    name = "prompt-lookup"
+
+    def __init__(self, target: Engine, num_pred_tokens: int = 10, max_ngram_size: int = 2):
+        model_path = getattr(target, "model_path", None)
+        if target.kind != "llama.cpp" or model_path is None:
+            raise CodeaccelError("llama.cpp prompt lookup needs the llama.cpp engine")
+        import llama_cpp
+        from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+        self.target = target  # for tokens, EOG and context checks
+        self.llm = llama_cpp.Llama(
+            model_path=str(model_path),
+            n_ctx=target.n_ctx,
+            n_threads=os.cpu_count(),
+            n_threads_batch=os.cpu_count(),
+            draft_model=LlamaPromptLookupDecoding(num_pred_tokens=num_pred_tokens, max_ngram_size=max_ngram_size),
+            verbose=False,
+        )
+
+    def generate(
+        self, prompt_tokens: Sequence[int], params: SamplingParams, max_tokens: int, stop: Sequence[str] = ()
+    ) -> Generation:
+        max_tokens = validate_request(self.target, prompt_tokens, max_tokens)
+        checker = StopChecker(self.target, stop, max_tokens)
+        if params.seed is not None:
+            self.llm.set_seed(params.seed)
+        t0 = time.perf_counter()
+        t1 = None
+        tokens = self.llm.generate(
+            list(prompt_tokens),
+            temp=params.temperature,
+            top_k=params.top_k,
+            top_p=params.top_p,
+            min_p=0.0,
+            repeat_penalty=1.0,
+            reset=True,
+        )
+        for token in tokens:
+            if t1 is None:
+                t1 = time.perf_counter()  # the prompt is evaluated and the first token sampled
+            if checker.push(token):
+                break
+        tokens.close()
+        t2 = time.perf_counter()
+        return Generation(
+            text=checker.text,
+            tokens=checker.tokens,
+            finish_reason=checker.finish_reason or "length",
+            n_prompt_tokens=len(prompt_tokens),
+            prefill_s=(t1 or t2) - t0,
+            decode_s=t2 - (t1 or t2),
+        )
+
+    def close(self) -> None:
+        self.llm.close()

@@ -1,0 +1,66 @@
+"""Choosing k from the cost curve: the expected-throughput model and its online estimates."""
+
+import pytest
+
+from codeaccel.cost_curve import CostCurve
+from codeaccel.draft_length import DraftLength, expected_tokens
+
+
+def curve(relative):
+    return CostCurve("m", "e", None, 0, 1, list(range(1, len(relative) + 1)), [0.01 * r for r in relative], relative)
+
+
+LINEAR = curve([1 + 0.3 * (k - 1) for k in range(1, 33)])  # verifying k tokens costs 1 + 0.3(k-1) steps
+FLAT = curve([1.0] * 32)
+
+
+def test_expected_tokens_formula():
+    assert expected_tokens(0.0, 5) == 1.0  # only the recovered token
+    assert expected_tokens(1.0, 5) == 6.0  # all accepted + bonus
+    assert expected_tokens(0.5, 2) == pytest.approx(1 + 0.5 + 0.25)
+
+
+def test_longer_drafts_when_acceptance_is_higher():
+    policy = DraftLength(LINEAR, k_max=16)
+    ks = [policy.best_k(alpha) for alpha in (0.1, 0.5, 0.8, 0.95)]
+    assert ks == sorted(ks) and ks[0] == 0 and ks[-1] >= 4
+
+
+def test_falls_back_to_plain_decoding_when_drafting_cannot_pay():
+    policy = DraftLength(LINEAR, t_target_s=0.01, t_draft_s=0.02)  # a draft token costs two target steps
+    assert policy.choose(room=100) == 0
+    assert policy.best_k(alpha=1.0) == 0
+
+
+def test_target_objective_ignores_the_drafts_cost():
+    end_to_end = DraftLength(FLAT, t_target_s=0.01, t_draft_s=0.02)
+    client = DraftLength(FLAT, objective="target", t_target_s=0.01, t_draft_s=0.02)
+    assert end_to_end.choose(100) == 0
+    assert client.choose(100) == 16  # on a flat curve a longer draft is free for the target
+
+
+def test_room_and_fixed_k():
+    assert DraftLength(FLAT).choose(room=3) == 3
+    assert DraftLength(FLAT).choose(room=0) == 0
+    assert DraftLength(LINEAR, fixed_k=5).choose(room=100) == 5
+    assert DraftLength(LINEAR, fixed_k=5).choose(room=2) == 2
+
+
+def test_update_learns_acceptance_and_decays_back_to_the_prior():
+    policy = DraftLength(LINEAR)
+    for _ in range(20):
+        policy.update(k=4, n_accepted=0, target_s=0.01, draft_s=0.004)
+    assert policy.alpha < 0.15
+    assert policy.t_draft_s == pytest.approx(0.001)
+    low = policy.alpha
+    for _ in range(30):  # plain decoding steps: the evidence fades, the prior returns
+        policy.update(k=0, n_accepted=0, target_s=0.01, draft_s=0.0)
+    assert low < policy.alpha < policy.prior_alpha + 1e-9
+    assert policy.alpha > 0.6
+
+
+def test_target_step_time_is_measured_online():
+    policy = DraftLength(LINEAR)  # the curve says 10 ms per step
+    for _ in range(50):
+        policy.update(k=3, n_accepted=3, target_s=0.04 * LINEAR.cost(4), draft_s=0.0)
+    assert policy.t_target_s == pytest.approx(0.04, rel=1e-3)

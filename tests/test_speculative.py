@@ -1,0 +1,259 @@
+"""The speculative decode loop: exact stopping rules on a scripted engine, losslessness on tiny models."""
+
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from codeaccel.autoregressive import generate
+from codeaccel.cost_curve import CostCurve
+from codeaccel.draft_length import DraftLength
+from codeaccel.drafters.base import Draft
+from codeaccel.drafters.draft_model import DraftModelDrafter, check_same_vocabulary
+from codeaccel.engines import load_engine
+from codeaccel.errors import CodeaccelError
+from codeaccel.methods import MethodOptions, build_method
+from codeaccel.sampling import SamplingParams, logits_to_probs
+from codeaccel.speculative import speculative_generate
+from conftest import ScriptedEngine
+
+GREEDY = SamplingParams()
+
+
+def flat_curve(k_max=32) -> CostCurve:
+    """A cost curve where verifying any k costs one step (an idealised accelerator)."""
+    return CostCurve("m", "e", None, 0, 1, list(range(1, k_max + 1)), [0.01] * k_max, [1.0] * k_max)
+
+
+class ScriptDrafter:
+    """Proposes by following its own successor map (right or wrong), without probabilities."""
+
+    name = "script"
+
+    def __init__(self, successor: dict[int, int]):
+        self.successor = successor
+        self.calls: list[tuple[int, int]] = []  # (context length, k)
+
+    def prepare(self, prompt: Sequence[int]) -> None:
+        pass
+
+    def propose(self, context, k, params, rng) -> Draft:
+        self.calls.append((len(context), k))
+        out, t = [], context[-1]
+        for _ in range(k):
+            t = self.successor.get(t, 0)
+            out.append(t)
+        return Draft(tokens=out)
+
+    def close(self) -> None:
+        pass
+
+
+# ScriptedEngine: "a"(1) -> "b"(2) -> "c"(3) -> "\n"(4) -> "END"(5) -> "a" ... ; "x"(6) -> EOS(0)
+PERFECT = {1: 2, 2: 3, 3: 4, 4: 5, 5: 1, 6: 0}
+WRONG_AFTER_C = {1: 2, 2: 3, 3: 1, 4: 5, 5: 1, 6: 0}  # drafts "a" where the target says "\n"
+
+
+def run_both(scripted, drafter, prompt_text, max_tokens, stop=(), k=4):
+    prompt = scripted.tokenize(prompt_text)
+    ar = generate(scripted, prompt, GREEDY, max_tokens, stop)
+    policy = DraftLength(flat_curve(), fixed_k=k)
+    spec = speculative_generate(scripted, drafter, policy, prompt, GREEDY, max_tokens, stop)
+    return ar, spec
+
+
+@pytest.mark.parametrize("successor", [PERFECT, WRONG_AFTER_C], ids=["perfect-draft", "wrong-draft"])
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_stop_string_inside_an_accepted_run_ends_where_autoregressive_ends(scripted, successor, k):
+    ar, spec = run_both(scripted, ScriptDrafter(successor), "a", 40, stop=["END"], k=k)
+    assert spec.tokens == ar.tokens and spec.text == ar.text == "bc\n"
+    assert spec.finish_reason == ar.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("max_tokens", [1, 2, 5, 7])
+def test_max_tokens_inside_an_accepted_run(scripted, max_tokens):
+    ar, spec = run_both(scripted, ScriptDrafter(PERFECT), "a", max_tokens, k=8)
+    assert spec.tokens == ar.tokens and len(spec.tokens) == max_tokens
+    assert spec.finish_reason == "length"
+    assert spec.stats["steps"] <= 2  # k=8 drafts cover it in one or two verifications
+
+
+def test_eos_inside_an_accepted_run(scripted):
+    ar, spec = run_both(scripted, ScriptDrafter(PERFECT), "abx", 20, k=4)
+    assert spec.tokens == ar.tokens == [0] and spec.finish_reason == "eos" and spec.text == ""
+
+
+def test_rejections_rewind_the_target_and_counters_add_up(scripted):
+    drafter = ScriptDrafter(WRONG_AFTER_C)
+    prompt = scripted.tokenize("a")
+    ar = generate(scripted, prompt, GREEDY, 30)
+    spec = speculative_generate(scripted, drafter, DraftLength(flat_curve(), fixed_k=4), prompt, GREEDY, 30)
+    assert spec.tokens == ar.tokens
+    n = len(prompt) + len(spec.tokens) - 1  # all committed tokens but the last are in the cache, in order
+    assert scripted.tokens[:n] == prompt + spec.tokens[:-1]
+    st = spec.stats
+    assert st["accepted_tokens"] < st["drafted_tokens"]  # the wrong draft was rejected somewhere
+    assert st["accepted_tokens"] + st["steps"] == len(spec.tokens)  # each step commits accepted + 1
+    assert sum(st["proposed_at"][:1]) == st["drafts"]
+    assert all(a <= p for a, p in zip(st["accepted_at"], st["proposed_at"]))
+
+
+def test_draft_length_zero_is_plain_decoding(scripted):
+    never = DraftLength(flat_curve(), fixed_k=None)
+    never.t_draft_s = 10.0  # a draft token costs 1000 target steps: drafting can never pay
+    drafter = ScriptDrafter(PERFECT)
+    prompt = scripted.tokenize("a")
+    spec = speculative_generate(scripted, drafter, never, prompt, GREEDY, 12)
+    assert drafter.calls == [] and spec.stats["drafts"] == 0 and spec.stats["chosen_k"] == {"0": 12}
+    assert spec.tokens == generate(scripted, prompt, GREEDY, 12).tokens
+
+
+def test_draft_model_drafter_keeps_its_cache_in_step():
+    successor = {1: 2, 2: 3, 3: 4, 4: 5, 5: 1}
+    draft = ScriptedEngine(["<eos>", "a", "b", "c", "\n", "END"], successor)
+    drafter = DraftModelDrafter(draft)
+    prompt = [1, 2]
+    drafter.prepare(prompt)
+    proposal = drafter.propose(prompt, 3, GREEDY, np.random.default_rng(0))
+    assert proposal.tokens == [3, 4, 5] and proposal.probs is None
+    draft.forward_calls.clear()
+    # the target accepted 3 and 4, then recovered 1: only the new tokens are evaluated
+    drafter.propose(prompt + [3, 4, 1], 2, GREEDY, np.random.default_rng(0))
+    assert draft.forward_calls == [[1], [2]]  # the recovered token, then one draft step
+
+
+def test_draft_model_drafter_returns_probabilities_when_sampling():
+    draft = ScriptedEngine(["<eos>", "a", "b", "c"], {1: 2, 2: 3, 3: 1})
+    proposal = DraftModelDrafter(draft).propose([1], 3, SamplingParams(temperature=1.0), np.random.default_rng(0))
+    assert proposal.probs.shape == (3, 4)
+    np.testing.assert_allclose(proposal.probs.sum(-1), 1.0)
+    assert all(proposal.probs[i, t] > 0 for i, t in enumerate(proposal.tokens))
+
+
+# ---- invalid settings -----------------------------------------------------------------------
+def test_invalid_settings_are_refused(tiny_gguf):
+    with pytest.raises(CodeaccelError, match="k must be >= 1"):
+        MethodOptions(draft_k=0)
+    with pytest.raises(CodeaccelError, match="k must be >= 1"):
+        DraftLength(flat_curve(), fixed_k=-2)
+    with pytest.raises(CodeaccelError, match="temperature"):
+        SamplingParams(temperature=-0.5)
+    with load_engine(tiny_gguf, n_ctx=256) as target:
+        other = ScriptedEngine(["<eos>", "a"], {})
+        with pytest.raises(CodeaccelError, match="vocabulary"):
+            check_same_vocabulary(other, target)
+
+
+def test_method_refuses_a_draft_model_with_another_vocabulary(tiny_gguf, tmp_path, monkeypatch):
+    import tiny_models
+
+    monkeypatch.setenv("CODEACCEL_CACHE_DIR", str(tmp_path / "cache"))
+    small_vocab = tiny_models.build_gguf_model(tmp_path / "other.gguf", seed=2, vocab_size=300)
+    with load_engine(tiny_gguf, n_ctx=512) as target:
+        with pytest.raises(CodeaccelError, match="same tokenizer"):
+            build_method("speculative", target, MethodOptions(draft_model=str(small_vocab)))
+
+
+# ---- lossless on real (tiny) models ----------------------------------------------------------
+PROMPTS = ["def add(a, b):\n    return", "import os\n\nclass Path:", "for i in range(10):\n    print("]
+
+
+@pytest.fixture(scope="module", params=["llama.cpp", "hf"])
+def pair(request, tiny_gguf, tiny_gguf_draft, tiny_hf, tiny_hf_draft):
+    """(target, draft-of-other-weights, draft-of-same-weights) on one engine."""
+    paths = (tiny_gguf, tiny_gguf_draft) if request.param == "llama.cpp" else (tiny_hf, tiny_hf_draft)
+    engines = [load_engine(p, request.param, n_ctx=512, dtype="float32") for p in (paths[0], paths[1], paths[0])]
+    yield engines
+    for e in engines:
+        e.close()
+
+
+@pytest.mark.parametrize("which", ["other-weights", "same-weights"])
+def test_greedy_speculative_equals_autoregressive_on_tiny_models(pair, which):
+    target, other, same = pair
+    drafter = DraftModelDrafter(other if which == "other-weights" else same)
+    for prompt_text in PROMPTS:
+        prompt = target.tokenize(prompt_text)
+        ar = generate(target, prompt, GREEDY, 40)
+        for k in (1, 4):
+            spec = speculative_generate(target, drafter, DraftLength(flat_curve(), fixed_k=k), prompt, GREEDY, 40)
+            assert spec.tokens == ar.tokens, (prompt_text, k)
+            if which == "same-weights":  # the draft is the target: everything is accepted
+                assert spec.stats["accepted_tokens"] == spec.stats["drafted_tokens"]
+
+
+def test_cost_curve_is_measured_once_then_reused(pair, tmp_path, monkeypatch):
+    monkeypatch.setenv("CODEACCEL_CACHE_DIR", str(tmp_path))
+    from codeaccel.cost_curve import cost_curve_for
+
+    target = pair[0]
+    curve = cost_curve_for(target)
+    assert len(curve.relative) == 16 and curve.relative[0] == 1.0
+    assert len(list((tmp_path / "cost_curves").glob("*.json"))) == 1
+    assert cost_curve_for(target) == curve  # loaded, not re-measured (timings would differ)
+
+
+def test_adaptive_k_learns_acceptance_and_stays_lossless(pair):
+    target, other, same = pair
+    prompt = target.tokenize(PROMPTS[0])
+    ar = generate(target, prompt, GREEDY, 60)
+    good, bad = DraftLength(flat_curve(), objective="target"), DraftLength(flat_curve(), objective="target")
+    assert speculative_generate(target, DraftModelDrafter(same), good, prompt, GREEDY, 60).tokens == ar.tokens
+    assert speculative_generate(target, DraftModelDrafter(other), bad, prompt, GREEDY, 60).tokens == ar.tokens
+    assert good.alpha > 0.9 and bad.alpha < 0.5  # learned from what was accepted (prior 0.8)
+
+
+def _exact_sequence_probs(target, prompt, params, length):
+    """Every continuation of up to ``length`` tokens (ending early at EOG) with its target probability."""
+    out = {}
+
+    def walk(prefix, prob):
+        if len(prefix) == length or (prefix and prefix[-1] in target.eog_token_ids):
+            out[tuple(prefix)] = prob
+            return
+        p = logits_to_probs(target.prefill(prompt + prefix), params)
+        for t in np.flatnonzero(p):
+            walk(prefix + [int(t)], prob * p[t])
+
+    walk([], 1.0)
+    return out
+
+
+@pytest.mark.parametrize("which", ["other-weights", "same-weights"])
+def test_speculative_sampling_matches_target_distribution(tiny_gguf, tiny_gguf_draft, which):
+    """Chi-square over all 3-token continuations (top-k 3): speculative samples follow the target exactly."""
+    params = SamplingParams(temperature=1.5, top_k=3)
+    with (
+        load_engine(tiny_gguf, n_ctx=256) as target,
+        load_engine(tiny_gguf_draft if which == "other-weights" else tiny_gguf, n_ctx=256) as draft,
+    ):
+        prompt = target.tokenize("def f(x):\n    return")
+        exact = _exact_sequence_probs(target, prompt, params, 3)
+        drafter = DraftModelDrafter(draft)
+        policy = DraftLength(flat_curve(), fixed_k=2)
+        n = 3000
+        counts = dict.fromkeys(exact, 0)
+        for seed in range(n):
+            gen = speculative_generate(target, drafter, policy, prompt, SamplingParams(1.5, top_k=3, seed=seed), 3)
+            counts[tuple(gen.tokens)] += 1  # a KeyError here is a sequence the target cannot produce
+        seqs = list(exact)
+        observed = np.array([counts[s] for s in seqs])
+        expected = np.array([exact[s] for s in seqs]) * n
+        assert stats.chisquare(observed, expected).pvalue > 1e-3
+
+
+def test_speculative_sampling_is_deterministic_under_a_seed(pair):
+    target, other, _ = pair
+    drafter = DraftModelDrafter(other)
+    prompt = target.tokenize(PROMPTS[1])
+    params = SamplingParams(temperature=0.8, top_p=0.9, seed=123)
+    runs = [
+        speculative_generate(target, drafter, DraftLength(flat_curve(), fixed_k=3), prompt, params, 30).tokens
+        for _ in range(2)
+    ]
+    assert runs[0] == runs[1]
+    other_seed = speculative_generate(
+        target, drafter, DraftLength(flat_curve(), fixed_k=3), prompt, SamplingParams(0.8, 0.9, seed=124), 30
+    )
+    assert other_seed.tokens != runs[0]
