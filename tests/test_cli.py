@@ -84,3 +84,26 @@ def test_profile_saves_curve(tiny_gguf, tmp_path):
     assert doc["k"] == [1, 2, 3, 4] and doc["relative"][0] == 1.0
     assert (tmp_path / "cost_curve-llama.cpp-tiny.png").exists()
     assert (tmp_path / "cache" / "cost_curves" / "llama.cpp-tiny.json").exists()
+
+
+def test_bench_speculative_reports_acceptance_and_identity(tiny_gguf, tmp_path):
+    """Greedy speculative decoding (draft = the target's own weights) reproduces autoregressive output."""
+    env = {"CODEACCEL_CACHE_DIR": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"}
+    out = tmp_path / "spec"
+    args = ["bench", "humaneval", "-m", tiny_gguf, "--limit", "2", "--max-tokens", "12", "--out", str(out)]
+    result = run_cli(*args, "--method", "autoregressive,speculative-client-draft", "--draft-model", tiny_gguf, env=env)
+    assert result.returncode == 0, result.stderr
+    doc = json.loads((out / "summary.json").read_text())
+    spec = next(r for r in doc["rows"] if r["method"] == "speculative-client-draft")
+    assert spec["identical_to_autoregressive"] == 2 and spec["divergences_at_clear_margin"] == 0
+    assert spec["mean_accepted_len"] > 1 and spec["target_s_per_token"] > 0
+    assert spec["variant"] == "tiny on llama.cpp"
+    assert doc["logit_noise"]["tolerance"] >= 0 and list(out.glob("logit_noise-*.json"))
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert {r["method"] for r in records} == {"autoregressive", "speculative-client-draft"}
+    assert all(r["identical_to_autoregressive"] for r in records if r["method"] != "autoregressive")
+
+
+def test_bench_refuses_bad_draft_settings(tiny_gguf, tmp_path):
+    result = run_cli("bench", "humaneval", "-m", tiny_gguf, "--method", "speculative", "--draft-k", "0")
+    assert result.returncode == 2 and "k must be >= 1" in result.stderr and "Traceback" not in result.stderr

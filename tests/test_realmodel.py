@@ -5,9 +5,11 @@ import pytest
 from codeaccel.autoregressive import generate
 from codeaccel.bench.datasets import load_problems
 from codeaccel.bench.harness import BenchConfig, build_prompt, run_bench
+from codeaccel.bench.logit_noise import find_noise
 from codeaccel.bench.report import summarize
 from codeaccel.bench.store import ResultStore
 from codeaccel.engines import load_engine
+from codeaccel.methods import MethodOptions
 from codeaccel.registry import BUNDLED, is_assembled, resolve_model
 from codeaccel.sampling import SamplingParams
 from test_engines import _library_greedy
@@ -44,3 +46,22 @@ def test_bench_end_to_end_on_the_small_model(tmp_path):
     # the first problems are easy: a broken prompt, stop rule or test program would fail them all
     assert rows["humaneval"]["n_passed"] + rows["mbpp"]["n_passed"] >= 4
     assert all(r["finish_reason"] == "stop" for r in records)
+
+
+def test_speculative_0_5b_to_1_5b_is_lossless_on_humaneval_prompts(tmp_path):
+    """Greedy: identical to autoregressive, or a divergence at a near tie of the target's logits."""
+    config = BenchConfig(
+        model=LARGE,
+        methods=("autoregressive", "speculative-client-draft"),
+        limit=4,
+        max_tokens=128,
+        options=MethodOptions(draft_model=SMALL),
+    )
+    records = run_bench(config, ResultStore(tmp_path / "r.jsonl"))
+    noise = find_noise(tmp_path, "llama.cpp", LARGE)
+    (row,) = [r for r in summarize(records, noise) if r["method"] == "speculative-client-draft"]
+    assert row["identical_to_autoregressive"] + row["divergences_at_near_ties"] == 4
+    assert row["divergences_at_clear_margin"] == 0
+    assert row["mean_accepted_len"] > 2  # the 0.5B drafts code the 1.5B accepts
+    ar_row = next(r for r in summarize(records) if r["method"] == "autoregressive")
+    assert row["target_s_per_token"] < ar_row["target_s_per_token"]

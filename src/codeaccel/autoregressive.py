@@ -48,6 +48,8 @@ class AutoregressiveMethod:
     """The ``autoregressive`` benchmark method: one target evaluation per token."""
 
     name = "autoregressive"
+    settings: dict = {}
+    variant = ""
 
     def __init__(self, target: Engine):
         self.target = target

@@ -20,7 +20,12 @@ from codeaccel.sampling import SamplingParams
 
 
 class Method(Protocol):
+    """``name`` is the method; ``settings`` what distinguishes two runs of it (draft model, k policy, ...),
+    stored with every record; ``variant`` a short label of the settings for tables."""
+
     name: str
+    settings: dict
+    variant: str
 
     def generate(
         self, prompt_tokens: Sequence[int], params: SamplingParams, max_tokens: int, stop: Sequence[str] = ()
@@ -77,7 +82,11 @@ def _speculative(objective: str) -> Callable[[Engine, MethodOptions], Method]:
 
         name = "speculative" if objective == "end-to-end" else "speculative-client-draft"
         draft_length = DraftLength(cost_curve_for(target), objective=objective, fixed_k=options.draft_k)
-        return SpeculativeMethod(name, target, DraftModelDrafter(_load_draft_engine(target, options)), draft_length)
+        draft = _load_draft_engine(target, options)
+        settings = {"draft_model": draft.model_name, "draft_engine": draft.kind, "draft_k": options.draft_k or "auto"}
+        if draft.dtype:
+            settings["draft_dtype"] = draft.dtype
+        return SpeculativeMethod(name, target, DraftModelDrafter(draft), draft_length, settings)
 
     return build
 
@@ -98,6 +107,19 @@ def _hf_assisted(target: Engine, options: MethodOptions) -> Method:
     if target.kind != "hf":
         raise CodeaccelError("method 'hf-assisted' runs transformers' assisted generation: it needs --engine hf")
     return HFGenerateMethod("hf-assisted", target, {}, assistant=_load_draft_engine(target, options))
+
+
+def variant_label(settings: dict) -> str:
+    """A short label of a method's settings: ``qwen2.5-coder-0.5b-instruct on llama.cpp, k=4``."""
+    parts = []
+    if "draft_model" in settings:
+        parts.append(f"{settings['draft_model']} on {settings['draft_engine']}")
+    if settings.get("draft_k", "auto") != "auto":
+        parts.append(f"k={settings['draft_k']}")
+    parts += [
+        f"{k}={v}" for k, v in settings.items() if k not in ("draft_model", "draft_engine", "draft_k", "draft_dtype")
+    ]
+    return ", ".join(parts)
 
 
 BUILDERS: dict[str, Callable[[Engine, MethodOptions], Method]] = {

@@ -142,11 +142,17 @@ def speculative_generate(
 class SpeculativeMethod:
     """A benchmark/serving method: target engine + drafter + draft-length policy."""
 
-    def __init__(self, name: str, target: Engine, drafter: Drafter, draft_length: DraftLength):
+    def __init__(
+        self, name: str, target: Engine, drafter: Drafter, draft_length: DraftLength, settings: dict | None = None
+    ):
+        from codeaccel.methods import variant_label
+
         self.name = name
         self.target = target
         self.drafter = drafter
         self.draft_length = draft_length
+        self.settings = settings or {}
+        self.variant = variant_label(self.settings)
 
     def generate(
         self, prompt_tokens: Sequence[int], params: SamplingParams, max_tokens: int, stop: Sequence[str] = ()

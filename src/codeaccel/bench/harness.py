@@ -13,12 +13,13 @@ from dataclasses import asdict, dataclass, replace
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from codeaccel.autoregressive import AutoregressiveMethod
 from codeaccel.bench.datasets import PROMPT_FORMAT, STOP, Problem, load_problems
 from codeaccel.bench.logit_noise import first_divergence, load_or_measure
 from codeaccel.bench.store import ResultStore
 from codeaccel.engines import load_engine
 from codeaccel.engines.base import Engine
-from codeaccel.methods import MethodOptions, build_method
+from codeaccel.methods import Method, MethodOptions, build_method
 from codeaccel.sampling import SamplingParams
 from codeaccel.sandbox import run_program
 
@@ -70,7 +71,7 @@ def run_bench(config: BenchConfig, store: ResultStore, resume: bool = True) -> l
     """Run every (dataset, method) pair; return the records of this configuration."""
     problems = {d: load_problems(d, config.limit) for d in config.datasets}
     engine = load_engine(config.model, config.engine, n_ctx=config.n_ctx, dtype=config.dtype)
-    methods: list = []
+    methods: list[Method] = []
     records: list[dict] = []
     try:
         if config.sampling.greedy and any(m != "autoregressive" for m in config.methods):
@@ -94,7 +95,7 @@ def run_bench(config: BenchConfig, store: ResultStore, resume: bool = True) -> l
             for dataset, dataset_problems in problems.items():
                 for method in methods:
                     for problem in dataset_problems:
-                        key = _record_key(config, engine, dataset, problem, method.name)
+                        key = _record_key(config, engine, dataset, problem, method)
                         progress.update(bar, description=f"{dataset} {method.name} {problem.task_id}")
                         record = store.get(key) if resume else None
                         if record is None:
@@ -112,15 +113,18 @@ def run_bench(config: BenchConfig, store: ResultStore, resume: bool = True) -> l
     return records
 
 
-def _record_key(config: BenchConfig, engine: Engine, dataset: str, problem: Problem, method: str) -> dict:
-    return {
+def _record_key(config: BenchConfig, engine: Engine, dataset: str, problem: Problem, method: Method) -> dict:
+    key = {
         "dataset": dataset,
         "task_id": problem.task_id,
         "model": engine.model_name,
         "engine": engine.kind,
-        "method": method,
+        "method": method.name,
         "config": config.record_config(),
     }
+    if method.settings:
+        key.update(method_settings=method.settings, variant=method.variant)
+    return key
 
 
 def _compare_with_autoregressive(
@@ -129,7 +133,7 @@ def _compare_with_autoregressive(
     """Greedy only: is the output autoregressive decoding's? If not, the target's margin where it left it."""
     if record["method"] == "autoregressive" or not config.sampling.greedy:
         return
-    reference = store.get(_record_key(config, engine, dataset, problem, "autoregressive"))
+    reference = store.get(_record_key(config, engine, dataset, problem, AutoregressiveMethod(engine)))
     if reference is None:
         return
     record["identical_to_autoregressive"] = record["tokens"] == reference["tokens"]

@@ -20,7 +20,11 @@ from pathlib import Path
 
 from codeaccel.machine import machine_info
 
-GROUP = ("dataset", "model", "engine", "method")
+GROUP = ("dataset", "model", "engine", "method", "variant")  # variant: the method's settings, e.g. its draft model
+
+
+def _group(r: dict) -> tuple:
+    return tuple(r.get(k, "") for k in GROUP)
 
 
 def summarize(records: list[dict], noise: dict | None = None) -> list[dict]:
@@ -28,7 +32,7 @@ def summarize(records: list[dict], noise: dict | None = None) -> list[dict]:
     (:mod:`codeaccel.bench.logit_noise`), which separates near-tie divergences from clear ones."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in records:
-        groups[tuple(r[k] for k in GROUP)].append(r)
+        groups[_group(r)].append(r)
     rows = []
     for key, rs in groups.items():
         n_gen = sum(r["n_generated"] for r in rs)
@@ -81,13 +85,13 @@ def _compare_to_autoregressive(rows: list[dict], groups: dict[tuple, list[dict]]
     """
     tolerance = noise["tolerance"] if noise else None
     for row in rows:
-        ar_key = (row["dataset"], row["model"], row["engine"], "autoregressive")
+        ar_key = (row["dataset"], row["model"], row["engine"], "autoregressive", "")
         if ar_key not in groups or row["method"] == "autoregressive":
             continue
-        ar_row = next(r for r in rows if tuple(r[k] for k in GROUP) == ar_key)
+        ar_row = next(r for r in rows if _group(r) == ar_key)
         if ar_row["tokens_per_s"]:
             row["speedup_vs_autoregressive"] = round(row["tokens_per_s"] / ar_row["tokens_per_s"], 3)
-        mine = groups[tuple(row[k] for k in GROUP)]
+        mine = groups[_group(row)]
         if any(r["config"]["temperature"] > 0 for r in mine):
             continue  # sampled outputs are compared by distribution, not token by token
         ar_tokens = {r["task_id"]: r["tokens"] for r in groups[ar_key]}
@@ -107,6 +111,7 @@ COLUMNS = [
     ("model", "model"),
     ("engine", "engine"),
     ("method", "method"),
+    ("variant", "variant"),
     ("n_problems", "problems"),
     ("pass_at_1", "pass@1"),
     ("tokens_per_s", "tok/s"),
@@ -124,7 +129,7 @@ COLUMNS = [
 
 
 def markdown_table(rows: list[dict]) -> str:
-    cols = [(k, h) for k, h in COLUMNS if any(k in r for r in rows)]
+    cols = [(k, h) for k, h in COLUMNS if any(r.get(k) not in (None, "") for r in rows)]
     lines = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         cells = []
@@ -144,20 +149,23 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
+    """Bars per row: decode tokens/s, pass@1, and target ms per token where measured."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r['dataset']}\n{r['model']}\n{r['engine']} {r['method']}" for r in rows]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(8, 2.2 * len(rows)), 4.8))
-    ax1.bar(range(len(rows)), [r["tokens_per_s"] for r in rows], color="tab:blue")
-    ax1.set_ylabel("tokens / s (decode)")
-    ax2.bar(range(len(rows)), [100 * r["pass_at_1"] for r in rows], color="tab:green")
-    ax2.set_ylabel("pass@1 (%)")
-    ax2.set_ylim(0, 100)
-    for ax in (ax1, ax2):
-        ax.set_xticks(range(len(rows)), labels, fontsize=7)
+    labels = [f"{r['dataset']}\n{r['model']}\n{r['engine']} {r['method']}\n{r.get('variant', '')}" for r in rows]
+    panels = [("tokens_per_s", "tokens / s (decode)", 1, "tab:blue"), ("pass_at_1", "pass@1 (%)", 100, "tab:green")]
+    if any(r.get("target_s_per_token") for r in rows):
+        panels.append(("target_s_per_token", "target ms / generated token", 1000, "tab:red"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(8, 1.6 * len(rows) * len(panels)), 5.2))
+    for ax, (key, ylabel, scale, color) in zip(axes, panels):
+        ax.bar(range(len(rows)), [scale * (r.get(key) or 0) for r in rows], color=color)
+        ax.set_ylabel(ylabel)
+        ax.set_xticks(range(len(rows)), labels, fontsize=6)
+        if key == "pass_at_1":
+            ax.set_ylim(0, 100)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -1,7 +1,7 @@
 """Per-problem results, appended to a JSON-lines file as each problem finishes.
 
 A benchmark run can be stopped at any point and resumed: a record is keyed by
-(dataset, task_id, model, engine, method, config), and a rerun skips keys that are
+(dataset, task_id, model, engine, method, config, method settings), and a rerun skips keys that are
 already stored. A half-written last line (a run killed mid-write) is ignored, and
 the next append starts on a fresh line.
 """
@@ -18,7 +18,10 @@ KEY_FIELDS = ("dataset", "task_id", "model", "engine", "method")
 
 
 def record_key(record: dict) -> str:
-    return json.dumps([record[f] for f in KEY_FIELDS] + [record["config"]], sort_keys=True)
+    settings = record.get("method_settings")  # only methods with settings (draft model, k, ...) have them
+    return json.dumps(
+        [record[f] for f in KEY_FIELDS] + [record["config"]] + ([settings] if settings else []), sort_keys=True
+    )
 
 
 class ResultStore:

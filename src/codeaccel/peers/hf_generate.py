@@ -43,8 +43,11 @@ class HFGenerateMethod:
         self.target = target
         self.assistant = assistant
         self.generate_kwargs = generate_kwargs
+        self.settings = dict(generate_kwargs)
         if assistant is not None:
             self.generate_kwargs = {**generate_kwargs, "assistant_model": assistant.model}
+            self.settings.update(draft_model=assistant.model_name, draft_engine=assistant.kind)
+        self.variant = "transformers" + "".join(f", {k}={v}" for k, v in self.settings.items())
 
     def generate(
         self, prompt_tokens: Sequence[int], params: SamplingParams, max_tokens: int, stop: Sequence[str] = ()

@@ -29,6 +29,8 @@ class LlamaPromptLookupMethod:
         from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
         self.target = target  # for tokens, EOG and context checks
+        self.settings = {"num_pred_tokens": num_pred_tokens, "max_ngram_size": max_ngram_size}
+        self.variant = f"llama-cpp-python, n={num_pred_tokens}"
         self.llm = llama_cpp.Llama(
             model_path=str(model_path),
             n_ctx=target.n_ctx,
