@@ -102,6 +102,14 @@ def test_bench_speculative_reports_acceptance_and_identity(tiny_gguf, tmp_path):
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert {r["method"] for r in records} == {"autoregressive", "speculative-client-draft"}
     assert all(r["identical_to_autoregressive"] for r in records if r["method"] != "autoregressive")
+    # another variant into the same folder: one table with both, autoregressive not rerun
+    result = run_cli(
+        *args, "--method", "speculative-client-draft", "--draft-model", tiny_gguf, "--draft-k", "2", env=env
+    )
+    assert result.returncode == 0, result.stderr
+    doc = json.loads((out / "summary.json").read_text())
+    assert sorted(r["variant"] for r in doc["rows"]) == ["", "tiny on llama.cpp", "tiny on llama.cpp, k=2"]
+    assert len((out / "results.jsonl").read_text().splitlines()) == 6
 
 
 def test_bench_refuses_bad_draft_settings(tiny_gguf, tmp_path):

@@ -212,9 +212,13 @@ def bench(
     draft_engine: DraftEngineOpt = None,
     draft_k: DraftKOpt = None,
 ) -> None:
-    """Benchmark methods on HumanEval / MBPP: speed, pass@1; resumable."""
+    """Benchmark methods on HumanEval / MBPP: speed, pass@1; resumable.
+
+    The summary table covers every method stored in the results folder for the same
+    problems and settings, so variants run one after another share one table.
+    """
     from codeaccel.bench.datasets import load_problems
-    from codeaccel.bench.harness import BenchConfig, bench_config_dict, run_bench
+    from codeaccel.bench.harness import BenchConfig, bench_config_dict, comparable_records, run_bench
     from codeaccel.bench.logit_noise import find_noise
     from codeaccel.bench.report import markdown_table, summarize, write_report
     from codeaccel.bench.store import ResultStore
@@ -240,7 +244,7 @@ def bench(
     safe_model = Path(model).name.replace(".gguf", "")
     out_dir = out_dir or Path("runs") / f"{safe_model}-{engine}"
     store = ResultStore(out_dir / "results.jsonl")
-    records = run_bench(config, store, resume=resume)
+    records = comparable_records(store, run_bench(config, store, resume=resume))
     noise = find_noise(out_dir, records[0]["engine"], records[0]["model"]) if records else None
     rows = summarize(records, noise)
     write_report(rows, out_dir, _command_line(), bench_config_dict(config), name=name, noise=noise)

@@ -18,6 +18,7 @@ tokens as autoregressive decoding; sampling, the same distribution.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -31,6 +32,8 @@ from codeaccel.engines.base import Engine
 from codeaccel.generation import Generation, StopChecker, validate_request
 from codeaccel.sampling import SamplingParams
 from codeaccel.verification import verify
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -128,6 +131,7 @@ def speculative_generate(
         context += verdict.tokens
         pending = verdict.tokens[-1:]
     t2 = time.perf_counter()
+    log.debug("speculative request: %d tokens, %s", len(checker.tokens), stats.as_dict())
     return Generation(
         text=checker.text,
         tokens=checker.tokens,

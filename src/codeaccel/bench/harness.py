@@ -8,6 +8,7 @@ The target engine is loaded once and shared by all methods.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from dataclasses import asdict, dataclass, replace
 
@@ -111,6 +112,22 @@ def run_bench(config: BenchConfig, store: ResultStore, resume: bool = True) -> l
             method.close()
         engine.close()
     return records
+
+
+def comparable_records(store: ResultStore, records: list[dict]) -> list[dict]:
+    """All stored records comparable with this run's: same problems, model, engine and config.
+
+    So runs of the same method with other settings (another draft engine, a fixed k),
+    stored in the same results folder, share one table with this run.
+    """
+    problems = {(r["dataset"], r["task_id"]) for r in records}
+    setups = {(r["model"], r["engine"], json.dumps(r["config"], sort_keys=True)) for r in records}
+    return [
+        r
+        for r in store.records()
+        if (r["dataset"], r["task_id"]) in problems
+        and (r["model"], r["engine"], json.dumps(r["config"], sort_keys=True)) in setups
+    ]
 
 
 def _record_key(config: BenchConfig, engine: Engine, dataset: str, problem: Problem, method: Method) -> dict:

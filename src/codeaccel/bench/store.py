@@ -58,6 +58,10 @@ class ResultStore:
             f.flush()
         self._records[record_key(record)] = record
 
+    def records(self) -> list[dict]:
+        """Every stored record, in the order first stored."""
+        return list(self._records.values())
+
     def discard(self, key_record: dict) -> None:
         """Forget a record (a ``--no-resume`` rerun overwrites it on the next add)."""
         self._records.pop(record_key(key_record), None)

@@ -1,0 +1,310 @@
+"""A datastore: one source of code (general or repository) as token-level suffix indexes on disk.
+
+Directory layout::
+
+    manifest.json   kind, roots, tokenizer fingerprint, every indexed file
+                    (content sha256, size, mtime, shard, document id), dead documents,
+                    skipped files by reason, build and update times
+    base/           a SuffixIndex over the files as first built
+    delta/          a SuffixIndex over files added or changed since (absent if none)
+
+``update`` re-scans the roots and hashes changed files: an edited or new file is
+tokenized into a rebuilt *delta* (small); its old version, and any deleted file,
+becomes a dead document that lookups skip. When the delta outgrows a quarter of the
+base, both are merged into a new base from the token arrays already on disk (no
+re-tokenizing). A manifest or index that does not match (format, tokenizer,
+checksums) raises :class:`StaleIndexError`; callers rebuild, never use it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from codeaccel.errors import CodeaccelError
+from codeaccel.sources import FileScan, default_general_roots, read_text, scan_general, scan_repository
+from codeaccel.suffix_index import StaleIndexError, SuffixIndex, build_index
+
+Kind = Literal["general", "repository"]
+FORMAT = "codeaccel-datastore/v1"
+COMPACT_RATIO = 0.25  # merge the delta into the base when it holds this share of the base's tokens
+_PROBE = "def f(x: int) -> list[str]:\n    return [str(i) for i in range(x)]  # ü ✓\n"
+
+Tokenize = Callable[[str], list[int]]
+Progress = Callable[[int, int], None]  # (files done, files total)
+
+
+def tokenizer_fingerprint(n_vocab: int, tokenize: Tokenize) -> str:
+    """Identifies a tokenizer by its vocabulary size and how it splits a probe text."""
+    return hashlib.sha256(json.dumps([n_vocab, tokenize(_PROBE)]).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Retrieved:
+    """The longest context suffix found in a datastore, and what followed it there."""
+
+    source: str  # datastore name
+    kind: Kind
+    match_len: int  # tokens of the context's suffix that matched
+    occurrences: int  # how many times that suffix occurs (dead documents included)
+    continuations: Counter  # tuple of token ids -> times seen after the suffix (sampled)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class Datastore:
+    """An opened datastore (read side: ``lookup``, ``stats``); ``build`` / ``update`` write one."""
+
+    def __init__(self, path: Path, tokenizer: str | None = None, verify: bool = True):
+        self.path = Path(path)
+        try:
+            self.manifest = json.loads((self.path / "manifest.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise StaleIndexError(f"datastore {self.path} is missing or unreadable: {exc}") from None
+        if self.manifest.get("format") != FORMAT:
+            raise StaleIndexError(f"datastore {self.path} has an unknown format; rebuild it")
+        if tokenizer is not None and self.manifest["tokenizer"] != tokenizer:
+            raise StaleIndexError(f"datastore {self.path} was built with another tokenizer; rebuild it")
+        self.name = self.manifest["name"]
+        self.kind: Kind = self.manifest["kind"]
+        self.shards: dict[str, SuffixIndex] = {}
+        for shard in ("base", "delta"):
+            if (self.path / shard).is_dir():
+                self.shards[shard] = SuffixIndex(self.path / shard, tokenizer=self.manifest["tokenizer"], verify=verify)
+        self.dead = {shard: frozenset(self.manifest["dead"].get(shard, [])) for shard in self.shards}
+
+    # ---- read side ------------------------------------------------------------------
+    def _occurrences(self, pattern: Sequence[int]) -> list[tuple[str, int, int]]:
+        found = []
+        for name, index in self.shards.items():
+            lo, hi = index.find(pattern)
+            if hi > lo:
+                found.append((name, lo, hi))
+        return found
+
+    def lookup(
+        self, context: Sequence[int], max_len: int = 16, min_len: int = 1, cont_len: int = 16, max_samples: int = 64
+    ) -> Retrieved | None:
+        """Continuations of the longest suffix of ``context`` (between min_len and max_len tokens) found here.
+
+        Occurrence is monotone in the suffix length (a suffix that occurs has shorter
+        suffixes that occur), so the longest length is found by binary search.
+        """
+        context = list(context[-max_len:])
+        lo_len, hi_len = min_len - 1, len(context)  # invariant: lo_len occurs (or is min_len-1), hi_len+1 does not
+        best: list[tuple[str, int, int]] = []
+        while lo_len < hi_len:
+            mid = (lo_len + hi_len + 1) // 2
+            found = self._occurrences(context[-mid:])
+            if found:
+                lo_len, best = mid, found
+            else:
+                hi_len = mid - 1
+        for length in range(lo_len, min_len - 1, -1):  # dead documents can hide every continuation
+            found = best if length == lo_len else self._occurrences(context[-length:])
+            counts: Counter = Counter()
+            for shard, lo, hi in found:
+                counts += self.shards[shard].continuations(lo, hi, length, cont_len, max_samples, self.dead[shard])
+            if counts:
+                occurrences = sum(hi - lo for _, lo, hi in found)
+                return Retrieved(self.name, self.kind, length, occurrences, counts)
+        return None
+
+    def stats(self) -> dict:
+        m = self.manifest
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "files": len(m["files"]),
+            "tokens": sum(f["tokens"] for f in m["files"].values()),
+            "bytes_on_disk": sum(s.bytes_on_disk() for s in self.shards.values()),
+            "shards": {name: len(index) for name, index in self.shards.items()},
+            "dead_documents": sum(len(d) for d in self.dead.values()),
+            "skipped": m["skipped"],
+            "build_s": m["build_s"],
+            "last_update_s": m.get("last_update_s"),
+            "roots": m["roots"],
+        }
+
+    def close(self) -> None:
+        """Drop the memory maps (before the files under them are replaced)."""
+        self.shards.clear()
+
+    def doc_tokens(self, shard: str, doc: int) -> np.ndarray:
+        index = self.shards[shard]
+        start = int(index.doc_starts[doc])
+        end = int(index.doc_starts[doc + 1]) - 1 if doc + 1 < len(index.doc_starts) else len(index.tokens) - 1
+        return np.array(index.tokens[start:end])  # a copy: the shard's file may be rebuilt
+
+
+# ---- write side ----------------------------------------------------------------------
+def _scan(kind: Kind, roots: Sequence[Path]) -> FileScan:
+    if kind == "repository":
+        if len(roots) != 1:
+            raise CodeaccelError("a repository source has exactly one root directory")
+        return scan_repository(roots[0])
+    return scan_general(roots or default_general_roots())
+
+
+def _read_and_tokenize(
+    scan: FileScan, tokenize: Tokenize, wanted: set[str] | None, progress: Progress | None
+) -> tuple[dict[str, dict], dict[str, np.ndarray], Counter]:
+    """Per indexable file: manifest entry and tokens (only names in ``wanted``, if given, are tokenized)."""
+    entries: dict[str, dict] = {}
+    tokens: dict[str, np.ndarray] = {}
+    skipped = Counter(scan.skipped)
+    total = len(scan.root_files)
+    for i, (name, path) in enumerate(scan.root_files):
+        if progress:
+            progress(i, total)
+        text, reason = read_text(path)
+        if text is None:
+            skipped[reason] += 1
+            continue
+        st = path.stat()
+        entries[name] = {"sha256": _sha256(text.encode()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        if wanted is None or name in wanted:
+            tokens[name] = np.asarray(tokenize(text), dtype=np.uint32)
+    if progress:
+        progress(total, total)
+    return entries, tokens, skipped
+
+
+def _write_manifest(path: Path, manifest: dict) -> None:
+    tmp = path / f"manifest.json.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, path / "manifest.json")
+
+
+def build_datastore(
+    path: Path,
+    name: str,
+    kind: Kind,
+    roots: Sequence[Path],
+    tokenize: Tokenize,
+    tokenizer: str,
+    progress: Progress | None = None,
+) -> Datastore:
+    """Index every file of the source from scratch into ``path``."""
+    if kind not in ("general", "repository"):
+        raise CodeaccelError(f"source kind must be 'general' or 'repository', got {kind!r}")
+    t0 = time.perf_counter()
+    roots = [Path(r).resolve() for r in roots] or default_general_roots()
+    scan = _scan(kind, roots)
+    entries, tokens, skipped = _read_and_tokenize(scan, tokenize, None, progress)
+    manifest = {
+        "name": name,
+        "kind": kind,
+        "roots": [str(r) for r in roots],
+        "tokenizer": tokenizer,
+        "skipped": dict(skipped),
+        "build_s": round(time.perf_counter() - t0, 3),
+        "last_update_s": None,
+    }
+    return _write(path, manifest, entries, {"base": tokens, "delta": {}}, {})
+
+
+def _write(
+    path: Path,
+    manifest: dict,
+    entries: dict[str, dict],
+    shard_docs: dict[str, dict[str, np.ndarray] | None],
+    dead: dict[str, list[int]],
+) -> Datastore:
+    """Rebuild the shards given in ``shard_docs`` (None: keep that shard as it is; {}: remove it), then the manifest.
+
+    The manifest is removed first and written last, so a crash in between leaves a
+    datastore that fails to open (and is rebuilt) rather than one that lies.
+    """
+    import shutil
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "manifest.json").unlink(missing_ok=True)
+    for shard, docs in shard_docs.items():
+        if docs is None:
+            continue
+        if docs:
+            for doc_id, file_name in enumerate(docs):
+                entries[file_name].update(shard=shard, doc=doc_id, tokens=len(docs[file_name]))
+            build_index(list(docs.values()), path / shard, manifest["tokenizer"])
+        elif (path / shard).exists():
+            shutil.rmtree(path / shard)
+    manifest = {
+        **manifest,
+        "format": FORMAT,
+        "files": entries,
+        "dead": dead,
+        "updated": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    _write_manifest(path, manifest)
+    return Datastore(path, manifest["tokenizer"])
+
+
+def update_datastore(
+    path: Path, tokenize: Tokenize, tokenizer: str, progress: Progress | None = None
+) -> tuple[Datastore, dict]:
+    """Bring a datastore up to date with its roots; returns it and a summary of what changed.
+
+    Unchanged files (same size and mtime, or same content hash) are not re-tokenized.
+    """
+    t0 = time.perf_counter()
+    old = Datastore(path, tokenizer, verify=False)
+    previous = old.manifest["files"]
+    scan = _scan(old.kind, [Path(r) for r in old.manifest["roots"]])
+    changed: set[str] = set()
+    for name, file_path in scan.root_files:
+        prev = previous.get(name)
+        try:
+            st = file_path.stat()
+        except OSError:
+            continue
+        if prev and prev["size"] == st.st_size and prev["mtime_ns"] == st.st_mtime_ns:
+            continue
+        if prev:
+            text, _ = read_text(file_path)
+            if text is not None and _sha256(text.encode()) == prev["sha256"]:
+                continue
+        changed.add(name)
+    entries, new_tokens, skipped = _read_and_tokenize(scan, tokenize, changed, progress)
+    removed = set(previous) - set(entries)
+    new_names = set(new_tokens)  # changed files that are indexable (skipped ones have no tokens)
+    summary = {
+        "changed": len(new_names & set(previous)),
+        "added": len(new_names - set(previous)),
+        "removed": len(removed),
+    }
+    if not new_names and not removed:
+        return old, summary
+    unchanged = [n for n in entries if n not in changed]
+    for n in unchanged:
+        entries[n] = {**previous[n], **entries[n]}
+    # live documents by shard, from the tokens already on disk (nothing unchanged is re-tokenized)
+    base_live = {n for n in unchanged if previous[n]["shard"] == "base"}
+    delta_docs = {n: old.doc_tokens("delta", previous[n]["doc"]) for n in unchanged if previous[n]["shard"] == "delta"}
+    delta_docs.update(new_tokens)
+    base_tokens = sum(previous[n]["tokens"] for n in base_live)
+    manifest = {**old.manifest, "skipped": dict(skipped), "last_update_s": None}
+    if sum(len(t) for t in delta_docs.values()) > COMPACT_RATIO * max(base_tokens, 1):
+        summary["compacted"] = True
+        base_docs = {n: old.doc_tokens("base", previous[n]["doc"]) for n in base_live}
+        shard_docs = {"base": {**base_docs, **delta_docs}, "delta": {}}
+        dead: dict[str, list[int]] = {}
+    else:  # keep the base; its superseded and deleted documents become dead
+        shard_docs = {"base": None, "delta": delta_docs}
+        dead = {"base": sorted(f["doc"] for n, f in previous.items() if f["shard"] == "base" and n not in base_live)}
+    old.close()
+    manifest["last_update_s"] = round(time.perf_counter() - t0, 3)
+    return _write(path, manifest, entries, shard_docs, dead), summary
