@@ -115,3 +115,28 @@ def test_bench_speculative_reports_acceptance_and_identity(tiny_gguf, tmp_path):
 def test_bench_refuses_bad_draft_settings(tiny_gguf, tmp_path):
     result = run_cli("bench", "humaneval", "-m", tiny_gguf, "--method", "speculative", "--draft-k", "0")
     assert result.returncode == 2 and "k must be >= 1" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_index_build_stats_update_and_errors(tiny_gguf, tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "a.py").write_text("def a():\n    return 1\n")
+    (repo / "data.bin").write_bytes(b"\x00" * 10)
+    out = tmp_path / "ds"
+    built = run_cli("index", "build", "repository", "--root", str(repo), "-m", tiny_gguf, "--out", str(out))
+    assert built.returncode == 0, built.stderr
+    stats = run_cli("index", "stats", str(out), "--json")
+    assert stats.returncode == 0, stats.stderr
+    doc = json.loads(stats.stdout)
+    assert doc["name"] == "repo-repo" and doc["files"] == 1 and doc["skipped"] == {"other suffix": 1}
+    assert doc["tokens"] > 5 and doc["bytes_on_disk"] > 0
+    (repo / "b.py").write_text("def b():\n    return 2\n")
+    updated = run_cli("index", "update", str(out), "-m", tiny_gguf)
+    assert updated.returncode == 0 and "added: 1" in updated.stdout
+    for args, message in [
+        (["index", "build", "weird"], "kind must be"),
+        (["index", "build", "repository", "-m", tiny_gguf], "exactly one --root"),
+        (["index", "stats", str(tmp_path / "nothing")], "missing or unreadable"),
+    ]:
+        result = run_cli(*args)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, args

@@ -28,6 +28,8 @@ app = typer.Typer(
 )
 models_app = typer.Typer(help="The bundled models: list, assemble, locate.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+index_app = typer.Typer(help="Retrieval datastores: build, update, stats.", no_args_is_help=True)
+app.add_typer(index_app, name="index")
 
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
@@ -43,6 +45,9 @@ DraftModelOpt = Annotated[
     Optional[str], typer.Option(help="Draft model for speculative methods (default: the bundled 0.5B).")
 ]
 DraftEngineOpt = Annotated[Optional[str], typer.Option(help="Engine of the draft model (default: the target's).")]
+DatastoreOpt = Annotated[
+    Optional[list[Path]], typer.Option("--datastore", help="Datastore for retrieval (repeatable; default: general).")
+]
 DraftKOpt = Annotated[
     Optional[int], typer.Option(help="Fixed draft length (default: chosen per step from the cost curve).")
 ]
@@ -106,6 +111,102 @@ def models_path(name: Annotated[str, typer.Argument(help="A bundled model name o
     out.print(str(resolve_model(name).path), soft_wrap=True)
 
 
+# ---- index --------------------------------------------------------------------------
+def _tokenizer(model: str, engine: str):
+    from codeaccel.datastore import tokenizer_fingerprint
+    from codeaccel.engines import load_engine
+
+    eng = load_engine(model, engine, n_ctx=512)
+    return eng, tokenizer_fingerprint(eng.n_vocab, eng.tokenize)
+
+
+def _file_progress(label: str):
+    columns = (TextColumn(label), BarColumn(), TextColumn("{task.completed}/{task.total} files"))
+    progress = Progress(*columns, console=err)
+    task = progress.add_task(label, total=None)
+
+    def update(done: int, total: int) -> None:
+        progress.update(task, completed=done, total=total)
+
+    return progress, update
+
+
+def _print_stats(stats: dict) -> None:
+    table = Table("datastore", "kind", "files", "tokens", "MB on disk", "build s", "skipped")
+    skipped = ", ".join(f"{k}: {v}" for k, v in sorted(stats["skipped"].items())) or "-"
+    table.add_row(
+        stats["name"], stats["kind"], str(stats["files"]), f"{stats['tokens']:,}",
+        f"{stats['bytes_on_disk'] / 1e6:.1f}", f"{stats['build_s']:.1f}", skipped,
+    )  # fmt: skip
+    out.print(table)
+
+
+@index_app.command("build")
+def index_build(
+    kind: Annotated[str, typer.Argument(help="general (stdlib + site-packages + --root dirs) or repository.")],
+    root: Annotated[
+        Optional[list[Path]], typer.Option(help="Directory to index (repeatable; a repository: one).")
+    ] = None,
+    model: ModelOpt = DEFAULT_MODEL,
+    engine: EngineOpt = "llama.cpp",
+    out_dir: Annotated[
+        Optional[Path], typer.Option("--out", help="Datastore directory (default: in the cache).")
+    ] = None,
+) -> None:
+    """Index code for retrieval drafting, in the model's token ids."""
+    from codeaccel.datastore import build_datastore, default_datastore_dir
+
+    if kind not in ("general", "repository"):
+        raise CodeaccelError(f"kind must be 'general' or 'repository', got {kind!r}")
+    roots = list(root or [])
+    if kind == "repository" and len(roots) != 1:
+        raise CodeaccelError("a repository datastore needs exactly one --root")
+    eng, fingerprint = _tokenizer(model, engine)
+    with eng:
+        name = "general" if kind == "general" else f"repo-{roots[0].resolve().name}"
+        path = out_dir or default_datastore_dir(f"{name}-{fingerprint}")
+        progress, update = _file_progress(f"index {name}")
+        with progress:
+            store = build_datastore(path, name, kind, roots, eng.tokenize, fingerprint, progress=update)
+    _print_stats(store.stats())
+    out.print(f"datastore at {path}")
+
+
+@index_app.command("update")
+def index_update(
+    path: Annotated[Path, typer.Argument(help="Datastore directory.")],
+    model: ModelOpt = DEFAULT_MODEL,
+    engine: EngineOpt = "llama.cpp",
+) -> None:
+    """Re-index only the files that changed since the last build or update."""
+    from codeaccel.datastore import update_datastore
+
+    eng, fingerprint = _tokenizer(model, engine)
+    with eng:
+        progress, update = _file_progress(f"update {path.name}")
+        with progress:
+            store, summary = update_datastore(path, eng.tokenize, fingerprint, progress=update)
+    _print_stats(store.stats())
+    out.print(", ".join(f"{k}: {v}" for k, v in summary.items()))
+
+
+@index_app.command("stats")
+def index_stats(
+    path: Annotated[Path, typer.Argument(help="Datastore directory.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the stats as JSON.")] = False,
+) -> None:
+    """Files, tokens, bytes on disk and build time of a datastore (its checksums are verified)."""
+    import json
+
+    from codeaccel.datastore import Datastore
+
+    stats = Datastore(path).stats()
+    if as_json:
+        out.print_json(json.dumps(stats))
+    else:
+        _print_stats(stats)
+
+
 # ---- generate -----------------------------------------------------------------------
 @app.command()
 def generate(
@@ -124,6 +225,7 @@ def generate(
     draft_model: DraftModelOpt = None,
     draft_engine: DraftEngineOpt = None,
     draft_k: DraftKOpt = None,
+    datastore: DatastoreOpt = None,
 ) -> None:
     """Generate a completion and print it, with its timing."""
     from codeaccel.engines import load_engine
@@ -138,7 +240,12 @@ def generate(
     if max_tokens < 1:
         raise CodeaccelError(f"--max-tokens must be >= 1, got {max_tokens}")
     (method,) = parse_methods(method)[:1]
-    options = MethodOptions(draft_model=draft_model, draft_engine=draft_engine, draft_k=draft_k)
+    options = MethodOptions(
+        draft_model=draft_model,
+        draft_engine=draft_engine,
+        draft_k=draft_k,
+        datastores=tuple(str(d) for d in datastore or ()),
+    )
     with load_engine(model, engine, dtype=dtype) as eng:
         text = eng.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
         runner = build_method(method, eng, options)
@@ -211,6 +318,7 @@ def bench(
     draft_model: DraftModelOpt = None,
     draft_engine: DraftEngineOpt = None,
     draft_k: DraftKOpt = None,
+    datastore: DatastoreOpt = None,
 ) -> None:
     """Benchmark methods on HumanEval / MBPP: speed, pass@1; resumable.
 
@@ -239,7 +347,12 @@ def bench(
         max_tokens=max_tokens,
         sampling=SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed),
         dtype=dtype,
-        options=MethodOptions(draft_model=draft_model, draft_engine=draft_engine, draft_k=draft_k),
+        options=MethodOptions(
+            draft_model=draft_model,
+            draft_engine=draft_engine,
+            draft_k=draft_k,
+            datastores=tuple(str(d) for d in datastore or ()),
+        ),
     )
     safe_model = Path(model).name.replace(".gguf", "")
     out_dir = out_dir or Path("runs") / f"{safe_model}-{engine}"

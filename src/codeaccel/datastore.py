@@ -308,3 +308,21 @@ def update_datastore(
     old.close()
     manifest["last_update_s"] = round(time.perf_counter() - t0, 3)
     return _write(path, manifest, entries, shard_docs, dead), summary
+
+
+def default_datastore_dir(name: str) -> Path:
+    from codeaccel.registry import cache_dir
+
+    return cache_dir() / "datastores" / name
+
+
+def open_datastores(engine, paths: Sequence[str]) -> list[Datastore]:
+    """Open the named datastores (default: the general one in the cache) for an engine's tokenizer."""
+    fingerprint = tokenizer_fingerprint(engine.n_vocab, engine.tokenize)
+    paths = list(paths) or [str(default_datastore_dir(f"general-{fingerprint}"))]
+    stores = []
+    for p in paths:
+        if not (Path(p) / "manifest.json").exists():
+            raise CodeaccelError(f"no datastore at {p}: build one with `codeaccel index build`")
+        stores.append(Datastore(Path(p), tokenizer=fingerprint))
+    return stores

@@ -49,6 +49,7 @@ class MethodOptions:
     draft_model: str | None = None
     draft_engine: str | None = None
     draft_k: int | None = None
+    datastores: tuple[str, ...] = ()  # retrieval: datastore directories (default: the general one in the cache)
 
     def __post_init__(self) -> None:
         if self.draft_k is not None and self.draft_k < 1:
@@ -91,6 +92,19 @@ def _speculative(objective: str) -> Callable[[Engine, MethodOptions], Method]:
     return build
 
 
+def _retrieval(target: Engine, options: MethodOptions) -> Method:
+    from codeaccel.cost_curve import cost_curve_for
+    from codeaccel.datastore import open_datastores
+    from codeaccel.draft_length import DraftLength
+    from codeaccel.drafters.retrieval import RetrievalDrafter
+    from codeaccel.speculative import SpeculativeMethod
+
+    stores = open_datastores(target, options.datastores)
+    settings = {"datastores": [s.name for s in stores], "draft_k": options.draft_k or "auto"}
+    draft_length = DraftLength(cost_curve_for(target), fixed_k=options.draft_k)
+    return SpeculativeMethod("retrieval", target, RetrievalDrafter(stores), draft_length, settings)
+
+
 def _prompt_lookup(target: Engine, options: MethodOptions) -> Method:
     if target.kind == "llama.cpp":
         from codeaccel.peers.llama_prompt_lookup import LlamaPromptLookupMethod
@@ -128,6 +142,7 @@ BUILDERS: dict[str, Callable[[Engine, MethodOptions], Method]] = {
     "speculative": _speculative("end-to-end"),
     # draft model on the client, target on a server: k chosen to minimise target seconds per token
     "speculative-client-draft": _speculative("target"),
+    "retrieval": _retrieval,  # drafts from code datastores (general + repository), no draft model
     "prompt-lookup": _prompt_lookup,  # the engine library's own n-gram prompt lookup
     "hf-assisted": _hf_assisted,  # transformers' assisted generation with the same draft model
 }

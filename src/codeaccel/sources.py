@@ -31,6 +31,7 @@ REPOSITORY_SUFFIXES = (
     ".sh", ".c", ".h", ".cc", ".cpp", ".hpp", ".rs", ".go", ".java", ".js", ".ts", ".tsx", ".html", ".css", ".sql",
 )  # fmt: skip
 _SKIP_DIRS = {"__pycache__", ".git", ".hg", ".svn", ".tox", ".venv", "node_modules"}
+_PACKAGE_DIRS = {"site-packages", "dist-packages"}
 
 
 @dataclass
@@ -51,14 +52,18 @@ def default_general_roots() -> list[Path]:
 
 
 def scan_general(roots: Iterable[Path], suffixes: tuple[str, ...] = GENERAL_SUFFIXES) -> FileScan:
-    """Every file with a code suffix under the roots (site-packages nested in the stdlib are listed once)."""
+    """Every file with a code suffix under the roots.
+
+    A package directory nested in a root (the base interpreter's ``site-packages``
+    inside its standard library) is skipped: only the roots named are indexed.
+    """
     scan = FileScan()
     seen: set[Path] = set()
     for root in roots:
         root = Path(root).resolve()
         if not root.is_dir():
             raise CodeaccelError(f"not a directory: {root}")
-        for path in _walk(root):
+        for path in _walk(root, skip=_PACKAGE_DIRS - set(root.parts[-1:])):
             if path in seen:
                 continue
             seen.add(path)
@@ -69,9 +74,9 @@ def scan_general(roots: Iterable[Path], suffixes: tuple[str, ...] = GENERAL_SUFF
     return scan
 
 
-def _walk(root: Path) -> Iterator[Path]:
+def _walk(root: Path, skip: set[str] = frozenset()) -> Iterator[Path]:
     for path in sorted(root.rglob("*")):
-        if any(part in _SKIP_DIRS for part in path.relative_to(root).parts):
+        if any(part in _SKIP_DIRS or part in skip for part in path.relative_to(root).parts):
             continue
         if path.is_file() and not path.is_symlink():
             yield path.resolve()
