@@ -4,6 +4,7 @@ import pytest
 
 from codeaccel.autoregressive import generate
 from codeaccel.engines import load_engine
+from codeaccel.engines.pool import EnginePool
 from codeaccel.errors import CodeaccelError
 from codeaccel.methods import MethodOptions, build_method
 from codeaccel.sampling import SamplingParams
@@ -12,10 +13,10 @@ PROMPT = "def add(a, b):\n    return a + b\n\ndef add3(a, b, c):\n    return"
 
 
 def test_llama_prompt_lookup_matches_greedy_autoregressive(tiny_gguf):
-    with load_engine(tiny_gguf, n_ctx=512) as target:
+    with load_engine(tiny_gguf, n_ctx=512) as target, EnginePool() as pool:
         prompt = target.tokenize(PROMPT)
         ar = generate(target, prompt, SamplingParams(), 24, stop=["\n\n"])
-        peer = build_method("prompt-lookup", target)
+        peer = build_method("prompt-lookup", target, MethodOptions(), pool)
         try:
             out = peer.generate(prompt, SamplingParams(), 24, stop=["\n\n"])
         finally:
@@ -26,12 +27,12 @@ def test_llama_prompt_lookup_matches_greedy_autoregressive(tiny_gguf):
 
 @pytest.mark.parametrize("method", ["prompt-lookup", "hf-assisted"])
 def test_transformers_generate_peers_match_greedy_autoregressive(tiny_hf, method):
-    with load_engine(tiny_hf, "hf", n_ctx=512, dtype="float32") as target:
+    with load_engine(tiny_hf, "hf", n_ctx=512, dtype="float32") as target, EnginePool() as pool:
         prompt = target.tokenize(PROMPT)
-        ar = generate(target, prompt, SamplingParams(), 24)
-        peer = build_method(method, target, MethodOptions(draft_model=tiny_hf))
+        ar = generate(target, prompt, SamplingParams(), 24, stop=["\n\n"])
+        peer = build_method(method, target, MethodOptions(draft_model=tiny_hf), pool)
         try:
-            out = peer.generate(prompt, SamplingParams(), 24)
+            out = peer.generate(prompt, SamplingParams(), 24, stop=["\n\n"])
         finally:
             peer.close()
     assert out.tokens == ar.tokens and out.finish_reason == ar.finish_reason
@@ -39,6 +40,6 @@ def test_transformers_generate_peers_match_greedy_autoregressive(tiny_hf, method
 
 
 def test_hf_assisted_needs_the_hf_engine(tiny_gguf):
-    with load_engine(tiny_gguf, n_ctx=512) as target:
+    with load_engine(tiny_gguf, n_ctx=512) as target, EnginePool() as pool:
         with pytest.raises(CodeaccelError, match="--engine hf"):
-            build_method("hf-assisted", target, MethodOptions(draft_model=tiny_gguf))
+            build_method("hf-assisted", target, MethodOptions(draft_model=tiny_gguf), pool)

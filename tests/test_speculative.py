@@ -12,6 +12,7 @@ from codeaccel.draft_length import DraftLength
 from codeaccel.drafters.base import Draft
 from codeaccel.drafters.draft_model import DraftModelDrafter, check_same_vocabulary
 from codeaccel.engines import load_engine
+from codeaccel.engines.pool import EnginePool
 from codeaccel.errors import CodeaccelError
 from codeaccel.methods import MethodOptions, build_method
 from codeaccel.sampling import SamplingParams, logits_to_probs
@@ -150,9 +151,9 @@ def test_method_refuses_a_draft_model_with_another_vocabulary(tiny_gguf, tmp_pat
 
     monkeypatch.setenv("CODEACCEL_CACHE_DIR", str(tmp_path / "cache"))
     small_vocab = tiny_models.build_gguf_model(tmp_path / "other.gguf", seed=2, vocab_size=300)
-    with load_engine(tiny_gguf, n_ctx=512) as target:
+    with load_engine(tiny_gguf, n_ctx=512) as target, EnginePool() as pool:
         with pytest.raises(CodeaccelError, match="same tokenizer"):
-            build_method("speculative", target, MethodOptions(draft_model=str(small_vocab)))
+            build_method("speculative", target, MethodOptions(draft_model=str(small_vocab)), pool)
 
 
 # ---- lossless on real (tiny) models ----------------------------------------------------------

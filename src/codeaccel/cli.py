@@ -229,6 +229,7 @@ def generate(
 ) -> None:
     """Generate a completion and print it, with its timing."""
     from codeaccel.engines import load_engine
+    from codeaccel.engines.pool import EnginePool
     from codeaccel.methods import MethodOptions, build_method, parse_methods
     from codeaccel.sampling import SamplingParams
 
@@ -246,9 +247,9 @@ def generate(
         draft_k=draft_k,
         datastores=tuple(str(d) for d in datastore or ()),
     )
-    with load_engine(model, engine, dtype=dtype) as eng:
+    with load_engine(model, engine, dtype=dtype) as eng, EnginePool() as pool:
         text = eng.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
-        runner = build_method(method, eng, options)
+        runner = build_method(method, eng, options, pool)
         try:
             gen = runner.generate(eng.tokenize(text), params, max_tokens, stop or ())
         finally:

@@ -2,8 +2,9 @@
 
 A method is anything with ``name`` and
 ``generate(prompt_tokens, params, max_tokens, stop) -> Generation``. Each one is
-built from the loaded target engine plus :class:`MethodOptions`; a new method is
-one entry in :data:`BUILDERS`, and the harness needs no change.
+built from the loaded target engine, :class:`MethodOptions`, and an
+:class:`EnginePool` that loads (and later closes) shared draft engines; a new
+method is one entry in :data:`BUILDERS`, and the harness needs no change.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Protocol
 
 from codeaccel.autoregressive import AutoregressiveMethod
 from codeaccel.engines.base import Engine
+from codeaccel.engines.pool import EnginePool
 from codeaccel.errors import CodeaccelError
 from codeaccel.generation import Generation
 from codeaccel.sampling import SamplingParams
@@ -56,26 +58,21 @@ class MethodOptions:
             raise CodeaccelError(f"the draft length k must be >= 1, got {self.draft_k}")
 
 
-def _load_draft_engine(target: Engine, options: MethodOptions) -> Engine:
+def _draft_engine(target: Engine, options: MethodOptions, pool: EnginePool) -> Engine:
     from codeaccel.drafters.draft_model import check_same_vocabulary
-    from codeaccel.engines import load_engine
 
-    engine = load_engine(
+    engine = pool.get(
         options.draft_model or DEFAULT_DRAFT_MODEL,
         options.draft_engine or target.kind,
         n_ctx=target.n_ctx,
         dtype=target.dtype or "bfloat16",
     )
-    try:
-        check_same_vocabulary(engine, target)
-    except CodeaccelError:
-        engine.close()
-        raise
+    check_same_vocabulary(engine, target)
     return engine
 
 
-def _speculative(objective: str) -> Callable[[Engine, MethodOptions], Method]:
-    def build(target: Engine, options: MethodOptions) -> Method:
+def _speculative(objective: str) -> Callable[[Engine, MethodOptions, EnginePool], Method]:
+    def build(target: Engine, options: MethodOptions, pool: EnginePool) -> Method:
         from codeaccel.cost_curve import cost_curve_for
         from codeaccel.draft_length import DraftLength
         from codeaccel.drafters.draft_model import DraftModelDrafter
@@ -83,7 +80,7 @@ def _speculative(objective: str) -> Callable[[Engine, MethodOptions], Method]:
 
         name = "speculative" if objective == "end-to-end" else "speculative-client-draft"
         draft_length = DraftLength(cost_curve_for(target), objective=objective, fixed_k=options.draft_k)
-        draft = _load_draft_engine(target, options)
+        draft = _draft_engine(target, options, pool)
         settings = {"draft_model": draft.model_name, "draft_engine": draft.kind, "draft_k": options.draft_k or "auto"}
         if draft.dtype:
             settings["draft_dtype"] = draft.dtype
@@ -92,7 +89,7 @@ def _speculative(objective: str) -> Callable[[Engine, MethodOptions], Method]:
     return build
 
 
-def _retrieval(target: Engine, options: MethodOptions) -> Method:
+def _retrieval(target: Engine, options: MethodOptions, pool: EnginePool) -> Method:
     from codeaccel.cost_curve import cost_curve_for
     from codeaccel.datastore import open_datastores
     from codeaccel.draft_length import DraftLength
@@ -105,7 +102,7 @@ def _retrieval(target: Engine, options: MethodOptions) -> Method:
     return SpeculativeMethod("retrieval", target, RetrievalDrafter(stores), draft_length, settings)
 
 
-def _prompt_lookup(target: Engine, options: MethodOptions) -> Method:
+def _prompt_lookup(target: Engine, options: MethodOptions, pool: EnginePool) -> Method:
     if target.kind == "llama.cpp":
         from codeaccel.peers.llama_prompt_lookup import LlamaPromptLookupMethod
 
@@ -115,12 +112,12 @@ def _prompt_lookup(target: Engine, options: MethodOptions) -> Method:
     return HFGenerateMethod("prompt-lookup", target, {"prompt_lookup_num_tokens": 10})
 
 
-def _hf_assisted(target: Engine, options: MethodOptions) -> Method:
+def _hf_assisted(target: Engine, options: MethodOptions, pool: EnginePool) -> Method:
     from codeaccel.peers.hf_generate import HFGenerateMethod
 
     if target.kind != "hf":
         raise CodeaccelError("method 'hf-assisted' runs transformers' assisted generation: it needs --engine hf")
-    return HFGenerateMethod("hf-assisted", target, {}, assistant=_load_draft_engine(target, options))
+    return HFGenerateMethod("hf-assisted", target, {}, assistant=_draft_engine(target, options, pool))
 
 
 def variant_label(settings: dict) -> str:
@@ -136,8 +133,8 @@ def variant_label(settings: dict) -> str:
     return ", ".join(parts)
 
 
-BUILDERS: dict[str, Callable[[Engine, MethodOptions], Method]] = {
-    "autoregressive": lambda target, options: AutoregressiveMethod(target),
+BUILDERS: dict[str, Callable[[Engine, MethodOptions, EnginePool], Method]] = {
+    "autoregressive": lambda target, options, pool: AutoregressiveMethod(target),
     # draft model; k chosen per step to maximise end-to-end tokens/s (falls back to plain decoding)
     "speculative": _speculative("end-to-end"),
     # draft model on the client, target on a server: k chosen to minimise target seconds per token
@@ -159,7 +156,8 @@ def parse_methods(spec: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def build_method(name: str, target: Engine, options: MethodOptions | None = None) -> Method:
+def build_method(name: str, target: Engine, options: MethodOptions, pool: EnginePool) -> Method:
+    """Build a method on the target; draft engines come from (and are closed with) ``pool``."""
     if name not in BUILDERS:
         raise CodeaccelError(f"unknown method {name!r}: choose from {', '.join(BUILDERS)}")
-    return BUILDERS[name](target, options or MethodOptions())
+    return BUILDERS[name](target, options, pool)

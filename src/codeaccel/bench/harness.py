@@ -20,6 +20,7 @@ from codeaccel.bench.logit_noise import first_divergence, load_or_measure
 from codeaccel.bench.store import ResultStore
 from codeaccel.engines import load_engine
 from codeaccel.engines.base import Engine
+from codeaccel.engines.pool import EnginePool
 from codeaccel.methods import Method, MethodOptions, build_method
 from codeaccel.sampling import SamplingParams
 from codeaccel.sandbox import run_program
@@ -74,13 +75,14 @@ def run_bench(config: BenchConfig, store: ResultStore, resume: bool = True) -> l
     engine = load_engine(config.model, config.engine, n_ctx=config.n_ctx, dtype=config.dtype)
     methods: list[Method] = []
     records: list[dict] = []
+    pool = EnginePool()
     try:
         if config.sampling.greedy and any(m != "autoregressive" for m in config.methods):
             # one measurement per results folder; the report reads it to classify divergences
             texts = [(p.code_prefix + p.test_program)[:2000] for ps in problems.values() for p in ps[:4]]
             load_or_measure(engine, texts, store.path.parent)
         for name in config.methods:
-            methods.append(build_method(name, engine, config.options))
+            methods.append(build_method(name, engine, config.options, pool))
         total = sum(len(p) for p in problems.values()) * len(methods)
         columns = (
             TextColumn("[bold]{task.description}"),
@@ -110,6 +112,7 @@ def run_bench(config: BenchConfig, store: ResultStore, resume: bool = True) -> l
     finally:
         for method in methods:
             method.close()
+        pool.close()
         engine.close()
     return records
 

@@ -67,4 +67,4 @@ class DraftModelDrafter:
         return Draft(tokens=tokens, probs=np.stack(probs) if probs else None)
 
     def close(self) -> None:
-        self.engine.close()
+        pass  # the engine belongs to whoever loaded it (an EnginePool)

@@ -53,6 +53,7 @@ class HFGenerateMethod:
         self, prompt_tokens: Sequence[int], params: SamplingParams, max_tokens: int, stop: Sequence[str] = ()
     ) -> Generation:
         import torch
+        from transformers import StoppingCriteriaList, StopStringCriteria
 
         max_tokens = validate_request(self.target, prompt_tokens, max_tokens)
         tokenizer = self.target.tokenizer
@@ -71,8 +72,8 @@ class HFGenerateMethod:
                 input_ids,
                 attention_mask=torch.ones_like(input_ids),
                 max_new_tokens=max_tokens,
-                stop_strings=list(stop) or None,
-                tokenizer=tokenizer,
+                # not stop_strings=: assisted generation forwards those to the assistant without a tokenizer
+                stopping_criteria=StoppingCriteriaList([StopStringCriteria(tokenizer, list(stop))]) if stop else None,
                 repetition_penalty=1.0,
                 pad_token_id=tokenizer.eos_token_id,
                 streamer=clock,
@@ -95,5 +96,4 @@ class HFGenerateMethod:
         )
 
     def close(self) -> None:
-        if self.assistant is not None:
-            self.assistant.close()
+        pass  # the assistant engine belongs to the EnginePool that loaded it

@@ -1,0 +1,34 @@
+"""Engines loaded once and shared: the draft models of every method in one benchmark run.
+
+Loading a model costs seconds (llama.cpp) to minutes (transformers from GGUF), so
+``speculative``, ``speculative-client-draft`` and ``hf-assisted`` in one run share one
+draft engine. Sharing is safe because generation is sequential and every user of
+an engine re-syncs its cache with ``prefill`` before use. The pool's owner closes it.
+"""
+
+from __future__ import annotations
+
+from codeaccel.engines import load_engine
+from codeaccel.engines.base import Engine
+
+
+class EnginePool:
+    def __init__(self) -> None:
+        self._engines: dict[tuple, Engine] = {}
+
+    def get(self, model: str, engine: str, *, n_ctx: int, dtype: str) -> Engine:
+        key = (model, engine, n_ctx, dtype if engine == "hf" else None)
+        if key not in self._engines:
+            self._engines[key] = load_engine(model, engine, n_ctx=n_ctx, dtype=dtype)
+        return self._engines[key]
+
+    def close(self) -> None:
+        for engine in self._engines.values():
+            engine.close()
+        self._engines.clear()
+
+    def __enter__(self) -> EnginePool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
