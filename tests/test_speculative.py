@@ -35,6 +35,7 @@ class ScriptDrafter:
     def __init__(self, successor: dict[int, int]):
         self.successor = successor
         self.calls: list[tuple[int, int]] = []  # (context length, k)
+        self.observed: list[tuple[int, int, list[int]]] = []  # (draft length, accepted, committed)
 
     def prepare(self, prompt: Sequence[int]) -> None:
         pass
@@ -46,6 +47,12 @@ class ScriptDrafter:
             t = self.successor.get(t, 0)
             out.append(t)
         return Draft(tokens=out)
+
+    def observe(self, context, draft, n_accepted, committed) -> None:
+        self.observed.append((len(draft.tokens), n_accepted, list(committed)))
+
+    def request_stats(self) -> dict:
+        return {"script_calls": len(self.calls)}
 
     def close(self) -> None:
         pass
@@ -97,6 +104,10 @@ def test_rejections_rewind_the_target_and_counters_add_up(scripted):
     assert st["accepted_tokens"] < st["drafted_tokens"]  # the wrong draft was rejected somewhere
     assert st["accepted_tokens"] + st["steps"] == len(spec.tokens)  # each step commits accepted + 1
     assert sum(st["proposed_at"][:1]) == st["drafts"]
+    assert st["script_calls"] == len(drafter.calls)  # the drafter's own counters reach the request log
+    assert [t for _, _, committed in drafter.observed for t in committed] == spec.tokens[
+        : sum(len(c) for _, _, c in drafter.observed)
+    ]  # observe() saw every committed token, in order
     assert all(a <= p for a, p in zip(st["accepted_at"], st["proposed_at"]))
 
 

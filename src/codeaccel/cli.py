@@ -48,6 +48,9 @@ DraftEngineOpt = Annotated[Optional[str], typer.Option(help="Engine of the draft
 DatastoreOpt = Annotated[
     Optional[list[Path]], typer.Option("--datastore", help="Datastore for retrieval (repeatable; default: general).")
 ]
+AblateOpt = Annotated[
+    Optional[str], typer.Option(help="Retrieval parts to switch off, comma-separated: multi-source,timing,cache.")
+]
 DraftKOpt = Annotated[
     Optional[int], typer.Option(help="Fixed draft length (default: chosen per step from the cost curve).")
 ]
@@ -226,6 +229,7 @@ def generate(
     draft_engine: DraftEngineOpt = None,
     draft_k: DraftKOpt = None,
     datastore: DatastoreOpt = None,
+    ablate: AblateOpt = None,
 ) -> None:
     """Generate a completion and print it, with its timing."""
     from codeaccel.engines import load_engine
@@ -246,6 +250,7 @@ def generate(
         draft_engine=draft_engine,
         draft_k=draft_k,
         datastores=tuple(str(d) for d in datastore or ()),
+        ablate=tuple(a.strip() for a in (ablate or "").split(",") if a.strip()),
     )
     with load_engine(model, engine, dtype=dtype) as eng, EnginePool() as pool:
         text = eng.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
@@ -320,6 +325,7 @@ def bench(
     draft_engine: DraftEngineOpt = None,
     draft_k: DraftKOpt = None,
     datastore: DatastoreOpt = None,
+    ablate: AblateOpt = None,
 ) -> None:
     """Benchmark methods on HumanEval / MBPP: speed, pass@1; resumable.
 
@@ -353,6 +359,7 @@ def bench(
             draft_engine=draft_engine,
             draft_k=draft_k,
             datastores=tuple(str(d) for d in datastore or ()),
+            ablate=tuple(a.strip() for a in (ablate or "").split(",") if a.strip()),
         ),
     )
     safe_model = Path(model).name.replace(".gguf", "")

@@ -52,10 +52,19 @@ class MethodOptions:
     draft_engine: str | None = None
     draft_k: int | None = None
     datastores: tuple[str, ...] = ()  # retrieval: datastore directories (default: the general one in the cache)
+    ablate: tuple[str, ...] = ()  # retrieval: parts to switch off, from ABLATIONS
 
     def __post_init__(self) -> None:
         if self.draft_k is not None and self.draft_k < 1:
             raise CodeaccelError(f"the draft length k must be >= 1, got {self.draft_k}")
+        unknown = set(self.ablate) - set(ABLATIONS)
+        if unknown:
+            raise CodeaccelError(f"unknown ablation {sorted(unknown)[0]!r}: choose from {', '.join(ABLATIONS)}")
+
+
+# Parts of retrieval drafting that --ablate can switch off (the CodeSwift ablation study).
+# TODO(issue 4): "tree" once tree verification lands (several branches in one target evaluation).
+ABLATIONS = ("multi-source", "timing", "cache")
 
 
 def _draft_engine(target: Engine, options: MethodOptions, pool: EnginePool) -> Engine:
@@ -89,17 +98,57 @@ def _speculative(objective: str) -> Callable[[Engine, MethodOptions, EnginePool]
     return build
 
 
-def _retrieval(target: Engine, options: MethodOptions, pool: EnginePool) -> Method:
+RETRIEVAL_K_MAX = 16  # longest retrieved draft considered per step
+
+
+def _retrieval_drafter(target: Engine, options: MethodOptions, rest: bool = False):
+    """The retrieval drafter with every part on except those ablated; ``rest``: the REST-style peer."""
+    from codeaccel.acceptance_cache import AcceptanceCache
     from codeaccel.cost_curve import cost_curve_for
     from codeaccel.datastore import open_datastores
-    from codeaccel.draft_length import DraftLength
     from codeaccel.drafters.retrieval import RetrievalDrafter
+    from codeaccel.retrieval_timing import RetrievalTiming
+
+    off = set(ABLATIONS) if rest else set(options.ablate)
+    stores = open_datastores(target, options.datastores)
+    if "multi-source" in off:  # one source: the general one if there is one (REST's setting), else the first
+        stores = [next((s for s in stores if s.kind == "general"), stores[0])]
+    timing = None if "timing" in off else RetrievalTiming(cost_curve_for(target), k_max=RETRIEVAL_K_MAX)
+    cache = None if "cache" in off else AcceptanceCache()
+    settings: dict = {"datastores": [s.name for s in stores]}
+    if off and not rest:
+        settings["ablate"] = sorted(off)
+    return RetrievalDrafter(stores, timing=timing, cache=cache), settings
+
+
+def _retrieval(rest: bool) -> Callable[[Engine, MethodOptions, EnginePool], Method]:
+    def build(target: Engine, options: MethodOptions, pool: EnginePool) -> Method:
+        from codeaccel.cost_curve import cost_curve_for
+        from codeaccel.draft_length import DraftLength
+        from codeaccel.speculative import SpeculativeMethod
+
+        drafter, settings = _retrieval_drafter(target, options, rest)
+        k = options.draft_k or RETRIEVAL_K_MAX  # the drafter's timing control picks within it
+        name = "retrieval-rest" if rest else "retrieval"
+        return SpeculativeMethod(name, target, drafter, DraftLength(cost_curve_for(target), fixed_k=k), settings)
+
+    return build
+
+
+def _hybrid(target: Engine, options: MethodOptions, pool: EnginePool) -> Method:
+    from codeaccel.cost_curve import cost_curve_for
+    from codeaccel.draft_length import DraftLength
+    from codeaccel.drafters.draft_model import DraftModelDrafter
+    from codeaccel.drafters.hybrid import HybridDrafter
     from codeaccel.speculative import SpeculativeMethod
 
-    stores = open_datastores(target, options.datastores)
-    settings = {"datastores": [s.name for s in stores], "draft_k": options.draft_k or "auto"}
-    draft_length = DraftLength(cost_curve_for(target), fixed_k=options.draft_k)
-    return SpeculativeMethod("retrieval", target, RetrievalDrafter(stores), draft_length, settings)
+    retrieval, settings = _retrieval_drafter(target, options)
+    draft = _draft_engine(target, options, pool)
+    model_length = DraftLength(cost_curve_for(target), fixed_k=options.draft_k)
+    drafter = HybridDrafter(retrieval, DraftModelDrafter(draft), model_length)
+    settings.update(draft_model=draft.model_name, draft_engine=draft.kind)
+    loop_length = DraftLength(cost_curve_for(target), fixed_k=RETRIEVAL_K_MAX)
+    return SpeculativeMethod("hybrid", target, drafter, loop_length, settings)
 
 
 def _prompt_lookup(target: Engine, options: MethodOptions, pool: EnginePool) -> Method:
@@ -139,7 +188,11 @@ BUILDERS: dict[str, Callable[[Engine, MethodOptions, EnginePool], Method]] = {
     "speculative": _speculative("end-to-end"),
     # draft model on the client, target on a server: k chosen to minimise target seconds per token
     "speculative-client-draft": _speculative("target"),
-    "retrieval": _retrieval,  # drafts from code datastores (general + repository), no draft model
+    # drafts from code datastores (general + repository), timing control and acceptance cache; no draft model
+    "retrieval": _retrieval(rest=False),
+    # the REST-style peer: one general datastore, every retrieved draft verified, no cache
+    "retrieval-rest": _retrieval(rest=True),
+    "hybrid": _hybrid,  # retrieval first, the draft model when retrieval has nothing
     "prompt-lookup": _prompt_lookup,  # the engine library's own n-gram prompt lookup
     "hf-assisted": _hf_assisted,  # transformers' assisted generation with the same draft model
 }

@@ -121,6 +121,7 @@ def speculative_generate(
         # 3. accept
         verdict = verify(draft.tokens, draft.probs, target_logits, params, rng)
         draft_length.update(len(draft.tokens), verdict.n_accepted, target_s, draft_s)
+        drafter.observe(context, draft, verdict.n_accepted, verdict.tokens)
         stats.record(len(draft.tokens), verdict.n_accepted)
         stats.target_s += target_s
         stats.draft_s += draft_s
@@ -131,7 +132,8 @@ def speculative_generate(
         context += verdict.tokens
         pending = verdict.tokens[-1:]
     t2 = time.perf_counter()
-    log.debug("speculative request: %d tokens, %s", len(checker.tokens), stats.as_dict())
+    request_stats = {**stats.as_dict(), **drafter.request_stats()}
+    log.debug("speculative request: %d tokens, %s", len(checker.tokens), request_stats)
     return Generation(
         text=checker.text,
         tokens=checker.tokens,
@@ -139,7 +141,7 @@ def speculative_generate(
         n_prompt_tokens=len(prompt_tokens),
         prefill_s=t1 - t0 + stats.draft_prefill_s,
         decode_s=t2 - t1 - stats.draft_prefill_s,
-        stats=stats.as_dict(),
+        stats=request_stats,
     )
 
 

@@ -21,6 +21,7 @@ from codeaccel.sampling import SamplingParams
 class Draft:
     tokens: list[int]  # [k] proposed continuation of the context
     probs: np.ndarray | None = None  # [k, vocab] warped draft distribution each token was sampled from
+    source: str = ""  # where the tokens came from ("model", "retrieval", "cache"), for the request log
 
     def __post_init__(self) -> None:
         if self.probs is not None and self.probs.shape[0] != len(self.tokens):
@@ -33,7 +34,11 @@ class Drafter(Protocol):
     ``prepare(prompt)`` is called once per request, during the prefill (a draft model
     fills its own cache there); ``propose(context, k, params, rng)`` returns at most k
     tokens continuing ``context`` (the prompt plus everything committed so far),
-    sampled with ``params`` where the drafter samples at all; ``close()`` frees it.
+    sampled with ``params`` where the drafter samples at all; ``observe(context, draft,
+    n_accepted, committed)`` reports what the target kept of that draft and the tokens it
+    committed (the hook where a drafter adapts, as transformers' candidate generators
+    do); ``request_stats()`` returns the drafter's own counters for the current request;
+    ``close()`` frees it.
     """
 
     name: str
@@ -41,5 +46,9 @@ class Drafter(Protocol):
     def prepare(self, prompt: Sequence[int]) -> None: ...
 
     def propose(self, context: Sequence[int], k: int, params: SamplingParams, rng: np.random.Generator) -> Draft: ...
+
+    def observe(self, context: Sequence[int], draft: Draft, n_accepted: int, committed: Sequence[int]) -> None: ...
+
+    def request_stats(self) -> dict: ...
 
     def close(self) -> None: ...

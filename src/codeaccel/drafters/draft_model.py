@@ -64,7 +64,13 @@ class DraftModelDrafter:
             tokens.append(token)
             if i < k - 1:  # the last draft token is evaluated next time, if the target accepts it
                 logits = self.engine.eval([token])[-1]
-        return Draft(tokens=tokens, probs=np.stack(probs) if probs else None)
+        return Draft(tokens=tokens, probs=np.stack(probs) if probs else None, source="model")
+
+    def observe(self, context: Sequence[int], draft: Draft, n_accepted: int, committed: Sequence[int]) -> None:
+        pass  # the next prefill(context) re-syncs the cache; k adapts in DraftLength
+
+    def request_stats(self) -> dict:
+        return {}
 
     def close(self) -> None:
         pass  # the engine belongs to whoever loaded it (an EnginePool)

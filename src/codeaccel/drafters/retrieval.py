@@ -17,14 +17,17 @@ is ``len(items))``.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from codeaccel.acceptance_cache import AcceptanceCache
 from codeaccel.datastore import Datastore, Retrieved
 from codeaccel.drafters.base import Draft
+from codeaccel.retrieval_timing import RetrievalTiming
 from codeaccel.sampling import SamplingParams
 
 
@@ -48,11 +51,19 @@ class CandidateTrie:
 
     def best_path(self, k: int) -> list[int]:
         """Follow the heaviest child from the root for at most k tokens (ties: the smaller token id)."""
+        return self.best_path_with_confidence(k)[0]
+
+    def best_path_with_confidence(self, k: int) -> tuple[list[int], float]:
+        """The heaviest path, and its first token's share of the root's weight (1.0: no alternative)."""
         path, node = [], self.root
+        total = sum(c.weight for c in self.root.children.values())
+        confidence = 0.0
         while node.children and len(path) < k:
             token, node = max(node.children.items(), key=lambda kv: (kv[1].weight, -kv[0]))
+            if not path:
+                confidence = node.weight / total if total > 0 else 0.0
             path.append(token)
-        return path
+        return path, confidence
 
 
 def merge(results: Sequence[Retrieved], repository_weight: float = 4.0) -> CandidateTrie:
@@ -75,28 +86,44 @@ def merge(results: Sequence[Retrieved], repository_weight: float = 4.0) -> Candi
 
 
 class RetrievalDrafter:
-    """Proposes the heaviest retrieved continuation; searches all datastores in parallel."""
+    """Proposes the heaviest retrieved continuation; searches all datastores in parallel.
+
+    timing: a :class:`RetrievalTiming` deciding whether to look up and how much of the
+    retrieved draft to verify (None: verify everything retrieved, as REST does).
+    cache: an :class:`AcceptanceCache` of what the target produced before in the same
+    context (None: no preference). Both adapt in :meth:`observe`.
+    """
 
     name = "retrieval"
 
     def __init__(
         self,
         datastores: Sequence[Datastore],
+        timing: RetrievalTiming | None = None,
+        cache: AcceptanceCache | None = None,
         max_match: int = 16,
         min_match: int = 2,
         max_samples: int = 64,
         repository_weight: float = 4.0,
+        cache_weight: float = 8.0,
     ):
         self.datastores = list(datastores)
+        self.timing = timing
+        self.cache = cache
         self.max_match = max_match
         self.min_match = min_match
         self.max_samples = max_samples
         self.repository_weight = repository_weight
+        self.cache_weight = cache_weight
         self._pool = ThreadPoolExecutor(max_workers=max(1, len(self.datastores)), thread_name_prefix="retrieve")
-        self.last: list[Retrieved] = []  # what the last proposal was built from (for logging and policies)
+        self.last: list[Retrieved] = []  # what the last proposal was built from
+        self._last_match = 0
+        self._counts: Counter = Counter()
 
     def prepare(self, prompt: Sequence[int]) -> None:
-        pass
+        self._counts = Counter()
+        if self.timing is not None:
+            self.timing.reset_backoff()
 
     def retrieve(self, context: Sequence[int], k: int) -> list[Retrieved]:
         tail = list(context[-self.max_match :])
@@ -107,8 +134,34 @@ class RetrievalDrafter:
         return [r for r in (job.result() for job in jobs) if r is not None]
 
     def propose(self, context: Sequence[int], k: int, params: SamplingParams, rng: np.random.Generator) -> Draft:
+        self._last_match, self.last = 0, []
+        if self.timing is not None and not self.timing.should_retrieve():
+            self._counts["skipped_lookups"] += 1
+            return Draft(tokens=[], source="retrieval")
+        self._counts["lookups"] += 1
         self.last = self.retrieve(context, k)
-        return Draft(tokens=merge(self.last, self.repository_weight).best_path(k))
+        trie = merge(self.last, self.repository_weight)
+        cached = self.cache.lookup(context, k) if self.cache is not None else []
+        if cached:
+            self._counts["cache_hits"] += 1
+            trie.add(cached, self.cache_weight)
+        path, confidence = trie.best_path_with_confidence(k)
+        if not path:
+            return Draft(tokens=[], source="retrieval")
+        self._counts["retrieved"] += 1
+        self._last_match = max([r.match_len for r in self.last] + ([self.cache.key_len] if cached else []))
+        n = len(path) if self.timing is None else self.timing.draft_length(self._last_match, confidence, len(path))
+        from_cache = bool(cached) and path[: len(cached)] == cached[: len(path)]
+        return Draft(tokens=path[:n], source="cache" if from_cache else "retrieval")
+
+    def observe(self, context: Sequence[int], draft: Draft, n_accepted: int, committed: Sequence[int]) -> None:
+        if self.timing is not None:
+            self.timing.update(self._last_match, len(draft.tokens), n_accepted)
+        if self.cache is not None:
+            self.cache.record(context, committed)
+
+    def request_stats(self) -> dict:
+        return {"retrieval": dict(self._counts)}
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
