@@ -140,3 +140,30 @@ def test_index_build_stats_update_and_errors(tiny_gguf, tmp_path):
     ]:
         result = run_cli(*args)
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, args
+
+
+def test_bench_repository_level_with_retrieval(tiny_gguf, tmp_path):
+    """repo:rich with the project as the repository source: lossless retrieval, similarity scores, no tests."""
+    from codeaccel.bench.repo_dataset import package_root
+
+    env = {"CODEACCEL_CACHE_DIR": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"}
+    ds = tmp_path / "rich-ds"
+    built = run_cli(
+        "index", "build", "repository", "--root", str(package_root("rich")), "-m", tiny_gguf, "--out", str(ds)
+    )
+    assert built.returncode == 0, built.stderr
+    out = tmp_path / "repo"
+    args = ["bench", "repo:rich", "-m", tiny_gguf, "--limit", "2", "--max-tokens", "24", "--out", str(out)]
+    result = run_cli(*args, "--method", "autoregressive,retrieval,retrieval-rest", "--datastore", str(ds), env=env)
+    assert result.returncode == 0, result.stderr
+    doc = json.loads((out / "summary.json").read_text())
+    rows = {r["method"]: r for r in doc["rows"]}
+    assert set(rows) == {"autoregressive", "retrieval", "retrieval-rest"}
+    assert all(r["pass_at_1"] is None and 0 <= r["edit_similarity"] <= 1 for r in rows.values())
+    assert (
+        rows["retrieval"]["identical_to_autoregressive"] == 2
+        and rows["retrieval-rest"]["identical_to_autoregressive"] == 2
+    )
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert all(r["passed"] is None and r["test_status"] == "no tests" for r in records)
+    assert all(r["stats"]["retrieval"].get("lookups", 0) > 0 for r in records if r["method"].startswith("retrieval"))

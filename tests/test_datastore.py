@@ -160,3 +160,23 @@ def test_stale_datastore_is_detected(project, tmp_path):
     os.remove(tmp_path / "ds" / "base" / "tokens.npy")
     with pytest.raises(StaleIndexError):
         Datastore(tmp_path / "ds", tokenizer="chars")
+
+
+def test_lookup_can_exclude_a_file(project, tmp_path):
+    store = build_datastore(tmp_path / "ds", "proj", "repository", [project], char_tokens, "chars")
+    assert store.lookup(char_tokens("def alpha_fun"), max_len=32).match_len == 13
+    hit = store.lookup(char_tokens("def alpha_fun"), max_len=32, exclude_files=frozenset({"pkg/core.py"}))
+    assert hit is None or hit.match_len <= 4  # only "def " (from util.py) is left to match
+
+
+def test_general_scan_excludes_globs_and_nested_site_packages(tmp_path):
+    from codeaccel.sources import scan_general
+
+    root = tmp_path / "lib"
+    (root / "site-packages" / "other").mkdir(parents=True)
+    (root / "mod.py").write_text("x = 1\n")
+    (root / "skipme.py").write_text("y = 2\n")
+    (root / "site-packages" / "other" / "pkg.py").write_text("z = 3\n")
+    scan = scan_general([root], exclude=["*/skipme.py"])
+    assert [p.name for _, p in scan.root_files] == ["mod.py"]
+    assert scan.skipped == {"excluded": 1}

@@ -37,7 +37,7 @@ class ScriptDrafter:
         self.calls: list[tuple[int, int]] = []  # (context length, k)
         self.observed: list[tuple[int, int, list[int]]] = []  # (draft length, accepted, committed)
 
-    def prepare(self, prompt: Sequence[int]) -> None:
+    def prepare(self, prompt: Sequence[int], exclude_files=frozenset()) -> None:
         pass
 
     def propose(self, context, k, params, rng) -> Draft:

@@ -55,7 +55,12 @@ class AutoregressiveMethod:
         self.target = target
 
     def generate(
-        self, prompt_tokens: Sequence[int], params: SamplingParams, max_tokens: int, stop: Sequence[str] = ()
+        self,
+        prompt_tokens: Sequence[int],
+        params: SamplingParams,
+        max_tokens: int,
+        stop: Sequence[str] = (),
+        exclude_files: Sequence[str] = (),
     ) -> Generation:
         return generate(self.target, prompt_tokens, params, max_tokens, stop)
 

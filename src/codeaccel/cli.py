@@ -155,6 +155,9 @@ def index_build(
     out_dir: Annotated[
         Optional[Path], typer.Option("--out", help="Datastore directory (default: in the cache).")
     ] = None,
+    exclude: Annotated[
+        Optional[list[str]], typer.Option(help="Glob of files to leave out of a general source (repeatable).")
+    ] = None,
 ) -> None:
     """Index code for retrieval drafting, in the model's token ids."""
     from codeaccel.datastore import build_datastore, default_datastore_dir
@@ -170,7 +173,9 @@ def index_build(
         path = out_dir or default_datastore_dir(f"{name}-{fingerprint}")
         progress, update = _file_progress(f"index {name}")
         with progress:
-            store = build_datastore(path, name, kind, roots, eng.tokenize, fingerprint, progress=update)
+            store = build_datastore(
+                path, name, kind, roots, eng.tokenize, fingerprint, progress=update, exclude=exclude or ()
+            )
     _print_stats(store.stats())
     out.print(f"datastore at {path}")
 

@@ -95,13 +95,27 @@ class Datastore:
         return found
 
     def lookup(
-        self, context: Sequence[int], max_len: int = 16, min_len: int = 1, cont_len: int = 16, max_samples: int = 64
+        self,
+        context: Sequence[int],
+        max_len: int = 16,
+        min_len: int = 1,
+        cont_len: int = 16,
+        max_samples: int = 64,
+        exclude_files: frozenset[str] = frozenset(),
     ) -> Retrieved | None:
         """Continuations of the longest suffix of ``context`` (between min_len and max_len tokens) found here.
 
         Occurrence is monotone in the suffix length (a suffix that occurs has shorter
         suffixes that occur), so the longest length is found by binary search.
+        Continuations inside ``exclude_files`` (names as in the manifest) are not used.
         """
+        skip = self.dead
+        if exclude_files:
+            files = self.manifest["files"]
+            skip = {
+                shard: dead | {files[n]["doc"] for n in exclude_files if n in files and files[n]["shard"] == shard}
+                for shard, dead in self.dead.items()
+            }
         context = list(context[-max_len:])
         lo_len, hi_len = min_len - 1, len(context)  # invariant: lo_len occurs (or is min_len-1), hi_len+1 does not
         best: list[tuple[str, int, int]] = []
@@ -116,7 +130,7 @@ class Datastore:
             found = best if length == lo_len else self._occurrences(context[-length:])
             counts: Counter = Counter()
             for shard, lo, hi in found:
-                counts += self.shards[shard].continuations(lo, hi, length, cont_len, max_samples, self.dead[shard])
+                counts += self.shards[shard].continuations(lo, hi, length, cont_len, max_samples, skip[shard])
             if counts:
                 occurrences = sum(hi - lo for _, lo, hi in found)
                 return Retrieved(self.name, self.kind, length, occurrences, counts)
@@ -150,12 +164,12 @@ class Datastore:
 
 
 # ---- write side ----------------------------------------------------------------------
-def _scan(kind: Kind, roots: Sequence[Path]) -> FileScan:
+def _scan(kind: Kind, roots: Sequence[Path], exclude: Sequence[str] = ()) -> FileScan:
     if kind == "repository":
         if len(roots) != 1:
             raise CodeaccelError("a repository source has exactly one root directory")
         return scan_repository(roots[0])
-    return scan_general(roots or default_general_roots())
+    return scan_general(roots or default_general_roots(), exclude=exclude)
 
 
 def _read_and_tokenize(
@@ -196,18 +210,20 @@ def build_datastore(
     tokenize: Tokenize,
     tokenizer: str,
     progress: Progress | None = None,
+    exclude: Sequence[str] = (),
 ) -> Datastore:
-    """Index every file of the source from scratch into ``path``."""
+    """Index every file of the source from scratch into ``path`` (``exclude``: globs, general sources)."""
     if kind not in ("general", "repository"):
         raise CodeaccelError(f"source kind must be 'general' or 'repository', got {kind!r}")
     t0 = time.perf_counter()
     roots = [Path(r).resolve() for r in roots] or default_general_roots()
-    scan = _scan(kind, roots)
+    scan = _scan(kind, roots, exclude)
     entries, tokens, skipped = _read_and_tokenize(scan, tokenize, None, progress)
     manifest = {
         "name": name,
         "kind": kind,
         "roots": [str(r) for r in roots],
+        "exclude": list(exclude),
         "tokenizer": tokenizer,
         "skipped": dict(skipped),
         "build_s": round(time.perf_counter() - t0, 3),
@@ -263,7 +279,7 @@ def update_datastore(
     t0 = time.perf_counter()
     old = Datastore(path, tokenizer, verify=False)
     previous = old.manifest["files"]
-    scan = _scan(old.kind, [Path(r) for r in old.manifest["roots"]])
+    scan = _scan(old.kind, [Path(r) for r in old.manifest["roots"]], old.manifest.get("exclude", ()))
     changed: set[str] = set()
     for name, file_path in scan.root_files:
         prev = previous.get(name)

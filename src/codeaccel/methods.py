@@ -23,14 +23,21 @@ from codeaccel.sampling import SamplingParams
 
 class Method(Protocol):
     """``name`` is the method; ``settings`` what distinguishes two runs of it (draft model, k policy, ...),
-    stored with every record; ``variant`` a short label of the settings for tables."""
+    stored with every record; ``variant`` a short label of the settings for tables. ``exclude_files``
+    names datastore files a request must not draft from (a benchmark's own answer); methods
+    without datastores ignore it."""
 
     name: str
     settings: dict
     variant: str
 
     def generate(
-        self, prompt_tokens: Sequence[int], params: SamplingParams, max_tokens: int, stop: Sequence[str] = ()
+        self,
+        prompt_tokens: Sequence[int],
+        params: SamplingParams,
+        max_tokens: int,
+        stop: Sequence[str] = (),
+        exclude_files: Sequence[str] = (),
     ) -> Generation: ...
 
     def close(self) -> None: ...

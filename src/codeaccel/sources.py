@@ -14,11 +14,12 @@ UTF-8 are skipped and counted by reason, never indexed.
 
 from __future__ import annotations
 
+import fnmatch
 import site
 import subprocess
 import sysconfig
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,11 +52,15 @@ def default_general_roots() -> list[Path]:
     return roots
 
 
-def scan_general(roots: Iterable[Path], suffixes: tuple[str, ...] = GENERAL_SUFFIXES) -> FileScan:
+def scan_general(
+    roots: Iterable[Path], suffixes: tuple[str, ...] = GENERAL_SUFFIXES, exclude: Sequence[str] = ()
+) -> FileScan:
     """Every file with a code suffix under the roots.
 
     A package directory nested in a root (the base interpreter's ``site-packages``
     inside its standard library) is skipped: only the roots named are indexed.
+    ``exclude``: glob patterns (``fnmatch`` on the absolute path) of files to leave out,
+    e.g. a project that a benchmark uses as the repository source.
     """
     scan = FileScan()
     seen: set[Path] = set()
@@ -67,7 +72,9 @@ def scan_general(roots: Iterable[Path], suffixes: tuple[str, ...] = GENERAL_SUFF
             if path in seen:
                 continue
             seen.add(path)
-            if path.suffix in suffixes:
+            if any(fnmatch.fnmatch(str(path), pattern) for pattern in exclude):
+                scan.skipped["excluded"] += 1
+            elif path.suffix in suffixes:
                 scan.root_files.append((str(path), path))
             else:
                 scan.skipped["other suffix"] += 1

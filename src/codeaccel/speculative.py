@@ -90,6 +90,7 @@ def speculative_generate(
     params: SamplingParams,
     max_tokens: int,
     stop: Sequence[str] = (),
+    exclude_files: Sequence[str] = (),
 ) -> Generation:
     max_tokens = validate_request(target, prompt_tokens, max_tokens)
     rng = params.rng()  # the target's stream: with sample-and-compare it matches autoregressive decoding
@@ -99,7 +100,7 @@ def speculative_generate(
     t0 = time.perf_counter()
     next_logits = target.prefill(prompt_tokens)  # [vocab], predicts the first generated token
     t1 = time.perf_counter()
-    drafter.prepare(prompt_tokens)
+    drafter.prepare(prompt_tokens, frozenset(exclude_files))
     stats.draft_prefill_s = time.perf_counter() - t1
     context = list(prompt_tokens)  # everything committed
     pending: list[int] = []  # committed but not yet in the target's cache (the last recovered/bonus token)
@@ -161,10 +162,15 @@ class SpeculativeMethod:
         self.variant = variant_label(self.settings)
 
     def generate(
-        self, prompt_tokens: Sequence[int], params: SamplingParams, max_tokens: int, stop: Sequence[str] = ()
+        self,
+        prompt_tokens: Sequence[int],
+        params: SamplingParams,
+        max_tokens: int,
+        stop: Sequence[str] = (),
+        exclude_files: Sequence[str] = (),
     ) -> Generation:
         return speculative_generate(
-            self.target, self.drafter, self.draft_length, prompt_tokens, params, max_tokens, stop
+            self.target, self.drafter, self.draft_length, prompt_tokens, params, max_tokens, stop, exclude_files
         )
 
     def close(self) -> None:

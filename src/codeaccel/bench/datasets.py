@@ -29,7 +29,11 @@ class Problem:
     user_message: str
     response_prefix: str  # the assistant's reply as we start it; the model continues from here
     code_prefix: str  # the part of response_prefix that is code
-    test_program: str  # appended after the completed code
+    test_program: str  # appended after the completed code ("" : no tests, see reference)
+    raw_prompt: str | None = None  # set: the model sees this text as is, without a chat template
+    stop: tuple[str, ...] = STOP
+    reference: str | None = None  # the original code, for datasets scored by similarity instead of tests
+    exclude_files: tuple[str, ...] = ()  # datastore files that hold this problem's answer
 
     def program(self, completion: str) -> str:
         return f"{self.code_prefix}{completion}\n\n{self.test_program}\n"
@@ -82,11 +86,20 @@ LOADERS = {"humaneval": _humaneval, "mbpp": _mbpp}
 
 
 def load_problems(dataset: str, limit: int | None = None) -> list[Problem]:
-    """The first ``limit`` problems of a dataset, in the dataset's order."""
+    """The first ``limit`` problems of a dataset, in the dataset's order.
+
+    ``repo:<package>`` is the repository-level set built from an installed package
+    (:mod:`codeaccel.bench.repo_dataset`).
+    """
     key = dataset.strip().lower()
-    if key not in LOADERS:
-        raise CodeaccelError(f"unknown dataset {dataset!r}: choose from {', '.join(LOADERS)}")
     if limit is not None and limit < 1:
         raise CodeaccelError(f"--limit must be >= 1, got {limit}")
+    if key.startswith("repo:") and key[5:]:
+        from codeaccel.bench.repo_dataset import load_repository_problems
+
+        problems = load_repository_problems(key[5:])
+        return problems[:limit] if limit else problems
+    if key not in LOADERS:
+        raise CodeaccelError(f"unknown dataset {dataset!r}: choose from {', '.join(LOADERS)}, or repo:<package>")
     problems = LOADERS[key]()
     return problems[:limit] if limit else problems

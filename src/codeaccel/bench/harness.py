@@ -15,8 +15,9 @@ from dataclasses import asdict, dataclass, replace
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from codeaccel.autoregressive import AutoregressiveMethod
-from codeaccel.bench.datasets import PROMPT_FORMAT, STOP, Problem, load_problems
+from codeaccel.bench.datasets import PROMPT_FORMAT, Problem, load_problems
 from codeaccel.bench.logit_noise import first_divergence, load_or_measure
+from codeaccel.bench.repo_dataset import similarity
 from codeaccel.bench.store import ResultStore
 from codeaccel.engines import load_engine
 from codeaccel.engines.base import Engine
@@ -65,6 +66,8 @@ def problem_seed(seed: int | None, task_id: str) -> int | None:
 
 
 def build_prompt(engine: Engine, problem: Problem) -> list[int]:
+    if problem.raw_prompt is not None:
+        return engine.tokenize(problem.raw_prompt)
     text = engine.apply_chat_template([{"role": "user", "content": problem.user_message}])
     return engine.tokenize(text + problem.response_prefix)
 
@@ -79,7 +82,9 @@ def run_bench(config: BenchConfig, store: ResultStore, resume: bool = True) -> l
     try:
         if config.sampling.greedy and any(m != "autoregressive" for m in config.methods):
             # one measurement per results folder; the report reads it to classify divergences
-            texts = [(p.code_prefix + p.test_program)[:2000] for ps in problems.values() for p in ps[:4]]
+            texts = [
+                (p.raw_prompt or p.code_prefix + p.test_program)[-2000:] for ps in problems.values() for p in ps[:4]
+            ]
             load_or_measure(engine, texts, store.path.parent)
         for name in config.methods:
             methods.append(build_method(name, engine, config.options, pool))
@@ -165,8 +170,13 @@ def _compare_with_autoregressive(
 def _run_one(engine: Engine, method, problem: Problem, config: BenchConfig, key: dict) -> dict:
     prompt_tokens = build_prompt(engine, problem)
     params = replace(config.sampling, seed=problem_seed(config.sampling.seed, problem.task_id))
-    gen = method.generate(prompt_tokens, params, config.max_tokens, STOP)
-    result = run_program(problem.program(gen.text), timeout_s=config.test_timeout_s)
+    gen = method.generate(prompt_tokens, params, config.max_tokens, problem.stop, problem.exclude_files)
+    scores: dict = {}
+    if problem.test_program:
+        result = run_program(problem.program(gen.text), timeout_s=config.test_timeout_s)
+        scores = {"passed": result.passed, "test_status": result.status}
+    else:
+        scores = {"passed": None, "test_status": "no tests", **similarity(gen.text, problem.reference or "")}
     return {
         **key,
         "n_prompt_tokens": gen.n_prompt_tokens,
@@ -175,8 +185,7 @@ def _run_one(engine: Engine, method, problem: Problem, config: BenchConfig, key:
         "decode_s": round(gen.decode_s, 6),
         "tokens_per_s": round(gen.tokens_per_s, 4),
         "finish_reason": gen.finish_reason,
-        "passed": result.passed,
-        "test_status": result.status,
+        **scores,
         "completion": gen.text,
         "tokens": gen.tokens,
         "stats": gen.stats,

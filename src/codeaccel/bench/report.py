@@ -43,7 +43,7 @@ def summarize(records: list[dict], noise: dict | None = None) -> list[dict]:
                 **dict(zip(GROUP, key)),
                 "n_problems": len(rs),
                 "n_passed": sum(bool(r["passed"]) for r in rs),
-                "pass_at_1": round(sum(bool(r["passed"]) for r in rs) / len(rs), 4),
+                "pass_at_1": _pass_at_1(rs),
                 "tokens_per_s": round(n_gen / decode_s, 3) if decode_s else 0.0,
                 "end_to_end_tokens_per_s": round(n_gen / (decode_s + prefill_s), 3) if decode_s + prefill_s else 0.0,
                 "generated_tokens": n_gen,
@@ -51,11 +51,28 @@ def summarize(records: list[dict], noise: dict | None = None) -> list[dict]:
                 "mean_prompt_tokens": round(sum(r["n_prompt_tokens"] for r in rs) / len(rs), 1),
                 "mean_prefill_ms": round(1000 * prefill_s / len(rs), 1),
                 "decode_s": round(decode_s, 3),
+                **_similarity_columns(rs),
                 **_speculation_columns(rs, n_gen),
             }
         )
     _compare_to_autoregressive(rows, groups, noise)
     return rows
+
+
+def _pass_at_1(rs: list[dict]) -> float | None:
+    """Share of problems whose tests passed; None for a dataset without tests."""
+    tested = [r for r in rs if r["passed"] is not None]
+    return round(sum(bool(r["passed"]) for r in tested) / len(tested), 4) if tested else None
+
+
+def _similarity_columns(rs: list[dict]) -> dict:
+    if not any("edit_similarity" in r for r in rs):
+        return {}
+    scored = [r for r in rs if "edit_similarity" in r]
+    return {
+        "exact_match": round(sum(bool(r["exact_match"]) for r in scored) / len(scored), 4),
+        "edit_similarity": round(sum(r["edit_similarity"] for r in scored) / len(scored), 4),
+    }
 
 
 def _speculation_columns(rs: list[dict], n_gen: int) -> dict:
@@ -114,6 +131,7 @@ COLUMNS = [
     ("variant", "variant"),
     ("n_problems", "problems"),
     ("pass_at_1", "pass@1"),
+    ("edit_similarity", "edit sim"),
     ("tokens_per_s", "tok/s"),
     ("speedup_vs_autoregressive", "speed-up"),
     ("identical_to_autoregressive", "identical"),
@@ -135,7 +153,7 @@ def markdown_table(rows: list[dict]) -> str:
         cells = []
         for k, _ in cols:
             v = r.get(k, "")
-            if k == "pass_at_1" and v != "":
+            if k == "pass_at_1" and v not in ("", None):
                 v = f"{100 * v:.1f}%"
             elif k == "speedup_vs_autoregressive" and v != "":
                 v = f"{v:.2f}×"
@@ -161,7 +179,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         panels.append(("target_s_per_token", "target ms / generated token", 1000, "tab:red"))
     fig, axes = plt.subplots(1, len(panels), figsize=(max(8, 1.6 * len(rows) * len(panels)), 5.2))
     for ax, (key, ylabel, scale, color) in zip(axes, panels):
-        ax.bar(range(len(rows)), [scale * (r.get(key) or 0) for r in rows], color=color)
+        ax.bar(range(len(rows)), [scale * (r.get(key) or 0) for r in rows], color=color)  # None (no tests): 0
         ax.set_ylabel(ylabel)
         ax.set_xticks(range(len(rows)), labels, fontsize=6)
         if key == "pass_at_1":

@@ -31,8 +31,9 @@ class Draft:
 class Drafter(Protocol):
     """Anything that proposes continuations.
 
-    ``prepare(prompt)`` is called once per request, during the prefill (a draft model
-    fills its own cache there); ``propose(context, k, params, rng)`` returns at most k
+    ``prepare(prompt, exclude_files)`` is called once per request, during the prefill (a
+    draft model fills its own cache there; a retrieval drafter notes datastore files
+    this request must not use); ``propose(context, k, params, rng)`` returns at most k
     tokens continuing ``context`` (the prompt plus everything committed so far),
     sampled with ``params`` where the drafter samples at all; ``observe(context, draft,
     n_accepted, committed)`` reports what the target kept of that draft and the tokens it
@@ -43,7 +44,7 @@ class Drafter(Protocol):
 
     name: str
 
-    def prepare(self, prompt: Sequence[int]) -> None: ...
+    def prepare(self, prompt: Sequence[int], exclude_files: frozenset[str] = frozenset()) -> None: ...
 
     def propose(self, context: Sequence[int], k: int, params: SamplingParams, rng: np.random.Generator) -> Draft: ...
 

@@ -44,7 +44,7 @@ class DraftModelDrafter:
     def __init__(self, engine: Engine):
         self.engine = engine
 
-    def prepare(self, prompt: Sequence[int]) -> None:
+    def prepare(self, prompt: Sequence[int], exclude_files: frozenset[str] = frozenset()) -> None:
         self.engine.prefill(prompt)
 
     def propose(self, context: Sequence[int], k: int, params: SamplingParams, rng: np.random.Generator) -> Draft:

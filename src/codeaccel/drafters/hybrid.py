@@ -33,8 +33,8 @@ class HybridDrafter:
         self._draft_s = 0.0
         self._sources: Counter = Counter()
 
-    def prepare(self, prompt: Sequence[int]) -> None:
-        self.retrieval.prepare(prompt)
+    def prepare(self, prompt: Sequence[int], exclude_files: frozenset[str] = frozenset()) -> None:
+        self.retrieval.prepare(prompt, exclude_files)
         self.model.prepare(prompt)
         self._sources = Counter()
 

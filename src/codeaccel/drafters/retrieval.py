@@ -119,16 +119,18 @@ class RetrievalDrafter:
         self.last: list[Retrieved] = []  # what the last proposal was built from
         self._last_match = 0
         self._counts: Counter = Counter()
+        self._exclude: frozenset[str] = frozenset()  # datastore files this request must not draft from
 
-    def prepare(self, prompt: Sequence[int]) -> None:
+    def prepare(self, prompt: Sequence[int], exclude_files: frozenset[str] = frozenset()) -> None:
         self._counts = Counter()
+        self._exclude = exclude_files
         if self.timing is not None:
             self.timing.reset_backoff()
 
     def retrieve(self, context: Sequence[int], k: int) -> list[Retrieved]:
         tail = list(context[-self.max_match :])
         jobs = [
-            self._pool.submit(ds.lookup, tail, self.max_match, self.min_match, k, self.max_samples)
+            self._pool.submit(ds.lookup, tail, self.max_match, self.min_match, k, self.max_samples, self._exclude)
             for ds in self.datastores
         ]
         return [r for r in (job.result() for job in jobs) if r is not None]

@@ -50,7 +50,12 @@ class HFGenerateMethod:
         self.variant = "transformers" + "".join(f", {k}={v}" for k, v in self.settings.items())
 
     def generate(
-        self, prompt_tokens: Sequence[int], params: SamplingParams, max_tokens: int, stop: Sequence[str] = ()
+        self,
+        prompt_tokens: Sequence[int],
+        params: SamplingParams,
+        max_tokens: int,
+        stop: Sequence[str] = (),
+        exclude_files: Sequence[str] = (),
     ) -> Generation:
         import torch
         from transformers import StoppingCriteriaList, StopStringCriteria

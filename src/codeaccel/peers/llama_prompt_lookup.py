@@ -41,7 +41,12 @@ class LlamaPromptLookupMethod:
         )
 
     def generate(
-        self, prompt_tokens: Sequence[int], params: SamplingParams, max_tokens: int, stop: Sequence[str] = ()
+        self,
+        prompt_tokens: Sequence[int],
+        params: SamplingParams,
+        max_tokens: int,
+        stop: Sequence[str] = (),
+        exclude_files: Sequence[str] = (),
     ) -> Generation:
         max_tokens = validate_request(self.target, prompt_tokens, max_tokens)
         checker = StopChecker(self.target, stop, max_tokens)
