@@ -6,6 +6,7 @@ from codeaccel.autoregressive import generate
 from codeaccel.engines import load_engine
 from codeaccel.engines.pool import EnginePool
 from codeaccel.errors import CodeaccelError
+from codeaccel.generation import Request
 from codeaccel.methods import MethodOptions, build_method
 from codeaccel.sampling import SamplingParams
 
@@ -18,7 +19,7 @@ def test_llama_prompt_lookup_matches_greedy_autoregressive(tiny_gguf):
         ar = generate(target, prompt, SamplingParams(), 24, stop=["\n\n"])
         peer = build_method("prompt-lookup", target, MethodOptions(), pool)
         try:
-            out = peer.generate(prompt, SamplingParams(), 24, stop=["\n\n"])
+            out = peer.generate(Request(prompt, SamplingParams(), 24, stop=["\n\n"]))
         finally:
             peer.close()
     assert out.tokens == ar.tokens and out.text == ar.text and out.finish_reason == ar.finish_reason
@@ -32,7 +33,7 @@ def test_transformers_generate_peers_match_greedy_autoregressive(tiny_hf, method
         ar = generate(target, prompt, SamplingParams(), 24, stop=["\n\n"])
         peer = build_method(method, target, MethodOptions(draft_model=tiny_hf), pool)
         try:
-            out = peer.generate(prompt, SamplingParams(), 24, stop=["\n\n"])
+            out = peer.generate(Request(prompt, SamplingParams(), 24, stop=["\n\n"]))
         finally:
             peer.close()
     assert out.tokens == ar.tokens and out.finish_reason == ar.finish_reason

@@ -65,3 +65,28 @@ def test_speculative_0_5b_to_1_5b_is_lossless_on_humaneval_prompts(tmp_path):
     assert row["mean_accepted_len"] > 2  # the 0.5B drafts code the 1.5B accepts
     ar_row = next(r for r in summarize(records) if r["method"] == "autoregressive")
     assert row["target_s_per_token"] < ar_row["target_s_per_token"]
+
+
+def test_retrieval_on_a_real_repository_is_lossless_and_accepts_drafts(tmp_path):
+    """repo:rich on the 0.5B model, rich itself as the repository source (each problem's own file excluded)."""
+    from codeaccel.bench.repo_dataset import package_root
+    from codeaccel.datastore import build_datastore, tokenizer_fingerprint
+
+    with load_engine(SMALL, n_ctx=512) as eng:
+        fp = tokenizer_fingerprint(eng.n_vocab, eng.tokenize)
+        build_datastore(tmp_path / "rich", "rich", "repository", [package_root("rich")], eng.tokenize, fp)
+    config = BenchConfig(
+        model=SMALL,
+        methods=("autoregressive", "retrieval"),
+        datasets=("repo:rich",),
+        limit=3,
+        max_tokens=96,
+        options=MethodOptions(datastores=(str(tmp_path / "rich"),)),
+    )
+    records = run_bench(config, ResultStore(tmp_path / "r.jsonl"))
+    noise = find_noise(tmp_path, "llama.cpp", SMALL)
+    (row,) = [r for r in summarize(records, noise) if r["method"] == "retrieval"]
+    assert row["identical_to_autoregressive"] + row["divergences_at_near_ties"] == 3
+    assert row["divergences_at_clear_margin"] == 0
+    assert row["mean_accepted_len"] > 1.5  # the project's own idioms get accepted
+    assert row["edit_similarity"] > 0.3

@@ -10,7 +10,7 @@ import time
 from collections.abc import Sequence
 
 from codeaccel.engines.base import Engine
-from codeaccel.generation import Generation, StopChecker, validate_request
+from codeaccel.generation import Generation, Request, StopChecker, validate_request
 from codeaccel.sampling import SamplingParams, next_token
 
 
@@ -54,15 +54,9 @@ class AutoregressiveMethod:
     def __init__(self, target: Engine):
         self.target = target
 
-    def generate(
-        self,
-        prompt_tokens: Sequence[int],
-        params: SamplingParams,
-        max_tokens: int,
-        stop: Sequence[str] = (),
-        exclude_files: Sequence[str] = (),
-    ) -> Generation:
-        return generate(self.target, prompt_tokens, params, max_tokens, stop)
+    def generate(self, request: Request) -> Generation:
+        r = request
+        return generate(self.target, r.prompt_tokens, r.params, r.max_tokens, r.stop)
 
     def close(self) -> None:
         pass  # the harness owns the target engine

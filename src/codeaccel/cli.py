@@ -216,6 +216,19 @@ def index_stats(
 
 
 # ---- generate -----------------------------------------------------------------------
+def _method_options(draft_model, draft_engine, draft_k, datastore, ablate):
+    """The method settings shared by ``generate`` and ``bench`` (validated by MethodOptions)."""
+    from codeaccel.methods import MethodOptions
+
+    return MethodOptions(
+        draft_model=draft_model,
+        draft_engine=draft_engine,
+        draft_k=draft_k,
+        datastores=tuple(str(d) for d in datastore or ()),
+        ablate=tuple(a.strip() for a in (ablate or "").split(",") if a.strip()),
+    )
+
+
 @app.command()
 def generate(
     prompt: Annotated[str, typer.Argument(help="The prompt; '-' reads it from standard input.")],
@@ -239,7 +252,8 @@ def generate(
     """Generate a completion and print it, with its timing."""
     from codeaccel.engines import load_engine
     from codeaccel.engines.pool import EnginePool
-    from codeaccel.methods import MethodOptions, build_method, parse_methods
+    from codeaccel.generation import Request
+    from codeaccel.methods import build_method, parse_methods
     from codeaccel.sampling import SamplingParams
 
     if prompt == "-":
@@ -250,18 +264,12 @@ def generate(
     if max_tokens < 1:
         raise CodeaccelError(f"--max-tokens must be >= 1, got {max_tokens}")
     (method,) = parse_methods(method)[:1]
-    options = MethodOptions(
-        draft_model=draft_model,
-        draft_engine=draft_engine,
-        draft_k=draft_k,
-        datastores=tuple(str(d) for d in datastore or ()),
-        ablate=tuple(a.strip() for a in (ablate or "").split(",") if a.strip()),
-    )
+    options = _method_options(draft_model, draft_engine, draft_k, datastore, ablate)
     with load_engine(model, engine, dtype=dtype) as eng, EnginePool() as pool:
         text = eng.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
         runner = build_method(method, eng, options, pool)
         try:
-            gen = runner.generate(eng.tokenize(text), params, max_tokens, stop or ())
+            gen = runner.generate(Request(eng.tokenize(text), params, max_tokens, tuple(stop or ())))
         finally:
             runner.close()
     out.print(gen.text, markup=False, highlight=False, soft_wrap=True)
@@ -342,7 +350,7 @@ def bench(
     from codeaccel.bench.logit_noise import find_noise
     from codeaccel.bench.report import markdown_table, summarize, write_report
     from codeaccel.bench.store import ResultStore
-    from codeaccel.methods import MethodOptions, parse_methods
+    from codeaccel.methods import parse_methods
     from codeaccel.sampling import SamplingParams
 
     names = tuple(d.strip().lower() for d in datasets.split(",") if d.strip())
@@ -359,13 +367,7 @@ def bench(
         max_tokens=max_tokens,
         sampling=SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed),
         dtype=dtype,
-        options=MethodOptions(
-            draft_model=draft_model,
-            draft_engine=draft_engine,
-            draft_k=draft_k,
-            datastores=tuple(str(d) for d in datastore or ()),
-            ablate=tuple(a.strip() for a in (ablate or "").split(",") if a.strip()),
-        ),
+        options=_method_options(draft_model, draft_engine, draft_k, datastore, ablate),
     )
     safe_model = Path(model).name.replace(".gguf", "")
     out_dir = out_dir or Path("runs") / f"{safe_model}-{engine}"

@@ -13,8 +13,20 @@ from typing import Literal
 
 from codeaccel.engines.base import Engine
 from codeaccel.errors import CodeaccelError
+from codeaccel.sampling import SamplingParams
 
 FinishReason = Literal["stop", "eos", "length"]
+
+
+@dataclass(frozen=True)
+class Request:
+    """One generation request, as every decoding method takes it."""
+
+    prompt_tokens: Sequence[int]
+    params: SamplingParams = SamplingParams()
+    max_tokens: int = 256
+    stop: Sequence[str] = ()
+    exclude_files: Sequence[str] = ()  # datastore files this request must not draft from (a benchmark's answer)
 
 
 @dataclass

@@ -1,7 +1,6 @@
 """The decoding methods the benchmark and the CLI can run, by name.
 
-A method is anything with ``name`` and
-``generate(prompt_tokens, params, max_tokens, stop) -> Generation``. Each one is
+A method is anything with ``name`` and ``generate(Request) -> Generation``. Each one is
 built from the loaded target engine, :class:`MethodOptions`, and an
 :class:`EnginePool` that loads (and later closes) shared draft engines; a new
 method is one entry in :data:`BUILDERS`, and the harness needs no change.
@@ -9,7 +8,7 @@ method is one entry in :data:`BUILDERS`, and the harness needs no change.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -17,28 +16,20 @@ from codeaccel.autoregressive import AutoregressiveMethod
 from codeaccel.engines.base import Engine
 from codeaccel.engines.pool import EnginePool
 from codeaccel.errors import CodeaccelError
-from codeaccel.generation import Generation
-from codeaccel.sampling import SamplingParams
+from codeaccel.generation import Generation, Request
 
 
 class Method(Protocol):
     """``name`` is the method; ``settings`` what distinguishes two runs of it (draft model, k policy, ...),
-    stored with every record; ``variant`` a short label of the settings for tables. ``exclude_files``
-    names datastore files a request must not draft from (a benchmark's own answer); methods
-    without datastores ignore it."""
+    stored with every record; ``variant`` a short label of the settings for tables. A request's
+    ``exclude_files`` names datastore files it must not draft from (a benchmark's own answer);
+    methods without datastores ignore it."""
 
     name: str
     settings: dict
     variant: str
 
-    def generate(
-        self,
-        prompt_tokens: Sequence[int],
-        params: SamplingParams,
-        max_tokens: int,
-        stop: Sequence[str] = (),
-        exclude_files: Sequence[str] = (),
-    ) -> Generation: ...
+    def generate(self, request: Request) -> Generation: ...
 
     def close(self) -> None: ...
 

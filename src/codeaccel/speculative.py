@@ -29,7 +29,7 @@ import numpy as np
 from codeaccel.draft_length import DraftLength
 from codeaccel.drafters.base import Draft, Drafter
 from codeaccel.engines.base import Engine
-from codeaccel.generation import Generation, StopChecker, validate_request
+from codeaccel.generation import Generation, Request, StopChecker, validate_request
 from codeaccel.sampling import SamplingParams
 from codeaccel.verification import verify
 
@@ -161,16 +161,17 @@ class SpeculativeMethod:
         self.settings = settings or {}
         self.variant = variant_label(self.settings)
 
-    def generate(
-        self,
-        prompt_tokens: Sequence[int],
-        params: SamplingParams,
-        max_tokens: int,
-        stop: Sequence[str] = (),
-        exclude_files: Sequence[str] = (),
-    ) -> Generation:
+    def generate(self, request: Request) -> Generation:
+        r = request
         return speculative_generate(
-            self.target, self.drafter, self.draft_length, prompt_tokens, params, max_tokens, stop, exclude_files
+            self.target,
+            self.drafter,
+            self.draft_length,
+            r.prompt_tokens,
+            r.params,
+            r.max_tokens,
+            r.stop,
+            r.exclude_files,
         )
 
     def close(self) -> None:

@@ -22,6 +22,7 @@ from codeaccel.bench.store import ResultStore
 from codeaccel.engines import load_engine
 from codeaccel.engines.base import Engine
 from codeaccel.engines.pool import EnginePool
+from codeaccel.generation import Request
 from codeaccel.methods import Method, MethodOptions, build_method
 from codeaccel.sampling import SamplingParams
 from codeaccel.sandbox import run_program
@@ -170,7 +171,7 @@ def _compare_with_autoregressive(
 def _run_one(engine: Engine, method, problem: Problem, config: BenchConfig, key: dict) -> dict:
     prompt_tokens = build_prompt(engine, problem)
     params = replace(config.sampling, seed=problem_seed(config.sampling.seed, problem.task_id))
-    gen = method.generate(prompt_tokens, params, config.max_tokens, problem.stop, problem.exclude_files)
+    gen = method.generate(Request(prompt_tokens, params, config.max_tokens, problem.stop, problem.exclude_files))
     scores: dict = {}
     if problem.test_program:
         result = run_program(problem.program(gen.text), timeout_s=config.test_timeout_s)

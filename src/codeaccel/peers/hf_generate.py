@@ -9,12 +9,10 @@ pass through the same :class:`StopChecker` as every other method.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 
 from codeaccel.engines.base import Engine
 from codeaccel.errors import CodeaccelError
-from codeaccel.generation import Generation, StopChecker, validate_request
-from codeaccel.sampling import SamplingParams
+from codeaccel.generation import Generation, Request, StopChecker, validate_request
 
 
 class _FirstTokenClock:
@@ -49,18 +47,12 @@ class HFGenerateMethod:
             self.settings.update(draft_model=assistant.model_name, draft_engine=assistant.kind)
         self.variant = "transformers" + "".join(f", {k}={v}" for k, v in self.settings.items())
 
-    def generate(
-        self,
-        prompt_tokens: Sequence[int],
-        params: SamplingParams,
-        max_tokens: int,
-        stop: Sequence[str] = (),
-        exclude_files: Sequence[str] = (),
-    ) -> Generation:
+    def generate(self, request: Request) -> Generation:
         import torch
         from transformers import StoppingCriteriaList, StopStringCriteria
 
-        max_tokens = validate_request(self.target, prompt_tokens, max_tokens)
+        prompt_tokens, params, stop = request.prompt_tokens, request.params, request.stop
+        max_tokens = validate_request(self.target, prompt_tokens, request.max_tokens)
         tokenizer = self.target.tokenizer
         sampling = (
             {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k}

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
 
 from codeaccel.engines.base import Engine
 from codeaccel.errors import CodeaccelError
-from codeaccel.generation import Generation, StopChecker, validate_request
-from codeaccel.sampling import SamplingParams
+from codeaccel.generation import Generation, Request, StopChecker, validate_request
 
 
 class LlamaPromptLookupMethod:
@@ -40,15 +38,9 @@ class LlamaPromptLookupMethod:
             verbose=False,
         )
 
-    def generate(
-        self,
-        prompt_tokens: Sequence[int],
-        params: SamplingParams,
-        max_tokens: int,
-        stop: Sequence[str] = (),
-        exclude_files: Sequence[str] = (),
-    ) -> Generation:
-        max_tokens = validate_request(self.target, prompt_tokens, max_tokens)
+    def generate(self, request: Request) -> Generation:
+        prompt_tokens, params, stop = request.prompt_tokens, request.params, request.stop
+        max_tokens = validate_request(self.target, prompt_tokens, request.max_tokens)
         checker = StopChecker(self.target, stop, max_tokens)
         if params.seed is not None:
             self.llm.set_seed(params.seed)
