@@ -152,6 +152,8 @@ def test_bench_repository_level_with_retrieval(tiny_gguf, tmp_path):
         "index", "build", "repository", "--root", str(package_root("rich")), "-m", tiny_gguf, "--out", str(ds)
     )
     assert built.returncode == 0, built.stderr
+    stats = json.loads(run_cli("index", "stats", str(ds), "--json").stdout)
+    assert stats["files"] >= 70  # the package is indexed even though an enclosing repository ignores it
     out = tmp_path / "repo"
     args = ["bench", "repo:rich", "-m", tiny_gguf, "--limit", "2", "--max-tokens", "24", "--out", str(out)]
     result = run_cli(*args, "--method", "autoregressive,retrieval,retrieval-rest", "--datastore", str(ds), env=env)
@@ -167,3 +169,20 @@ def test_bench_repository_level_with_retrieval(tiny_gguf, tmp_path):
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert all(r["passed"] is None and r["test_status"] == "no tests" for r in records)
     assert all(r["stats"]["retrieval"].get("lookups", 0) > 0 for r in records if r["method"].startswith("retrieval"))
+
+
+def test_generate_with_speculative_method_logs_drafts(tiny_gguf, tmp_path):
+    env = {"CODEACCEL_CACHE_DIR": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"}
+    args = ["generate", "def add(a, b):", "-m", tiny_gguf, "--max-tokens", "12", "--raw"]
+    result = run_cli(*args, "--method", "speculative-client-draft", "--draft-model", tiny_gguf, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "draft tokens accepted" in result.stderr and "ms/token" in result.stderr
+
+
+def test_retrieval_without_a_datastore_is_a_clear_error(tiny_gguf, tmp_path):
+    env = {"CODEACCEL_CACHE_DIR": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"}
+    result = run_cli("bench", "humaneval", "-m", tiny_gguf, "--method", "retrieval", "--limit", "1", env=env)
+    assert result.returncode == 2 and "no datastore" in result.stderr and "codeaccel index build" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = run_cli("bench", "humaneval", "-m", tiny_gguf, "--method", "retrieval", "--ablate", "magic", env=env)
+    assert result.returncode == 2 and "unknown ablation 'magic'" in result.stderr

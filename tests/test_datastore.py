@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from codeaccel.datastore import Datastore, build_datastore, update_datastore
+from codeaccel.sources import scan_repository
 from codeaccel.suffix_index import StaleIndexError, SuffixIndex, build_index
 
 
@@ -136,6 +137,16 @@ def test_update_reindexes_only_what_changed(project, tmp_path):
     assert match_len("def beta_hel") <= 4  # util.py was deleted
     store, summary = update_datastore(tmp_path / "ds", counting_tokenizer, "chars")
     assert summary == {"changed": 0, "added": 0, "removed": 0} and len(seen) == 2  # nothing to do
+
+
+def test_a_directory_ignored_by_an_enclosing_repository_is_scanned_on_its_own(tmp_path):
+    outer = tmp_path / "outer"
+    (outer / ".venv" / "pkg").mkdir(parents=True)
+    subprocess.run(["git", "init", "-q", str(outer)], check=True)
+    (outer / ".gitignore").write_text(".venv/\n")
+    (outer / ".venv" / "pkg" / "mod.py").write_text("x = 1\n")
+    assert [name for name, _ in scan_repository(outer / ".venv" / "pkg").root_files] == ["mod.py"]
+    assert scan_repository(outer).root_files == []  # from the outer repository, .venv is ignored
 
 
 def test_small_edit_to_a_large_base_does_not_rebuild_it(tmp_path):

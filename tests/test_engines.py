@@ -131,3 +131,63 @@ def test_unknown_engine_and_wrong_model_kind(tiny_hf):
         load_engine(tiny_hf, "vllm")
     with pytest.raises(CodeaccelError, match="needs a GGUF"):
         load_engine(tiny_hf, "llama.cpp")
+
+
+# ---- token trees -------------------------------------------------------------------------------
+def _tree(engine):
+    """prefix, then the tree  a -> (b -> d, c), with e a second root: 5 nodes, 3 branches."""
+    prefix = engine.tokenize("def add(a, b):\n    return")
+    a, b, c, d, e = engine.tokenize(" a + b * c - d")[:5]
+    return prefix, [a, b, c, d, e], [-1, 0, 0, 1, -1]
+
+
+def test_tree_rows_equal_branch_by_branch_evaluation(engine):
+    prefix, tokens, parents = _tree(engine)
+    engine.reset()
+    engine.prefill(prefix)
+    tree_logits = engine.eval_tree(tokens, parents)  # [5, vocab]
+    engine.rewind(len(prefix))  # drops the pending tree
+    for branch in ([0, 1, 3], [0, 2], [4]):
+        chain = engine.eval([tokens[i] for i in branch])
+        np.testing.assert_allclose(tree_logits[branch], chain, atol=2e-3, rtol=1e-3)
+        engine.rewind(len(prefix))
+
+
+@pytest.mark.parametrize("path", [[0, 1, 3], [0, 2], [0], [4], []])
+def test_keep_path_leaves_exactly_that_path_in_the_cache(engine, path):
+    prefix, tokens, parents = _tree(engine)
+    nxt = engine.tokenize(" x")[0]
+    engine.reset()
+    engine.prefill(prefix)
+    engine.eval_tree(tokens, parents)
+    engine.keep_path(path)
+    assert engine.tokens == prefix + [tokens[i] for i in path]
+    after = engine.eval([nxt])[0]
+    engine.reset()
+    fresh = engine.eval(prefix + [tokens[i] for i in path] + [nxt])[-1]
+    # batch composition changes rounding (~3e-3 here); a wrong cache entry would move logits by O(1)
+    np.testing.assert_allclose(after, fresh, atol=2e-2)
+
+
+def test_tree_input_is_checked(engine):
+    engine.reset()
+    engine.prefill(engine.tokenize("x = 1"))
+    with pytest.raises(CodeaccelError, match="parent must come before"):
+        engine.eval_tree([5, 6], [1, -1])
+    with pytest.raises(CodeaccelError, match="at most"):
+        engine.eval_tree(list(range(5, 15)), [-1] * 10)
+    engine.eval_tree([5, 6], [-1, 0])
+    with pytest.raises(CodeaccelError, match="not a path"):
+        engine.keep_path([1])
+    with pytest.raises(RuntimeError, match="pending"):
+        engine.eval([7])
+    engine.keep_path([0, 1])
+    assert engine.eval([7]).shape == (1, engine.n_vocab)
+
+
+def test_scripted_engine_uses_the_sequential_tree_fallback(scripted):
+    scripted.prefill([1])  # "a"
+    logits = scripted.eval_tree([2, 3, 6], [-1, 0, -1])  # a -> b -> c ; a -> x
+    assert list(logits.argmax(-1)) == [3, 4, 0]  # after b: c; after c: "\n"; after x: EOS
+    scripted.keep_path([0, 1])
+    assert scripted.tokens == [1, 2, 3]

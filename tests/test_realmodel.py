@@ -81,7 +81,9 @@ def test_retrieval_on_a_real_repository_is_lossless_and_accepts_drafts(tmp_path)
         datasets=("repo:rich",),
         limit=3,
         max_tokens=96,
-        options=MethodOptions(datastores=(str(tmp_path / "rich"),)),
+        # timing control off: every retrieved draft is verified (on this CPU's 0.5B cost curve the
+        # policy verifies only long matches, which three short problems may not have)
+        options=MethodOptions(datastores=(str(tmp_path / "rich"),), ablate=("timing",)),
     )
     records = run_bench(config, ResultStore(tmp_path / "r.jsonl"))
     noise = find_noise(tmp_path, "llama.cpp", SMALL)

@@ -109,16 +109,28 @@ def scan_repository(root: Path, suffixes: tuple[str, ...] = REPOSITORY_SUFFIXES)
     return scan
 
 
-def _git_files(root: Path) -> list[str] | None:
+def _git(root: Path, *args: str) -> subprocess.CompletedProcess | None:
     try:
-        out = subprocess.run(
-            ["git", "-C", str(root), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-            capture_output=True,
-            timeout=60,
-        )
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    if out.returncode != 0:
+
+
+def _git_files(root: Path) -> list[str] | None:
+    """The files git lists under root, or None when root is not a (non-ignored) part of a work tree.
+
+    A directory that an enclosing repository ignores (a package inside a project's
+    ``.venv``) is not that repository's: its own .gitignore files decide instead.
+    """
+    top = _git(root, "rev-parse", "--show-toplevel")
+    if top is None or top.returncode != 0:
+        return None
+    if Path(top.stdout.decode().strip()).resolve() != root:
+        ignored = _git(root, "check-ignore", "-q", str(root))
+        if ignored is None or ignored.returncode == 0:
+            return None
+    out = _git(root, "ls-files", "-z", "--cached", "--others", "--exclude-standard")
+    if out is None or out.returncode != 0:
         return None
     return [n for n in out.stdout.decode("utf-8", "replace").split("\0") if n]
 

@@ -8,7 +8,11 @@ An engine holds one sequence in its KV cache. It can
 * ``rewind(n)``: keep only the first n cached tokens (the one rewind primitive that
   speculative decoding uses to drop rejected draft tokens);
 * tokenize / detokenize, render a chat, and report its vocabulary and the tokens
-  that end generation.
+  that end generation;
+* ``eval_tree(tokens, parents)`` / ``keep_path(path)``: evaluate several draft
+  branches in one call (a token tree after the cache) and keep one of them. Engines
+  without native support fall back to evaluating each branch in turn (correct,
+  not fast); llama.cpp uses one sequence per branch, hf a tree attention mask.
 
 Subclasses implement ``_forward`` and ``_truncate``; the base class keeps the
 token history and checks inputs at the boundary, so the hot path stays small.
@@ -30,12 +34,16 @@ class Engine(abc.ABC):
     #: weights' dtype where the engine has a choice (hf), else None
     dtype: str | None = None
 
+    #: most leaves a token tree may have (branches verified at once)
+    max_tree_branches: int = 8
+
     def __init__(self, model_name: str, n_vocab: int, n_ctx: int, eog_token_ids: frozenset[int]):
         self.model_name = model_name
         self.n_vocab = n_vocab  # width of a logits row
         self.n_ctx = n_ctx  # most tokens the cache can hold
         self.eog_token_ids = eog_token_ids  # tokens that end generation (EOS, end-of-turn)
         self._tokens: list[int] = []  # what the KV cache holds, in order
+        self._tree: tuple[list[int], list[int]] | None = None  # an evaluated tree awaiting keep_path
 
     # ---- the contract -------------------------------------------------------------
     @property
@@ -53,6 +61,8 @@ class Engine(abc.ABC):
 
     def _append(self, tokens: Sequence[int], all_logits: bool) -> np.ndarray:
         tokens = [int(t) for t in tokens]
+        if self._tree is not None:
+            raise RuntimeError("a token tree is pending: call keep_path or rewind first")
         if not tokens:
             raise CodeaccelError("eval needs at least one token")
         if len(self._tokens) + len(tokens) > self.n_ctx:
@@ -67,12 +77,73 @@ class Engine(abc.ABC):
         return logits
 
     def rewind(self, n_tokens: int) -> None:
-        """Keep only the first n_tokens cached tokens."""
+        """Keep only the first n_tokens cached tokens (a pending token tree is dropped)."""
         if not 0 <= n_tokens <= len(self._tokens):
             raise CodeaccelError(f"cannot rewind to {n_tokens} tokens: the cache holds {len(self._tokens)}")
+        if self._tree is not None:
+            self._drop_tree()
+            self._tree = None
         if n_tokens < len(self._tokens):
             self._truncate(n_tokens)
             del self._tokens[n_tokens:]
+
+    # ---- token trees ---------------------------------------------------------------
+    def eval_tree(self, tokens: Sequence[int], parents: Sequence[int]) -> np.ndarray:
+        """Evaluate a tree of tokens after the cache in one call; logits  # [n, vocab].
+
+        Node i continues node ``parents[i]`` (-1: the last cached token); every parent
+        comes before its children. Row i predicts the token after node i on its own
+        branch. The tree stays pending until ``keep_path`` (or ``rewind``).
+        """
+        tokens, parents = [int(t) for t in tokens], [int(p) for p in parents]
+        if self._tree is not None:
+            raise RuntimeError("a token tree is already pending")
+        if not tokens or len(parents) != len(tokens):
+            raise CodeaccelError("a token tree needs one parent per token, and at least one token")
+        if any(not -1 <= p < i for i, p in enumerate(parents)):
+            raise CodeaccelError("every parent must come before its child")
+        leaves = len(set(range(len(tokens))) - set(parents))
+        if leaves > self.max_tree_branches:
+            raise CodeaccelError(f"a token tree may have at most {self.max_tree_branches} branches, got {leaves}")
+        depth = _depths(parents)
+        if len(self._tokens) + max(depth) + 1 > self.n_ctx:
+            raise CodeaccelError("context overflow: the token tree does not fit")
+        logits = self._forward_tree(tokens, parents, depth)
+        self._tree = (tokens, parents)
+        return logits
+
+    def keep_path(self, path: Sequence[int]) -> None:
+        """Keep the pending tree's nodes ``path`` (a chain from a root, in order) in the cache."""
+        if self._tree is None:
+            raise RuntimeError("no token tree is pending")
+        tokens, parents = self._tree
+        path = [int(i) for i in path]
+        if any(parents[node] != (path[j - 1] if j else -1) for j, node in enumerate(path)):
+            raise CodeaccelError(f"{path} is not a path from a root of the tree")
+        self._keep_path(tokens, parents, path)
+        self._tree = None
+        self._tokens.extend(tokens[i] for i in path)
+
+    def _forward_tree(self, tokens: list[int], parents: list[int], depth: list[int]) -> np.ndarray:
+        """Fallback: evaluate each root-to-leaf branch as a chain, then rewind (subclasses do better)."""
+        n_past = len(self._tokens)
+        out = np.empty((len(tokens), self.n_vocab), np.float32)  # [n, vocab]
+        done = [False] * len(tokens)
+        for leaf in sorted(set(range(len(tokens))) - set(parents)):
+            branch = _branch(parents, leaf)
+            rows = self._forward([tokens[i] for i in branch], all_logits=True)
+            for node, row in zip(branch, rows):
+                if not done[node]:
+                    out[node], done[node] = row, True
+            self._truncate(n_past)
+        return out
+
+    def _keep_path(self, tokens: list[int], parents: list[int], path: list[int]) -> None:
+        if path:  # the fallback left nothing in the cache: evaluate the kept path
+            self._forward([tokens[i] for i in path], all_logits=False)
+
+    def _drop_tree(self) -> None:
+        """Remove a pending tree's cache entries (the fallback left none)."""
 
     def reset(self) -> None:
         self.rewind(0)
@@ -126,3 +197,18 @@ class Engine(abc.ABC):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _depths(parents: Sequence[int]) -> list[int]:
+    depth: list[int] = []
+    for p in parents:
+        depth.append(0 if p < 0 else depth[p] + 1)
+    return depth
+
+
+def _branch(parents: Sequence[int], node: int) -> list[int]:
+    """The nodes from a root down to ``node``, in order."""
+    out = [node]
+    while parents[out[-1]] >= 0:
+        out.append(parents[out[-1]])
+    return out[::-1]

@@ -2,6 +2,9 @@
 
 Loads a Hugging Face model directory, or a GGUF file (transformers dequantises it,
 about a minute for 1.5B). The KV cache is a ``DynamicCache``; rewinding crops it.
+A token tree is evaluated with a 4D attention mask (each node sees the cached
+prefix and its own ancestors) and explicit position ids (n_past + depth); keeping
+one path gathers its positions out of every layer's keys and values.
 """
 
 from __future__ import annotations
@@ -95,6 +98,46 @@ class HFEngine(Engine):
                 logits_to_keep=0 if all_logits else 1,
             )
         return out.logits[0].float().numpy()  # [n or 1, vocab]
+
+    def _forward_tree(self, tokens: list[int], parents: list[int], depth: list[int]) -> np.ndarray:
+        torch = self._torch
+        if self._cache is None:
+            self._cache = self._cache_cls(config=self.model.config)
+        n_past, n = len(self._tokens), len(tokens)
+        allowed = torch.zeros((n, n_past + n), dtype=torch.bool)  # [n, n_past + n]
+        allowed[:, :n_past] = True
+        for i in range(n):
+            node = i
+            while node >= 0:
+                allowed[i, n_past + node] = True
+                node = parents[node]
+        dtype = self.model.dtype
+        mask = torch.zeros((1, 1, n, n_past + n), dtype=dtype)  # additive: 0 attend, min block
+        mask.masked_fill_(~allowed[None, None], torch.finfo(dtype).min)
+        with torch.inference_mode():
+            out = self.model(
+                input_ids=torch.tensor([tokens], dtype=torch.long),
+                position_ids=torch.tensor([[n_past + d for d in depth]], dtype=torch.long),
+                attention_mask=mask,
+                past_key_values=self._cache,
+                use_cache=True,
+            )
+        return out.logits[0].float().numpy()  # [n, vocab]
+
+    def _keep_path(self, tokens: list[int], parents: list[int], path: list[int]) -> None:
+        torch = self._torch
+        n_past = len(self._tokens)
+        keep = torch.tensor(list(range(n_past)) + [n_past + i for i in path], dtype=torch.long)
+        for layer in self._cache.layers:
+            layer.keys = layer.keys.index_select(-2, keep)
+            layer.values = layer.values.index_select(-2, keep)
+
+    def _drop_tree(self) -> None:
+        n_past = len(self._tokens)
+        if self._cache is not None:
+            for layer in self._cache.layers:
+                layer.keys = layer.keys[..., :n_past, :]
+                layer.values = layer.values[..., :n_past, :]
 
     def _truncate(self, n_tokens: int) -> None:
         if n_tokens == 0:

@@ -1,9 +1,16 @@
 """The llama.cpp engine (GGUF models, the default on CPU), through llama-cpp-python.
 
-The ``Llama`` object loads the model and context; evaluation goes through the
-low-level API with a batch of our own, so we choose which positions return logits
-(all of them when verifying a draft, only the last one when prefilling a prompt)
-and the KV cache is trimmed with ``llama_memory_seq_rm``.
+The ``Llama`` object loads the model (and the tokenizer and chat template); the
+context we evaluate in is our own, made with ``llama_init_from_model`` so it can hold
+several sequences in one unified KV cache (one per branch of a token tree).
+Evaluation goes through the low-level API with a batch of our own, so we choose
+which positions return logits (all of them when verifying a draft, only the last
+one when prefilling a prompt), and the cache is trimmed with ``llama_memory_seq_rm``.
+
+A token tree is evaluated as one batch: sequence 0 holds the committed text; each
+branch b (root to leaf) is sequence b, sharing the prefix's cells
+(``llama_memory_seq_cp``); a node belongs to the sequences of every leaf below it,
+at position n_past + its depth, so attention sees exactly its own ancestors.
 """
 
 from __future__ import annotations
@@ -49,9 +56,8 @@ class LlamaCppEngine(Engine):
         try:
             self.llm = llama_cpp.Llama(
                 model_path=str(path),
-                n_ctx=n_ctx,
+                n_ctx=n_ctx,  # Llama's own context serves its generate() (tests compare with it)
                 n_batch=n_batch,
-                n_ubatch=n_batch,
                 n_threads=n_threads,
                 n_threads_batch=n_threads,
                 seed=seed,
@@ -60,13 +66,25 @@ class LlamaCppEngine(Engine):
             )
         except ValueError as exc:  # llama-cpp-python raises ValueError for unloadable files
             raise CodeaccelError(f"llama.cpp could not load {path}: {exc}") from None
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = params.n_ubatch = n_batch
+        params.n_threads = params.n_threads_batch = n_threads
+        params.n_seq_max = self.max_tree_branches
+        params.kv_unified = True  # branches share the prefix's cells
+        self._ctx = llama_cpp.llama_init_from_model(self.llm.model, params)
+        if not self._ctx:
+            self.llm.close()
+            raise CodeaccelError(f"llama.cpp could not create a context of {n_ctx} tokens for {path}")
+        self._memory = llama_cpp.llama_get_memory(self._ctx)
         vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
         n_vocab = self.llm.n_vocab()
         eog = frozenset(t for t in range(n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, t))
-        super().__init__(model_name or path.stem, n_vocab=n_vocab, n_ctx=self.llm.n_ctx(), eog_token_ids=eog)
+        n_ctx_real = llama_cpp.llama_n_ctx(self._ctx)
+        super().__init__(model_name or path.stem, n_vocab=n_vocab, n_ctx=n_ctx_real, eog_token_ids=eog)
         self.model_path = path
         self._n_batch = n_batch
-        self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        self._batch = llama_cpp.llama_batch_init(n_batch, 0, self.max_tree_branches)
         self._chat_formatter = None
 
     # ---- text ---------------------------------------------------------------------
@@ -109,13 +127,13 @@ class LlamaCppEngine(Engine):
                 batch.n_seq_id[i] = 1
                 batch.seq_id[i][0] = 0
                 batch.logits[i] = all_logits or (last_chunk and i == len(chunk) - 1)
-            rc = lc.llama_decode(self.llm.ctx, batch)
+            rc = lc.llama_decode(self._ctx, batch)
             if rc != 0:
                 self._truncate(n_past)  # leave the cache as it was
                 raise RuntimeError(f"llama_decode failed with code {rc}")
             n_rows = len(chunk) if all_logits else int(last_chunk)
             if n_rows:
-                ptr = lc.llama_get_logits(self.llm.ctx)
+                ptr = lc.llama_get_logits(self._ctx)
                 out[row : row + n_rows] = np.ctypeslib.as_array(
                     ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(n_rows, self.n_vocab)
                 )
@@ -123,13 +141,80 @@ class LlamaCppEngine(Engine):
         return out
 
     def _truncate(self, n_tokens: int) -> None:
+        self._llama_cpp.llama_memory_seq_rm(self._memory, -1, n_tokens, -1)
+
+    # ---- token trees: one sequence per branch ----------------------------------------
+    def _forward_tree(self, tokens: list[int], parents: list[int], depth: list[int]) -> np.ndarray:
         lc = self._llama_cpp
-        lc.llama_memory_seq_rm(lc.llama_get_memory(self.llm.ctx), -1, n_tokens, -1)
+        if len(tokens) > self._n_batch:
+            raise CodeaccelError(f"a token tree may have at most {self._n_batch} tokens")
+        n_past = len(self._tokens)
+        leaves = sorted(set(range(len(tokens))) - set(parents))
+        seqs: list[list[int]] = [[] for _ in tokens]  # node -> branches (sequence ids) through it
+        for b, leaf in enumerate(leaves):
+            node = leaf
+            while node >= 0:
+                seqs[node].append(b)
+                node = parents[node]
+        for b in range(1, len(leaves)):  # every branch sees the committed prefix
+            lc.llama_memory_seq_cp(self._memory, 0, b, -1, -1)
+        batch = self._batch
+        batch.n_tokens = len(tokens)
+        for i, tok in enumerate(tokens):
+            batch.token[i] = tok
+            batch.pos[i] = n_past + depth[i]
+            batch.n_seq_id[i] = len(seqs[i])
+            for j, s in enumerate(seqs[i]):
+                batch.seq_id[i][j] = s
+            batch.logits[i] = True
+        rc = lc.llama_decode(self._ctx, batch)
+        self._n_branches = len(leaves)
+        if rc != 0:
+            self._drop_tree()
+            raise RuntimeError(f"llama_decode failed with code {rc}")
+        ptr = lc.llama_get_logits(self._ctx)
+        return np.ctypeslib.as_array(
+            ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(len(tokens), self.n_vocab)
+        ).copy()  # [n, vocab]
+
+    def _keep_path(self, tokens: list[int], parents: list[int], path: list[int]) -> None:
+        lc = self._llama_cpp
+        n_past = len(self._tokens)
+        leaves = sorted(set(range(len(tokens))) - set(parents))
+        end = path[-1] if path else None
+        # a branch through the path's last node (its cells hold the whole path)
+        branch = 0 if end is None else next(b for b, leaf in enumerate(leaves) if end in _ancestors(parents, leaf))
+        if branch == 0:
+            lc.llama_memory_seq_rm(self._memory, 0, n_past + len(path), -1)
+        else:
+            lc.llama_memory_seq_rm(self._memory, 0, n_past, -1)
+            lc.llama_memory_seq_cp(self._memory, branch, 0, n_past, n_past + len(path))
+        for b in range(1, self._n_branches):
+            lc.llama_memory_seq_rm(self._memory, b, -1, -1)
+
+    def _drop_tree(self) -> None:
+        lc = self._llama_cpp
+        n_past = len(self._tokens)
+        lc.llama_memory_seq_rm(self._memory, 0, n_past, -1)
+        for b in range(1, getattr(self, "_n_branches", self.max_tree_branches)):
+            lc.llama_memory_seq_rm(self._memory, b, -1, -1)
 
     def close(self) -> None:
         if self._batch is not None:
             self._llama_cpp.llama_batch_free(self._batch)
             self._batch = None
+        if getattr(self, "_ctx", None):
+            self._llama_cpp.llama_free(self._ctx)
+            self._ctx = None
         if getattr(self, "llm", None) is not None:
             self.llm.close()
             self.llm = None
+
+
+def _ancestors(parents: Sequence[int], node: int) -> set[int]:
+    """``node`` and every node above it."""
+    out = {node}
+    while parents[node] >= 0:
+        node = parents[node]
+        out.add(node)
+    return out
