@@ -9,6 +9,7 @@ from codeaccel.acceptance_cache import AcceptanceCache
 from codeaccel.autoregressive import generate
 from codeaccel.datastore import Retrieved, build_datastore, tokenizer_fingerprint
 from codeaccel.draft_length import DraftLength
+from codeaccel.drafters.base import Draft
 from codeaccel.drafters.retrieval import CandidateTrie, RetrievalDrafter, merge
 from codeaccel.engines import load_engine
 from codeaccel.retrieval_timing import RetrievalTiming
@@ -51,6 +52,21 @@ def repo_store(target, tmp_path_factory):
     )
     fp = tokenizer_fingerprint(target.n_vocab, target.tokenize)
     return build_datastore(tmp_path_factory.mktemp("ds") / "repo", "repo", "repository", [root], target.tokenize, fp)
+
+
+def test_retrieval_drafter_proposes_a_tree_where_the_repository_branches(target, tmp_path):
+    root = tmp_path / "getters"
+    root.mkdir()
+    (root / "g.py").write_text(
+        "    def get_x(self):\n        return self.x\n\n    def get_y(self):\n        return self.y\n"
+    )
+    fp = tokenizer_fingerprint(target.n_vocab, target.tokenize)
+    store = build_datastore(tmp_path / "ds", "getters", "repository", [root], target.tokenize, fp)
+    drafter = RetrievalDrafter([store], min_match=1, tree_branches=3)
+    draft = drafter.propose(target.tokenize("\n    def get_"), 6, SamplingParams(), np.random.default_rng(0))
+    assert draft.parents is not None and draft.parents.count(-1) >= 2  # x... and y... both proposed
+    assert len(draft.tokens) > 6  # the best path plus an alternative
+    drafter.close()
 
 
 def test_retrieval_drafter_proposes_what_the_repository_holds(target, repo_store):
@@ -114,7 +130,8 @@ def test_retrieval_with_timing_and_cache_is_lossless(target, repo_store, parts):
 
     timing = RetrievalTiming(LINEAR) if "timing" in parts else None
     cache = AcceptanceCache() if "cache" in parts else None
-    drafter = RetrievalDrafter([repo_store], timing=timing, cache=cache, min_match=1)
+    branches = 3 if parts else 1  # all parts: token trees too
+    drafter = RetrievalDrafter([repo_store], timing=timing, cache=cache, min_match=1, tree_branches=branches)
     prompt = target.tokenize("class Square:\n    def area(self):\n        return self.")
     ar = generate(target, prompt, SamplingParams(), 48)
     for _ in range(2):  # the second request can use what the cache learned in the first
@@ -147,3 +164,85 @@ def test_hybrid_uses_the_model_when_retrieval_has_nothing(target, tiny_gguf, tmp
     assert spec.tokens == ar.tokens
     assert spec.stats["draft_sources"].get("model", 0) > 0
     assert spec.stats["accepted_tokens"] == spec.stats["drafted_tokens"]  # the draft model is the target's twin
+
+
+def test_best_tree_docstring_example_and_alternatives():
+    trie = CandidateTrie()
+    trie.add([1, 2], 3.0)  # a b
+    trie.add([1, 3], 2.0)  # a c
+    trie.add([4], 1.0)  # d
+    assert trie.best_tree(2, 2) == ([1, 2, 3], [-1, 0, 0])
+    assert trie.best_tree(2, 3) == ([1, 2, 3, 4], [-1, 0, 0, -1])
+    assert trie.best_tree(2, 1) == ([1, 2], [-1, 0])
+    assert trie.best_tree(1, 3) == ([1, 4], [-1, -1])  # depth 1: only roots
+
+
+class TreeDrafter:
+    """Proposes a random token tree (three branches) to exercise tree verification."""
+
+    name = "random-tree"
+
+    def __init__(self, vocab: int, seed: int):
+        self.vocab, self.rng = vocab, np.random.default_rng(seed)
+
+    def prepare(self, prompt, exclude_files=frozenset()):
+        pass
+
+    def propose(self, context, k, params, rng):
+        n = min(k, 6)
+        parents = [-1, 0, -1, 1, 0, 2][:n]
+        return Draft(tokens=[int(t) for t in self.rng.integers(0, self.vocab, n)], parents=parents)
+
+    def observe(self, context, draft, n_accepted, committed):
+        pass
+
+    def request_stats(self):
+        return {}
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("engine_kind", ["llama.cpp", "hf"])
+def test_tree_drafts_are_lossless_in_the_decode_loop(tiny_gguf, tiny_hf, engine_kind):
+    path = tiny_gguf if engine_kind == "llama.cpp" else tiny_hf
+    with load_engine(path, engine_kind, n_ctx=512, dtype="float32") as eng:
+        prompt = eng.tokenize("def f(x):\n    return")
+        ar = generate(eng, prompt, SamplingParams(), 30)
+        # a drafter that knows the answer at one branch: trees whose first root is right
+        right = ar.tokens
+
+        class OracleTree(TreeDrafter):
+            def propose(self, context, k, params, rng):
+                done = len(context) - len(prompt)
+                tokens = right[done : done + 3] + [int(t) for t in self.rng.integers(0, self.vocab, 3)]
+                return Draft(tokens=tokens[:6], parents=[-1, 0, 1, -1, 0, 3][: len(tokens[:6])])
+
+        for drafter in (TreeDrafter(eng.n_vocab, 0), OracleTree(eng.n_vocab, 1)):
+            spec = speculative_generate(
+                eng, drafter, DraftLength(flat_curve(), fixed_k=6), prompt, SamplingParams(), 30
+            )
+            assert spec.tokens == ar.tokens
+        assert spec.stats["accepted_tokens"] > 10  # the oracle's right branch was taken through the tree
+
+
+def test_tree_sampling_matches_target_distribution(tiny_gguf):
+    from scipy import stats as scipy_stats
+
+    from test_speculative import _exact_sequence_probs
+
+    params = SamplingParams(temperature=1.5, top_k=3)
+    with load_engine(tiny_gguf, n_ctx=256) as eng:
+        prompt = eng.tokenize("def f(x):\n    return")
+        exact = _exact_sequence_probs(eng, prompt, params, 3)
+        # trees built from the target's own top tokens, so branches are often accepted
+        counts = dict.fromkeys(exact, 0)
+        drafter = TreeDrafter(eng.n_vocab, 5)
+        n = 2000
+        for seed in range(n):
+            gen = speculative_generate(
+                eng, drafter, DraftLength(flat_curve(), fixed_k=6), prompt, SamplingParams(1.5, top_k=3, seed=seed), 3
+            )
+            counts[tuple(gen.tokens)] += 1
+        seqs = list(exact)
+        assert scipy_stats.chisquare([counts[s] for s in seqs], [exact[s] * n for s in seqs]).pvalue > 1e-3

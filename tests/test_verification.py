@@ -5,7 +5,13 @@ import pytest
 from scipy import stats
 
 from codeaccel.sampling import SamplingParams
-from codeaccel.verification import verify, verify_greedy, verify_rejection, verify_sample_and_compare
+from codeaccel.verification import (
+    verify,
+    verify_greedy,
+    verify_rejection,
+    verify_sample_and_compare,
+    verify_tree,
+)
 
 
 def one_hot_logits(ids, vocab=8):
@@ -171,4 +177,38 @@ def test_sample_and_compare_first_token_follows_target():
     firsts = np.array(
         [verify_sample_and_compare([3, 1], logits, params, rng).tokens[0] for _ in range(n)], dtype=np.int64
     )
+    assert _chi_square_pvalue(firsts, p0) > 1e-3
+
+
+# ---- token trees ----------------------------------------------------------------------------
+def test_tree_walk_follows_the_targets_choices():
+    # nodes: 0 "a" (root), 1 "b" (under a), 2 "c" (under a), 3 "d" (root); the target says a, c, then 7
+    tokens, parents = [1, 2, 3, 4], [-1, 0, 0, -1]
+    logits = one_hot_logits([1, 5, 5, 7, 5])  # row 0: roots; row i+1: after node i
+    v = verify_tree(tokens, parents, logits, SamplingParams(), np.random.default_rng(0))
+    assert v.path == [0] and v.tokens == [1, 5]  # after "a" the target wants 5: no child holds it
+    logits = one_hot_logits([1, 3, 5, 7, 5])  # now the target picks c (node 2) after a, then 7
+    v = verify_tree(tokens, parents, logits, SamplingParams(), np.random.default_rng(0))
+    assert v.path == [0, 2] and v.tokens == [1, 3, 7] and v.n_accepted == 2
+    logits = one_hot_logits([6, 3, 5, 7, 5])  # the target rejects every root
+    assert verify_tree(tokens, parents, logits, SamplingParams(), np.random.default_rng(0)).tokens == [6]
+
+
+def test_tree_with_one_branch_equals_the_chain_rule():
+    logits = np.random.default_rng(3).normal(size=(4, 16)).astype(np.float32)
+    chain = list(logits.argmax(-1)[:2]) + [0]
+    tree = verify_tree(chain, [-1, 0, 1], logits, SamplingParams(), np.random.default_rng(0))
+    assert tree.tokens == verify_greedy(chain, logits).tokens
+
+
+def test_tree_walk_samples_follow_the_target():
+    vocab = 6
+    rng = np.random.default_rng(8)
+    logits = rng.normal(size=(4, vocab)).astype(np.float32)
+    params = SamplingParams(temperature=1.0)
+    from codeaccel.sampling import logits_to_probs
+
+    p0 = logits_to_probs(logits[0], params)
+    tokens, parents = [2, 4, 1], [-1, -1, 0]  # two roots (2 and 4), one child under 2
+    firsts = np.array([verify_tree(tokens, parents, logits, params, rng).tokens[0] for _ in range(20_000)])
     assert _chi_square_pvalue(firsts, p0) > 1e-3

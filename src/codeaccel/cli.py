@@ -49,7 +49,7 @@ DatastoreOpt = Annotated[
     Optional[list[Path]], typer.Option("--datastore", help="Datastore for retrieval (repeatable; default: general).")
 ]
 AblateOpt = Annotated[
-    Optional[str], typer.Option(help="Retrieval parts to switch off, comma-separated: multi-source,timing,cache.")
+    Optional[str], typer.Option(help="Retrieval parts to switch off, comma-separated: multi-source,timing,cache,tree.")
 ]
 DraftKOpt = Annotated[
     Optional[int], typer.Option(help="Fixed draft length (default: chosen per step from the cost curve).")

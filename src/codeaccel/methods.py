@@ -61,8 +61,8 @@ class MethodOptions:
 
 
 # Parts of retrieval drafting that --ablate can switch off (the CodeSwift ablation study).
-# TODO(issue 4): "tree" once tree verification lands (several branches in one target evaluation).
-ABLATIONS = ("multi-source", "timing", "cache")
+ABLATIONS = ("multi-source", "timing", "cache", "tree")
+TREE_BRANCHES = 3  # branches of a retrieval token tree (the best path + 2 alternatives)
 
 
 def _draft_engine(target: Engine, options: MethodOptions, pool: EnginePool) -> Engine:
@@ -107,7 +107,8 @@ def _retrieval_drafter(target: Engine, options: MethodOptions, rest: bool = Fals
     from codeaccel.drafters.retrieval import RetrievalDrafter
     from codeaccel.retrieval_timing import RetrievalTiming
 
-    off = set(ABLATIONS) if rest else set(options.ablate)
+    # REST: one general datastore, every retrieved draft verified (as a token tree), no cache
+    off = {"multi-source", "timing", "cache"} if rest else set(options.ablate)
     stores = open_datastores(target, options.datastores)
     if "multi-source" in off:  # one source: the general one if there is one (REST's setting), else the first
         stores = [next((s for s in stores if s.kind == "general"), stores[0])]
@@ -116,7 +117,8 @@ def _retrieval_drafter(target: Engine, options: MethodOptions, rest: bool = Fals
     settings: dict = {"datastores": [s.name for s in stores]}
     if off and not rest:
         settings["ablate"] = sorted(off)
-    return RetrievalDrafter(stores, timing=timing, cache=cache), settings
+    branches = 1 if "tree" in off else TREE_BRANCHES
+    return RetrievalDrafter(stores, timing=timing, cache=cache, tree_branches=branches), settings
 
 
 def _retrieval(rest: bool) -> Callable[[Engine, MethodOptions, EnginePool], Method]:
@@ -188,7 +190,7 @@ BUILDERS: dict[str, Callable[[Engine, MethodOptions, EnginePool], Method]] = {
     "speculative-client-draft": _speculative("target"),
     # drafts from code datastores (general + repository), timing control and acceptance cache; no draft model
     "retrieval": _retrieval(rest=False),
-    # the REST-style peer: one general datastore, every retrieved draft verified, no cache
+    # the REST-style peer: one general datastore, every retrieved draft verified (as a tree), no cache
     "retrieval-rest": _retrieval(rest=True),
     "hybrid": _hybrid,  # retrieval first, the draft model when retrieval has nothing
     "prompt-lookup": _prompt_lookup,  # the engine library's own n-gram prompt lookup

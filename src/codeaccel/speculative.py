@@ -111,16 +111,12 @@ def speculative_generate(
         ts = time.perf_counter()
         draft = drafter.propose(context, k, params, draft_rng) if k > 0 else Draft(tokens=[])
         draft_s = time.perf_counter() - ts
-        # 2. verify: rows predict draft[0], ..., draft[k-1], then the token after the draft
+        # 2. verify: row 0 predicts the draft's first token (its roots), row i+1 what follows token i
         ts = time.perf_counter()
-        if pending:
-            target_logits = target.eval(pending + draft.tokens)  # [k+1, vocab]
-        else:  # first step: the prefill already gave the row for draft[0]
-            rest = target.eval(draft.tokens) if draft.tokens else np.empty((0, target.n_vocab), np.float32)
-            target_logits = np.vstack([next_logits[None, :], rest])
+        target_logits = _evaluate(target, pending, draft, next_logits)  # [k+1, vocab]
         target_s = time.perf_counter() - ts
         # 3. accept
-        verdict = verify(draft.tokens, draft.probs, target_logits, params, rng)
+        verdict = verify(draft.tokens, draft.probs, target_logits, params, rng, draft.parents)
         draft_length.update(len(draft.tokens), verdict.n_accepted, target_s, draft_s)
         drafter.observe(context, draft, verdict.n_accepted, verdict.tokens)
         stats.record(len(draft.tokens), verdict.n_accepted)
@@ -129,7 +125,7 @@ def speculative_generate(
         # 4. commit, then rewind the target past the rejected draft tokens
         if any(checker.push(t) for t in verdict.tokens):
             break
-        target.rewind(target.n_tokens - (len(draft.tokens) - verdict.n_accepted))
+        _keep_accepted(target, pending, draft, verdict)
         context += verdict.tokens
         pending = verdict.tokens[-1:]
     t2 = time.perf_counter()
@@ -144,6 +140,29 @@ def speculative_generate(
         decode_s=t2 - t1 - stats.draft_prefill_s,
         stats=request_stats,
     )
+
+
+def _evaluate(target: Engine, pending: list[int], draft: Draft, next_logits: np.ndarray) -> np.ndarray:
+    """Target logits for a draft (chain or tree) after the pending token: [len(draft) + 1, vocab]."""
+    if draft.parents is not None and draft.tokens:
+        if pending:  # the pending token is the tree's root
+            parents = [-1] + [p + 1 if p >= 0 else 0 for p in draft.parents]
+            return target.eval_tree(pending + draft.tokens, parents)
+        return np.vstack([next_logits[None, :], target.eval_tree(draft.tokens, draft.parents)])
+    if pending:
+        return target.eval(pending + draft.tokens)
+    # first step: the prefill already gave the row for the draft's first token
+    rest = target.eval(draft.tokens) if draft.tokens else np.empty((0, target.n_vocab), np.float32)
+    return np.vstack([next_logits[None, :], rest])
+
+
+def _keep_accepted(target: Engine, pending: list[int], draft: Draft, verdict) -> None:
+    """Leave the committed text minus the new pending token in the target's cache."""
+    if draft.parents is not None and draft.tokens:
+        shift = len(pending)
+        target.keep_path(list(range(shift)) + [node + shift for node in verdict.path])
+    else:
+        target.rewind(target.n_tokens - (len(draft.tokens) - verdict.n_accepted))
 
 
 class SpeculativeMethod:

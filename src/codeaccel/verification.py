@@ -8,7 +8,7 @@ a **bonus** token (all k accepted). So one verification commits n+1 tokens, and 
 output has the distribution the target alone would give (Leviathan et al. 2023,
 Chen et al. 2023; vocabulary as in vLLM's rejection sampler).
 
-Three rules, chosen by :func:`verify`:
+Four rules, chosen by :func:`verify`:
 
 * :func:`verify_greedy`, temperature 0: accept while ``x_i == argmax p_i``, then add
   ``argmax p_{n+1}``. Identical to greedy autoregressive decoding.
@@ -22,6 +22,10 @@ Three rules, chosen by :func:`verify`:
   ``y_i == x_i``; the first mismatch ``y_i`` is the recovered token. Lossless because
   every committed token is a sample of p; with the same random stream it reproduces
   autoregressive sampling token for token.
+* :func:`verify_tree`, several draft branches without probabilities (a token tree):
+  sample-and-compare walking down the tree: draw ``y ~ p`` at the current node and
+  move to the child holding ``y``; the first ``y`` no child holds is the recovered
+  token, and a leaf's own next token is the bonus. Lossless for the same reason.
 
 ``p`` is always the *warped* distribution (temperature, top-k, top-p applied, see
 :mod:`codeaccel.sampling`), identically for draft and target.
@@ -41,7 +45,8 @@ from codeaccel.sampling import SamplingParams, logits_to_probs, next_token, samp
 class Verdict:
     tokens: list[int]  # accepted draft tokens, then one recovered or bonus token: [n_accepted + 1]
     n_accepted: int  # how many draft tokens were accepted (0..k)
-    n_drafted: int  # k
+    n_drafted: int  # k (for a tree: its number of nodes)
+    path: list[int] | None = None  # tree drafts: the accepted nodes, root to leaf
 
     @property
     def bonus(self) -> bool:
@@ -113,14 +118,48 @@ def verify_sample_and_compare(
     raise AssertionError("unreachable")
 
 
+def verify_tree(
+    draft_tokens: Sequence[int],
+    draft_parents: Sequence[int],
+    target_logits: np.ndarray,
+    params: SamplingParams,
+    rng: np.random.Generator,
+) -> Verdict:
+    """Sample-and-compare down a token tree (greedy: follow the target's argmax).
+
+    draft_tokens: [n] nodes; draft_parents: [n] (-1: a child of the last committed
+    token); target_logits: [n+1, vocab], row 0 predicts the root's children, row i+1
+    the token after node i. Worked example: nodes ``a, b, c`` with parents
+    ``-1, 0, -1`` and the target choosing ``a`` then ``x``: path ``[0]``, tokens ``a x``.
+    """
+    if target_logits.ndim != 2 or target_logits.shape[0] != len(draft_tokens) + 1:
+        raise ValueError(f"target_logits must be [n+1={len(draft_tokens) + 1}, vocab], got {target_logits.shape}")
+    children: dict[int, dict[int, int]] = {}  # parent -> {token: node}
+    for node, (token, parent) in enumerate(zip(draft_tokens, draft_parents)):
+        children.setdefault(int(parent), {}).setdefault(int(token), node)
+    path: list[int] = []
+    current = -1
+    while True:
+        y = next_token(target_logits[current + 1], params, rng)
+        child = children.get(current, {}).get(y)
+        if child is None:
+            accepted = [int(draft_tokens[i]) for i in path]
+            return Verdict(tokens=accepted + [y], n_accepted=len(path), n_drafted=len(draft_tokens), path=path)
+        path.append(child)
+        current = child
+
+
 def verify(
     draft_tokens: Sequence[int],
     draft_probs: np.ndarray | None,
     target_logits: np.ndarray,
     params: SamplingParams,
     rng: np.random.Generator,
+    draft_parents: Sequence[int] | None = None,
 ) -> Verdict:
-    """Pick the lossless rule for this draft: greedy, rejection sampling, or sample-and-compare."""
+    """Pick the lossless rule for this draft: greedy, rejection sampling, sample-and-compare, or a tree walk."""
+    if draft_parents is not None:
+        return verify_tree(draft_tokens, draft_parents, target_logits, params, rng)
     if params.greedy:
         return verify_greedy(draft_tokens, target_logits)
     if draft_probs is None:

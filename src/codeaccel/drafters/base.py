@@ -1,7 +1,8 @@
 """The drafter contract: propose k tokens that the target model will verify.
 
 A drafter returns a :class:`Draft`: token ids and, when it has them, the
-distributions they were sampled from. Drafts with probabilities are verified by
+distributions they were sampled from; or a token tree (several branches, verified
+in one target evaluation). Drafts with probabilities are verified by
 rejection sampling; drafts without (retrieval, n-gram lookup) by sample-and-compare.
 Both are lossless (see :mod:`codeaccel.verification`), so a drafter only affects speed.
 """
@@ -22,10 +23,13 @@ class Draft:
     tokens: list[int]  # [k] proposed continuation of the context
     probs: np.ndarray | None = None  # [k, vocab] warped draft distribution each token was sampled from
     source: str = ""  # where the tokens came from ("model", "retrieval", "cache"), for the request log
+    parents: list[int] | None = None  # a token tree: node i continues node parents[i] (-1: the context)
 
     def __post_init__(self) -> None:
         if self.probs is not None and self.probs.shape[0] != len(self.tokens):
             raise ValueError(f"draft probs {self.probs.shape} do not match {len(self.tokens)} tokens")
+        if self.parents is not None and (self.probs is not None or len(self.parents) != len(self.tokens)):
+            raise ValueError("a tree draft has one parent per token and no probabilities")
 
 
 class Drafter(Protocol):

@@ -65,6 +65,47 @@ class CandidateTrie:
             path.append(token)
         return path, confidence
 
+    def best_tree(self, depth: int, branches: int, alt_len: int = 2) -> tuple[list[int], list[int]]:
+        """The heaviest path cut at ``depth``, plus up to ``branches - 1`` alternatives, as (tokens, parents).
+
+        Each alternative leaves the tree at the heaviest trie child not yet in it (a
+        sibling of a chosen node), then follows the heaviest children for at most
+        ``alt_len`` tokens in all (verification costs nearly linear in nodes on a CPU,
+        so alternatives hedge the uncertain next tokens only). Worked example:
+        continuations ``a b`` ×3, ``a c`` ×2, ``d`` ×1, depth 2, 2 branches: tokens
+        ``a b c``, parents ``-1 0 0``.
+        """
+        tokens: list[int] = []
+        parents: list[int] = []
+        chosen: list[tuple[TrieNode, int, int]] = [(self.root, -1, 0)]  # (trie node, draft node, depth)
+
+        def descend(node: TrieNode, index: int, level: int, limit: int) -> None:
+            while node.children and level < limit:
+                token, node = max(node.children.items(), key=lambda kv: (kv[1].weight, -kv[0]))
+                tokens.append(token)
+                parents.append(index)
+                index, level = len(tokens) - 1, level + 1
+                chosen.append((node, index, level))
+
+        descend(self.root, -1, 0, depth)
+        for _ in range(branches - 1):
+            taken = {(p, t) for p, t in zip(parents, tokens)}
+            best = None  # (weight, -token, trie child, draft parent, level)
+            for node, index, level in chosen:
+                if level >= depth:
+                    continue
+                for token, child in node.children.items():
+                    if (index, token) not in taken and (best is None or (child.weight, -token) > best[:2]):
+                        best = (child.weight, -token, child, index, level)
+            if best is None:
+                break
+            _, neg_token, child, index, level = best
+            tokens.append(-neg_token)
+            parents.append(index)
+            chosen.append((child, len(tokens) - 1, level + 1))
+            descend(child, len(tokens) - 1, level + 1, min(depth, level + alt_len))
+        return tokens, parents
+
 
 def merge(results: Sequence[Retrieved], repository_weight: float = 4.0) -> CandidateTrie:
     """Merge every source's continuations into one trie.
@@ -90,6 +131,8 @@ class RetrievalDrafter:
 
     timing: a :class:`RetrievalTiming` deciding whether to look up and how much of the
     retrieved draft to verify (None: verify everything retrieved, as REST does).
+    tree_branches: above 1, the draft is a token tree: the best path plus alternatives
+    where the trie branches (verified in one target evaluation, see ``Engine.eval_tree``).
     cache: an :class:`AcceptanceCache` of what the target produced before in the same
     context (None: no preference). Both adapt in :meth:`observe`.
     """
@@ -106,6 +149,7 @@ class RetrievalDrafter:
         max_samples: int = 64,
         repository_weight: float = 4.0,
         cache_weight: float = 8.0,
+        tree_branches: int = 1,
     ):
         self.datastores = list(datastores)
         self.timing = timing
@@ -115,6 +159,7 @@ class RetrievalDrafter:
         self.max_samples = max_samples
         self.repository_weight = repository_weight
         self.cache_weight = cache_weight
+        self.tree_branches = tree_branches  # > 1: propose a token tree of that many branches
         self._pool = ThreadPoolExecutor(max_workers=max(1, len(self.datastores)), thread_name_prefix="retrieve")
         self.last: list[Retrieved] = []  # what the last proposal was built from
         self._last_match = 0
@@ -154,7 +199,11 @@ class RetrievalDrafter:
         self._last_match = max([r.match_len for r in self.last] + ([self.cache.key_len] if cached else []))
         n = len(path) if self.timing is None else self.timing.draft_length(self._last_match, confidence, len(path))
         from_cache = bool(cached) and path[: len(cached)] == cached[: len(path)]
-        return Draft(tokens=path[:n], source="cache" if from_cache else "retrieval")
+        source = "cache" if from_cache else "retrieval"
+        if n == 0 or self.tree_branches <= 1:
+            return Draft(tokens=path[:n], source=source)
+        tokens, parents = trie.best_tree(n, self.tree_branches)
+        return Draft(tokens=tokens, source=source, parents=parents if len(tokens) > n else None)
 
     def observe(self, context: Sequence[int], draft: Draft, n_accepted: int, committed: Sequence[int]) -> None:
         if self.timing is not None:
