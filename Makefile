@@ -14,6 +14,11 @@ LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
+	# bubblewrap (Debian): the sandbox's read-only filesystem and pid namespace; needs root to install.
+	@command -v bwrap >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null; \
+	  else echo "warning: bubblewrap is missing: the sandbox runs without filesystem isolation (docs/sandbox.md)"; fi; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip wheel setuptools
 	# torch first and pinned: the CPU wheel; an unpinned torch pulls GBs of CUDA packages.

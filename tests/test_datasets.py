@@ -2,14 +2,13 @@
 
 import gzip
 import json
-from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 
 import pytest
 
 from codeaccel.bench.datasets import STOP, load_problems
 from codeaccel.errors import CodeaccelError
-from codeaccel.sandbox import run_program
+from codeaccel.sandbox import Job, SandboxPool, execute
 
 
 def _canonical():
@@ -41,12 +40,14 @@ def test_prompts_open_a_code_fence_that_the_stop_string_closes():
 def test_all_official_solutions_pass_and_wrong_ones_fail():
     canonical = _canonical()
     problems = load_problems("humaneval") + load_problems("mbpp")
-    with ThreadPoolExecutor(2) as pool:
-        results = list(pool.map(lambda p: run_program(p.program(canonical[p.task_id])), problems))
+    with SandboxPool() as pool:
+        results = list(pool.map(Job(p.solution(canonical[p.task_id]), p.tests) for p in problems))
     failed = [p.task_id for p, r in zip(problems, results) if not r.passed]
     assert failed == []
-    wrong = load_problems("humaneval", 1)[0].program("    return None\n")
-    assert run_program(wrong).status == "failed"
+    assert sum(len(r.tests) for r in results) == sum(len(p.tests) for p in problems) > len(problems)
+    wrong = load_problems("humaneval", 1)[0]
+    result = execute(wrong.solution("    return None\n"), wrong.tests)
+    assert result.status == "failed" and result.tests[0].exc_type == "AssertionError"
 
 
 @pytest.mark.parametrize("name,limit", [("apps", None), ("humaneval", 0), ("mbpp", -2)])

@@ -1,59 +1,386 @@
-"""The execution API's basic guarantees (issue 5 adds the adversarial suite)."""
+"""The sandbox: results per test line, each isolation layer, and an adversarial suite.
+
+Every adversarial program is aimed at this machine only: the network test listens on
+127.0.0.1 *outside* the sandbox and checks that the sandboxed code cannot reach it.
+After the suite, no process, cgroup or temporary directory of it is left.
+"""
+
+from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import tempfile
+import threading
 import time
+from pathlib import Path
 
-from codeaccel.sandbox import OUTPUT_CAP_BYTES, run_program
+import pytest
+
+from codeaccel.errors import CodeaccelError
+from codeaccel.sandbox import Job, Limits, SandboxPool, SandboxUnavailable, execute, probe
+from codeaccel.sandbox import execution as execution_module
+from codeaccel.sandbox.layers import Isolation
+
+ISO = probe()
+needs_pidns = pytest.mark.skipif(ISO.bwrap is None, reason="needs bubblewrap's pid namespace")
+needs_fs = pytest.mark.skipif(ISO.bwrap is None, reason="needs bubblewrap's filesystem isolation")
+needs_netns = pytest.mark.skipif(ISO.netns is None, reason="needs a network namespace")
+needs_cgroup = pytest.mark.skipif(ISO.pids_cgroup is None, reason="needs a writable pids cgroup")
+FAST = Limits(timeout_s=5.0)
 
 
-def test_pass_fail_error_are_told_apart():
-    assert run_program("assert 1 + 1 == 2\nprint('ok')").status == "passed"
-    assert run_program("assert 1 + 1 == 3").status == "failed"
-    result = run_program("raise KeyError('boom')")
-    assert result.status == "error" and "KeyError" in result.stderr
-    assert run_program("def f(:\n  pass").status == "error"
+def _processes_with(marker: str) -> list[int]:
+    """Host pids whose command line contains ``marker`` (zombies excluded)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if marker in cmdline and state != "Z" and int(entry.name) != os.getpid():
+            found.append(int(entry.name))
+    return found
 
 
-def test_timeout_is_enforced():
+# --- the API: one result per test line -------------------------------------------------------------------
+
+
+def test_each_test_line_gets_its_own_result():
+    solution = "def inc(x):\n    return x + 1\n"
+    tests = ["assert inc(1) == 2", "assert inc(1) == 3, 'off by one'", "inc(None)", "assert inc(5) == 6"]
+    r = execute(solution, tests, FAST)
+    assert [t.status for t in r.tests] == ["passed", "failed", "error", "passed"]
+    assert r.tests[1].exc_type == "AssertionError" and r.tests[1].message == "off by one"
+    assert r.tests[2].exc_type == "TypeError" and "unsupported operand" in r.tests[2].message
+    assert r.status == "failed" and not r.passed  # the first line that did not pass
+    assert r.setup_status == "ok" and r.returncode == 0
+    assert all(t.wall_s is not None and t.wall_s >= 0 for t in r.tests)
+    assert r.wall_s > 0 and r.cpu_s > 0
+
+
+def test_all_lines_passing_is_a_pass_and_output_is_captured():
+    r = execute("import sys\nprint('out')\nprint('err', file=sys.stderr)\nx = 41", ["assert x + 1 == 42"], FAST)
+    assert r.passed and r.stdout == "out\n" and r.stderr == "err\n"
+
+
+def test_a_broken_solution_runs_no_test():
+    r = execute("def f(:\n  pass", ["assert True", "assert True"], FAST)
+    assert r.setup_status == "error" and r.setup_error.startswith("SyntaxError")
+    assert r.status == "error" and [t.exc_type for t in r.tests] == ["SetupFailed", "SetupFailed"]
+
+
+def test_sys_exit_in_a_test_line_is_an_error_unless_zero():
+    r = execute("import sys", ["sys.exit(0)", "sys.exit(3)", "assert True"], FAST)
+    assert [t.status for t in r.tests] == ["passed", "error", "passed"]
+    assert r.tests[1].exc_type == "SystemExit" and r.tests[1].message == "3"
+
+
+def test_limits_are_validated():
+    for bad in ({"timeout_s": 0}, {"memory_bytes": -1}, {"max_processes": 0}, {"line_timeout_s": 0}):
+        with pytest.raises(CodeaccelError):
+            Limits(**bad)
+
+
+# --- time --------------------------------------------------------------------------------------------------
+
+
+def test_an_infinite_loop_times_out_its_line_and_the_next_line_still_runs():
+    r = execute("", ["while True:\n    pass", "assert 1 == 1"], Limits(timeout_s=5.0, line_timeout_s=1.0))
+    assert [t.status for t in r.tests] == ["timeout", "passed"]
+    assert r.status == "timeout" and r.wall_s < 4.0
+
+
+def test_sleep_past_the_timeout():
     start = time.perf_counter()
-    result = run_program("while True:\n    pass", timeout_s=1.0)
-    assert result.status == "timeout"
-    assert time.perf_counter() - start < 5
+    r = execute("import time", ["time.sleep(60)"], Limits(timeout_s=2.0))
+    assert r.status == "timeout" and r.tests[0].status == "timeout"
+    assert time.perf_counter() - start < 5.0
 
 
-def test_background_children_do_not_outlive_the_run():
+def test_a_busy_loop_that_ignores_signals_is_killed_at_the_wall_clock_limit():
     code = (
-        "import subprocess, sys\n"
-        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'])\n"
-        "print(p.pid, flush=True)\n"
+        "import signal\n"
+        "for s in (signal.SIGTERM, signal.SIGINT, signal.SIGALRM, signal.SIGHUP):\n"
+        "    signal.signal(s, signal.SIG_IGN)\n"
+        "signal.setitimer = lambda *a: None\n"  # and it disarms the per-line timer as well
     )
-    result = run_program(code)
-    assert result.status == "passed"
-    pid = int(result.stdout.split()[0])
+    start = time.perf_counter()
+    r = execute(code, ["while True:\n    pass", "assert True"], Limits(timeout_s=2.0))
+    assert r.status == "timeout" and r.returncode is None
+    assert r.tests[0].status == "timeout" and r.tests[1].status == "timeout"
+    assert time.perf_counter() - start < 5.0
+
+
+# --- processes ---------------------------------------------------------------------------------------------
+
+
+@needs_cgroup
+def test_a_fork_bomb_is_bounded_and_leaves_nothing_behind():
+    marker = "forkbomb-7f3a"
+    code = (
+        "import os, time\n"
+        f"MARK = '{marker}'\n"
+        "children = 0\n"
+        "for _ in range(10_000):\n"
+        "    try:\n"
+        "        if os.fork() == 0:\n"
+        "            os.execv('/bin/sleep', ['/bin/sleep', '600', MARK])\n"
+        "        children += 1\n"
+        "    except OSError:\n"
+        "        break\n"
+        "print(children, flush=True)\n"
+    )
+    limits = Limits(timeout_s=10.0, max_processes=16)
+    r = execute(code, ["assert True"], limits)
+    started = int(r.stdout.split()[0])
+    assert started < limits.max_processes  # the cgroup refused the rest (EAGAIN)
+    assert r.passed
     time.sleep(0.2)
+    assert _processes_with(marker) == []
+
+
+@needs_pidns
+def test_a_daemon_does_not_outlive_the_run():
+    marker = "daemon-51c2"
+    code = (
+        "import os, subprocess\n"
+        "if os.fork() == 0:\n"
+        "    os.setsid()\n"  # leaves the process group and the session
+        "    if os.fork() == 0:\n"
+        f"        os.execv('/bin/sh', ['/bin/sh', '-c', 'sleep 600; :', '{marker}'])\n"
+        "    os._exit(0)\n"
+        "os.wait()\n"
+    )
+    r = execute(code, ["assert True"], FAST)
+    assert r.passed
+    time.sleep(0.2)
+    assert _processes_with(marker) == []
+
+
+@needs_pidns
+def test_the_program_cannot_kill_the_parent_or_other_processes():
+    sentinel = subprocess.Popen(["/bin/sh", "-c", "sleep 600; :", "sentinel-9d1e"])
     try:
-        os.kill(pid, 0)
-        alive = open(f"/proc/{pid}/stat").read().split()[2] != "Z"
-    except (ProcessLookupError, FileNotFoundError):
-        alive = False
-    assert not alive
+        code = (
+            "import os, signal\n"
+            f"for pid in ({os.getpid()}, {sentinel.pid}):\n"
+            "    try:\n"
+            "        os.kill(pid, signal.SIGKILL)\n"
+            "    except OSError as e:\n"
+            "        print(type(e).__name__)\n"
+            "try:\n"
+            "    os.kill(-1, signal.SIGKILL)\n"  # every process it may signal: only its own namespace
+            "except OSError as e:\n"
+            "    print(type(e).__name__)\n"
+        )
+        r = execute(code, [], FAST)
+        # in its own pid namespace our pids name nothing, and kill(-1) reaches only the namespace
+        assert r.stdout.split()[:2] == ["ProcessLookupError", "ProcessLookupError"]
+        assert sentinel.poll() is None  # the sentinel lives, and so do we
+        os.kill(os.getpid(), 0)
+    finally:
+        sentinel.kill()
+        sentinel.wait()
 
 
-def test_output_is_capped():
-    result = run_program("import sys\nsys.stdout.write('x' * (4 * 1024 * 1024))")
-    assert len(result.stdout) <= OUTPUT_CAP_BYTES
-    assert result.status != "passed"  # writing past the cap is an error (SIGXFSZ), not a silent pass
+# --- memory, output, stack ----------------------------------------------------------------------------------
 
 
-def test_environment_is_scrubbed(monkeypatch):
+def test_a_memory_bomb_hits_the_memory_limit():
+    limits = Limits(timeout_s=10.0, memory_bytes=512 * 1024**2)
+    r = execute("", ["x = bytearray(4 * 1024**3)", "chunks = []\nwhile True:\n    chunks.append(b'x' * 2**24)"], limits)
+    assert [t.status for t in r.tests] == ["memory_limit", "memory_limit"]
+    assert r.tests[0].exc_type == "MemoryError"
+    assert r.status == "memory_limit"
+
+
+def test_huge_output_is_capped_and_reported():
+    limits = Limits(timeout_s=10.0, output_bytes=64 * 1024)
+    r = execute("import sys", ["sys.stdout.write('x' * (4 * 1024 * 1024))"], limits)
+    assert r.status == "output_limit" and r.output_capped  # one big write is cut short silently: seen by size
+    assert len(r.stdout) <= limits.output_bytes
+    r = execute("", ["assert True", "for _ in range(100):\n    print('y' * 100_000)", "assert True"], limits)
+    assert [t.status for t in r.tests] == ["passed", "output_limit", "passed"]  # later writes fail: EFBIG
+    assert r.tests[1].exc_type == "OSError" and r.status == "output_limit"
+
+
+def test_output_from_a_child_process_is_capped_too():
+    limits = Limits(timeout_s=10.0, output_bytes=64 * 1024)
+    r = execute("import subprocess", ["subprocess.run(['/bin/sh', '-c', 'yes | head -c 10000000'])"], limits)
+    assert r.status == "output_limit" and len(r.stdout) <= limits.output_bytes
+
+
+def test_deep_recursion_is_an_error_and_a_blown_c_stack_is_killed():
+    r = execute("def f(n):\n    return f(n + 1)", ["f(0)"], FAST)
+    assert r.tests[0].status == "error" and r.tests[0].exc_type == "RecursionError"
+    # recursion through C (map) uses the C stack; with the recursion limit lifted it overflows
+    r = execute("import sys\nsys.setrecursionlimit(10**8)\ndef f(n):\n    return list(map(f, [n + 1]))", ["f(0)"], FAST)
+    assert r.status == "killed" and "SIGSEGV" in (r.tests[0].message or "")
+
+
+def test_a_ctypes_segfault_is_reported_as_killed():
+    r = execute("import ctypes", ["assert True", "ctypes.string_at(0)", "assert True"], FAST)
+    assert [t.status for t in r.tests] == ["passed", "killed", "killed"]
+    assert r.status == "killed" and r.returncode != 0
+
+
+def test_closing_its_own_stdout_does_not_lose_the_results():
+    r = execute("import os\nos.close(1)\nos.close(2)", ["assert 2 + 2 == 4"], FAST)
+    assert r.passed and r.tests[0].status == "passed"
+
+
+def test_closing_every_descriptor_reports_lines_as_not_run():
+    r = execute("import os\nos.closerange(0, 1024)", ["assert True"], FAST)
+    assert r.tests[0].status == "error" and not r.passed
+
+
+# --- network -----------------------------------------------------------------------------------------------
+
+
+@needs_netns
+def test_the_network_is_unreachable_and_only_a_loopback_is_visible():
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    listener.settimeout(3.0)
+    port = listener.getsockname()[1]
+    accepted: list = []
+    thread = threading.Thread(target=lambda: accepted.append(_accept(listener)), daemon=True)
+    thread.start()
+    code = "import socket\nnames = [name for _, name in socket.if_nameindex()]\nprint(names)\n"
+    tests = [
+        f"socket.create_connection(('127.0.0.1', {port}), timeout=2)",
+        "assert names == ['lo'], names",
+    ]
+    try:
+        r = execute(code, tests, FAST)
+    finally:
+        thread.join(5.0)
+        listener.close()
+    assert r.tests[0].status == "error" and r.tests[0].exc_type in ("OSError", "ConnectionRefusedError")
+    assert r.tests[1].status == "passed", r.tests[1].message
+    assert accepted == [None]  # the listener outside saw no connection
+    if ISO.netns == "unshare":  # a namespace of our own: the loopback is not even up
+        r = execute("import fcntl, socket, struct", [_LOOPBACK_DOWN], FAST)
+        assert r.passed, r.tests[0].message
+
+
+_LOOPBACK_DOWN = (
+    "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+    "flags = struct.unpack('16sH', fcntl.ioctl(s.fileno(), 0x8913, struct.pack('16sH', b'lo', 0)))[1]\n"
+    "assert not flags & 0x1, 'loopback is up'"  # SIOCGIFFLAGS, IFF_UP
+)
+
+
+def _accept(listener: socket.socket):
+    try:
+        conn, _ = listener.accept()
+        conn.close()
+        return "connected"
+    except OSError:
+        return None
+
+
+def test_without_a_network_namespace_the_sandbox_refuses_unless_allowed(monkeypatch):
+    bare = Isolation(is_root=ISO.is_root, bwrap=None, netns=None, pids_cgroup=None, prlimit=ISO.prlimit)
+    monkeypatch.setattr(execution_module, "probe", lambda: bare)
+    monkeypatch.delenv(execution_module.ALLOW_NETWORK_ENV, raising=False)
+    with pytest.raises(SandboxUnavailable, match="network"):
+        execute("x = 1", ["assert x == 1"], FAST)
+    assert execute("x = 1", ["assert x == 1"], Limits(timeout_s=5.0, allow_network=True)).passed
+    monkeypatch.setenv(execution_module.ALLOW_NETWORK_ENV, "1")
+    assert execute("x = 1", ["assert x == 1"], FAST).passed
+
+
+# --- files and secrets -------------------------------------------------------------------------------------
+
+
+@needs_fs
+def test_files_outside_the_sandbox_cannot_be_written_or_deleted():
+    outside = Path(tempfile.mkdtemp(prefix="codeaccel-victim-", dir="/var/tmp"))
+    victim = outside / "keep.txt"
+    victim.write_text("precious")
+    project_file = Path(__file__).resolve()
+    try:
+        tests = [
+            f"open({str(victim)!r}, 'w').write('gone')",
+            f"os.remove({str(victim)!r})",
+            f"open({str(outside / 'new.txt')!r}, 'w')",
+            f"open({str(project_file)!r}, 'a').write('# pwned')",
+            "open('scratch.txt', 'w').write('fine')\nassert open('scratch.txt').read() == 'fine'",
+        ]
+        r = execute("import os", tests, FAST)
+        assert [t.status for t in r.tests] == ["error"] * 4 + ["passed"]
+        assert all("Read-only file system" in (t.message or "") for t in r.tests[:4])
+        assert victim.read_text() == "precious" and not (outside / "new.txt").exists()
+        assert not project_file.read_text().endswith("# pwned")
+    finally:
+        victim.unlink(missing_ok=True)
+        outside.rmdir()
+
+
+@needs_fs
+def test_home_files_and_environment_secrets_are_out_of_reach(monkeypatch):
     monkeypatch.setenv("SECRET_TOKEN", "hunter2")
-    result = run_program("import os\nprint(os.environ.get('SECRET_TOKEN'))")
-    assert result.stdout.strip() == "None"
+    secret = Path.home() / ".codeaccel-test-secret"
+    secret.write_text("hunter2")
+    try:
+        code = "import os\n"
+        tests = [
+            "assert os.environ.get('SECRET_TOKEN') is None",
+            "assert 'hunter2' not in repr(dict(os.environ))",
+            f"open({str(secret)!r}).read()",
+        ]
+        r = execute(code, tests, FAST)
+        assert [t.status for t in r.tests] == ["passed", "passed", "error"]
+        assert r.tests[2].exc_type == "FileNotFoundError"
+    finally:
+        secret.unlink()
 
 
-def test_runs_in_a_fresh_directory():
-    result = run_program("import os\nprint(os.getcwd())\nprint(sorted(os.listdir('.')))")
-    cwd, listing = result.stdout.splitlines()
-    assert cwd != os.getcwd() and "codeaccel-run-" in cwd
-    assert "program.py" in listing
-    assert not os.path.exists(cwd)
+@needs_fs
+def test_the_program_runs_in_a_private_size_capped_temp_dir():
+    limits = Limits(timeout_s=10.0, disk_bytes=8 * 1024**2)
+    tests = [
+        "assert os.getcwd() == '/tmp/work' and os.listdir('.') == []",
+        "assert not [n for n in os.listdir('/tmp') if n.startswith('codeaccel-run-')]",
+        "for i in range(100):\n    open(f'f{i}', 'wb').write(b'x' * 512 * 1024)",  # 50 MiB into an 8 MiB tmpfs
+    ]
+    r = execute("import os", tests, limits)
+    assert [t.status for t in r.tests] == ["passed", "passed", "error"]
+    assert "No space left" in r.tests[2].message
+
+
+def test_nothing_is_left_in_the_host_temp_dir():
+    before = set(Path(tempfile.gettempdir()).glob("codeaccel-run-*"))
+    execute("open('x.txt', 'w').write('x')", ["assert True"], FAST)
+    assert set(Path(tempfile.gettempdir()).glob("codeaccel-run-*")) == before
+
+
+# --- throughput --------------------------------------------------------------------------------------------
+
+
+def test_the_pool_keeps_order_and_runs_in_parallel():
+    jobs = [Job(f"import time\nx = {i}", ["time.sleep(0.5)", f"assert x == {i}"], FAST) for i in range(4)]
+    start = time.perf_counter()
+    with SandboxPool(workers=4) as pool:
+        results = list(pool.map(jobs))
+    assert [r.passed for r in results] == [True] * 4
+    assert time.perf_counter() - start < 4 * 0.5 + 1.0  # sequential would take over 2 s of sleeping alone
+
+
+# --- after the suite ---------------------------------------------------------------------------------------
+
+
+def test_zz_the_suite_left_no_processes_cgroups_or_files():
+    """Runs last (file order): nothing of any run above remains."""
+    for marker in ("forkbomb-7f3a", "daemon-51c2", "/tmp/.codeaccel/runner.py"):
+        assert _processes_with(marker) == []
+    if ISO.pids_cgroup is not None:
+        assert [p.name for p in ISO.pids_cgroup.iterdir() if p.name.startswith("run-")] == []
+    assert not list(Path(tempfile.gettempdir()).glob("codeaccel-run-*"))
+    os.kill(os.getpid(), 0)  # and the parent is alive

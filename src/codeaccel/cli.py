@@ -30,6 +30,8 @@ models_app = typer.Typer(help="The bundled models: list, assemble, locate.", no_
 app.add_typer(models_app, name="models")
 index_app = typer.Typer(help="Retrieval datastores: build, update, stats.", no_args_is_help=True)
 app.add_typer(index_app, name="index")
+sandbox_app = typer.Typer(help="The sandbox for generated code: layers, throughput.", no_args_is_help=True)
+app.add_typer(sandbox_app, name="sandbox")
 
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
@@ -213,6 +215,59 @@ def index_stats(
         out.print_json(json.dumps(stats))
     else:
         _print_stats(stats)
+
+
+# ---- sandbox ------------------------------------------------------------------------
+@sandbox_app.command("check")
+def sandbox_check() -> None:
+    """Which isolation layers are active on this machine (each is probed by running it)."""
+    from codeaccel.sandbox import execute, probe
+
+    layers = probe().layers()
+    table = Table("layer", "active", "how")
+    for layer in layers:
+        table.add_row(layer.name, "[green]yes[/green]" if layer.active else "[red]no[/red]", layer.detail)
+    out.print(table)
+    result = execute("x = 1", ["assert x == 1"])
+    out.print(f"a test execution: {result.status} in {1000 * result.wall_s:.0f} ms")
+    missing = [layer.name for layer in layers if not layer.active]
+    if missing:
+        err.print(f"[yellow]warning:[/yellow] inactive layers: {', '.join(missing)} (see docs/sandbox.md)")
+
+
+@sandbox_app.command("bench")
+def sandbox_bench(
+    n: Annotated[int, typer.Option(help="Executions per measurement.")] = 200,
+    workers: Annotated[Optional[int], typer.Option(help="Pool workers (default: one per core).")] = None,
+    out_dir: Annotated[Path, typer.Option("--out", help="Results folder.")] = Path("runs/sandbox"),
+) -> None:
+    """Executions per second and the per-execution overhead against a bare `python -c`."""
+    import datetime as dt
+    import json
+    import os
+
+    from codeaccel.bench.sandbox_bench import markdown, run_sandbox_bench
+    from codeaccel.machine import machine_info
+
+    if n < 1:
+        raise CodeaccelError(f"--n must be >= 1, got {n}")
+    workers = workers or os.cpu_count() or 1
+    if workers < 1:
+        raise CodeaccelError(f"--workers must be >= 1, got {workers}")
+    with Progress(TextColumn("[bold]sandbox bench"), BarColumn(), TextColumn("{task.completed}/{task.total}")) as bar:
+        task = bar.add_task("bench", total=3 * n)
+        doc = run_sandbox_bench(n, workers, advance=lambda: bar.advance(task))
+    doc = {
+        "command": _command_line(),
+        "machine": machine_info(),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        **doc,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "sandbox.json").write_text(json.dumps(doc, indent=2) + "\n")
+    md = markdown(doc)
+    (out_dir / "sandbox.md").write_text(md)
+    out.print(md, markup=False, highlight=False)
 
 
 # ---- generate -----------------------------------------------------------------------

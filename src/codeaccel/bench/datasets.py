@@ -4,8 +4,9 @@ Prompt format (the same for every model and method): the model's own chat templa
 with the task as the user turn, and the assistant's reply *started* for it with a
 Python code fence (for HumanEval, the fence plus the function's signature and
 docstring). The model continues the code and closes the fence; generation stops at
-the closing fence. The program that is executed is the started code plus the
-completion plus the official tests.
+the closing fence. What the sandbox executes is the solution (the started code,
+the completion, and any test helpers such as HumanEval's ``check``) followed by
+the official test lines, each reported on its own.
 """
 
 from __future__ import annotations
@@ -29,14 +30,21 @@ class Problem:
     user_message: str
     response_prefix: str  # the assistant's reply as we start it; the model continues from here
     code_prefix: str  # the part of response_prefix that is code
-    test_program: str  # appended after the completed code ("" : no tests, see reference)
+    tests: tuple[str, ...] = ()  # official test lines, run one by one after the solution (() : see reference)
+    test_setup: str = ""  # test helpers appended to the solution (HumanEval's ``def check``)
     raw_prompt: str | None = None  # set: the model sees this text as is, without a chat template
     stop: tuple[str, ...] = STOP
     reference: str | None = None  # the original code, for datasets scored by similarity instead of tests
     exclude_files: tuple[str, ...] = ()  # datastore files that hold this problem's answer
 
-    def program(self, completion: str) -> str:
-        return f"{self.code_prefix}{completion}\n\n{self.test_program}\n"
+    def solution(self, completion: str) -> str:
+        """The code the test lines run against: started code + completion (+ test helpers)."""
+        return f"{self.code_prefix}{completion}\n\n{self.test_setup}\n"
+
+    @property
+    def test_program(self) -> str:
+        """The tests as one text (helpers, then lines)."""
+        return "\n\n".join(part for part in (self.test_setup, "\n".join(self.tests)) if part)
 
 
 def _humaneval() -> list[Problem]:
@@ -56,7 +64,8 @@ def _humaneval() -> list[Problem]:
                 user_message=f"Complete the following Python function.\n{FENCE}{prompt}```",
                 response_prefix=FENCE + prompt,
                 code_prefix=prompt,
-                test_program=f"{r['test']}\n\ncheck({r['entry_point']})",
+                test_setup=r["test"],
+                tests=(f"check({r['entry_point']})",),
             )
         )
     return problems
@@ -67,7 +76,7 @@ def _mbpp() -> list[Problem]:
     rows = json.loads(path.read_text())
     problems = []
     for r in rows:
-        tests = "\n".join(r["test_list"])
+        tests = "\n".join(r["test_list"])  # shown to the model
         imports = "\n".join(r["test_imports"])
         problems.append(
             Problem(
@@ -76,7 +85,7 @@ def _mbpp() -> list[Problem]:
                 user_message=f"{r['prompt']}\nYour code should pass these tests:\n{FENCE}{tests}\n```",
                 response_prefix=FENCE,
                 code_prefix=f"{imports}\n" if imports else "",
-                test_program=tests,
+                tests=tuple(r["test_list"]),
             )
         )
     return problems

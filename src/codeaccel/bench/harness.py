@@ -1,8 +1,10 @@
 """The benchmark harness: every method, on the same prompts, with the same tests.
 
-For each dataset and method: build the prompt, generate, run the official tests
-in the sandbox, and store the record at once (so a run resumes where it stopped).
-The target engine is loaded once and shared by all methods.
+For each problem and method (methods interleaved problem by problem, so that a
+change in the machine's speed during a run affects every method alike): build the
+prompt, generate, run the official tests in the sandbox, and store the record at
+once (so a run resumes where it stopped). The target engine is loaded once and
+shared by all methods.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from codeaccel.engines.pool import EnginePool
 from codeaccel.generation import Request
 from codeaccel.methods import Method, MethodOptions, build_method
 from codeaccel.sampling import SamplingParams
-from codeaccel.sandbox import run_program
+from codeaccel.sandbox import Limits, execute
 
 log = logging.getLogger(__name__)
 
@@ -102,12 +104,16 @@ def run_bench(config: BenchConfig, store: ResultStore, resume: bool = True) -> l
             bar = progress.add_task("bench", total=total, passed=0, done=0)
             passed = done = 0
             for dataset, dataset_problems in problems.items():
-                for method in methods:
-                    for problem in dataset_problems:
+                # methods interleaved per problem: a drift in the machine's speed hits every method alike
+                for problem in dataset_problems:
+                    for method in methods:
                         key = _record_key(config, engine, dataset, problem, method)
                         progress.update(bar, description=f"{dataset} {method.name} {problem.task_id}")
                         record = store.get(key) if resume else None
                         if record is None:
+                            # every method starts with cold caches: no prompt prefix left by the previous one
+                            engine.reset()
+                            pool.reset()
                             record = _run_one(engine, method, problem, config, key)
                             _compare_with_autoregressive(engine, store, config, dataset, problem, record)
                             store.add(record)
@@ -173,9 +179,9 @@ def _run_one(engine: Engine, method, problem: Problem, config: BenchConfig, key:
     params = replace(config.sampling, seed=problem_seed(config.sampling.seed, problem.task_id))
     gen = method.generate(Request(prompt_tokens, params, config.max_tokens, problem.stop, problem.exclude_files))
     scores: dict = {}
-    if problem.test_program:
-        result = run_program(problem.program(gen.text), timeout_s=config.test_timeout_s)
-        scores = {"passed": result.passed, "test_status": result.status}
+    if problem.tests:
+        result = execute(problem.solution(gen.text), problem.tests, Limits(timeout_s=config.test_timeout_s))
+        scores = {"passed": result.passed, "test_status": result.status, "test_lines": [t.status for t in result.tests]}
     else:
         scores = {"passed": None, "test_status": "no tests", **similarity(gen.text, problem.reference or "")}
     return {

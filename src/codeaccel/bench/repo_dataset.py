@@ -103,7 +103,6 @@ def load_repository_problems(package: str, n: int = DEFAULT_PROBLEMS) -> list:
             user_message="",
             response_prefix="",
             code_prefix="",
-            test_program="",
             raw_prompt=c["prompt"],
             stop=_stops(c["indent"]),
             reference=c["reference"],

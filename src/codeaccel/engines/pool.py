@@ -22,6 +22,11 @@ class EnginePool:
             self._engines[key] = load_engine(model, engine, n_ctx=n_ctx, dtype=dtype)
         return self._engines[key]
 
+    def reset(self) -> None:
+        """Empty every engine's cache (so the next request pays its full prefill)."""
+        for engine in self._engines.values():
+            engine.reset()
+
     def close(self) -> None:
         for engine in self._engines.values():
             engine.close()
