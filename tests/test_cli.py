@@ -99,6 +99,8 @@ def test_bench_speculative_reports_acceptance_and_identity(tiny_gguf, tmp_path):
     assert spec["mean_accepted_len"] > 1 and spec["target_s_per_token"] > 0
     assert spec["variant"] == "tiny on llama.cpp"
     assert doc["logit_noise"]["tolerance"] >= 0 and list(out.glob("logit_noise-*.json"))
+    curve = doc["config"]["target_cost_curve"]  # the curve k was chosen from (measured on first use here)
+    assert curve["command"] == "(measured on first use)" and curve["relative"][0] == 1.0
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert {r["method"] for r in records} == {"autoregressive", "speculative-client-draft"}
     assert all(r["identical_to_autoregressive"] for r in records if r["method"] != "autoregressive")

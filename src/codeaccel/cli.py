@@ -405,6 +405,7 @@ def bench(
     from codeaccel.bench.logit_noise import find_noise
     from codeaccel.bench.report import markdown_table, summarize, write_report
     from codeaccel.bench.store import ResultStore
+    from codeaccel.cost_curve import saved_curve_provenance
     from codeaccel.methods import parse_methods
     from codeaccel.sampling import SamplingParams
 
@@ -430,7 +431,11 @@ def bench(
     records = comparable_records(store, run_bench(config, store, resume=resume))
     noise = find_noise(out_dir, records[0]["engine"], records[0]["model"]) if records else None
     rows = summarize(records, noise)
-    write_report(rows, out_dir, _command_line(), bench_config_dict(config), name=name, noise=noise)
+    report_config = bench_config_dict(config)
+    if records and any(m not in ("autoregressive", "prompt-lookup", "hf-assisted") for m in config.methods):
+        # draft lengths were chosen from this curve: keep its origin with the results
+        report_config["target_cost_curve"] = saved_curve_provenance(records[0]["engine"], records[0]["model"], dtype)
+    write_report(rows, out_dir, _command_line(), report_config, name=name, noise=noise)
     out.print(markdown_table(rows), markup=False, highlight=False, soft_wrap=True)
     out.print(f"results in {out_dir}/ ({name}.json, {name}.md, {name}.png, results.jsonl)")
 

@@ -142,6 +142,15 @@ def load_cost_curve(engine: str, model: str, dtype: str | None = None) -> CostCu
     return CostCurve(**{k: v for k, v in doc.items() if k in fields})
 
 
+def saved_curve_provenance(engine: str, model: str, dtype: str | None = None) -> dict | None:
+    """The saved curve's origin (command, date) and costs, for benchmark results that depended on it."""
+    path = _cache_path(engine, model, dtype if engine == "hf" else None)
+    if not path.is_file():
+        return None
+    doc = json.loads(path.read_text())
+    return {k: doc.get(k) for k in ("command", "date", "context_tokens", "repeats", "relative")}
+
+
 def cost_curve_for(engine: Engine) -> CostCurve:
     """The engine's saved curve, or a quick measurement (cached for next time) if none is saved yet."""
     curve = load_cost_curve(engine.kind, engine.model_name, engine.dtype)
