@@ -156,6 +156,13 @@ def test_bench_repository_level_with_retrieval(tiny_gguf, tmp_path):
     assert built.returncode == 0, built.stderr
     stats = json.loads(run_cli("index", "stats", str(ds), "--json").stdout)
     assert stats["files"] >= 70  # the package is indexed even though an enclosing repository ignores it
+    lookups = run_cli("index", "bench", "--datastore", str(ds), "-m", tiny_gguf, "--n", "40", "--out", str(tmp_path))
+    assert lookups.returncode == 0, lookups.stderr
+    latency = json.loads((tmp_path / "lookup.json").read_text())
+    source = latency["sources"]["repo-rich"]
+    assert latency["n_queries"] == 40 and source["tokens"] == stats["tokens"]
+    assert 0 < source["median_ms"] <= source["p90_ms"] <= source["p99_ms"] and 0 < source["hit_rate"] <= 1
+    assert latency["parallel_retrieve"]["median_ms"] > 0 and "| all sources in parallel |" in lookups.stdout
     out = tmp_path / "repo"
     args = ["bench", "repo:rich", "-m", tiny_gguf, "--limit", "2", "--max-tokens", "24", "--out", str(out)]
     result = run_cli(*args, "--method", "autoregressive,retrieval,retrieval-rest", "--datastore", str(ds), env=env)

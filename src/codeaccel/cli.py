@@ -217,6 +217,46 @@ def index_stats(
         _print_stats(stats)
 
 
+@index_app.command("bench")
+def index_bench(
+    datastore: Annotated[list[Path], typer.Option("--datastore", help="Datastore directory (repeatable).")],
+    model: ModelOpt = DEFAULT_MODEL,
+    engine: EngineOpt = "llama.cpp",
+    n: Annotated[int, typer.Option(help="Queries (HumanEval contexts cut at random points).")] = 1000,
+    seed: Annotated[int, typer.Option(help="Seed of the cut points.")] = 0,
+    out_dir: Annotated[Path, typer.Option("--out", help="Results folder.")] = Path("runs/lookup"),
+) -> None:
+    """Lookup latency per datastore and over all of them in parallel (median, p90, p99)."""
+    import datetime as dt
+    import json
+
+    from codeaccel.bench.lookup_bench import humaneval_queries, markdown, run_lookup_bench
+    from codeaccel.datastore import open_datastores
+    from codeaccel.machine import machine_info
+
+    if n < 1:
+        raise CodeaccelError(f"--n must be >= 1, got {n}")
+    eng, _ = _tokenizer(model, engine)
+    with eng:
+        stores = open_datastores(eng, [str(d) for d in datastore])
+        queries = humaneval_queries(eng.tokenize, n, seed)
+    columns = (TextColumn("[bold]lookups"), BarColumn(), TextColumn("{task.completed}/{task.total}"))
+    with Progress(*columns, console=err) as bar:
+        task = bar.add_task("lookups", total=n * (len(stores) + 1))
+        doc = run_lookup_bench(stores, queries, advance=lambda: bar.advance(task))
+    doc = {
+        "command": _command_line(),
+        "machine": machine_info(),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        **doc,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "lookup.json").write_text(json.dumps(doc, indent=2) + "\n")
+    md = markdown(doc)
+    (out_dir / "lookup.md").write_text(md)
+    out.print(md, markup=False, highlight=False)
+
+
 # ---- sandbox ------------------------------------------------------------------------
 @sandbox_app.command("check")
 def sandbox_check() -> None:
