@@ -195,3 +195,18 @@ def test_retrieval_without_a_datastore_is_a_clear_error(tiny_gguf, tmp_path):
     assert "Traceback" not in result.stderr
     result = run_cli("bench", "humaneval", "-m", tiny_gguf, "--method", "retrieval", "--ablate", "magic", env=env)
     assert result.returncode == 2 and "unknown ablation 'magic'" in result.stderr
+
+
+def test_sandbox_check_and_bench(tmp_path):
+    check = run_cli("sandbox", "check")
+    assert check.returncode == 0, check.stderr
+    assert "network" in check.stdout and "a test execution: passed" in check.stdout
+    bench = run_cli("sandbox", "bench", "--n", "3", "--out", str(tmp_path))
+    assert bench.returncode == 0, bench.stderr
+    doc = json.loads((tmp_path / "sandbox.json").read_text())
+    assert doc["command"] == "codeaccel sandbox bench --n 3 --out " + str(tmp_path)
+    results = doc["results"]
+    assert results["bare_python"]["n"] == results["sandbox_sequential"]["n"] == results["sandbox_pool"]["n"] == 3
+    assert results["sandbox_pool"]["executions_per_s"] > 0 and (tmp_path / "sandbox.md").exists()
+    bad = run_cli("sandbox", "bench", "--n", "0")
+    assert bad.returncode == 2 and "--n must be >= 1" in bad.stderr and "Traceback" not in bad.stderr

@@ -71,6 +71,26 @@ def _command_line() -> str:
     return shlex.join(["codeaccel", *sys.argv[1:]])
 
 
+def _save_results(doc: dict, out_dir: Path, stem: str, to_markdown) -> None:
+    """A small benchmark's results: ``{stem}.json`` (with command, machine, date) and ``{stem}.md``, printed too."""
+    import datetime as dt
+    import json
+
+    from codeaccel.machine import machine_info
+
+    doc = {
+        "command": _command_line(),
+        "machine": machine_info(),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        **doc,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{stem}.json").write_text(json.dumps(doc, indent=2) + "\n")
+    md = to_markdown(doc)
+    (out_dir / f"{stem}.md").write_text(md)
+    out.print(md, markup=False, highlight=False)
+
+
 # ---- models -----------------------------------------------------------------------
 @models_app.command("list")
 def models_list() -> None:
@@ -227,12 +247,8 @@ def index_bench(
     out_dir: Annotated[Path, typer.Option("--out", help="Results folder.")] = Path("runs/lookup"),
 ) -> None:
     """Lookup latency per datastore and over all of them in parallel (median, p90, p99)."""
-    import datetime as dt
-    import json
-
     from codeaccel.bench.lookup_bench import humaneval_queries, markdown, run_lookup_bench
     from codeaccel.datastore import open_datastores
-    from codeaccel.machine import machine_info
 
     if n < 1:
         raise CodeaccelError(f"--n must be >= 1, got {n}")
@@ -244,17 +260,7 @@ def index_bench(
     with Progress(*columns, console=err) as bar:
         task = bar.add_task("lookups", total=n * (len(stores) + 1))
         doc = run_lookup_bench(stores, queries, advance=lambda: bar.advance(task))
-    doc = {
-        "command": _command_line(),
-        "machine": machine_info(),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        **doc,
-    }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "lookup.json").write_text(json.dumps(doc, indent=2) + "\n")
-    md = markdown(doc)
-    (out_dir / "lookup.md").write_text(md)
-    out.print(md, markup=False, highlight=False)
+    _save_results(doc, out_dir, "lookup", markdown)
 
 
 # ---- sandbox ------------------------------------------------------------------------
@@ -282,12 +288,9 @@ def sandbox_bench(
     out_dir: Annotated[Path, typer.Option("--out", help="Results folder.")] = Path("runs/sandbox"),
 ) -> None:
     """Executions per second and the per-execution overhead against a bare `python -c`."""
-    import datetime as dt
-    import json
     import os
 
     from codeaccel.bench.sandbox_bench import markdown, run_sandbox_bench
-    from codeaccel.machine import machine_info
 
     if n < 1:
         raise CodeaccelError(f"--n must be >= 1, got {n}")
@@ -297,17 +300,7 @@ def sandbox_bench(
     with Progress(TextColumn("[bold]sandbox bench"), BarColumn(), TextColumn("{task.completed}/{task.total}")) as bar:
         task = bar.add_task("bench", total=3 * n)
         doc = run_sandbox_bench(n, workers, advance=lambda: bar.advance(task))
-    doc = {
-        "command": _command_line(),
-        "machine": machine_info(),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        **doc,
-    }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "sandbox.json").write_text(json.dumps(doc, indent=2) + "\n")
-    md = markdown(doc)
-    (out_dir / "sandbox.md").write_text(md)
-    out.print(md, markup=False, highlight=False)
+    _save_results(doc, out_dir, "sandbox", markdown)
 
 
 # ---- generate -----------------------------------------------------------------------
