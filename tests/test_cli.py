@@ -72,6 +72,20 @@ def test_bench_writes_results_and_resumes(tiny_gguf, tmp_path):
     third = run_cli(*args, "--no-resume")
     assert third.returncode == 0
     assert len((out / "results.jsonl").read_text().splitlines()) == 8
+    # --rescore re-runs only the tests: a record scored wrongly (an old sandbox) is put right, nothing regenerated
+    stored = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    truth = {r["task_id"]: (r["passed"], r["test_status"]) for r in stored}
+    for r in stored:
+        r["passed"], r["test_status"] = (not r["passed"]), "stale"
+        del r["setup_status"]
+    (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in stored))
+    rescored = run_cli(*args, "--rescore")
+    assert rescored.returncode == 0, rescored.stderr
+    after = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(after) == 4 and {r["task_id"]: (r["passed"], r["test_status"]) for r in after} == truth
+    assert [r["tokens"] for r in after] == [r["tokens"] for r in stored[-4:]]
+    rows = json.loads((out / "summary.json").read_text())["rows"]
+    assert all(0 <= row["solution_errors"] <= row["n_problems"] - row["n_passed"] for row in rows)
 
 
 def test_profile_saves_curve(tiny_gguf, tmp_path):

@@ -421,6 +421,9 @@ def bench(
     ] = None,
     name: Annotated[str, typer.Option(help="File name stem of the summary files.")] = "summary",
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Skip problems already stored.")] = True,
+    rescore: Annotated[
+        bool, typer.Option(help="Only re-run the tests of stored completions (after a sandbox change).")
+    ] = False,
     dtype: DtypeOpt = "bfloat16",
     draft_model: DraftModelOpt = None,
     draft_engine: DraftEngineOpt = None,
@@ -435,6 +438,7 @@ def bench(
     """
     from codeaccel.bench.datasets import load_problems
     from codeaccel.bench.harness import BenchConfig, bench_config_dict, comparable_records, run_bench
+    from codeaccel.bench.harness import rescore as rescore_records
     from codeaccel.bench.logit_noise import find_noise
     from codeaccel.bench.report import markdown_table, summarize, write_report
     from codeaccel.bench.store import ResultStore
@@ -461,7 +465,7 @@ def bench(
     safe_model = Path(model).name.replace(".gguf", "")
     out_dir = out_dir or Path("runs") / f"{safe_model}-{engine}"
     store = ResultStore(out_dir / "results.jsonl")
-    records = comparable_records(store, run_bench(config, store, resume=resume))
+    records = comparable_records(store, rescore_records(config, store) if rescore else run_bench(config, store, resume))
     noise = find_noise(out_dir, records[0]["engine"], records[0]["model"]) if records else None
     rows = summarize(records, noise)
     report_config = bench_config_dict(config)

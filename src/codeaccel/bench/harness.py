@@ -26,8 +26,9 @@ from codeaccel.engines.base import Engine
 from codeaccel.engines.pool import EnginePool
 from codeaccel.generation import Request
 from codeaccel.methods import Method, MethodOptions, build_method
+from codeaccel.registry import resolve_model
 from codeaccel.sampling import SamplingParams
-from codeaccel.sandbox import Limits, execute
+from codeaccel.sandbox import ExecutionResult, Job, Limits, SandboxPool, execute
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,16 @@ def build_prompt(engine: Engine, problem: Problem) -> list[int]:
     return engine.tokenize(text + problem.response_prefix)
 
 
+_COLUMNS = (
+    TextColumn("[bold]{task.description}"),
+    BarColumn(),
+    MofNCompleteColumn(),
+    TextColumn("pass {task.fields[passed]}/{task.fields[done]}"),
+    TimeElapsedColumn(),
+    TimeRemainingColumn(),
+)
+
+
 def run_bench(config: BenchConfig, store: ResultStore, resume: bool = True) -> list[dict]:
     """Run every (dataset, method) pair; return the records of this configuration."""
     problems = {d: load_problems(d, config.limit) for d in config.datasets}
@@ -92,15 +103,7 @@ def run_bench(config: BenchConfig, store: ResultStore, resume: bool = True) -> l
         for name in config.methods:
             methods.append(build_method(name, engine, config.options, pool))
         total = sum(len(p) for p in problems.values()) * len(methods)
-        columns = (
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("pass {task.fields[passed]}/{task.fields[done]}"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-        )
-        with Progress(*columns, transient=False) as progress:
+        with Progress(*_COLUMNS, transient=False) as progress:
             bar = progress.add_task("bench", total=total, passed=0, done=0)
             passed = done = 0
             for dataset, dataset_problems in problems.items():
@@ -174,14 +177,54 @@ def _compare_with_autoregressive(
         record["divergence"] = first_divergence(engine, prompt, reference["tokens"], record["tokens"])
 
 
+def test_scores(result: ExecutionResult) -> dict:
+    """What a record keeps of a sandbox run: overall, per test line, and whether the solution itself ran."""
+    return {
+        "passed": result.passed,
+        "test_status": result.status,
+        "test_lines": [t.status for t in result.tests],
+        "setup_status": result.setup_status,  # not "ok": the completion raised before any official test ran
+    }
+
+
+def rescore(config: BenchConfig, store: ResultStore) -> list[dict]:
+    """Re-run the tests of stored completions with today's sandbox; no model is loaded.
+
+    For results stored before a change to the sandbox or the test programs: generation
+    (tokens, timings) stays as measured; only the test fields are replaced.
+    """
+    model = resolve_model(config.model).name
+    problems = {(d, p.task_id): p for d in config.datasets for p in load_problems(d, config.limit)}
+    todo = [
+        r
+        for r in store.records()
+        if (r["dataset"], r["task_id"]) in problems
+        and problems[(r["dataset"], r["task_id"])].tests
+        and (r["model"], r["engine"]) == (model, config.engine)
+        and r["method"] in config.methods
+        and r["config"] == config.record_config()
+    ]
+    limits = Limits(timeout_s=config.test_timeout_s)
+    jobs = []
+    for r in todo:
+        problem = problems[(r["dataset"], r["task_id"])]
+        jobs.append(Job(problem.solution(r["completion"]), problem.tests, limits))
+    with SandboxPool() as pool, Progress(*_COLUMNS[:3], transient=False) as progress:
+        bar = progress.add_task("rescore", total=len(todo))
+        for record, result in zip(todo, pool.map(jobs)):
+            record.update(test_scores(result))
+            progress.advance(bar)
+    store.rewrite()
+    return todo
+
+
 def _run_one(engine: Engine, method, problem: Problem, config: BenchConfig, key: dict) -> dict:
     prompt_tokens = build_prompt(engine, problem)
     params = replace(config.sampling, seed=problem_seed(config.sampling.seed, problem.task_id))
     gen = method.generate(Request(prompt_tokens, params, config.max_tokens, problem.stop, problem.exclude_files))
-    scores: dict = {}
     if problem.tests:
         result = execute(problem.solution(gen.text), problem.tests, Limits(timeout_s=config.test_timeout_s))
-        scores = {"passed": result.passed, "test_status": result.status, "test_lines": [t.status for t in result.tests]}
+        scores = test_scores(result)
     else:
         scores = {"passed": None, "test_status": "no tests", **similarity(gen.text, problem.reference or "")}
     return {

@@ -52,6 +52,7 @@ def summarize(records: list[dict], noise: dict | None = None) -> list[dict]:
                 "mean_prefill_ms": round(1000 * prefill_s / len(rs), 1),
                 "decode_s": round(decode_s, 3),
                 **_similarity_columns(rs),
+                **_solution_errors(rs),
                 **_speculation_columns(rs, n_gen),
             }
         )
@@ -63,6 +64,14 @@ def _pass_at_1(rs: list[dict]) -> float | None:
     """Share of problems whose tests passed; None for a dataset without tests."""
     tested = [r for r in rs if r["passed"] is not None]
     return round(sum(bool(r["passed"]) for r in tested) / len(tested), 4) if tested else None
+
+
+def _solution_errors(rs: list[dict]) -> dict:
+    """Completions that raised before any official test ran (e.g. the model's own example asserts)."""
+    scored = [r for r in rs if "setup_status" in r]
+    if not scored or len(scored) < len(rs):
+        return {}
+    return {"solution_errors": sum(r["setup_status"] != "ok" for r in scored)}
 
 
 def _similarity_columns(rs: list[dict]) -> dict:
@@ -131,6 +140,7 @@ COLUMNS = [
     ("variant", "variant"),
     ("n_problems", "problems"),
     ("pass_at_1", "pass@1"),
+    ("solution_errors", "solution errors"),
     ("edit_similarity", "edit sim"),
     ("tokens_per_s", "tok/s"),
     ("speedup_vs_autoregressive", "speed-up"),

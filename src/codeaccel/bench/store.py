@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,12 @@ class ResultStore:
             f.write(line.encode() + b"\n")
             f.flush()
         self._records[record_key(record)] = record
+
+    def rewrite(self) -> None:
+        """Write the file anew from the records held (after records were changed in place); atomic."""
+        tmp = self.path.with_name(self.path.name + ".partial-rewrite")
+        tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in self._records.values()))
+        os.replace(tmp, self.path)
 
     def records(self) -> list[dict]:
         """Every stored record, in the order first stored."""
