@@ -62,5 +62,26 @@ def test_update_learns_acceptance_and_decays_back_to_the_prior():
 def test_target_step_time_is_measured_online():
     policy = DraftLength(LINEAR)  # the curve says 10 ms per step
     for _ in range(50):
-        policy.update(k=3, n_accepted=3, target_s=0.04 * LINEAR.cost(4), draft_s=0.0)
+        policy.update(k=0, n_accepted=0, target_s=0.04, draft_s=0.0)  # plain steps take 40 ms here
     assert policy.t_target_s == pytest.approx(0.04, rel=1e-3)
+    assert policy.batch_scale == 1.0  # one-token steps say nothing about batches
+
+
+def test_verification_cost_is_learned_when_batches_got_dearer_than_profiled():
+    """The profile says 16 tokens cost 5.5 steps; they now cost 10: the policy sees it and drafts shorter."""
+    policy = DraftLength(LINEAR, k_max=16, objective="target", t_target_s=0.01)
+    before = policy.best_k(alpha=0.9)
+    true_steps = [1 + 0.6 * (n - 1) for n in range(1, 33)]  # twice the curve's excess
+    for k in (15, 7, 3):
+        for _ in range(20):
+            policy.update(k=k, n_accepted=k, target_s=0.01 * true_steps[k], draft_s=0.0)
+    assert policy.batch_scale == pytest.approx(2.0, rel=1e-3)
+    assert policy.steps(16) == pytest.approx(true_steps[15], rel=1e-3)  # predictions match what was measured
+    assert policy.best_k(alpha=0.9) < before
+
+
+def test_a_first_step_without_an_evaluation_teaches_nothing():
+    policy = DraftLength(LINEAR, t_target_s=0.01)
+    policy.update(k=0, n_accepted=0, target_s=1e-6, draft_s=0.0, n_evaluated=0)
+    policy.update(k=4, n_accepted=4, target_s=0.01 * LINEAR.cost(4), draft_s=0.0, n_evaluated=4)
+    assert policy.t_target_s == 0.01 and policy.batch_scale == pytest.approx(1.0)

@@ -7,13 +7,17 @@ model of Leviathan et al. 2023), a draft of k tokens commits on average
 
 and costs
 
-    T(k) = k · t_draft + t_target · C(k+1)     seconds, end to end, or
-    T(k) = t_target · C(k+1)                   seconds of target time (objective "target"),
+    T(k) = k · t_draft + t_target · S(k+1)     seconds, end to end, or
+    T(k) = t_target · S(k+1)                   seconds of target time (objective "target"),
 
-where C(n) is the target's measured cost curve (evaluating n tokens at once, in
-decode steps; the verification evaluates the last committed token plus the k
-drafts) and t_target, t_draft are measured online. Plain decoding commits 1 token
-per ``t_target · C(1)``. Each step picks ``k* = argmax E(k)/T(k)`` and drafts only if
+where S(n) = 1 + s · (C(n) − 1) is the cost of evaluating n tokens at once in decode
+steps (the verification evaluates the last committed token plus the k drafts): C is
+the target's profiled cost curve, and s rescales its excess over one step to what
+verifications cost *now*. Measured online: t_target from plain one-token steps,
+t_draft per drafted token, and s from every verification (s = (T/t_target − 1) /
+(C(n) − 1), smoothed). The profile only gives the curve's shape; on a machine whose
+batched arithmetic got slower (or faster) since ``codeaccel profile`` ran, s follows.
+Plain decoding commits 1 token per ``t_target``. Each step picks ``k* = argmax E(k)/T(k)`` and drafts only if
 that beats plain decoding; otherwise it returns 0 and the caller decodes one token.
 
 α is estimated online from verified drafts (accepted tokens vs first rejections),
@@ -32,6 +36,8 @@ from codeaccel.cost_curve import CostCurve
 from codeaccel.errors import CodeaccelError
 
 Objective = Literal["end-to-end", "target"]
+MIN_EXCESS = 0.05  # batches the profile calls (nearly) free carry no information about s
+SCALE_BOUNDS = (0.1, 10.0)  # one noisy timing cannot move s further than this
 OBJECTIVES = ("end-to-end", "target")
 
 
@@ -62,6 +68,7 @@ class DraftLength:
     decay: float = 0.9  # weight kept by old observations per step
     t_target_s: float | None = None  # seconds per decode step of the target (C(1)), measured online
     t_draft_s: float | None = None  # seconds per drafted token, measured online
+    batch_scale: float = 1.0  # s: measured / profiled excess cost of a batch over one step, learned online
     _accepted: float = field(default=0.0, init=False)  # decayed count of accepted draft tokens
     _rejected: float = field(default=0.0, init=False)  # decayed count of first rejections
 
@@ -81,10 +88,14 @@ class DraftLength:
         a = self._accepted + self.prior_alpha * self.prior_weight
         return a / (self._accepted + self._rejected + self.prior_weight)
 
+    def steps(self, n: int) -> float:
+        """S(n): the cost of evaluating n tokens at once, in decode steps, as verifications cost now."""
+        return 1.0 + self.batch_scale * (self.curve.cost(n) - 1.0)
+
     def tokens_per_s(self, k: int, alpha: float | None = None) -> float:
         """Expected committed tokens per second (per target-second for objective "target") at draft length k."""
         alpha = self.alpha if alpha is None else alpha
-        seconds = self.t_target_s * self.curve.cost(k + 1)
+        seconds = self.t_target_s * self.steps(k + 1)
         if self.objective == "end-to-end" and k > 0:
             seconds += k * (self.t_draft_s or 0.0)
         return expected_tokens(alpha, k) / seconds
@@ -103,8 +114,12 @@ class DraftLength:
             return 0
         return min(self.best_k(), room)
 
-    def update(self, k: int, n_accepted: int, target_s: float, draft_s: float) -> None:
-        """Record one step: k drafted, n_accepted kept, seconds spent verifying and drafting."""
+    def update(self, k: int, n_accepted: int, target_s: float, draft_s: float, n_evaluated: int | None = None) -> None:
+        """Record one step: k drafted, n_accepted kept, seconds spent verifying and drafting.
+
+        n_evaluated: tokens the target evaluated for it (default k + 1; the first step of
+        a request evaluates only the drafts, the prefill gave the row before them).
+        """
         self._accepted *= self.decay
         self._rejected *= self.decay
         if k > 0:
@@ -112,8 +127,15 @@ class DraftLength:
             self._rejected += n_accepted < k
             if draft_s > 0:
                 self.t_draft_s = _ema(self.t_draft_s, draft_s / k)
-        if target_s > 0:
-            self.t_target_s = _ema(self.t_target_s, target_s / self.curve.cost(k + 1))
+        n = k + 1 if n_evaluated is None else n_evaluated
+        if target_s <= 0 or n < 1:
+            return  # nothing was evaluated: no timing to learn from
+        excess = self.curve.cost(n) - 1.0
+        if n == 1:
+            self.t_target_s = _ema(self.t_target_s, target_s)
+        elif excess > MIN_EXCESS:
+            observed = (target_s / self.t_target_s - 1.0) / excess
+            self.batch_scale = _ema(self.batch_scale, min(max(observed, SCALE_BOUNDS[0]), SCALE_BOUNDS[1]))
 
 
 def _ema(old: float | None, new: float, weight: float = 0.2) -> float:

@@ -117,7 +117,8 @@ def speculative_generate(
         target_s = time.perf_counter() - ts
         # 3. accept
         verdict = verify(draft.tokens, draft.probs, target_logits, params, rng, draft.parents)
-        draft_length.update(len(draft.tokens), verdict.n_accepted, target_s, draft_s)
+        n_evaluated = len(pending) + len(draft.tokens)  # 0 on a first step without a draft: no evaluation
+        draft_length.update(len(draft.tokens), verdict.n_accepted, target_s, draft_s, n_evaluated)
         drafter.observe(context, draft, verdict.n_accepted, verdict.tokens)
         stats.record(len(draft.tokens), verdict.n_accepted)
         stats.target_s += target_s
@@ -129,7 +130,11 @@ def speculative_generate(
         context += verdict.tokens
         pending = verdict.tokens[-1:]
     t2 = time.perf_counter()
-    request_stats = {**stats.as_dict(), **drafter.request_stats()}
+    cost_model = {
+        "t_target_ms": round(1000 * draft_length.t_target_s, 3),
+        "batch_scale": round(draft_length.batch_scale, 3),
+    }
+    request_stats = {**stats.as_dict(), **drafter.request_stats(), "cost_model": cost_model}
     log.debug("speculative request: %d tokens, %s", len(checker.tokens), request_stats)
     return Generation(
         text=checker.text,
