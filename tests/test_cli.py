@@ -58,6 +58,7 @@ def test_bench_writes_results_and_resumes(tiny_gguf, tmp_path):
     doc = json.loads((out / "summary.json").read_text())
     assert doc["command"].startswith("codeaccel bench humaneval,mbpp")
     assert {"cores", "cpu_model"} <= set(doc["machine"]) and doc["date"]
+    assert "process group + session" in doc["config"]["sandbox_layers"]  # what the tests ran under
     assert [(r["dataset"], r["n_problems"]) for r in doc["rows"]] == [("humaneval", 2), ("mbpp", 2)]
     for row in doc["rows"]:
         assert {"dataset", "model", "engine", "method", "n_problems", "tokens_per_s", "pass_at_1"} <= set(row)

@@ -445,6 +445,7 @@ def bench(
     from codeaccel.cost_curve import saved_curve_provenance
     from codeaccel.methods import parse_methods
     from codeaccel.sampling import SamplingParams
+    from codeaccel.sandbox import probe as probe_sandbox
 
     names = tuple(d.strip().lower() for d in datasets.split(",") if d.strip())
     for d in names:
@@ -469,6 +470,7 @@ def bench(
     noise = find_noise(out_dir, records[0]["engine"], records[0]["model"]) if records else None
     rows = summarize(records, noise)
     report_config = bench_config_dict(config)
+    report_config["sandbox_layers"] = [layer.name for layer in probe_sandbox().layers() if layer.active]
     if records and any(m not in ("autoregressive", "prompt-lookup", "hf-assisted") for m in config.methods):
         # draft lengths were chosen from this curve: keep its origin with the results
         report_config["target_cost_curve"] = saved_curve_provenance(records[0]["engine"], records[0]["model"], dtype)

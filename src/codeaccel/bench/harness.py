@@ -29,6 +29,7 @@ from codeaccel.methods import Method, MethodOptions, build_method
 from codeaccel.registry import resolve_model
 from codeaccel.sampling import SamplingParams
 from codeaccel.sandbox import ExecutionResult, Job, Limits, SandboxPool, execute
+from codeaccel.sandbox import probe as probe_sandbox
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,8 @@ _COLUMNS = (
 def run_bench(config: BenchConfig, store: ResultStore, resume: bool = True) -> list[dict]:
     """Run every (dataset, method) pair; return the records of this configuration."""
     problems = {d: load_problems(d, config.limit) for d in config.datasets}
+    if any(p.tests for ps in problems.values() for p in ps):
+        warn_inactive_sandbox_layers()  # before any model loads: a missing layer is said at once
     engine = load_engine(config.model, config.engine, n_ctx=config.n_ctx, dtype=config.dtype)
     methods: list[Method] = []
     records: list[dict] = []
@@ -175,6 +178,12 @@ def _compare_with_autoregressive(
     if not record["identical_to_autoregressive"]:
         prompt = build_prompt(engine, problem)
         record["divergence"] = first_divergence(engine, prompt, reference["tokens"], record["tokens"])
+
+
+def warn_inactive_sandbox_layers() -> None:
+    missing = [layer.name for layer in probe_sandbox().layers() if not layer.active]
+    if missing:
+        log.warning("sandbox layers inactive on this machine: %s (codeaccel sandbox check)", ", ".join(missing))
 
 
 def test_scores(result: ExecutionResult) -> dict:
