@@ -16,8 +16,8 @@ from codeaccel.sandbox.execution import (
     STATUSES,
     ExecutionResult,
     Limits,
+    LineResult,
     SandboxUnavailable,
-    TestResult,
     execute,
 )
 from codeaccel.sandbox.layers import probe
@@ -30,7 +30,7 @@ __all__ = [
     "Limits",
     "SandboxPool",
     "SandboxUnavailable",
-    "TestResult",
+    "LineResult",
     "execute",
     "probe",
 ]

@@ -14,7 +14,6 @@ whose stdout or stderr reached the cap is ``output_limit`` even if its tests pas
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import signal
@@ -32,8 +31,6 @@ from typing import Literal
 from codeaccel.errors import CodeaccelError
 from codeaccel.sandbox.cgroup import PidsCgroup
 from codeaccel.sandbox.layers import RUNNER, SANDBOX_RUNNER, SANDBOX_WORKDIR, Isolation, bwrap_args, probe
-
-log = logging.getLogger(__name__)
 
 Status = Literal["passed", "failed", "error", "timeout", "memory_limit", "output_limit", "killed"]
 STATUSES: tuple[str, ...] = ("passed", "failed", "error", "timeout", "memory_limit", "output_limit", "killed")
@@ -71,7 +68,7 @@ class Limits:
 
 
 @dataclass(frozen=True)
-class TestResult:
+class LineResult:
     test: str  # the test line as given
     status: Status
     exc_type: str | None = None
@@ -83,7 +80,7 @@ class TestResult:
 @dataclass(frozen=True)
 class ExecutionResult:
     status: Status  # passed only if the solution ran and every test line passed, within every limit
-    tests: list[TestResult]
+    tests: list[LineResult]
     setup_status: str  # the solution itself: ok, or how it failed (then no test line ran)
     setup_error: str | None  # "ExcType: message" when the solution failed
     returncode: int | None  # negative: killed by that signal; None: killed at the wall-clock limit
@@ -97,18 +94,6 @@ class ExecutionResult:
     @property
     def passed(self) -> bool:
         return self.status == "passed"
-
-    def as_dict(self) -> dict:
-        return {
-            "status": self.status,
-            "setup_status": self.setup_status,
-            "setup_error": self.setup_error,
-            "tests": [t.__dict__ for t in self.tests],
-            "returncode": self.returncode,
-            "wall_s": round(self.wall_s, 4),
-            "cpu_s": round(self.cpu_s, 4),
-            "output_capped": self.output_capped,
-        }
 
 
 def execute(solution: str, tests: Sequence[str] = (), limits: Limits | None = None) -> ExecutionResult:
@@ -283,11 +268,11 @@ def _result(
         r = reports.get(i)
         if r is not None:
             fields = {k: r.get(k) for k in ("exc_type", "message", "wall_s", "cpu_s")}
-            results.append(TestResult(line, r["status"], **fields))
+            results.append(LineResult(line, r["status"], **fields))
         elif setup_status != "ok":
-            results.append(TestResult(line, "error", "SetupFailed", f"the solution failed: {setup_error}"))
+            results.append(LineResult(line, "error", "SetupFailed", f"the solution failed: {setup_error}"))
         else:
-            results.append(TestResult(line, fate, None, why))
+            results.append(LineResult(line, fate, None, why))
     statuses = ([] if setup_status == "ok" else [setup_status if setup_status in STATUSES else "error"]) + [
         t.status for t in results
     ]
