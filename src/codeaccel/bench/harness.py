@@ -91,7 +91,7 @@ def run_bench(config: BenchConfig, store: ResultStore, resume: bool = True) -> l
     """Run every (dataset, method) pair; return the records of this configuration."""
     problems = {d: load_problems(d, config.limit) for d in config.datasets}
     if any(p.tests for ps in problems.values() for p in ps):
-        warn_inactive_sandbox_layers()  # before any model loads: a missing layer is said at once
+        _warn_inactive_sandbox_layers()  # before any model loads: a missing layer is said at once
     engine = load_engine(config.model, config.engine, n_ctx=config.n_ctx, dtype=config.dtype)
     methods: list[Method] = []
     records: list[dict] = []
@@ -180,13 +180,13 @@ def _compare_with_autoregressive(
         record["divergence"] = first_divergence(engine, prompt, reference["tokens"], record["tokens"])
 
 
-def warn_inactive_sandbox_layers() -> None:
+def _warn_inactive_sandbox_layers() -> None:
     missing = [layer.name for layer in probe_sandbox().layers() if not layer.active]
     if missing:
         log.warning("sandbox layers inactive on this machine: %s (codeaccel sandbox check)", ", ".join(missing))
 
 
-def test_scores(result: ExecutionResult) -> dict:
+def scores_of(result: ExecutionResult) -> dict:
     """What a record keeps of a sandbox run: overall, per test line, and whether the solution itself ran."""
     return {
         "passed": result.passed,
@@ -221,7 +221,7 @@ def rescore(config: BenchConfig, store: ResultStore) -> list[dict]:
     with SandboxPool() as pool, Progress(*_COLUMNS[:3], transient=False) as progress:
         bar = progress.add_task("rescore", total=len(todo))
         for record, result in zip(todo, pool.map(jobs)):
-            record.update(test_scores(result))
+            record.update(scores_of(result))
             progress.advance(bar)
     store.rewrite()
     return todo
@@ -233,7 +233,7 @@ def _run_one(engine: Engine, method, problem: Problem, config: BenchConfig, key:
     gen = method.generate(Request(prompt_tokens, params, config.max_tokens, problem.stop, problem.exclude_files))
     if problem.tests:
         result = execute(problem.solution(gen.text), problem.tests, Limits(timeout_s=config.test_timeout_s))
-        scores = test_scores(result)
+        scores = scores_of(result)
     else:
         scores = {"passed": None, "test_status": "no tests", **similarity(gen.text, problem.reference or "")}
     return {
