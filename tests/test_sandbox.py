@@ -26,7 +26,8 @@ ISO = probe()
 needs_pidns = pytest.mark.skipif(ISO.bwrap is None, reason="needs bubblewrap's pid namespace")
 needs_fs = pytest.mark.skipif(ISO.bwrap is None, reason="needs bubblewrap's filesystem isolation")
 needs_netns = pytest.mark.skipif(ISO.netns is None, reason="needs a network namespace")
-needs_cgroup = pytest.mark.skipif(ISO.pids_cgroup is None, reason="needs a writable pids cgroup")
+needs_cgroup = pytest.mark.skipif(ISO.controller("pids") is None, reason="needs a writable pids cgroup")
+needs_memcg = pytest.mark.skipif(ISO.controller("memory") is None, reason="needs a writable memory cgroup")
 FAST = Limits(timeout_s=5.0)
 
 
@@ -198,6 +199,28 @@ def test_a_memory_bomb_hits_the_memory_limit():
     assert r.status == "memory_limit"
 
 
+@needs_memcg
+def test_a_memory_bomb_spread_over_processes_is_bounded_by_the_runs_memory_cgroup():
+    """Each child stays under RLIMIT_AS (512 MiB each); together they would need 2.4 GiB of a 1 GiB run."""
+    code = (
+        "import os\n"
+        "children = []\n"
+        "for _ in range(6):\n"
+        "    pid = os.fork()\n"
+        "    if pid == 0:\n"
+        "        block = b'x' * (400 * 1024**2)\n"  # written, so the pages are really used
+        "        import time; time.sleep(3)\n"
+        "        os._exit(0)\n"
+        "    children.append(pid)\n"
+        "codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in children]\n"
+    )
+    limits = Limits(timeout_s=20.0, memory_bytes=1024**3)
+    r = execute(code, ["assert codes == [0] * 6, codes"], limits)
+    assert r.oom_kills >= 3  # at most two 400 MiB children fit in 1 GiB
+    assert r.tests[0].status == "failed" and "-9" in r.tests[0].message  # the line saw its children SIGKILLed
+    assert r.status == "memory_limit"  # and the run says why
+
+
 def test_huge_output_is_capped_and_reported():
     limits = Limits(timeout_s=10.0, output_bytes=64 * 1024)
     r = execute("import sys", ["sys.stdout.write('x' * (4 * 1024 * 1024))"], limits)
@@ -286,7 +309,7 @@ def _accept(listener: socket.socket):
 
 
 def test_without_a_network_namespace_the_sandbox_refuses_unless_allowed(monkeypatch):
-    bare = Isolation(is_root=ISO.is_root, bwrap=None, netns=None, pids_cgroup=None, prlimit=ISO.prlimit)
+    bare = Isolation(is_root=ISO.is_root, bwrap=None, netns=None, cgroups=(), prlimit=ISO.prlimit)
     monkeypatch.setattr(execution_module, "probe", lambda: bare)
     monkeypatch.delenv(execution_module.ALLOW_NETWORK_ENV, raising=False)
     with pytest.raises(SandboxUnavailable, match="network"):
@@ -380,7 +403,7 @@ def test_zz_the_suite_left_no_processes_cgroups_or_files():
     """Runs last (file order): nothing of any run above remains."""
     for marker in ("forkbomb-7f3a", "daemon-51c2", "/tmp/.codeaccel/runner.py"):
         assert _processes_with(marker) == []
-    if ISO.pids_cgroup is not None:
-        assert [p.name for p in ISO.pids_cgroup.iterdir() if p.name.startswith("run-")] == []
+    for controller in ISO.cgroups:
+        assert [p.name for p in controller.parent.iterdir() if p.name.startswith("run-")] == []
     assert not list(Path(tempfile.gettempdir()).glob("codeaccel-run-*"))
     os.kill(os.getpid(), 0)  # and the parent is alive

@@ -6,8 +6,9 @@
 
 How a run ends decides the lines that never reported (see :mod:`codeaccel.sandbox.runner`):
 the wall-clock limit → ``timeout``; SIGXCPU (CPU seconds) → ``timeout``; SIGXFSZ
-(a file over the size cap) → ``output_limit``; any other signal (a segfault, the
-kernel's OOM killer) → ``killed``; a clean exit before a line ran → ``error``. A run
+(a file over the size cap) → ``output_limit``; SIGKILL from the run's memory cgroup →
+``memory_limit``; any other signal (a segfault) → ``killed``; a clean exit before a
+line ran → ``error``. A run
 whose stdout or stderr reached the cap is ``output_limit`` even if its tests passed.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -29,7 +31,7 @@ from pathlib import Path
 from typing import Literal
 
 from codeaccel.errors import CodeaccelError
-from codeaccel.sandbox.cgroup import PidsCgroup
+from codeaccel.sandbox.cgroup import RunCgroup
 from codeaccel.sandbox.layers import RUNNER, SANDBOX_RUNNER, SANDBOX_WORKDIR, Isolation, bwrap_args, probe
 
 Status = Literal["passed", "failed", "error", "timeout", "memory_limit", "output_limit", "killed"]
@@ -48,7 +50,7 @@ class Limits:
 
     timeout_s: float = 10.0  # wall clock, whole run (solution + every test line)
     line_timeout_s: float | None = None  # per test line (default: timeout_s)
-    memory_bytes: int = 2 * 1024**3  # address space (RLIMIT_AS)
+    memory_bytes: int = 2 * 1024**3  # address space of each process (RLIMIT_AS), and all together (memory cgroup)
     output_bytes: int = 1024**2  # stdout and stderr each, and any one file written (RLIMIT_FSIZE)
     disk_bytes: int = 64 * 1024**2  # the private /tmp and /dev/shm (tmpfs size)
     open_files: int = 64  # RLIMIT_NOFILE
@@ -89,6 +91,7 @@ class ExecutionResult:
     stdout: str  # at most Limits.output_bytes
     stderr: str
     output_capped: bool = False
+    oom_kills: int = 0  # processes of the run the kernel killed at its memory limit (cgroup)
     layers: tuple[str, ...] = field(default_factory=tuple)  # the isolation layers this run had
 
     @property
@@ -118,11 +121,12 @@ def execute(solution: str, tests: Sequence[str] = (), limits: Limits | None = No
         return _run(Path(tmp), job, limits, iso)
 
 
-def _command(iso: Isolation, limits: Limits, cgroup: PidsCgroup | None) -> list[str]:
+def _command(iso: Isolation, limits: Limits, cgroup: RunCgroup | None) -> list[str]:
     """The stacked command line (see :mod:`codeaccel.sandbox.layers`)."""
     cmd: list[str] = []
-    if cgroup is not None:
-        cmd += ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', str(cgroup.procs_file)]
+    if cgroup is not None:  # join every cgroup of the run, then become the rest of the command
+        joins = " && ".join(f"echo $$ > {shlex.quote(str(f))}" for f in cgroup.procs_files)
+        cmd += ["/bin/sh", "-c", f'{joins} && exec "$@"', "sh"]
     if iso.prlimit:
         cmd += [
             iso.prlimit,
@@ -132,7 +136,7 @@ def _command(iso: Isolation, limits: Limits, cgroup: PidsCgroup | None) -> list[
             f"--nofile={limits.open_files}",
             "--core=0",
         ]
-        if cgroup is None and not iso.is_root:
+        if iso.controller("pids") is None and not iso.is_root:
             cmd.append(f"--nproc={limits.max_processes}")
         cmd.append("--")
     if iso.netns == "unshare":
@@ -151,7 +155,8 @@ def _run(tmp: Path, job: dict, limits: Limits, iso: Isolation) -> ExecutionResul
     work.mkdir()
     env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONHASHSEED": "0", "HOME": str(work), "TMPDIR": str(work)}
     timed_out = threading.Event()
-    cgroup = PidsCgroup(iso.pids_cgroup, limits.max_processes) if iso.pids_cgroup else None
+    bounds = {"pids": limits.max_processes, "memory": limits.memory_bytes}
+    cgroup = RunCgroup({c: bounds[c.name] for c in iso.cgroups}) if iso.cgroups else None
     try:
         with ExitStack() as files:
             results = files.enter_context(open(tmp / "results", "wb"))  # the runner's report channel
@@ -181,6 +186,7 @@ def _run(tmp: Path, job: dict, limits: Limits, iso: Isolation) -> ExecutionResul
             wall = time.perf_counter() - start
             proc.returncode = os.waitstatus_to_exitcode(wait_status)
             _kill(proc.pid, cgroup)  # nothing the program started outlives it
+            oom_kills = cgroup.oom_kills() if cgroup is not None else 0
     finally:
         if cgroup is not None:
             cgroup.remove()
@@ -192,10 +198,10 @@ def _run(tmp: Path, job: dict, limits: Limits, iso: Isolation) -> ExecutionResul
     # take the runner's own per-line measurements where they are larger
     reported_cpu = sum(r.get("cpu_s") or 0.0 for r in reports.values())
     cpu = max(rusage.ru_utime + rusage.ru_stime, reported_cpu)
-    return _result(job["tests"], reports, returncode, wall, cpu, stdout, stderr, cap_out or cap_err, iso)
+    return _result(job["tests"], reports, returncode, oom_kills, wall, cpu, stdout, stderr, cap_out or cap_err, iso)
 
 
-def _kill(pid: int, cgroup: PidsCgroup | None) -> None:
+def _kill(pid: int, cgroup: RunCgroup | None) -> None:
     try:
         os.killpg(pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
@@ -228,10 +234,12 @@ def _read_reports(path: Path, cap: int) -> dict:
     return reports
 
 
-def _fate(returncode: int | None) -> tuple[Status, str]:
+def _fate(returncode: int | None, oom_kills: int) -> tuple[Status, str]:
     """How the run ended, for the lines that did not report."""
     if returncode is None:
         return "timeout", "the run passed its wall-clock limit and was killed"
+    if oom_kills and returncode in (-signal.SIGKILL, 128 + signal.SIGKILL):
+        return "memory_limit", "killed by the kernel at the run's memory limit (cgroup)"
     if returncode == 0:
         return "error", "the program ended before this test ran"
     if returncode < 0 or returncode > 128:  # bubblewrap reports a signalled child as 128 + signal
@@ -249,6 +257,7 @@ def _result(
     tests: list[str],
     reports: dict,
     returncode: int | None,
+    oom_kills: int,
     wall: float,
     cpu: float,
     stdout: str,
@@ -256,7 +265,7 @@ def _result(
     output_capped: bool,
     iso: Isolation,
 ) -> ExecutionResult:
-    fate, why = _fate(returncode)
+    fate, why = _fate(returncode, oom_kills)
     setup = reports.get("setup")
     if setup is None:
         setup_status, setup_error = fate, why
@@ -279,9 +288,22 @@ def _result(
     status: Status = next((s for s in statuses if s != "passed"), "passed")
     if output_capped and status == "passed":
         status = "output_limit"
+    if oom_kills:  # the kernel killed a process of the run for memory: that is the run's verdict
+        status = "memory_limit"
     if returncode is None:
         status = "timeout"
     layers = tuple(layer.name for layer in iso.layers() if layer.active)
     return ExecutionResult(
-        status, results, setup_status, setup_error, returncode, wall, cpu, stdout, stderr, output_capped, layers
+        status,
+        results,
+        setup_status,
+        setup_error,
+        returncode,
+        wall,
+        cpu,
+        stdout,
+        stderr,
+        output_capped,
+        oom_kills,
+        layers,
     )

@@ -2,7 +2,7 @@
 
 A run is one command line, each layer a well-kept tool that execs the next:
 
-    sh -c 'echo $$ > <cgroup>/cgroup.procs && exec "$@"'     pids cgroup (process bound, kill list)
+    sh -c 'echo $$ > <cgroup>/cgroup.procs && exec "$@"'     pids + memory cgroup (bounds, kill list)
       prlimit --cpu --as --fsize --nofile --core [--nproc]     resource limits (util-linux)
         unshare --net                                          fresh network namespace: only an
                                                                unconfigured loopback (as root)
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from codeaccel.sandbox.cgroup import find_pids_root
+from codeaccel.sandbox.cgroup import Controller, find_controller
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +51,11 @@ class Isolation:
     is_root: bool
     bwrap: str | None  # bubblewrap's path, if it runs here
     netns: NetNs | None  # how a run gets a fresh network namespace, if at all
-    pids_cgroup: Path | None  # where per-run pids cgroups are made, if anywhere
+    cgroups: tuple[Controller, ...]  # the cgroup controllers a run can be bounded by (pids, memory)
     prlimit: str | None
+
+    def controller(self, name: str) -> Controller | None:
+        return next((c for c in self.cgroups if c.name == name), None)
 
     def layers(self) -> list[Layer]:
         fs = (
@@ -65,17 +68,23 @@ class Isolation:
             "bwrap": "fresh network namespace (bubblewrap, user namespace): loopback only",
             None: "NONE: neither unshare --net nor bubblewrap works here; runs need allow_network",
         }[self.netns]
-        if self.pids_cgroup:
-            procs = f"pids cgroup under {self.pids_cgroup} (pids.max per run; every member killed at the end)"
+        pids, memory = self.controller("pids"), self.controller("memory")
+        if pids:
+            procs = f"pids cgroup under {pids.parent} (pids.max per run; every member killed at the end)"
         elif not self.is_root:
             procs = "RLIMIT_NPROC (per user, not per run: no writable pids cgroup)"
         else:
             procs = "NONE: no writable pids cgroup, and RLIMIT_NPROC does not bind root"
+        if memory:
+            mem = f"memory cgroup under {memory.parent}: the run's processes together, tmpfs included"
+        else:
+            mem = "NONE: no writable memory cgroup; only RLIMIT_AS, per process"
         return [
             Layer("process group + session", True, "own session; the whole group is killed at the end"),
             Layer("pid namespace", self.bwrap is not None, "bubblewrap --unshare-pid: nothing outlives the run"),
             Layer("resource limits", self.prlimit is not None, "prlimit: CPU s, address space, file size, open files"),
-            Layer("process bound", bool(self.pids_cgroup) or not self.is_root, procs),
+            Layer("process bound", pids is not None or not self.is_root, procs),
+            Layer("memory bound", memory is not None, mem),
             Layer("network", self.netns is not None, net),
             Layer("filesystem", self.bwrap is not None, fs),
             Layer("environment", True, "scrubbed: PATH, LANG, HOME, TMPDIR only"),
@@ -111,7 +120,7 @@ def probe() -> Isolation:
         is_root=is_root,
         bwrap=bwrap,
         netns=netns,
-        pids_cgroup=find_pids_root(),
+        cgroups=tuple(c for c in (find_controller("pids"), find_controller("memory")) if c is not None),
         prlimit=shutil.which("prlimit"),
     )
 
