@@ -26,6 +26,20 @@ def test_llama_prompt_lookup_matches_greedy_autoregressive(tiny_gguf):
     assert peer.variant.startswith("llama-cpp-python") and peer.settings["num_pred_tokens"] == 10
 
 
+def test_llama_prompt_lookup_runs_past_one_batch_of_tokens(tiny_gguf):
+    """llama-cpp-python sizes its logits buffer by n_batch (512) unless logits_all=True: longer runs must work."""
+    with load_engine(tiny_gguf, n_ctx=1024) as target, EnginePool() as pool:
+        prompt = target.tokenize(PROMPT * 40)[:600]  # prompt + draft rows past 512
+        ar = generate(target, prompt, SamplingParams(), 40)
+        peer = build_method("prompt-lookup", target, MethodOptions(), pool)
+        try:
+            out = peer.generate(Request(prompt, SamplingParams(), 40))  # raised ValueError (broadcast) before
+        finally:
+            peer.close()
+    assert len(prompt) == 600 and out.n_generated > 0
+    assert (out.tokens, out.finish_reason) == (ar.tokens, ar.finish_reason)
+
+
 @pytest.mark.parametrize("method", ["prompt-lookup", "hf-assisted"])
 def test_transformers_generate_peers_match_greedy_autoregressive(tiny_hf, method):
     with load_engine(tiny_hf, "hf", n_ctx=512, dtype="float32") as target, EnginePool() as pool:

@@ -35,6 +35,9 @@ class LlamaPromptLookupMethod:
             n_threads=os.cpu_count(),
             n_threads_batch=os.cpu_count(),
             draft_model=LlamaPromptLookupDecoding(num_pred_tokens=num_pred_tokens, max_ngram_size=max_ngram_size),
+            # a draft model makes Llama keep logits for every position, but 0.3.36 sizes that buffer from the
+            # logits_all *argument* (n_batch rows when False): past n_batch tokens generate() fails to broadcast
+            logits_all=True,
             verbose=False,
         )
 
