@@ -85,8 +85,17 @@ def test_bench_writes_results_and_resumes(tiny_gguf, tmp_path):
     after = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert len(after) == 4 and {r["task_id"]: (r["passed"], r["test_status"]) for r in after} == truth
     assert [r["tokens"] for r in after] == [r["tokens"] for r in stored[-4:]]
-    rows = json.loads((out / "summary.json").read_text())["rows"]
-    assert all(0 <= row["solution_errors"] <= row["n_problems"] - row["n_passed"] for row in rows)
+    doc = json.loads((out / "summary.json").read_text())
+    assert all(0 <= row["solution_errors"] <= row["n_problems"] - row["n_passed"] for row in doc["rows"])
+    assert "--rescore" not in doc["command"]  # the command recorded is the one that produces the results
+    # --report-only summarises what is stored, here a subset, and generates nothing
+    partial = run_cli(*[a if a != "2" else "1" for a in args], "--report-only")
+    assert partial.returncode == 0, partial.stderr
+    doc = json.loads((out / "summary.json").read_text())
+    assert [r["n_problems"] for r in doc["rows"]] == [1, 1] and "--report-only" not in doc["command"]
+    assert len((out / "results.jsonl").read_text().splitlines()) == 4
+    empty = run_cli(*args, "--report-only", "--temperature", "0.5")
+    assert empty.returncode == 2 and "no stored results" in empty.stderr
 
 
 def test_profile_saves_curve(tiny_gguf, tmp_path):

@@ -424,6 +424,9 @@ def bench(
     rescore: Annotated[
         bool, typer.Option(help="Only re-run the tests of stored completions (after a sandbox change).")
     ] = False,
+    report_only: Annotated[
+        bool, typer.Option(help="Only write the summary of what is stored (a partial run, say); generate nothing.")
+    ] = False,
     dtype: DtypeOpt = "bfloat16",
     draft_model: DraftModelOpt = None,
     draft_engine: DraftEngineOpt = None,
@@ -437,7 +440,7 @@ def bench(
     problems and settings, so variants run one after another share one table.
     """
     from codeaccel.bench.datasets import load_problems
-    from codeaccel.bench.harness import BenchConfig, bench_config_dict, comparable_records, run_bench
+    from codeaccel.bench.harness import BenchConfig, bench_config_dict, comparable_records, run_bench, stored_records
     from codeaccel.bench.harness import rescore as rescore_records
     from codeaccel.bench.logit_noise import find_noise
     from codeaccel.bench.report import markdown_table, summarize, write_report
@@ -466,7 +469,13 @@ def bench(
     safe_model = Path(model).name.replace(".gguf", "")
     out_dir = out_dir or Path("runs") / f"{safe_model}-{engine}"
     store = ResultStore(out_dir / "results.jsonl")
-    records = comparable_records(store, rescore_records(config, store) if rescore else run_bench(config, store, resume))
+    if report_only or rescore:
+        stored = rescore_records(config, store) if rescore else stored_records(config, store)
+        if not stored:
+            raise CodeaccelError(f"no stored results in {out_dir} for these settings: run the benchmark first")
+        records = comparable_records(store, stored)
+    else:
+        records = comparable_records(store, run_bench(config, store, resume))
     noise = find_noise(out_dir, records[0]["engine"], records[0]["model"]) if records else None
     rows = summarize(records, noise)
     report_config = bench_config_dict(config)
@@ -474,7 +483,9 @@ def bench(
     if records and any(m not in ("autoregressive", "prompt-lookup", "hf-assisted") for m in config.methods):
         # draft lengths were chosen from this curve: keep its origin with the results
         report_config["target_cost_curve"] = saved_curve_provenance(records[0]["engine"], records[0]["model"], dtype)
-    write_report(rows, out_dir, _command_line(), report_config, name=name, noise=noise)
+    # the command that produces these results: flags that only re-test or re-summarise them are left out
+    command = shlex.join(a for a in shlex.split(_command_line()) if a not in ("--rescore", "--report-only"))
+    write_report(rows, out_dir, command, report_config, name=name, noise=noise)
     out.print(markdown_table(rows), markup=False, highlight=False, soft_wrap=True)
     out.print(f"results in {out_dir}/ ({name}.json, {name}.md, {name}.png, results.jsonl)")
 

@@ -196,23 +196,28 @@ def scores_of(result: ExecutionResult) -> dict:
     }
 
 
+def stored_records(config: BenchConfig, store: ResultStore) -> list[dict]:
+    """The records of this configuration already in the store (nothing is generated; no model is loaded)."""
+    model = resolve_model(config.model).name
+    problems = {(d, p.task_id) for d in config.datasets for p in load_problems(d, config.limit)}
+    return [
+        r
+        for r in store.records()
+        if (r["dataset"], r["task_id"]) in problems
+        and (r["model"], r["engine"]) == (model, config.engine)
+        and r["method"] in config.methods
+        and r["config"] == config.record_config()
+    ]
+
+
 def rescore(config: BenchConfig, store: ResultStore) -> list[dict]:
     """Re-run the tests of stored completions with today's sandbox; no model is loaded.
 
     For results stored before a change to the sandbox or the test programs: generation
     (tokens, timings) stays as measured; only the test fields are replaced.
     """
-    model = resolve_model(config.model).name
     problems = {(d, p.task_id): p for d in config.datasets for p in load_problems(d, config.limit)}
-    todo = [
-        r
-        for r in store.records()
-        if (r["dataset"], r["task_id"]) in problems
-        and problems[(r["dataset"], r["task_id"])].tests
-        and (r["model"], r["engine"]) == (model, config.engine)
-        and r["method"] in config.methods
-        and r["config"] == config.record_config()
-    ]
+    todo = [r for r in stored_records(config, store) if problems[(r["dataset"], r["task_id"])].tests]
     limits = Limits(timeout_s=config.test_timeout_s)
     jobs = []
     for r in todo:
