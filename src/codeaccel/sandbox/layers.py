@@ -142,11 +142,13 @@ def bwrap_args(bwrap: str, disk_bytes: int, unshare_net: bool) -> list[str]:
     """bubblewrap's arguments: read-only root, private tmpfs /tmp and /dev/shm, homes masked, pid namespace."""
     args = [bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/sys"]  # host sysfs hidden
     args += ["--size", str(disk_bytes), "--tmpfs", "/tmp", "--size", str(disk_bytes), "--tmpfs", "/dev/shm"]
-    masks = _masked_homes()
-    for home in masks:
+    homes = _masked_homes()
+    for home in homes:
         args += ["--tmpfs", home]
+    # the interpreter and its environment may live under a hidden directory (a venv in a clone under /tmp,
+    # a pyenv in /root): bind those back, read-only
     for d in _python_dirs():
-        if any(d == m or d.startswith(m.rstrip("/") + "/") for m in masks):
+        if any(d == m or d.startswith(m.rstrip("/") + "/") for m in [*homes, "/tmp", "/dev/shm"]):
             args += ["--ro-bind", d, d]
     args += ["--ro-bind", str(RUNNER), SANDBOX_RUNNER, "--dir", SANDBOX_WORKDIR, "--chdir", SANDBOX_WORKDIR]
     args += ["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try", "--hostname", "sandbox"]
