@@ -338,7 +338,9 @@ def test_files_outside_the_sandbox_cannot_be_written_or_deleted():
         ]
         r = execute("import os", tests, FAST)
         assert [t.status for t in r.tests] == ["error"] * 4 + ["passed"]
-        assert all("Read-only file system" in (t.message or "") for t in r.tests[:4])
+        assert all("Read-only file system" in (t.message or "") for t in r.tests[:3])
+        # the project: read-only, or not even there when the checkout lies under the private /tmp
+        assert r.tests[3].exc_type in ("OSError", "FileNotFoundError")
         assert victim.read_text() == "precious" and not (outside / "new.txt").exists()
         assert not project_file.read_text().endswith("# pwned")
     finally:
