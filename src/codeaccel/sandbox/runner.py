@@ -48,9 +48,7 @@ def _classify(exc: BaseException) -> str:
         return "memory_limit"
     if isinstance(exc, OSError) and exc.errno == errno.EFBIG:
         return "output_limit"  # RLIMIT_FSIZE reached (SIGXFSZ is ignored here, so the write fails)
-    if isinstance(exc, RecursionError):
-        return "error"
-    return "error"
+    return "error"  # any other exception, RecursionError included
 
 
 def _report(out, record: dict) -> None:
