@@ -187,6 +187,8 @@ def test_bench_repository_level_with_retrieval(tiny_gguf, tmp_path):
     assert latency["n_queries"] == 40 and source["tokens"] == stats["tokens"]
     assert 0 < source["median_ms"] <= source["p90_ms"] <= source["p99_ms"] and 0 < source["hit_rate"] <= 1
     assert latency["parallel_retrieve"]["median_ms"] > 0 and "| all sources in parallel |" in lookups.stdout
+    # one source: "one after another" is the same lookups, timed per query
+    assert latency["sequential_lookups"]["median_ms"] == source["median_ms"]
     out = tmp_path / "repo"
     args = ["bench", "repo:rich", "-m", tiny_gguf, "--limit", "2", "--max-tokens", "24", "--out", str(out)]
     result = run_cli(*args, "--method", "autoregressive,retrieval,retrieval-rest", "--datastore", str(ds), env=env)

@@ -246,3 +246,25 @@ def test_tree_sampling_matches_target_distribution(tiny_gguf):
             counts[tuple(gen.tokens)] += 1
         seqs = list(exact)
         assert scipy_stats.chisquare([counts[s] for s in seqs], [exact[s] * n for s in seqs]).pvalue > 1e-3
+
+
+def test_ablation_methods_switch_off_one_part_each(target, repo_store):
+    from codeaccel.engines.pool import EnginePool
+    from codeaccel.errors import CodeaccelError
+    from codeaccel.methods import MethodOptions, build_method, parse_methods
+
+    names = parse_methods("retrieval,retrieval-without-tree,retrieval-without-cache")
+    options = MethodOptions(datastores=(str(repo_store.path),))
+    with EnginePool() as pool:
+        built = [build_method(n, target, options, pool) for n in names]
+        try:
+            assert [m.name for m in built] == ["retrieval"] * 3
+            assert [m.settings.get("ablate") for m in built] == [None, ["tree"], ["cache"]]
+            assert len({m.variant for m in built}) == 3  # stored and reported as separate rows
+            assert built[1].drafter.tree_branches == 1 and built[1].drafter.cache is not None
+            assert built[2].drafter.cache is None and built[2].drafter.tree_branches > 1
+        finally:
+            for m in built:
+                m.close()
+    with pytest.raises(CodeaccelError, match="unknown method 'retrieval-without-magic'"):
+        parse_methods("retrieval-without-magic")

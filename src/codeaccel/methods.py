@@ -9,7 +9,7 @@ method is one entry in :data:`BUILDERS`, and the harness needs no change.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from codeaccel.autoregressive import AutoregressiveMethod
@@ -198,19 +198,32 @@ BUILDERS: dict[str, Callable[[Engine, MethodOptions, EnginePool], Method]] = {
 }
 
 
+# ``retrieval-without-<part>``: retrieval with one part ablated, as its own method, so an
+# ablation study runs interleaved with the full method and the baseline on every problem.
+WITHOUT = "retrieval-without-"
+
+
+def _known(name: str) -> bool:
+    return name in BUILDERS or (name.startswith(WITHOUT) and name[len(WITHOUT) :] in ABLATIONS)
+
+
 def parse_methods(spec: str) -> list[str]:
     """``"autoregressive,speculative"`` → a checked list of method names."""
     names = [m.strip() for m in spec.split(",") if m.strip()]
     if not names:
         raise CodeaccelError("no method given")
-    unknown = [m for m in names if m not in BUILDERS]
+    unknown = [m for m in names if not _known(m)]
     if unknown:
-        raise CodeaccelError(f"unknown method {unknown[0]!r}: choose from {', '.join(BUILDERS)}")
+        choices = [*BUILDERS, *(WITHOUT + part for part in ABLATIONS)]
+        raise CodeaccelError(f"unknown method {unknown[0]!r}: choose from {', '.join(choices)}")
     return list(dict.fromkeys(names))
 
 
 def build_method(name: str, target: Engine, options: MethodOptions, pool: EnginePool) -> Method:
     """Build a method on the target; draft engines come from (and are closed with) ``pool``."""
-    if name not in BUILDERS:
+    if not _known(name):
         raise CodeaccelError(f"unknown method {name!r}: choose from {', '.join(BUILDERS)}")
+    if name.startswith(WITHOUT):
+        ablated = tuple(dict.fromkeys([*options.ablate, name[len(WITHOUT) :]]))
+        return BUILDERS["retrieval"](target, replace(options, ablate=ablated), pool)
     return BUILDERS[name](target, options, pool)

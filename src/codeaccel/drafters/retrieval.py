@@ -160,7 +160,7 @@ class RetrievalDrafter:
         self.repository_weight = repository_weight
         self.cache_weight = cache_weight
         self.tree_branches = tree_branches  # > 1: propose a token tree of that many branches
-        self._pool = ThreadPoolExecutor(max_workers=max(1, len(self.datastores)), thread_name_prefix="retrieve")
+        self._pool = ThreadPoolExecutor(max_workers=max(1, len(self.datastores) - 1), thread_name_prefix="retrieve")
         self.last: list[Retrieved] = []  # what the last proposal was built from
         self._last_match = 0
         self._counts: Counter = Counter()
@@ -173,12 +173,12 @@ class RetrievalDrafter:
             self.timing.reset_backoff()
 
     def retrieve(self, context: Sequence[int], k: int) -> list[Retrieved]:
+        """Look the context's tail up in every datastore: all but the first on the pool, the first here."""
         tail = list(context[-self.max_match :])
-        jobs = [
-            self._pool.submit(ds.lookup, tail, self.max_match, self.min_match, k, self.max_samples, self._exclude)
-            for ds in self.datastores
-        ]
-        return [r for r in (job.result() for job in jobs) if r is not None]
+        args = (tail, self.max_match, self.min_match, k, self.max_samples, self._exclude)
+        jobs = [self._pool.submit(ds.lookup, *args) for ds in self.datastores[1:]]
+        found = [self.datastores[0].lookup(*args), *(job.result() for job in jobs)]
+        return [r for r in found if r is not None]
 
     def propose(self, context: Sequence[int], k: int, params: SamplingParams, rng: np.random.Generator) -> Draft:
         self._last_match, self.last = 0, []
