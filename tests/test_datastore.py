@@ -191,3 +191,45 @@ def test_general_scan_excludes_globs_and_nested_site_packages(tmp_path):
     scan = scan_general([root], exclude=["*/skipme.py"])
     assert [p.name for _, p in scan.root_files] == ["mod.py"]
     assert scan.skipped == {"excluded": 1}
+
+
+def test_open_rebuilds_a_damaged_datastore_and_refuses_a_foreign_one(project, tmp_path, caplog):
+    from codeaccel.datastore import open_datastore
+    from codeaccel.errors import CodeaccelError
+
+    path = tmp_path / "ds"
+    build_datastore(path, "proj", "repository", [project], char_tokens, "chars")
+    expected = open_datastore(path, char_tokens, "chars").lookup(char_tokens("def alpha_fun"), max_len=32)
+    for damage in ("corrupt", "half-written"):
+        if damage == "corrupt":
+            with open(path / "base" / "tokens.npy", "r+b") as f:
+                f.seek(-4, os.SEEK_END)
+                f.write(b"\xff\xff\xff\x7f")  # same size, different content: only the checksum sees it
+        else:
+            (path / "manifest.json").unlink()  # an update that died between its two writes
+        with caplog.at_level("WARNING", logger="codeaccel.datastore"):
+            store = open_datastore(path, char_tokens, "chars")
+        assert "rebuilding it from" in caplog.text
+        caplog.clear()
+        assert store.lookup(char_tokens("def alpha_fun"), max_len=32) == expected
+    with pytest.raises(CodeaccelError, match="another model's tokenizer"):
+        open_datastore(path, char_tokens, "other")
+    assert Datastore(path, tokenizer="chars").stats()["files"] > 0  # refused, not overwritten
+    (path / "source.json").unlink()
+    os.remove(path / "base" / "sa.npy")
+    with pytest.raises(CodeaccelError, match="index build"):
+        open_datastore(path, char_tokens, "chars")
+    with pytest.raises(CodeaccelError, match="no datastore at"):
+        open_datastore(tmp_path / "nothing", char_tokens, "chars")
+
+
+def test_open_brings_a_repository_datastore_up_to_date(project, tmp_path):
+    from codeaccel.datastore import open_datastore
+
+    build_datastore(tmp_path / "ds", "proj", "repository", [project], char_tokens, "chars")
+    (project / "pkg" / "fresh.py").write_text("def freshly_written_helper():\n    return 42\n")
+    store = open_datastore(tmp_path / "ds", char_tokens, "chars")
+    assert store.lookup(char_tokens("def freshly_wri"), max_len=32).match_len == 15
+    assert (
+        open_datastore(tmp_path / "ds", char_tokens, "chars", update=False).stats()["files"] == store.stats()["files"]
+    )

@@ -209,12 +209,14 @@ def index_update(
     engine: EngineOpt = "llama.cpp",
 ) -> None:
     """Re-index only the files that changed since the last build or update."""
-    from codeaccel.datastore import update_datastore
+    from codeaccel.datastore import open_datastore, update_datastore
 
     eng, fingerprint = _tokenizer(model, engine)
     with eng:
         progress, update = _file_progress(f"update {path.name}")
         with progress:
+            # checked first: a damaged datastore is rebuilt from its recorded source, not updated
+            open_datastore(path, eng.tokenize, fingerprint, progress=update, update=False).close()
             store, summary = update_datastore(path, eng.tokenize, fingerprint, progress=update)
     _print_stats(store.stats())
     out.print(", ".join(f"{k}: {v}" for k, v in summary.items()))

@@ -2,6 +2,8 @@
 
 Directory layout::
 
+    source.json     name, kind, roots, excluded globs, tokenizer fingerprint: what to
+                    rebuild from (written first, kept when the rest is damaged)
     manifest.json   kind, roots, tokenizer fingerprint, every indexed file
                     (content sha256, size, mtime, shard, document id), dead documents,
                     skipped files by reason, build and update times
@@ -13,7 +15,8 @@ tokenized into a rebuilt *delta* (small); its old version, and any deleted file,
 becomes a dead document that lookups skip. When the delta outgrows a quarter of the
 base, both are merged into a new base from the token arrays already on disk (no
 re-tokenizing). A manifest or index that does not match (format, tokenizer,
-checksums) raises :class:`StaleIndexError`; callers rebuild, never use it.
+checksums) raises :class:`StaleIndexError`; :func:`open_datastore`, which every user of
+a datastore goes through, rebuilds it from ``source.json`` rather than use it.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import logging
 import os
 import time
 from collections import Counter
@@ -35,8 +39,11 @@ from codeaccel.errors import CodeaccelError
 from codeaccel.sources import FileScan, default_general_roots, read_text, scan_general, scan_repository
 from codeaccel.suffix_index import StaleIndexError, SuffixIndex, build_index
 
+log = logging.getLogger(__name__)
+
 Kind = Literal["general", "repository"]
 FORMAT = "codeaccel-datastore/v1"
+SOURCE_FILE = "source.json"  # name, kind, roots, exclude, tokenizer: enough to rebuild
 COMPACT_RATIO = 0.25  # merge the delta into the base when it holds this share of the base's tokens
 _PROBE = "def f(x: int) -> list[str]:\n    return [str(i) for i in range(x)]  # ü ✓\n"
 
@@ -196,10 +203,15 @@ def _read_and_tokenize(
     return entries, tokens, skipped
 
 
+def _write_json(file: Path, doc: dict) -> None:
+    """Write a JSON file atomically (temp file, then rename)."""
+    tmp = file.with_name(f"{file.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(doc, indent=1))
+    os.replace(tmp, file)
+
+
 def _write_manifest(path: Path, manifest: dict) -> None:
-    tmp = path / f"manifest.json.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, path / "manifest.json")
+    _write_json(path / "manifest.json", manifest)
 
 
 def build_datastore(
@@ -219,11 +231,11 @@ def build_datastore(
     roots = [Path(r).resolve() for r in roots] or default_general_roots()
     scan = _scan(kind, roots, exclude)
     entries, tokens, skipped = _read_and_tokenize(scan, tokenize, None, progress)
+    source = {"name": name, "kind": kind, "roots": [str(r) for r in roots], "exclude": list(exclude)}
+    Path(path).mkdir(parents=True, exist_ok=True)
+    _write_json(Path(path) / SOURCE_FILE, {**source, "tokenizer": tokenizer})  # first: a failed build can be redone
     manifest = {
-        "name": name,
-        "kind": kind,
-        "roots": [str(r) for r in roots],
-        "exclude": list(exclude),
+        **source,
         "tokenizer": tokenizer,
         "skipped": dict(skipped),
         "build_s": round(time.perf_counter() - t0, 3),
@@ -332,13 +344,64 @@ def default_datastore_dir(name: str) -> Path:
     return cache_dir() / "datastores" / name
 
 
+def _source_record(path: Path) -> dict | None:
+    """What a datastore was built from (``source.json``, written before any index): None if unknown."""
+    try:
+        record = json.loads((path / SOURCE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    keys = ("name", "kind", "roots", "exclude", "tokenizer")
+    return record if isinstance(record, dict) and all(k in record for k in keys) else None
+
+
+def open_datastore(
+    path: Path, tokenize: Tokenize, tokenizer: str, progress: Progress | None = None, update: bool | None = None
+) -> Datastore:
+    """Open a datastore for use: never a corrupt or out-of-date one.
+
+    A datastore that fails its checks (missing or corrupt arrays, a half-written
+    update, an old format) is rebuilt from the source it records, with a warning; a
+    repository datastore is brought up to date with its files (:func:`update_datastore`:
+    a stat of each file, re-tokenizing only what changed; ``update``: force it on or off
+    for any kind). One built for another tokenizer is refused, not overwritten.
+    """
+    path = Path(path)
+    source = _source_record(path)
+    if source is None and not (path / "manifest.json").exists():
+        raise CodeaccelError(f"no datastore at {path}: build one with `codeaccel index build`")
+    if source is not None and source["tokenizer"] != tokenizer:
+        raise CodeaccelError(
+            f"datastore {path} was built for another model's tokenizer; build one for this model "
+            "with `codeaccel index build ... --out <another directory>`"
+        )
+    try:
+        store = Datastore(path, tokenizer)
+    except StaleIndexError as exc:
+        if source is None:
+            raise CodeaccelError(
+                f"{exc}, and it records no source to rebuild from: `codeaccel index build` it"
+            ) from None
+        log.warning("%s: rebuilding it from %s", exc, ", ".join(source["roots"]))
+        return build_datastore(
+            path,
+            source["name"],
+            source["kind"],
+            [Path(r) for r in source["roots"]],
+            tokenize,
+            tokenizer,
+            progress,
+            source["exclude"],
+        )
+    if store.kind == "repository" if update is None else update:
+        store.close()
+        store, summary = update_datastore(path, tokenize, tokenizer, progress)
+        if any(summary.values()):
+            log.info("datastore %s brought up to date: %s", store.name, summary)
+    return store
+
+
 def open_datastores(engine, paths: Sequence[str]) -> list[Datastore]:
     """Open the named datastores (default: the general one in the cache) for an engine's tokenizer."""
     fingerprint = tokenizer_fingerprint(engine.n_vocab, engine.tokenize)
     paths = list(paths) or [str(default_datastore_dir(f"general-{fingerprint}"))]
-    stores = []
-    for p in paths:
-        if not (Path(p) / "manifest.json").exists():
-            raise CodeaccelError(f"no datastore at {p}: build one with `codeaccel index build`")
-        stores.append(Datastore(Path(p), tokenizer=fingerprint))
-    return stores
+    return [open_datastore(Path(p), engine.tokenize, fingerprint) for p in paths]
