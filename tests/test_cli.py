@@ -191,7 +191,8 @@ def test_bench_repository_level_with_retrieval(tiny_gguf, tmp_path):
     assert latency["sequential_lookups"]["median_ms"] == source["median_ms"]
     out = tmp_path / "repo"
     args = ["bench", "repo:rich", "-m", tiny_gguf, "--limit", "2", "--max-tokens", "24", "--out", str(out)]
-    result = run_cli(*args, "--method", "autoregressive,retrieval,retrieval-rest", "--datastore", str(ds), env=env)
+    methods = "autoregressive,retrieval,retrieval-rest"
+    result = run_cli(*args, "--method", methods, "--datastore", str(ds), "--share-prefill", env=env)
     assert result.returncode == 0, result.stderr
     doc = json.loads((out / "summary.json").read_text())
     rows = {r["method"]: r for r in doc["rows"]}
@@ -204,6 +205,10 @@ def test_bench_repository_level_with_retrieval(tiny_gguf, tmp_path):
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert all(r["passed"] is None and r["test_status"] == "no tests" for r in records)
     assert all(r["stats"]["retrieval"].get("lookups", 0) > 0 for r in records if r["method"].startswith("retrieval"))
+    # --share-prefill: only the first method of each problem paid its prefill, and only it counts for prefill
+    assert [r["prefill_shared"] for r in records] == [False, True, True] * 2
+    assert rows["autoregressive"]["mean_prefill_ms"] > 0 and rows["autoregressive"]["end_to_end_tokens_per_s"] > 0
+    assert rows["retrieval"]["mean_prefill_ms"] is None and rows["retrieval"]["end_to_end_tokens_per_s"] is None
 
 
 def test_generate_with_speculative_method_logs_drafts(tiny_gguf, tmp_path):

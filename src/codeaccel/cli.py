@@ -429,6 +429,13 @@ def bench(
     report_only: Annotated[
         bool, typer.Option(help="Only write the summary of what is stored (a partial run, say); generate nothing.")
     ] = False,
+    share_prefill: Annotated[
+        bool,
+        typer.Option(
+            help="The methods of one problem reuse the prompt's cache: prefill paid once per problem "
+            "(decode timings unchanged; prefill and end-to-end figures then come from the first method only)."
+        ),
+    ] = False,
     dtype: DtypeOpt = "bfloat16",
     draft_model: DraftModelOpt = None,
     draft_engine: DraftEngineOpt = None,
@@ -467,6 +474,7 @@ def bench(
         sampling=SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed),
         dtype=dtype,
         options=_method_options(draft_model, draft_engine, draft_k, datastore, ablate),
+        share_prefill=share_prefill,
     )
     safe_model = Path(model).name.replace(".gguf", "")
     out_dir = out_dir or Path("runs") / f"{safe_model}-{engine}"

@@ -37,7 +37,9 @@ def summarize(records: list[dict], noise: dict | None = None) -> list[dict]:
     for key, rs in groups.items():
         n_gen = sum(r["n_generated"] for r in rs)
         decode_s = sum(r["decode_s"] for r in rs)
-        prefill_s = sum(r["prefill_s"] for r in rs)
+        cold = [r for r in rs if not r.get("prefill_shared")]  # records that paid their own prefill
+        prefill_s = sum(r["prefill_s"] for r in cold)
+        cold_s = sum(r["decode_s"] + r["prefill_s"] for r in cold)
         rows.append(
             {
                 **dict(zip(GROUP, key)),
@@ -45,11 +47,11 @@ def summarize(records: list[dict], noise: dict | None = None) -> list[dict]:
                 "n_passed": sum(bool(r["passed"]) for r in rs),
                 "pass_at_1": _pass_at_1(rs),
                 "tokens_per_s": round(n_gen / decode_s, 3) if decode_s else 0.0,
-                "end_to_end_tokens_per_s": round(n_gen / (decode_s + prefill_s), 3) if decode_s + prefill_s else 0.0,
+                "end_to_end_tokens_per_s": (round(sum(r["n_generated"] for r in cold) / cold_s, 3) if cold_s else None),
                 "generated_tokens": n_gen,
                 "mean_generated_tokens": round(n_gen / len(rs), 1),
                 "mean_prompt_tokens": round(sum(r["n_prompt_tokens"] for r in rs) / len(rs), 1),
-                "mean_prefill_ms": round(1000 * prefill_s / len(rs), 1),
+                "mean_prefill_ms": round(1000 * prefill_s / len(cold), 1) if cold else None,
                 "decode_s": round(decode_s, 3),
                 **_similarity_columns(rs),
                 **_solution_errors(rs),
