@@ -489,7 +489,7 @@ def bench(
     noise = find_noise(out_dir, records[0]["engine"], records[0]["model"]) if records else None
     rows = summarize(records, noise)
     report_config = bench_config_dict(config)
-    report_config["sandbox_layers"] = [layer.name for layer in probe_sandbox().layers() if layer.active]
+    report_config["sandbox_layers"] = list(probe_sandbox().active_layers)
     if records and any(m not in ("autoregressive", "prompt-lookup", "hf-assisted") for m in config.methods):
         # draft lengths were chosen from this curve: keep its origin with the results
         report_config["target_cost_curve"] = saved_curve_provenance(records[0]["engine"], records[0]["model"], dtype)

@@ -87,7 +87,7 @@ def run_sandbox_bench(n: int, workers: int, advance: Callable[[], None] = lambda
             "executions_per_s": round(len(times) / sum(times), 2),
         }
 
-    layers = [layer.name for layer in probe().layers() if layer.active]
+    layers = list(probe().active_layers)
     return {
         "workload": "HumanEval/0 canonical solution + 5 test lines",
         "layers": layers,

@@ -37,6 +37,7 @@ from codeaccel.sandbox.layers import RUNNER, SANDBOX_RUNNER, SANDBOX_WORKDIR, Is
 Status = Literal["passed", "failed", "error", "timeout", "memory_limit", "output_limit", "killed"]
 STATUSES: tuple[str, ...] = ("passed", "failed", "error", "timeout", "memory_limit", "output_limit", "killed")
 ALLOW_NETWORK_ENV = "CODEACCEL_SANDBOX_ALLOW_NETWORK"
+_BASE_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONHASHSEED": "0"}  # all a run inherits
 RUNNER_MARGIN_S = 0.5  # the runner's own budget ends this long before the wall-clock kill
 
 
@@ -141,10 +142,9 @@ def _command(iso: Isolation, limits: Limits, cgroup: RunCgroup | None) -> list[s
         cmd.append("--")
     if iso.netns == "unshare":
         cmd += ["unshare", "--net", "--"]
-    env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONHASHSEED": "0"}
     if iso.bwrap:
         cmd += bwrap_args(iso.bwrap, limits.disk_bytes, unshare_net=iso.netns == "bwrap")
-        for k, v in {**env, "HOME": SANDBOX_WORKDIR, "TMPDIR": "/tmp"}.items():
+        for k, v in {**_BASE_ENV, "HOME": SANDBOX_WORKDIR, "TMPDIR": "/tmp"}.items():
             cmd += ["--setenv", k, v]
         return cmd + ["--", sys.executable, "-I", "-B", "-u", SANDBOX_RUNNER]
     return cmd + [sys.executable, "-I", "-B", "-u", str(RUNNER)]  # no bubblewrap: runs in a fresh host temp dir
@@ -153,7 +153,7 @@ def _command(iso: Isolation, limits: Limits, cgroup: RunCgroup | None) -> list[s
 def _run(tmp: Path, job: dict, limits: Limits, iso: Isolation) -> ExecutionResult:
     work = tmp / "work"
     work.mkdir()
-    env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONHASHSEED": "0", "HOME": str(work), "TMPDIR": str(work)}
+    env = {**_BASE_ENV, "HOME": str(work), "TMPDIR": str(work)}  # bubblewrap sets its own on top
     timed_out = threading.Event()
     bounds = {"pids": limits.max_processes, "memory": limits.memory_bytes}
     cgroup = RunCgroup({c: bounds[c.name] for c in iso.cgroups}) if iso.cgroups else None
@@ -292,7 +292,6 @@ def _result(
         status = "memory_limit"
     if returncode is None:
         status = "timeout"
-    layers = tuple(layer.name for layer in iso.layers() if layer.active)
     return ExecutionResult(
         status,
         results,
@@ -305,5 +304,5 @@ def _result(
         stderr,
         output_capped,
         oom_kills,
-        layers,
+        iso.active_layers,
     )

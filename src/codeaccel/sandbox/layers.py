@@ -57,6 +57,11 @@ class Isolation:
     def controller(self, name: str) -> Controller | None:
         return next((c for c in self.cgroups if c.name == name), None)
 
+    @functools.cached_property
+    def active_layers(self) -> tuple[str, ...]:
+        """The names of the layers in use (computed once: every execution reports them)."""
+        return tuple(layer.name for layer in self.layers() if layer.active)
+
     def layers(self) -> list[Layer]:
         fs = (
             "bubblewrap: / read-only, private /tmp and /dev/shm (size-capped tmpfs), homes hidden"
