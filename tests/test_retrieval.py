@@ -67,6 +67,19 @@ def test_retrieval_drafter_proposes_a_tree_where_the_repository_branches(target,
     assert draft.parents is not None and draft.parents.count(-1) >= 2  # x... and y... both proposed
     assert len(draft.tokens) > 6  # the best path plus an alternative
     drafter.close()
+    # with timing control, the tree is kept only where the cost curve is flat
+    from test_draft_length import FLAT, LINEAR
+
+    context = target.tokenize("\n    def get_")
+    for curve, tree in [(FLAT, True), (LINEAR, False)]:
+        timing = RetrievalTiming(curve)
+        drafter = RetrievalDrafter([store], timing=timing, min_match=1, tree_branches=3)
+        draft = drafter.propose(context, 6, SamplingParams(), np.random.default_rng(0))
+        assert (draft.parents is not None) == tree and len(draft.tokens) >= 1
+        assert drafter.request_stats()["retrieval"].get("trees_declined", 0) == (not tree)
+        drafter.close()
+    assert RetrievalTiming(LINEAR).tree_pays(4, 4) and not RetrievalTiming(LINEAR).tree_pays(2, 6)
+    assert RetrievalTiming(FLAT).tree_pays(2, 12)
 
 
 def test_retrieval_drafter_proposes_what_the_repository_holds(target, repo_store):

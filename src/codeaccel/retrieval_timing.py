@@ -17,6 +17,14 @@ with α = α_bucket × confidence, capped by the retrieved length; 0 means "do n
 verify, decode one token". After ``backoff`` consecutive steps in which nothing
 was retrieved or verified, it stops searching for a while (doubling, up to 8 steps),
 so code that no datastore knows costs no lookups.
+
+Token trees (alternatives where the retrieved continuations branch) only hedge
+against the main path being rejected early, which the draft length already made
+unlikely; they are verified only where the cost curve is flat, i.e. when the whole
+tree costs at most ``TREE_COST_TOLERANCE`` more than its main path:
+C(tree + 1) ≤ (1 + tolerance) · C(path + 1). On hf bf16 on this CPU (16 tokens ≈ one
+step) or a GPU that keeps them; on llama.cpp on two cores, where every extra token
+costs about half a step (C(3) = 2.1, C(7) = 4.6), it declines them.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ BUCKETS = (1, 2, 4, 8, 16)  # lower edges of the match-length buckets
 # Prior acceptance per bucket: a longer match is more specific. Optimistic enough that
 # every bucket where drafting can pay on a steep CPU cost curve gets tried and learned.
 PRIOR_ALPHA = (0.3, 0.6, 0.75, 0.85, 0.9)
+TREE_COST_TOLERANCE = 0.1  # a token tree may cost at most 10% more to verify than its main path
 
 
 def bucket(match_len: int) -> int:
@@ -77,6 +86,10 @@ class RetrievalTiming:
             if rate > best_rate:
                 best_k, best_rate = k, rate
         return best_k
+
+    def tree_pays(self, path_len: int, tree_size: int) -> bool:
+        """Whether to verify a ``tree_size``-node tree rather than its ``path_len``-token main path."""
+        return self.curve.cost(tree_size + 1) <= (1 + TREE_COST_TOLERANCE) * self.curve.cost(path_len + 1)
 
     def update(self, match_len: int, k: int, n_accepted: int) -> None:
         """Record one step: a draft of k tokens from a match of match_len (k = 0: nothing verified)."""

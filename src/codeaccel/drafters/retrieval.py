@@ -132,7 +132,8 @@ class RetrievalDrafter:
     timing: a :class:`RetrievalTiming` deciding whether to look up and how much of the
     retrieved draft to verify (None: verify everything retrieved, as REST does).
     tree_branches: above 1, the draft is a token tree: the best path plus alternatives
-    where the trie branches (verified in one target evaluation, see ``Engine.eval_tree``).
+    where the trie branches (verified in one target evaluation, see ``Engine.eval_tree``),
+    when timing says the cost curve is flat enough for them (``RetrievalTiming.tree_pays``).
     cache: an :class:`AcceptanceCache` of what the target produced before in the same
     context (None: no preference). Both adapt in :meth:`observe`.
     """
@@ -203,6 +204,9 @@ class RetrievalDrafter:
         if n == 0 or self.tree_branches <= 1:
             return Draft(tokens=path[:n], source=source)
         tokens, parents = trie.best_tree(n, self.tree_branches)
+        if len(tokens) > n and self.timing is not None and not self.timing.tree_pays(n, len(tokens)):
+            self._counts["trees_declined"] += 1  # the alternatives would cost more than they can save
+            return Draft(tokens=path[:n], source=source)
         return Draft(tokens=tokens, source=source, parents=parents if len(tokens) > n else None)
 
     def observe(self, context: Sequence[int], draft: Draft, n_accepted: int, committed: Sequence[int]) -> None:
