@@ -209,6 +209,7 @@ def test_bench_repository_level_with_retrieval(tiny_gguf, tmp_path):
     assert [r["prefill_shared"] for r in records] == [False, True, True] * 2
     assert rows["autoregressive"]["mean_prefill_ms"] > 0 and rows["autoregressive"]["end_to_end_tokens_per_s"] > 0
     assert rows["retrieval"]["mean_prefill_ms"] is None and rows["retrieval"]["end_to_end_tokens_per_s"] is None
+    assert "| None |" not in (out / "summary.md").read_text()  # a figure not measured is a blank cell
 
 
 def test_generate_with_speculative_method_logs_drafts(tiny_gguf, tmp_path):

@@ -173,7 +173,7 @@ def markdown_table(rows: list[dict]) -> str:
                 v = f"{1000 * v:.1f}"
             elif k == "share_of_steps_drafted" and v not in ("", None):
                 v = f"{100 * v:.0f}%"
-            cells.append(str(v))
+            cells.append("" if v is None else str(v))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
