@@ -411,7 +411,13 @@ def bench(
     datasets: Annotated[str, typer.Argument(help="humaneval, mbpp, or both comma-separated.")],
     model: ModelOpt = DEFAULT_MODEL,
     engine: EngineOpt = "llama.cpp",
-    method: Annotated[str, typer.Option(help="Comma-separated methods, run on the same prompts.")] = "autoregressive",
+    method: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated methods, run interleaved on the same prompts "
+            "(retrieval-without-<part>: an ablation of retrieval, see --ablate)."
+        ),
+    ] = "autoregressive",
     limit: Annotated[Optional[int], typer.Option(help="Only the first N problems of each dataset.")] = None,
     max_tokens: Annotated[int, typer.Option(help="Most tokens to generate per problem.")] = 512,
     temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.0,
