@@ -203,8 +203,10 @@ BUILDERS: dict[str, Callable[[Engine, MethodOptions, EnginePool], Method]] = {
 WITHOUT = "retrieval-without-"
 
 
-def _known(name: str) -> bool:
-    return name in BUILDERS or (name.startswith(WITHOUT) and name[len(WITHOUT) :] in ABLATIONS)
+def _check_known(name: str) -> None:
+    if name not in BUILDERS and not (name.startswith(WITHOUT) and name[len(WITHOUT) :] in ABLATIONS):
+        choices = [*BUILDERS, *(WITHOUT + part for part in ABLATIONS)]
+        raise CodeaccelError(f"unknown method {name!r}: choose from {', '.join(choices)}")
 
 
 def parse_methods(spec: str) -> list[str]:
@@ -212,17 +214,14 @@ def parse_methods(spec: str) -> list[str]:
     names = [m.strip() for m in spec.split(",") if m.strip()]
     if not names:
         raise CodeaccelError("no method given")
-    unknown = [m for m in names if not _known(m)]
-    if unknown:
-        choices = [*BUILDERS, *(WITHOUT + part for part in ABLATIONS)]
-        raise CodeaccelError(f"unknown method {unknown[0]!r}: choose from {', '.join(choices)}")
+    for name in names:
+        _check_known(name)
     return list(dict.fromkeys(names))
 
 
 def build_method(name: str, target: Engine, options: MethodOptions, pool: EnginePool) -> Method:
     """Build a method on the target; draft engines come from (and are closed with) ``pool``."""
-    if not _known(name):
-        raise CodeaccelError(f"unknown method {name!r}: choose from {', '.join(BUILDERS)}")
+    _check_known(name)
     if name.startswith(WITHOUT):
         ablated = tuple(dict.fromkeys([*options.ablate, name[len(WITHOUT) :]]))
         return BUILDERS["retrieval"](target, replace(options, ablate=ablated), pool)

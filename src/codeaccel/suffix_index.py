@@ -197,18 +197,18 @@ class SuffixIndex:
         rows = np.arange(lo, hi) if hi - lo <= max_samples else np.linspace(lo, hi - 1, max_samples).astype(np.int64)
         starts = self.sa[rows].astype(np.int64)  # [rows]
         if exclude_docs:
-            docs = np.searchsorted(self.doc_starts, starts, side="right") - 1
-            starts = starts[~np.isin(docs, np.fromiter(exclude_docs, np.int64))]
+            starts = starts[~np.isin(self.docs_of(starts), np.fromiter(exclude_docs, np.int64))]
         pos = starts[:, None] + offset + np.arange(length)  # [rows, length]
         window = self.tokens[np.minimum(pos, len(self.tokens) - 1)]  # [rows, length]
         window = np.where(pos < len(self.tokens), window, SEP)
-        ends = np.where((window == SEP).any(axis=1), (window == SEP).argmax(axis=1), length)  # [rows]
+        at_sep = window == SEP  # [rows, length]
+        ends = np.where(at_sep.any(axis=1), at_sep.argmax(axis=1), length)  # [rows]
         counts: Counter = Counter()
         for row, end in zip(window.tolist(), ends.tolist()):
             if end:
                 counts[tuple(row[:end])] += 1
         return counts
 
-    def doc_of(self, position: int) -> int:
-        """The document holding a token position."""
-        return int(np.searchsorted(self.doc_starts, position, side="right")) - 1
+    def docs_of(self, positions: np.ndarray) -> np.ndarray:
+        """The document holding each token position."""  # int64 [n] -> int64 [n]
+        return np.searchsorted(self.doc_starts, positions, side="right") - 1
