@@ -121,7 +121,7 @@ def test_bench_speculative_reports_acceptance_and_identity(tiny_gguf, tmp_path):
     spec = next(r for r in doc["rows"] if r["method"] == "speculative-client-draft")
     assert spec["identical_to_autoregressive"] == 2 and spec["divergences_at_clear_margin"] == 0
     assert spec["mean_accepted_len"] > 1 and spec["target_s_per_token"] > 0
-    assert spec["variant"] == "tiny on llama.cpp"
+    assert spec["variant"] == "tiny on llama.cpp, draft_stop=confidence"
     assert doc["logit_noise"]["tolerance"] >= 0 and list(out.glob("logit_noise-*.json"))
     curve = doc["config"]["target_cost_curve"]  # the curve k was chosen from (measured on first use here)
     assert curve["command"] == "(measured on first use)" and curve["relative"][0] == 1.0
@@ -134,7 +134,8 @@ def test_bench_speculative_reports_acceptance_and_identity(tiny_gguf, tmp_path):
     )
     assert result.returncode == 0, result.stderr
     doc = json.loads((out / "summary.json").read_text())
-    assert sorted(r["variant"] for r in doc["rows"]) == ["", "tiny on llama.cpp", "tiny on llama.cpp, k=2"]
+    variants = sorted(r["variant"] for r in doc["rows"])
+    assert variants == ["", "tiny on llama.cpp, draft_stop=confidence", "tiny on llama.cpp, k=2"]
     assert len((out / "results.jsonl").read_text().splitlines()) == 6
 
 

@@ -85,3 +85,32 @@ def test_a_first_step_without_an_evaluation_teaches_nothing():
     policy.update(k=0, n_accepted=0, target_s=1e-6, draft_s=0.0, n_evaluated=0)
     policy.update(k=4, n_accepted=4, target_s=0.01 * LINEAR.cost(4), draft_s=0.0, n_evaluated=4)
     assert policy.t_target_s == 0.01 and policy.batch_scale == pytest.approx(1.0)
+
+
+def test_min_survival_prices_a_draft_token_in_target_steps():
+    # LINEAR: each extra verified token costs 0.3 steps; a draft step costs 0.4 target steps
+    e2e = DraftLength(LINEAR, t_target_s=0.01, t_draft_s=0.004)
+    assert e2e.min_survival(0, draft_step=False) == pytest.approx(0.3)
+    assert e2e.min_survival(5, draft_step=True) == pytest.approx(0.7)
+    client = DraftLength(LINEAR, objective="target", t_target_s=0.01, t_draft_s=0.004)
+    assert client.min_survival(5, draft_step=True) == pytest.approx(0.3)  # the client pays the draft step
+    assert DraftLength(FLAT, t_target_s=0.01, t_draft_s=0.004).min_survival(0, draft_step=False) == 0.0
+
+
+def test_confidence_stopping_turns_k_into_a_cap():
+    plain = DraftLength(LINEAR, k_max=16, t_target_s=0.01, t_draft_s=0.001)
+    capped = DraftLength(LINEAR, k_max=16, t_target_s=0.01, t_draft_s=0.001, stop_by_confidence=True)
+    assert capped.choose(100) == capped.best_k(alpha=1.0) > plain.choose(100) > 0  # prior α = 0.8
+    for _ in range(30):  # drafts keep failing: the measured acceptance stops drafting altogether
+        capped.update(k=4, n_accepted=0, target_s=0.022, draft_s=0.004)  # costs as profiled
+    assert capped.choose(100) == 0
+
+
+def test_a_profile_dip_below_one_step_is_not_planned_on():
+    # hf bf16 profiles small batches below one step (C(2) = 0.69); decoding never saw it
+    dip = curve([1.0, 0.69, 0.74, 0.78] + [1.0] * 11 + [1.07] * 17)
+    policy = DraftLength(dip, t_target_s=0.2)
+    assert [policy.steps(n) for n in (1, 2, 4)] == [1.0, 1.0, 1.0]
+    policy.update(k=3, n_accepted=3, target_s=0.3, draft_s=0.03)  # n = 4: priced at one step
+    assert policy.t_target_s == pytest.approx(0.8 * 0.2 + 0.2 * 0.3)  # so it measures the step time
+    assert policy.batch_scale == 1.0

@@ -58,3 +58,28 @@ def test_hf_assisted_needs_the_hf_engine(tiny_gguf):
     with load_engine(tiny_gguf, n_ctx=512) as target, EnginePool() as pool:
         with pytest.raises(CodeaccelError, match="--engine hf"):
             build_method("hf-assisted", target, MethodOptions(draft_model=tiny_gguf), pool)
+
+
+def test_prompt_clock_times_only_each_models_first_call():
+    """transformers fuses prefill into its first draft-and-verify round: only first calls count as prefill."""
+    import time
+
+    import torch
+
+    from codeaccel.peers.hf_generate import _PromptClock
+
+    class Slow(torch.nn.Module):
+        def __init__(self, seconds):
+            super().__init__()
+            self.seconds = seconds
+
+        def forward(self, x):
+            time.sleep(self.seconds)
+            return x
+
+    target, assistant = Slow(0.05), Slow(0.02)
+    with _PromptClock(target, assistant) as clock:
+        for model in (assistant, target, assistant, target, target):
+            model(torch.zeros(1))
+    assert 0.07 <= clock.prefill_s < 0.14  # all five calls would be 0.19 s
+    assert not target._forward_hooks and not target._forward_pre_hooks  # removed on exit

@@ -14,6 +14,7 @@ from codeaccel.drafters.draft_model import DraftModelDrafter, check_same_vocabul
 from codeaccel.engines import load_engine
 from codeaccel.engines.pool import EnginePool
 from codeaccel.errors import CodeaccelError
+from codeaccel.generation import Request
 from codeaccel.methods import MethodOptions, build_method
 from codeaccel.sampling import SamplingParams, logits_to_probs
 from codeaccel.speculative import speculative_generate
@@ -143,6 +144,47 @@ def test_draft_model_drafter_returns_probabilities_when_sampling():
     assert all(proposal.probs[i, t] > 0 for i, t in enumerate(proposal.tokens))
 
 
+class UnsureEngine(ScriptedEngine):
+    """A ScriptedEngine whose logit for the successor of token t is ``strength[t]`` (default 10: sure)."""
+
+    def __init__(self, pieces, successor, strength: dict[int, float]):
+        super().__init__(pieces, successor)
+        self.strength = strength
+
+    def _forward(self, tokens, all_logits):
+        logits = super()._forward(tokens, all_logits=True)
+        for row, t in enumerate(tokens):
+            logits[row, self.successor.get(t, 0)] = self.strength.get(t, 10.0)
+        return logits if all_logits else logits[-1:]
+
+
+PIECES = ["<eos>", "a", "b", "c", "\n", "END"]
+CHAIN = {1: 2, 2: 3, 3: 4, 4: 5, 5: 1}
+
+
+def test_draft_model_drafter_stops_where_its_confidence_no_longer_pays():
+    # LINEAR-like curve: each verified token costs 0.3 steps; a draft step 0.1 target steps
+    curve = CostCurve("m", "e", None, 0, 1, list(range(1, 33)), [0.01] * 32, [1 + 0.3 * i for i in range(32)])
+    pricing = DraftLength(curve, t_target_s=0.01, t_draft_s=0.001, stop_by_confidence=True)
+    draft = UnsureEngine(PIECES, CHAIN, strength={3: 0.0})  # after "c" the draft is unsure: p = 1/6
+    drafter = DraftModelDrafter(draft, pricing=pricing)
+    drafter.prepare([1])
+    draft.forward_calls.clear()
+    proposal = drafter.propose([1], 5, GREEDY, np.random.default_rng(0))
+    assert proposal.tokens == [2, 3]  # "\n" after "c" (survival 1/6 < 0.3) is not drafted
+    assert draft.forward_calls == [[1], [2], [3]]  # the context's last token, then two draft steps
+    assert drafter.request_stats() == {"confidence_stops": 1}
+    # a draft step dearer than the survival so far is not taken at all: p("b" | "a") = 0.47
+    pricing.t_draft_s = 0.004  # 0.4 steps + 0.3 verification > 0.47
+    draft = UnsureEngine(PIECES, CHAIN, strength={1: 1.5})
+    drafter = DraftModelDrafter(draft, pricing=pricing)
+    drafter.prepare([1])
+    draft.forward_calls.clear()
+    assert drafter.propose([1], 5, GREEDY, np.random.default_rng(0)).tokens == [2]
+    assert draft.forward_calls == [[1]]  # no draft step
+    assert DraftModelDrafter(draft).propose([1], 5, GREEDY, np.random.default_rng(0)).tokens == [2, 3, 4, 5, 1]
+
+
 # ---- invalid settings -----------------------------------------------------------------------
 def test_invalid_settings_are_refused(tiny_gguf):
     with pytest.raises(CodeaccelError, match="k must be >= 1"):
@@ -216,6 +258,24 @@ def test_adaptive_k_learns_acceptance_and_stays_lossless(pair):
     assert good.alpha > 0.9 and bad.alpha < 0.5  # learned from what was accepted (prior 0.8)
 
 
+@pytest.mark.parametrize("method", ["speculative", "speculative-client-draft"])
+def test_speculative_methods_stop_drafts_by_confidence_and_stay_lossless(
+    tiny_gguf, tiny_gguf_draft, tmp_path, monkeypatch, method
+):
+    monkeypatch.setenv("CODEACCEL_CACHE_DIR", str(tmp_path))
+    with load_engine(tiny_gguf, n_ctx=512) as target, EnginePool() as pool:
+        spec = build_method(method, target, MethodOptions(draft_model=str(tiny_gguf_draft)), pool)
+        fixed = build_method(method, target, MethodOptions(draft_model=str(tiny_gguf_draft), draft_k=3), pool)
+        assert "draft_stop=confidence" in spec.variant and "draft_stop" not in fixed.variant
+        for prompt_text in PROMPTS:
+            prompt = target.tokenize(prompt_text)
+            ar = generate(target, prompt, GREEDY, 40)
+            out = spec.generate(Request(prompt, GREEDY, 40))
+            assert out.tokens == ar.tokens
+            assert "confidence_stops" in out.stats
+            assert "confidence_stops" not in fixed.generate(Request(prompt, GREEDY, 40)).stats
+
+
 def _exact_sequence_probs(target, prompt, params, length):
     """Every continuation of up to ``length`` tokens (ending early at EOG) with its target probability."""
     out = {}
@@ -232,23 +292,37 @@ def _exact_sequence_probs(target, prompt, params, length):
     return out
 
 
-@pytest.mark.parametrize("which", ["other-weights", "same-weights"])
+@pytest.mark.parametrize("which", ["other-weights", "same-weights", "confidence-stop"])
 def test_speculative_sampling_matches_target_distribution(tiny_gguf, tiny_gguf_draft, which):
-    """Chi-square over all 3-token continuations (top-k 3): speculative samples follow the target exactly."""
+    """Chi-square over all 3-token continuations (top-k 3): speculative samples follow the target exactly.
+
+    confidence-stop: drafts end early where the draft is unsure (each extra verified token
+    priced at half a step), so draft lengths vary from step to step and sample to sample.
+    """
     params = SamplingParams(temperature=1.5, top_k=3)
     with (
         load_engine(tiny_gguf, n_ctx=256) as target,
-        load_engine(tiny_gguf_draft if which == "other-weights" else tiny_gguf, n_ctx=256) as draft,
+        load_engine(tiny_gguf if which == "same-weights" else tiny_gguf_draft, n_ctx=256) as draft,
     ):
         prompt = target.tokenize("def f(x):\n    return")
         exact = _exact_sequence_probs(target, prompt, params, 3)
-        drafter = DraftModelDrafter(draft)
-        policy = DraftLength(flat_curve(), fixed_k=2)
+        if which == "confidence-stop":
+            half_step = CostCurve("m", "e", None, 0, 1, [1, 2, 3, 4], [0.01] * 4, [1.0, 1.5, 2.0, 2.5])
+            policy = DraftLength(half_step, k_max=3, stop_by_confidence=True)
+            drafter = DraftModelDrafter(draft, pricing=policy)
+        else:
+            policy = DraftLength(flat_curve(), fixed_k=2)
+            drafter = DraftModelDrafter(draft)
+        stops = drafted = 0
         n = 3000
         counts = dict.fromkeys(exact, 0)
         for seed in range(n):
             gen = speculative_generate(target, drafter, policy, prompt, SamplingParams(1.5, top_k=3, seed=seed), 3)
             counts[tuple(gen.tokens)] += 1  # a KeyError here is a sequence the target cannot produce
+            stops += gen.stats.get("confidence_stops", 0)
+            drafted += gen.stats["drafted_tokens"]
+        if which == "confidence-stop":
+            assert stops > 0 and drafted > 0  # both outcomes happened
         seqs = list(exact)
         observed = np.array([counts[s] for s in seqs])
         expected = np.array([exact[s] for s in seqs]) * n

@@ -216,8 +216,8 @@ def index_update(
         progress, update = _file_progress(f"update {path.name}")
         with progress:
             # checked first: a damaged datastore is rebuilt from its recorded source, not updated
-            open_datastore(path, eng.tokenize, fingerprint, progress=update, update=False).close()
-            store, summary = update_datastore(path, eng.tokenize, fingerprint, progress=update)
+            store = open_datastore(path, eng.tokenize, fingerprint, progress=update, update=False)
+            store, summary = update_datastore(path, eng.tokenize, fingerprint, progress=update, store=store)
     _print_stats(store.stats())
     out.print(", ".join(f"{k}: {v}" for k, v in summary.items()))
 

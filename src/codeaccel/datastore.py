@@ -282,14 +282,20 @@ def _write(
 
 
 def update_datastore(
-    path: Path, tokenize: Tokenize, tokenizer: str, progress: Progress | None = None
+    path: Path,
+    tokenize: Tokenize,
+    tokenizer: str,
+    progress: Progress | None = None,
+    store: Datastore | None = None,
 ) -> tuple[Datastore, dict]:
     """Bring a datastore up to date with its roots; returns it and a summary of what changed.
 
     Unchanged files (same size and mtime, or same content hash) are not re-tokenized.
+    store: the datastore at ``path`` already open (and checked); it is reused, or closed
+    when the update writes a new one.
     """
     t0 = time.perf_counter()
-    old = Datastore(path, tokenizer, verify=False)
+    old = store if store is not None else Datastore(path, tokenizer, verify=False)
     previous = old.manifest["files"]
     scan = _scan(old.kind, [Path(r) for r in old.manifest["roots"]], old.manifest.get("exclude", ()))
     changed: set[str] = set()
@@ -393,8 +399,7 @@ def open_datastore(
             source["exclude"],
         )
     if store.kind == "repository" if update is None else update:
-        store.close()
-        store, summary = update_datastore(path, tokenize, tokenizer, progress)
+        store, summary = update_datastore(path, tokenize, tokenizer, progress, store=store)
         if any(summary.values()):
             log.info("datastore %s brought up to date: %s", store.name, summary)
     return store

@@ -10,15 +10,31 @@ and costs
     T(k) = k · t_draft + t_target · S(k+1)     seconds, end to end, or
     T(k) = t_target · S(k+1)                   seconds of target time (objective "target"),
 
-where S(n) = 1 + s · (C(n) − 1) is the cost of evaluating n tokens at once in decode
-steps (the verification evaluates the last committed token plus the k drafts): C is
-the target's profiled cost curve, and s rescales its excess over one step to what
-verifications cost *now*. Measured online: t_target from plain one-token steps,
-t_draft per drafted token, and s from every verification (s = (T/t_target − 1) /
-(C(n) − 1), smoothed). The profile only gives the curve's shape; on a machine whose
+where S(n) = 1 + s · (C(n) − 1) is the cost of evaluating n tokens at once in
+decode steps (the verification evaluates the last committed token plus the k drafts):
+C is the target's profiled cost curve (never below one step), and s rescales its
+excess over one step to what verifications cost *now*. Measured online: t_target from
+plain one-token steps and from verifications the profile prices at about one step,
+t_draft per drafted token, and s from every other verification (s = (T/t_target − 1)
+/ (C(n) − 1), smoothed). The profile only gives the curve's shape; on a machine whose
 batched arithmetic got slower (or faster) since ``codeaccel profile`` ran, s follows.
-Plain decoding commits 1 token per ``t_target``. Each step picks ``k* = argmax E(k)/T(k)`` and drafts only if
+Plain decoding commits 1 token per ``t_target``. Each step picks
+``k* = argmax E(k)/T(k)`` and drafts only if
 that beats plain decoding; otherwise it returns 0 and the caller decodes one token.
+
+**Confidence stopping** (``stop_by_confidence``, for drafters that know how sure they
+are, like a draft model). α is an average; the draft model's own probability of each
+token it drafts says, token by token, how likely the target is to agree (on the
+bundled pair, greedy, tokens drafted with probability ≥ 0.9 were accepted 100% of the
+time, those below 0.6 about half the time). So ``choose`` gives a cap (the longest
+draft that pays if every token is accepted) and the drafter stops early: with
+``survival`` = the product of its probabilities so far (its estimate that the target
+accepts every token up to here), the i-th token is worth drafting only while
+``survival ≥ min_survival(i)``, the token's cost in target steps (its extra
+verification, plus one draft step for the objective that counts the draft), against
+the one target step it saves when accepted. transformers' assisted generation stops
+its assistant the same way, at a fixed confidence threshold (0.4); here the threshold
+follows from the measured costs.
 
 α is estimated online from verified drafts (accepted tokens vs first rejections),
 with exponentially decaying weights so it follows the code being written, and a
@@ -36,7 +52,7 @@ from codeaccel.cost_curve import CostCurve
 from codeaccel.errors import CodeaccelError
 
 Objective = Literal["end-to-end", "target"]
-MIN_EXCESS = 0.05  # batches the profile calls (nearly) free carry no information about s
+MIN_EXCESS = 0.05  # batches the profile calls (nearly) one step measure the step time, not s
 SCALE_BOUNDS = (0.1, 10.0)  # one noisy timing cannot move s further than this
 OBJECTIVES = ("end-to-end", "target")
 
@@ -63,6 +79,7 @@ class DraftLength:
     k_max: int = 16
     objective: Objective = "end-to-end"
     fixed_k: int | None = None
+    stop_by_confidence: bool = False  # the drafter stops by min_survival; choose() gives only a cap
     prior_alpha: float = 0.8
     prior_weight: float = 2.0  # pseudo-observations behind the prior
     decay: float = 0.9  # weight kept by old observations per step
@@ -110,9 +127,26 @@ class DraftLength:
             return 0
         if self.fixed_k is not None:
             return min(self.fixed_k, room)
-        if self.best_k(alpha=1.0) == 0:  # cannot pay even if every draft token were accepted
+        longest = self.best_k(alpha=1.0)
+        if longest == 0:  # cannot pay even if every draft token were accepted
             return 0
-        return min(self.best_k(), room)
+        best = self.best_k()
+        if best == 0:  # the measured acceptance says plain decoding is faster now
+            return 0
+        return min(longest if self.stop_by_confidence else best, room)
+
+    def min_survival(self, i: int, draft_step: bool) -> float:
+        """The least probability that draft tokens 0..i are all accepted for token i to pay.
+
+        In target decode steps (an accepted token saves one): the i-th token's extra
+        verification cost S(i+2) − S(i+1) (the verification evaluates the pending token
+        plus the drafts), plus, with ``draft_step`` and the end-to-end objective, the
+        draft step that computes it.
+        """
+        price = self.steps(i + 2) - self.steps(i + 1)
+        if draft_step and self.objective == "end-to-end" and self.t_draft_s:
+            price += self.t_draft_s / self.t_target_s
+        return price
 
     def update(self, k: int, n_accepted: int, target_s: float, draft_s: float, n_evaluated: int | None = None) -> None:
         """Record one step: k drafted, n_accepted kept, seconds spent verifying and drafting.
@@ -131,9 +165,9 @@ class DraftLength:
         if target_s <= 0 or n < 1:
             return  # nothing was evaluated: no timing to learn from
         excess = self.curve.cost(n) - 1.0
-        if n == 1:
+        if excess <= MIN_EXCESS:  # one token, or a batch the profile says costs (about) one step
             self.t_target_s = _ema(self.t_target_s, target_s)
-        elif excess > MIN_EXCESS:
+        else:
             observed = (target_s / self.t_target_s - 1.0) / excess
             self.batch_scale = _ema(self.batch_scale, min(max(observed, SCALE_BOUNDS[0]), SCALE_BOUNDS[1]))
 

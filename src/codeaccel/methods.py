@@ -86,12 +86,18 @@ def _speculative(objective: str) -> Callable[[Engine, MethodOptions, EnginePool]
         from codeaccel.speculative import SpeculativeMethod
 
         name = "speculative" if objective == "end-to-end" else "speculative-client-draft"
-        draft_length = DraftLength(cost_curve_for(target), objective=objective, fixed_k=options.draft_k)
+        adaptive = options.draft_k is None  # a fixed k drafts exactly k tokens (no confidence stop)
+        draft_length = DraftLength(
+            cost_curve_for(target), objective=objective, fixed_k=options.draft_k, stop_by_confidence=adaptive
+        )
         draft = _draft_engine(target, options, pool)
         settings = {"draft_model": draft.model_name, "draft_engine": draft.kind, "draft_k": options.draft_k or "auto"}
+        if adaptive:
+            settings["draft_stop"] = "confidence"
         if draft.dtype:
             settings["draft_dtype"] = draft.dtype
-        return SpeculativeMethod(name, target, DraftModelDrafter(draft), draft_length, settings)
+        drafter = DraftModelDrafter(draft, pricing=draft_length if adaptive else None)
+        return SpeculativeMethod(name, target, drafter, draft_length, settings)
 
     return build
 
@@ -144,9 +150,13 @@ def _hybrid(target: Engine, options: MethodOptions, pool: EnginePool) -> Method:
 
     retrieval, settings = _retrieval_drafter(target, options)
     draft = _draft_engine(target, options, pool)
-    model_length = DraftLength(cost_curve_for(target), fixed_k=options.draft_k)
-    drafter = HybridDrafter(retrieval, DraftModelDrafter(draft), model_length)
+    adaptive = options.draft_k is None
+    model_length = DraftLength(cost_curve_for(target), fixed_k=options.draft_k, stop_by_confidence=adaptive)
+    model = DraftModelDrafter(draft, pricing=model_length if adaptive else None)
+    drafter = HybridDrafter(retrieval, model, model_length)
     settings.update(draft_model=draft.model_name, draft_engine=draft.kind)
+    if adaptive:
+        settings["draft_stop"] = "confidence"
     loop_length = DraftLength(cost_curve_for(target), fixed_k=RETRIEVAL_K_MAX)
     return SpeculativeMethod("hybrid", target, drafter, loop_length, settings)
 

@@ -15,20 +15,39 @@ from codeaccel.errors import CodeaccelError
 from codeaccel.generation import Generation, Request, StopChecker, validate_request
 
 
-class _FirstTokenClock:
-    """A generate() streamer that notes when the first new token arrives (the end of the prefill)."""
+class _PromptClock:
+    """Times the first forward call of each model in a ``generate()``: the ones that read the prompt.
 
-    def __init__(self) -> None:
-        self.calls = 0
-        self.first_token_at: float | None = None
+    transformers fuses the target's prefill with its first verification (prompt +
+    candidates in one call) and the assistant prefills inside its first draft, so the
+    time to the first streamed token would count a whole draft-and-verify round as
+    prefill. Timing the models' first calls instead gives the same split as the other
+    methods: prefill = the target's and the draft's passes over the prompt.
+    """
 
-    def put(self, value) -> None:
-        self.calls += 1
-        if self.calls == 2:  # call 1 is the prompt itself
-            self.first_token_at = time.perf_counter()
+    def __init__(self, *models) -> None:
+        self.prefill_s = 0.0
+        self._handles = []
+        for model in models:
+            started: list[float] = []
 
-    def end(self) -> None:
-        pass
+            def pre(module, args, started=started):
+                if not started:
+                    started.append(time.perf_counter())
+
+            def post(module, args, output, started=started):
+                if len(started) == 1:
+                    started.append(time.perf_counter())
+                    self.prefill_s += started[1] - started[0]
+
+            self._handles += [model.register_forward_pre_hook(pre), model.register_forward_hook(post)]
+
+    def __enter__(self) -> "_PromptClock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
 
 
 class HFGenerateMethod:
@@ -61,10 +80,10 @@ class HFGenerateMethod:
         )
         if params.seed is not None:
             torch.manual_seed(params.seed)
-        clock = _FirstTokenClock()
         input_ids = torch.tensor([list(prompt_tokens)], dtype=torch.long)
-        t0 = time.perf_counter()
-        with torch.inference_mode():
+        models = [self.target.model] + ([self.assistant.model] if self.assistant is not None else [])
+        with _PromptClock(*models) as clock, torch.inference_mode():
+            t0 = time.perf_counter()
             out = self.target.model.generate(
                 input_ids,
                 attention_mask=torch.ones_like(input_ids),
@@ -73,23 +92,21 @@ class HFGenerateMethod:
                 stopping_criteria=StoppingCriteriaList([StopStringCriteria(tokenizer, list(stop))]) if stop else None,
                 repetition_penalty=1.0,
                 pad_token_id=tokenizer.eos_token_id,
-                streamer=clock,
                 **sampling,
                 **self.generate_kwargs,
             )
-        t2 = time.perf_counter()
+            total_s = time.perf_counter() - t0
         checker = StopChecker(self.target, stop, max_tokens)
         for token in out[0, len(prompt_tokens) :].tolist():
             if checker.push(token):
                 break
-        t1 = clock.first_token_at or t2
         return Generation(
             text=checker.text,
             tokens=checker.tokens,
             finish_reason=checker.finish_reason or "length",
             n_prompt_tokens=len(prompt_tokens),
-            prefill_s=t1 - t0,
-            decode_s=t2 - t1,
+            prefill_s=clock.prefill_s,
+            decode_s=total_s - clock.prefill_s,
         )
 
     def close(self) -> None:
