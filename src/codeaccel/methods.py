@@ -78,25 +78,36 @@ def _draft_engine(target: Engine, options: MethodOptions, pool: EnginePool) -> E
     return engine
 
 
+def _model_drafter(target: Engine, options: MethodOptions, pool: EnginePool, objective: str = "end-to-end"):
+    """The draft-model drafter, its draft-length policy and its settings.
+
+    Unless ``--draft-k`` fixes k, the policy gives a cap and the drafter stops by its
+    confidence, priced by that same policy.
+    """
+    from codeaccel.cost_curve import cost_curve_for
+    from codeaccel.draft_length import DraftLength
+    from codeaccel.drafters.draft_model import DraftModelDrafter
+
+    adaptive = options.draft_k is None
+    length = DraftLength(
+        cost_curve_for(target), objective=objective, fixed_k=options.draft_k, stop_by_confidence=adaptive
+    )
+    draft = _draft_engine(target, options, pool)
+    settings = {"draft_model": draft.model_name, "draft_engine": draft.kind}
+    if adaptive:
+        settings["draft_stop"] = "confidence"
+    return DraftModelDrafter(draft, pricing=length if adaptive else None), length, settings
+
+
 def _speculative(objective: str) -> Callable[[Engine, MethodOptions, EnginePool], Method]:
     def build(target: Engine, options: MethodOptions, pool: EnginePool) -> Method:
-        from codeaccel.cost_curve import cost_curve_for
-        from codeaccel.draft_length import DraftLength
-        from codeaccel.drafters.draft_model import DraftModelDrafter
         from codeaccel.speculative import SpeculativeMethod
 
         name = "speculative" if objective == "end-to-end" else "speculative-client-draft"
-        adaptive = options.draft_k is None  # a fixed k drafts exactly k tokens (no confidence stop)
-        draft_length = DraftLength(
-            cost_curve_for(target), objective=objective, fixed_k=options.draft_k, stop_by_confidence=adaptive
-        )
-        draft = _draft_engine(target, options, pool)
-        settings = {"draft_model": draft.model_name, "draft_engine": draft.kind, "draft_k": options.draft_k or "auto"}
-        if adaptive:
-            settings["draft_stop"] = "confidence"
-        if draft.dtype:
-            settings["draft_dtype"] = draft.dtype
-        drafter = DraftModelDrafter(draft, pricing=draft_length if adaptive else None)
+        drafter, draft_length, settings = _model_drafter(target, options, pool, objective)
+        settings["draft_k"] = options.draft_k or "auto"
+        if drafter.engine.dtype:
+            settings["draft_dtype"] = drafter.engine.dtype
         return SpeculativeMethod(name, target, drafter, draft_length, settings)
 
     return build
@@ -144,21 +155,14 @@ def _retrieval(rest: bool) -> Callable[[Engine, MethodOptions, EnginePool], Meth
 def _hybrid(target: Engine, options: MethodOptions, pool: EnginePool) -> Method:
     from codeaccel.cost_curve import cost_curve_for
     from codeaccel.draft_length import DraftLength
-    from codeaccel.drafters.draft_model import DraftModelDrafter
     from codeaccel.drafters.hybrid import HybridDrafter
     from codeaccel.speculative import SpeculativeMethod
 
     retrieval, settings = _retrieval_drafter(target, options)
-    draft = _draft_engine(target, options, pool)
-    adaptive = options.draft_k is None
-    model_length = DraftLength(cost_curve_for(target), fixed_k=options.draft_k, stop_by_confidence=adaptive)
-    model = DraftModelDrafter(draft, pricing=model_length if adaptive else None)
-    drafter = HybridDrafter(retrieval, model, model_length)
-    settings.update(draft_model=draft.model_name, draft_engine=draft.kind)
-    if adaptive:
-        settings["draft_stop"] = "confidence"
+    model, model_length, model_settings = _model_drafter(target, options, pool)
+    settings.update(model_settings)
     loop_length = DraftLength(cost_curve_for(target), fixed_k=RETRIEVAL_K_MAX)
-    return SpeculativeMethod("hybrid", target, drafter, loop_length, settings)
+    return SpeculativeMethod("hybrid", target, HybridDrafter(retrieval, model, model_length), loop_length, settings)
 
 
 def _prompt_lookup(target: Engine, options: MethodOptions, pool: EnginePool) -> Method:
