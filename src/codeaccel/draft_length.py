@@ -23,12 +23,13 @@ Plain decoding commits 1 token per ``t_target``. Each step picks
 that beats plain decoding; otherwise it returns 0 and the caller decodes one token.
 
 **Confidence stopping** (``stop_by_confidence``, for drafters that know how sure they
-are, like a draft model). α is an average; the draft model's own probability of each
-token it drafts says, token by token, how likely the target is to agree (on the
-bundled pair, greedy, tokens drafted with probability ≥ 0.9 were accepted 100% of the
-time, those below 0.6 about half the time). So ``choose`` gives a cap (the longest
-draft that pays if every token is accepted) and the drafter stops early: with
-``survival`` = the product of its probabilities so far (its estimate that the target
+are, like a draft model). α is an average; the draft model's largest probability at
+each position (greedy: that of the token it drafts) says, token by token, how likely
+the target is to agree (on the bundled pair, greedy, tokens drafted with probability
+≥ 0.9 were accepted 100% of the time, those below 0.6 about half the time). So
+``choose`` gives a cap (the longest draft that pays if every token is accepted) and
+the drafter stops early: with ``survival`` = the product of those probabilities so
+far (its estimate that the target
 accepts every token up to here), the i-th token is worth drafting only while
 ``survival ≥ min_survival(i)``, the token's cost in target steps (its extra
 verification, plus one draft step for the objective that counts the draft), against

@@ -79,7 +79,7 @@ class DraftModelDrafter:
             # sampling would be biased.
             if params.greedy:
                 token = int(np.argmax(logits))
-                confidence = 1.0 / float(np.exp(logits - logits[token]).sum()) if self.pricing else 1.0
+                confidence = 1.0 / float(np.exp(logits - logits[token]).sum()) if self.pricing is not None else 1.0
             else:
                 q = logits_to_probs(logits, params)  # [vocab]
                 confidence = float(q.max())
