@@ -54,6 +54,13 @@ def test_transformers_generate_peers_match_greedy_autoregressive(tiny_hf, method
     assert out.prefill_s > 0 and out.decode_s > 0
 
 
+def test_hf_assisted_runs_its_assistant_on_hf_whatever_the_draft_engine(tiny_hf):
+    """--draft-engine llama.cpp is for codeaccel's drafters; transformers needs a transformers assistant."""
+    with load_engine(tiny_hf, "hf", n_ctx=512, dtype="float32") as target, EnginePool() as pool:
+        peer = build_method("hf-assisted", target, MethodOptions(draft_model=tiny_hf, draft_engine="llama.cpp"), pool)
+    assert peer.settings["draft_engine"] == "hf" and peer.assistant.kind == "hf"
+
+
 def test_hf_assisted_needs_the_hf_engine(tiny_gguf):
     with load_engine(tiny_gguf, n_ctx=512) as target, EnginePool() as pool:
         with pytest.raises(CodeaccelError, match="--engine hf"):

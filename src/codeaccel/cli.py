@@ -46,7 +46,10 @@ MethodOpt = Annotated[
 DraftModelOpt = Annotated[
     Optional[str], typer.Option(help="Draft model for speculative methods (default: the bundled 0.5B).")
 ]
-DraftEngineOpt = Annotated[Optional[str], typer.Option(help="Engine of the draft model (default: the target's).")]
+DraftEngineOpt = Annotated[
+    Optional[str],
+    typer.Option(help="Engine of the draft model (default: the target's); hf-assisted's assistant always runs on hf."),
+]
 DatastoreOpt = Annotated[
     Optional[list[Path]], typer.Option("--datastore", help="Datastore for retrieval (repeatable; default: general).")
 ]

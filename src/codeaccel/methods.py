@@ -180,7 +180,9 @@ def _hf_assisted(target: Engine, options: MethodOptions, pool: EnginePool) -> Me
 
     if target.kind != "hf":
         raise CodeaccelError("method 'hf-assisted' runs transformers' assisted generation: it needs --engine hf")
-    return HFGenerateMethod("hf-assisted", target, {}, assistant=_draft_engine(target, options, pool))
+    # transformers' assistant is a transformers model whatever engine our own drafters use (--draft-engine)
+    assistant = _draft_engine(target, replace(options, draft_engine="hf"), pool)
+    return HFGenerateMethod("hf-assisted", target, {}, assistant=assistant)
 
 
 def variant_label(settings: dict) -> str:
