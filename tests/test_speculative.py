@@ -185,6 +185,22 @@ def test_draft_model_drafter_stops_where_its_confidence_no_longer_pays():
     assert DraftModelDrafter(draft).propose([1], 5, GREEDY, np.random.default_rng(0)).tokens == [2, 3, 4, 5, 1]
 
 
+def test_draft_model_drafter_skips_the_prompt_when_drafting_cannot_pay():
+    """Where even fully accepted drafts lose (llama.cpp on this CPU), the draft does not prefill the prompt."""
+    steep = CostCurve("m", "e", None, 0, 1, list(range(1, 33)), [0.01] * 32, [1 + 1.5 * i for i in range(32)])
+    pricing = DraftLength(steep, t_target_s=0.01, t_draft_s=0.006, stop_by_confidence=True)
+    assert pricing.best_k(alpha=1.0) == 0
+    draft = UnsureEngine(PIECES, CHAIN, strength={})
+    drafter = DraftModelDrafter(draft, pricing=pricing)
+    drafter.prepare([1, 2, 3])
+    assert draft.forward_calls == []
+    # if the policy drafts after all, propose catches up on the whole context
+    pricing.t_draft_s, pricing.curve = 0.0001, flat_curve()
+    drafter.prepare([1, 2, 3])
+    assert draft.forward_calls == [[1, 2, 3]]
+    assert drafter.propose([1, 2, 3, 4], 2, GREEDY, np.random.default_rng(0)).tokens == [5, 1]
+
+
 # ---- invalid settings -----------------------------------------------------------------------
 def test_invalid_settings_are_refused(tiny_gguf):
     with pytest.raises(CodeaccelError, match="k must be >= 1"):

@@ -57,8 +57,10 @@ class DraftModelDrafter:
         self._stops = 0  # drafts ended early by confidence, this request
 
     def prepare(self, prompt: Sequence[int], exclude_files: frozenset[str] = frozenset()) -> None:
-        self.engine.prefill(prompt)
         self._stops = 0
+        if self.pricing is not None and self.pricing.best_k(alpha=1.0) == 0:
+            return  # drafting cannot pay even at full acceptance: skip the draft's prefill (propose catches up)
+        self.engine.prefill(prompt)
 
     def propose(self, context: Sequence[int], k: int, params: SamplingParams, rng: np.random.Generator) -> Draft:
         k = min(k, self.engine.n_ctx - len(context))  # the draft's own context may be the tighter one
