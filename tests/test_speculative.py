@@ -194,11 +194,12 @@ def test_draft_model_drafter_skips_the_prompt_when_drafting_cannot_pay():
     drafter = DraftModelDrafter(draft, pricing=pricing)
     drafter.prepare([1, 2, 3])
     assert draft.forward_calls == []
-    # if the policy drafts after all, propose catches up on the whole context
+    # if the policy drafts after all, propose catches up on the whole context, once
     pricing.t_draft_s, pricing.curve = 0.0001, flat_curve()
-    drafter.prepare([1, 2, 3])
-    assert draft.forward_calls == [[1, 2, 3]]
     assert drafter.propose([1, 2, 3, 4], 2, GREEDY, np.random.default_rng(0)).tokens == [5, 1]
+    assert draft.forward_calls == [[1, 2, 3, 4], [5]]
+    drafter.prepare([1, 2, 3])  # once drafting can pay, prepare prefills again (reusing the cached [1, 2])
+    assert draft.forward_calls == [[1, 2, 3, 4], [5], [3]]
 
 
 # ---- invalid settings -----------------------------------------------------------------------
