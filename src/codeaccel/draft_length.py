@@ -29,11 +29,12 @@ the target is to agree (on the bundled pair, greedy, tokens drafted with probabi
 ≥ 0.9 were accepted 100% of the time, those below 0.6 about half the time). So
 ``choose`` gives a cap (the longest draft that pays if every token is accepted) and
 the drafter stops early: with ``survival`` = the product of those probabilities so
-far (its estimate that the target
-accepts every token up to here), the i-th token is worth drafting only while
-``survival ≥ min_survival(i)``, the token's cost in target steps (its extra
-verification, plus one draft step for the objective that counts the draft), against
-the one target step it saves when accepted. transformers' assisted generation stops
+far (its estimate that the target accepts every token up to here), the i-th token is
+worth drafting only while ``survival ≥ min_survival(i)``, the token's cost in target
+steps (its extra verification, plus one draft step for the objective that counts the
+draft), against the one target step it saves when accepted. Where even a fully
+accepted draft cannot pay (``best_k(alpha=1) == 0``), the drafter does not read the
+prompt at all. transformers' assisted generation stops
 its assistant the same way, at a fixed confidence threshold (0.4); here the threshold
 follows from the measured costs.
 
