@@ -80,6 +80,25 @@ def test_verification_cost_is_learned_when_batches_got_dearer_than_profiled():
     assert policy.best_k(alpha=0.9) < before
 
 
+def test_a_stale_batch_scale_relaxes_so_drafting_is_tried_again():
+    """Verifications got 5x dearer than profiled: drafting stops, then plain decoding lets s relax and re-try."""
+    policy = DraftLength(LINEAR, k_max=16, objective="target", t_target_s=0.01)
+    slow = 1 + 5 * (LINEAR.cost(8) - 1)  # steps an 8-token verification costs in the slow stretch
+    for _ in range(30):
+        policy.update(k=7, n_accepted=7, target_s=0.01 * slow, draft_s=0.0)
+    assert policy.batch_scale > 4.5
+    assert policy.choose(100) == 0  # not even a draft accepted in full pays now
+    for _ in range(10):  # a few plain steps do not erase a measurement
+        policy.update(k=0, n_accepted=0, target_s=0.01, draft_s=0.0)
+    assert policy.batch_scale > 4.0 and policy.choose(100) == 0
+    for _ in range(1000):  # a long stretch of plain decoding: s is stale, it returns toward the profile
+        policy.update(k=0, n_accepted=0, target_s=0.01, draft_s=0.0)
+    assert policy.batch_scale == pytest.approx(1.0, abs=0.05)
+    assert policy.choose(100) > 0  # so a trial draft measures it afresh
+    policy.update(k=7, n_accepted=7, target_s=0.01 * slow, draft_s=0.0)  # still slow: s goes back up
+    assert policy.batch_scale > 1.7
+
+
 def test_a_first_step_without_an_evaluation_teaches_nothing():
     policy = DraftLength(LINEAR, t_target_s=0.01)
     policy.update(k=0, n_accepted=0, target_s=1e-6, draft_s=0.0, n_evaluated=0)

@@ -18,6 +18,11 @@ plain one-token steps and from verifications the profile prices at about one ste
 t_draft per drafted token, and s from every other verification (s = (T/t_target − 1)
 / (C(n) − 1), smoothed). The profile only gives the curve's shape; on a machine whose
 batched arithmetic got slower (or faster) since ``codeaccel profile`` ran, s follows.
+Only verifications measure s, so while none is made s relaxes back toward the profile
+(``scale_relax`` per plain step, as α decays to its prior): otherwise an s learned in a
+slow stretch, or from one noisy timing, would stop drafting for good (measured on
+HumanEval before this rule: the client-draft policy stopped at s = 1.74 and never
+drafted again); a trial verification then measures s afresh.
 Plain decoding commits 1 token per ``t_target``. Each step picks
 ``k* = argmax E(k)/T(k)`` and drafts only if
 that beats plain decoding; otherwise it returns 0 and the caller decodes one token.
@@ -88,6 +93,7 @@ class DraftLength:
     t_target_s: float | None = None  # seconds per decode step of the target (C(1)), measured online
     t_draft_s: float | None = None  # seconds per drafted token, measured online
     batch_scale: float = 1.0  # s: measured / profiled excess cost of a batch over one step, learned online
+    scale_relax: float = 0.005  # share of s's distance to the profile (1.0) given up per plain step
     _accepted: float = field(default=0.0, init=False)  # decayed count of accepted draft tokens
     _rejected: float = field(default=0.0, init=False)  # decayed count of first rejections
 
@@ -163,6 +169,8 @@ class DraftLength:
             self._rejected += n_accepted < k
             if draft_s > 0:
                 self.t_draft_s = _ema(self.t_draft_s, draft_s / k)
+        else:  # no verification measured s: it relaxes toward the profile, so a stale s gets re-tried
+            self.batch_scale += self.scale_relax * (1.0 - self.batch_scale)
         n = k + 1 if n_evaluated is None else n_evaluated
         if target_s <= 0 or n < 1:
             return  # nothing was evaluated: no timing to learn from
