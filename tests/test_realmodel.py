@@ -63,8 +63,8 @@ def test_speculative_0_5b_to_1_5b_is_lossless_on_humaneval_prompts(tmp_path):
     assert row["identical_to_autoregressive"] + row["divergences_at_near_ties"] == 4
     assert row["divergences_at_clear_margin"] == 0
     assert row["mean_accepted_len"] > 2  # the 0.5B drafts code the 1.5B accepts
-    ar_row = next(r for r in summarize(records) if r["method"] == "autoregressive")
-    assert row["target_s_per_token"] < ar_row["target_s_per_token"]
+    # the target evaluates fewer times than it emits tokens (counted, not timed: speed lives in the benchmarks)
+    assert row["tokens_per_target_eval"] > 1.2
 
 
 def test_retrieval_on_a_real_repository_is_lossless_and_accepts_drafts(tmp_path):
