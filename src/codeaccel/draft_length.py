@@ -170,7 +170,7 @@ class DraftLength:
             if draft_s > 0:
                 self.t_draft_s = _ema(self.t_draft_s, draft_s / k)
         else:  # no verification measured s: it relaxes toward the profile, so a stale s gets re-tried
-            self.batch_scale += self.scale_relax * (1.0 - self.batch_scale)
+            self.batch_scale = _ema(self.batch_scale, 1.0, weight=self.scale_relax)
         n = k + 1 if n_evaluated is None else n_evaluated
         if target_s <= 0 or n < 1:
             return  # nothing was evaluated: no timing to learn from
