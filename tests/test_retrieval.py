@@ -281,3 +281,25 @@ def test_ablation_methods_switch_off_one_part_each(target, repo_store):
                 m.close()
     with pytest.raises(CodeaccelError, match="unknown method 'retrieval-without-magic'"):
         parse_methods("retrieval-without-magic")
+
+
+def test_draft_model_methods_record_the_draft_dtype(tiny_hf, tiny_hf_draft, tmp_path, monkeypatch):
+    """speculative and hybrid store the hf draft's dtype with their settings: a bf16 and a float32 draft
+    are two settings, so a run resumed with the other dtype does not reuse the first one's records."""
+    from codeaccel.engines.pool import EnginePool
+    from codeaccel.methods import MethodOptions, build_method
+
+    monkeypatch.setenv("CODEACCEL_CACHE_DIR", str(tmp_path))  # the tiny target's cost curve is measured there
+    root = tmp_path / "repo"
+    root.mkdir()
+    (root / "a.py").write_text("def f():\n    return 1\n")
+    with load_engine(tiny_hf, "hf", n_ctx=512, dtype="float32") as target, EnginePool() as pool:
+        fp = tokenizer_fingerprint(target.n_vocab, target.tokenize)
+        store = build_datastore(tmp_path / "ds", "repo", "repository", [root], target.tokenize, fp)
+        options = MethodOptions(draft_model=tiny_hf_draft, datastores=(str(store.path),))
+        built = [build_method(name, target, options, pool) for name in ("speculative", "hybrid")]
+        try:
+            assert [m.settings.get("draft_dtype") for m in built] == ["float32", "float32"]
+        finally:
+            for m in built:
+                m.close()

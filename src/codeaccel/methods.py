@@ -94,6 +94,8 @@ def _model_drafter(target: Engine, options: MethodOptions, pool: EnginePool, obj
     )
     draft = _draft_engine(target, options, pool)
     settings = {"draft_model": draft.model_name, "draft_engine": draft.kind}
+    if draft.dtype:  # hf only: a bf16 and a float32 draft are two settings
+        settings["draft_dtype"] = draft.dtype
     if adaptive:
         settings["draft_stop"] = "confidence"
     return DraftModelDrafter(draft, pricing=length if adaptive else None), length, settings
@@ -106,8 +108,6 @@ def _speculative(objective: str) -> Callable[[Engine, MethodOptions, EnginePool]
         name = "speculative" if objective == "end-to-end" else "speculative-client-draft"
         drafter, draft_length, settings = _model_drafter(target, options, pool, objective)
         settings["draft_k"] = options.draft_k or "auto"
-        if drafter.engine.dtype:
-            settings["draft_dtype"] = drafter.engine.dtype
         return SpeculativeMethod(name, target, drafter, draft_length, settings)
 
     return build
