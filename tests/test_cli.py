@@ -67,6 +67,9 @@ def test_bench_writes_results_and_resumes(tiny_gguf, tmp_path):
     assert (out / "summary.png").stat().st_size > 1000
     records = (out / "results.jsonl").read_text().splitlines()
     assert len(records) == 4
+    cpu = doc["machine"]["cpu_model"]
+    assert all(json.loads(line)["cpu"] == cpu for line in records)  # each record says where it was measured
+    assert doc["problems_by_cpu"] == {cpu: 4} and f"Problems measured on: {cpu} (4)" in (out / "summary.md").read_text()
     second = run_cli(*args)
     assert second.returncode == 0
     assert (out / "results.jsonl").read_text().splitlines() == records  # nothing regenerated

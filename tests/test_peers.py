@@ -90,3 +90,23 @@ def test_prompt_clock_times_only_each_models_first_call():
             model(torch.zeros(1))
     assert 0.07 <= clock.prefill_s < 0.14  # all five calls would be 0.19 s
     assert not target._forward_hooks and not target._forward_pre_hooks  # removed on exit
+
+
+def test_prompt_clock_counts_a_model_passed_twice_once():
+    """A target that is also its own assistant reads the prompt once: its first call is not counted twice."""
+    import time
+
+    import torch
+
+    from codeaccel.peers.hf_generate import _PromptClock
+
+    class Slow(torch.nn.Module):
+        def forward(self, x):
+            time.sleep(0.05)
+            return x
+
+    model = Slow()
+    with _PromptClock(model, model) as clock:
+        model(torch.zeros(1))
+        model(torch.zeros(1))
+    assert 0.05 <= clock.prefill_s < 0.09  # counted twice it would be >= 0.10 s

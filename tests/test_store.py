@@ -36,3 +36,18 @@ def test_later_record_wins(tmp_path):
     assert store.get(_rec("a")) is None
     store.add(_rec("a", passed=True))
     assert ResultStore(path).get(_rec("a"))["passed"] is True
+
+
+def test_problems_by_cpu_counts_problems_per_machine_of_a_resumed_run():
+    """A run resumed on another VM says so: problems per CPU, records without a CPU counted apart, most first."""
+    from codeaccel.bench.report import problems_by_cpu
+
+    records = [
+        {"dataset": "humaneval", "task_id": "HumanEval/0", "method": "autoregressive"},  # stored before the field
+        {"dataset": "humaneval", "task_id": "HumanEval/1", "method": "autoregressive", "cpu": "Xeon"},
+        {"dataset": "humaneval", "task_id": "HumanEval/1", "method": "retrieval", "cpu": "Xeon"},
+        {"dataset": "humaneval", "task_id": "HumanEval/2", "method": "autoregressive", "cpu": "Xeon"},
+        {"dataset": "mbpp", "task_id": "HumanEval/2", "method": "autoregressive", "cpu": "EPYC"},
+    ]
+    assert problems_by_cpu(records) == {"Xeon": 2, "not recorded": 1, "EPYC": 1}
+    assert list(problems_by_cpu(records)) == ["Xeon", "not recorded", "EPYC"]

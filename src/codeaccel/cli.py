@@ -504,7 +504,7 @@ def bench(
         report_config["target_cost_curve"] = saved_curve_provenance(records[0]["engine"], records[0]["model"], dtype)
     # the command that produces these results: flags that only re-test or re-summarise them are left out
     command = shlex.join(a for a in shlex.split(_command_line()) if a not in ("--rescore", "--report-only"))
-    write_report(rows, out_dir, command, report_config, name=name, noise=noise)
+    write_report(rows, out_dir, command, report_config, name=name, noise=noise, records=records)
     out.print(markdown_table(rows), markup=False, highlight=False, soft_wrap=True)
     out.print(f"results in {out_dir}/ ({name}.json, {name}.md, {name}.png, results.jsonl)")
 

@@ -25,6 +25,7 @@ from codeaccel.engines import load_engine
 from codeaccel.engines.base import Engine
 from codeaccel.engines.pool import EnginePool
 from codeaccel.generation import Request
+from codeaccel.machine import machine_info
 from codeaccel.methods import Method, MethodOptions, build_method
 from codeaccel.registry import resolve_model
 from codeaccel.sampling import SamplingParams
@@ -99,6 +100,7 @@ def run_bench(config: BenchConfig, store: ResultStore, resume: bool = True) -> l
     engine = load_engine(config.model, config.engine, n_ctx=config.n_ctx, dtype=config.dtype)
     methods: list[Method] = []
     records: list[dict] = []
+    cpu = machine_info()["cpu_model"]  # per record: a resumed run can span machines of one kind but another CPU
     pool = EnginePool()
     try:
         if config.sampling.greedy and any(m != "autoregressive" for m in config.methods):
@@ -126,7 +128,8 @@ def run_bench(config: BenchConfig, store: ResultStore, resume: bool = True) -> l
                             if not shared:
                                 engine.reset()
                                 pool.reset()
-                            record = {**_run_one(engine, method, problem, config, key), "prefill_shared": shared}
+                            record = _run_one(engine, method, problem, config, key)
+                            record.update(prefill_shared=shared, cpu=cpu)
                             _compare_with_autoregressive(engine, store, config, dataset, problem, record)
                             store.add(record)
                         records.append(record)

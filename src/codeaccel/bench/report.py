@@ -202,10 +202,29 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def problems_by_cpu(records: list[dict]) -> dict[str, int]:
+    """How many problems were measured on each CPU (a resumed run can span machines); most first.
+
+    Records from before the CPU was stored count as ``"not recorded"``."""
+    problems: dict[str, set] = {}
+    for r in records:
+        problems.setdefault(r.get("cpu") or "not recorded", set()).add((r["dataset"], r["task_id"]))
+    return dict(sorted(((cpu, len(p)) for cpu, p in problems.items()), key=lambda item: -item[1]))
+
+
 def write_report(
-    rows: list[dict], out_dir: Path, command: str, config: dict, name: str = "summary", noise: dict | None = None
+    rows: list[dict],
+    out_dir: Path,
+    command: str,
+    config: dict,
+    name: str = "summary",
+    noise: dict | None = None,
+    records: list[dict] | None = None,
 ) -> dict:
-    """Write ``{name}.json``, ``{name}.md`` and ``{name}.png`` into out_dir; return the JSON document."""
+    """Write ``{name}.json``, ``{name}.md`` and ``{name}.png`` into out_dir; return the JSON document.
+
+    ``machine`` is where the report was written; with ``records``, ``problems_by_cpu``
+    says where the problems were measured."""
     out_dir.mkdir(parents=True, exist_ok=True)
     doc = {
         "command": command,
@@ -214,6 +233,8 @@ def write_report(
         "config": config,
         "rows": rows,
     }
+    if records:
+        doc["problems_by_cpu"] = problems_by_cpu(records)
     if noise:
         doc["logit_noise"] = noise
     (out_dir / f"{name}.json").write_text(json.dumps(doc, indent=2) + "\n")
@@ -222,6 +243,8 @@ def write_report(
         f"# Benchmark: {name}\n\nCommand: `{command}`\n\n"
         f"Machine: {machine['cores']} cores, {machine['cpu_model']}; {doc['date']}\n\n"
     )
+    if records:
+        md += "Problems measured on: " + ", ".join(f"{cpu} ({n})" for cpu, n in doc["problems_by_cpu"].items()) + "\n\n"
     if noise:
         md += (
             f"Near-tie tolerance {noise['tolerance']:.4g} (twice the largest top-10 logit change between "

@@ -28,7 +28,7 @@ class _PromptClock:
     def __init__(self, *models) -> None:
         self.prefill_s = 0.0
         self._handles = []
-        for model in models:
+        for model in {id(m): m for m in models}.values():  # one module passed twice is timed once
             started: list[float] = []
 
             def pre(module, args, started=started):
