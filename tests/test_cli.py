@@ -126,8 +126,24 @@ def test_bench_speculative_reports_acceptance_and_identity(tiny_gguf, tmp_path):
     assert spec["mean_accepted_len"] > 1 and spec["target_s_per_token"] > 0
     assert spec["variant"] == "tiny on llama.cpp, draft_stop=confidence"
     assert doc["logit_noise"]["tolerance"] >= 0 and list(out.glob("logit_noise-*.json"))
-    curve = doc["config"]["target_cost_curve"]  # the curve k was chosen from (measured on first use here)
-    assert curve["command"] == "(measured on first use)" and curve["relative"][0] == 1.0
+    [used] = doc["target_cost_curves"]  # the curve k was chosen from (measured on first use here)
+    assert used["curve"]["command"] == "(measured on first use)" and used["curve"]["relative"][0] == 1.0
+    assert used["problems"] == 2 and used["curve"]["cpu"] == doc["machine"]["cpu_model"]
+    # re-profiled later: a --report-only summary still names the curve the run used, not the new one
+    cached = tmp_path / "cache" / "cost_curves" / "llama.cpp-tiny.json"
+    cached.write_text(json.dumps({**json.loads(cached.read_text()), "command": "codeaccel profile tiny"}))
+    result = run_cli(
+        *args,
+        "--method",
+        "autoregressive,speculative-client-draft",
+        "--draft-model",
+        tiny_gguf,
+        "--report-only",
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    doc = json.loads((out / "summary.json").read_text())
+    assert [u["curve"]["command"] for u in doc["target_cost_curves"]] == ["(measured on first use)"]
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert {r["method"] for r in records} == {"autoregressive", "speculative-client-draft"}
     assert all(r["identical_to_autoregressive"] for r in records if r["method"] != "autoregressive")

@@ -51,3 +51,26 @@ def test_problems_by_cpu_counts_problems_per_machine_of_a_resumed_run():
     ]
     assert problems_by_cpu(records) == {"Xeon": 2, "not recorded": 1, "EPYC": 1}
     assert list(problems_by_cpu(records)) == ["Xeon", "not recorded", "EPYC"]
+
+
+def test_target_cost_curves_lists_each_curve_a_resumed_run_drafted_with():
+    """Each drafting record keeps its curve: a run re-profiled midway reports both, with their problems."""
+    from codeaccel.bench.report import target_cost_curves
+
+    epyc = {"date": "2026-11-22", "cpu": "EPYC", "relative": [1.0, 1.6]}
+    xeon = {"date": "2026-11-23", "cpu": "Xeon", "relative": [1.0, 1.5]}
+    records = [
+        {"dataset": "humaneval", "task_id": "HumanEval/0", "method": "autoregressive"},  # no curve: not counted
+        {"dataset": "humaneval", "task_id": "HumanEval/0", "method": "retrieval"},  # stored before the field
+        {"dataset": "humaneval", "task_id": "HumanEval/1", "method": "retrieval", "target_cost_curve": epyc},
+        {"dataset": "humaneval", "task_id": "HumanEval/1", "method": "speculative", "target_cost_curve": epyc},
+        {"dataset": "humaneval", "task_id": "HumanEval/2", "method": "retrieval", "target_cost_curve": xeon},
+        {"dataset": "humaneval", "task_id": "HumanEval/3", "method": "retrieval", "target_cost_curve": xeon},
+        {"dataset": "humaneval", "task_id": "HumanEval/3", "method": "hf-assisted"},
+    ]
+    assert target_cost_curves(records) == [
+        {"curve": xeon, "problems": 2},
+        {"curve": None, "problems": 1},  # ties in the order first stored
+        {"curve": epyc, "problems": 1},
+    ]
+    assert target_cost_curves(records[:1]) == []

@@ -463,7 +463,6 @@ def bench(
     from codeaccel.bench.logit_noise import find_noise
     from codeaccel.bench.report import markdown_table, summarize, write_report
     from codeaccel.bench.store import ResultStore
-    from codeaccel.cost_curve import saved_curve_provenance
     from codeaccel.methods import parse_methods
     from codeaccel.sampling import SamplingParams
     from codeaccel.sandbox import probe as probe_sandbox
@@ -499,9 +498,6 @@ def bench(
     rows = summarize(records, noise)
     report_config = bench_config_dict(config)
     report_config["sandbox_layers"] = list(probe_sandbox().active_layers)
-    if records and any(m not in ("autoregressive", "prompt-lookup", "hf-assisted") for m in config.methods):
-        # draft lengths were chosen from this curve: keep its origin with the results
-        report_config["target_cost_curve"] = saved_curve_provenance(records[0]["engine"], records[0]["model"], dtype)
     # the command that produces these results: flags that only re-test or re-summarise them are left out
     command = shlex.join(a for a in shlex.split(_command_line()) if a not in ("--rescore", "--report-only"))
     write_report(rows, out_dir, command, report_config, name=name, noise=noise, records=records)

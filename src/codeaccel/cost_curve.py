@@ -148,12 +148,13 @@ def load_cost_curve(engine: str, model: str, dtype: str | None = None) -> CostCu
 
 
 def saved_curve_provenance(engine: str, model: str, dtype: str | None = None) -> dict | None:
-    """The saved curve's origin (command, date) and costs, for benchmark results that depended on it."""
+    """The saved curve's origin (command, date, CPU) and costs, for benchmark results that depended on it."""
     path = _cache_path(engine, model, dtype if engine == "hf" else None)
     if not path.is_file():
         return None
     doc = json.loads(path.read_text())
-    return {k: doc.get(k) for k in ("command", "date", "context_tokens", "repeats", "relative")}
+    provenance = {k: doc.get(k) for k in ("command", "date", "context_tokens", "repeats", "relative")}
+    return {**provenance, "cpu": (doc.get("machine") or {}).get("cpu_model")}
 
 
 def cost_curve_for(engine: Engine) -> CostCurve:

@@ -214,6 +214,15 @@ BUILDERS: dict[str, Callable[[Engine, MethodOptions, EnginePool], Method]] = {
 }
 
 
+# methods that choose draft lengths from the target's cost curve (every one but these)
+_COST_CURVE_FREE = frozenset({"autoregressive", "prompt-lookup", "hf-assisted"})
+
+
+def uses_cost_curve(name: str) -> bool:
+    """Whether method ``name`` chose its draft lengths from the target engine's cost curve."""
+    return name not in _COST_CURVE_FREE
+
+
 # ``retrieval-without-<part>``: retrieval with one part ablated, as its own method, so an
 # ablation study runs interleaved with the full method and the baseline on every problem.
 WITHOUT = "retrieval-without-"

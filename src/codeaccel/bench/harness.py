@@ -21,12 +21,13 @@ from codeaccel.bench.datasets import PROMPT_FORMAT, Problem, load_problems
 from codeaccel.bench.logit_noise import first_divergence, load_or_measure
 from codeaccel.bench.repo_dataset import similarity
 from codeaccel.bench.store import ResultStore
+from codeaccel.cost_curve import saved_curve_provenance
 from codeaccel.engines import load_engine
 from codeaccel.engines.base import Engine
 from codeaccel.engines.pool import EnginePool
 from codeaccel.generation import Request
 from codeaccel.machine import machine_info
-from codeaccel.methods import Method, MethodOptions, build_method
+from codeaccel.methods import Method, MethodOptions, build_method, uses_cost_curve
 from codeaccel.registry import resolve_model
 from codeaccel.sampling import SamplingParams
 from codeaccel.sandbox import ExecutionResult, Job, Limits, SandboxPool, execute
@@ -111,6 +112,8 @@ def run_bench(config: BenchConfig, store: ResultStore, resume: bool = True) -> l
             load_or_measure(engine, texts, store.path.parent)
         for name in config.methods:
             methods.append(build_method(name, engine, config.options, pool))
+        # per record, like the CPU: the curve the methods just loaded (profiled, or measured on first use)
+        curve = saved_curve_provenance(engine.kind, engine.model_name, engine.dtype)
         total = sum(len(p) for p in problems.values()) * len(methods)
         with Progress(*_COLUMNS, transient=False) as progress:
             bar = progress.add_task("bench", total=total, passed=0, done=0)
@@ -130,6 +133,8 @@ def run_bench(config: BenchConfig, store: ResultStore, resume: bool = True) -> l
                                 pool.reset()
                             record = _run_one(engine, method, problem, config, key)
                             record.update(prefill_shared=shared, cpu=cpu)
+                            if uses_cost_curve(method.name) and curve:
+                                record["target_cost_curve"] = curve
                             _compare_with_autoregressive(engine, store, config, dataset, problem, record)
                             store.add(record)
                         records.append(record)

@@ -19,6 +19,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from codeaccel.machine import machine_info
+from codeaccel.methods import uses_cost_curve
 
 GROUP = ("dataset", "model", "engine", "method", "variant")  # variant: the method's settings, e.g. its draft model
 
@@ -212,6 +213,27 @@ def problems_by_cpu(records: list[dict]) -> dict[str, int]:
     return dict(sorted(((cpu, len(p)) for cpu, p in problems.items()), key=lambda item: -item[1]))
 
 
+def target_cost_curves(records: list[dict]) -> list[dict]:
+    """The target cost curves the draft lengths were chosen from, each with its number of problems.
+
+    Each record keeps the curve it ran with (a resumed run can span machines, or a re-profile);
+    records of curve-using methods from before that was stored count under ``curve: None``."""
+    problems: dict[str, set] = {}
+    for r in records:
+        if uses_cost_curve(r["method"]):
+            key = json.dumps(r.get("target_cost_curve"), sort_keys=True)
+            problems.setdefault(key, set()).add((r["dataset"], r["task_id"]))
+    used = [{"curve": json.loads(key), "problems": len(p)} for key, p in problems.items()]
+    return sorted(used, key=lambda u: -u["problems"])
+
+
+def _curve_line(used: dict) -> str:
+    curve = used["curve"]
+    if curve is None:
+        return f"not recorded ({used['problems']})"
+    return f"profiled {curve.get('date')} on {curve.get('cpu') or 'an unrecorded CPU'} ({used['problems']})"
+
+
 def write_report(
     rows: list[dict],
     out_dir: Path,
@@ -224,7 +246,8 @@ def write_report(
     """Write ``{name}.json``, ``{name}.md`` and ``{name}.png`` into out_dir; return the JSON document.
 
     ``machine`` is where the report was written; with ``records``, ``problems_by_cpu``
-    says where the problems were measured."""
+    says where the problems were measured and ``target_cost_curves`` which cost curves
+    the drafting methods ran with (both from the records, so a later ``--report-only`` is right)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     doc = {
         "command": command,
@@ -235,6 +258,8 @@ def write_report(
     }
     if records:
         doc["problems_by_cpu"] = problems_by_cpu(records)
+        if curves := target_cost_curves(records):
+            doc["target_cost_curves"] = curves
     if noise:
         doc["logit_noise"] = noise
     (out_dir / f"{name}.json").write_text(json.dumps(doc, indent=2) + "\n")
@@ -245,6 +270,11 @@ def write_report(
     )
     if records:
         md += "Problems measured on: " + ", ".join(f"{cpu} ({n})" for cpu, n in doc["problems_by_cpu"].items()) + "\n\n"
+    if doc.get("target_cost_curves"):
+        md += "Draft lengths chosen from the target cost curve " + ", ".join(
+            map(_curve_line, doc["target_cost_curves"])
+        )
+        md += "\n\n"
     if noise:
         md += (
             f"Near-tie tolerance {noise['tolerance']:.4g} (twice the largest top-10 logit change between "
