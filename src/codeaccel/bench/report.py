@@ -203,14 +203,21 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _problems_per(records: list[dict], key) -> dict:
+    """How many distinct problems fall under each ``key(record)`` (None: record left out); most first,
+    ties in the order first stored."""
+    problems: dict = {}
+    for r in records:
+        if (k := key(r)) is not None:
+            problems.setdefault(k, set()).add((r["dataset"], r["task_id"]))
+    return dict(sorted(((k, len(p)) for k, p in problems.items()), key=lambda item: -item[1]))
+
+
 def problems_by_cpu(records: list[dict]) -> dict[str, int]:
     """How many problems were measured on each CPU (a resumed run can span machines); most first.
 
     Records from before the CPU was stored count as ``"not recorded"``."""
-    problems: dict[str, set] = {}
-    for r in records:
-        problems.setdefault(r.get("cpu") or "not recorded", set()).add((r["dataset"], r["task_id"]))
-    return dict(sorted(((cpu, len(p)) for cpu, p in problems.items()), key=lambda item: -item[1]))
+    return _problems_per(records, lambda r: r.get("cpu") or "not recorded")
 
 
 def target_cost_curves(records: list[dict]) -> list[dict]:
@@ -218,13 +225,11 @@ def target_cost_curves(records: list[dict]) -> list[dict]:
 
     Each record keeps the curve it ran with (a resumed run can span machines, or a re-profile);
     records of curve-using methods from before that was stored count under ``curve: None``."""
-    problems: dict[str, set] = {}
-    for r in records:
-        if uses_cost_curve(r["method"]):
-            key = json.dumps(r.get("target_cost_curve"), sort_keys=True)
-            problems.setdefault(key, set()).add((r["dataset"], r["task_id"]))
-    used = [{"curve": json.loads(key), "problems": len(p)} for key, p in problems.items()]
-    return sorted(used, key=lambda u: -u["problems"])
+
+    def curve_of(r: dict) -> str | None:  # a curve as a hashable key
+        return json.dumps(r.get("target_cost_curve"), sort_keys=True) if uses_cost_curve(r["method"]) else None
+
+    return [{"curve": json.loads(k), "problems": n} for k, n in _problems_per(records, curve_of).items()]
 
 
 def _curve_line(used: dict) -> str:
