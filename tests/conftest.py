@@ -10,7 +10,7 @@ import pytest
 
 import tiny_models
 from codeaccel.engines.base import Engine
-from codeaccel.registry import BUNDLED
+from codeaccel.models.registry import BUNDLED
 
 
 def pytest_collection_modifyitems(config, items):

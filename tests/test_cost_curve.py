@@ -1,6 +1,6 @@
 import pytest
 
-from codeaccel.cost_curve import CostCurve, load_cost_curve, measure_cost_curve, save_cost_curve
+from codeaccel.engines.cost_curve import CostCurve, load_cost_curve, measure_cost_curve, save_cost_curve
 from codeaccel.engines import load_engine
 
 

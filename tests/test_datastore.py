@@ -6,9 +6,9 @@ import subprocess
 import numpy as np
 import pytest
 
-from codeaccel.datastore import Datastore, build_datastore, update_datastore
-from codeaccel.sources import scan_repository
-from codeaccel.suffix_index import StaleIndexError, SuffixIndex, build_index
+from codeaccel.retrieval.datastore import Datastore, build_datastore, update_datastore
+from codeaccel.retrieval.sources import scan_repository
+from codeaccel.retrieval.suffix_index import StaleIndexError, SuffixIndex, build_index
 
 
 def char_tokens(text: str) -> list[int]:
@@ -181,7 +181,7 @@ def test_lookup_can_exclude_a_file(project, tmp_path):
 
 
 def test_general_scan_excludes_globs_and_nested_site_packages(tmp_path):
-    from codeaccel.sources import scan_general
+    from codeaccel.retrieval.sources import scan_general
 
     root = tmp_path / "lib"
     (root / "site-packages" / "other").mkdir(parents=True)
@@ -194,7 +194,7 @@ def test_general_scan_excludes_globs_and_nested_site_packages(tmp_path):
 
 
 def test_open_rebuilds_a_damaged_datastore_and_refuses_a_foreign_one(project, tmp_path, caplog):
-    from codeaccel.datastore import open_datastore
+    from codeaccel.retrieval.datastore import open_datastore
     from codeaccel.errors import CodeaccelError
 
     path = tmp_path / "ds"
@@ -207,7 +207,7 @@ def test_open_rebuilds_a_damaged_datastore_and_refuses_a_foreign_one(project, tm
                 f.write(b"\xff\xff\xff\x7f")  # same size, different content: only the checksum sees it
         else:
             (path / "manifest.json").unlink()  # an update that died between its two writes
-        with caplog.at_level("WARNING", logger="codeaccel.datastore"):
+        with caplog.at_level("WARNING", logger="codeaccel.retrieval.datastore"):
             store = open_datastore(path, char_tokens, "chars")
         assert "rebuilding it from" in caplog.text
         caplog.clear()
@@ -224,7 +224,7 @@ def test_open_rebuilds_a_damaged_datastore_and_refuses_a_foreign_one(project, tm
 
 
 def test_open_brings_a_repository_datastore_up_to_date(project, tmp_path):
-    from codeaccel.datastore import open_datastore
+    from codeaccel.retrieval.datastore import open_datastore
 
     build_datastore(tmp_path / "ds", "proj", "repository", [project], char_tokens, "chars")
     (project / "pkg" / "fresh.py").write_text("def freshly_written_helper():\n    return 42\n")

@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-from codeaccel.autoregressive import generate
+from codeaccel.decoding.autoregressive import generate
 from codeaccel.engines import load_engine
 from codeaccel.errors import CodeaccelError
-from codeaccel.sampling import SamplingParams
+from codeaccel.decoding.sampling import SamplingParams
 
 PROMPTS = [
     "def add(a, b):\n    return",

@@ -2,9 +2,9 @@
 
 import pytest
 
-from codeaccel.autoregressive import generate
+from codeaccel.decoding.autoregressive import generate
 from codeaccel.errors import CodeaccelError
-from codeaccel.sampling import SamplingParams
+from codeaccel.decoding.sampling import SamplingParams
 
 GREEDY = SamplingParams()
 

@@ -2,16 +2,16 @@
 
 import pytest
 
-from codeaccel.autoregressive import generate
+from codeaccel.decoding.autoregressive import generate
 from codeaccel.bench.datasets import load_problems
 from codeaccel.bench.harness import BenchConfig, build_prompt, run_bench
 from codeaccel.bench.logit_noise import find_noise
 from codeaccel.bench.report import summarize
 from codeaccel.bench.store import ResultStore
 from codeaccel.engines import load_engine
-from codeaccel.methods import MethodOptions
-from codeaccel.registry import BUNDLED, is_assembled, resolve_model
-from codeaccel.sampling import SamplingParams
+from codeaccel.methods.registry import MethodOptions
+from codeaccel.models.registry import BUNDLED, is_assembled, resolve_model
+from codeaccel.decoding.sampling import SamplingParams
 from test_engines import _library_greedy
 
 pytestmark = pytest.mark.realmodel
@@ -70,7 +70,8 @@ def test_speculative_0_5b_to_1_5b_is_lossless_on_humaneval_prompts(tmp_path):
 def test_retrieval_on_a_real_repository_is_lossless_and_accepts_drafts(tmp_path):
     """repo:rich on the 0.5B model, rich itself as the repository source (each problem's own file excluded)."""
     from codeaccel.bench.repo_dataset import package_root
-    from codeaccel.datastore import build_datastore, tokenizer_fingerprint
+    from codeaccel.engines.tokenizer import tokenizer_fingerprint
+    from codeaccel.retrieval.datastore import build_datastore
 
     with load_engine(SMALL, n_ctx=512) as eng:
         fp = tokenizer_fingerprint(eng.n_vocab, eng.tokenize)

@@ -5,16 +5,19 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from codeaccel.acceptance_cache import AcceptanceCache
-from codeaccel.autoregressive import generate
-from codeaccel.datastore import Retrieved, build_datastore, tokenizer_fingerprint
-from codeaccel.draft_length import DraftLength
-from codeaccel.drafters.base import Draft
-from codeaccel.drafters.retrieval import CandidateTrie, RetrievalDrafter, merge
+from codeaccel.retrieval.acceptance_cache import AcceptanceCache
+from codeaccel.decoding.autoregressive import generate
+from codeaccel.engines.tokenizer import tokenizer_fingerprint
+from codeaccel.retrieval.datastore import Retrieved, build_datastore
+from codeaccel.decoding.draft_length import DraftLength
+from codeaccel.decoding.drafter import Draft
+from codeaccel.decoding.stats import DrafterStats
+from codeaccel.retrieval.drafter import RetrievalDrafter
+from codeaccel.retrieval.trie import CandidateTrie, merge
 from codeaccel.engines import load_engine
-from codeaccel.retrieval_timing import RetrievalTiming
-from codeaccel.sampling import SamplingParams
-from codeaccel.speculative import speculative_generate
+from codeaccel.retrieval.timing import RetrievalTiming
+from codeaccel.decoding.sampling import SamplingParams
+from codeaccel.decoding.speculative import speculative_generate
 from test_speculative import flat_curve
 
 
@@ -63,7 +66,8 @@ def test_retrieval_drafter_proposes_a_tree_where_the_repository_branches(target,
     fp = tokenizer_fingerprint(target.n_vocab, target.tokenize)
     store = build_datastore(tmp_path / "ds", "getters", "repository", [root], target.tokenize, fp)
     drafter = RetrievalDrafter([store], min_match=1, tree_branches=3)
-    draft = drafter.propose(target.tokenize("\n    def get_"), 6, SamplingParams(), np.random.default_rng(0))
+    session = drafter.start([])
+    draft = session.propose(target.tokenize("\n    def get_"), 6, SamplingParams(), np.random.default_rng(0))
     assert draft.parents is not None and draft.parents.count(-1) >= 2  # x... and y... both proposed
     assert len(draft.tokens) > 6  # the best path plus an alternative
     drafter.close()
@@ -74,9 +78,10 @@ def test_retrieval_drafter_proposes_a_tree_where_the_repository_branches(target,
     for curve, tree in [(FLAT, True), (LINEAR, False)]:
         timing = RetrievalTiming(curve)
         drafter = RetrievalDrafter([store], timing=timing, min_match=1, tree_branches=3)
-        draft = drafter.propose(context, 6, SamplingParams(), np.random.default_rng(0))
+        session = drafter.start([])
+        draft = session.propose(context, 6, SamplingParams(), np.random.default_rng(0))
         assert (draft.parents is not None) == tree and len(draft.tokens) >= 1
-        assert drafter.request_stats()["retrieval"].get("trees_declined", 0) == (not tree)
+        assert session.stats().retrieval.trees_declined == (not tree)
         drafter.close()
     assert RetrievalTiming(LINEAR).tree_pays(4, 4) and not RetrievalTiming(LINEAR).tree_pays(2, 6)
     assert RetrievalTiming(FLAT).tree_pays(2, 12)
@@ -85,10 +90,10 @@ def test_retrieval_drafter_proposes_a_tree_where_the_repository_branches(target,
 def test_retrieval_drafter_proposes_what_the_repository_holds(target, repo_store):
     drafter = RetrievalDrafter([repo_store], min_match=2)
     context = target.tokenize("class Square:\n    def __init__(self, side):\n        self.")
-    draft = drafter.propose(context, 12, SamplingParams(), np.random.default_rng(0))
+    draft = drafter.start([]).propose(context, 12, SamplingParams(), np.random.default_rng(0))
     assert draft.probs is None and len(draft.tokens) == 12
     assert target.detokenize(draft.tokens).startswith("side = side")
-    assert drafter.last[0].kind == "repository" and drafter.last[0].match_len >= 2
+    assert draft.lookup.kinds == ("repository",) and draft.lookup.match_len >= 2
 
 
 def test_retrieval_decoding_is_lossless(target, repo_store):
@@ -98,7 +103,7 @@ def test_retrieval_decoding_is_lossless(target, repo_store):
         ar = generate(target, prompt, SamplingParams(), 40)
         spec = speculative_generate(target, drafter, DraftLength(flat_curve(), fixed_k=6), prompt, SamplingParams(), 40)
         assert spec.tokens == ar.tokens
-        assert spec.stats["drafts"] > 0  # the store matched something along the way
+        assert spec.stats.speculation.drafts > 0  # the store matched something along the way
     drafter.close()
 
 
@@ -118,7 +123,8 @@ def test_acceptance_cache_chains_and_is_bounded():
 def test_timing_verifies_long_matches_and_backs_off_when_idle():
     from test_draft_length import LINEAR
 
-    timing = RetrievalTiming(LINEAR, k_max=16)
+    policy = RetrievalTiming(LINEAR, k_max=16)
+    timing = policy.start()  # one request's state
     assert timing.draft_length(match_len=16, confidence=1.0, available=16) > 0  # prior 0.9: pays
     assert timing.draft_length(match_len=1, confidence=1.0, available=16) == 0  # prior 0.3: does not
     assert timing.draft_length(match_len=16, confidence=1.0, available=0) == 0
@@ -133,8 +139,15 @@ def test_timing_verifies_long_matches_and_backs_off_when_idle():
     timing.update(0, 0, 0)
     timing.update(0, 0, 0)  # three more idle lookups: the skip doubles
     assert [timing.should_retrieve() for _ in range(3)] == [False, False, True]
-    timing.reset_backoff()
+    assert timing.alpha(16) < 0.2
+    fresh = policy.start()  # the next request: no backoff, and acceptance from the priors again
+    assert fresh.should_retrieve() and fresh.alpha(16) == pytest.approx(0.9)
+    timing.update(0, 0, 0)
+    timing.update(0, 0, 0)  # two idle lookups
+    timing.update(0, 0, 0, searched=False)  # a step whose lookup was skipped says nothing: not a third
     assert timing.should_retrieve()
+    timing.update(0, 0, 0)  # the third
+    assert not timing.should_retrieve()
 
 
 @pytest.mark.parametrize("parts", [{"timing", "cache"}, set()], ids=["all-parts", "nothing"])
@@ -152,15 +165,16 @@ def test_retrieval_with_timing_and_cache_is_lossless(target, repo_store, parts):
             target, drafter, DraftLength(flat_curve(), fixed_k=16), prompt, SamplingParams(), 48
         )
         assert spec.tokens == ar.tokens
-        assert spec.stats["retrieval"]["lookups"] > 0
+        assert spec.stats.drafter.retrieval.lookups > 0
     if cache is not None:
-        assert spec.stats["retrieval"].get("cache_hits", 0) > 0 and spec.stats["accepted_tokens"] > 0
+        assert spec.stats.drafter.retrieval.cache_hits > 0 and spec.stats.speculation.accepted_tokens > 0
     drafter.close()
 
 
 def test_hybrid_uses_the_model_when_retrieval_has_nothing(target, tiny_gguf, tmp_path):
-    from codeaccel.drafters.draft_model import DraftModelDrafter
-    from codeaccel.drafters.hybrid import HybridDrafter
+    from codeaccel.decoding.costs import LearnedCosts
+    from codeaccel.decoding.draft_model import DraftModelDrafter
+    from codeaccel.retrieval.hybrid import HybridDrafter
 
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -168,15 +182,18 @@ def test_hybrid_uses_the_model_when_retrieval_has_nothing(target, tiny_gguf, tmp
     fp = tokenizer_fingerprint(target.n_vocab, target.tokenize)
     store = build_datastore(tmp_path / "ds", "empty", "repository", [empty], target.tokenize, fp)
     with load_engine(tiny_gguf, n_ctx=1024) as draft:
+        costs = LearnedCosts(flat_curve())
         drafter = HybridDrafter(
-            RetrievalDrafter([store], min_match=4), DraftModelDrafter(draft), DraftLength(flat_curve(), fixed_k=3)
+            RetrievalDrafter([store], min_match=4), DraftModelDrafter(draft), DraftLength(flat_curve(), fixed_k=3), costs
         )
         prompt = target.tokenize("def area(side):\n    return")
         ar = generate(target, prompt, SamplingParams(), 30)
-        spec = speculative_generate(target, drafter, DraftLength(flat_curve(), fixed_k=8), prompt, SamplingParams(), 30)
+        loop = DraftLength(flat_curve(), fixed_k=8)
+        spec = speculative_generate(target, drafter, loop, prompt, SamplingParams(), 30, costs=costs)
     assert spec.tokens == ar.tokens
-    assert spec.stats["draft_sources"].get("model", 0) > 0
-    assert spec.stats["accepted_tokens"] == spec.stats["drafted_tokens"]  # the draft model is the target's twin
+    assert spec.stats.drafter.draft_sources.get("model", 0) > 0
+    st = spec.stats.speculation
+    assert st.accepted_tokens == st.drafted_tokens  # the draft model is the target's twin
 
 
 def test_best_tree_docstring_example_and_alternatives():
@@ -198,19 +215,19 @@ class TreeDrafter:
     def __init__(self, vocab: int, seed: int):
         self.vocab, self.rng = vocab, np.random.default_rng(seed)
 
-    def prepare(self, prompt, exclude_files=frozenset()):
-        pass
+    def start(self, prompt, exclude_files=frozenset()):
+        return self  # a test drafter: one request at a time
 
     def propose(self, context, k, params, rng):
         n = min(k, 6)
         parents = [-1, 0, -1, 1, 0, 2][:n]
         return Draft(tokens=[int(t) for t in self.rng.integers(0, self.vocab, n)], parents=parents)
 
-    def observe(self, context, draft, n_accepted, committed):
+    def observe(self, context, draft, verdict, timing):
         pass
 
-    def request_stats(self):
-        return {}
+    def stats(self):
+        return DrafterStats()
 
     def close(self):
         pass
@@ -236,7 +253,7 @@ def test_tree_drafts_are_lossless_in_the_decode_loop(tiny_gguf, tiny_hf, engine_
                 eng, drafter, DraftLength(flat_curve(), fixed_k=6), prompt, SamplingParams(), 30
             )
             assert spec.tokens == ar.tokens
-        assert spec.stats["accepted_tokens"] > 10  # the oracle's right branch was taken through the tree
+        assert spec.stats.speculation.accepted_tokens > 10  # the oracle's right branch was taken through the tree
 
 
 def test_tree_sampling_matches_target_distribution(tiny_gguf):
@@ -264,14 +281,14 @@ def test_tree_sampling_matches_target_distribution(tiny_gguf):
 def test_ablation_methods_switch_off_one_part_each(target, repo_store):
     from codeaccel.engines.pool import EnginePool
     from codeaccel.errors import CodeaccelError
-    from codeaccel.methods import MethodOptions, build_method, parse_methods
+    from codeaccel.methods.registry import MethodOptions, build_method, parse_methods
 
     names = parse_methods("retrieval,retrieval-without-tree,retrieval-without-cache")
     options = MethodOptions(datastores=(str(repo_store.path),))
     with EnginePool() as pool:
         built = [build_method(n, target, options, pool) for n in names]
         try:
-            assert [m.name for m in built] == ["retrieval"] * 3
+            assert [m.name for m in built] == names  # each stored under its own name
             assert [m.settings.get("ablate") for m in built] == [None, ["tree"], ["cache"]]
             assert len({m.variant for m in built}) == 3  # stored and reported as separate rows
             assert built[1].drafter.tree_branches == 1 and built[1].drafter.cache is not None
@@ -287,7 +304,7 @@ def test_draft_model_methods_record_the_draft_dtype(tiny_hf, tiny_hf_draft, tmp_
     """speculative and hybrid store the hf draft's dtype with their settings: a bf16 and a float32 draft
     are two settings, so a run resumed with the other dtype does not reuse the first one's records."""
     from codeaccel.engines.pool import EnginePool
-    from codeaccel.methods import MethodOptions, build_method
+    from codeaccel.methods.registry import MethodOptions, build_method
 
     monkeypatch.setenv("CODEACCEL_CACHE_DIR", str(tmp_path))  # the tiny target's cost curve is measured there
     root = tmp_path / "repo"

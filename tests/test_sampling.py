@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from codeaccel.errors import CodeaccelError
-from codeaccel.sampling import SamplingParams, logits_to_probs, next_token, sample
+from codeaccel.decoding.sampling import SamplingParams, logits_to_probs, next_token, sample
 
 
 @pytest.mark.parametrize(

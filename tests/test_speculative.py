@@ -6,18 +6,21 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from codeaccel.autoregressive import generate
-from codeaccel.cost_curve import CostCurve
-from codeaccel.draft_length import DraftLength
-from codeaccel.drafters.base import Draft
-from codeaccel.drafters.draft_model import DraftModelDrafter, check_same_vocabulary
+from codeaccel.decoding.autoregressive import generate
+from codeaccel.engines.cost_curve import CostCurve
+from codeaccel.decoding.costs import LearnedCosts
+from codeaccel.decoding.draft_length import DraftLength, DraftPricing
+from codeaccel.decoding.draft_model import DraftModelDrafter
+from codeaccel.decoding.drafter import Draft
+from codeaccel.decoding.stats import DrafterStats
+from codeaccel.engines.tokenizer import check_same_tokenizer
 from codeaccel.engines import load_engine
 from codeaccel.engines.pool import EnginePool
 from codeaccel.errors import CodeaccelError
-from codeaccel.generation import Request
-from codeaccel.methods import MethodOptions, build_method
-from codeaccel.sampling import SamplingParams, logits_to_probs
-from codeaccel.speculative import speculative_generate
+from codeaccel.decoding.generation import Request
+from codeaccel.methods.registry import MethodOptions, build_method
+from codeaccel.decoding.sampling import SamplingParams, logits_to_probs
+from codeaccel.decoding.speculative import speculative_generate
 from conftest import ScriptedEngine
 
 GREEDY = SamplingParams()
@@ -38,8 +41,8 @@ class ScriptDrafter:
         self.calls: list[tuple[int, int]] = []  # (context length, k)
         self.observed: list[tuple[int, int, list[int]]] = []  # (draft length, accepted, committed)
 
-    def prepare(self, prompt: Sequence[int], exclude_files=frozenset()) -> None:
-        pass
+    def start(self, prompt: Sequence[int], exclude_files=frozenset()) -> "ScriptDrafter":
+        return self  # a test drafter: one request at a time
 
     def propose(self, context, k, params, rng) -> Draft:
         self.calls.append((len(context), k))
@@ -49,11 +52,11 @@ class ScriptDrafter:
             out.append(t)
         return Draft(tokens=out)
 
-    def observe(self, context, draft, n_accepted, committed) -> None:
-        self.observed.append((len(draft.tokens), n_accepted, list(committed)))
+    def observe(self, context, draft, verdict, timing) -> None:
+        self.observed.append((len(draft.tokens), verdict.n_accepted, list(verdict.tokens)))
 
-    def request_stats(self) -> dict:
-        return {"script_calls": len(self.calls)}
+    def stats(self) -> DrafterStats:
+        return DrafterStats(draft_sources={"script": len(self.calls)})
 
     def close(self) -> None:
         pass
@@ -85,7 +88,7 @@ def test_max_tokens_inside_an_accepted_run(scripted, max_tokens):
     ar, spec = run_both(scripted, ScriptDrafter(PERFECT), "a", max_tokens, k=8)
     assert spec.tokens == ar.tokens and len(spec.tokens) == max_tokens
     assert spec.finish_reason == "length"
-    assert spec.stats["steps"] <= 2  # k=8 drafts cover it in one or two verifications
+    assert spec.stats.steps <= 2  # k=8 drafts cover it in one or two verifications
 
 
 def test_eos_inside_an_accepted_run(scripted):
@@ -101,24 +104,25 @@ def test_rejections_rewind_the_target_and_counters_add_up(scripted):
     assert spec.tokens == ar.tokens
     n = len(prompt) + len(spec.tokens) - 1  # all committed tokens but the last are in the cache, in order
     assert scripted.tokens[:n] == prompt + spec.tokens[:-1]
-    st = spec.stats
-    assert st["accepted_tokens"] < st["drafted_tokens"]  # the wrong draft was rejected somewhere
-    assert st["accepted_tokens"] + st["steps"] == len(spec.tokens)  # each step commits accepted + 1
-    assert sum(st["proposed_at"][:1]) == st["drafts"]
-    assert st["script_calls"] == len(drafter.calls)  # the drafter's own counters reach the request log
+    st = spec.stats.speculation
+    assert st.accepted_tokens < st.drafted_tokens  # the wrong draft was rejected somewhere
+    assert st.accepted_tokens + spec.stats.steps == len(spec.tokens)  # each step commits accepted + 1
+    assert sum(st.proposed_at[:1]) == st.drafts
+    assert spec.stats.drafter.draft_sources == {"script": len(drafter.calls)}  # the drafter's counters reach the log
     assert [t for _, _, committed in drafter.observed for t in committed] == spec.tokens[
         : sum(len(c) for _, _, c in drafter.observed)
     ]  # observe() saw every committed token, in order
-    assert all(a <= p for a, p in zip(st["accepted_at"], st["proposed_at"]))
+    assert all(a <= p for a, p in zip(st.accepted_at, st.proposed_at))
 
 
 def test_draft_length_zero_is_plain_decoding(scripted):
     never = DraftLength(flat_curve(), fixed_k=None)
-    never.t_draft_s = 10.0  # a draft token costs 1000 target steps: drafting can never pay
+    costs = LearnedCosts(never.curve, t_draft_s=10.0)  # a draft token costs 1000 target steps: drafting can never pay
     drafter = ScriptDrafter(PERFECT)
     prompt = scripted.tokenize("a")
-    spec = speculative_generate(scripted, drafter, never, prompt, GREEDY, 12)
-    assert drafter.calls == [] and spec.stats["drafts"] == 0 and spec.stats["chosen_k"] == {"0": 12}
+    spec = speculative_generate(scripted, drafter, never, prompt, GREEDY, 12, costs=costs)
+    assert drafter.calls == [] and spec.stats.speculation.drafts == 0
+    assert spec.stats.to_record()["chosen_k"] == {"0": 12}
     assert spec.tokens == generate(scripted, prompt, GREEDY, 12).tokens
 
 
@@ -127,18 +131,19 @@ def test_draft_model_drafter_keeps_its_cache_in_step():
     draft = ScriptedEngine(["<eos>", "a", "b", "c", "\n", "END"], successor)
     drafter = DraftModelDrafter(draft)
     prompt = [1, 2]
-    drafter.prepare(prompt)
-    proposal = drafter.propose(prompt, 3, GREEDY, np.random.default_rng(0))
+    session = drafter.start(prompt)
+    proposal = session.propose(prompt, 3, GREEDY, np.random.default_rng(0))
     assert proposal.tokens == [3, 4, 5] and proposal.probs is None
     draft.forward_calls.clear()
     # the target accepted 3 and 4, then recovered 1: only the new tokens are evaluated
-    drafter.propose(prompt + [3, 4, 1], 2, GREEDY, np.random.default_rng(0))
+    session.propose(prompt + [3, 4, 1], 2, GREEDY, np.random.default_rng(0))
     assert draft.forward_calls == [[1], [2]]  # the recovered token, then one draft step
 
 
 def test_draft_model_drafter_returns_probabilities_when_sampling():
     draft = ScriptedEngine(["<eos>", "a", "b", "c"], {1: 2, 2: 3, 3: 1})
-    proposal = DraftModelDrafter(draft).propose([1], 3, SamplingParams(temperature=1.0), np.random.default_rng(0))
+    session = DraftModelDrafter(draft).start([1])
+    proposal = session.propose([1], 3, SamplingParams(temperature=1.0), np.random.default_rng(0))
     assert proposal.probs.shape == (3, 4)
     np.testing.assert_allclose(proposal.probs.sum(-1), 1.0)
     assert all(proposal.probs[i, t] > 0 for i, t in enumerate(proposal.tokens))
@@ -165,40 +170,44 @@ CHAIN = {1: 2, 2: 3, 3: 4, 4: 5, 5: 1}
 def test_draft_model_drafter_stops_where_its_confidence_no_longer_pays():
     # LINEAR-like curve: each verified token costs 0.3 steps; a draft step 0.1 target steps
     curve = CostCurve("m", "e", None, 0, 1, list(range(1, 33)), [0.01] * 32, [1 + 0.3 * i for i in range(32)])
-    pricing = DraftLength(curve, t_target_s=0.01, t_draft_s=0.001, stop_by_confidence=True)
+    policy = DraftLength(curve, stop_by_confidence=True)
+    pricing = DraftPricing(policy, LearnedCosts(curve, t_target_s=0.01, t_draft_s=0.001))
     draft = UnsureEngine(PIECES, CHAIN, strength={3: 0.0})  # after "c" the draft is unsure: p = 1/6
-    drafter = DraftModelDrafter(draft, pricing=pricing)
-    drafter.prepare([1])
+    session = DraftModelDrafter(draft, pricing=pricing).start([1])
     draft.forward_calls.clear()
-    proposal = drafter.propose([1], 5, GREEDY, np.random.default_rng(0))
+    proposal = session.propose([1], 5, GREEDY, np.random.default_rng(0))
     assert proposal.tokens == [2, 3]  # "\n" after "c" (survival 1/6 < 0.3) is not drafted
     assert draft.forward_calls == [[1], [2], [3]]  # the context's last token, then two draft steps
-    assert drafter.request_stats() == {"confidence_stops": 1}
+    assert session.stats() == DrafterStats(confidence_stops=1)
     # a draft step dearer than the survival so far is not taken at all: p("b" | "a") = 0.47
-    pricing.t_draft_s = 0.004  # 0.4 steps + 0.3 verification > 0.47
+    pricing = DraftPricing(policy, LearnedCosts(curve, t_target_s=0.01, t_draft_s=0.004))  # 0.4 + 0.3 > 0.47
     draft = UnsureEngine(PIECES, CHAIN, strength={1: 1.5})
-    drafter = DraftModelDrafter(draft, pricing=pricing)
-    drafter.prepare([1])
+    session = DraftModelDrafter(draft, pricing=pricing).start([1])
     draft.forward_calls.clear()
-    assert drafter.propose([1], 5, GREEDY, np.random.default_rng(0)).tokens == [2]
+    assert session.propose([1], 5, GREEDY, np.random.default_rng(0)).tokens == [2]
     assert draft.forward_calls == [[1]]  # no draft step
-    assert DraftModelDrafter(draft).propose([1], 5, GREEDY, np.random.default_rng(0)).tokens == [2, 3, 4, 5, 1]
+    unpriced = DraftModelDrafter(draft).start([1])
+    assert unpriced.propose([1], 5, GREEDY, np.random.default_rng(0)).tokens == [2, 3, 4, 5, 1]
 
 
 def test_draft_model_drafter_skips_the_prompt_when_drafting_cannot_pay():
     """Where even fully accepted drafts lose (llama.cpp on this CPU), the draft does not prefill the prompt."""
     steep = CostCurve("m", "e", None, 0, 1, list(range(1, 33)), [0.01] * 32, [1 + 1.5 * i for i in range(32)])
-    pricing = DraftLength(steep, t_target_s=0.01, t_draft_s=0.006, stop_by_confidence=True)
-    assert pricing.best_k(alpha=1.0) == 0
+    costs = LearnedCosts(steep, t_target_s=0.01, t_draft_s=0.006)
+    pricing = DraftPricing(DraftLength(steep, stop_by_confidence=True), costs)
+    assert not pricing.can_pay(costs.snapshot())
     draft = UnsureEngine(PIECES, CHAIN, strength={})
     drafter = DraftModelDrafter(draft, pricing=pricing)
-    drafter.prepare([1, 2, 3])
+    session = drafter.start([1, 2, 3])
     assert draft.forward_calls == []
-    # if the policy drafts after all, propose catches up on the whole context, once
-    pricing.t_draft_s, pricing.curve = 0.0001, flat_curve()
-    assert drafter.propose([1, 2, 3, 4], 2, GREEDY, np.random.default_rng(0)).tokens == [5, 1]
+    # if the policy drafts after all (batches got cheap, the draft fast), propose catches up on the context, once
+    for _ in range(60):
+        costs.record_verification(15, 0.005, 16)  # 16 tokens now cost half a step: s clips to its floor, 0.1
+        costs.record_draft(1, 0.0001)
+    assert pricing.can_pay(costs.snapshot())
+    assert session.propose([1, 2, 3, 4], 2, GREEDY, np.random.default_rng(0)).tokens == [5, 1]
     assert draft.forward_calls == [[1, 2, 3, 4], [5]]
-    drafter.prepare([1, 2, 3])  # once drafting can pay, prepare prefills again (reusing the cached [1, 2])
+    drafter.start([1, 2, 3])  # once drafting can pay, start prefills again (reusing the cached [1, 2])
     assert draft.forward_calls == [[1, 2, 3, 4], [5], [3]]
 
 
@@ -213,7 +222,7 @@ def test_invalid_settings_are_refused(tiny_gguf):
     with load_engine(tiny_gguf, n_ctx=256) as target:
         other = ScriptedEngine(["<eos>", "a"], {})
         with pytest.raises(CodeaccelError, match="vocabulary"):
-            check_same_vocabulary(other, target)
+            check_same_tokenizer(other, target)
 
 
 def test_method_refuses_a_draft_model_with_another_vocabulary(tiny_gguf, tmp_path, monkeypatch):
@@ -251,12 +260,12 @@ def test_greedy_speculative_equals_autoregressive_on_tiny_models(pair, which):
             spec = speculative_generate(target, drafter, DraftLength(flat_curve(), fixed_k=k), prompt, GREEDY, 40)
             assert spec.tokens == ar.tokens, (prompt_text, k)
             if which == "same-weights":  # the draft is the target: everything is accepted
-                assert spec.stats["accepted_tokens"] == spec.stats["drafted_tokens"]
+                assert spec.stats.speculation.accepted_tokens == spec.stats.speculation.drafted_tokens
 
 
 def test_cost_curve_is_measured_once_then_reused(pair, tmp_path, monkeypatch):
     monkeypatch.setenv("CODEACCEL_CACHE_DIR", str(tmp_path))
-    from codeaccel.cost_curve import cost_curve_for
+    from codeaccel.engines.cost_curve import cost_curve_for
 
     target = pair[0]
     curve = cost_curve_for(target)
@@ -269,10 +278,12 @@ def test_adaptive_k_learns_acceptance_and_stays_lossless(pair):
     target, other, same = pair
     prompt = target.tokenize(PROMPTS[0])
     ar = generate(target, prompt, GREEDY, 60)
-    good, bad = DraftLength(flat_curve(), objective="target"), DraftLength(flat_curve(), objective="target")
-    assert speculative_generate(target, DraftModelDrafter(same), good, prompt, GREEDY, 60).tokens == ar.tokens
-    assert speculative_generate(target, DraftModelDrafter(other), bad, prompt, GREEDY, 60).tokens == ar.tokens
-    assert good.alpha > 0.9 and bad.alpha < 0.5  # learned from what was accepted (prior 0.8)
+    policy = DraftLength(flat_curve(), objective="target")
+    good = speculative_generate(target, DraftModelDrafter(same), policy, prompt, GREEDY, 60)
+    bad = speculative_generate(target, DraftModelDrafter(other), policy, prompt, GREEDY, 60)
+    assert good.tokens == ar.tokens and bad.tokens == ar.tokens
+    # each request learned from what was accepted (prior 0.8)
+    assert good.stats.cost_model.alpha > 0.9 and bad.stats.cost_model.alpha < 0.5
 
 
 @pytest.mark.parametrize("method", ["speculative", "speculative-client-draft"])
@@ -289,8 +300,8 @@ def test_speculative_methods_stop_drafts_by_confidence_and_stay_lossless(
             ar = generate(target, prompt, GREEDY, 40)
             out = spec.generate(Request(prompt, GREEDY, 40))
             assert out.tokens == ar.tokens
-            assert "confidence_stops" in out.stats
-            assert "confidence_stops" not in fixed.generate(Request(prompt, GREEDY, 40)).stats
+            assert out.stats.drafter.confidence_stops is not None
+            assert fixed.generate(Request(prompt, GREEDY, 40)).stats.drafter.confidence_stops is None
 
 
 def _exact_sequence_probs(target, prompt, params, length):
@@ -326,18 +337,21 @@ def test_speculative_sampling_matches_target_distribution(tiny_gguf, tiny_gguf_d
         if which == "confidence-stop":
             half_step = CostCurve("m", "e", None, 0, 1, [1, 2, 3, 4], [0.01] * 4, [1.0, 1.5, 2.0, 2.5])
             policy = DraftLength(half_step, k_max=3, stop_by_confidence=True)
-            drafter = DraftModelDrafter(draft, pricing=policy)
+            costs = LearnedCosts(half_step)  # shared by the loop and the drafter's pricing, as a method does
+            drafter = DraftModelDrafter(draft, pricing=DraftPricing(policy, costs))
         else:
             policy = DraftLength(flat_curve(), fixed_k=2)
+            costs = LearnedCosts(policy.curve)
             drafter = DraftModelDrafter(draft)
         stops = drafted = 0
         n = 3000
         counts = dict.fromkeys(exact, 0)
         for seed in range(n):
-            gen = speculative_generate(target, drafter, policy, prompt, SamplingParams(1.5, top_k=3, seed=seed), 3)
+            params = SamplingParams(1.5, top_k=3, seed=seed)
+            gen = speculative_generate(target, drafter, policy, prompt, params, 3, costs=costs)
             counts[tuple(gen.tokens)] += 1  # a KeyError here is a sequence the target cannot produce
-            stops += gen.stats.get("confidence_stops", 0)
-            drafted += gen.stats["drafted_tokens"]
+            stops += gen.stats.drafter.confidence_stops or 0
+            drafted += gen.stats.speculation.drafted_tokens
         if which == "confidence-stop":
             assert stops > 0 and drafted > 0  # both outcomes happened
         seqs = list(exact)

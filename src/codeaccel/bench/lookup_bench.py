@@ -20,10 +20,10 @@ import time
 from collections.abc import Callable, Sequence
 from importlib import resources
 
-from codeaccel.datastore import Datastore
-from codeaccel.drafters.retrieval import RetrievalDrafter
+from codeaccel.retrieval.datastore import Datastore
+from codeaccel.retrieval.drafter import RetrievalDrafter
 
-MAX_MATCH = 16  # the retrieval method's settings (see codeaccel.methods)
+MAX_MATCH = 16  # the retrieval method's settings (see codeaccel.methods.registry)
 MIN_MATCH = 2
 CONT_LEN = 16
 

@@ -22,7 +22,7 @@ import difflib
 import importlib.util
 from pathlib import Path
 
-from codeaccel.errors import CodeaccelError
+from codeaccel.errors import UserError
 
 MIN_BODY_LINES, MAX_BODY_LINES = 3, 25
 MAX_PROMPT_CHARS = 4000  # the prompt keeps the file's last 4000 characters before the body, from a line start
@@ -32,7 +32,7 @@ DEFAULT_PROBLEMS = 60
 def package_root(package: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise CodeaccelError(f"repository dataset: package {package!r} is not installed (pip install {package})")
+        raise UserError(f"repository dataset: package {package!r} is not installed (pip install {package})")
     return Path(next(iter(spec.submodule_search_locations))).resolve()
 
 
@@ -93,7 +93,7 @@ def load_repository_problems(package: str, n: int = DEFAULT_PROBLEMS) -> list:
     root = package_root(package)
     candidates = _candidates(root)
     if len(candidates) < n:
-        raise CodeaccelError(f"package {package!r} has only {len(candidates)} functions of a suitable size, need {n}")
+        raise UserError(f"package {package!r} has only {len(candidates)} functions of a suitable size, need {n}")
     step = len(candidates) / n
     chosen = [candidates[int(i * step)] for i in range(n)]
     return [

@@ -18,8 +18,9 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+from codeaccel.decoding.stats import DecodingStats
 from codeaccel.machine import machine_info
-from codeaccel.methods import uses_cost_curve
+from codeaccel.methods.registry import uses_cost_curve
 
 GROUP = ("dataset", "model", "engine", "method", "variant")  # variant: the method's settings, e.g. its draft model
 
@@ -89,15 +90,16 @@ def _similarity_columns(rs: list[dict]) -> dict:
 
 def _speculation_columns(rs: list[dict], n_gen: int) -> dict:
     """Target seconds per token, and the draft/accept counters of methods that log them."""
-    stats = [r.get("stats") or {} for r in rs]
+    stats = [DecodingStats.from_record(r.get("stats")) for r in rs]
     cols: dict = {}
-    if n_gen and all("target_s" in s for s in stats):
-        cols["target_s_per_token"] = round(sum(s["target_s"] for s in stats) / n_gen, 6)
-    drafts = sum(s.get("drafts", 0) for s in stats)
-    steps = sum(s.get("steps", 0) for s in stats)
-    if any("drafts" in s for s in stats):
-        drafted = sum(s["drafted_tokens"] for s in stats)
-        accepted = sum(s["accepted_tokens"] for s in stats)
+    if n_gen and all(s is not None for s in stats):
+        cols["target_s_per_token"] = round(sum(s.target_s for s in stats) / n_gen, 6)
+    spec = [s.speculation for s in stats if s is not None and s.speculation is not None]
+    if spec:
+        drafts = sum(s.drafts for s in spec)
+        steps = sum(s.steps for s in stats if s is not None and s.speculation is not None)
+        drafted = sum(s.drafted_tokens for s in spec)
+        accepted = sum(s.accepted_tokens for s in spec)
         cols["mean_accepted_len"] = round(1 + accepted / drafts, 3) if drafts else None
         cols["acceptance_rate"] = round(accepted / drafted, 4) if drafted else None
         cols["mean_draft_len"] = round(drafted / drafts, 2) if drafts else None

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from codeaccel.engines.base import Engine
-from codeaccel.errors import CodeaccelError
-from codeaccel.registry import resolve_model
+from codeaccel.errors import UserError
+from codeaccel.models.registry import resolve_model
 
 ENGINES = ("llama.cpp", "hf")
 
@@ -22,11 +22,11 @@ def load_engine(
     ``dtype`` applies to the hf engine only; llama.cpp runs the GGUF's own quantisation.
     """
     if engine not in ENGINES:
-        raise CodeaccelError(f"unknown engine {engine!r}: choose one of {', '.join(ENGINES)}")
+        raise UserError(f"unknown engine {engine!r}: choose one of {', '.join(ENGINES)}")
     source = resolve_model(model)
     if engine == "llama.cpp":
         if source.kind != "gguf":
-            raise CodeaccelError(f"the llama.cpp engine needs a GGUF file; {source.path} is a {source.kind} model")
+            raise UserError(f"the llama.cpp engine needs a GGUF file; {source.path} is a {source.kind} model")
         from codeaccel.engines.llamacpp import LlamaCppEngine
 
         return LlamaCppEngine(source.path, model_name=source.name, n_ctx=n_ctx, n_threads=n_threads)

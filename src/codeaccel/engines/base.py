@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from codeaccel.errors import CodeaccelError
+from codeaccel.errors import InternalError
 
 
 class Engine(abc.ABC):
@@ -64,14 +64,14 @@ class Engine(abc.ABC):
         if self._tree is not None:
             raise RuntimeError("a token tree is pending: call keep_path or rewind first")
         if not tokens:
-            raise CodeaccelError("eval needs at least one token")
+            raise InternalError("eval needs at least one token")
         if len(self._tokens) + len(tokens) > self.n_ctx:
-            raise CodeaccelError(
+            raise InternalError(
                 f"context overflow: {len(self._tokens)} cached + {len(tokens)} new tokens > n_ctx={self.n_ctx}"
             )
         bad = [t for t in tokens if not 0 <= t < self.n_vocab]
         if bad:
-            raise CodeaccelError(f"token ids out of range [0, {self.n_vocab}): {bad[:5]}")
+            raise InternalError(f"token ids out of range [0, {self.n_vocab}): {bad[:5]}")
         logits = self._forward(tokens, all_logits)
         self._tokens.extend(tokens)
         return logits
@@ -79,7 +79,7 @@ class Engine(abc.ABC):
     def rewind(self, n_tokens: int) -> None:
         """Keep only the first n_tokens cached tokens (a pending token tree is dropped)."""
         if not 0 <= n_tokens <= len(self._tokens):
-            raise CodeaccelError(f"cannot rewind to {n_tokens} tokens: the cache holds {len(self._tokens)}")
+            raise InternalError(f"cannot rewind to {n_tokens} tokens: the cache holds {len(self._tokens)}")
         if self._tree is not None:
             self._drop_tree()
             self._tree = None
@@ -99,15 +99,15 @@ class Engine(abc.ABC):
         if self._tree is not None:
             raise RuntimeError("a token tree is already pending")
         if not tokens or len(parents) != len(tokens):
-            raise CodeaccelError("a token tree needs one parent per token, and at least one token")
+            raise InternalError("a token tree needs one parent per token, and at least one token")
         if any(not -1 <= p < i for i, p in enumerate(parents)):
-            raise CodeaccelError("every parent must come before its child")
+            raise InternalError("every parent must come before its child")
         leaves = len(set(range(len(tokens))) - set(parents))
         if leaves > self.max_tree_branches:
-            raise CodeaccelError(f"a token tree may have at most {self.max_tree_branches} branches, got {leaves}")
+            raise InternalError(f"a token tree may have at most {self.max_tree_branches} branches, got {leaves}")
         depth = _depths(parents)
         if len(self._tokens) + max(depth) + 1 > self.n_ctx:
-            raise CodeaccelError("context overflow: the token tree does not fit")
+            raise InternalError("context overflow: the token tree does not fit")
         logits = self._forward_tree(tokens, parents, depth)
         self._tree = (tokens, parents)
         return logits
@@ -119,7 +119,7 @@ class Engine(abc.ABC):
         tokens, parents = self._tree
         path = [int(i) for i in path]
         if any(parents[node] != (path[j - 1] if j else -1) for j, node in enumerate(path)):
-            raise CodeaccelError(f"{path} is not a path from a root of the tree")
+            raise InternalError(f"{path} is not a path from a root of the tree")
         self._keep_path(tokens, parents, path)
         self._tree = None
         self._tokens.extend(tokens[i] for i in path)
@@ -156,7 +156,7 @@ class Engine(abc.ABC):
         """
         tokens = list(tokens)
         if not tokens:
-            raise CodeaccelError("the prompt is empty: nothing to condition on")
+            raise InternalError("the prompt is empty: nothing to condition on")
         common = 0
         for cached, new in zip(self._tokens, tokens[:-1]):
             if cached != new:

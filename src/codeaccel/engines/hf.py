@@ -17,7 +17,7 @@ from typing import Literal
 import numpy as np
 
 from codeaccel.engines.base import Engine
-from codeaccel.errors import CodeaccelError
+from codeaccel.errors import SetupError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +40,9 @@ class HFEngine(Engine):
             import torch
             import transformers
         except ImportError:
-            raise CodeaccelError("the hf engine needs torch and transformers: run `make install`") from None
+            raise SetupError("the hf engine needs torch and transformers: run `make install`") from None
         if dtype not in DTYPES:
-            raise CodeaccelError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+            raise UserError(f"dtype must be one of {DTYPES}, got {dtype!r}")
         self._torch = torch
         self.dtype = dtype
         if n_threads:
@@ -53,14 +53,14 @@ class HFEngine(Engine):
         elif path.is_dir():
             where, extra = str(path), {}
         else:
-            raise CodeaccelError(f"model not found: {path} (need a .gguf file or a Hugging Face model directory)")
+            raise UserError(f"model not found: {path} (need a .gguf file or a Hugging Face model directory)")
         try:
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(where, **extra)
             self.model = transformers.AutoModelForCausalLM.from_pretrained(
                 where, dtype=getattr(torch, dtype), **extra
             ).eval()
         except (OSError, ValueError) as exc:
-            raise CodeaccelError(f"transformers could not load {path}: {exc}") from None
+            raise UserError(f"transformers could not load {path}: {exc}") from None
         self._cache_cls = transformers.DynamicCache
         self._cache = None
         eog = set()
@@ -82,7 +82,7 @@ class HFEngine(Engine):
 
     def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
         if not self.tokenizer.chat_template:
-            raise CodeaccelError(f"model {self.model_name} has no chat template; use a raw prompt")
+            raise UserError(f"model {self.model_name} has no chat template; use a raw prompt")
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     # ---- evaluation ---------------------------------------------------------------

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from codeaccel.engines.base import Engine
-from codeaccel.errors import CodeaccelError
+from codeaccel.errors import InternalError, SetupError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +45,14 @@ class LlamaCppEngine(Engine):
         try:
             import llama_cpp
         except ImportError:
-            raise CodeaccelError(
+            raise SetupError(
                 "the llama.cpp engine needs llama-cpp-python: run `make install` (it builds it with the right flags)"
             ) from None
         self._llama_cpp = llama_cpp
         n_threads = n_threads or os.cpu_count() or 1
         path = Path(model_path)
         if not path.is_file():
-            raise CodeaccelError(f"model file not found: {path}")
+            raise UserError(f"model file not found: {path}")
         try:
             self.llm = llama_cpp.Llama(
                 model_path=str(path),
@@ -65,7 +65,7 @@ class LlamaCppEngine(Engine):
                 verbose=False,
             )
         except ValueError as exc:  # llama-cpp-python raises ValueError for unloadable files
-            raise CodeaccelError(f"llama.cpp could not load {path}: {exc}") from None
+            raise UserError(f"llama.cpp could not load {path}: {exc}") from None
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = n_ctx
         params.n_batch = params.n_ubatch = n_batch
@@ -75,7 +75,7 @@ class LlamaCppEngine(Engine):
         self._ctx = llama_cpp.llama_init_from_model(self.llm.model, params)
         if not self._ctx:
             self.llm.close()
-            raise CodeaccelError(f"llama.cpp could not create a context of {n_ctx} tokens for {path}")
+            raise SetupError(f"llama.cpp could not create a context of {n_ctx} tokens for {path}")
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
         n_vocab = self.llm.n_vocab()
@@ -100,7 +100,7 @@ class LlamaCppEngine(Engine):
 
             template = self.llm.metadata.get("tokenizer.chat_template")
             if not template:
-                raise CodeaccelError(f"model {self.model_name} has no chat template; use a raw prompt")
+                raise UserError(f"model {self.model_name} has no chat template; use a raw prompt")
             self._chat_formatter = Jinja2ChatFormatter(
                 template=template,
                 eos_token=self.llm.detokenize([self.llm.token_eos()], special=True).decode("utf-8", "replace"),
@@ -147,7 +147,7 @@ class LlamaCppEngine(Engine):
     def _forward_tree(self, tokens: list[int], parents: list[int], depth: list[int]) -> np.ndarray:
         lc = self._llama_cpp
         if len(tokens) > self._n_batch:
-            raise CodeaccelError(f"a token tree may have at most {self._n_batch} tokens")
+            raise InternalError(f"a token tree may have at most {self._n_batch} tokens")
         n_past = len(self._tokens)
         leaves = sorted(set(range(len(tokens))) - set(parents))
         seqs: list[list[int]] = [[] for _ in tokens]  # node -> branches (sequence ids) through it

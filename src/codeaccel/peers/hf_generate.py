@@ -11,8 +11,8 @@ from __future__ import annotations
 import time
 
 from codeaccel.engines.base import Engine
-from codeaccel.errors import CodeaccelError
-from codeaccel.generation import Generation, Request, StopChecker, validate_request
+from codeaccel.errors import UserError
+from codeaccel.decoding.generation import Generation, Request, StopChecker, validate_request
 
 
 class _PromptClock:
@@ -55,7 +55,7 @@ class HFGenerateMethod:
 
     def __init__(self, name: str, target: Engine, generate_kwargs: dict, assistant: Engine | None = None):
         if target.kind != "hf":
-            raise CodeaccelError(f"method {name!r} runs transformers' generate: it needs --engine hf")
+            raise UserError(f"method {name!r} runs transformers' generate: it needs --engine hf")
         self.name = name
         self.target = target
         self.assistant = assistant

@@ -12,8 +12,8 @@ import os
 import time
 
 from codeaccel.engines.base import Engine
-from codeaccel.errors import CodeaccelError
-from codeaccel.generation import Generation, Request, StopChecker, validate_request
+from codeaccel.errors import UserError
+from codeaccel.decoding.generation import Generation, Request, StopChecker, validate_request
 
 
 class LlamaPromptLookupMethod:
@@ -22,7 +22,7 @@ class LlamaPromptLookupMethod:
     def __init__(self, target: Engine, num_pred_tokens: int = 10, max_ngram_size: int = 2):
         model_path = getattr(target, "model_path", None)
         if target.kind != "llama.cpp" or model_path is None:
-            raise CodeaccelError("llama.cpp prompt lookup needs the llama.cpp engine")
+            raise UserError("llama.cpp prompt lookup needs the llama.cpp engine")
         import llama_cpp
         from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 

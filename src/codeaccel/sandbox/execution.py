@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from codeaccel.errors import CodeaccelError
+from codeaccel.errors import SetupError, UserError
 from codeaccel.sandbox.cgroup import RunCgroup
 from codeaccel.sandbox.layers import RUNNER, SANDBOX_RUNNER, SANDBOX_WORKDIR, Isolation, bwrap_args, probe
 
@@ -41,7 +41,7 @@ _BASE_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONHASHSEED": "0"} 
 RUNNER_MARGIN_S = 0.5  # the runner's own budget ends this long before the wall-clock kill
 
 
-class SandboxUnavailable(CodeaccelError):
+class SandboxUnavailable(SetupError):
     """A layer the caller requires cannot be had on this machine."""
 
 
@@ -61,9 +61,9 @@ class Limits:
     def __post_init__(self) -> None:
         for name in ("timeout_s", "memory_bytes", "output_bytes", "disk_bytes", "open_files", "max_processes"):
             if not getattr(self, name) > 0:
-                raise CodeaccelError(f"sandbox limit {name} must be > 0, got {getattr(self, name)}")
+                raise UserError(f"sandbox limit {name} must be > 0, got {getattr(self, name)}")
         if self.line_timeout_s is not None and not self.line_timeout_s > 0:
-            raise CodeaccelError(f"sandbox limit line_timeout_s must be > 0, got {self.line_timeout_s}")
+            raise UserError(f"sandbox limit line_timeout_s must be > 0, got {self.line_timeout_s}")
 
     @property
     def cpu_s(self) -> int:

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from codeaccel.errors import CodeaccelError
+from codeaccel.errors import UserError
 from codeaccel.sandbox.execution import ExecutionResult, Limits, execute
 
 
@@ -29,7 +29,7 @@ class SandboxPool:
     def __init__(self, workers: int | None = None):
         workers = workers or os.cpu_count() or 1
         if workers < 1:
-            raise CodeaccelError(f"the sandbox pool needs at least 1 worker, got {workers}")
+            raise UserError(f"the sandbox pool needs at least 1 worker, got {workers}")
         self.workers = workers
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sandbox")
 

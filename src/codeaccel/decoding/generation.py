@@ -8,12 +8,13 @@ where autoregressive decoding would have ended it.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 from codeaccel.engines.base import Engine
-from codeaccel.errors import CodeaccelError
-from codeaccel.sampling import SamplingParams
+from codeaccel.errors import UserError
+from codeaccel.decoding.sampling import SamplingParams
+from codeaccel.decoding.stats import DecodingStats
 
 FinishReason = Literal["stop", "eos", "length"]
 
@@ -37,7 +38,7 @@ class Generation:
     n_prompt_tokens: int
     prefill_s: float  # evaluating the prompt
     decode_s: float  # everything after the prefill
-    stats: dict = field(default_factory=dict)  # method-specific counters (drafts, acceptance, ...)
+    stats: DecodingStats | None = None  # the method's own log (None: a peer library decoded)
 
     @property
     def n_generated(self) -> int:
@@ -51,12 +52,12 @@ class Generation:
 def validate_request(engine: Engine, prompt_tokens: Sequence[int], max_tokens: int) -> int:
     """Check a request at the boundary; return the max tokens that fit in the context."""
     if not prompt_tokens:
-        raise CodeaccelError("the prompt is empty: nothing to condition on")
+        raise UserError("the prompt is empty: nothing to condition on")
     if max_tokens < 1:
-        raise CodeaccelError(f"max_tokens must be >= 1, got {max_tokens}")
+        raise UserError(f"max_tokens must be >= 1, got {max_tokens}")
     room = engine.n_ctx - len(prompt_tokens)
     if room < 1:
-        raise CodeaccelError(f"the prompt has {len(prompt_tokens)} tokens; the context holds {engine.n_ctx}")
+        raise UserError(f"the prompt has {len(prompt_tokens)} tokens; the context holds {engine.n_ctx}")
     return min(max_tokens, room)
 
 

@@ -10,8 +10,9 @@ import time
 from collections.abc import Sequence
 
 from codeaccel.engines.base import Engine
-from codeaccel.generation import Generation, Request, StopChecker, validate_request
-from codeaccel.sampling import SamplingParams, next_token
+from codeaccel.decoding.generation import Generation, StopChecker, validate_request
+from codeaccel.decoding.sampling import SamplingParams, next_token
+from codeaccel.decoding.stats import DecodingStats
 
 
 def generate(
@@ -40,23 +41,6 @@ def generate(
         n_prompt_tokens=len(prompt_tokens),
         prefill_s=t1 - t0,
         decode_s=t2 - t1,
-        stats={"steps": len(checker.tokens) - 1, "target_s": round(t2 - t1, 6)},
+        stats=DecodingStats(steps=len(checker.tokens) - 1, target_s=t2 - t1),
     )
 
-
-class AutoregressiveMethod:
-    """The ``autoregressive`` benchmark method: one target evaluation per token."""
-
-    name = "autoregressive"
-    settings: dict = {}
-    variant = ""
-
-    def __init__(self, target: Engine):
-        self.target = target
-
-    def generate(self, request: Request) -> Generation:
-        r = request
-        return generate(self.target, r.prompt_tokens, r.params, r.max_tokens, r.stop)
-
-    def close(self) -> None:
-        pass  # the harness owns the target engine

@@ -35,14 +35,14 @@ from pathlib import Path
 
 import numpy as np
 
-from codeaccel.errors import CodeaccelError
+from codeaccel.errors import SetupError
 
 SEP = np.uint32(0xFFFFFFFF)  # document separator; sorts after every real token
 FORMAT = "codeaccel-suffix-index/v1"
 _SMALL_RANGE = 256  # below this many SA rows, narrow with one vectorised searchsorted
 
 
-class StaleIndexError(CodeaccelError):
+class StaleIndexError(SetupError):
     """An index on disk is missing, corrupt, or built for something else."""
 
 

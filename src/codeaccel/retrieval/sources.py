@@ -23,7 +23,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from codeaccel.errors import CodeaccelError
+from codeaccel.errors import UserError
 
 MAX_FILE_BYTES = 1 << 20  # 1 MiB: larger files are generated code or data, not code to learn from
 GENERAL_SUFFIXES = (".py",)
@@ -67,7 +67,7 @@ def scan_general(
     for root in roots:
         root = Path(root).resolve()
         if not root.is_dir():
-            raise CodeaccelError(f"not a directory: {root}")
+            raise UserError(f"not a directory: {root}")
         for path in _walk(root, skip=_PACKAGE_DIRS - set(root.parts[-1:])):
             if path in seen:
                 continue
@@ -93,7 +93,7 @@ def scan_repository(root: Path, suffixes: tuple[str, ...] = REPOSITORY_SUFFIXES)
     """The project's files, respecting .gitignore; names are paths relative to the root."""
     root = Path(root).resolve()
     if not root.is_dir():
-        raise CodeaccelError(f"repository not found: {root}")
+        raise UserError(f"repository not found: {root}")
     names = _git_files(root)
     if names is None:
         names = _gitignore_files(root)

@@ -17,9 +17,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from codeaccel.engines.base import Engine
-from codeaccel.errors import CodeaccelError
+from codeaccel.errors import UserError
 from codeaccel.machine import machine_info
-from codeaccel.registry import cache_dir
+from codeaccel.models.registry import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def measure_cost_curve(
 ) -> CostCurve:
     """Time ``eval`` of k = 1..k_max tokens after ``context_tokens`` cached tokens; keep the median."""
     if context_tokens + k_max > engine.n_ctx:
-        raise CodeaccelError(f"context {context_tokens} + k_max {k_max} exceeds the engine's n_ctx {engine.n_ctx}")
+        raise UserError(f"context {context_tokens} + k_max {k_max} exceeds the engine's n_ctx {engine.n_ctx}")
     filler = engine.tokenize(_FILLER)
     stream = (filler * (1 + (context_tokens + k_max) // len(filler)))[: context_tokens + k_max]
     context, draft = stream[:context_tokens], stream[context_tokens:]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from codeaccel.errors import CodeaccelError
+from codeaccel.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -32,13 +32,13 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         if not np.isfinite(self.temperature) or self.temperature < 0:
-            raise CodeaccelError(f"temperature must be a finite number >= 0, got {self.temperature}")
+            raise UserError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if not (0.0 < self.top_p <= 1.0):
-            raise CodeaccelError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
-            raise CodeaccelError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+            raise UserError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
         if self.seed is not None and self.seed < 0:
-            raise CodeaccelError(f"seed must be >= 0, got {self.seed}")
+            raise UserError(f"seed must be >= 0, got {self.seed}")
 
     @property
     def greedy(self) -> bool:

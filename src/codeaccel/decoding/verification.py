@@ -28,7 +28,7 @@ Four rules, chosen by :func:`verify`:
   token, and a leaf's own next token is the bonus. Lossless for the same reason.
 
 ``p`` is always the *warped* distribution (temperature, top-k, top-p applied, see
-:mod:`codeaccel.sampling`), identically for draft and target.
+:mod:`codeaccel.decoding.sampling`), identically for draft and target.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from codeaccel.sampling import SamplingParams, logits_to_probs, next_token, sample
+from codeaccel.decoding.sampling import SamplingParams, logits_to_probs, next_token, sample
 
 
 @dataclass(frozen=True)
@@ -46,12 +46,8 @@ class Verdict:
     tokens: list[int]  # accepted draft tokens, then one recovered or bonus token: [n_accepted + 1]
     n_accepted: int  # how many draft tokens were accepted (0..k)
     n_drafted: int  # k (for a tree: its number of nodes)
+    bonus: bool  # the last token is the target's own after a fully accepted chain or tree branch (not a recovery)
     path: list[int] | None = None  # tree drafts: the accepted nodes, root to leaf
-
-    @property
-    def bonus(self) -> bool:
-        """True when every draft token was accepted, so the last token is the bonus token."""
-        return self.n_accepted == self.n_drafted
 
 
 def _check(draft_tokens: Sequence[int], target_logits: np.ndarray) -> int:
@@ -71,7 +67,7 @@ def verify_greedy(draft_tokens: Sequence[int], target_logits: np.ndarray) -> Ver
     n = 0
     while n < k and int(target_tokens[n]) == int(draft_tokens[n]):
         n += 1
-    return Verdict(tokens=[int(t) for t in draft_tokens[:n]] + [int(target_tokens[n])], n_accepted=n, n_drafted=k)
+    return Verdict(tokens=[int(t) for t in draft_tokens[:n]] + [int(target_tokens[n])], n_accepted=n, n_drafted=k, bonus=n == k)
 
 
 def verify_rejection(
@@ -97,9 +93,9 @@ def verify_rejection(
         mass = residual.sum()
         # mass > 0 whenever a rejection is possible; the fallback only guards rounding.
         recovered = sample(residual / mass if mass > 0 else target_probs[i], rng)
-        return Verdict(tokens=[int(t) for t in draft_tokens[:i]] + [recovered], n_accepted=i, n_drafted=k)
-    bonus = sample(target_probs[k], rng)
-    return Verdict(tokens=[int(t) for t in draft_tokens] + [bonus], n_accepted=k, n_drafted=k)
+        return Verdict(tokens=[int(t) for t in draft_tokens[:i]] + [recovered], n_accepted=i, n_drafted=k, bonus=False)
+    extra = sample(target_probs[k], rng)
+    return Verdict(tokens=[int(t) for t in draft_tokens] + [extra], n_accepted=k, n_drafted=k, bonus=True)
 
 
 def verify_sample_and_compare(
@@ -114,7 +110,7 @@ def verify_sample_and_compare(
     for i in range(k + 1):
         y = next_token(target_logits[i], params, rng)
         if i == k or y != int(draft_tokens[i]):
-            return Verdict(tokens=[int(t) for t in draft_tokens[:i]] + [y], n_accepted=i, n_drafted=k)
+            return Verdict(tokens=[int(t) for t in draft_tokens[:i]] + [y], n_accepted=i, n_drafted=k, bonus=i == k)
     raise AssertionError("unreachable")
 
 
@@ -144,7 +140,10 @@ def verify_tree(
         child = children.get(current, {}).get(y)
         if child is None:
             accepted = [int(draft_tokens[i]) for i in path]
-            return Verdict(tokens=accepted + [y], n_accepted=len(path), n_drafted=len(draft_tokens), path=path)
+            at_leaf = current not in children  # the walk reached the end of a branch: y is the bonus token
+            return Verdict(
+                tokens=accepted + [y], n_accepted=len(path), n_drafted=len(draft_tokens), bonus=at_leaf, path=path
+            )
         path.append(child)
         current = child
 

@@ -35,9 +35,10 @@ from typing import Literal
 
 import numpy as np
 
-from codeaccel.errors import CodeaccelError
-from codeaccel.sources import FileScan, default_general_roots, read_text, scan_general, scan_repository
-from codeaccel.suffix_index import StaleIndexError, SuffixIndex, build_index
+from codeaccel.engines.tokenizer import engine_fingerprint
+from codeaccel.errors import SetupError, UserError
+from codeaccel.retrieval.sources import FileScan, default_general_roots, read_text, scan_general, scan_repository
+from codeaccel.retrieval.suffix_index import StaleIndexError, SuffixIndex, build_index
 
 log = logging.getLogger(__name__)
 
@@ -45,15 +46,9 @@ Kind = Literal["general", "repository"]
 FORMAT = "codeaccel-datastore/v1"
 SOURCE_FILE = "source.json"  # name, kind, roots, exclude, tokenizer: enough to rebuild
 COMPACT_RATIO = 0.25  # merge the delta into the base when it holds this share of the base's tokens
-_PROBE = "def f(x: int) -> list[str]:\n    return [str(i) for i in range(x)]  # ü ✓\n"
 
 Tokenize = Callable[[str], list[int]]
 Progress = Callable[[int, int], None]  # (files done, files total)
-
-
-def tokenizer_fingerprint(n_vocab: int, tokenize: Tokenize) -> str:
-    """Identifies a tokenizer by its vocabulary size and how it splits a probe text."""
-    return hashlib.sha256(json.dumps([n_vocab, tokenize(_PROBE)]).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -174,7 +169,7 @@ class Datastore:
 def _scan(kind: Kind, roots: Sequence[Path], exclude: Sequence[str] = ()) -> FileScan:
     if kind == "repository":
         if len(roots) != 1:
-            raise CodeaccelError("a repository source has exactly one root directory")
+            raise UserError("a repository source has exactly one root directory")
         return scan_repository(roots[0])
     return scan_general(roots or default_general_roots(), exclude=exclude)
 
@@ -226,7 +221,7 @@ def build_datastore(
 ) -> Datastore:
     """Index every file of the source from scratch into ``path`` (``exclude``: globs, general sources)."""
     if kind not in ("general", "repository"):
-        raise CodeaccelError(f"source kind must be 'general' or 'repository', got {kind!r}")
+        raise UserError(f"source kind must be 'general' or 'repository', got {kind!r}")
     t0 = time.perf_counter()
     roots = [Path(r).resolve() for r in roots] or default_general_roots()
     scan = _scan(kind, roots, exclude)
@@ -345,7 +340,7 @@ def update_datastore(
 
 
 def default_datastore_dir(name: str) -> Path:
-    from codeaccel.registry import cache_dir
+    from codeaccel.models.registry import cache_dir
 
     return cache_dir() / "datastores" / name
 
@@ -374,9 +369,9 @@ def open_datastore(
     path = Path(path)
     source = _source_record(path)
     if source is None and not (path / "manifest.json").exists():
-        raise CodeaccelError(f"no datastore at {path}: build one with `codeaccel index build`")
+        raise UserError(f"no datastore at {path}: build one with `codeaccel index build`")
     if source is not None and source["tokenizer"] != tokenizer:
-        raise CodeaccelError(
+        raise UserError(
             f"datastore {path} was built for another model's tokenizer; build one for this model "
             "with `codeaccel index build ... --out <another directory>`"
         )
@@ -384,7 +379,7 @@ def open_datastore(
         store = Datastore(path, tokenizer)
     except StaleIndexError as exc:
         if source is None:
-            raise CodeaccelError(
+            raise SetupError(
                 f"{exc}, and it records no source to rebuild from: `codeaccel index build` it"
             ) from None
         log.warning("%s: rebuilding it from %s", exc, ", ".join(source["roots"]))
@@ -407,6 +402,6 @@ def open_datastore(
 
 def open_datastores(engine, paths: Sequence[str]) -> list[Datastore]:
     """Open the named datastores (default: the general one in the cache) for an engine's tokenizer."""
-    fingerprint = tokenizer_fingerprint(engine.n_vocab, engine.tokenize)
+    fingerprint = engine_fingerprint(engine)
     paths = list(paths) or [str(default_datastore_dir(f"general-{fingerprint}"))]
     return [open_datastore(Path(p), engine.tokenize, fingerprint) for p in paths]

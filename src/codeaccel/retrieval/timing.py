@@ -12,11 +12,15 @@ accepted as a function of what it can see before verifying:
   its first token);
 
 and keeps a per-bucket acceptance rate α (decayed counts from a per-bucket prior,
-as in :mod:`codeaccel.draft_length`). The draft length is then ``argmax_k E(k) / C(k+1)``
+as in :mod:`codeaccel.decoding.draft_length`). The draft length is then ``argmax_k E(k) / C(k+1)``
 with α = α_bucket × confidence, capped by the retrieved length; 0 means "do not
 verify, decode one token". After ``backoff`` consecutive steps in which nothing
 was retrieved or verified, it stops searching for a while (doubling, up to 8 steps),
 so code that no datastore knows costs no lookups.
+
+The policy (:class:`RetrievalTiming`, settings only) is shared by every request;
+what one request learns (the per-bucket acceptance, the backoff) lives in its own
+:class:`TimingState`, which starts from the priors.
 
 Token trees (alternatives where the retrieved continuations branch) only hedge
 against the main path being rejected early, which the draft length already made
@@ -31,8 +35,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from codeaccel.cost_curve import CostCurve
-from codeaccel.draft_length import expected_tokens
+from codeaccel.decoding.draft_length import expected_tokens
+from codeaccel.engines.cost_curve import CostCurve
 
 BUCKETS = (1, 2, 4, 8, 16)  # lower edges of the match-length buckets
 # Prior acceptance per bucket: a longer match is more specific. Optimistic enough that
@@ -45,65 +49,76 @@ def bucket(match_len: int) -> int:
     return max(i for i, edge in enumerate(BUCKETS) if match_len >= edge) if match_len >= 1 else 0
 
 
-@dataclass
+@dataclass(frozen=True)
 class RetrievalTiming:
+    """The timing policy: settings shared by every request (``start`` gives one request's state)."""
+
     curve: CostCurve
     k_max: int = 16
     prior_weight: float = 2.0
     decay: float = 0.98
     backoff: int = 3  # consecutive idle steps before skipping lookups
-    _accepted: list[float] = field(default_factory=lambda: [0.0] * len(BUCKETS))
-    _rejected: list[float] = field(default_factory=lambda: [0.0] * len(BUCKETS))
-    _idle_steps: int = 0
-    _skip: int = 0  # lookups still to skip
-    _skip_len: int = 1
-    _looked: bool = True  # whether this step searched the datastores
 
-    def alpha(self, match_len: int) -> float:
-        b = bucket(match_len)
-        a = self._accepted[b] + PRIOR_ALPHA[b] * self.prior_weight
-        return a / (self._accepted[b] + self._rejected[b] + self.prior_weight)
-
-    def should_retrieve(self) -> bool:
-        """False while backing off after idle steps (the step then decodes plainly)."""
-        self._looked = self._skip == 0
-        if not self._looked:
-            self._skip -= 1
-        return self._looked
-
-    def reset_backoff(self) -> None:
-        """A new request: look up again from its first step (acceptance estimates are kept)."""
-        self._idle_steps, self._skip, self._skip_len = 0, 0, 1
-
-    def draft_length(self, match_len: int, confidence: float, available: int) -> int:
-        """How many of the ``available`` retrieved tokens to verify (0: none)."""
-        if available < 1:
-            return 0
-        alpha = min(1.0, self.alpha(match_len) * confidence)
-        best_k, best_rate = 0, 1.0 / self.curve.cost(1)  # plain decoding: one token per step
-        for k in range(1, min(available, self.k_max) + 1):
-            rate = expected_tokens(alpha, k) / self.curve.cost(k + 1)
-            if rate > best_rate:
-                best_k, best_rate = k, rate
-        return best_k
+    def start(self) -> TimingState:
+        return TimingState(self)
 
     def tree_pays(self, path_len: int, tree_size: int) -> bool:
         """Whether to verify a ``tree_size``-node tree rather than its ``path_len``-token main path."""
         return self.curve.cost(tree_size + 1) <= (1 + TREE_COST_TOLERANCE) * self.curve.cost(path_len + 1)
 
-    def update(self, match_len: int, k: int, n_accepted: int) -> None:
-        """Record one step: a draft of k tokens from a match of match_len (k = 0: nothing verified)."""
+
+@dataclass
+class TimingState:
+    """One request's timing control: acceptance per match-length bucket, and the lookup backoff."""
+
+    policy: RetrievalTiming
+    _accepted: list[float] = field(default_factory=lambda: [0.0] * len(BUCKETS))
+    _rejected: list[float] = field(default_factory=lambda: [0.0] * len(BUCKETS))
+    _idle_steps: int = 0
+    _skip: int = 0  # lookups still to skip
+    _skip_len: int = 1
+
+    def alpha(self, match_len: int) -> float:
+        b = bucket(match_len)
+        a = self._accepted[b] + PRIOR_ALPHA[b] * self.policy.prior_weight
+        return a / (self._accepted[b] + self._rejected[b] + self.policy.prior_weight)
+
+    def should_retrieve(self) -> bool:
+        """False while backing off after idle steps (the step then decodes plainly)."""
+        if self._skip > 0:
+            self._skip -= 1
+            return False
+        return True
+
+    def draft_length(self, match_len: int, confidence: float, available: int) -> int:
+        """How many of the ``available`` retrieved tokens to verify (0: none)."""
+        if available < 1:
+            return 0
+        curve = self.policy.curve
+        alpha = min(1.0, self.alpha(match_len) * confidence)
+        best_k, best_rate = 0, 1.0 / curve.cost(1)  # plain decoding: one token per step
+        for k in range(1, min(available, self.policy.k_max) + 1):
+            rate = expected_tokens(alpha, k) / curve.cost(k + 1)
+            if rate > best_rate:
+                best_k, best_rate = k, rate
+        return best_k
+
+    def update(self, match_len: int, k: int, n_accepted: int, searched: bool = True) -> None:
+        """Record one step: a draft of k tokens from a match of match_len (k = 0: nothing verified).
+
+        searched: whether this step looked the context up (False: a skipped step, which says nothing new).
+        """
         if k == 0:
-            if not self._looked:
-                return  # a skipped step says nothing new
+            if not searched:
+                return
             self._idle_steps += 1
-            if self._idle_steps >= self.backoff:
+            if self._idle_steps >= self.policy.backoff:
                 self._skip, self._skip_len = self._skip_len, min(8, self._skip_len * 2)
                 self._idle_steps = 0
             return
         self._idle_steps, self._skip_len = 0, 1
         b = bucket(match_len)
-        self._accepted = [x * self.decay for x in self._accepted]
-        self._rejected = [x * self.decay for x in self._rejected]
+        self._accepted = [x * self.policy.decay for x in self._accepted]
+        self._rejected = [x * self.policy.decay for x in self._rejected]
         self._accepted[b] += n_accepted
         self._rejected[b] += n_accepted < k

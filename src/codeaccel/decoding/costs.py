@@ -1,0 +1,103 @@
+"""What verifications and draft steps cost on this machine now: learned online, shared on purpose.
+
+The cost curve (:mod:`codeaccel.engines.cost_curve`) gives the *shape* of the
+target's cost, C(n) decode steps to evaluate n tokens at once, profiled once. What
+a step costs in seconds, and how far batches have drifted from the profile, is a
+property of the machine at this moment, not of one request: every request of a
+method measures it and every request benefits. So it lives in one
+:class:`LearnedCosts` object per method (its owner), updated under a lock, while
+what one request learns about its own drafts (the acceptance rate) lives in that
+request's :class:`~codeaccel.decoding.draft_length.DraftLengthState`.
+
+Three estimates, each an exponential moving average:
+
+* ``t_target_s``: seconds per target decode step (C(1)), from plain one-token steps
+  and from verifications that the profile prices at about one step;
+* ``batch_scale`` s: the measured excess cost of a batch over one step, relative to
+  the profile's, from every other verification: s = (T/t_target − 1) / (C(n) − 1),
+  clipped to ``SCALE_BOUNDS``; S(n) = 1 + s·(C(n) − 1) is what n tokens cost now.
+  Only verifications measure s, so while none is made s relaxes back toward the
+  profile (``scale_relax`` per plain step): otherwise an s learned in a slow
+  stretch, or from one noisy timing, would stop drafting for good (measured on
+  HumanEval before this rule: the client-draft policy stopped at s = 1.74 and never
+  drafted again); a trial verification then measures s afresh;
+* ``t_draft_s``: seconds per drafted token of the draft model (recorded by the
+  draft-model drafter, which knows its time is draft-model time).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+from codeaccel.engines.cost_curve import CostCurve
+
+MIN_EXCESS = 0.05  # batches the profile calls (nearly) one step measure the step time, not s
+SCALE_BOUNDS = (0.1, 10.0)  # one noisy timing cannot move s further than this
+
+
+@dataclass(frozen=True)
+class Costs:
+    """One consistent reading of the learned costs (what a decision is made from)."""
+
+    curve: CostCurve
+    t_target_s: float  # seconds per target decode step
+    t_draft_s: float | None  # seconds per drafted token (None: not measured yet)
+    batch_scale: float  # s
+
+    def steps(self, n: int) -> float:
+        """S(n): the cost of evaluating n tokens at once, in decode steps, as verifications cost now."""
+        return 1.0 + self.batch_scale * (self.curve.cost(n) - 1.0)
+
+
+class LearnedCosts:
+    """The shared, thread-safe cost estimates of one target (and its draft model), owned by a method."""
+
+    def __init__(
+        self,
+        curve: CostCurve,
+        *,
+        t_target_s: float | None = None,
+        t_draft_s: float | None = None,
+        batch_scale: float = 1.0,
+        scale_relax: float = 0.005,
+    ):
+        self.curve = curve
+        self.scale_relax = scale_relax  # share of s's distance to the profile (1.0) given up per plain step
+        self._lock = threading.Lock()
+        self._t_target_s = curve.seconds[0] if t_target_s is None else t_target_s
+        self._t_draft_s = t_draft_s
+        self._batch_scale = batch_scale
+
+    def snapshot(self) -> Costs:
+        with self._lock:
+            return Costs(self.curve, self._t_target_s, self._t_draft_s, self._batch_scale)
+
+    def record_verification(self, k: int, target_s: float, n_evaluated: int | None = None) -> None:
+        """One step of the decode loop: k drafted tokens verified (0: a plain step) in target_s seconds.
+
+        n_evaluated: tokens the target evaluated (default k + 1; the first step of a
+        request evaluates only the drafts, the prefill gave the row before them).
+        """
+        n = k + 1 if n_evaluated is None else n_evaluated
+        with self._lock:
+            if k == 0:  # no verification measured s: it relaxes toward the profile, so a stale s gets re-tried
+                self._batch_scale = ema(self._batch_scale, 1.0, weight=self.scale_relax)
+            if target_s <= 0 or n < 1:
+                return  # nothing was evaluated: no timing to learn from
+            excess = self.curve.cost(n) - 1.0
+            if excess <= MIN_EXCESS:  # one token, or a batch the profile says costs (about) one step
+                self._t_target_s = ema(self._t_target_s, target_s)
+            else:
+                observed = (target_s / self._t_target_s - 1.0) / excess
+                self._batch_scale = ema(self._batch_scale, min(max(observed, SCALE_BOUNDS[0]), SCALE_BOUNDS[1]))
+
+    def record_draft(self, k: int, draft_s: float) -> None:
+        """The draft model drafted k tokens in draft_s seconds."""
+        if k > 0 and draft_s > 0:
+            with self._lock:
+                self._t_draft_s = ema(self._t_draft_s, draft_s / k)
+
+
+def ema(old: float | None, new: float, weight: float = 0.2) -> float:
+    return new if old is None else (1 - weight) * old + weight * new
