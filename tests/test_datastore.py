@@ -194,8 +194,8 @@ def test_general_scan_excludes_globs_and_nested_site_packages(tmp_path):
 
 
 def test_open_rebuilds_a_damaged_datastore_and_refuses_a_foreign_one(project, tmp_path, caplog):
-    from codeaccel.retrieval.datastore import open_datastore
     from codeaccel.errors import CodeaccelError
+    from codeaccel.retrieval.datastore import open_datastore
 
     path = tmp_path / "ds"
     build_datastore(path, "proj", "repository", [project], char_tokens, "chars")

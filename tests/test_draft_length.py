@@ -2,9 +2,9 @@
 
 import pytest
 
-from codeaccel.engines.cost_curve import CostCurve
 from codeaccel.decoding.costs import LearnedCosts
 from codeaccel.decoding.draft_length import DraftLength, expected_tokens
+from codeaccel.engines.cost_curve import CostCurve
 
 
 def curve(relative):
@@ -97,7 +97,9 @@ def test_verification_cost_is_learned_when_batches_got_dearer_than_profiled():
         for _ in range(20):
             step(policy, k=k, n_accepted=k, target_s=0.01 * true_steps[k], draft_s=0.0)
     assert policy.costs.snapshot().batch_scale == pytest.approx(2.0, rel=1e-3)
-    assert policy.costs.snapshot().steps(16) == pytest.approx(true_steps[15], rel=1e-3)  # predictions match what was measured
+    assert policy.costs.snapshot().steps(16) == pytest.approx(
+        true_steps[15], rel=1e-3
+    )  # predictions match what was measured
     assert best_k(policy, alpha=0.9) < before
 
 

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from codeaccel.decoding.autoregressive import generate
+from codeaccel.decoding.sampling import SamplingParams
 from codeaccel.engines import load_engine
 from codeaccel.errors import CodeaccelError
-from codeaccel.decoding.sampling import SamplingParams
 
 PROMPTS = [
     "def add(a, b):\n    return",

@@ -3,8 +3,8 @@
 import pytest
 
 from codeaccel.decoding.autoregressive import generate
-from codeaccel.errors import CodeaccelError
 from codeaccel.decoding.sampling import SamplingParams
+from codeaccel.errors import CodeaccelError
 
 GREEDY = SamplingParams()
 

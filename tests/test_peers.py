@@ -3,12 +3,12 @@
 import pytest
 
 from codeaccel.decoding.autoregressive import generate
+from codeaccel.decoding.generation import Request
+from codeaccel.decoding.sampling import SamplingParams
 from codeaccel.engines import load_engine
 from codeaccel.engines.pool import EnginePool
 from codeaccel.errors import CodeaccelError
-from codeaccel.decoding.generation import Request
 from codeaccel.methods.registry import MethodOptions, build_method
-from codeaccel.decoding.sampling import SamplingParams
 
 PROMPT = "def add(a, b):\n    return a + b\n\ndef add3(a, b, c):\n    return"
 

@@ -2,16 +2,16 @@
 
 import pytest
 
-from codeaccel.decoding.autoregressive import generate
 from codeaccel.bench.datasets import load_problems
 from codeaccel.bench.harness import BenchConfig, build_prompt, run_bench
 from codeaccel.bench.logit_noise import find_noise
 from codeaccel.bench.report import summarize
 from codeaccel.bench.store import ResultStore
+from codeaccel.decoding.autoregressive import generate
+from codeaccel.decoding.sampling import SamplingParams
 from codeaccel.engines import load_engine
 from codeaccel.methods.registry import MethodOptions
 from codeaccel.models.registry import BUNDLED, is_assembled, resolve_model
-from codeaccel.decoding.sampling import SamplingParams
 from test_engines import _library_greedy
 
 pytestmark = pytest.mark.realmodel

@@ -6,8 +6,8 @@ import textwrap
 
 import pytest
 
-from codeaccel.models import registry
 from codeaccel.errors import CodeaccelError
+from codeaccel.models import registry
 from codeaccel.models.registry import BundledModel, ensure_assembled, is_assembled, resolve_model
 
 PARTS = [b"GGUF" + bytes(range(256)) * 40, bytes(reversed(range(256))) * 33, b"tail-bytes"]

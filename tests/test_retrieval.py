@@ -5,19 +5,19 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from codeaccel.retrieval.acceptance_cache import AcceptanceCache
 from codeaccel.decoding.autoregressive import generate
-from codeaccel.engines.tokenizer import tokenizer_fingerprint
-from codeaccel.retrieval.datastore import Retrieved, build_datastore
 from codeaccel.decoding.draft_length import DraftLength
 from codeaccel.decoding.drafter import Draft
-from codeaccel.decoding.stats import DrafterStats
-from codeaccel.retrieval.drafter import RetrievalDrafter
-from codeaccel.retrieval.trie import CandidateTrie, merge
-from codeaccel.engines import load_engine
-from codeaccel.retrieval.timing import RetrievalTiming
 from codeaccel.decoding.sampling import SamplingParams
 from codeaccel.decoding.speculative import speculative_generate
+from codeaccel.decoding.stats import DrafterStats
+from codeaccel.engines import load_engine
+from codeaccel.engines.tokenizer import tokenizer_fingerprint
+from codeaccel.retrieval.acceptance_cache import AcceptanceCache
+from codeaccel.retrieval.datastore import Retrieved, build_datastore
+from codeaccel.retrieval.drafter import RetrievalDrafter
+from codeaccel.retrieval.timing import RetrievalTiming
+from codeaccel.retrieval.trie import CandidateTrie, merge
 from test_speculative import flat_curve
 
 
@@ -184,7 +184,10 @@ def test_hybrid_uses_the_model_when_retrieval_has_nothing(target, tiny_gguf, tmp
     with load_engine(tiny_gguf, n_ctx=1024) as draft:
         costs = LearnedCosts(flat_curve())
         drafter = HybridDrafter(
-            RetrievalDrafter([store], min_match=4), DraftModelDrafter(draft), DraftLength(flat_curve(), fixed_k=3), costs
+            RetrievalDrafter([store], min_match=4),
+            DraftModelDrafter(draft),
+            DraftLength(flat_curve(), fixed_k=3),
+            costs,
         )
         prompt = target.tokenize("def area(side):\n    return")
         ar = generate(target, prompt, SamplingParams(), 30)

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from codeaccel.errors import CodeaccelError
 from codeaccel.decoding.sampling import SamplingParams, logits_to_probs, next_token, sample
+from codeaccel.errors import CodeaccelError
 
 
 @pytest.mark.parametrize(

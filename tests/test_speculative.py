@@ -7,20 +7,20 @@ import pytest
 from scipy import stats
 
 from codeaccel.decoding.autoregressive import generate
-from codeaccel.engines.cost_curve import CostCurve
 from codeaccel.decoding.costs import LearnedCosts
 from codeaccel.decoding.draft_length import DraftLength, DraftPricing
 from codeaccel.decoding.draft_model import DraftModelDrafter
 from codeaccel.decoding.drafter import Draft
-from codeaccel.decoding.stats import DrafterStats
-from codeaccel.engines.tokenizer import check_same_tokenizer
-from codeaccel.engines import load_engine
-from codeaccel.engines.pool import EnginePool
-from codeaccel.errors import CodeaccelError
 from codeaccel.decoding.generation import Request
-from codeaccel.methods.registry import MethodOptions, build_method
 from codeaccel.decoding.sampling import SamplingParams, logits_to_probs
 from codeaccel.decoding.speculative import speculative_generate
+from codeaccel.decoding.stats import DrafterStats
+from codeaccel.engines import load_engine
+from codeaccel.engines.cost_curve import CostCurve
+from codeaccel.engines.pool import EnginePool
+from codeaccel.engines.tokenizer import check_same_tokenizer
+from codeaccel.errors import CodeaccelError
+from codeaccel.methods.registry import MethodOptions, build_method
 from conftest import ScriptedEngine
 
 GREEDY = SamplingParams()

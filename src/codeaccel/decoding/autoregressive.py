@@ -9,10 +9,10 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-from codeaccel.engines.base import Engine
 from codeaccel.decoding.generation import Generation, StopChecker, validate_request
 from codeaccel.decoding.sampling import SamplingParams, next_token
 from codeaccel.decoding.stats import DecodingStats
+from codeaccel.engines.base import Engine
 
 
 def generate(
@@ -43,4 +43,3 @@ def generate(
         decode_s=t2 - t1,
         stats=DecodingStats(steps=len(checker.tokens) - 1, target_s=t2 - t1),
     )
-

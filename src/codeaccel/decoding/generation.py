@@ -11,10 +11,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from codeaccel.engines.base import Engine
-from codeaccel.errors import UserError
 from codeaccel.decoding.sampling import SamplingParams
 from codeaccel.decoding.stats import DecodingStats
+from codeaccel.engines.base import Engine
+from codeaccel.errors import UserError
 
 FinishReason = Literal["stop", "eos", "length"]
 

@@ -67,7 +67,9 @@ def verify_greedy(draft_tokens: Sequence[int], target_logits: np.ndarray) -> Ver
     n = 0
     while n < k and int(target_tokens[n]) == int(draft_tokens[n]):
         n += 1
-    return Verdict(tokens=[int(t) for t in draft_tokens[:n]] + [int(target_tokens[n])], n_accepted=n, n_drafted=k, bonus=n == k)
+    return Verdict(
+        tokens=[int(t) for t in draft_tokens[:n]] + [int(target_tokens[n])], n_accepted=n, n_drafted=k, bonus=n == k
+    )
 
 
 def verify_rejection(

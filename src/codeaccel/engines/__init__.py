@@ -1,8 +1,16 @@
-"""Engines: the models behind every decoding method (see ``base.Engine`` for the contract)."""
+"""Engines: the models behind every decoding method.
+
+The contract (``base``: evaluate tokens, rewind, token trees), its llama.cpp
+(``llamacpp``) and transformers (``hf``) implementations, :func:`load_engine` here,
+draft engines loaded once per run (``pool``), the measured cost of evaluating k
+tokens at once (``cost_curve``) and what "the same tokenizer" means (``tokenizer``).
+"""
 
 from __future__ import annotations
 
 from codeaccel.engines.base import Engine
+from codeaccel.engines.hf import HFEngine
+from codeaccel.engines.llamacpp import LlamaCppEngine
 from codeaccel.errors import UserError
 from codeaccel.models.registry import resolve_model
 
@@ -27,11 +35,7 @@ def load_engine(
     if engine == "llama.cpp":
         if source.kind != "gguf":
             raise UserError(f"the llama.cpp engine needs a GGUF file; {source.path} is a {source.kind} model")
-        from codeaccel.engines.llamacpp import LlamaCppEngine
-
         return LlamaCppEngine(source.path, model_name=source.name, n_ctx=n_ctx, n_threads=n_threads)
-    from codeaccel.engines.hf import HFEngine
-
     return HFEngine(source.path, model_name=source.name, dtype=dtype, n_ctx=n_ctx, n_threads=n_threads)
 
 

@@ -16,16 +16,38 @@ An engine holds one sequence in its KV cache. It can
 
 Subclasses implement ``_forward`` and ``_truncate``; the base class keeps the
 token history and checks inputs at the boundary, so the hot path stays small.
+
+An engine holds one sequence, so it serves one request at a time: a call from a
+second thread while another is inside the engine raises :class:`InternalError`
+instead of corrupting the cache (the server's several sequences will come from a
+multi-sequence evaluation, not from sharing one engine).
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+import functools
+import threading
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from codeaccel.errors import InternalError
+
+
+def _exclusive(method: Callable) -> Callable:
+    """Run ``method`` holding the engine's lock; another thread inside the engine is a bug, not a wait."""
+
+    @functools.wraps(method)
+    def guarded(self: Engine, *args, **kwargs):
+        if not self._in_use.acquire(blocking=False):
+            raise InternalError(f"engine {self.model_name} is in use by another thread: one request at a time")
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self._in_use.release()
+
+    return guarded
 
 
 class Engine(abc.ABC):
@@ -44,6 +66,7 @@ class Engine(abc.ABC):
         self.eog_token_ids = eog_token_ids  # tokens that end generation (EOS, end-of-turn)
         self._tokens: list[int] = []  # what the KV cache holds, in order
         self._tree: tuple[list[int], list[int]] | None = None  # an evaluated tree awaiting keep_path
+        self._in_use = threading.RLock()  # held by the thread inside eval/rewind/...: reentrant for prefill
 
     # ---- the contract -------------------------------------------------------------
     @property
@@ -55,6 +78,7 @@ class Engine(abc.ABC):
     def n_tokens(self) -> int:
         return len(self._tokens)
 
+    @_exclusive
     def eval(self, tokens: Sequence[int]) -> np.ndarray:
         """Append tokens to the cache; return logits  # [len(tokens), n_vocab] float32."""
         return self._append(tokens, all_logits=True)
@@ -76,18 +100,20 @@ class Engine(abc.ABC):
         self._tokens.extend(tokens)
         return logits
 
+    @_exclusive
     def rewind(self, n_tokens: int) -> None:
         """Keep only the first n_tokens cached tokens (a pending token tree is dropped)."""
         if not 0 <= n_tokens <= len(self._tokens):
             raise InternalError(f"cannot rewind to {n_tokens} tokens: the cache holds {len(self._tokens)}")
         if self._tree is not None:
-            self._drop_tree()
+            self._drop_tree(n_branches=len(set(range(len(self._tree[1]))) - set(self._tree[1])))
             self._tree = None
         if n_tokens < len(self._tokens):
             self._truncate(n_tokens)
             del self._tokens[n_tokens:]
 
     # ---- token trees ---------------------------------------------------------------
+    @_exclusive
     def eval_tree(self, tokens: Sequence[int], parents: Sequence[int]) -> np.ndarray:
         """Evaluate a tree of tokens after the cache in one call; logits  # [n, vocab].
 
@@ -112,6 +138,7 @@ class Engine(abc.ABC):
         self._tree = (tokens, parents)
         return logits
 
+    @_exclusive
     def keep_path(self, path: Sequence[int]) -> None:
         """Keep the pending tree's nodes ``path`` (a chain from a root, in order) in the cache."""
         if self._tree is None:
@@ -142,12 +169,13 @@ class Engine(abc.ABC):
         if path:  # the fallback left nothing in the cache: evaluate the kept path
             self._forward([tokens[i] for i in path], all_logits=False)
 
-    def _drop_tree(self) -> None:
+    def _drop_tree(self, n_branches: int) -> None:
         """Remove a pending tree's cache entries (the fallback left none)."""
 
     def reset(self) -> None:
         self.rewind(0)
 
+    @_exclusive
     def prefill(self, tokens: Sequence[int]) -> np.ndarray:
         """Make the cache hold exactly ``tokens``, reusing the longest cached prefix.
 

@@ -132,7 +132,7 @@ class HFEngine(Engine):
             layer.keys = layer.keys.index_select(-2, keep)
             layer.values = layer.values.index_select(-2, keep)
 
-    def _drop_tree(self) -> None:
+    def _drop_tree(self, n_branches: int) -> None:
         n_past = len(self._tokens)
         if self._cache is not None:
             for layer in self._cache.layers:

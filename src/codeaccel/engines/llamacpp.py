@@ -168,9 +168,8 @@ class LlamaCppEngine(Engine):
                 batch.seq_id[i][j] = s
             batch.logits[i] = True
         rc = lc.llama_decode(self._ctx, batch)
-        self._n_branches = len(leaves)
         if rc != 0:
-            self._drop_tree()
+            self._drop_tree(n_branches=len(leaves))
             raise RuntimeError(f"llama_decode failed with code {rc}")
         ptr = lc.llama_get_logits(self._ctx)
         return np.ctypeslib.as_array(
@@ -189,14 +188,14 @@ class LlamaCppEngine(Engine):
         else:
             lc.llama_memory_seq_rm(self._memory, 0, n_past, -1)
             lc.llama_memory_seq_cp(self._memory, branch, 0, n_past, n_past + len(path))
-        for b in range(1, self._n_branches):
+        for b in range(1, len(leaves)):
             lc.llama_memory_seq_rm(self._memory, b, -1, -1)
 
-    def _drop_tree(self) -> None:
+    def _drop_tree(self, n_branches: int) -> None:
         lc = self._llama_cpp
         n_past = len(self._tokens)
         lc.llama_memory_seq_rm(self._memory, 0, n_past, -1)
-        for b in range(1, getattr(self, "_n_branches", self.max_tree_branches)):
+        for b in range(1, n_branches):
             lc.llama_memory_seq_rm(self._memory, b, -1, -1)
 
     def close(self) -> None:

@@ -2,8 +2,9 @@
 
 Loading a model costs seconds (llama.cpp) to minutes (transformers from GGUF), so
 ``speculative``, ``speculative-client-draft`` and ``hf-assisted`` in one run share one
-draft engine. Sharing is safe because generation is sequential and every user of
-an engine re-syncs its cache with ``prefill`` before use. The pool's owner closes it.
+draft engine. Sharing is safe because the harness runs them one after another (an
+engine refuses a second thread while one is inside it) and every user of an engine
+re-syncs its cache with ``prefill`` before use. The pool's owner closes it.
 """
 
 from __future__ import annotations

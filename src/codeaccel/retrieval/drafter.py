@@ -71,9 +71,7 @@ class RetrievalDrafter:
     def start(self, prompt: Sequence[int], exclude_files: frozenset[str] = frozenset()) -> RetrievalSession:
         return RetrievalSession(self, exclude_files)
 
-    def retrieve(
-        self, context: Sequence[int], k: int, exclude_files: frozenset[str] = frozenset()
-    ) -> list[Retrieved]:
+    def retrieve(self, context: Sequence[int], k: int, exclude_files: frozenset[str] = frozenset()) -> list[Retrieved]:
         """Look the context's tail up in every datastore: all but the first on the pool, the first here."""
         tail = list(context[-self.max_match :])
         args = (tail, self.max_match, self.min_match, k, self.max_samples, exclude_files)

@@ -23,6 +23,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pathspec
+
 from codeaccel.errors import UserError
 
 MAX_FILE_BYTES = 1 << 20  # 1 MiB: larger files are generated code or data, not code to learn from
@@ -136,8 +138,6 @@ def _git_files(root: Path) -> list[str] | None:
 
 
 def _gitignore_files(root: Path) -> list[str]:
-    import pathspec
-
     specs = []  # (directory, spec) for every .gitignore under the root
     for ignore in sorted(root.rglob(".gitignore")):
         lines = ignore.read_text(errors="replace").splitlines()

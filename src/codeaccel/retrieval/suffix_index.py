@@ -27,6 +27,7 @@ import bisect
 import hashlib
 import json
 import os
+import shutil
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -34,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from pydivsufsort import divsufsort
 
 from codeaccel.errors import SetupError
 
@@ -65,8 +67,6 @@ def _digest(path: Path) -> str:
 
 def build_index(docs: Sequence[np.ndarray], out_dir: Path, tokenizer: str) -> IndexMeta:
     """Write an index of ``docs`` (each a token-id array) to out_dir, atomically (temp dir, then rename)."""
-    from pydivsufsort import divsufsort
-
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     lengths = np.array([len(d) + 1 for d in docs], dtype=np.int64)  # +1: the separator
@@ -98,8 +98,6 @@ def build_index(docs: Sequence[np.ndarray], out_dir: Path, tokenizer: str) -> In
 
 
 def _remove_tree(path: Path) -> None:
-    import shutil
-
     shutil.rmtree(path)
 
 
