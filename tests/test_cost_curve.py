@@ -1,7 +1,7 @@
 import pytest
 
-from codeaccel.engines.cost_curve import CostCurve, load_cost_curve, measure_cost_curve, save_cost_curve
 from codeaccel.engines import load_engine
+from codeaccel.engines.cost_curve import CostCurve, load_cost_curve, measure_cost_curve, save_cost_curve
 
 
 def test_measure_save_load(tiny_gguf, tmp_path, monkeypatch):

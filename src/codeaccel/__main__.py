@@ -1,3 +1,3 @@
-from codeaccel.cli.app import main
+from codeaccel.cli import main
 
 main()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import platform
 from importlib import metadata
@@ -40,4 +41,13 @@ def machine_info() -> dict:
             for d in ("codeaccel", "llama-cpp-python", "torch", "transformers", "numpy")
             if (v := _version(d)) is not None
         },
+    }
+
+
+def provenance(command: str) -> dict:
+    """The header of every results file: the command that produced it, this machine, and the UTC date."""
+    return {
+        "command": command,
+        "machine": machine_info(),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }

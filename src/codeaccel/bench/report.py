@@ -13,13 +13,12 @@ an autoregressive row of the same run exists, ``speedup_vs_autoregressive`` and
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 from collections import defaultdict
 from pathlib import Path
 
+from codeaccel import machine
 from codeaccel.decoding.stats import DecodingStats
-from codeaccel.machine import machine_info
 from codeaccel.methods.registry import uses_cost_curve
 
 GROUP = ("dataset", "model", "engine", "method", "variant")  # variant: the method's settings, e.g. its draft model
@@ -183,7 +182,7 @@ def markdown_table(rows: list[dict]) -> str:
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
     """Bars per row: decode tokens/s, pass@1, and target ms per token where measured."""
-    import matplotlib
+    import matplotlib  # optional/heavy: imported on use
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -256,13 +255,7 @@ def write_report(
     says where the problems were measured and ``target_cost_curves`` which cost curves
     the drafting methods ran with (both from the records, so a later ``--report-only`` is right)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    doc = {
-        "command": command,
-        "machine": machine_info(),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "config": config,
-        "rows": rows,
-    }
+    doc = {**machine.provenance(command), "config": config, "rows": rows}
     if records:
         doc["problems_by_cpu"] = problems_by_cpu(records)
         if curves := target_cost_curves(records):
@@ -270,10 +263,10 @@ def write_report(
     if noise:
         doc["logit_noise"] = noise
     (out_dir / f"{name}.json").write_text(json.dumps(doc, indent=2) + "\n")
-    machine = doc["machine"]
+    host = doc["machine"]
     md = (
         f"# Benchmark: {name}\n\nCommand: `{command}`\n\n"
-        f"Machine: {machine['cores']} cores, {machine['cpu_model']}; {doc['date']}\n\n"
+        f"Machine: {host['cores']} cores, {host['cpu_model']}; {doc['date']}\n\n"
     )
     if records:
         md += "Problems measured on: " + ", ".join(f"{cpu} ({n})" for cpu, n in doc["problems_by_cpu"].items()) + "\n\n"

@@ -8,7 +8,6 @@ more than that many tokens. Curves are saved per (engine, model) in the user cac
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import logging
 import statistics
@@ -16,9 +15,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from codeaccel import machine
 from codeaccel.engines.base import Engine
 from codeaccel.errors import UserError
-from codeaccel.machine import machine_info
 from codeaccel.models.registry import cache_dir
 
 log = logging.getLogger(__name__)
@@ -107,12 +106,7 @@ def _cache_path(engine: str, model: str, dtype: str | None) -> Path:
 
 def save_cost_curve(curve: CostCurve, out_dir: Path | None = None, command: str = "") -> list[Path]:
     """Save to the user cache (for drafters) and, if given, as JSON/MD/PNG into out_dir."""
-    doc = {
-        "command": command,
-        "machine": machine_info(),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        **asdict(curve),
-    }
+    doc = {**machine.provenance(command), **asdict(curve)}
     cached = _cache_path(curve.engine, curve.model, curve.dtype)
     paths = [cached]
     if out_dir is not None:
@@ -176,7 +170,7 @@ def cost_curve_for(engine: Engine) -> CostCurve:
 
 
 def _plot(curve: CostCurve, path: Path) -> None:
-    import matplotlib
+    import matplotlib  # optional/heavy: imported on use
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

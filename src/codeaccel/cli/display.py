@@ -1,0 +1,163 @@
+"""What the commands show: the rich consoles, progress bars and tables, and the small results files.
+
+Results and tables go to ``out`` (standard output), logs, timings and warnings to
+``err`` (standard error). The library draws nothing: the bars here are fed by the
+callbacks the library takes (``progress``, ``advance``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from codeaccel import machine
+from codeaccel.bench.harness import BenchProgress
+from codeaccel.engines.cost_curve import CostCurve
+from codeaccel.models.registry import BundledModel
+from codeaccel.sandbox.layers import Layer
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+
+# ---- progress bars ------------------------------------------------------------------
+@contextmanager
+def download_bar(label: str, total: int) -> Iterator[Callable[[int, int], None]]:
+    """A bar of bytes (size, speed) on stderr; yields ``show(done, total)``."""
+    columns = (TextColumn(label), BarColumn(), DownloadColumn(), TransferSpeedColumn())
+    with Progress(*columns, console=err) as progress:
+        task = progress.add_task("assemble", total=total)
+
+        def show(done: int, total: int) -> None:
+            progress.update(task, completed=done)
+
+        yield show
+
+
+@contextmanager
+def file_bar(label: str) -> Iterator[Callable[[int, int], None]]:
+    """A bar of files on stderr, its total learnt on the way; yields ``update(done, total)``."""
+    columns = (TextColumn(label), BarColumn(), TextColumn("{task.completed}/{task.total} files"))
+    progress = Progress(*columns, console=err)
+    task = progress.add_task(label, total=None)
+
+    def update(done: int, total: int) -> None:
+        progress.update(task, completed=done, total=total)
+
+    with progress:
+        yield update
+
+
+@contextmanager
+def counting_bar(label: str, total: int, console: Console | None = None) -> Iterator[Callable[[], None]]:
+    """A bar counting to ``total`` (on ``console``, default rich's own: stdout); yields ``advance()``."""
+    columns = (TextColumn(f"[bold]{label}"), BarColumn(), TextColumn("{task.completed}/{task.total}"))
+    with Progress(*columns, console=console) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda: bar.advance(task)
+
+
+_BENCH_COLUMNS = (
+    TextColumn("[bold]{task.description}"),
+    BarColumn(),
+    MofNCompleteColumn(),
+    TextColumn("pass {task.fields[passed]}/{task.fields[done]}"),
+    TimeElapsedColumn(),
+    TimeRemainingColumn(),
+)
+
+
+class BenchBar:
+    """The bar of a benchmark run, drawn from the harness's :class:`BenchProgress` reports.
+
+    Use as a context manager and pass it as the harness's ``progress``: the bar starts
+    with the first report (once the models are loaded) and stops on leaving the block.
+    ``counts_passed``: show the passed count and times (a run) or not (a rescore).
+    """
+
+    def __init__(self, counts_passed: bool = True) -> None:
+        columns = _BENCH_COLUMNS if counts_passed else _BENCH_COLUMNS[:3]
+        self._progress = Progress(*columns, transient=False)
+        self._task: TaskID | None = None
+
+    def __enter__(self) -> BenchBar:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._task is not None:
+            self._progress.stop()
+
+    def __call__(self, p: BenchProgress) -> None:
+        if self._task is None:
+            self._progress.start()
+            self._task = self._progress.add_task(p.description, total=p.total, passed=p.passed, done=p.done)
+        self._progress.update(
+            self._task, description=p.description, total=p.total, completed=p.done, passed=p.passed, done=p.done
+        )
+
+
+# ---- tables -------------------------------------------------------------------------
+def print_models(models: Sequence[tuple[BundledModel, bool, Path]]) -> None:
+    """The bundled models: (model, assembled?, its path) each."""
+    table = Table("name", "size (MB)", "assembled", "path")
+    for m, assembled, path in models:
+        table.add_row(m.name, f"{m.size_bytes / 1e6:.0f}", "yes" if assembled else "no", str(path))
+    out.print(table)
+
+
+def print_datastore_stats(stats: dict) -> None:
+    table = Table("datastore", "kind", "files", "tokens", "MB on disk", "build s", "skipped")
+    skipped = ", ".join(f"{k}: {v}" for k, v in sorted(stats["skipped"].items())) or "-"
+    table.add_row(
+        stats["name"], stats["kind"], str(stats["files"]), f"{stats['tokens']:,}",
+        f"{stats['bytes_on_disk'] / 1e6:.1f}", f"{stats['build_s']:.1f}", skipped,
+    )  # fmt: skip
+    out.print(table)
+
+
+def print_layers(layers: Sequence[Layer]) -> None:
+    """The sandbox's isolation layers: active or not, and how."""
+    table = Table("layer", "active", "how")
+    for layer in layers:
+        table.add_row(layer.name, "[green]yes[/green]" if layer.active else "[red]no[/red]", layer.detail)
+    out.print(table)
+
+
+def print_cost_curve(curve: CostCurve) -> None:
+    table = Table("k", "ms", "relative to k=1")
+    for k, s, r in zip(curve.k, curve.seconds, curve.relative):
+        table.add_row(str(k), f"{1000 * s:.1f}", f"{r:.2f}")
+    out.print(table)
+
+
+def print_markdown(md: str) -> None:
+    """Markdown as written (tables of results), no rich markup or highlighting."""
+    out.print(md, markup=False, highlight=False, soft_wrap=True)
+
+
+# ---- small results files ------------------------------------------------------------
+def save_results(doc: dict, out_dir: Path, stem: str, to_markdown: Callable[[dict], str], command: str) -> None:
+    """A small benchmark's results: ``{stem}.json`` (after the :func:`codeaccel.machine.provenance`
+    header: command, machine, date) and ``{stem}.md``, printed too."""
+    doc = {**machine.provenance(command), **doc}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{stem}.json").write_text(json.dumps(doc, indent=2) + "\n")
+    md = to_markdown(doc)
+    (out_dir / f"{stem}.md").write_text(md)
+    out.print(md, markup=False, highlight=False)

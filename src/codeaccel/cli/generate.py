@@ -1,0 +1,70 @@
+"""``codeaccel generate``: one completion, printed, with its timing (and its drafting, for drafting methods)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+from codeaccel.cli import options as opt
+from codeaccel.cli.display import err, out
+from codeaccel.decoding.generation import Request
+from codeaccel.decoding.sampling import SamplingParams
+from codeaccel.engines import load_engine
+from codeaccel.engines.pool import EnginePool
+from codeaccel.errors import UserError
+from codeaccel.methods.registry import build_method, parse_methods
+
+
+def generate(
+    prompt: Annotated[str, typer.Argument(help="The prompt; '-' reads it from standard input.")],
+    model: opt.ModelOpt = opt.DEFAULT_MODEL,
+    engine: opt.EngineOpt = "llama.cpp",
+    max_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 256,
+    temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (1 = off).")] = 1.0,
+    top_k: Annotated[int, typer.Option(help="Keep the k most likely tokens (0 = off).")] = 0,
+    seed: Annotated[Optional[int], typer.Option(help="Sampling seed.")] = None,
+    stop: Annotated[Optional[list[str]], typer.Option(help="Stop string (repeatable).")] = None,
+    chat: Annotated[bool, typer.Option("--chat/--raw", help="Wrap the prompt in the model's chat template.")] = True,
+    dtype: opt.DtypeOpt = "bfloat16",
+    method: opt.MethodOpt = "autoregressive",
+    draft_model: opt.DraftModelOpt = None,
+    draft_engine: opt.DraftEngineOpt = None,
+    draft_k: opt.DraftKOpt = None,
+    datastore: opt.DatastoreOpt = None,
+    ablate: opt.AblateOpt = None,
+) -> None:
+    """Generate a completion and print it, with its timing."""
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    if not prompt.strip():
+        raise UserError("the prompt is empty")
+    params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+    if max_tokens < 1:
+        raise UserError(f"--max-tokens must be >= 1, got {max_tokens}")
+    (method,) = parse_methods(method)[:1]
+    options = opt.method_options(draft_model, draft_engine, draft_k, datastore, ablate)
+    with load_engine(model, engine, dtype=dtype) as eng, EnginePool() as pool:
+        text = eng.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
+        runner = build_method(method, eng, options, pool)
+        try:
+            gen = runner.generate(Request(eng.tokenize(text), params, max_tokens, tuple(stop or ())))
+        finally:
+            runner.close()
+    out.print(gen.text, markup=False, highlight=False, soft_wrap=True)
+    err.print(
+        f"[dim]{gen.n_prompt_tokens} prompt tokens, prefill {1000 * gen.prefill_s:.0f} ms; "
+        f"{gen.n_generated} tokens in {gen.decode_s:.2f} s = {gen.tokens_per_s:.1f} tok/s; "
+        f"finish: {gen.finish_reason}[/dim]"
+    )
+    spec = gen.stats.speculation if gen.stats is not None else None
+    if spec is not None:
+        chosen = {str(k): n for k, n in sorted(spec.chosen_k.items())}
+        mean_len = None if spec.mean_accepted_len is None else round(spec.mean_accepted_len, 4)
+        err.print(
+            f"[dim]{spec.drafts} drafts in {gen.stats.steps} target steps, {spec.accepted_tokens}/"
+            f"{spec.drafted_tokens} draft tokens accepted, mean accepted length {mean_len}, "
+            f"k chosen {chosen}; target {1000 * gen.stats.target_s / max(1, gen.n_generated):.1f} ms/token[/dim]"
+        )

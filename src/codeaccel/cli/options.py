@@ -1,0 +1,58 @@
+"""The flags several commands share, the method settings built from them, and the command line as typed."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from codeaccel.methods.registry import MethodOptions
+
+DEFAULT_MODEL = "qwen2.5-coder-1.5b-instruct"
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Bundled model name, GGUF file or HF directory.")]
+EngineOpt = Annotated[str, typer.Option("--engine", "-e", help="llama.cpp or hf.")]
+DtypeOpt = Annotated[str, typer.Option(help="hf engine weights: bfloat16 or float32.")]
+MethodOpt = Annotated[
+    str, typer.Option(help="Decoding method: autoregressive, speculative, speculative-client-draft, prompt-lookup, …")
+]
+DraftModelOpt = Annotated[
+    Optional[str], typer.Option(help="Draft model for speculative methods (default: the bundled 0.5B).")
+]
+DraftEngineOpt = Annotated[
+    Optional[str],
+    typer.Option(help="Engine of the draft model (default: the target's); hf-assisted's assistant always runs on hf."),
+]
+DatastoreOpt = Annotated[
+    Optional[list[Path]], typer.Option("--datastore", help="Datastore for retrieval (repeatable; default: general).")
+]
+AblateOpt = Annotated[
+    Optional[str], typer.Option(help="Retrieval parts to switch off, comma-separated: multi-source,timing,cache,tree.")
+]
+DraftKOpt = Annotated[
+    Optional[int], typer.Option(help="Fixed draft length (default: chosen per step from the cost curve).")
+]
+
+
+def command_line() -> str:
+    """The command as the user typed it, as ``codeaccel …`` (recorded in results files)."""
+    return shlex.join(["codeaccel", *sys.argv[1:]])
+
+
+def method_options(
+    draft_model: str | None,
+    draft_engine: str | None,
+    draft_k: int | None,
+    datastore: list[Path] | None,
+    ablate: str | None,
+) -> MethodOptions:
+    """The method settings shared by ``generate`` and ``bench`` (validated by MethodOptions)."""
+    return MethodOptions(
+        draft_model=draft_model,
+        draft_engine=draft_engine,
+        draft_k=draft_k,
+        datastores=tuple(str(d) for d in datastore or ()),
+        ablate=tuple(a.strip() for a in (ablate or "").split(",") if a.strip()),
+    )
