@@ -83,7 +83,7 @@ def run_benchmark(
     variants in the same folder share the table). ``command`` is recorded in the report.
     """
     if mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        raise UserError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     out_dir = out_dir or default_out_dir(config.model, config.engine)
     store = ResultStore(out_dir / "results.jsonl")
     if mode == "run":
