@@ -15,12 +15,13 @@ from codeaccel.cli import options as opt
 from codeaccel.cli.display import BenchBar, out, print_markdown
 from codeaccel.decoding.sampling import SamplingParams
 from codeaccel.errors import UserError
-from codeaccel.methods.registry import parse_methods
+from codeaccel.methods.registry import MethodOptions, parse_methods
 
 # flags that only re-test or re-summarise stored results: left out of the command a report records
 _REPLAY_FLAGS = ("--rescore", "--report-only")
 
 
+@opt.with_method_flags
 def bench(
     datasets: Annotated[str, typer.Argument(help="humaneval, mbpp, or both comma-separated.")],
     model: opt.ModelOpt = opt.DEFAULT_MODEL,
@@ -57,11 +58,8 @@ def bench(
         ),
     ] = False,
     dtype: opt.DtypeOpt = "bfloat16",
-    draft_model: opt.DraftModelOpt = None,
-    draft_engine: opt.DraftEngineOpt = None,
-    draft_k: opt.DraftKOpt = None,
-    datastore: opt.DatastoreOpt = None,
-    ablate: opt.AblateOpt = None,
+    *,
+    options: MethodOptions,  # the method flags, given by opt.with_method_flags
 ) -> None:
     """Benchmark methods on HumanEval / MBPP: speed, pass@1; resumable.
 
@@ -80,7 +78,7 @@ def bench(
         max_tokens=max_tokens,
         sampling=SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed),
         dtype=dtype,
-        options=opt.method_options(draft_model, draft_engine, draft_k, datastore, ablate),
+        options=options,
         share_prefill=share_prefill,
     )
     mode: Mode = "rescore" if rescore else "report-only" if report_only else "run"

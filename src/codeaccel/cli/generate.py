@@ -14,9 +14,10 @@ from codeaccel.decoding.sampling import SamplingParams
 from codeaccel.engines import load_engine
 from codeaccel.engines.pool import EnginePool
 from codeaccel.errors import UserError
-from codeaccel.methods.registry import build_method, parse_methods
+from codeaccel.methods.registry import MethodOptions, build_method, parse_methods
 
 
+@opt.with_method_flags
 def generate(
     prompt: Annotated[str, typer.Argument(help="The prompt; '-' reads it from standard input.")],
     model: opt.ModelOpt = opt.DEFAULT_MODEL,
@@ -30,11 +31,8 @@ def generate(
     chat: Annotated[bool, typer.Option("--chat/--raw", help="Wrap the prompt in the model's chat template.")] = True,
     dtype: opt.DtypeOpt = "bfloat16",
     method: opt.MethodOpt = "autoregressive",
-    draft_model: opt.DraftModelOpt = None,
-    draft_engine: opt.DraftEngineOpt = None,
-    draft_k: opt.DraftKOpt = None,
-    datastore: opt.DatastoreOpt = None,
-    ablate: opt.AblateOpt = None,
+    *,
+    options: MethodOptions,  # the method flags, given by opt.with_method_flags
 ) -> None:
     """Generate a completion and print it, with its timing."""
     if prompt == "-":
@@ -45,7 +43,6 @@ def generate(
     if max_tokens < 1:
         raise UserError(f"--max-tokens must be >= 1, got {max_tokens}")
     (method,) = parse_methods(method)[:1]
-    options = opt.method_options(draft_model, draft_engine, draft_k, datastore, ablate)
     with load_engine(model, engine, dtype=dtype) as eng, EnginePool() as pool:
         text = eng.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
         runner = build_method(method, eng, options, pool)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import shlex
 import sys
+import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -56,3 +60,40 @@ def method_options(
         datastores=tuple(str(d) for d in datastore or ()),
         ablate=tuple(a.strip() for a in (ablate or "").split(",") if a.strip()),
     )
+
+
+# the flags that become a command's MethodOptions: (name, option type), in the order --help lists them
+METHOD_FLAGS = (
+    ("draft_model", DraftModelOpt),
+    ("draft_engine", DraftEngineOpt),
+    ("draft_k", DraftKOpt),
+    ("datastore", DatastoreOpt),
+    ("ablate", AblateOpt),
+)
+
+
+def with_method_flags(command: Callable) -> Callable:
+    """Give a command the method flags (declared once, here); it receives them as one ``options: MethodOptions``.
+
+    The command's own signature has ``options`` as its last parameter; typer sees the
+    flags of :data:`METHOD_FLAGS` in its place.
+    """
+    signature = inspect.signature(command)
+    hints = typing.get_type_hints(command, include_extras=True)  # the flags' typer.Option metadata, resolved
+    own = [p.replace(annotation=hints[name]) for name, p in signature.parameters.items() if name != "options"]
+    flags = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=kind)
+        for name, kind in METHOD_FLAGS
+    ]
+
+    @functools.wraps(command)
+    def wrapper(**kwargs):
+        values = {name: kwargs.pop(name) for name, _ in METHOD_FLAGS}
+        return command(**kwargs, options=method_options(**values))
+
+    wrapper.__signature__ = signature.replace(parameters=[*own, *flags])
+    wrapper.__annotations__ = {
+        **{k: v for k, v in command.__annotations__.items() if k != "options"},
+        **dict(METHOD_FLAGS),
+    }
+    return wrapper
