@@ -14,7 +14,7 @@ from codeaccel.cli.display import counting_bar, err, file_bar, out, print_datast
 from codeaccel.cli.options import DEFAULT_MODEL, EngineOpt, ModelOpt, command_line
 from codeaccel.engines import load_engine
 from codeaccel.engines.base import Engine
-from codeaccel.engines.tokenizer import tokenizer_fingerprint
+from codeaccel.engines.tokenizer import engine_fingerprint
 from codeaccel.errors import UserError
 from codeaccel.retrieval.datastore import (
     Datastore,
@@ -30,7 +30,7 @@ app = typer.Typer(help="Retrieval datastores: build, update, stats.", no_args_is
 
 def _tokenizer(model: str, engine: str) -> tuple[Engine, str]:
     eng = load_engine(model, engine, n_ctx=512)
-    return eng, tokenizer_fingerprint(eng.n_vocab, eng.tokenize)
+    return eng, engine_fingerprint(eng)
 
 
 @app.command("build")

@@ -106,7 +106,7 @@ class Engine(abc.ABC):
         if not 0 <= n_tokens <= len(self._tokens):
             raise InternalError(f"cannot rewind to {n_tokens} tokens: the cache holds {len(self._tokens)}")
         if self._tree is not None:
-            self._drop_tree(n_branches=len(set(range(len(self._tree[1]))) - set(self._tree[1])))
+            self._drop_tree(n_branches=len(leaves(self._tree[1])))
             self._tree = None
         if n_tokens < len(self._tokens):
             self._truncate(n_tokens)
@@ -128,9 +128,9 @@ class Engine(abc.ABC):
             raise InternalError("a token tree needs one parent per token, and at least one token")
         if any(not -1 <= p < i for i, p in enumerate(parents)):
             raise InternalError("every parent must come before its child")
-        leaves = len(set(range(len(tokens))) - set(parents))
-        if leaves > self.max_tree_branches:
-            raise InternalError(f"a token tree may have at most {self.max_tree_branches} branches, got {leaves}")
+        n_leaves = len(leaves(parents))
+        if n_leaves > self.max_tree_branches:
+            raise InternalError(f"a token tree may have at most {self.max_tree_branches} branches, got {n_leaves}")
         depth = _depths(parents)
         if len(self._tokens) + max(depth) + 1 > self.n_ctx:
             raise InternalError("context overflow: the token tree does not fit")
@@ -156,8 +156,8 @@ class Engine(abc.ABC):
         n_past = len(self._tokens)
         out = np.empty((len(tokens), self.n_vocab), np.float32)  # [n, vocab]
         done = [False] * len(tokens)
-        for leaf in sorted(set(range(len(tokens))) - set(parents)):
-            branch = _branch(parents, leaf)
+        for leaf in leaves(parents):
+            branch = path_to(parents, leaf)
             rows = self._forward([tokens[i] for i in branch], all_logits=True)
             for node, row in zip(branch, rows):
                 if not done[node]:
@@ -227,6 +227,11 @@ class Engine(abc.ABC):
         self.close()
 
 
+def leaves(parents: Sequence[int]) -> list[int]:
+    """The nodes of a token tree that no node continues, in order: one per branch."""
+    return sorted(set(range(len(parents))) - set(parents))
+
+
 def _depths(parents: Sequence[int]) -> list[int]:
     depth: list[int] = []
     for p in parents:
@@ -234,7 +239,7 @@ def _depths(parents: Sequence[int]) -> list[int]:
     return depth
 
 
-def _branch(parents: Sequence[int], node: int) -> list[int]:
+def path_to(parents: Sequence[int], node: int) -> list[int]:
     """The nodes from a root down to ``node``, in order."""
     out = [node]
     while parents[out[-1]] >= 0:

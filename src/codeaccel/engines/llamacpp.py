@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from codeaccel.engines.base import Engine
+from codeaccel.engines.base import Engine, leaves, path_to
 from codeaccel.errors import InternalError, SetupError, UserError
 
 log = logging.getLogger(__name__)
@@ -149,14 +149,14 @@ class LlamaCppEngine(Engine):
         if len(tokens) > self._n_batch:
             raise InternalError(f"a token tree may have at most {self._n_batch} tokens")
         n_past = len(self._tokens)
-        leaves = sorted(set(range(len(tokens))) - set(parents))
+        branch_leaves = leaves(parents)
         seqs: list[list[int]] = [[] for _ in tokens]  # node -> branches (sequence ids) through it
-        for b, leaf in enumerate(leaves):
+        for b, leaf in enumerate(branch_leaves):
             node = leaf
             while node >= 0:
                 seqs[node].append(b)
                 node = parents[node]
-        for b in range(1, len(leaves)):  # every branch sees the committed prefix
+        for b in range(1, len(branch_leaves)):  # every branch sees the committed prefix
             lc.llama_memory_seq_cp(self._memory, 0, b, -1, -1)
         batch = self._batch
         batch.n_tokens = len(tokens)
@@ -169,7 +169,7 @@ class LlamaCppEngine(Engine):
             batch.logits[i] = True
         rc = lc.llama_decode(self._ctx, batch)
         if rc != 0:
-            self._drop_tree(n_branches=len(leaves))
+            self._drop_tree(n_branches=len(branch_leaves))
             raise RuntimeError(f"llama_decode failed with code {rc}")
         ptr = lc.llama_get_logits(self._ctx)
         return np.ctypeslib.as_array(
@@ -179,16 +179,17 @@ class LlamaCppEngine(Engine):
     def _keep_path(self, tokens: list[int], parents: list[int], path: list[int]) -> None:
         lc = self._llama_cpp
         n_past = len(self._tokens)
-        leaves = sorted(set(range(len(tokens))) - set(parents))
+        branch_leaves = leaves(parents)
         end = path[-1] if path else None
         # a branch through the path's last node (its cells hold the whole path)
-        branch = 0 if end is None else next(b for b, leaf in enumerate(leaves) if end in _ancestors(parents, leaf))
+        through_end = (b for b, leaf in enumerate(branch_leaves) if end in path_to(parents, leaf))
+        branch = 0 if end is None else next(through_end)
         if branch == 0:
             lc.llama_memory_seq_rm(self._memory, 0, n_past + len(path), -1)
         else:
             lc.llama_memory_seq_rm(self._memory, 0, n_past, -1)
             lc.llama_memory_seq_cp(self._memory, branch, 0, n_past, n_past + len(path))
-        for b in range(1, len(leaves)):
+        for b in range(1, len(branch_leaves)):
             lc.llama_memory_seq_rm(self._memory, b, -1, -1)
 
     def _drop_tree(self, n_branches: int) -> None:
@@ -208,12 +209,3 @@ class LlamaCppEngine(Engine):
         if getattr(self, "llm", None) is not None:
             self.llm.close()
             self.llm = None
-
-
-def _ancestors(parents: Sequence[int], node: int) -> set[int]:
-    """``node`` and every node above it."""
-    out = {node}
-    while parents[node] >= 0:
-        node = parents[node]
-        out.add(node)
-    return out
