@@ -9,7 +9,7 @@ CLI    := $(VENV)/bin/codeaccel
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
                     -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON
 
-.PHONY: install demo test test-unit test-realmodel clean
+.PHONY: install demo test test-unit test-realmodel llama-tools clean
 
 install: $(VENV)/.installed
 
@@ -29,8 +29,13 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(CLI) models fetch all
 	touch $@
 
+# The main job: plain decoding and the best lossless method measured (speculative: the request's own
+# text first, then the bundled 0.5B draft), interleaved on the same 20 HumanEval problems; the table
+# shows both rows, the speed-up and how many outputs are identical to plain decoding.
+DEMO_METHODS ?= autoregressive,speculative
 demo: install
-	$(CLI) bench humaneval --limit 20 --model qwen2.5-coder-1.5b-instruct --engine llama.cpp
+	$(CLI) bench humaneval --limit 20 --model qwen2.5-coder-1.5b-instruct --engine llama.cpp \
+		--method $(DEMO_METHODS) --share-prefill --no-resume --out runs/demo
 
 test: install
 	$(PY) -m pytest
@@ -40,6 +45,21 @@ test-unit: install
 
 test-realmodel: install
 	$(PY) -m pytest -m realmodel
+
+# llama.cpp's own C++ tools (llama-speculative-simple, llama-bench, llama-server, llama-batched-bench), built
+# from the llama.cpp tree vendored in the same llama-cpp-python sdist, with the same CPU flags; into
+# build/llama.cpp/bin, where the llama.cpp-* peers find them (or $CODEACCEL_LLAMA_TOOLS). No network at build
+# time: no prebuilt web UI download, no tests (they fetch models). Optional: not part of install.
+LLAMA_SRC   := build/llama_cpp_python-0.3.36/vendor/llama.cpp
+LLAMA_TOOLS := llama-speculative-simple llama-bench llama-server llama-batched-bench
+
+llama-tools:
+	@test -x $(PY) || { echo "error: $(PY) is missing: run \`make install\` first"; exit 1; }
+	$(PY) -m pip download --quiet --no-binary :all: --no-deps llama-cpp-python==0.3.36 -d build/sdist
+	test -f $(LLAMA_SRC)/CMakeLists.txt || tar -xzf build/sdist/llama_cpp_python-0.3.36.tar.gz -C build
+	cmake -S $(LLAMA_SRC) -B build/llama.cpp $(LLAMA_CMAKE_ARGS) -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF \
+		-DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_BUILD_TESTS=OFF
+	cmake --build build/llama.cpp -j 2 --target $(LLAMA_TOOLS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

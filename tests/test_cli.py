@@ -124,7 +124,7 @@ def test_bench_speculative_reports_acceptance_and_identity(tiny_gguf, tmp_path):
     spec = next(r for r in doc["rows"] if r["method"] == "speculative-client-draft")
     assert spec["identical_to_autoregressive"] == 2 and spec["divergences_at_clear_margin"] == 0
     assert spec["mean_accepted_len"] > 1 and spec["target_s_per_token"] > 0
-    assert spec["variant"] == "tiny on llama.cpp, draft_stop=confidence"
+    assert spec["variant"] == "tiny on llama.cpp, draft_stop=confidence, context"  # context drafts first
     assert doc["logit_noise"]["tolerance"] >= 0 and list(out.glob("logit_noise-*.json"))
     [used] = doc["target_cost_curves"]  # the curve k was chosen from (measured on first use here)
     assert used["curve"]["command"] == "(measured on first use)" and used["curve"]["relative"][0] == 1.0

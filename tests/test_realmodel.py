@@ -93,3 +93,17 @@ def test_retrieval_on_a_real_repository_is_lossless_and_accepts_drafts(tmp_path)
     assert row["divergences_at_clear_margin"] == 0
     assert row["mean_accepted_len"] > 1.5  # the project's own idioms get accepted
     assert row["edit_similarity"] > 0.3
+
+
+def test_context_drafts_and_a_prediction_are_lossless_on_an_edit(tmp_path):
+    """edits:click on the 0.5B model: drafts from the prompt (the file before) and from the old
+    function as the predicted output; greedy output as autoregressive, in fewer target evaluations."""
+    config = BenchConfig(model=SMALL, datasets=("edits:click",), methods=("autoregressive", "context"), limit=1)
+    records = run_bench(config, ResultStore(tmp_path / "r.jsonl"))
+    noise = find_noise(tmp_path, "llama.cpp", SMALL)
+    (row,) = [r for r in summarize(records, noise) if r["method"] == "context"]
+    assert row["identical_to_autoregressive"] + row["divergences_at_near_ties"] == 1
+    assert row["divergences_at_clear_margin"] == 0
+    (record,) = [r for r in records if r["method"] == "context"]
+    counts = record["stats"]["retrieval"]
+    assert counts.get("prediction_matches", 0) > 0 and row["tokens_per_target_eval"] > 2  # most tokens copied

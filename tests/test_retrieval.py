@@ -35,7 +35,7 @@ def test_merge_prefers_the_repository_and_longer_matches():
     general = Retrieved("g", "general", 4, 5, Counter({(10, 11): 5}))
     repo = Retrieved("r", "repository", 4, 2, Counter({(20, 21): 2}))
     assert merge([general, repo]).best_path(2) == [20, 21]  # the docstring's example: 4 × 1.0 vs 1.0
-    assert merge([general, repo], repository_weight=0.5).best_path(2) == [10, 11]
+    assert merge([general, repo], {"repository": 0.5}).best_path(2) == [10, 11]
     shorter_repo = Retrieved("r", "repository", 1, 2, Counter({(20, 21): 2}))
     assert merge([general, shorter_repo]).best_path(2) == [10, 11]  # 4 × 2^(1-4) = 0.5 < 1.0
 
@@ -218,7 +218,7 @@ class TreeDrafter:
     def __init__(self, vocab: int, seed: int):
         self.vocab, self.rng = vocab, np.random.default_rng(seed)
 
-    def start(self, prompt, exclude_files=frozenset()):
+    def start(self, prompt, exclude_files=frozenset(), prediction=()):
         return self  # a test drafter: one request at a time
 
     def propose(self, context, k, params, rng):

@@ -8,7 +8,7 @@ import platform
 from importlib import metadata
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -33,7 +33,7 @@ def machine_info() -> dict:
         mem_gib = None
     return {
         "cores": os.cpu_count(),
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "memory_gib": mem_gib,
         "python": platform.python_version(),
         "versions": {

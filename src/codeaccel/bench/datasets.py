@@ -16,6 +16,7 @@ import gzip
 import json
 from importlib import resources
 
+from codeaccel.bench.edit_dataset import load_edit_problems
 from codeaccel.bench.problem import STOP, Problem
 from codeaccel.bench.repo_dataset import load_repository_problems
 from codeaccel.errors import SetupError, UserError
@@ -83,7 +84,8 @@ def load_problems(dataset: str, limit: int | None = None) -> list[Problem]:
     """The first ``limit`` problems of a dataset, in the dataset's order.
 
     ``repo:<package>`` is the repository-level set built from an installed package
-    (:mod:`codeaccel.bench.repo_dataset`).
+    (:mod:`codeaccel.bench.repo_dataset`); ``edits:<name>`` the packaged edit set
+    ``data/edits-<name>.jsonl.gz`` (:mod:`codeaccel.bench.edit_dataset`).
     """
     key = dataset.strip().lower()
     if limit is not None and limit < 1:
@@ -91,7 +93,11 @@ def load_problems(dataset: str, limit: int | None = None) -> list[Problem]:
     if key.startswith("repo:") and key[5:]:
         problems = load_repository_problems(key[5:])
         return problems[:limit] if limit else problems
+    if key.startswith("edits:"):
+        return load_edit_problems(key[6:], limit)
     if key not in LOADERS:
-        raise UserError(f"unknown dataset {dataset!r}: choose from {', '.join(LOADERS)}, or repo:<package>")
+        raise UserError(
+            f"unknown dataset {dataset!r}: choose from {', '.join(LOADERS)}, repo:<package>, or edits:<name>"
+        )
     problems = LOADERS[key]()
     return problems[:limit] if limit else problems

@@ -20,9 +20,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
 from codeaccel.bench.datasets import PROMPT_FORMAT, load_problems
+from codeaccel.bench.edit_dataset import similarity_scores
 from codeaccel.bench.logit_noise import first_divergence, load_or_measure
 from codeaccel.bench.problem import Problem
-from codeaccel.bench.repo_dataset import similarity
 from codeaccel.bench.store import ResultStore
 from codeaccel.decoding.generation import Request
 from codeaccel.decoding.sampling import SamplingParams
@@ -265,12 +265,14 @@ def rescore(config: BenchConfig, store: ResultStore, progress: ProgressCallback 
 def _run_one(engine: Engine, method, problem: Problem, config: BenchConfig, key: dict) -> dict:
     prompt_tokens = build_prompt(engine, problem)
     params = replace(config.sampling, seed=problem_seed(config.sampling.seed, problem.task_id))
-    gen = method.generate(Request(prompt_tokens, params, config.max_tokens, problem.stop, problem.exclude_files))
+    prediction = engine.tokenize(problem.prediction) if problem.prediction else ()
+    request = Request(prompt_tokens, params, config.max_tokens, problem.stop, problem.exclude_files, prediction)
+    gen = method.generate(request)
     if problem.tests:
         result = execute(problem.solution(gen.text), problem.tests, Limits(timeout_s=config.test_timeout_s))
         scores = scores_of(result)
     else:
-        scores = {"passed": None, "test_status": "no tests", **similarity(gen.text, problem.reference or "")}
+        scores = {"passed": None, "test_status": "no tests", **similarity_scores(problem, gen.text)}
     return {
         **key,
         "n_prompt_tokens": gen.n_prompt_tokens,

@@ -24,6 +24,7 @@ class Problem:
     stop: tuple[str, ...] = STOP
     reference: str | None = None  # the original code, for datasets scored by similarity instead of tests
     exclude_files: tuple[str, ...] = ()  # datastore files that hold this problem's answer
+    prediction: str | None = None  # an expected output (an edit's original text), a drafting source
 
     def solution(self, completion: str) -> str:
         """The code the test lines run against: started code + completion (+ test helpers)."""

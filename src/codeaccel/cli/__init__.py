@@ -3,9 +3,9 @@
 ``app`` holds the typer application, its ``--verbose`` callback and :func:`main`,
 which turns codeaccel's errors into one line and an exit code, in one place. One
 module per command group: ``models`` (list, fetch, path), ``index`` (build, update,
-stats, bench), ``sandbox`` (check, bench), ``generate``, ``profile`` and ``bench``;
-``options`` holds the flags they share, and ``display`` the consoles, progress bars,
-tables and the small results files the commands print.
+stats, bench), ``sandbox`` (check, bench), ``dataset`` (build-edits), ``generate``,
+``profile`` and ``bench``; ``options`` holds the flags they share, and ``display`` the
+consoles, progress bars, tables and the small results files the commands print.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -31,6 +32,13 @@ def generate(
     chat: Annotated[bool, typer.Option("--chat/--raw", help="Wrap the prompt in the model's chat template.")] = True,
     dtype: opt.DtypeOpt = "bfloat16",
     method: opt.MethodOpt = "autoregressive",
+    prediction: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Expected output (OpenAI's predicted outputs: e.g. the code an edit starts from), "
+            "or @FILE to read it from a file; drafting methods verify it first.",
+        ),
+    ] = None,
     *,
     options: MethodOptions,  # the method flags, given by opt.with_method_flags
 ) -> None:
@@ -43,11 +51,14 @@ def generate(
     if max_tokens < 1:
         raise UserError(f"--max-tokens must be >= 1, got {max_tokens}")
     (method,) = parse_methods(method)[:1]
+    expected = _read_prediction(prediction)
     with load_engine(model, engine, dtype=dtype) as eng, EnginePool() as pool:
         text = eng.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
         runner = build_method(method, eng, options, pool)
         try:
-            gen = runner.generate(Request(eng.tokenize(text), params, max_tokens, tuple(stop or ())))
+            predicted = eng.tokenize(expected) if expected else ()
+            request = Request(eng.tokenize(text), params, max_tokens, tuple(stop or ()), prediction_tokens=predicted)
+            gen = runner.generate(request)
         finally:
             runner.close()
     out.print(gen.text, markup=False, highlight=False, soft_wrap=True)
@@ -65,3 +76,14 @@ def generate(
             f"{spec.drafted_tokens} draft tokens accepted, mean accepted length {mean_len}, "
             f"k chosen {chosen}; target {1000 * gen.stats.target_s / max(1, gen.n_generated):.1f} ms/token[/dim]"
         )
+
+
+def _read_prediction(prediction: str | None) -> str | None:
+    """The --prediction text: as given, or read from the file after '@'."""
+    if prediction is None or not prediction.startswith("@"):
+        return prediction
+    path = Path(prediction[1:])
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read the prediction file {path}: {e}") from None

@@ -24,7 +24,9 @@ slow stretch, or from one noisy timing, would stop drafting for good (measured o
 HumanEval before this rule: the client-draft policy stopped at s = 1.74 and never
 drafted again); a trial verification then measures s afresh.
 Plain decoding commits 1 token per ``t_target``. Each step picks
-``k* = argmax E(k)/T(k)`` and drafts only if
+``k* = argmax E(k)/T(k)`` over the curve's tiles (:meth:`CostCurve.tiles`: the draft
+lengths that no longer draft verifies as cheaply; on llama.cpp's Q4_K kernels 4 tokens
+cost what 3 do, so a draft of 2 is never chosen there) and drafts only if
 that beats plain decoding; otherwise it returns 0 and the caller decodes one token.
 
 **Confidence stopping** (``stop_by_confidence``, for drafters that know how sure they
@@ -53,6 +55,7 @@ is followed by a fresh trial once the prior says drafting could pay). When even
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Literal
 
 from codeaccel.decoding.costs import Costs, LearnedCosts
@@ -109,9 +112,14 @@ class DraftLength:
             seconds += k * (costs.t_draft_s or 0.0)
         return expected_tokens(alpha, k) / seconds
 
+    @cached_property
+    def tiles(self) -> tuple[int, ...]:
+        """The draft lengths worth verifying on this curve (``CostCurve.tiles``): no longer one costs as little."""
+        return tuple(self.curve.tiles(self.k_max))
+
     def best_k(self, costs: Costs, alpha: float) -> int:
-        """argmax_k E(k)/T(k) over 0..k_max (0 = plain decoding)."""
-        return max(range(self.k_max + 1), key=lambda k: (self.tokens_per_s(costs, k, alpha), -k))
+        """argmax_k E(k)/T(k) over 0 (plain decoding) and the curve's tiles up to k_max."""
+        return max((0, *self.tiles), key=lambda k: (self.tokens_per_s(costs, k, alpha), -k))
 
     def choose(self, costs: Costs, alpha: float, room: int) -> int:
         """The draft length for the next step, at most ``room`` (0: decode one token plainly)."""

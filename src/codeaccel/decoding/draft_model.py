@@ -42,7 +42,9 @@ class DraftModelDrafter:
         self.engine = engine
         self.pricing = pricing
 
-    def start(self, prompt: Sequence[int], exclude_files: frozenset[str] = frozenset()) -> DraftModelSession:
+    def start(
+        self, prompt: Sequence[int], exclude_files: frozenset[str] = frozenset(), prediction: Sequence[int] = ()
+    ) -> DraftModelSession:
         session = DraftModelSession(self.engine, self.pricing)
         if self.pricing is not None and not self.pricing.can_pay(self.pricing.costs.snapshot()):
             return session  # drafting cannot pay even at full acceptance: skip the draft's prefill (propose catches up)

@@ -32,9 +32,10 @@ DraftSource = Literal["", "model", "retrieval", "cache"]
 class Lookup:
     """What a retrieval draft was built from (read back by the drafter's ``observe``)."""
 
-    searched: bool  # the datastores were searched this step (False: timing control skipped it)
+    searched: bool  # a source was searched this step (False: timing control skipped it)
     match_len: int = 0  # context tokens the longest match covered (0: nothing matched)
-    kinds: tuple[str, ...] = ()  # kinds of the sources that matched ("general", "repository")
+    kinds: tuple[str, ...] = ()  # kinds of the sources that matched ("general", "repository", "context", ...)
+    local: bool = False  # the longest match was in the request's own text (its context or prediction)
 
 
 @dataclass(frozen=True)
@@ -82,14 +83,16 @@ class DraftSession(Protocol):
 class Drafter(Protocol):
     """Anything that proposes continuations.
 
-    ``start(prompt, exclude_files)`` is called once per request, during the prefill
-    (a draft model fills its own cache there; a retrieval drafter notes datastore
-    files this request must not use) and returns the request's session; ``close()``
-    frees the drafter.
+    ``start(prompt, exclude_files, prediction)`` is called once per request, during the
+    prefill (a draft model fills its own cache there; a retrieval drafter indexes the
+    prompt and the request's predicted output, and notes datastore files this request
+    must not use) and returns the request's session; ``close()`` frees the drafter.
     """
 
     name: str
 
-    def start(self, prompt: Sequence[int], exclude_files: frozenset[str] = frozenset()) -> DraftSession: ...
+    def start(
+        self, prompt: Sequence[int], exclude_files: frozenset[str] = frozenset(), prediction: Sequence[int] = ()
+    ) -> DraftSession: ...
 
     def close(self) -> None: ...

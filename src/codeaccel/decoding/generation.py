@@ -28,6 +28,9 @@ class Request:
     max_tokens: int = 256
     stop: Sequence[str] = ()
     exclude_files: Sequence[str] = ()  # datastore files this request must not draft from (a benchmark's answer)
+    # OpenAI's predicted output ({"type": "content", "content": ...}) as tokens: text the
+    # output is expected to repeat (an edit's original code); drafters search it first
+    prediction_tokens: Sequence[int] = ()
 
 
 @dataclass

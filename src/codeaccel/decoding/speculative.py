@@ -51,8 +51,10 @@ def speculative_generate(
     stop: Sequence[str] = (),
     exclude_files: Sequence[str] = (),
     costs: LearnedCosts | None = None,
+    prediction: Sequence[int] = (),
 ) -> Generation:
-    """One request. ``costs``: the learned costs shared with other requests (None: this request's own)."""
+    """One request. ``costs``: the learned costs shared with other requests (None: this request's own);
+    ``prediction``: tokens the output is expected to repeat (given to the drafter)."""
     max_tokens = validate_request(target, prompt_tokens, max_tokens)
     costs = costs if costs is not None else LearnedCosts(draft_length.curve)
     rng = params.rng()  # the target's stream: with sample-and-compare it matches autoregressive decoding
@@ -64,7 +66,7 @@ def speculative_generate(
     t0 = time.perf_counter()
     next_logits = target.prefill(prompt_tokens)  # [vocab], predicts the first generated token
     t1 = time.perf_counter()
-    session = drafter.start(prompt_tokens, frozenset(exclude_files))
+    session = drafter.start(prompt_tokens, frozenset(exclude_files), prediction)
     spec.draft_prefill_s = time.perf_counter() - t1
     context = list(prompt_tokens)  # everything committed
     pending: list[int] = []  # committed but not yet in the target's cache (the last recovered/bonus token)

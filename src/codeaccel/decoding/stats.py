@@ -62,6 +62,8 @@ class RetrievalCounts:
     cache_hits: int = 0  # lookups the acceptance cache contributed to
     retrieved: int = 0  # lookups that found a continuation
     trees_declined: int = 0  # token trees cut to their main path (the cost curve is too steep)
+    context_matches: int = 0  # steps whose longest match was in the request's own context
+    prediction_matches: int = 0  # steps whose longest match was in the request's predicted output
 
     def to_record(self) -> dict[str, int]:
         return {k: v for k, v in asdict(self).items() if v}

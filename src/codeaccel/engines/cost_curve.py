@@ -22,6 +22,8 @@ from codeaccel.models.registry import cache_dir
 
 log = logging.getLogger(__name__)
 
+TILE_TOLERANCE = 0.03  # a longer batch within 3% of a shorter one's cost dominates it (CostCurve.tiles)
+
 # Real code to fill the context and to feed as "draft" tokens (any tokens would do
 # for timing; code keeps the attention pattern realistic).
 _FILLER = '''def merge_sorted(left: list[int], right: list[int]) -> list[int]:
@@ -65,6 +67,22 @@ class CostCurve:
             return max(self.relative[k - 1], 1.0)
         slope = self.relative[-1] - self.relative[-2] if len(self.relative) > 1 else 1.0
         return max(self.relative[-1] + slope * (k - len(self.relative)), 1.0)
+
+    def tiles(self, k_max: int, tolerance: float = TILE_TOLERANCE) -> list[int]:
+        """The draft lengths k in 1..k_max worth verifying: no longer draft costs (nearly) as little.
+
+        Verifying k drafts evaluates k + 1 tokens. Where a longer batch m costs at most
+        ``1 + tolerance`` times as much as k + 1 (llama.cpp's repacked Q4_K kernels work on
+        groups of 4 rows: on the Xeon VM C(3) = 1.91 but C(4) = 1.81 steps), k is
+        dominated: the longer draft gives more tokens for the same price. Example, that
+        curve: 2 (C(3)) is not a tile, 3 (C(4)) is.
+        """
+        costs = [self.cost(n) for n in range(1, k_max + 2)]  # costs[n - 1] = C(n)
+        return [
+            k
+            for k in range(1, k_max + 1)
+            if all(costs[m - 1] > (1 + tolerance) * costs[k] for m in range(k + 2, k_max + 2))
+        ]
 
 
 def measure_cost_curve(
@@ -152,20 +170,32 @@ def saved_curve_provenance(engine: str, model: str, dtype: str | None = None) ->
 
 
 def cost_curve_for(engine: Engine) -> CostCurve:
-    """The engine's saved curve, or a quick measurement (cached for next time) if none is saved yet."""
+    """The engine's saved curve, re-measured first where none is saved or it was measured on another CPU.
+
+    Curves differ between CPUs (the AMD EPYC and Intel Xeon VMs this project runs on
+    have different tiles and batch costs), so a curve profiled on one is not used on
+    the other: a quick profile on this machine replaces it in the user cache.
+    """
     curve = load_cost_curve(engine.kind, engine.model_name, engine.dtype)
-    if curve is None:
+    here = machine.cpu_model()
+    if curve is not None:
+        cpu = (saved_curve_provenance(engine.kind, engine.model_name, engine.dtype) or {}).get("cpu")
+        if cpu == here:
+            return curve
+        log.warning("the cost curve for %s on %s was measured on %s, not on %s: re-measuring",
+                    engine.model_name, engine.kind, cpu, here)  # fmt: skip
+    else:
         log.warning(
             "no cost curve for %s on %s: measuring a quick one (run `codeaccel profile %s` for a full one)",
             engine.model_name,
             engine.kind,
             engine.model_name,
         )
-        context = min(256, engine.n_ctx // 2)
-        k_max = min(16, engine.n_ctx - context)
-        curve = measure_cost_curve(engine, k_max=k_max, repeats=3, context_tokens=context, dtype=engine.dtype)
-        save_cost_curve(curve, command="(measured on first use)")
-        engine.reset()
+    context = min(256, engine.n_ctx // 2)
+    k_max = min(32, engine.n_ctx - context)
+    curve = measure_cost_curve(engine, k_max=k_max, repeats=3, context_tokens=context, dtype=engine.dtype)
+    save_cost_curve(curve, command="(measured on first use)")
+    engine.reset()
     return curve
 
 

@@ -41,8 +41,10 @@ def variant_label(settings: dict) -> str:
         parts.append(f"{settings['draft_model']} on {settings['draft_engine']}")
     if settings.get("draft_k", "auto") != "auto":
         parts.append(f"k={settings['draft_k']}")
-    parts += [
-        f"{k}={v}" for k, v in settings.items() if k not in ("draft_model", "draft_engine", "draft_k", "draft_dtype")
+    parts += [  # a switch that is on is named alone ("context")
+        k if v is True else f"{k}={v}"
+        for k, v in settings.items()
+        if k not in ("draft_model", "draft_engine", "draft_k", "draft_dtype")
     ]
     return ", ".join(parts)
 
@@ -100,6 +102,7 @@ class SpeculativeMethod:
             r.stop,
             r.exclude_files,
             costs=self.costs,
+            prediction=r.prediction_tokens,
         )
 
     def close(self) -> None:

@@ -23,6 +23,7 @@ from codeaccel.engines.tokenizer import check_same_tokenizer
 from codeaccel.errors import UserError
 from codeaccel.methods.method import AutoregressiveMethod, Method, SpeculativeMethod
 from codeaccel.peers.hf_generate import HFGenerateMethod
+from codeaccel.peers.llama_cpp_tools import LLAMA_CPP_TOOL_METHODS, llama_cpp_tool
 from codeaccel.peers.llama_prompt_lookup import LlamaPromptLookupMethod
 from codeaccel.retrieval.acceptance_cache import AcceptanceCache
 from codeaccel.retrieval.datastore import open_datastores
@@ -32,7 +33,7 @@ from codeaccel.retrieval.timing import RetrievalTiming
 
 DEFAULT_DRAFT_MODEL = "qwen2.5-coder-0.5b-instruct"
 # Parts of retrieval drafting that --ablate can switch off (the CodeSwift ablation study).
-ABLATIONS = ("multi-source", "timing", "cache", "tree")
+ABLATIONS = ("multi-source", "timing", "cache", "tree", "context")
 TREE_BRANCHES = 3  # branches of a retrieval token tree (the best path + 2 alternatives)
 RETRIEVAL_K_MAX = 16  # longest retrieved draft considered per step
 WITHOUT = "retrieval-without-"
@@ -109,35 +110,53 @@ def _model_drafting(
 
 
 def _speculative(objective: Objective) -> Callable[[Engine, MethodOptions, EnginePool], Method]:
+    """The draft model, after the request's own text: a context match the timing control
+    finds worth verifying replaces the model's step (with ``--draft-k``: the model alone, k fixed)."""
+
     def build(target: Engine, options: MethodOptions, pool: EnginePool) -> Method:
         name = "speculative" if objective == "end-to-end" else "speculative-client-draft"
         costs = LearnedCosts(cost_curve_for(target))
         model = _model_drafting(target, options, pool, costs, objective)
         settings = {**model.settings, "draft_k": options.draft_k or "auto"}
-        return SpeculativeMethod(name, target, model.drafter, model.draft_length, settings, costs)
+        if options.draft_k is not None:
+            return SpeculativeMethod(name, target, model.drafter, model.draft_length, settings, costs)
+        timing = RetrievalTiming(costs.curve, k_max=RETRIEVAL_K_MAX)
+        context = RetrievalDrafter([], timing=timing, context=True)  # the request's own text only
+        drafter = HybridDrafter(context, model.drafter, model.draft_length, costs)
+        loop_length = DraftLength(costs.curve, fixed_k=RETRIEVAL_K_MAX)
+        return SpeculativeMethod(name, target, drafter, loop_length, {**settings, "context": True}, costs)
 
     return build
 
 
-def _retrieval_drafting(target: Engine, options: MethodOptions, rest: bool = False) -> RetrievalDrafting:
-    """The retrieval drafter with every part on except those ablated; ``rest``: the REST-style peer."""
+def _retrieval_drafting(
+    target: Engine, options: MethodOptions, rest: bool = False, datastores: bool = True
+) -> RetrievalDrafting:
+    """The retrieval drafter with every part on except those ablated; ``rest``: the REST-style peer;
+    without ``datastores``: the request's own text (and the acceptance cache) only."""
     # REST: one general datastore, every retrieved draft verified (as a token tree), no cache
     off = {"multi-source", "timing", "cache"} if rest else set(options.ablate)
-    stores = open_datastores(target, options.datastores)
-    if "multi-source" in off:  # one source: the general one if there is one (REST's setting), else the first
+    stores = open_datastores(target, options.datastores) if datastores else []
+    if "multi-source" in off and stores:  # one source: the general one if there is one (REST's setting), else the first
         stores = [next((s for s in stores if s.kind == "general"), stores[0])]
     timing = None if "timing" in off else RetrievalTiming(cost_curve_for(target), k_max=RETRIEVAL_K_MAX)
     cache = None if "cache" in off else AcceptanceCache()  # shared by the method's requests
+    context = not rest and "context" not in off  # the request's own text (REST searches datastores only)
     settings: dict = {"datastores": [s.name for s in stores]}
+    if context:
+        settings["context"] = True
     if off and not rest:
         settings["ablate"] = sorted(off)
     branches = 1 if "tree" in off else TREE_BRANCHES
-    return RetrievalDrafting(RetrievalDrafter(stores, timing=timing, cache=cache, tree_branches=branches), settings)
+    drafter = RetrievalDrafter(stores, timing=timing, cache=cache, tree_branches=branches, context=context)
+    return RetrievalDrafting(drafter, settings)
 
 
-def _retrieval(name: str, rest: bool = False) -> Callable[[Engine, MethodOptions, EnginePool], Method]:
+def _retrieval(
+    name: str, rest: bool = False, datastores: bool = True
+) -> Callable[[Engine, MethodOptions, EnginePool], Method]:
     def build(target: Engine, options: MethodOptions, pool: EnginePool) -> Method:
-        retrieval = _retrieval_drafting(target, options, rest)
+        retrieval = _retrieval_drafting(target, options, rest, datastores)
         k = options.draft_k or RETRIEVAL_K_MAX  # the drafter's timing control picks within it
         length = DraftLength(cost_curve_for(target), fixed_k=k)
         return SpeculativeMethod(name, target, retrieval.drafter, length, retrieval.settings)
@@ -177,15 +196,27 @@ BUILDERS: dict[str, Callable[[Engine, MethodOptions, EnginePool], Method]] = {
     "speculative-client-draft": _speculative("target"),
     # drafts from code datastores (general + repository), timing control and acceptance cache; no draft model
     "retrieval": _retrieval("retrieval"),
+    # drafts from the request's own text only (prompt, generated tokens, prediction): no datastore, no draft model
+    "context": _retrieval("context", datastores=False),
     # the REST-style peer: one general datastore, every retrieved draft verified (as a tree), no cache
     "retrieval-rest": _retrieval("retrieval-rest", rest=True),
     "hybrid": _hybrid,  # retrieval first, the draft model when retrieval has nothing
     "prompt-lookup": _prompt_lookup,  # the engine library's own n-gram prompt lookup
     "hf-assisted": _hf_assisted,  # transformers' assisted generation with the same draft model
+    # llama.cpp's own C++ speculative decoder (llama-speculative-simple, `make llama-tools`): each of its
+    # speculation types with its own defaults, and -tuned with settings tuned on this CPU
+    "llama.cpp-ngram-simple": llama_cpp_tool("ngram-simple"),
+    "llama.cpp-ngram-simple-tuned": llama_cpp_tool("ngram-simple", tuned=True),
+    "llama.cpp-ngram-mod": llama_cpp_tool("ngram-mod"),
+    "llama.cpp-ngram-mod-tuned": llama_cpp_tool("ngram-mod", tuned=True),
+    "llama.cpp-ngram-cache": llama_cpp_tool("ngram-cache"),
+    "llama.cpp-ngram-cache-tuned": llama_cpp_tool("ngram-cache", tuned=True),
+    "llama.cpp-draft-simple": llama_cpp_tool("draft-simple"),  # the bundled 0.5B drafts (or --draft-model)
+    "llama.cpp-draft-simple-tuned": llama_cpp_tool("draft-simple", tuned=True),
 }
 
 # methods that choose draft lengths from the target's cost curve (every one but these)
-_COST_CURVE_FREE = frozenset({"autoregressive", "prompt-lookup", "hf-assisted"})
+_COST_CURVE_FREE = frozenset({"autoregressive", "prompt-lookup", "hf-assisted", *LLAMA_CPP_TOOL_METHODS})
 
 
 def uses_cost_curve(name: str) -> bool:

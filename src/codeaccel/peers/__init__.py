@@ -4,5 +4,6 @@ They are measured, not reimplemented: each wraps the library's generation call a
 passes its tokens through the same :class:`~codeaccel.decoding.generation.StopChecker`, so
 every method's output ends by the same rules: llama-cpp-python's prompt lookup
 (``llama_prompt_lookup``), transformers' assisted generation and prompt lookup
-(``hf_generate``).
+(``hf_generate``), and llama.cpp's own C++ speculative decoder, run as a subprocess
+(``llama_cpp_tools``; built by ``make llama-tools``).
 """

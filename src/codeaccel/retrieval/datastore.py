@@ -44,7 +44,9 @@ from codeaccel.retrieval.suffix_index import StaleIndexError, SuffixIndex, build
 
 log = logging.getLogger(__name__)
 
-Kind = Literal["general", "repository"]
+Kind = Literal["general", "repository"]  # what a datastore holds
+# where a retrieved continuation came from: a datastore, or the request itself (retrieval.context)
+SourceKind = Literal["general", "repository", "context", "prediction"]
 FORMAT = "codeaccel-datastore/v1"
 SOURCE_FILE = "source.json"  # name, kind, roots, exclude, tokenizer: enough to rebuild
 COMPACT_RATIO = 0.25  # merge the delta into the base when it holds this share of the base's tokens
@@ -57,8 +59,8 @@ Progress = Callable[[int, int], None]  # (files done, files total)
 class Retrieved:
     """The longest context suffix found in a datastore, and what followed it there."""
 
-    source: str  # datastore name
-    kind: Kind
+    source: str  # datastore name (the kind, for the request's own sources)
+    kind: SourceKind
     match_len: int  # tokens of the context's suffix that matched
     occurrences: int  # how many times that suffix occurs (dead documents included)
     continuations: Counter  # tuple of token ids -> times seen after the suffix (sampled)

@@ -40,9 +40,11 @@ class HybridDrafter:
         self.model_length = model_length  # the draft model's policy
         self.costs = costs  # shared with the decode loop, which records every verification in it
 
-    def start(self, prompt: Sequence[int], exclude_files: frozenset[str] = frozenset()) -> HybridSession:
+    def start(
+        self, prompt: Sequence[int], exclude_files: frozenset[str] = frozenset(), prediction: Sequence[int] = ()
+    ) -> HybridSession:
         return HybridSession(
-            self.retrieval.start(prompt, exclude_files),
+            self.retrieval.start(prompt, exclude_files, prediction),
             self.model.start(prompt),
             self.model_length.start(self.costs),
         )

@@ -11,12 +11,19 @@ accepted as a function of what it can see before verifying:
 * the **confidence** of the draft (the weight share of the trie's heaviest branch at
   its first token);
 
+* whether the draft's longest match is in the request's **own text** (its context or
+  prediction, :mod:`codeaccel.retrieval.context`) or in a datastore: the two are
+  accepted at different rates, so each keeps its own α per bucket;
+
 and keeps a per-bucket acceptance rate α (decayed counts from a per-bucket prior,
 as in :mod:`codeaccel.decoding.draft_length`). The draft length is then ``argmax_k E(k) / C(k+1)``
-with α = α_bucket × confidence, capped by the retrieved length; 0 means "do not
-verify, decode one token". After ``backoff`` consecutive steps in which nothing
-was retrieved or verified, it stops searching for a while (doubling, up to 8 steps),
-so code that no datastore knows costs no lookups.
+with α = α_bucket × confidence, over the curve's tiles (:meth:`CostCurve.tiles`: on
+llama.cpp a draft of 3 costs what a draft of 2 does) and the whole retrieved length,
+capped by it; 0 means "do not verify, decode one token". After ``backoff``
+consecutive steps in which nothing was retrieved or verified, it stops searching the
+datastores for a while (doubling, up to 8 steps), so code that no datastore knows
+costs no lookups; the request's own text is searched every step (a dictionary
+lookup: microseconds).
 
 The policy (:class:`RetrievalTiming`, settings only) is shared by every request;
 what one request learns (the per-bucket acceptance, the backoff) lives in its own
@@ -34,6 +41,7 @@ costs about half a step (C(3) = 2.1, C(7) = 4.6), it declines them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from codeaccel.decoding.draft_length import expected_tokens
 from codeaccel.engines.cost_curve import CostCurve
@@ -59,6 +67,10 @@ class RetrievalTiming:
     decay: float = 0.98
     backoff: int = 3  # consecutive idle steps before skipping lookups
 
+    @cached_property
+    def tiles(self) -> tuple[int, ...]:
+        return tuple(self.curve.tiles(self.k_max))
+
     def start(self) -> TimingState:
         return TimingState(self)
 
@@ -69,44 +81,52 @@ class RetrievalTiming:
 
 @dataclass
 class TimingState:
-    """One request's timing control: acceptance per match-length bucket, and the lookup backoff."""
+    """One request's timing control: acceptance per (source, match-length bucket), and the lookup backoff.
+
+    Two sources: ``local`` (the request's own context or prediction) and the datastores.
+    """
 
     policy: RetrievalTiming
-    _accepted: list[float] = field(default_factory=lambda: [0.0] * len(BUCKETS))
-    _rejected: list[float] = field(default_factory=lambda: [0.0] * len(BUCKETS))
+    _accepted: dict[bool, list[float]] = field(default_factory=lambda: {b: [0.0] * len(BUCKETS) for b in (False, True)})
+    _rejected: dict[bool, list[float]] = field(default_factory=lambda: {b: [0.0] * len(BUCKETS) for b in (False, True)})
     _idle_steps: int = 0
     _skip: int = 0  # lookups still to skip
     _skip_len: int = 1
 
-    def alpha(self, match_len: int) -> float:
+    def alpha(self, match_len: int, local: bool = False) -> float:
         b = bucket(match_len)
-        a = self._accepted[b] + PRIOR_ALPHA[b] * self.policy.prior_weight
-        return a / (self._accepted[b] + self._rejected[b] + self.policy.prior_weight)
+        accepted, rejected = self._accepted[local][b], self._rejected[local][b]
+        return (accepted + PRIOR_ALPHA[b] * self.policy.prior_weight) / (accepted + rejected + self.policy.prior_weight)
 
     def should_retrieve(self) -> bool:
-        """False while backing off after idle steps (the step then decodes plainly)."""
+        """False while backing off after idle steps (the datastores are not searched this step)."""
         if self._skip > 0:
             self._skip -= 1
             return False
         return True
 
-    def draft_length(self, match_len: int, confidence: float, available: int) -> int:
-        """How many of the ``available`` retrieved tokens to verify (0: none)."""
+    def draft_length(self, match_len: int, confidence: float, available: int, local: bool = False) -> int:
+        """How many of the ``available`` retrieved tokens to verify (0: none).
+
+        Candidates: the curve's tiles up to ``available``, and ``available`` itself.
+        """
         if available < 1:
             return 0
         curve = self.policy.curve
-        alpha = min(1.0, self.alpha(match_len) * confidence)
+        alpha = min(1.0, self.alpha(match_len, local) * confidence)
+        most = min(available, self.policy.k_max)
         best_k, best_rate = 0, 1.0 / curve.cost(1)  # plain decoding: one token per step
-        for k in range(1, min(available, self.policy.k_max) + 1):
+        for k in sorted({*(t for t in self.policy.tiles if t <= most), most}):
             rate = expected_tokens(alpha, k) / curve.cost(k + 1)
             if rate > best_rate:
                 best_k, best_rate = k, rate
         return best_k
 
-    def update(self, match_len: int, k: int, n_accepted: int, searched: bool = True) -> None:
+    def update(self, match_len: int, k: int, n_accepted: int, searched: bool = True, local: bool = False) -> None:
         """Record one step: a draft of k tokens from a match of match_len (k = 0: nothing verified).
 
-        searched: whether this step looked the context up (False: a skipped step, which says nothing new).
+        searched: whether this step looked anything up (False: a skipped step, which says nothing new);
+        local: whether the longest match was in the request's own text.
         """
         if k == 0:
             if not searched:
@@ -118,7 +138,7 @@ class TimingState:
             return
         self._idle_steps, self._skip_len = 0, 1
         b = bucket(match_len)
-        self._accepted = [x * self.policy.decay for x in self._accepted]
-        self._rejected = [x * self.policy.decay for x in self._rejected]
-        self._accepted[b] += n_accepted
-        self._rejected[b] += n_accepted < k
+        for counts in (*self._accepted.values(), *self._rejected.values()):
+            counts[:] = [x * self.policy.decay for x in counts]
+        self._accepted[local][b] += n_accepted
+        self._rejected[local][b] += n_accepted < k

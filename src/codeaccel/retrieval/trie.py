@@ -1,20 +1,22 @@
 """The candidate trie: every source's retrieved continuations merged by shared prefix, weighted.
 
-Longer matches dominate shorter ones, and the repository is preferred when both
-match equally well (:func:`merge`). The draft is the heaviest path through the trie
+Longer matches dominate shorter ones, and among equal matches the request's own
+sources (its prediction, its context) come first, then the repository, then general
+code (:func:`merge`). The draft is the heaviest path through the trie
 (:meth:`CandidateTrie.best_path`), or a token tree of it and its heaviest
 alternatives (:meth:`CandidateTrie.best_tree`).
 
 Worked example: context ``... for i in range(`` ; the repository holds
 ``range(len(items))`` twice and the general store ``range(n)`` five times, both after
-a 4-token match. Weights: repository 2 × 4 (preference) = 8, general 5; the draft
-is ``len(items))``.
+a 4-token match. Weights (each source's share of its samples, times its kind's
+weight): repository 1.0 × 4 = 4, general 1.0 × 1 = 1; the draft is ``len(items))``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 from codeaccel.retrieval.datastore import Retrieved
 
@@ -95,12 +97,20 @@ class CandidateTrie:
         return tokens, parents
 
 
-def merge(results: Sequence[Retrieved], repository_weight: float = 4.0) -> CandidateTrie:
+# Weight of a source kind's continuations in the merged trie. The request's own text
+# beats the repository, which beats general code; an expected output given with the
+# request (a prediction) beats everything.
+SOURCE_WEIGHTS: Mapping[str, float] = MappingProxyType(
+    {"general": 1.0, "repository": 4.0, "context": 8.0, "prediction": 32.0}
+)
+
+
+def merge(results: Sequence[Retrieved], weights: Mapping[str, float] = SOURCE_WEIGHTS) -> CandidateTrie:
     """Merge every source's continuations into one trie.
 
-    A continuation's weight is its share of its source's samples, times
-    ``repository_weight`` for the repository, times 2^(match_len − longest match_len)
-    so a source that matched fewer context tokens counts for less.
+    A continuation's weight is its share of its source's samples, times its kind's
+    weight (``weights``, 1.0 for a kind not named), times 2^(match_len − longest
+    match_len) so a source that matched fewer context tokens counts for less.
     """
     trie = CandidateTrie()
     if not results:
@@ -108,7 +118,7 @@ def merge(results: Sequence[Retrieved], repository_weight: float = 4.0) -> Candi
     longest = max(r.match_len for r in results)
     for r in results:
         total = sum(r.continuations.values())
-        scale = (repository_weight if r.kind == "repository" else 1.0) * 2.0 ** (r.match_len - longest)
+        scale = weights.get(r.kind, 1.0) * 2.0 ** (r.match_len - longest)
         for tokens, count in r.continuations.items():
             trie.add(tokens, scale * count / total)
     return trie
