@@ -24,9 +24,10 @@ slow stretch, or from one noisy timing, would stop drafting for good (measured o
 HumanEval before this rule: the client-draft policy stopped at s = 1.74 and never
 drafted again); a trial verification then measures s afresh.
 Plain decoding commits 1 token per ``t_target``. Each step picks
-``k* = argmax E(k)/T(k)`` over the curve's tiles (:meth:`CostCurve.tiles`: the draft
-lengths that no longer draft verifies as cheaply; on llama.cpp's Q4_K kernels 4 tokens
-cost what 3 do, so a draft of 2 is never chosen there) and drafts only if
+``k* = argmax E(k)/T(k)`` over the tiles of T (:meth:`DraftLength.candidates`: the draft
+lengths that no longer draft costs as little; on llama.cpp's Q4_K kernels verifying 4
+tokens costs what 3 do, so without a draft model's own cost a draft of 2 is never
+chosen there) and drafts only if
 that beats plain decoding; otherwise it returns 0 and the caller decodes one token.
 
 **Confidence stopping** (``stop_by_confidence``, for drafters that know how sure they
@@ -55,11 +56,10 @@ is followed by a fresh trial once the prior says drafting could pay). When even
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Literal
 
 from codeaccel.decoding.costs import Costs, LearnedCosts
-from codeaccel.engines.cost_curve import CostCurve
+from codeaccel.engines.cost_curve import TILE_TOLERANCE, CostCurve
 from codeaccel.errors import UserError
 
 Objective = Literal["end-to-end", "target"]
@@ -105,21 +105,35 @@ class DraftLength:
         """The per-request state: α from the prior, costs read from the shared estimates."""
         return DraftLengthState(self, costs)
 
-    def tokens_per_s(self, costs: Costs, k: int, alpha: float) -> float:
-        """Expected committed tokens per second (per target-second for objective "target") at draft length k."""
+    def seconds(self, costs: Costs, k: int) -> float:
+        """T(k): what one step with a k-token draft costs (target-seconds only for objective "target")."""
         seconds = costs.t_target_s * costs.steps(k + 1)
         if self.objective == "end-to-end" and k > 0:
             seconds += k * (costs.t_draft_s or 0.0)
-        return expected_tokens(alpha, k) / seconds
+        return seconds
 
-    @cached_property
-    def tiles(self) -> tuple[int, ...]:
-        """The draft lengths worth verifying on this curve (``CostCurve.tiles``): no longer one costs as little."""
-        return tuple(self.curve.tiles(self.k_max))
+    def tokens_per_s(self, costs: Costs, k: int, alpha: float) -> float:
+        """Expected committed tokens per second (per target-second for objective "target") at draft length k."""
+        return expected_tokens(alpha, k) / self.seconds(costs, k)
 
-    def best_k(self, costs: Costs, alpha: float) -> int:
-        """argmax_k E(k)/T(k) over 0 (plain decoding) and the curve's tiles up to k_max."""
-        return max((0, *self.tiles), key=lambda k: (self.tokens_per_s(costs, k, alpha), -k))
+    def candidates(self, costs: Costs, cap: int) -> list[int]:
+        """The draft lengths 1..cap worth considering: no longer one (up to cap) costs (nearly) as little.
+
+        The cost curve's tiles (:meth:`CostCurve.tiles`), judged on the whole step T(k),
+        so a draft model's own time per token counts too (a flat curve does not make 14
+        drafted tokens as cheap as 3).
+        """
+        seconds = [self.seconds(costs, k) for k in range(cap + 1)]
+        return [
+            k
+            for k in range(1, cap + 1)
+            if all(seconds[m] > (1 + TILE_TOLERANCE) * seconds[k] for m in range(k + 1, cap + 1))
+        ]
+
+    def best_k(self, costs: Costs, alpha: float, cap: int | None = None) -> int:
+        """argmax_k E(k)/T(k) over 0 (plain decoding) and the candidates up to cap (default k_max)."""
+        cap = self.k_max if cap is None else min(cap, self.k_max)
+        return max((0, *self.candidates(costs, cap)), key=lambda k: (self.tokens_per_s(costs, k, alpha), -k))
 
     def choose(self, costs: Costs, alpha: float, room: int) -> int:
         """The draft length for the next step, at most ``room`` (0: decode one token plainly)."""
@@ -127,13 +141,13 @@ class DraftLength:
             return 0
         if self.fixed_k is not None:
             return min(self.fixed_k, room)
-        longest = self.best_k(costs, alpha=1.0)
+        longest = self.best_k(costs, alpha=1.0, cap=room)
         if longest == 0:  # cannot pay even if every draft token were accepted
             return 0
-        best = self.best_k(costs, alpha)
+        best = self.best_k(costs, alpha, cap=room)
         if best == 0:  # the measured acceptance says plain decoding is faster now
             return 0
-        return min(longest if self.stop_by_confidence else best, room)
+        return longest if self.stop_by_confidence else best
 
     def min_survival(self, costs: Costs, i: int, draft_step: bool) -> float:
         """The least probability that draft tokens 0..i are all accepted for token i to pay.

@@ -32,7 +32,7 @@ DraftSource = Literal["", "model", "retrieval", "cache"]
 class Lookup:
     """What a retrieval draft was built from (read back by the drafter's ``observe``)."""
 
-    searched: bool  # a source was searched this step (False: timing control skipped it)
+    searched: bool  # the datastores were searched this step (False: skipped by timing control, or none)
     match_len: int = 0  # context tokens the longest match covered (0: nothing matched)
     kinds: tuple[str, ...] = ()  # kinds of the sources that matched ("general", "repository", "context", ...)
     local: bool = False  # the longest match was in the request's own text (its context or prediction)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -166,24 +167,32 @@ def saved_curve_provenance(engine: str, model: str, dtype: str | None = None) ->
         return None
     doc = json.loads(path.read_text())
     provenance = {k: doc.get(k) for k in ("command", "date", "context_tokens", "repeats", "relative")}
-    return {**provenance, "cpu": (doc.get("machine") or {}).get("cpu_model")}
+    machine_doc = doc.get("machine") or {}
+    return {**provenance, "cpu": machine_doc.get("cpu_model"), "cores": machine_doc.get("cores")}
 
 
 def cost_curve_for(engine: Engine) -> CostCurve:
     """The engine's saved curve, re-measured first where none is saved or it was measured on another CPU.
 
     Curves differ between CPUs (the AMD EPYC and Intel Xeon VMs this project runs on
-    have different tiles and batch costs), so a curve profiled on one is not used on
-    the other: a quick profile on this machine replaces it in the user cache.
+    have different tiles and batch costs), so a curve profiled on another CPU model or
+    core count is not used here: a quick profile on this machine replaces it in the
+    user cache. (A VM may hide its host's exact model: "Intel(R) Xeon(R) Processor" is
+    all the Xeon VMs here say, so two such hosts count as one.)
     """
     curve = load_cost_curve(engine.kind, engine.model_name, engine.dtype)
-    here = machine.cpu_model()
+    here = (machine.cpu_model(), os.cpu_count())
     if curve is not None:
-        cpu = (saved_curve_provenance(engine.kind, engine.model_name, engine.dtype) or {}).get("cpu")
-        if cpu == here:
+        saved = saved_curve_provenance(engine.kind, engine.model_name, engine.dtype) or {}
+        there = (saved.get("cpu"), saved.get("cores"))
+        if there == here:
             return curve
-        log.warning("the cost curve for %s on %s was measured on %s, not on %s: re-measuring",
-                    engine.model_name, engine.kind, cpu, here)  # fmt: skip
+        if there[0] is None:  # a curve saved without its machine: nothing to compare, so it is used
+            log.warning("the cost curve for %s on %s does not say which machine measured it", engine.model_name,
+                        engine.kind)  # fmt: skip
+            return curve
+        log.warning("the cost curve for %s on %s was measured on %s (%s cores), not here (%s, %s cores): re-measuring",
+                    engine.model_name, engine.kind, *there, *here)  # fmt: skip
     else:
         log.warning(
             "no cost curve for %s on %s: measuring a quick one (run `codeaccel profile %s` for a full one)",

@@ -63,6 +63,7 @@ TOOL = "llama-speculative-simple"
 ENV_DIR = "CODEACCEL_LLAMA_TOOLS"
 SPEC_TYPES = ("ngram-simple", "ngram-mod", "ngram-cache", "draft-simple")
 DRAFT_MODEL = "qwen2.5-coder-0.5b-instruct"  # draft-simple's -md unless --draft-model names another GGUF
+TOOL_TIMEOUT_S = 1800  # one request, model load included: far past any benchmark problem here
 ATTEMPTS = 3  # runs of the tool per request when its output comes back cut short (see _complete)
 DEFAULT_BATCH = 2048  # the tool's -b; a longer prompt raises it (the prompt is evaluated in one batch)
 
@@ -199,7 +200,19 @@ class LlamaCppToolMethod:
     def command(self, prompt_file: Path, n_prompt: int, max_tokens: int, request: Request) -> list[str]:
         threads = str(os.cpu_count() or 1)
         cmd = [str(self.binary), "-m", str(self.target.model_path), "-f", str(prompt_file), "--no-escape"]
-        cmd += ["-n", str(max_tokens - 1), "-c", str(self.target.n_ctx), "-t", threads, "-tb", threads, "-co", "off"]
+        # -n 0 would mean "no limit" to the tool: one token is asked as -n 1 and cut by the StopChecker
+        cmd += [
+            "-n",
+            str(max(1, max_tokens - 1)),
+            "-c",
+            str(self.target.n_ctx),
+            "-t",
+            threads,
+            "-tb",
+            threads,
+            "-co",
+            "off",
+        ]
         if n_prompt > DEFAULT_BATCH:
             cmd += ["-b", str(n_prompt)]
         cmd += ["--spec-type", self.spec_type]
@@ -218,7 +231,10 @@ class LlamaCppToolMethod:
             prompt_file.write_bytes(prompt.encode("utf-8") + b"\n")  # -f drops one trailing newline
             cmd = self.command(prompt_file, len(request.prompt_tokens), max_tokens, request)
             for _ in range(ATTEMPTS):
-                proc = subprocess.run(cmd, capture_output=True, env=env, check=False)
+                try:
+                    proc = subprocess.run(cmd, capture_output=True, env=env, check=False, timeout=TOOL_TIMEOUT_S)
+                except subprocess.TimeoutExpired:
+                    raise SetupError(f"{TOOL} ran past {TOOL_TIMEOUT_S} s on one request (hung?)") from None
                 stderr = proc.stderr.decode("utf-8", errors="replace")
                 if proc.returncode != 0:
                     last = next((line for line in reversed(stderr.splitlines()) if line.strip()), "no output")

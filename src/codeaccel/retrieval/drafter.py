@@ -42,7 +42,7 @@ class RetrievalDrafter:
 
     datastores: general code and the user's repository (may be empty: the request's own
     text only). context: also search the request's own text, its prompt and what it
-    generated so far, and its predicted output if it has one
+    generated so far, and its predicted output if it has one (False: neither)
     (:mod:`codeaccel.retrieval.context`; searched first, every step).
     timing: a :class:`RetrievalTiming` deciding whether to look up and how much of the
     retrieved draft to verify (None: verify everything retrieved, as REST does).
@@ -84,7 +84,8 @@ class RetrievalDrafter:
     def start(
         self, prompt: Sequence[int], exclude_files: frozenset[str] = frozenset(), prediction: Sequence[int] = ()
     ) -> RetrievalSession:
-        local = LocalSources(prompt, prediction, use_context=self.context)
+        # the request's own text: its context and its prediction (both off with context=False)
+        local = LocalSources(prompt, prediction if self.context else (), use_context=self.context)
         return RetrievalSession(self, exclude_files, local)
 
     def retrieve(self, context: Sequence[int], k: int, exclude_files: frozenset[str] = frozenset()) -> list[Retrieved]:
@@ -114,7 +115,8 @@ class RetrievalSession:
     def propose(self, context: Sequence[int], k: int, params: SamplingParams, rng: np.random.Generator) -> Draft:
         d = self.drafter
         found = self.local.lookup(context, k)  # every step: a few dictionary lookups
-        searched = bool(found) or self.local.searches
+        # "searched" drives the datastores' backoff: only a step that searched them can be idle
+        searched = not d.datastores and self.local.searches
         if d.datastores:
             if self.timing is not None and not self.timing.should_retrieve():
                 self.counts.skipped_lookups += 1
@@ -122,7 +124,7 @@ class RetrievalSession:
                 self.counts.lookups += 1
                 found += d.retrieve(context, k, self.exclude_files)
                 searched = True
-        if not searched:
+        if not found and not searched:
             return Draft(tokens=[], source="retrieval", lookup=Lookup(searched=False))
         trie = merge(found, d.weights)
         cached = d.cache.lookup(context, k) if d.cache is not None else []
@@ -131,14 +133,14 @@ class RetrievalSession:
             trie.add(cached, d.cache_weight)
         path, confidence = trie.best_path_with_confidence(k)
         if not path:
-            return Draft(tokens=[], source="retrieval", lookup=Lookup(searched=True))
+            return Draft(tokens=[], source="retrieval", lookup=Lookup(searched=searched))
         self.counts.retrieved += 1
         match_len = max([r.match_len for r in found] + ([d.cache.key_len] if cached else []))
         longest = [r.kind for r in found if r.match_len == match_len]
         local = any(kind in LOCAL_KINDS for kind in longest)
         self.counts.prediction_matches += "prediction" in longest
         self.counts.context_matches += "context" in longest and "prediction" not in longest
-        lookup = Lookup(searched=True, match_len=match_len, kinds=tuple(r.kind for r in found), local=local)
+        lookup = Lookup(searched=searched, match_len=match_len, kinds=tuple(r.kind for r in found), local=local)
         n = len(path) if self.timing is None else self.timing.draft_length(match_len, confidence, len(path), local)
         from_cache = bool(cached) and path[: len(cached)] == cached[: len(path)]
         source = "cache" if from_cache else "retrieval"

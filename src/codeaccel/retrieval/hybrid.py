@@ -78,6 +78,8 @@ class HybridSession:
         if model_draft:
             self.model_length.record(len(draft.tokens), verdict.n_accepted)
             self.model.observe(context, draft, verdict, timing)
+        else:  # a step without a model draft: the model's α decays toward its prior (a fresh trial later)
+            self.model_length.record(0, 0)
 
     def stats(self) -> DrafterStats:
         return DrafterStats(

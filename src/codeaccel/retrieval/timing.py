@@ -41,7 +41,6 @@ costs about half a step (C(3) = 2.1, C(7) = 4.6), it declines them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import cached_property
 
 from codeaccel.decoding.draft_length import expected_tokens
 from codeaccel.engines.cost_curve import CostCurve
@@ -66,10 +65,6 @@ class RetrievalTiming:
     prior_weight: float = 2.0
     decay: float = 0.98
     backoff: int = 3  # consecutive idle steps before skipping lookups
-
-    @cached_property
-    def tiles(self) -> tuple[int, ...]:
-        return tuple(self.curve.tiles(self.k_max))
 
     def start(self) -> TimingState:
         return TimingState(self)
@@ -108,7 +103,7 @@ class TimingState:
     def draft_length(self, match_len: int, confidence: float, available: int, local: bool = False) -> int:
         """How many of the ``available`` retrieved tokens to verify (0: none).
 
-        Candidates: the curve's tiles up to ``available``, and ``available`` itself.
+        Candidates: the curve's tiles up to ``available`` (``available`` itself always is one).
         """
         if available < 1:
             return 0
@@ -116,7 +111,7 @@ class TimingState:
         alpha = min(1.0, self.alpha(match_len, local) * confidence)
         most = min(available, self.policy.k_max)
         best_k, best_rate = 0, 1.0 / curve.cost(1)  # plain decoding: one token per step
-        for k in sorted({*(t for t in self.policy.tiles if t <= most), most}):
+        for k in curve.tiles(most):
             rate = expected_tokens(alpha, k) / curve.cost(k + 1)
             if rate > best_rate:
                 best_k, best_rate = k, rate
