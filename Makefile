@@ -48,8 +48,9 @@ test-realmodel: install
 
 # llama.cpp's own C++ tools (llama-speculative-simple, llama-bench, llama-server, llama-batched-bench), built
 # from the llama.cpp tree vendored in the same llama-cpp-python sdist, with the same CPU flags; into
-# build/llama.cpp/bin, where the llama.cpp-* peers find them (or $CODEACCEL_LLAMA_TOOLS). No network at build
-# time: no prebuilt web UI download, no tests (they fetch models). Optional: not part of install.
+# build/llama.cpp/bin, where the llama.cpp-* peers find them (or $CODEACCEL_LLAMA_TOOLS). The sdist comes from
+# PyPI (pip download); CMake fetches nothing: no prebuilt web UI download, no tests (they fetch models).
+# Optional: not part of install, test or demo.
 LLAMA_SRC   := build/llama_cpp_python-0.3.36/vendor/llama.cpp
 LLAMA_TOOLS := llama-speculative-simple llama-bench llama-server llama-batched-bench
 

@@ -154,7 +154,7 @@ def test_bench_speculative_reports_acceptance_and_identity(tiny_gguf, tmp_path):
     assert result.returncode == 0, result.stderr
     doc = json.loads((out / "summary.json").read_text())
     variants = sorted(r["variant"] for r in doc["rows"])
-    assert variants == ["", "tiny on llama.cpp, draft_stop=confidence", "tiny on llama.cpp, k=2"]
+    assert variants == ["", "tiny on llama.cpp, draft_stop=confidence, context", "tiny on llama.cpp, k=2"]
     assert len((out / "results.jsonl").read_text().splitlines()) == 6
 
 

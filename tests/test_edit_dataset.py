@@ -153,8 +153,8 @@ def test_the_builder_finds_exactly_the_real_edits(repo):
     assert "Co-authored-by" not in alpha["message"] and alpha["message"].startswith("Skip None values\n\n")
     for c in scan.candidates:
         assert c["old_function"] in c["file_before"] and len(c["commit"]) == 40
-    assert build_edit_set(repo, "pkg/*.py", n=1, name="tiny") == [size]
-    assert build_edit_set(repo / ".git", ["pkg/*.py"], n=5, name="tiny") == scan.candidates  # fewer: all of them
+    assert build_edit_set(repo, "pkg/*.py", n=1, name="tiny")[1] == [size]
+    assert build_edit_set(repo / ".git", ["pkg/*.py"], n=5, name="tiny")[1] == scan.candidates  # fewer: all of them
 
 
 def test_limits_leave_out_long_files_and_prompts_that_do_not_fit(repo):
@@ -232,8 +232,10 @@ def test_the_command_builds_a_set_and_gives_one_line_errors(tmp_path, repo):
     assert "6 commits scanned, 2 candidates, 2 chosen" in done.stdout
     assert [r["qualname"] for r in read_records(out)] == ["Box.size", "alpha"]
     for args, message in [
-        (["--git-dir", str(tmp_path / "nowhere")], "not a git repository"),
+        (["--git-dir", str(tmp_path / "nowhere"), "--out", str(out)], "not a git repository"),
         (["--git-dir", str(repo), "--glob", "nothing/*.py", "--out", str(out)], "no edit candidates"),
+        (["--git-dir", str(repo), "--glob", "pkg/*.py", "--out", str(out), "--n", "0"], "must be >= 1"),
+        (["--git-dir", str(repo), "--glob", "pkg/*.py", "--n", "2", "--out", "/proc/no/e.jsonl.gz"], "cannot write"),
     ]:
         bad = _cli("dataset", "build-edits", *args)
         lines = [line for line in bad.stderr.splitlines() if line.strip()]

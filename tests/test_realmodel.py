@@ -107,3 +107,13 @@ def test_context_drafts_and_a_prediction_are_lossless_on_an_edit(tmp_path):
     (record,) = [r for r in records if r["method"] == "context"]
     counts = record["stats"]["retrieval"]
     assert counts.get("prediction_matches", 0) > 0 and row["tokens_per_target_eval"] > 2  # most tokens copied
+
+
+def test_long_whitespace_tokens_detokenize_whole():
+    """Qwen has single tokens of a newline and 31+ spaces (deep indentation); their text must come back whole
+    (llama-cpp-python 0.3.36's own detokenize cut every piece longer than 32 bytes)."""
+    with load_engine(SMALL, n_ctx=512) as eng:
+        text = "def f(a,\n" + " " * 40 + "b):\n    return (a,\n" + " " * 33 + "b)\n"
+        tokens = eng.tokenize(text)
+        assert any(len(eng.detokenize([t]).encode()) > 32 for t in tokens)  # the case that broke
+        assert eng.detokenize(tokens) == text and eng.tokenize(eng.detokenize(tokens)) == tokens

@@ -85,7 +85,7 @@ def load_problems(dataset: str, limit: int | None = None) -> list[Problem]:
 
     ``repo:<package>`` is the repository-level set built from an installed package
     (:mod:`codeaccel.bench.repo_dataset`); ``edits:<name>`` the packaged edit set
-    ``data/edits-<name>.jsonl.gz`` (:mod:`codeaccel.bench.edit_dataset`).
+    ``codeaccel/data/edits/edits-<name>.jsonl.gz`` (:mod:`codeaccel.bench.edit_dataset`).
     """
     key = dataset.strip().lower()
     if limit is not None and limit < 1:

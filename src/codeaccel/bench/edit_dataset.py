@@ -182,9 +182,12 @@ def resolve_git_dir(path: Path) -> Path:
     path = Path(path).expanduser()
     for candidate in (path, path / ".git"):
         if candidate.is_dir():
-            done = subprocess.run(
-                ["git", f"--git-dir={candidate}", "rev-parse", "--git-dir"], capture_output=True, check=False
-            )
+            try:
+                done = subprocess.run(
+                    ["git", f"--git-dir={candidate}", "rev-parse", "--git-dir"], capture_output=True, check=False
+                )
+            except OSError as e:
+                raise SetupError(f"cannot run git: {e}") from None
             if done.returncode == 0:
                 return candidate.resolve()
     raise UserError(f"{path} is not a git repository (give a bare repository or a work tree with a .git folder)")
@@ -375,13 +378,17 @@ def build_edit_set(
     max_file_chars: int = MAX_FILE_CHARS,
     count_tokens: Callable[[str], int] | None = None,
     n_ctx: int = N_CTX,
-) -> list[dict]:
-    """``n`` edit records spread evenly over the history (fewer when fewer are found; none is an error)."""
+) -> tuple[EditScan, list[dict]]:
+    """The history scan, and ``n`` of its edit records spread evenly over it (fewer when fewer are found;
+    none is an error)."""
+    if n < 1:
+        raise UserError(f"the number of edits must be >= 1, got {n}")
     scan = scan_history(
         git_dir, paths_glob, name, rev=rev, max_file_chars=max_file_chars, count_tokens=count_tokens, n_ctx=n_ctx
     )
     if not scan.candidates:
-        raise UserError(f"no edit candidates in {git_dir} for {paths_glob!r} ({scan.commits} commits scanned)")
+        globs = ", ".join([paths_glob] if isinstance(paths_glob, str) else paths_glob)
+        raise UserError(f"no edit candidates in {git_dir} for {globs} ({scan.commits} commits scanned)")
     if len(scan.candidates) < n:
         log.warning("only %d edit candidates found, fewer than the %d asked for", len(scan.candidates), n)
-    return spread(scan.candidates, n)
+    return scan, spread(scan.candidates, n)

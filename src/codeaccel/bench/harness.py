@@ -120,8 +120,11 @@ def run_bench(
     try:
         if config.sampling.greedy and any(m != "autoregressive" for m in config.methods):
             # one measurement per results folder; the report reads it to classify divergences
+            # code the target reads: the raw prompt, the started code and its tests, or (an edit set) the file
             texts = [
-                (p.raw_prompt or p.code_prefix + p.test_program)[-2000:] for ps in problems.values() for p in ps[:4]
+                (p.raw_prompt or p.code_prefix + p.test_program or p.user_message)[-2000:]
+                for ps in problems.values()
+                for p in ps[:4]
             ]
             load_or_measure(engine, texts, store.path.parent)
         for name in config.methods:

@@ -36,7 +36,7 @@ def generate(
         Optional[str],
         typer.Option(
             help="Expected output (OpenAI's predicted outputs: e.g. the code an edit starts from), "
-            "or @FILE to read it from a file; drafting methods verify it first.",
+            "@FILE to read it from a file (@@ for text that starts with @); drafting methods verify it first.",
         ),
     ] = None,
     *,
@@ -79,9 +79,11 @@ def generate(
 
 
 def _read_prediction(prediction: str | None) -> str | None:
-    """The --prediction text: as given, or read from the file after '@'."""
+    """The --prediction text: as given, read from the file after '@', or '@@...' for text starting with '@'."""
     if prediction is None or not prediction.startswith("@"):
         return prediction
+    if prediction.startswith("@@"):  # a decorator, say: "@@property" is the text "@property"
+        return prediction[1:]
     path = Path(prediction[1:])
     try:
         return path.read_text(encoding="utf-8")

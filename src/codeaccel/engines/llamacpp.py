@@ -77,7 +77,8 @@ class LlamaCppEngine(Engine):
             self.llm.close()
             raise SetupError(f"llama.cpp could not create a context of {n_ctx} tokens for {path}")
         self._memory = llama_cpp.llama_get_memory(self._ctx)
-        vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
+        vocab = self._vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
+        self._pieces: dict[int, bytes] = {}  # token -> its bytes (the vocabulary never changes)
         n_vocab = self.llm.n_vocab()
         eog = frozenset(t for t in range(n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, t))
         n_ctx_real = llama_cpp.llama_n_ctx(self._ctx)
@@ -92,7 +93,27 @@ class LlamaCppEngine(Engine):
         return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
 
     def detokenize(self, tokens: Sequence[int]) -> str:
-        return self.llm.detokenize(list(tokens), special=True).decode("utf-8", errors="replace")
+        return b"".join(self._piece(int(t)) for t in tokens).decode("utf-8", errors="replace")
+
+    def _piece(self, token: int) -> bytes:
+        """A token's bytes, special tokens rendered as text.
+
+        Not ``Llama.detokenize``: llama-cpp-python 0.3.36 reads every piece into a 32-byte
+        buffer and slices it with the negative size llama.cpp returns for a longer piece,
+        so Qwen's long whitespace tokens (an indented line: "\n" and 31+ spaces) came back
+        truncated, and the text did not re-tokenize into the same tokens.
+        """
+        piece = self._pieces.get(token)
+        if piece is None:
+            size = 64
+            while True:
+                buffer = ctypes.create_string_buffer(size)
+                n = self._llama_cpp.llama_token_to_piece(self._vocab, token, buffer, size, 0, True)
+                if n >= 0:
+                    break
+                size = -n  # the piece needs that many bytes
+            piece = self._pieces[token] = buffer.raw[:n]
+        return piece
 
     def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
         if self._chat_formatter is None:

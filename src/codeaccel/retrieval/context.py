@@ -3,7 +3,8 @@
 Code repeats itself first within the file being written: names, the signature,
 earlier lines, the code an edit starts from. :class:`NgramIndex` indexes one token
 sequence by its n-grams (n = ``min_n`` .. ``max_n``) as it grows: appending a token
-adds ``max_n − min_n + 1`` keys (constant work per token, no rebuild per step), and
+adds ``max_n − min_n + 1`` keys (work bounded by max_n² per token, whatever the
+sequence's length; no rebuild per step), and
 a lookup tries the context's last ``max_n`` tokens, then shorter tails, and returns
 what followed the longest tail that occurred earlier, most recent occurrence first
 (llama.cpp's ``ngram-simple`` and transformers' prompt lookup search the same text;
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
+from itertools import islice
 
 from codeaccel.retrieval.datastore import Retrieved
 
@@ -35,7 +37,7 @@ RECENCY_BONUS = 0.25  # the most recent occurrence counts 1.25, the next 1.125, 
 
 
 class NgramIndex:
-    """An append-only token sequence indexed by its n-grams: ``extend`` is O(max_n) per token.
+    """An append-only token sequence indexed by its n-grams: ``extend`` adds max_n − min_n + 1 keys per token.
 
     ``starts`` (optional): tokens that precede the sequence, indexed as its left edge
     (a prediction is indexed behind the prompt's tail) but never returned as continuations.
@@ -72,7 +74,8 @@ class NgramIndex:
             if not ends:
                 continue
             continuations: Counter = Counter()
-            usable = [e for e in reversed(ends) if self._first <= e < len(self.tokens)][:MAX_OCCURRENCES]
+            latest = (e for e in reversed(ends) if self._first <= e < len(self.tokens))
+            usable = list(islice(latest, MAX_OCCURRENCES))  # the most recent only: bounded work per lookup
             for rank, end in enumerate(usable):
                 continuations[tuple(self.tokens[end : end + cont_len])] += 1.0 + RECENCY_BONUS * 0.5**rank
             if continuations:
