@@ -59,7 +59,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from codeaccel.decoding.costs import Costs, LearnedCosts
-from codeaccel.engines.cost_curve import TILE_TOLERANCE, CostCurve
+from codeaccel.engines.cost_curve import CostCurve, undominated
 from codeaccel.errors import UserError
 
 Objective = Literal["end-to-end", "target"]
@@ -123,12 +123,7 @@ class DraftLength:
         so a draft model's own time per token counts too (a flat curve does not make 14
         drafted tokens as cheap as 3).
         """
-        seconds = [self.seconds(costs, k) for k in range(cap + 1)]
-        return [
-            k
-            for k in range(1, cap + 1)
-            if all(seconds[m] > (1 + TILE_TOLERANCE) * seconds[k] for m in range(k + 1, cap + 1))
-        ]
+        return undominated([self.seconds(costs, k) for k in range(cap + 1)])
 
     def best_k(self, costs: Costs, alpha: float, cap: int | None = None) -> int:
         """argmax_k E(k)/T(k) over 0 (plain decoding) and the candidates up to cap (default k_max)."""

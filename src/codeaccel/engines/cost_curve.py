@@ -13,6 +13,7 @@ import logging
 import os
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -78,12 +79,16 @@ class CostCurve:
         dominated: the longer draft gives more tokens for the same price. Example, that
         curve: 2 (C(3)) is not a tile, 3 (C(4)) is.
         """
-        costs = [self.cost(n) for n in range(1, k_max + 2)]  # costs[n - 1] = C(n)
-        return [
-            k
-            for k in range(1, k_max + 1)
-            if all(costs[m - 1] > (1 + tolerance) * costs[k] for m in range(k + 2, k_max + 2))
-        ]
+        return undominated([self.cost(k + 1) for k in range(k_max + 1)], tolerance)  # [k] = C(k + 1)
+
+
+def undominated(cost_by_k: Sequence[float], tolerance: float = TILE_TOLERANCE) -> list[int]:
+    """The draft lengths k >= 1 of ``cost_by_k`` (indexed by k) that no longer one costs within ``tolerance`` of."""
+    return [
+        k
+        for k in range(1, len(cost_by_k))
+        if all(cost_by_k[m] > (1 + tolerance) * cost_by_k[k] for m in range(k + 1, len(cost_by_k)))
+    ]
 
 
 def measure_cost_curve(
