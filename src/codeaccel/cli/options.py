@@ -35,6 +35,13 @@ DatastoreOpt = Annotated[
 AblateOpt = Annotated[
     Optional[str], typer.Option(help="Retrieval parts to switch off, comma-separated: multi-source,timing,cache,tree.")
 ]
+DraftVocabOpt = Annotated[
+    Optional[int],
+    typer.Option(
+        help="Keep only this many of the draft model's output tokens, the most frequent in the general "
+        "datastore (FR-Spec; lossless; llama.cpp)."
+    ),
+]
 DraftKOpt = Annotated[
     Optional[int], typer.Option(help="Fixed draft length (default: chosen per step from the cost curve).")
 ]
@@ -49,6 +56,7 @@ def method_options(
     draft_model: str | None,
     draft_engine: str | None,
     draft_k: int | None,
+    draft_vocab: int | None,
     datastore: list[Path] | None,
     ablate: str | None,
 ) -> MethodOptions:
@@ -57,6 +65,7 @@ def method_options(
         draft_model=draft_model,
         draft_engine=draft_engine,
         draft_k=draft_k,
+        draft_vocab=draft_vocab,
         datastores=tuple(str(d) for d in datastore or ()),
         ablate=tuple(a.strip() for a in (ablate or "").split(",") if a.strip()),
     )
@@ -67,6 +76,7 @@ METHOD_FLAGS = (
     ("draft_model", DraftModelOpt),
     ("draft_engine", DraftEngineOpt),
     ("draft_k", DraftKOpt),
+    ("draft_vocab", DraftVocabOpt),
     ("datastore", DatastoreOpt),
     ("ablate", AblateOpt),
 )

@@ -12,6 +12,7 @@ from codeaccel.cli.options import DtypeOpt, EngineOpt, command_line
 from codeaccel.engines import load_engine
 from codeaccel.engines.cost_curve import measure_cost_curve, save_cost_curve
 from codeaccel.errors import UserError
+from codeaccel.methods.registry import ranked_draft_vocabulary
 
 
 def profile(
@@ -22,11 +23,19 @@ def profile(
     context: Annotated[int, typer.Option(help="Tokens already in the cache when timing.")] = 256,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Also write JSON/MD/PNG into this folder.")] = None,
     dtype: DtypeOpt = "bfloat16",
+    draft_vocab: Annotated[
+        Optional[int],
+        typer.Option(help="Profile the model with only this many output tokens (as --draft-vocab drafts with it)."),
+    ] = None,
 ) -> None:
     """Measure the cost of evaluating k tokens at once, relative to one decode step."""
     if k_max < 1 or repeats < 1 or context < 1:
         raise UserError("--k-max, --repeats and --context must be >= 1")
-    with load_engine(model, engine, dtype=dtype) as eng:
+    vocabulary = None
+    if draft_vocab is not None:
+        with load_engine(model, engine, dtype=dtype) as full:  # its tokenizer finds the general datastore
+            vocabulary = ranked_draft_vocabulary(full, model, draft_vocab)
+    with load_engine(model, engine, dtype=dtype, vocabulary=vocabulary) as eng:
         curve = measure_cost_curve(eng, k_max=k_max, repeats=repeats, context_tokens=context, dtype=dtype)
     paths = save_cost_curve(curve, out_dir, command=command_line())
     print_cost_curve(curve)

@@ -12,6 +12,7 @@ from codeaccel.engines.base import Engine
 from codeaccel.engines.hf import HFEngine
 from codeaccel.engines.llamacpp import LlamaCppEngine
 from codeaccel.errors import UserError
+from codeaccel.models.draft_vocab import DraftVocabulary
 from codeaccel.models.registry import resolve_model
 
 ENGINES = ("llama.cpp", "hf")
@@ -24,10 +25,13 @@ def load_engine(
     n_ctx: int = 4096,
     n_threads: int | None = None,
     dtype: str = "bfloat16",
+    vocabulary: DraftVocabulary | None = None,
 ) -> Engine:
     """Load ``model`` (bundled name, GGUF path or HF directory) on the named engine.
 
     ``dtype`` applies to the hf engine only; llama.cpp runs the GGUF's own quantisation.
+    ``vocabulary``: the model's output layer cut to these tokens (a draft model only;
+    llama.cpp only).
     """
     if engine not in ENGINES:
         raise UserError(f"unknown engine {engine!r}: choose one of {', '.join(ENGINES)}")
@@ -35,7 +39,11 @@ def load_engine(
     if engine == "llama.cpp":
         if source.kind != "gguf":
             raise UserError(f"the llama.cpp engine needs a GGUF file; {source.path} is a {source.kind} model")
-        return LlamaCppEngine(source.path, model_name=source.name, n_ctx=n_ctx, n_threads=n_threads)
+        return LlamaCppEngine(
+            source.path, model_name=source.name, n_ctx=n_ctx, n_threads=n_threads, vocabulary=vocabulary
+        )
+    if vocabulary is not None:
+        raise UserError("a reduced draft vocabulary (--draft-vocab) needs the llama.cpp draft engine")
     return HFEngine(source.path, model_name=source.name, dtype=dtype, n_ctx=n_ctx, n_threads=n_threads)
 
 

@@ -7,6 +7,11 @@ Evaluation goes through the low-level API with a batch of our own, so we choose
 which positions return logits (all of them when verifying a draft, only the last
 one when prefilling a prompt), and the cache is trimmed with ``llama_memory_seq_rm``.
 
+With a reduced draft vocabulary (:mod:`codeaccel.models.draft_vocab`, FR-Spec) the
+model evaluated is the reduced file, fed input embeddings read from the original
+(the reduced file holds only the kept tokens' rows), and its logits are scattered back
+to the full vocabulary; text (tokenizer, chat template) comes from the original.
+
 A token tree is evaluated as one batch: sequence 0 holds the committed text; each
 branch b (root to leaf) is sequence b, sharing the prefix's cells
 (``llama_memory_seq_cp``); a node belongs to the sequences of every leaf below it,
@@ -25,6 +30,7 @@ import numpy as np
 
 from codeaccel.engines.base import Engine, leaves, path_to
 from codeaccel.errors import InternalError, SetupError, UserError
+from codeaccel.models.draft_vocab import DraftVocabulary, TokenEmbeddings
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +47,7 @@ class LlamaCppEngine(Engine):
         n_batch: int = 512,
         n_threads: int | None = None,
         seed: int = 0,
+        vocabulary: DraftVocabulary | None = None,
     ):
         try:
             import llama_cpp
@@ -53,28 +60,41 @@ class LlamaCppEngine(Engine):
         path = Path(model_path)
         if not path.is_file():
             raise UserError(f"model file not found: {path}")
+        self._vocabulary = vocabulary
+        self._own_model = None  # the reduced model, loaded apart from Llama's (freed in close)
         try:
             self.llm = llama_cpp.Llama(
                 model_path=str(path),
-                n_ctx=n_ctx,  # Llama's own context serves its generate() (tests compare with it)
+                n_ctx=n_ctx if vocabulary is None else 64,  # Llama's own context serves its generate() in tests
                 n_batch=n_batch,
                 n_threads=n_threads,
                 n_threads_batch=n_threads,
                 seed=seed,
                 logits_all=False,
+                vocab_only=vocabulary is not None,  # reduced: only the original's tokenizer and template
                 verbose=False,
             )
         except ValueError as exc:  # llama-cpp-python raises ValueError for unloadable files
             raise UserError(f"llama.cpp could not load {path}: {exc}") from None
+        model = self.llm.model
+        self._embeddings: TokenEmbeddings | None = None
+        if vocabulary is not None:
+            model = self._own_model = llama_cpp.llama_model_load_from_file(
+                str(vocabulary.path).encode(), llama_cpp.llama_model_default_params()
+            )
+            if not model:
+                self.llm.close()
+                raise SetupError(f"llama.cpp could not load the reduced draft model {vocabulary.path}")
+            self._embeddings = TokenEmbeddings(path)
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = n_ctx
         params.n_batch = params.n_ubatch = n_batch
         params.n_threads = params.n_threads_batch = n_threads
         params.n_seq_max = self.max_tree_branches
         params.kv_unified = True  # branches share the prefix's cells
-        self._ctx = llama_cpp.llama_init_from_model(self.llm.model, params)
+        self._ctx = llama_cpp.llama_init_from_model(model, params)
         if not self._ctx:
-            self.llm.close()
+            self.close()
             raise SetupError(f"llama.cpp could not create a context of {n_ctx} tokens for {path}")
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         vocab = self._vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
@@ -82,10 +102,18 @@ class LlamaCppEngine(Engine):
         n_vocab = self.llm.n_vocab()
         eog = frozenset(t for t in range(n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, t))
         n_ctx_real = llama_cpp.llama_n_ctx(self._ctx)
-        super().__init__(model_name or path.stem, n_vocab=n_vocab, n_ctx=n_ctx_real, eog_token_ids=eog)
+        name = model_name or path.stem
+        if vocabulary is not None:
+            name = f"{name}-vocab{vocabulary.size}"  # another model: its own costs, its own results rows
+            if self._embeddings.n_vocab != n_vocab:
+                self.close()
+                raise UserError(f"{path}'s embeddings have {self._embeddings.n_vocab} rows, its vocabulary {n_vocab}")
+        super().__init__(name, n_vocab=n_vocab, n_ctx=n_ctx_real, eog_token_ids=eog)
         self.model_path = path
         self._n_batch = n_batch
-        self._batch = llama_cpp.llama_batch_init(n_batch, 0, self.max_tree_branches)
+        # the batch carries token ids, or input embeddings  # [n_batch, n_embd] for a reduced model
+        n_embd = self._embeddings.n_embd if self._embeddings is not None else 0
+        self._batch = llama_cpp.llama_batch_init(n_batch, n_embd, self.max_tree_branches)
         self._chat_formatter = None
 
     # ---- text ---------------------------------------------------------------------
@@ -142,8 +170,8 @@ class LlamaCppEngine(Engine):
             chunk = tokens[start : start + self._n_batch]
             last_chunk = start + len(chunk) == len(tokens)
             batch.n_tokens = len(chunk)
-            for i, tok in enumerate(chunk):
-                batch.token[i] = tok
+            self._write_inputs(chunk)
+            for i in range(len(chunk)):
                 batch.pos[i] = n_past + start + i
                 batch.n_seq_id[i] = 1
                 batch.seq_id[i][0] = 0
@@ -154,12 +182,28 @@ class LlamaCppEngine(Engine):
                 raise RuntimeError(f"llama_decode failed with code {rc}")
             n_rows = len(chunk) if all_logits else int(last_chunk)
             if n_rows:
-                ptr = lc.llama_get_logits(self._ctx)
-                out[row : row + n_rows] = np.ctypeslib.as_array(
-                    ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(n_rows, self.n_vocab)
-                )
+                out[row : row + n_rows] = self._read_logits(n_rows)
                 row += n_rows
         return out
+
+    def _write_inputs(self, tokens: list[int]) -> None:
+        """Put the tokens into the batch: their ids, or their embeddings for a reduced model."""
+        if self._embeddings is None:
+            for i, tok in enumerate(tokens):
+                self._batch.token[i] = tok
+        else:
+            rows = self._embeddings.rows(tokens)  # [n, n_embd] float32, C order
+            ctypes.memmove(self._batch.embd, rows.ctypes.data, rows.nbytes)
+
+    def _read_logits(self, n_rows: int) -> np.ndarray:
+        """The last decode's logits  # [n_rows, n_vocab] (a copy), full-vocabulary rows for a reduced model."""
+        lc = self._llama_cpp
+        width = self.n_vocab if self._vocabulary is None else self._vocabulary.size
+        ptr = ctypes.cast(lc.llama_get_logits(self._ctx), ctypes.POINTER(ctypes.c_float))
+        logits = np.ctypeslib.as_array(ptr, shape=(n_rows, width))
+        if self._vocabulary is None:
+            return logits.copy()
+        return self._vocabulary.scatter(logits, self.n_vocab)
 
     def _truncate(self, n_tokens: int) -> None:
         self._llama_cpp.llama_memory_seq_rm(self._memory, -1, n_tokens, -1)
@@ -181,8 +225,8 @@ class LlamaCppEngine(Engine):
             lc.llama_memory_seq_cp(self._memory, 0, b, -1, -1)
         batch = self._batch
         batch.n_tokens = len(tokens)
-        for i, tok in enumerate(tokens):
-            batch.token[i] = tok
+        self._write_inputs(tokens)
+        for i in range(len(tokens)):
             batch.pos[i] = n_past + depth[i]
             batch.n_seq_id[i] = len(seqs[i])
             for j, s in enumerate(seqs[i]):
@@ -192,10 +236,7 @@ class LlamaCppEngine(Engine):
         if rc != 0:
             self._drop_tree(n_branches=len(branch_leaves))
             raise RuntimeError(f"llama_decode failed with code {rc}")
-        ptr = lc.llama_get_logits(self._ctx)
-        return np.ctypeslib.as_array(
-            ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(len(tokens), self.n_vocab)
-        ).copy()  # [n, vocab]
+        return self._read_logits(len(tokens))  # [n, vocab]
 
     def _keep_path(self, tokens: list[int], parents: list[int], path: list[int]) -> None:
         lc = self._llama_cpp
@@ -221,12 +262,15 @@ class LlamaCppEngine(Engine):
             lc.llama_memory_seq_rm(self._memory, b, -1, -1)
 
     def close(self) -> None:
-        if self._batch is not None:
+        if getattr(self, "_batch", None) is not None:
             self._llama_cpp.llama_batch_free(self._batch)
             self._batch = None
         if getattr(self, "_ctx", None):
             self._llama_cpp.llama_free(self._ctx)
             self._ctx = None
+        if getattr(self, "_own_model", None):
+            self._llama_cpp.llama_model_free(self._own_model)
+            self._own_model = None
         if getattr(self, "llm", None) is not None:
             self.llm.close()
             self.llm = None

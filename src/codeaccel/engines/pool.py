@@ -11,16 +11,20 @@ from __future__ import annotations
 
 from codeaccel.engines import load_engine
 from codeaccel.engines.base import Engine
+from codeaccel.models.draft_vocab import DraftVocabulary
 
 
 class EnginePool:
     def __init__(self) -> None:
         self._engines: dict[tuple, Engine] = {}
 
-    def get(self, model: str, engine: str, *, n_ctx: int, dtype: str) -> Engine:
-        key = (model, engine, n_ctx, dtype if engine == "hf" else None)
+    def get(
+        self, model: str, engine: str, *, n_ctx: int, dtype: str, vocabulary: DraftVocabulary | None = None
+    ) -> Engine:
+        reduced = None if vocabulary is None else str(vocabulary.path)
+        key = (model, engine, n_ctx, dtype if engine == "hf" else None, reduced)
         if key not in self._engines:
-            self._engines[key] = load_engine(model, engine, n_ctx=n_ctx, dtype=dtype)
+            self._engines[key] = load_engine(model, engine, n_ctx=n_ctx, dtype=dtype, vocabulary=vocabulary)
         return self._engines[key]
 
     def reset(self) -> None:

@@ -22,6 +22,8 @@ from codeaccel.engines.pool import EnginePool
 from codeaccel.engines.tokenizer import check_same_tokenizer
 from codeaccel.errors import UserError
 from codeaccel.methods.method import AutoregressiveMethod, Method, SpeculativeMethod
+from codeaccel.models.draft_vocab import DraftVocabulary, draft_vocabulary, token_counts
+from codeaccel.models.registry import resolve_model
 from codeaccel.peers.hf_generate import HFGenerateMethod
 from codeaccel.peers.llama_cpp_tools import LLAMA_CPP_TOOL_METHODS, llama_cpp_tool
 from codeaccel.peers.llama_prompt_lookup import LlamaPromptLookupMethod
@@ -37,6 +39,7 @@ ABLATIONS = ("multi-source", "timing", "cache", "tree", "context")
 TREE_BRANCHES = 3  # branches of a retrieval token tree (the best path + 2 alternatives)
 RETRIEVAL_K_MAX = 16  # longest retrieved draft considered per step
 WITHOUT = "retrieval-without-"
+FRSPEC_DRAFT_VOCAB = 32768  # speculative-frspec's draft vocabulary unless --draft-vocab says (FR-Spec's choice too)
 
 
 @dataclass(frozen=True)
@@ -45,18 +48,23 @@ class MethodOptions:
 
     draft_model: the drafter's model (default: the bundled 0.5B); draft_engine: the
     engine it runs on (default: the target's); draft_k: a fixed draft length instead
-    of choosing k from the cost curve each step (>= 1).
+    of choosing k from the cost curve each step (>= 1); draft_vocab: keep only this
+    many of the draft's output tokens, the most frequent in the general datastore
+    (FR-Spec, :mod:`codeaccel.models.draft_vocab`; lossless, llama.cpp only).
     """
 
     draft_model: str | None = None
     draft_engine: str | None = None
     draft_k: int | None = None
+    draft_vocab: int | None = None
     datastores: tuple[str, ...] = ()  # retrieval: datastore directories (default: the general one in the cache)
     ablate: tuple[str, ...] = ()  # retrieval: parts to switch off, from ABLATIONS
 
     def __post_init__(self) -> None:
         if self.draft_k is not None and self.draft_k < 1:
             raise UserError(f"the draft length k must be >= 1, got {self.draft_k}")
+        if self.draft_vocab is not None and self.draft_vocab < 1:
+            raise UserError(f"the draft vocabulary needs at least one token, got {self.draft_vocab}")
         unknown = set(self.ablate) - set(ABLATIONS)
         if unknown:
             raise UserError(f"unknown ablation {sorted(unknown)[0]!r}: choose from {', '.join(ABLATIONS)}")
@@ -78,12 +86,33 @@ class RetrievalDrafting:
     settings: dict
 
 
+# tokens a reduced draft vocabulary always keeps besides the end-of-generation ones: the
+# answer format's fences, which a corpus of source files rarely holds
+ANSWER_FORMAT_TEXT = "```python\n```\n```"
+
+
+def ranked_draft_vocabulary(target: Engine, draft_model: str, size: int) -> DraftVocabulary:
+    """``draft_model`` with ``size`` output tokens, the most frequent in the general datastore.
+
+    The datastore is the one for ``target``'s tokenizer. Also kept: the end-of-generation
+    tokens and the answer format's fences.
+    """
+    (general,) = open_datastores(target, ())
+    counts = token_counts((shard.tokens for shard in general.shards.values()), target.n_vocab)
+    always = sorted(target.eog_token_ids | set(target.tokenize(ANSWER_FORMAT_TEXT)))
+    corpus = f"datastore {general.name} ({int(counts.sum())} tokens)"
+    source = resolve_model(draft_model)
+    return draft_vocabulary(source.path, counts, size, always, corpus)
+
+
 def _draft_engine(target: Engine, options: MethodOptions, pool: EnginePool) -> Engine:
+    model = options.draft_model or DEFAULT_DRAFT_MODEL
     engine = pool.get(
-        options.draft_model or DEFAULT_DRAFT_MODEL,
+        model,
         options.draft_engine or target.kind,
         n_ctx=target.n_ctx,
         dtype=target.dtype or "bfloat16",
+        vocabulary=None if options.draft_vocab is None else ranked_draft_vocabulary(target, model, options.draft_vocab),
     )
     check_same_tokenizer(engine, target)
     return engine
@@ -109,12 +138,17 @@ def _model_drafting(
     return ModelDrafting(DraftModelDrafter(draft, pricing=pricing), length, costs, settings)
 
 
-def _speculative(objective: Objective) -> Callable[[Engine, MethodOptions, EnginePool], Method]:
+def _speculative(
+    name: str, objective: Objective, draft_vocab: int | None = None
+) -> Callable[[Engine, MethodOptions, EnginePool], Method]:
     """The draft model, after the request's own text: a context match the timing control
-    finds worth verifying replaces the model's step (with ``--draft-k``: the model alone, k fixed)."""
+    finds worth verifying replaces the model's step (with ``--draft-k``: the model alone, k fixed).
+
+    ``draft_vocab``: the draft's output tokens when ``--draft-vocab`` does not say (FR-Spec)."""
 
     def build(target: Engine, options: MethodOptions, pool: EnginePool) -> Method:
-        name = "speculative" if objective == "end-to-end" else "speculative-client-draft"
+        if draft_vocab is not None and options.draft_vocab is None:
+            options = replace(options, draft_vocab=draft_vocab)
         costs = LearnedCosts(cost_curve_for(target))
         model = _model_drafting(target, options, pool, costs, objective)
         settings = {**model.settings, "draft_k": options.draft_k or "auto"}
@@ -191,9 +225,11 @@ def _hf_assisted(target: Engine, options: MethodOptions, pool: EnginePool) -> Me
 BUILDERS: dict[str, Callable[[Engine, MethodOptions, EnginePool], Method]] = {
     "autoregressive": lambda target, options, pool: AutoregressiveMethod(target),
     # draft model; k chosen per step to maximise end-to-end tokens/s (falls back to plain decoding)
-    "speculative": _speculative("end-to-end"),
+    "speculative": _speculative("speculative", "end-to-end"),
+    # the same with a cheaper draft: its output layer cut to the most frequent tokens (FR-Spec; --draft-vocab)
+    "speculative-frspec": _speculative("speculative-frspec", "end-to-end", draft_vocab=FRSPEC_DRAFT_VOCAB),
     # draft model on the client, target on a server: k chosen to minimise target seconds per token
-    "speculative-client-draft": _speculative("target"),
+    "speculative-client-draft": _speculative("speculative-client-draft", "target"),
     # drafts from code datastores (general + repository), timing control and acceptance cache; no draft model
     "retrieval": _retrieval("retrieval"),
     # drafts from the request's own text only (prompt, generated tokens, prediction): no datastore, no draft model
