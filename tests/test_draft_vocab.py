@@ -47,16 +47,12 @@ def test_token_counts_ignore_ids_outside_the_vocabulary():
 @pytest.fixture(scope="module")
 def reduced(tiny_gguf_draft, tmp_path_factory):
     """The tiny draft with 256 of its 400 tokens: the 144 largest ids dropped, the EOG tokens kept."""
-    import os
-
-    os.environ["CODEACCEL_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CODEACCEL_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
         with load_engine(tiny_gguf_draft, n_ctx=256) as full:
             counts = np.arange(full.n_vocab, 0, -1)  # small ids most frequent
             eog = sorted(full.eog_token_ids)
         return draft_vocabulary(tiny_gguf_draft, counts, KEEP, eog, corpus="test counts")
-    finally:
-        del os.environ["CODEACCEL_CACHE_DIR"]
 
 
 def test_reduced_engine_gives_the_full_models_logits_on_the_kept_tokens(tiny_gguf_draft, reduced):
@@ -108,15 +104,12 @@ def test_speculation_with_the_reduced_draft_is_lossless_greedy(tiny_gguf, tiny_g
         assert gen.stats.speculation.drafted_tokens > 0
 
 
-def test_speculative_sampling_with_the_reduced_draft_keeps_the_target_distribution(tiny_gguf):
+def test_speculative_sampling_with_the_reduced_draft_keeps_the_target_distribution(tiny_gguf, tmp_path, monkeypatch):
     """Chi-square over all 3-token continuations where the draft cannot name the target's favourite tokens.
 
     The draft is the target's own weights cut to a vocabulary without the target's two
     likeliest first tokens: it can only propose the third, so those two come from the residual.
     """
-    import os
-    import tempfile
-
     params = SamplingParams(temperature=1.5, top_k=3)
     with load_engine(tiny_gguf, n_ctx=256) as target:
         prompt = target.tokenize("def f(x):\n    return")
@@ -124,32 +117,41 @@ def test_speculative_sampling_with_the_reduced_draft_keeps_the_target_distributi
         favourites = np.argsort(-first)[:2]  # two of the target's three candidates: draft probability 0
         counts = np.ones(target.n_vocab, dtype=np.int64)
         counts[favourites] = 0
-        with tempfile.TemporaryDirectory() as cache:
-            os.environ["CODEACCEL_CACHE_DIR"] = cache
-            try:
-                vocab = draft_vocabulary(tiny_gguf, counts, KEEP, [], corpus="test counts")
-            finally:
-                del os.environ["CODEACCEL_CACHE_DIR"]
-            assert not set(favourites.tolist()) & set(vocab.token_ids.tolist())
-            exact = _exact_sequence_probs(target, prompt, params, 3)
-            with load_engine(tiny_gguf, n_ctx=256, vocabulary=vocab) as draft:
-                policy = DraftLength(flat_curve(), fixed_k=2)
-                costs = LearnedCosts(policy.curve)
-                drafter = DraftModelDrafter(draft)
-                n = 3000
-                seen = dict.fromkeys(exact, 0)
-                accepted = 0
-                for seed in range(n):
-                    gen = speculative_generate(
-                        target, drafter, policy, prompt, SamplingParams(1.5, top_k=3, seed=seed), 3, costs=costs
-                    )
-                    seen[tuple(gen.tokens)] += 1  # a KeyError is a sequence the target cannot produce
-                    accepted += gen.stats.speculation.accepted_tokens
+        monkeypatch.setenv("CODEACCEL_CACHE_DIR", str(tmp_path))
+        vocab = draft_vocabulary(tiny_gguf, counts, KEEP, [], corpus="test counts")
+        assert not set(favourites.tolist()) & set(vocab.token_ids.tolist())
+        exact = _exact_sequence_probs(target, prompt, params, 3)
+        with load_engine(tiny_gguf, n_ctx=256, vocabulary=vocab) as draft:
+            policy = DraftLength(flat_curve(), fixed_k=2)
+            costs = LearnedCosts(policy.curve)
+            drafter = DraftModelDrafter(draft)
+            n = 3000
+            seen = dict.fromkeys(exact, 0)
+            accepted = 0
+            for seed in range(n):
+                gen = speculative_generate(
+                    target, drafter, policy, prompt, SamplingParams(1.5, top_k=3, seed=seed), 3, costs=costs
+                )
+                seen[tuple(gen.tokens)] += 1  # a KeyError is a sequence the target cannot produce
+                accepted += gen.stats.speculation.accepted_tokens
     assert accepted > 0  # the draft still gets tokens accepted
     seqs = list(exact)
     observed = np.array([seen[s] for s in seqs])
     expected = np.array([exact[s] for s in seqs]) * n
     assert stats.chisquare(observed, expected).pvalue > 1e-3
+
+
+def test_draft_vocab_is_refused_where_it_cannot_apply(tiny_gguf, tiny_hf, tmp_path, monkeypatch):
+    monkeypatch.setenv("CODEACCEL_CACHE_DIR", str(tmp_path))  # no general datastore: refused before ranking
+    with pytest.raises(UserError, match="at least 256"):
+        MethodOptions(draft_vocab=100)
+    with load_engine(tiny_gguf, n_ctx=256) as target, EnginePool() as pool:
+        for name in ("llama.cpp-draft-simple", "hf-assisted"):
+            with pytest.raises(UserError, match="does not apply"):
+                build_method(name, target, MethodOptions(draft_vocab=KEEP), pool)
+        hf_draft = MethodOptions(draft_model=tiny_hf, draft_engine="hf", draft_vocab=KEEP)
+        with pytest.raises(UserError, match="GGUF draft on the llama.cpp engine"):
+            build_method("speculative", target, hf_draft, pool)
 
 
 def test_draft_vocab_option_ranks_by_the_general_datastore(tiny_gguf, tiny_gguf_draft, tmp_path, monkeypatch):

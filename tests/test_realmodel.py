@@ -117,3 +117,28 @@ def test_long_whitespace_tokens_detokenize_whole():
         tokens = eng.tokenize(text)
         assert any(len(eng.detokenize([t]).encode()) > 32 for t in tokens)  # the case that broke
         assert eng.detokenize(tokens) == text and eng.tokenize(eng.detokenize(tokens)) == tokens
+
+
+def test_reduced_draft_vocabulary_gives_the_full_models_logits_on_a_real_prompt(tmp_path, monkeypatch):
+    """The bundled 0.5B's quantized rows (Q8_0 output, Q5_0 embeddings) cut to 32,768 tokens: exact where kept."""
+    import numpy as np
+
+    from codeaccel.models.draft_vocab import draft_vocabulary
+
+    monkeypatch.setenv("CODEACCEL_CACHE_DIR", str(tmp_path))
+    with load_engine(SMALL) as full:
+        prompt = build_prompt(full, load_problems("humaneval", 1)[0])
+        answer = generate(full, prompt, SamplingParams(), max_tokens=24).tokens
+        counts = np.ones(full.n_vocab, dtype=np.int64)
+        counts[answer[1::2]] = 0  # ranked last: dropped (where not also among the other answer tokens)
+        counts[answer[::2]] = 2
+        vocab = draft_vocabulary(resolve_model(SMALL).path, counts, 32768, sorted(full.eog_token_ids), "test")
+        sequence = prompt + answer
+        full.reset()  # generate left the prompt and answer in the cache
+        expected = full.eval(sequence)[-len(answer) - 1 :]  # [n, vocab]
+    dropped = sorted(set(answer[1::2]) - set(vocab.token_ids.tolist()))
+    assert dropped  # some inputs are tokens the reduced output layer does not have
+    with load_engine(SMALL, vocabulary=vocab) as small:
+        got = small.eval(sequence)[-len(answer) - 1 :]
+    np.testing.assert_allclose(got[:, vocab.token_ids], expected[:, vocab.token_ids], rtol=1e-5, atol=1e-4)
+    assert np.isneginf(got[:, dropped]).all()

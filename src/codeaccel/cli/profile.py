@@ -25,16 +25,21 @@ def profile(
     dtype: DtypeOpt = "bfloat16",
     draft_vocab: Annotated[
         Optional[int],
-        typer.Option(help="Profile the model with only this many output tokens (as --draft-vocab drafts with it)."),
+        typer.Option(
+            help="Profile the model with only this many output tokens, as --draft-vocab drafts with it "
+            "(the curve is saved under <model>-vocab<N> for inspection; drafting reads the target's curve)."
+        ),
     ] = None,
 ) -> None:
     """Measure the cost of evaluating k tokens at once, relative to one decode step."""
     if k_max < 1 or repeats < 1 or context < 1:
         raise UserError("--k-max, --repeats and --context must be >= 1")
     vocabulary = None
+    if draft_vocab is not None and engine != "llama.cpp":
+        raise UserError("--draft-vocab needs the llama.cpp engine")
     if draft_vocab is not None:
         with load_engine(model, engine, dtype=dtype) as full:  # its tokenizer finds the general datastore
-            vocabulary = ranked_draft_vocabulary(full, model, draft_vocab)
+            vocabulary = ranked_draft_vocabulary(full, model, draft_vocab, engine)
     with load_engine(model, engine, dtype=dtype, vocabulary=vocabulary) as eng:
         curve = measure_cost_curve(eng, k_max=k_max, repeats=repeats, context_tokens=context, dtype=dtype)
     paths = save_cost_curve(curve, out_dir, command=command_line())

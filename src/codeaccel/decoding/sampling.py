@@ -84,7 +84,9 @@ def sample(probs: np.ndarray, rng: np.random.Generator) -> int:
     """Draw one token id from probs  # [vocab] (inverse-CDF; one uniform draw per token)."""
     cdf = np.cumsum(probs)
     token = int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"))
-    return min(token, len(probs) - 1)
+    if token >= len(probs):  # rounding put the draw past the end: the last token with mass, never a zero one
+        token = int(np.flatnonzero(probs)[-1])
+    return token
 
 
 def next_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:

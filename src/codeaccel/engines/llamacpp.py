@@ -79,13 +79,11 @@ class LlamaCppEngine(Engine):
         model = self.llm.model
         self._embeddings: TokenEmbeddings | None = None
         if vocabulary is not None:
-            model = self._own_model = llama_cpp.llama_model_load_from_file(
-                str(vocabulary.path).encode(), llama_cpp.llama_model_default_params()
-            )
-            if not model:
-                self.llm.close()
-                raise SetupError(f"llama.cpp could not load the reduced draft model {vocabulary.path}")
-            self._embeddings = TokenEmbeddings(path)
+            try:
+                model = self._load_reduced(vocabulary, path)
+            except BaseException:
+                self.close()
+                raise
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = n_ctx
         params.n_batch = params.n_ubatch = n_batch
@@ -115,6 +113,25 @@ class LlamaCppEngine(Engine):
         n_embd = self._embeddings.n_embd if self._embeddings is not None else 0
         self._batch = llama_cpp.llama_batch_init(n_batch, n_embd, self.max_tree_branches)
         self._chat_formatter = None
+
+    def _load_reduced(self, vocabulary: DraftVocabulary, path: Path):
+        """Load the reduced model (kept as ``_own_model``) and the original's embeddings; check they fit."""
+        lc = self._llama_cpp
+        model_params = lc.llama_model_default_params()
+        model_params.n_gpu_layers = 0  # as Llama loads the full model: the two drafts compare like for like
+        model = self._own_model = lc.llama_model_load_from_file(str(vocabulary.path).encode(), model_params)
+        if not model:
+            raise SetupError(
+                f"llama.cpp could not load the reduced draft model {vocabulary.path}: delete it to have it rewritten"
+            )
+        self._embeddings = TokenEmbeddings(path)
+        rows = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(model))
+        if rows != vocabulary.size or lc.llama_model_n_embd(model) != self._embeddings.n_embd:
+            raise SetupError(
+                f"{vocabulary.path} does not fit {path.name} (rows {rows}, expected {vocabulary.size}): "
+                "delete it to have it rewritten"
+            )
+        return model
 
     # ---- text ---------------------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:

@@ -22,6 +22,7 @@ from codeaccel.engines.pool import EnginePool
 from codeaccel.engines.tokenizer import check_same_tokenizer
 from codeaccel.errors import UserError
 from codeaccel.methods.method import AutoregressiveMethod, Method, SpeculativeMethod
+from codeaccel.models.draft_vocab import MIN_SIZE as MIN_DRAFT_VOCAB
 from codeaccel.models.draft_vocab import DraftVocabulary, draft_vocabulary, token_counts
 from codeaccel.models.registry import resolve_model
 from codeaccel.peers.hf_generate import HFGenerateMethod
@@ -63,8 +64,8 @@ class MethodOptions:
     def __post_init__(self) -> None:
         if self.draft_k is not None and self.draft_k < 1:
             raise UserError(f"the draft length k must be >= 1, got {self.draft_k}")
-        if self.draft_vocab is not None and self.draft_vocab < 1:
-            raise UserError(f"the draft vocabulary needs at least one token, got {self.draft_vocab}")
+        if self.draft_vocab is not None and self.draft_vocab < MIN_DRAFT_VOCAB:
+            raise UserError(f"a draft vocabulary needs at least {MIN_DRAFT_VOCAB} tokens, got {self.draft_vocab}")
         unknown = set(self.ablate) - set(ABLATIONS)
         if unknown:
             raise UserError(f"unknown ablation {sorted(unknown)[0]!r}: choose from {', '.join(ABLATIONS)}")
@@ -91,29 +92,33 @@ class RetrievalDrafting:
 ANSWER_FORMAT_TEXT = "```python\n```\n```"
 
 
-def ranked_draft_vocabulary(target: Engine, draft_model: str, size: int) -> DraftVocabulary:
+def ranked_draft_vocabulary(target: Engine, draft_model: str, size: int, engine: str = "llama.cpp") -> DraftVocabulary:
     """``draft_model`` with ``size`` output tokens, the most frequent in the general datastore.
 
     The datastore is the one for ``target``'s tokenizer. Also kept: the end-of-generation
-    tokens and the answer format's fences.
+    tokens and the answer format's fences. Refused before any work where the draft
+    cannot have one (another engine, a model that is not a GGUF file).
     """
+    source = resolve_model(draft_model)
+    if engine != "llama.cpp" or source.kind != "gguf":
+        raise UserError("a reduced draft vocabulary (--draft-vocab) needs a GGUF draft on the llama.cpp engine")
     (general,) = open_datastores(target, ())
-    counts = token_counts((shard.tokens for shard in general.shards.values()), target.n_vocab)
+    try:
+        counts = token_counts((shard.tokens for shard in general.shards.values()), target.n_vocab)
+    finally:
+        general.close()
     always = sorted(target.eog_token_ids | set(target.tokenize(ANSWER_FORMAT_TEXT)))
     corpus = f"datastore {general.name} ({int(counts.sum())} tokens)"
-    source = resolve_model(draft_model)
     return draft_vocabulary(source.path, counts, size, always, corpus)
 
 
 def _draft_engine(target: Engine, options: MethodOptions, pool: EnginePool) -> Engine:
     model = options.draft_model or DEFAULT_DRAFT_MODEL
-    engine = pool.get(
-        model,
-        options.draft_engine or target.kind,
-        n_ctx=target.n_ctx,
-        dtype=target.dtype or "bfloat16",
-        vocabulary=None if options.draft_vocab is None else ranked_draft_vocabulary(target, model, options.draft_vocab),
-    )
+    kind = options.draft_engine or target.kind
+    vocabulary = None
+    if options.draft_vocab is not None:
+        vocabulary = ranked_draft_vocabulary(target, model, options.draft_vocab, kind)
+    engine = pool.get(model, kind, n_ctx=target.n_ctx, dtype=target.dtype or "bfloat16", vocabulary=vocabulary)
     check_same_tokenizer(engine, target)
     return engine
 
@@ -255,6 +260,10 @@ BUILDERS: dict[str, Callable[[Engine, MethodOptions, EnginePool], Method]] = {
 _COST_CURVE_FREE = frozenset({"autoregressive", "prompt-lookup", "hf-assisted", *LLAMA_CPP_TOOL_METHODS})
 
 
+# draft-model peers whose draft is not ours to reduce (--draft-vocab is refused for them)
+_NO_DRAFT_VOCAB = frozenset({"hf-assisted", "llama.cpp-draft-simple", "llama.cpp-draft-simple-tuned"})
+
+
 def uses_cost_curve(name: str) -> bool:
     """Whether method ``name`` chose its draft lengths from the target engine's cost curve."""
     return name not in _COST_CURVE_FREE
@@ -279,6 +288,8 @@ def parse_methods(spec: str) -> list[str]:
 def build_method(name: str, target: Engine, options: MethodOptions, pool: EnginePool) -> Method:
     """Build a method on the target; draft engines come from (and are closed with) ``pool``."""
     _check_known(name)
+    if options.draft_vocab is not None and name in _NO_DRAFT_VOCAB:
+        raise UserError(f"method {name!r} drafts with its own full model: --draft-vocab does not apply to it")
     if name.startswith(WITHOUT):  # retrieval with one more part switched off, under its own name
         ablated = tuple(dict.fromkeys([*options.ablate, name[len(WITHOUT) :]]))
         return _retrieval(name)(target, replace(options, ablate=ablated), pool)

@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +41,6 @@ log = logging.getLogger(__name__)
 
 FORMAT = "codeaccel-draft-vocab/v1"
 EMBEDDING_TENSOR = "token_embd.weight"
-OUTPUT_TENSOR = "output.weight"
 MIN_SIZE = 256  # fewer rows than this is not a language model any more
 
 
@@ -58,7 +58,7 @@ class DraftVocabulary:
 
     path: Path  # the reduced GGUF
     token_ids: np.ndarray  # int64 [N], ascending: row r of the reduced output layer is token token_ids[r]
-    corpus: str  # where the ranking came from (recorded with results)
+    corpus: str  # where the ranking came from (recorded next to the file)
 
     @property
     def size(self) -> int:
@@ -92,12 +92,16 @@ def rank_vocabulary(counts: np.ndarray, size: int, always: Iterable[int] = ()) -
     return np.array(sorted(chosen), dtype=np.int64)
 
 
+COUNT_CHUNK = 1 << 23  # tokens counted at a time: a datastore's memory-mapped array is never copied whole
+
+
 def token_counts(token_arrays: Iterable[np.ndarray], n_vocab: int) -> np.ndarray:
     """Occurrences per token id  # [n_vocab] int64 over some token arrays (ids >= n_vocab, e.g. separators, ignored)."""
     counts = np.zeros(n_vocab, dtype=np.int64)
     for tokens in token_arrays:
-        tokens = np.asarray(tokens)
-        counts += np.bincount(tokens[tokens < n_vocab].astype(np.int64), minlength=n_vocab)[:n_vocab]
+        for start in range(0, len(tokens), COUNT_CHUNK):
+            chunk = np.asarray(tokens[start : start + COUNT_CHUNK])
+            counts += np.bincount(chunk[chunk < n_vocab], minlength=n_vocab)[:n_vocab]
     return counts
 
 
@@ -109,14 +113,22 @@ def write_reduced_model(source: Path, token_ids: np.ndarray, out: Path) -> None:
     tensors = {t.name: t for t in reader.tensors}
     if EMBEDDING_TENSOR not in tensors:
         raise UserError(f"{source} has no {EMBEDDING_TENSOR}: cannot reduce its vocabulary")
+    if "split.count" in reader.fields:
+        raise UserError(f"{source} is one part of a split GGUF: merge it into one file first")
     n_vocab = int(tensors[EMBEDDING_TENSOR].shape[-1])
     if token_ids.max(initial=-1) >= n_vocab:
         raise UserError(f"token id {int(token_ids.max())} is outside {source.name}'s vocabulary of {n_vocab}")
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    # per vocabulary entry: the embedding and output rows (and an output bias, where a model has one)
+    per_token = {EMBEDDING_TENSOR, *(n for n in tensors if n.startswith("output.") and n != "output_norm.weight")}
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}-{threading.get_ident()}")
     writer = gguf.GGUFWriter(str(tmp), arch)
+    written = False
     try:
+        if "general.alignment" in reader.fields:  # tensor offsets follow the writer's alignment, not a copied key
+            writer.data_alignment = int(reader.fields["general.alignment"].contents())
         for key, field in reader.fields.items():
-            if key.startswith(("GGUF.", "tokenizer.")) or key in ("general.architecture", f"{arch}.vocab_size"):
+            skip = ("general.architecture", "general.alignment", f"{arch}.vocab_size")
+            if key.startswith(("GGUF.", "tokenizer.")) or key in skip:
                 continue
             kind = field.types[0]
             sub = field.types[1] if kind == gguf.GGUFValueType.ARRAY else None
@@ -125,15 +137,23 @@ def write_reduced_model(source: Path, token_ids: np.ndarray, out: Path) -> None:
         writer.add_key_value(f"{arch}.vocab_size", len(token_ids), gguf.GGUFValueType.UINT32)
         for tensor in reader.tensors:
             data = tensor.data  # [rows, bytes per row] for quantized types, [rows, n_embd] otherwise
-            if tensor.name in (EMBEDDING_TENSOR, OUTPUT_TENSOR):
+            if tensor.name in per_token:
                 data = np.ascontiguousarray(data[token_ids])
             writer.add_tensor(tensor.name, data, raw_dtype=tensor.tensor_type)
+        if writer.data_alignment != gguf.GGUF_DEFAULT_ALIGNMENT:
+            writer.add_custom_alignment(writer.data_alignment)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
+        writer.close()
+        with open(tmp, "rb+") as f:  # on disk before it gets its final name: a crash leaves no short file behind
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+        written = True
     finally:
         writer.close()
-    os.replace(tmp, out)
+        if not written:
+            tmp.unlink(missing_ok=True)
 
 
 def draft_vocabulary(
