@@ -49,6 +49,23 @@ def decode_seconds_per_token(engine, prompt: list[int]) -> list[float]:
     return out
 
 
+def results_fields(vocabulary: int, ms_per_token: float) -> dict:
+    """The fields every benchmark row carries: one-token greedy decoding of the draft on HumanEval prompts.
+
+    No answer is completed (TOKENS tokens each), so pass@1 is not measured here.
+    """
+    model = DRAFT if vocabulary == 151936 else f"{DRAFT}-vocab{vocabulary}"
+    return {
+        "dataset": "humaneval",
+        "model": model,
+        "engine": "llama.cpp",
+        "method": "autoregressive",
+        "n_problems": PROMPTS,
+        "pass_at_1": None,
+        "tokens_per_s": round(1000 / ms_per_token, 2),
+    }
+
+
 def main(out_dir: Path) -> None:
     target_tokens = np.array(
         [
@@ -81,6 +98,7 @@ def main(out_dir: Path) -> None:
         coverage = 1.0 if name == "full" else float(np.isin(target_tokens, vocabularies[name].token_ids).mean())
         rows.append(
             {
+                **results_fields(kept, ms),
                 "vocabulary": kept,
                 "ms_per_token_median": round(ms, 2),
                 "ms_per_token_mean": round(1000 * statistics.mean(seconds), 2),
