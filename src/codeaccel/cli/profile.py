@@ -35,9 +35,9 @@ def profile(
     if k_max < 1 or repeats < 1 or context < 1:
         raise UserError("--k-max, --repeats and --context must be >= 1")
     vocabulary = None
-    if draft_vocab is not None and engine != "llama.cpp":
-        raise UserError("--draft-vocab needs the llama.cpp engine")
     if draft_vocab is not None:
+        if engine != "llama.cpp":
+            raise UserError("--draft-vocab needs the llama.cpp engine")
         with load_engine(model, engine, dtype=dtype) as full:  # its tokenizer finds the general datastore
             vocabulary = ranked_draft_vocabulary(full, model, draft_vocab, engine)
     with load_engine(model, engine, dtype=dtype, vocabulary=vocabulary) as eng:

@@ -103,9 +103,6 @@ class LlamaCppEngine(Engine):
         name = model_name or path.stem
         if vocabulary is not None:
             name = f"{name}-vocab{vocabulary.size}"  # another model: its own costs, its own results rows
-            if self._embeddings.n_vocab != n_vocab:
-                self.close()
-                raise UserError(f"{path}'s embeddings have {self._embeddings.n_vocab} rows, its vocabulary {n_vocab}")
         super().__init__(name, n_vocab=n_vocab, n_ctx=n_ctx_real, eog_token_ids=eog)
         self.model_path = path
         self._n_batch = n_batch
@@ -125,6 +122,10 @@ class LlamaCppEngine(Engine):
                 f"llama.cpp could not load the reduced draft model {vocabulary.path}: delete it to have it rewritten"
             )
         self._embeddings = TokenEmbeddings(path)
+        if self._embeddings.n_vocab != self.llm.n_vocab():
+            raise UserError(
+                f"{path}'s embeddings have {self._embeddings.n_vocab} rows, its vocabulary {self.llm.n_vocab()}"
+            )
         rows = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(model))
         if rows != vocabulary.size or lc.llama_model_n_embd(model) != self._embeddings.n_embd:
             raise SetupError(
