@@ -15,6 +15,7 @@ from codeaccel.engines import load_engine
 from codeaccel.engines.pool import EnginePool
 from codeaccel.engines.tokenizer import tokenizer_fingerprint
 from codeaccel.errors import UserError
+from codeaccel.methods import registry
 from codeaccel.methods.registry import MethodOptions, build_method
 from codeaccel.models.draft_vocab import draft_vocabulary, rank_vocabulary, token_counts
 from codeaccel.retrieval.datastore import build_datastore, default_datastore_dir
@@ -166,8 +167,13 @@ def test_draft_vocab_option_ranks_by_the_general_datastore(tiny_gguf, tiny_gguf_
         build_datastore(
             default_datastore_dir(f"general-{fp}"), "general", "general", [tmp_path / "src"], target.tokenize, fp
         )
+        ranked = []
+        monkeypatch.setattr(registry, "token_counts", lambda *a: ranked.append(1) or token_counts(*a))
         with EnginePool() as pool:
             method = build_method("speculative", target, options, pool)
+            again = build_method("speculative-client-draft", target, options, pool)
+            assert len(ranked) == 1 and again.drafter.engine is method.drafter.engine  # ranked and loaded once
+            again.close()
             plain = build_method("speculative", target, MethodOptions(draft_model=tiny_gguf_draft, draft_k=3), pool)
             assert method.settings["draft_model"].endswith(f"-vocab{KEEP}")
             assert method.variant != plain.variant  # stored as its own row

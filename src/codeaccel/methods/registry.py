@@ -117,7 +117,10 @@ def _draft_engine(target: Engine, options: MethodOptions, pool: EnginePool) -> E
     kind = options.draft_engine or target.kind
     vocabulary = None
     if options.draft_vocab is not None:
-        vocabulary = ranked_draft_vocabulary(target, model, options.draft_vocab, kind)
+        size = options.draft_vocab
+        vocabulary = pool.vocabulary(
+            (model, kind, size, target.model_name), lambda: ranked_draft_vocabulary(target, model, size, kind)
+        )
     engine = pool.get(model, kind, n_ctx=target.n_ctx, dtype=target.dtype or "bfloat16", vocabulary=vocabulary)
     check_same_tokenizer(engine, target)
     return engine
