@@ -4,16 +4,31 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 CLI    := $(VENV)/bin/codeaccel
 
-# llama.cpp's native build crashes on this CPU in ggml's AMX kernels; this portable
-# AVX-512 build is verified to work (see DEVELOPERS.md).
+# llama.cpp's native build crashes on the Intel Xeon VMs in ggml's AMX kernels, so it is built
+# without GGML_NATIVE, with the SIMD extensions this CPU reports (/proc/cpuinfo): AVX2 everywhere,
+# AVX-512 (+VNNI, BF16) where the CPU has it. A fixed AVX-512 build dies with SIGILL on the AMD
+# EPYC VMs without it (Zen 3). The flags in use are kept in $(VENV)/.llama-cmake-args; when they
+# change (another CPU), llama-cpp-python is rebuilt.
+CPU_FLAGS := $(shell grep -m1 '^flags' /proc/cpuinfo 2>/dev/null)
+cpu_has    = $(filter $(1),$(CPU_FLAGS))
+on_if      = $(if $(call cpu_has,$(1)),ON,OFF)
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
-                    -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON
+                    -DGGML_AVX512=$(call on_if,avx512f) -DGGML_AVX512_VNNI=$(call on_if,avx512_vnni) \
+                    -DGGML_AVX512_BF16=$(call on_if,avx512_bf16)
+# the flags for this CPU, in a file rewritten only when they change (so it dates the last change)
+LLAMA_FLAGS := build/llama-cmake-args
 
-.PHONY: install demo test test-unit test-realmodel llama-tools clean
+.PHONY: install demo test test-unit test-realmodel llama-tools clean FORCE
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml Makefile
+$(LLAMA_FLAGS): FORCE
+	@mkdir -p $(@D)
+	@echo '$(LLAMA_CMAKE_ARGS)' | cmp -s - $@ || echo '$(LLAMA_CMAKE_ARGS)' > $@
+
+FORCE:
+
+$(VENV)/.installed: pyproject.toml Makefile $(LLAMA_FLAGS)
 	# bubblewrap (Debian): the sandbox's read-only filesystem and pid namespace; needs root to install.
 	@command -v bwrap >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
@@ -23,8 +38,14 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install --quiet --upgrade pip wheel setuptools
 	# torch first and pinned: the CPU wheel; an unpinned torch pulls GBs of CUDA packages.
 	$(PY) -m pip install --quiet torch==2.13.0
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=2 \
-		$(PY) -m pip install --quiet llama-cpp-python==0.3.36
+	# built for this CPU; rebuilt (not taken from pip's wheel cache) when the flags differ from the last build
+	@if ! cmp -s $(LLAMA_FLAGS) $(VENV)/.llama-cmake-args; then \
+	  echo "building llama-cpp-python 0.3.36 with $(LLAMA_CMAKE_ARGS)"; \
+	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=2 $(PY) -m pip install --quiet \
+	    --force-reinstall --no-cache-dir --no-deps llama-cpp-python==0.3.36 && \
+	  $(PY) -m pip install --quiet llama-cpp-python==0.3.36 && \
+	  cp $(LLAMA_FLAGS) $(VENV)/.llama-cmake-args; \
+	fi
 	$(PY) -m pip install --quiet -e ".[llama,hf,models,dev]"
 	$(CLI) models fetch all
 	touch $@

@@ -42,6 +42,9 @@ class Generation:
     prefill_s: float  # evaluating the prompt
     decode_s: float  # everything after the prefill
     stats: DecodingStats | None = None  # the method's own log (None: a peer library decoded)
+    # engine seconds attributed to this generation when it shared batched evaluations with
+    # others (its share of each, prefill included); None: it had the engine to itself
+    cost_s: float | None = None
 
     @property
     def n_generated(self) -> int:

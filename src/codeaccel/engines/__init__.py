@@ -2,6 +2,8 @@
 
 The contract (``base``: evaluate tokens, rewind, token trees), its llama.cpp
 (``llamacpp``) and transformers (``hf``) implementations, :func:`load_engine` here,
+several sequences evaluated in one batch (``sequences``: the contract and a sequential
+fallback; ``llamacpp_sequences``, ``hf_sequences``; :func:`open_sequences` here),
 draft engines loaded once per run (``pool``), the measured cost of evaluating k
 tokens at once (``cost_curve``) and what "the same tokenizer" means (``tokenizer``).
 """
@@ -10,7 +12,10 @@ from __future__ import annotations
 
 from codeaccel.engines.base import Engine
 from codeaccel.engines.hf import HFEngine
+from codeaccel.engines.hf_sequences import HFSequences
 from codeaccel.engines.llamacpp import LlamaCppEngine
+from codeaccel.engines.llamacpp_sequences import LlamaCppSequences
+from codeaccel.engines.sequences import SequenceSet, SequentialSequences
 from codeaccel.errors import UserError
 from codeaccel.models.draft_vocab import DraftVocabulary
 from codeaccel.models.registry import resolve_model
@@ -47,4 +52,19 @@ def load_engine(
     return HFEngine(source.path, model_name=source.name, dtype=dtype, n_ctx=n_ctx, n_threads=n_threads)
 
 
-__all__ = ["ENGINES", "Engine", "load_engine"]
+def open_sequences(engine: Engine, n_seq_max: int, n_ctx: int | None = None) -> SequenceSet:
+    """A multi-sequence cache on ``engine``'s model: up to ``n_seq_max`` sequences, ``n_ctx`` cells in all.
+
+    llama.cpp: a context of its own sharing the engine's weights; hf: batched forward
+    passes over per-sequence caches; any other engine: its sequences one after another.
+    Free the set (``free()`` or a ``with`` block) before closing the engine.
+    """
+    n_ctx = n_ctx or engine.n_ctx
+    if isinstance(engine, LlamaCppEngine):
+        return LlamaCppSequences(engine, n_seq_max=n_seq_max, n_ctx=n_ctx, n_threads=engine.n_threads)
+    if isinstance(engine, HFEngine):
+        return HFSequences(engine, n_seq_max=n_seq_max, n_ctx=min(n_ctx, engine.n_ctx))
+    return SequentialSequences(engine, n_seq_max=n_seq_max)
+
+
+__all__ = ["ENGINES", "Engine", "SequenceSet", "load_engine", "open_sequences"]

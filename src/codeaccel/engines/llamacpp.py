@@ -90,6 +90,7 @@ class LlamaCppEngine(Engine):
         params.n_threads = params.n_threads_batch = n_threads
         params.n_seq_max = self.max_tree_branches
         params.kv_unified = True  # branches share the prefix's cells
+        self._model = model  # what is evaluated: Llama's model, or the reduced one
         self._ctx = llama_cpp.llama_init_from_model(model, params)
         if not self._ctx:
             self.close()
@@ -106,9 +107,9 @@ class LlamaCppEngine(Engine):
         super().__init__(name, n_vocab=n_vocab, n_ctx=n_ctx_real, eog_token_ids=eog)
         self.model_path = path
         self._n_batch = n_batch
+        self.n_threads = n_threads  # a multi-sequence context on this model uses as many
         # the batch carries token ids, or input embeddings  # [n_batch, n_embd] for a reduced model
-        n_embd = self._embeddings.n_embd if self._embeddings is not None else 0
-        self._batch = llama_cpp.llama_batch_init(n_batch, n_embd, self.max_tree_branches)
+        self._batch = self.new_batch(n_batch, self.max_tree_branches)
         self._chat_formatter = None
 
     def _load_reduced(self, vocabulary: DraftVocabulary, path: Path):
@@ -188,7 +189,7 @@ class LlamaCppEngine(Engine):
             chunk = tokens[start : start + self._n_batch]
             last_chunk = start + len(chunk) == len(tokens)
             batch.n_tokens = len(chunk)
-            self._write_inputs(chunk)
+            self.fill_inputs(batch, chunk)
             for i in range(len(chunk)):
                 batch.pos[i] = n_past + start + i
                 batch.n_seq_id[i] = 1
@@ -200,24 +201,29 @@ class LlamaCppEngine(Engine):
                 raise RuntimeError(f"llama_decode failed with code {rc}")
             n_rows = len(chunk) if all_logits else int(last_chunk)
             if n_rows:
-                out[row : row + n_rows] = self._read_logits(n_rows)
+                out[row : row + n_rows] = self.read_logits(self._ctx, n_rows)
                 row += n_rows
         return out
 
-    def _write_inputs(self, tokens: list[int]) -> None:
-        """Put the tokens into the batch: their ids, or their embeddings for a reduced model."""
+    def fill_inputs(self, batch, tokens: list[int]) -> None:
+        """Put the tokens into ``batch`` (from 0): their ids, or their embeddings for a reduced model."""
         if self._embeddings is None:
             for i, tok in enumerate(tokens):
-                self._batch.token[i] = tok
+                batch.token[i] = tok
         else:
             rows = self._embeddings.rows(tokens)  # [n, n_embd] float32, C order
-            ctypes.memmove(self._batch.embd, rows.ctypes.data, rows.nbytes)
+            ctypes.memmove(batch.embd, rows.ctypes.data, rows.nbytes)
 
-    def _read_logits(self, n_rows: int) -> np.ndarray:
-        """The last decode's logits  # [n_rows, n_vocab] (a copy), full-vocabulary rows for a reduced model."""
+    def new_batch(self, n_tokens: int, n_seq_max: int):
+        """A ``llama_batch`` for this model's inputs (ids, or embeddings for a reduced model); free it."""
+        n_embd = self._embeddings.n_embd if self._embeddings is not None else 0
+        return self._llama_cpp.llama_batch_init(n_tokens, n_embd, n_seq_max)
+
+    def read_logits(self, ctx, n_rows: int) -> np.ndarray:
+        """``ctx``'s last decode's logits  # [n_rows, n_vocab] (a copy), full-vocabulary rows for a reduced model."""
         lc = self._llama_cpp
         width = self.n_vocab if self._vocabulary is None else self._vocabulary.size
-        ptr = ctypes.cast(lc.llama_get_logits(self._ctx), ctypes.POINTER(ctypes.c_float))
+        ptr = ctypes.cast(lc.llama_get_logits(ctx), ctypes.POINTER(ctypes.c_float))
         logits = np.ctypeslib.as_array(ptr, shape=(n_rows, width))
         if self._vocabulary is None:
             return logits.copy()
@@ -243,7 +249,7 @@ class LlamaCppEngine(Engine):
             lc.llama_memory_seq_cp(self._memory, 0, b, -1, -1)
         batch = self._batch
         batch.n_tokens = len(tokens)
-        self._write_inputs(tokens)
+        self.fill_inputs(batch, tokens)
         for i in range(len(tokens)):
             batch.pos[i] = n_past + depth[i]
             batch.n_seq_id[i] = len(seqs[i])
@@ -254,7 +260,7 @@ class LlamaCppEngine(Engine):
         if rc != 0:
             self._drop_tree(n_branches=len(branch_leaves))
             raise RuntimeError(f"llama_decode failed with code {rc}")
-        return self._read_logits(len(tokens))  # [n, vocab]
+        return self.read_logits(self._ctx, len(tokens))  # [n, vocab]
 
     def _keep_path(self, tokens: list[int], parents: list[int], path: list[int]) -> None:
         lc = self._llama_cpp

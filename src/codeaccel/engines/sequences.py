@@ -1,0 +1,216 @@
+"""Several sequences of one model in one KV cache, evaluated together: the multi-sequence contract.
+
+An :class:`Engine` holds one sequence. On a CPU, one evaluation of several sequences'
+next tokens costs far less than evaluating them one after another (the weights are
+read once per batch: llama.cpp's ``llama-bench`` here, 1.5B Q4_K_M on 2 threads, 15 tok/s
+for one sequence, 40 in batches of 4, 78 in batches of 16), so the cascade's k samples
+and the server's concurrent requests go through a :class:`SequenceSet`:
+
+* ``open(copy_of=None) -> seq``: a new, empty sequence, or one that starts as a copy of
+  ``copy_of``'s cache (llama.cpp shares the cells: a prompt prefilled once serves k
+  samples);
+* ``eval({seq: tokens, ...}) -> {seq: logits  # [len(tokens), n_vocab]}``: append each
+  sequence's tokens and evaluate all of them in one batch (sequences of any lengths,
+  at any step of their generation: a sequence opens or closes between two calls);
+* ``rewind(seq, n)``, ``close(seq)``, ``tokens(seq)``.
+
+Every sequence sees only its own tokens, so its logits equal what the single-sequence
+engine gives for the same tokens (up to the float noise of a different batch shape,
+which the benchmarks' near-tie tolerance measures). :func:`codeaccel.engines.open_sequences`
+makes one for any engine; like an engine it serves one thread at a time, and it is
+freed before its engine is closed.
+"""
+
+from __future__ import annotations
+
+import abc
+import functools
+import threading
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+
+from codeaccel.engines.base import Engine
+from codeaccel.errors import InternalError
+
+
+class ContextFull(InternalError):
+    """The set's cache has no room for a batch: the caller admitted more than ``n_ctx`` allows."""
+
+
+def _exclusive(method: Callable) -> Callable:
+    @functools.wraps(method)
+    def guarded(self: SequenceSet, *args, **kwargs):
+        if not self._in_use.acquire(blocking=False):
+            raise InternalError(f"sequence set of {self.model_name} is in use by another thread")
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self._in_use.release()
+
+    return guarded
+
+
+class SequenceSet(abc.ABC):
+    kind: str = ""
+
+    def __init__(self, engine: Engine, n_ctx: int, n_seq_max: int):
+        """``engine``: the model's single-sequence engine; it owns the tokenizer (and the weights)."""
+        if n_seq_max < 1:
+            raise InternalError(f"a sequence set needs at least one sequence, got n_seq_max={n_seq_max}")
+        self.engine = engine
+        self.model_name = engine.model_name
+        self.n_vocab = engine.n_vocab  # width of a logits row
+        self.n_ctx = n_ctx  # cells of the cache, all sequences together
+        self.n_seq_max = n_seq_max  # most sequences open at once
+        self.eog_token_ids = engine.eog_token_ids
+        self._seqs: dict[int, list[int]] = {}  # open sequence id -> the tokens its cache holds
+        self._in_use = threading.Lock()
+
+    # ---- the contract -------------------------------------------------------------
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return self.engine.detokenize(tokens)
+
+    @property
+    def open_sequences(self) -> list[int]:
+        return sorted(self._seqs)
+
+    @property
+    def n_free(self) -> int:
+        """Sequences that can still be opened."""
+        return self.n_seq_max - len(self._seqs)
+
+    def tokens(self, seq: int) -> list[int]:
+        """A copy of the tokens sequence ``seq`` holds."""
+        return list(self._held(seq))
+
+    def n_tokens(self, seq: int) -> int:
+        return len(self._held(seq))
+
+    @_exclusive
+    def open(self, copy_of: int | None = None) -> int:
+        """A new sequence: empty, or holding a copy of ``copy_of``'s tokens (its cache shared or copied)."""
+        if copy_of is not None:
+            self._held(copy_of)
+        free = [s for s in range(self.n_seq_max) if s not in self._seqs]
+        if not free:
+            raise InternalError(f"all {self.n_seq_max} sequences are open: close one first")
+        seq = free[0]
+        self._open(seq, copy_of)
+        self._seqs[seq] = [] if copy_of is None else list(self._seqs[copy_of])
+        return seq
+
+    @_exclusive
+    def close(self, seq: int) -> None:
+        """Free the sequence and its cache cells (cells shared with another sequence stay theirs)."""
+        self._held(seq)
+        self._close(seq)
+        del self._seqs[seq]
+
+    @_exclusive
+    def rewind(self, seq: int, n_tokens: int) -> None:
+        """Keep only the first n_tokens of sequence ``seq``."""
+        held = self._held(seq)
+        if not 0 <= n_tokens <= len(held):
+            raise InternalError(f"cannot rewind sequence {seq} to {n_tokens} tokens: it holds {len(held)}")
+        if n_tokens < len(held):
+            self._truncate(seq, n_tokens)
+            del held[n_tokens:]
+
+    @_exclusive
+    def eval(self, steps: Mapping[int, Sequence[int]], *, all_logits: bool = True) -> dict[int, np.ndarray]:
+        """Append ``steps[seq]`` to every sequence named and evaluate them all in one batch.
+
+        Returns, per sequence, logits  # [len(tokens), n_vocab] float32 (row i predicts the
+        token after tokens[i]), or only the last row  # [1, n_vocab] when not all_logits.
+        """
+        batch: dict[int, list[int]] = {}
+        for seq, tokens in steps.items():
+            held = self._held(seq)
+            tokens = [int(t) for t in tokens]
+            if not tokens:
+                raise InternalError(f"sequence {seq}: eval needs at least one token")
+            bad = [t for t in tokens if not 0 <= t < self.n_vocab]
+            if bad:
+                raise InternalError(f"token ids out of range [0, {self.n_vocab}): {bad[:5]}")
+            if len(held) + len(tokens) > self.n_ctx:
+                raise ContextFull(f"sequence {seq} would hold {len(held) + len(tokens)} tokens > n_ctx={self.n_ctx}")
+            batch[seq] = tokens
+        if not batch:
+            raise InternalError("eval needs at least one sequence")
+        out = self._forward(batch, all_logits)
+        for seq, tokens in batch.items():
+            self._seqs[seq].extend(tokens)
+        return out
+
+    def close_all(self) -> None:
+        for seq in self.open_sequences:
+            self.close(seq)
+
+    def free(self) -> None:
+        """Release the cache itself (optional)."""
+
+    def __enter__(self) -> SequenceSet:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.free()
+
+    def _held(self, seq: int) -> list[int]:
+        held = self._seqs.get(seq)
+        if held is None:
+            raise InternalError(f"sequence {seq} is not open")
+        return held
+
+    # ---- for subclasses -----------------------------------------------------------
+    @abc.abstractmethod
+    def _open(self, seq: int, copy_of: int | None) -> None:
+        """Make ``seq``'s cache empty, or a copy of ``copy_of``'s."""
+
+    @abc.abstractmethod
+    def _close(self, seq: int) -> None:
+        """Drop ``seq``'s cache."""
+
+    @abc.abstractmethod
+    def _truncate(self, seq: int, n_tokens: int) -> None:
+        """Drop ``seq``'s cached positions >= n_tokens."""
+
+    @abc.abstractmethod
+    def _forward(self, batch: dict[int, list[int]], all_logits: bool) -> dict[int, np.ndarray]:
+        """Evaluate every sequence's new tokens after its cache, in one batch where the engine can."""
+
+
+class SequentialSequences(SequenceSet):
+    """Any single-sequence engine as a set: each sequence evaluated on its own (correct, not batched).
+
+    The fallback for engines without a multi-sequence cache (and for tests): a
+    sequence's tokens are re-prefilled into the one engine whenever another sequence
+    used it in between, so it costs a prefill per switch.
+    """
+
+    kind = "sequential"
+
+    def __init__(self, engine: Engine, n_seq_max: int):
+        super().__init__(engine, n_ctx=engine.n_ctx, n_seq_max=n_seq_max)
+
+    def _open(self, seq: int, copy_of: int | None) -> None:
+        pass
+
+    def _close(self, seq: int) -> None:
+        pass
+
+    def _truncate(self, seq: int, n_tokens: int) -> None:
+        pass
+
+    def _forward(self, batch: dict[int, list[int]], all_logits: bool) -> dict[int, np.ndarray]:
+        out = {}
+        for seq, tokens in batch.items():
+            held = self._seqs[seq]
+            if held:
+                self.engine.prefill(held)  # reuses the engine's cache when it already holds them
+                rows = self.engine.eval(tokens)
+            else:
+                self.engine.reset()
+                rows = self.engine.eval(tokens)
+            out[seq] = rows if all_logits else rows[-1:]
+        return out
