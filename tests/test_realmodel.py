@@ -1,5 +1,8 @@
 """The realmodel tier: the bundled Qwen2.5-Coder models, end to end (CI runs it)."""
 
+import json
+from pathlib import Path
+
 import pytest
 
 from codeaccel.bench.datasets import load_problems
@@ -10,12 +13,14 @@ from codeaccel.bench.store import ResultStore
 from codeaccel.decoding.autoregressive import generate
 from codeaccel.decoding.sampling import SamplingParams
 from codeaccel.engines import load_engine
+from codeaccel.engines.cost_curve import CostCurve, save_cost_curve
 from codeaccel.methods.registry import MethodOptions
-from codeaccel.models.registry import BUNDLED, is_assembled, resolve_model
+from codeaccel.models.registry import BUNDLED, cache_dir, is_assembled, resolve_model
 from test_engines import _library_greedy
 
 pytestmark = pytest.mark.realmodel
 SMALL, LARGE = "qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct"
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks"
 
 
 def test_bundled_models_assemble_and_verify():
@@ -95,9 +100,30 @@ def test_retrieval_on_a_real_repository_is_lossless_and_accepts_drafts(tmp_path)
     assert row["edit_similarity"] > 0.3
 
 
-def test_context_drafts_and_a_prediction_are_lossless_on_an_edit(tmp_path):
+def _pin_cost_curve(cache: Path, committed: Path) -> None:
+    """A user cache at ``cache`` with the bundled models and the ``committed`` cost curve as this machine's.
+
+    The retrieval timing verifies a draft only where the cost curve says it pays; a quick first-use
+    profile on a noisy CI machine once measured verification nearly as dear as decoding one token at a
+    time (C(k) ≈ k), and the timing then rightly verified nothing. Tests of the drafts pin a measured curve.
+    """
+    real = cache_dir()
+    cache.mkdir(parents=True)
+    (cache / "models").symlink_to(real / "models")
+    fields = CostCurve.__dataclass_fields__
+    doc = json.loads(committed.read_text())
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CODEACCEL_CACHE_DIR", str(cache))
+        save_cost_curve(CostCurve(**{k: v for k, v in doc.items() if k in fields}))  # with this machine's name
+
+
+def test_context_drafts_and_a_prediction_are_lossless_on_an_edit(tmp_path, monkeypatch):
     """edits:click on the 0.5B model: drafts from the prompt (the file before) and from the old
     function as the predicted output; greedy output as autoregressive, in fewer target evaluations."""
+    resolve_model(SMALL)  # assembled in the real cache before it is linked
+    committed = DOCS / "cost_curves" / "xeon" / f"cost_curve-llama.cpp-{SMALL}.json"  # C(16) = 3.6 steps
+    _pin_cost_curve(tmp_path / "cache", committed)
+    monkeypatch.setenv("CODEACCEL_CACHE_DIR", str(tmp_path / "cache"))
     config = BenchConfig(model=SMALL, datasets=("edits:click",), methods=("autoregressive", "context"), limit=1)
     records = run_bench(config, ResultStore(tmp_path / "r.jsonl"))
     noise = find_noise(tmp_path, "llama.cpp", SMALL)
