@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 from rich.logging import RichHandler
 
-from codeaccel.cli import bench, dataset, generate, index, models, profile, sandbox
+from codeaccel.cli import bench, cascade, dataset, generate, index, models, profile, sandbox
 from codeaccel.cli.display import err
 from codeaccel.errors import CodeaccelError, InternalError
 
@@ -29,6 +29,7 @@ app.add_typer(models.app, name="models")
 app.add_typer(index.app, name="index")
 app.add_typer(sandbox.app, name="sandbox")
 app.add_typer(dataset.app, name="dataset")
+app.add_typer(cascade.app, name="cascade")
 app.command()(generate.generate)
 app.command()(profile.profile)
 app.command()(bench.bench)

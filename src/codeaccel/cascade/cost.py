@@ -1,0 +1,95 @@
+"""What a cascade costs, measured: engine seconds per generated token at each batch size, times a price.
+
+A stage that writes k answers and k tests decodes 2k sequences together (k = 1: the
+greedy answer and the greedy test, 2; k = 0: one answer, 1), and on this CPU a batch of
+b sequences costs far less than b single steps. So each model's cost is measured here
+as seconds per decode step with b sequences active (b copies of a real prompt, every
+one generating), for b in ``BATCH_SIZES``; a stage's generation is priced as
+
+    generated tokens of its 2k sequences × step_s(b) / b,  b = min(2k, n_seq_max)
+
+(step_s interpolated linearly between measured sizes), plus its prompts' prefill
+(prompt tokens × seconds per prompt token; reported apart as well). That prices every
+k as if it ran on its own, as a deployed cascade would run it; the run's own batched
+spend (all 33 sequences of a problem together) is stored per generation too (``cost_s``).
+
+Money: seconds × price per hour / 3600. The default, ``CPU_USD_PER_HOUR`` = $0.085, is the
+on-demand price of 2 of the 8 vCPUs of a c5.2xlarge in us-east-1 ($0.34 per hour in AWS's
+EC2 Auto Scaling user guide, "Spot price per unit hour example"; our measurements use 2
+cores); the cascade paper's convention, $0.44 per GPU-hour, is reported beside it.
+Prices scale every cost alike, so they move no point on or off a Pareto front.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from codeaccel import machine
+from codeaccel.bench.harness import build_prompt
+from codeaccel.cascade.problems import CascadeProblem
+from codeaccel.cascade.store import BatchCost
+from codeaccel.decoding.sampling import SamplingParams, next_token
+from codeaccel.engines import Engine, open_sequences
+
+BATCH_SIZES = (1, 2, 4, 6, 8, 10, 12, 16)
+STEPS = 24  # decode steps timed per batch size (after 2 warm-up steps)
+CPU_USD_PER_HOUR = 0.085  # 2 of 8 vCPUs of an on-demand c5.2xlarge, us-east-1 ($0.34/h, AWS's user guide)
+PAPER_USD_PER_HOUR = 0.44  # the cascade paper's GPU-hour convention
+
+
+def measure_batch_costs(engine: Engine, cp: CascadeProblem, sizes: Sequence[int] = BATCH_SIZES) -> list[BatchCost]:
+    """Seconds per generated token with b sequences decoding together, for each b; and per prompt token."""
+    prompt = build_prompt(engine, cp.problem)
+    params = SamplingParams(temperature=0.8, seed=0)
+    out = []
+    with open_sequences(engine, n_seq_max=max(sizes), n_ctx=len(prompt) + max(sizes) * (STEPS + 4) + 256) as seqs:
+        for b in sizes:
+            rng = np.random.default_rng(b)
+            lead = seqs.open()
+            t0 = time.perf_counter()
+            logits = seqs.eval({lead: prompt}, all_logits=False)[lead][-1]
+            prefill_s = time.perf_counter() - t0
+            live = [lead] + [seqs.open(copy_of=lead) for _ in range(b - 1)]
+            rows = {s: logits for s in live}
+            elapsed = 0.0
+            for step in range(STEPS + 2):
+                batch = {s: [next_token(rows[s], params, rng)] for s in live}
+                t0 = time.perf_counter()
+                got = seqs.eval(batch, all_logits=False)
+                if step >= 2:
+                    elapsed += time.perf_counter() - t0
+                rows = {s: got[s][-1] for s in live}
+            seqs.close_all()
+            out.append(
+                BatchCost(
+                    model=engine.model_name,
+                    batch_size=b,
+                    s_per_token=elapsed / (STEPS * b),
+                    s_per_prompt_token=prefill_s / len(prompt),
+                    tokens=STEPS * b,
+                    cpu=machine.cpu_model(),
+                )
+            )
+    return out
+
+
+def step_seconds(costs: dict[int, BatchCost], b: int) -> float:
+    """Seconds of one decode step with b sequences, interpolated between measured batch sizes."""
+    sizes = sorted(costs)
+    steps = [costs[s].s_per_token * s for s in sizes]
+    if b >= sizes[-1]:  # more sequences than measured: whole batches of the largest size
+        return steps[-1] * b / sizes[-1]
+    return float(np.interp(b, sizes, steps))
+
+
+def generation_seconds(costs: dict[int, BatchCost], n_tokens: int, n_sequences: int, n_seq_max: int) -> float:
+    """Seconds to generate n_tokens over n_sequences decoded together (at most n_seq_max at once)."""
+    b = max(1, min(n_sequences, n_seq_max))
+    return n_tokens * step_seconds(costs, b) / b
+
+
+def usd(seconds: float, usd_per_hour: float = CPU_USD_PER_HOUR) -> float:
+    return seconds * usd_per_hour / 3600.0

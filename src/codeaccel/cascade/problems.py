@@ -1,0 +1,85 @@
+"""A benchmark problem as the cascade needs it: the answer prompt, the function under test, a reference.
+
+The answer prompt is the benchmark's own (:mod:`codeaccel.bench.datasets`: the chat
+template, the reply started with a code fence and, for HumanEval, the signature), so a
+cascade's pass@1 compares with every other row of the harness. The self-tests need the
+function's name (``entry_point``: HumanEval's field; MBPP's is the function its first
+official test calls), the signature and docstring the tests are written against, and
+the dataset's reference solution (to measure how many generated test lines are valid).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from importlib import resources
+
+from codeaccel.bench.datasets import humaneval_rows, load_problems
+from codeaccel.bench.problem import Problem
+from codeaccel.errors import UserError
+
+DATASETS = ("humaneval", "mbpp")
+_CALL = re.compile(r"assert\s+(?:not\s+)?\(?\s*(?:math\.isclose\(\s*|set\(\s*)?([A-Za-z_][A-Za-z0-9_]*)\s*\(")
+
+
+@dataclass(frozen=True)
+class CascadeProblem:
+    problem: Problem  # the harness's problem: answer prompt, stop strings, official tests
+    entry_point: str  # the function the self-tests call
+    spec: str  # what the tests are written against: signature + docstring (HumanEval) or the task text (MBPP)
+    reference: str  # the dataset's reference solution, a complete program
+
+    @property
+    def task_id(self) -> str:
+        return self.problem.task_id
+
+    @property
+    def dataset(self) -> str:
+        return self.problem.dataset
+
+
+def load_cascade_problems(dataset: str, limit: int | None = None) -> list[CascadeProblem]:
+    key = dataset.strip().lower()
+    if key not in DATASETS:
+        raise UserError(f"the cascade runs on {', '.join(DATASETS)}, not {dataset!r}")
+    problems = load_problems(key, limit)
+    if key == "humaneval":
+        rows = {r["task_id"]: r for r in humaneval_rows()}
+        return [
+            CascadeProblem(
+                problem=p,
+                entry_point=rows[p.task_id]["entry_point"],
+                spec=rows[p.task_id]["prompt"],
+                reference=rows[p.task_id]["prompt"] + rows[p.task_id]["canonical_solution"],
+            )
+            for p in problems
+        ]
+    path = resources.files("codeaccel") / "data" / "mbpp" / "sanitized-mbpp.json"
+    rows = {f"Mbpp/{r['task_id']}": r for r in json.loads(path.read_text())}
+    out = []
+    for p in problems:
+        r = rows[p.task_id]
+        entry = mbpp_entry_point(r["test_list"], r["code"])
+        imports = "\n".join(r["test_imports"])
+        out.append(
+            CascadeProblem(
+                problem=p,
+                entry_point=entry,
+                spec=r["prompt"],
+                reference=f"{imports}\n{r['code']}" if imports else r["code"],
+            )
+        )
+    return out
+
+
+def mbpp_entry_point(test_list: list[str], code: str) -> str:
+    """The function MBPP's tests call: the first name called after ``assert`` that the reference defines."""
+    defined = set(re.findall(r"^def\s+([A-Za-z_][A-Za-z0-9_]*)", code, flags=re.M))
+    for test in test_list:
+        for name in _CALL.findall(test):
+            if name in defined:
+                return name
+    if len(defined) == 1:
+        return next(iter(defined))
+    raise UserError(f"cannot tell which function MBPP's tests call: {test_list[:1]}")

@@ -1,0 +1,198 @@
+"""A cascade configuration replayed over the generation store: per problem, which answer, passed or not, at what cost.
+
+Nothing is generated here. For each model and problem a stage (k, l) reads:
+
+* k = 0: the greedy answer; no tests; it always stops the cascade;
+* k = 1: the greedy answer and the greedy test asked for l lines;
+* k ≥ 3: sampled answers 0..k-1 and sampled tests 0..k-1 asked for l lines.
+
+Its test lines are the distinct lines extracted from those tests (N_t of them), its
+pass matrix comes from the stored line results, and :func:`codeaccel.cascade.scoring.accept`
+picks the best answer and decides. Stages run in order until one accepts; the last
+that runs is taken without the check. A problem's cost is the sum over the stages that
+ran of their generation (tokens × the measured per-token seconds at their batch size,
+:mod:`codeaccel.cascade.cost`) and their prompts' prefill, which is also kept apart.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from codeaccel.cascade.config import CascadeConfig, Stage
+from codeaccel.cascade.cost import generation_seconds
+from codeaccel.cascade.scoring import Scorer, Verdict, accept
+from codeaccel.cascade.store import BatchCost, GenerationStore, StoredGeneration
+from codeaccel.errors import InternalError, UserError
+
+
+@dataclass(frozen=True)
+class StageData:
+    """One model's stored answers and tests for one problem, ready for every (k, l)."""
+
+    answers: dict[int, StoredGeneration]  # sample (-1 greedy) -> answer
+    tests: dict[tuple[int, int], StoredGeneration]  # (l, sample) -> test
+    answer_passed: dict[int, bool]  # answer id -> passes the official tests
+    test_lines: dict[int, list[tuple[str, bool]]]  # test id -> [(line, reference passes it)]
+    line_passed: dict[int, dict[str, bool]]  # answer id -> line -> passes
+
+
+@dataclass(frozen=True)
+class StageRun:
+    """What one stage does on one problem (independent of θ, except through ``verdict.accepted``)."""
+
+    answer_ids: tuple[int, ...]
+    lines: tuple[str, ...]  # N_t distinct test lines
+    passes: np.ndarray  # [k, N_t] bool
+    chosen_passed_at: dict[Scorer, tuple[int, bool]]  # scorer -> (best index, its official result)
+    gen_tokens: int
+    prompt_tokens: int
+    n_sequences: int
+    gen_s: float
+    prompt_s: float
+
+
+@dataclass(frozen=True)
+class ProblemOutcome:
+    task_id: str
+    passed: bool
+    stopped_at: int  # index of the stage whose answer was taken
+    cost_s: float  # generation + prefill
+    prompt_s: float  # of which prefill
+    gen_tokens: int
+    prompt_tokens: int
+
+
+class Replay:
+    """Replays configurations over one dataset of a store; stage runs are cached across configurations."""
+
+    def __init__(self, store: GenerationStore, dataset: str, task_ids: Sequence[str], n_seq_max: int = 16):
+        self.store = store
+        self.dataset = dataset
+        self.task_ids = list(task_ids)
+        self.n_seq_max = n_seq_max
+        self._costs: dict[str, dict[int, BatchCost]] = {}
+
+    def costs(self, model: str) -> dict[int, BatchCost]:
+        if model not in self._costs:
+            costs = self.store.batch_costs(model)
+            if not costs:
+                raise UserError(f"{self.store.path} has no measured batch costs for {model}: run `cascade run` first")
+            self._costs[model] = costs
+        return self._costs[model]
+
+    @functools.lru_cache(maxsize=None)  # noqa: B019 (the replay lives as long as its caches should)
+    def data(self, model: str, task_id: str) -> StageData:
+        gens = self.store.generations(model, self.dataset, task_id)
+        if not gens:
+            raise UserError(f"{model} has nothing stored for {task_id}: run `cascade run` for it first")
+        answers = {g.sample: g for g in gens if g.kind == "answer"}
+        tests = {(g.l, g.sample): g for g in gens if g.kind == "test"}
+        answer_ids = [g.id for g in answers.values()]
+        passed = self.store.answer_results(answer_ids)
+        if len(passed) < len(answer_ids):
+            raise UserError(f"{model} / {task_id} is generated but not executed: run `cascade run` to finish it")
+        return StageData(
+            answers=answers,
+            tests=tests,
+            answer_passed=passed,
+            test_lines=self.store.test_lines(g.id for g in tests.values()),
+            line_passed=self.store.line_results(answer_ids),
+        )
+
+    @functools.lru_cache(maxsize=None)  # noqa: B019
+    def stage_run(self, stage: Stage, task_id: str) -> StageRun:
+        d = self.data(stage.model, task_id)
+        samples = [-1] if stage.k in (0, 1) else list(range(stage.k))
+        missing = [s for s in samples if s not in d.answers]
+        if missing:
+            raise UserError(f"{stage.model} / {task_id} has no stored answer sample {missing[0]} (k={stage.k})")
+        answers = [d.answers[s] for s in samples]
+        if stage.tested and any((stage.l, s) not in d.tests for s in samples):
+            raise UserError(f"{stage.model} / {task_id} lacks stored tests for l={stage.l}, k={stage.k}")
+        tests = [d.tests[(stage.l, s)] for s in samples] if stage.tested else []
+        lines = tuple(dict.fromkeys(line for t in tests for line, _ in d.test_lines[t.id]))
+        passes = np.array(
+            [[d.line_passed[a.id].get(line, False) for line in lines] for a in answers], dtype=bool
+        ).reshape(len(answers), len(lines))
+        chosen = {}
+        for scorer in ("cascade", "dual-agreement"):
+            verdict = accept(passes, 0.0, scorer)
+            chosen[scorer] = (verdict.best, d.answer_passed[answers[verdict.best].id])
+        gen_tokens = sum(g.tokens for g in answers + tests)
+        n_sequences = len(answers) + len(tests)
+        prompt_tokens = answers[0].prompt_tokens + (tests[0].prompt_tokens if tests else 0)  # shared by copies
+        costs = self.costs(stage.model)
+        s_prompt = min(c.s_per_prompt_token for c in costs.values())
+        return StageRun(
+            answer_ids=tuple(a.id for a in answers),
+            lines=lines,
+            passes=passes,
+            chosen_passed_at=chosen,
+            gen_tokens=gen_tokens,
+            prompt_tokens=prompt_tokens,
+            n_sequences=n_sequences,
+            gen_s=generation_seconds(costs, gen_tokens, n_sequences, self.n_seq_max),
+            prompt_s=prompt_tokens * s_prompt,
+        )
+
+    def verdict(self, stage: Stage, task_id: str, theta: float, scorer: Scorer) -> Verdict:
+        return accept(self.stage_run(stage, task_id).passes, theta, scorer)
+
+    def outcome(self, config: CascadeConfig, task_id: str, scorer: Scorer = "cascade") -> ProblemOutcome:
+        cost = prompt = 0.0
+        gen_tokens = prompt_tokens = 0
+        running = config.running
+        for i in running:
+            stage = config.stages[i]
+            run = self.stage_run(stage, task_id)
+            cost += run.gen_s + run.prompt_s
+            prompt += run.prompt_s
+            gen_tokens += run.gen_tokens
+            prompt_tokens += run.prompt_tokens
+            last = i == running[-1]
+            if last or stage.k == 0 or self.verdict(stage, task_id, config.thetas[i], scorer).accepted:
+                _, passed = run.chosen_passed_at[scorer]
+                return ProblemOutcome(task_id, passed, i, cost, prompt, gen_tokens, prompt_tokens)
+        raise InternalError(f"{config.label()}: no stage answered (the last running stage always does)")
+
+    def evaluate(self, config: CascadeConfig, task_ids: Sequence[str], scorer: Scorer = "cascade") -> Evaluation:
+        outcomes = [self.outcome(config, t, scorer) for t in task_ids]
+        return Evaluation(config, scorer, outcomes)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    config: CascadeConfig
+    scorer: Scorer
+    outcomes: list[ProblemOutcome]
+
+    @property
+    def n_problems(self) -> int:
+        return len(self.outcomes)
+
+    @property
+    def pass_at_1(self) -> float:
+        return float(np.mean([o.passed for o in self.outcomes])) if self.outcomes else 0.0
+
+    @property
+    def cost_s(self) -> float:
+        """Mean engine seconds per problem (generation + prefill)."""
+        return float(np.mean([o.cost_s for o in self.outcomes])) if self.outcomes else 0.0
+
+    @property
+    def prompt_s(self) -> float:
+        return float(np.mean([o.prompt_s for o in self.outcomes])) if self.outcomes else 0.0
+
+    @property
+    def gen_tokens(self) -> float:
+        return float(np.mean([o.gen_tokens for o in self.outcomes])) if self.outcomes else 0.0
+
+    def stopped_at(self) -> dict[int, int]:
+        out: dict[int, int] = {}
+        for o in self.outcomes:
+            out[o.stopped_at] = out.get(o.stopped_at, 0) + 1
+        return out

@@ -1,0 +1,158 @@
+"""The cascade's report: results rows (the committed results format), a Markdown table, a cost–accuracy PNG.
+
+Rows: one per configuration on the Pareto fronts and per single-model configuration,
+per split, with ``method`` = ``cascade`` (two or more models run) or ``single-model``,
+``split`` (``tune`` | ``validate``), ``pass_at_1``, ``cost_usd`` (mean per problem, at
+the configured price per hour: generation and prefill), ``prompt_cost_usd`` (the prefill
+part), ``cost_usd_paper`` (the same seconds at the paper's $0.44/h), ``gen_tokens`` (mean
+generated tokens per problem: answers and tests), ``tokens_per_s`` (generated tokens per
+second of generation), the configuration, and where problems stopped.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from codeaccel import machine
+from codeaccel.cascade.cost import PAPER_USD_PER_HOUR, usd
+from codeaccel.cascade.replay import Evaluation
+from codeaccel.cascade.tuner import TuneResult, pareto_front
+
+
+def row(e: Evaluation, *, dataset: str, engine: str, split: str, usd_per_hour: float) -> dict:
+    config = e.config
+    models = [config.stages[i].model for i in config.running]
+    gen_s = e.cost_s - e.prompt_s
+    return {
+        "dataset": dataset,
+        "engine": engine,
+        "method": "single-model" if config.single_model else "cascade",
+        "model": " → ".join(models),
+        "split": split,
+        "scorer": e.scorer,
+        "n_problems": e.n_problems,
+        "pass_at_1": round(e.pass_at_1, 4),
+        "cost_usd": usd(e.cost_s, usd_per_hour),
+        "prompt_cost_usd": usd(e.prompt_s, usd_per_hour),
+        "cost_usd_paper": usd(e.cost_s, PAPER_USD_PER_HOUR),
+        "cost_s": round(e.cost_s, 4),
+        "gen_tokens": round(e.gen_tokens, 1),
+        "tokens_per_s": round(e.gen_tokens / gen_s, 3) if gen_s > 0 else None,
+        "stopped_at": {config.stages[i].model: n for i, n in sorted(e.stopped_at().items())},
+        "config": config.to_record(),
+    }
+
+
+def write_report(
+    result: TuneResult,
+    out_dir: Path,
+    *,
+    dataset: str,
+    engine: str,
+    usd_per_hour: float,
+    reference: Evaluation,
+    validity: list[dict],
+    command: str,
+) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    kw = {"dataset": dataset, "engine": engine, "usd_per_hour": usd_per_hour}
+    rows = [row(e, split="tune", **kw) for e in result.tune_front]
+    rows += [row(e, split="validate", **kw) for e in result.validate_front]
+    front_configs = {e.config for e in result.validate_front}
+    rows += [row(e, split="validate", **kw) for e in result.validate_single if e.config not in front_configs]
+    saving = result.saving_at_best_single()
+    within = result.best_within(reference)
+    summary = {
+        "best_single_model": row(saving["best_single"], split="validate", **kw),
+        "cascade_at_best_single_accuracy": row(saving["cascade"], split="validate", **kw)
+        if saving["cascade"]
+        else None,
+        "cost_saving_at_best_single_accuracy": None if saving["saving"] is None else round(saving["saving"], 4),
+        "reference": row(reference, split="validate", **kw),
+        "best_within_reference_cost": row(within, split="validate", **kw) if within else None,
+    }
+    doc = {
+        **machine.provenance(command),
+        "scorer": result.scorer,
+        "usd_per_hour": usd_per_hour,
+        "paper_usd_per_hour": PAPER_USD_PER_HOUR,
+        "n_tune": len(result.tune_ids),
+        "n_validate": len(result.validate_ids),
+        "n_configs": len(result.tune_all),
+        "summary": summary,
+        "test_validity": validity,
+        "rows": rows,
+    }
+    stem = f"cascade-{dataset}-{result.scorer}"
+    json_path, md_path, png_path = (out_dir / f"{stem}.{ext}" for ext in ("json", "md", "png"))
+    json_path.write_text(json.dumps(doc, indent=2) + "\n")
+    md_path.write_text(_markdown(doc, command))
+    _plot(result, reference, png_path, usd_per_hour, dataset)
+    return [json_path, md_path, png_path]
+
+
+def _markdown(doc: dict, command: str) -> str:
+    s = doc["summary"]
+    head = (
+        f"# Cascade: {doc['rows'][0]['dataset'] if doc['rows'] else ''}, scorer {doc['scorer']}\n\n"
+        f"Command: `{command}`\n\nMachine: {doc['machine']['cores']} cores, {doc['machine']['cpu_model']}; "
+        f"{doc['date']}\n\n{doc['n_configs']} configurations; {doc['n_tune']} problems tune, "
+        f"{doc['n_validate']} validate (seed 0). Cost: mean engine seconds per problem (answers, tests and "
+        f"their prompts' prefill, priced per model at the batch size each stage decodes) at "
+        f"${doc['usd_per_hour']}/h; the paper's ${doc['paper_usd_per_hour']}/h in `cost_usd_paper`.\n\n"
+    )
+    lines = ["## On the validation split", ""]
+    bs = s["best_single_model"]
+    lines.append(f"- best single-model point: {bs['config']['label']}: pass@1 {bs['pass_at_1']:.3f}, "
+                 f"${bs['cost_usd']:.3g} per problem")  # fmt: skip
+    if s["cascade_at_best_single_accuracy"]:
+        c = s["cascade_at_best_single_accuracy"]
+        lines.append(f"- cheapest chosen cascade point at least as accurate: {c['config']['label']}: pass@1 "
+                     f"{c['pass_at_1']:.3f}, ${c['cost_usd']:.3g}: saving "
+                     f"{100 * s['cost_saving_at_best_single_accuracy']:.1f}%")  # fmt: skip
+    else:
+        lines.append("- no chosen cascade point reaches the best single-model accuracy")
+    ref = s["reference"]
+    lines.append(f"- reference {ref['config']['label']}: pass@1 {ref['pass_at_1']:.3f}, ${ref['cost_usd']:.3g}")
+    if s["best_within_reference_cost"]:
+        w = s["best_within_reference_cost"]
+        lines.append(f"- most accurate chosen point at or below its cost: {w['config']['label']}: pass@1 "
+                     f"{w['pass_at_1']:.3f}, ${w['cost_usd']:.3g}")  # fmt: skip
+    lines += ["", "## Test validity (share of extracted lines the reference solution passes)", "",
+              "| model | l | tests | tests with a kept line | lines kept | valid |",
+              "|---|---|---|---|---|---|"]  # fmt: skip
+    lines += [f"| {v['model']} | {v['l']} | {v['tests']} | {v['tests_with_lines']} | {v['lines']} | "
+              f"{v['validity']} |" for v in doc["test_validity"]]  # fmt: skip
+    lines += ["", "## Points", "",
+              "| split | method | configuration | pass@1 | cost $/problem | prompt $ | gen tokens | stopped at |",
+              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in doc["rows"]:
+        lines.append(f"| {r['split']} | {r['method']} | {r['config']['label']} | {r['pass_at_1']:.3f} | "
+                     f"{r['cost_usd']:.3g} | {r['prompt_cost_usd']:.2g} | {r['gen_tokens']:.0f} | "
+                     f"{', '.join(f'{m}: {n}' for m, n in r['stopped_at'].items())} |")  # fmt: skip
+    return head + "\n".join(lines) + "\n"
+
+
+def _plot(result: TuneResult, reference: Evaluation, path: Path, usd_per_hour: float, dataset: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def xy(points):
+        return [usd(e.cost_s, usd_per_hour) * 1e3 for e in points], [e.pass_at_1 for e in points]
+
+    fig, ax = plt.subplots(figsize=(7.2, 4.8))
+    ax.scatter(*xy(result.validate_all), s=6, color="lightgrey", label="every configuration")
+    ax.plot(*xy(result.validate_front), marker="o", ms=4, label="cascade front (chosen on tune)")
+    ax.plot(*xy(pareto_front(result.validate_single)), marker="s", ms=4, label="single-model front")
+    ax.scatter(*xy([reference]), marker="*", s=90, color="black", zorder=5, label=reference.config.label())
+    ax.set_xlabel(f"cost per problem (milli-USD at ${usd_per_hour}/h)")
+    ax.set_ylabel("pass@1 (validation split)")
+    ax.set_title(f"{dataset}: cascade vs single model ({result.scorer} scorer)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,199 @@
+"""``codeaccel cascade run``: generate every answer and test a sweep can use, execute them, store it all.
+
+Per model and problem, one batched run (:class:`~codeaccel.decoding.batched.BatchDecoder`)
+decodes the greedy answer, a greedy test per l, ``N_SAMPLES`` sampled answers and
+``N_SAMPLES`` sampled tests per l (temperature 0.8, top-p 0.95, seed = sample index),
+so every (k, l) of the sweep reads a prefix of what is stored: k = 3 uses samples 0..2.
+Then, in the sandbox (one execution per answer: every distinct test line of its model
+and problem, each reported on its own):
+
+* each answer against the dataset's official tests (pass@1's ground truth);
+* each answer against the test lines (the pass matrix the scorers read);
+* the dataset's reference solution against the test lines (their validity).
+
+A problem's generations for one model are written in one transaction, its executions in
+another, so Ctrl-C loses at most the problem in progress and a rerun skips what is
+stored. Batch costs (seconds per token at each batch size) are measured once per model
+and stored (:mod:`codeaccel.cascade.cost`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from codeaccel import machine
+from codeaccel.bench.harness import build_prompt
+from codeaccel.cascade.config import N_SAMPLES, SAMPLE_TEMPERATURE
+from codeaccel.cascade.cost import measure_batch_costs
+from codeaccel.cascade.problems import CascadeProblem, load_cascade_problems
+from codeaccel.cascade.self_tests import SelfTestFormat, extract_test_lines, self_test_prompt
+from codeaccel.cascade.store import GenerationStore, StoredGeneration
+from codeaccel.decoding.batched import BatchDecoder
+from codeaccel.decoding.generation import Request
+from codeaccel.decoding.sampling import SamplingParams
+from codeaccel.engines import Engine, load_engine, open_sequences
+from codeaccel.errors import UserError
+from codeaccel.models.registry import resolve_model
+from codeaccel.sandbox import Job, Limits, SandboxPool
+
+log = logging.getLogger(__name__)
+
+TEST_LS = (2, 4)
+TOP_P = 0.95
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    models: tuple[str, ...]  # cascade order, smallest first
+    dataset: str
+    engine: str = "llama.cpp"
+    limit: int | None = None
+    test_format: SelfTestFormat = "chat"
+    max_tokens: int = 512  # per answer
+    n_samples: int = N_SAMPLES
+    n_seq_max: int = 16  # sequences decoded at once
+    n_ctx: int = 16384  # cache cells, all sequences together
+    test_timeout_s: float = 10.0
+
+    def to_record(self) -> dict:
+        return {
+            "models": list(self.models),
+            "dataset": self.dataset,
+            "engine": self.engine,
+            "test_format": self.test_format,
+            "max_tokens": self.max_tokens,
+            "n_samples": self.n_samples,
+            "temperature": SAMPLE_TEMPERATURE,
+            "top_p": TOP_P,
+            "test_ls": list(TEST_LS),
+        }
+
+
+@dataclass(frozen=True)
+class RunProgress:
+    model: str
+    stage: str  # "generate" | "execute" | "costs"
+    done: int
+    total: int
+
+
+def run_cascade_generation(
+    config: RunConfig, store: GenerationStore, progress: Callable[[RunProgress], None] | None = None
+) -> None:
+    """Fill ``store`` with every generation and execution of ``config`` that it lacks."""
+    report = progress or (lambda _: None)
+    if not config.models:
+        raise UserError("name at least one model (--models)")
+    stored = store.meta("run_config")
+    if stored is not None and {k: v for k, v in stored.items() if k != "models"} != {
+        k: v for k, v in config.to_record().items() if k != "models"
+    }:
+        raise UserError(f"{store.path} was made with other settings ({stored}); use another --out")
+    store.set_meta("run_config", config.to_record())
+    store.set_meta("machine", machine.provenance("")["machine"])
+    problems = load_cascade_problems(config.dataset, config.limit)
+    for spec in config.models:
+        name = resolve_model(spec).name
+        todo = [p for p in problems if p.task_id not in store.generated_tasks(name, p.dataset)]
+        if todo or not store.batch_costs(name):
+            engine = load_engine(spec, config.engine, n_ctx=4096)
+            try:
+                if not store.batch_costs(name):
+                    report(RunProgress(name, "costs", 0, 1))
+                    for cost in measure_batch_costs(engine, problems[0]):
+                        store.set_batch_cost(cost)
+                with open_sequences(engine, n_seq_max=config.n_seq_max, n_ctx=config.n_ctx) as seqs:
+                    for i, cp in enumerate(todo):
+                        report(RunProgress(name, "generate", i, len(todo)))
+                        store.add_generations(generate_problem(engine, seqs, cp, config))
+                    report(RunProgress(name, "generate", len(todo), len(todo)))
+            finally:
+                engine.close()
+        execute_stored(config, store, name, problems, report)
+
+
+def generate_problem(engine: Engine, seqs, cp: CascadeProblem, config: RunConfig) -> list[StoredGeneration]:
+    """Every answer and test of one problem for one model, decoded in one batch."""
+    answer_prompt = build_prompt(engine, cp.problem)
+    plan: list[tuple[str, int, int, Request]] = []  # (kind, l, sample, request)
+    greedy = SamplingParams()
+
+    def sampled(i: int) -> SamplingParams:
+        return SamplingParams(temperature=SAMPLE_TEMPERATURE, top_p=TOP_P, seed=i)
+
+    answer_stop = cp.problem.stop
+    plan.append(("answer", 0, -1, Request(answer_prompt, greedy, config.max_tokens, answer_stop)))
+    plan += [("answer", 0, i, Request(answer_prompt, sampled(i), config.max_tokens, answer_stop))
+             for i in range(config.n_samples)]  # fmt: skip
+    for n_lines in TEST_LS:
+        tp = self_test_prompt(cp, n_lines, config.test_format)
+        text = tp.raw if tp.raw is not None else engine.apply_chat_template(tp.messages) + tp.response_prefix
+        prompt = engine.tokenize(text)
+        plan.append(("test", n_lines, -1, Request(prompt, greedy, tp.max_tokens, tp.stop)))
+        plan += [("test", n_lines, i, Request(prompt, sampled(i), tp.max_tokens, tp.stop))
+                 for i in range(config.n_samples)]  # fmt: skip
+    decoder = BatchDecoder(seqs)
+    generations = decoder.run([request for *_, request in plan])
+    batch = decoder.stats.mean_batch
+    rows = []
+    for (kind, n_lines, sample, request), gen in zip(plan, generations):
+        prefix = "" if kind == "answer" else self_test_prompt(cp, n_lines, config.test_format).response_prefix
+        rows.append(
+            StoredGeneration(
+                model=engine.model_name,
+                dataset=cp.dataset,
+                task_id=cp.task_id,
+                kind=kind,
+                l=n_lines,
+                sample=sample,
+                temperature=request.params.temperature,
+                top_p=request.params.top_p,
+                prompt_tokens=len(request.prompt_tokens),
+                tokens=gen.n_generated,
+                text=prefix + gen.text,  # tests: the started "assert f(" belongs to the first line
+                finish_reason=gen.finish_reason,
+                cost_s=round(gen.cost_s or 0.0, 6),
+                decode_s=round(gen.decode_s, 6),
+                prefill_s=round(gen.prefill_s, 6),
+                batch_size=round(batch, 3),
+            )
+        )
+    return rows
+
+
+def execute_stored(config: RunConfig, store: GenerationStore, model: str, problems, report) -> None:
+    """Run every stored, not yet executed problem of one model through the sandbox."""
+    done = store.executed_tasks(model, config.dataset)
+    todo = [p for p in problems if p.task_id not in done and p.task_id in store.generated_tasks(model, p.dataset)]
+    limits = Limits(timeout_s=config.test_timeout_s, line_timeout_s=2.0)
+    with SandboxPool() as pool:
+        for i, cp in enumerate(todo):
+            report(RunProgress(model, "execute", i, len(todo)))
+            execute_problem(store, pool, model, cp, limits)
+        report(RunProgress(model, "execute", len(todo), len(todo)))
+
+
+def execute_problem(store: GenerationStore, pool: SandboxPool, model: str, cp: CascadeProblem, limits: Limits) -> None:
+    gens = store.generations(model, cp.dataset, cp.task_id)
+    answers = [g for g in gens if g.kind == "answer"]
+    tests = [g for g in gens if g.kind == "test"]
+    lines_of = {g.id: extract_test_lines(g.text, cp.entry_point, g.l) for g in tests}
+    distinct = list(dict.fromkeys(line for lines in lines_of.values() for line in lines))
+    jobs = [Job(cp.reference, distinct, limits)]
+    jobs += [Job(cp.problem.solution(a.text), cp.problem.tests, limits) for a in answers]  # official tests
+    jobs += [Job(cp.problem.code_prefix + a.text + "\n", distinct, limits) for a in answers]  # self-tests
+    results = list(pool.map(jobs))
+    reference, official, own = results[0], results[1 : 1 + len(answers)], results[1 + len(answers) :]
+    valid = {line: r.status == "passed" for line, r in zip(distinct, reference.tests)}
+    store.add_executions(
+        model,
+        cp.dataset,
+        cp.task_id,
+        test_lines={gid: [(line, valid.get(line, False)) for line in lines] for gid, lines in lines_of.items()},
+        answer_results={a.id: (r.passed, r.status) for a, r in zip(answers, official)},
+        line_results={
+            a.id: {line: t.status == "passed" for line, t in zip(distinct, r.tests)} for a, r in zip(answers, own)
+        },
+    )

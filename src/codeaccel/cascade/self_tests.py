@@ -1,0 +1,90 @@
+"""Tests a model writes for its own answers: the prompt that asks for them, the lines kept from the reply.
+
+Two prompt formats, measured against each other (``docs/benchmarks/cascade/``):
+
+* ``completion`` (the cascade paper's code, ``BoyuanJackChen/code-cascading``): the raw
+  text of the function's signature and docstring with ``pass`` as its body, then
+  ``# Assume the above function is completed. Write {l} lines of testing code for the
+  function.``, and the reply started as ``assert <entry point>(``; no chat template.
+* ``chat``: the model's chat template; the user turn shows the function (HumanEval's
+  signature and docstring, MBPP's task text and its shown tests, as the answer prompt
+  shows them) and asks for l assert lines; the reply is started as a code fence and
+  ``assert <entry point>(``.
+
+:func:`extract_test_lines` keeps, in order, the reply's lines that are one ``assert``
+statement calling the entry point and compile on their own (CodeT keeps only such
+pieces), without duplicates, at most l of them.
+"""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass
+from typing import Literal
+
+from codeaccel.bench.datasets import FENCE
+from codeaccel.cascade.problems import CascadeProblem
+
+SelfTestFormat = Literal["completion", "chat"]
+TEST_FORMATS: tuple[SelfTestFormat, ...] = ("chat", "completion")
+PAPER_INSTRUCTION = "# Assume the above function is completed. Write {l} lines of testing code for the function."
+TOKENS_PER_LINE = 40  # max tokens asked per test line (an assert with a list literal fits)
+
+
+@dataclass(frozen=True)
+class SelfTestPrompt:
+    messages: list[dict[str, str]] | None  # chat format: rendered with the model's template
+    raw: str | None  # completion format: the text as is
+    response_prefix: str  # the reply as we start it (part of the prompt, and of the text lines are read from)
+    stop: tuple[str, ...]
+    max_tokens: int
+
+
+def self_test_prompt(cp: CascadeProblem, l: int, fmt: SelfTestFormat) -> SelfTestPrompt:  # noqa: E741
+    start = f"assert {cp.entry_point}("
+    max_tokens = TOKENS_PER_LINE * l + 16
+    if fmt == "completion":
+        body = cp.spec if cp.dataset == "humaneval" else f'def {cp.entry_point}(*args):\n    """{cp.spec}"""\n'
+        raw = f"{body.rstrip()}\n    pass\n\n\n{PAPER_INSTRUCTION.format(l=l)}\n{start}"
+        return SelfTestPrompt(None, raw, start, ("\n\n", "\ndef ", "\nclass ", "\nif __name__", "\n```"), max_tokens)
+    if cp.dataset == "humaneval":
+        shown = f"{FENCE}{cp.spec.rstrip()}\n```"
+    else:
+        shown = cp.problem.user_message
+    user = (
+        f"{shown}\n\nAssume the function `{cp.entry_point}` is completed. Write {l} lines of testing code for it: "
+        f"each line one `assert` statement that calls `{cp.entry_point}` and checks its result."
+    )
+    return SelfTestPrompt([{"role": "user", "content": user}], None, FENCE + start, ("\n```",), max_tokens)
+
+
+def extract_test_lines(reply: str, entry_point: str, l: int) -> list[str]:  # noqa: E741
+    """At most l distinct, compiling, one-line ``assert`` statements that call ``entry_point``, in order.
+
+    ``reply`` is the text the lines are read from: the started prefix plus the
+    completion (a leading code fence is skipped, anything after a closing fence ignored).
+    """
+    text = reply.split(FENCE, 1)[1] if reply.startswith(FENCE) else reply
+    text = text.split("```", 1)[0]
+    kept: list[str] = []
+    for raw in text.splitlines():
+        line = raw.strip()
+        if line in kept or not _is_test_line(line, entry_point):
+            continue
+        kept.append(line)
+        if len(kept) == l:
+            break
+    return kept
+
+
+def _is_test_line(line: str, entry_point: str) -> bool:
+    if not line.startswith("assert"):
+        return False
+    try:
+        tree = ast.parse(line)
+    except (SyntaxError, ValueError):
+        return False
+    if len(tree.body) != 1 or not isinstance(tree.body[0], ast.Assert):
+        return False
+    calls = (n for n in ast.walk(tree.body[0].test) if isinstance(n, ast.Call))
+    return any(isinstance(c.func, ast.Name) and c.func.id == entry_point for c in calls)

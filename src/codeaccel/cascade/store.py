@@ -1,0 +1,273 @@
+"""The generation store (SQLite): every generation and every execution result of a cascade run.
+
+A sweep over (k, l, θ) reads only this store, so it is a replay, not new generation;
+a run stopped by Ctrl-C resumes without regenerating anything stored (a problem's
+generations for one model are written in one transaction, after they all finished).
+
+Tables (one file, WAL journal, every write a transaction):
+
+* ``generations``: model, dataset, task, kind (``answer`` | ``test``), l (test lines
+  asked for; 0 for answers), sample (-1: greedy; 0..9: sampled with seed = sample),
+  temperature, top_p, prompt/generated token counts, text, finish reason, seconds
+  (``cost_s``: its share of every batched evaluation; ``decode_s``/``prefill_s``: wall
+  time of the evaluations it took part in), batch size (mean sequences per step).
+* ``test_lines``: the valid test lines extracted from each test generation, in order,
+  with ``reference_passed`` (the dataset's reference solution passes the line).
+* ``answer_results``: per answer, whether it passes the dataset's official tests
+  (pass@1's ground truth) and its sandbox status.
+* ``line_results``: per answer and distinct test line of its model and problem,
+  whether the answer passes the line.
+* ``batch_costs``: seconds per generated token and per prompt token, per model and
+  batch size, as measured (the price of a k-sample stage, :mod:`codeaccel.cascade.cost`).
+* ``meta``: what produced the store (prompt formats, CPU, versions).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import astuple, dataclass, fields
+from pathlib import Path
+
+from codeaccel.errors import UserError
+
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS generations (
+    id INTEGER PRIMARY KEY,
+    model TEXT NOT NULL, dataset TEXT NOT NULL, task_id TEXT NOT NULL,
+    kind TEXT NOT NULL CHECK (kind IN ('answer', 'test')), l INTEGER NOT NULL, sample INTEGER NOT NULL,
+    temperature REAL NOT NULL, top_p REAL NOT NULL,
+    prompt_tokens INTEGER NOT NULL, tokens INTEGER NOT NULL, text TEXT NOT NULL, finish_reason TEXT NOT NULL,
+    cost_s REAL NOT NULL, decode_s REAL NOT NULL, prefill_s REAL NOT NULL, batch_size REAL NOT NULL,
+    UNIQUE (model, dataset, task_id, kind, l, sample)
+);
+CREATE TABLE IF NOT EXISTS test_lines (
+    generation_id INTEGER NOT NULL REFERENCES generations(id), position INTEGER NOT NULL,
+    line TEXT NOT NULL, reference_passed INTEGER NOT NULL,
+    PRIMARY KEY (generation_id, position)
+);
+CREATE TABLE IF NOT EXISTS answer_results (
+    generation_id INTEGER PRIMARY KEY REFERENCES generations(id),
+    passed INTEGER NOT NULL, status TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS line_results (
+    answer_id INTEGER NOT NULL REFERENCES generations(id), line TEXT NOT NULL, passed INTEGER NOT NULL,
+    PRIMARY KEY (answer_id, line)
+);
+CREATE TABLE IF NOT EXISTS batch_costs (
+    model TEXT NOT NULL, batch_size INTEGER NOT NULL,
+    s_per_token REAL NOT NULL, s_per_prompt_token REAL NOT NULL, tokens INTEGER NOT NULL, cpu TEXT NOT NULL,
+    PRIMARY KEY (model, batch_size)
+);
+CREATE TABLE IF NOT EXISTS executed (
+    model TEXT NOT NULL, dataset TEXT NOT NULL, task_id TEXT NOT NULL, PRIMARY KEY (model, dataset, task_id)
+);
+"""
+
+
+@dataclass(frozen=True)
+class StoredGeneration:
+    model: str
+    dataset: str
+    task_id: str
+    kind: str  # "answer" | "test"
+    l: int  # noqa: E741 (test lines asked for; 0 for answers)
+    sample: int  # -1 greedy, else the seed of a sampled one
+    temperature: float
+    top_p: float
+    prompt_tokens: int
+    tokens: int
+    text: str
+    finish_reason: str
+    cost_s: float
+    decode_s: float
+    prefill_s: float
+    batch_size: float
+    id: int | None = None
+
+
+_GEN_FIELDS = [f.name for f in fields(StoredGeneration) if f.name != "id"]
+
+
+@dataclass(frozen=True)
+class BatchCost:
+    model: str
+    batch_size: int
+    s_per_token: float  # decode seconds per generated token, all sequences of the batch together
+    s_per_prompt_token: float  # prefill seconds per prompt token
+    tokens: int  # generated tokens the figure is measured over
+    cpu: str
+
+
+class GenerationStore:
+    """One SQLite file; safe to share between threads (one connection, a lock)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            raise UserError(f"{self.path} is not a cascade store: {exc}") from None
+        self._lock = threading.Lock()
+        version = self.meta("schema_version")
+        if version is None:
+            self.set_meta("schema_version", SCHEMA_VERSION)
+        elif int(version) != SCHEMA_VERSION:
+            raise UserError(f"{self.path} has store schema {version}; this codeaccel reads {SCHEMA_VERSION}")
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> GenerationStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- meta ----------------------------------------------------------------------
+    def meta(self, key: str):
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else json.loads(row[0])
+
+    def set_meta(self, key: str, value) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value)))
+
+    # ---- generations ---------------------------------------------------------------
+    def add_generations(self, rows: Sequence[StoredGeneration]) -> list[int]:
+        """Insert one problem's generations for one model in one transaction; their ids."""
+        placeholders = ", ".join("?" * len(_GEN_FIELDS))
+        sql = f"INSERT INTO generations ({', '.join(_GEN_FIELDS)}) VALUES ({placeholders})"
+        ids = []
+        with self._lock, self._transaction():
+            for row in rows:
+                ids.append(self._db.execute(sql, astuple(row)[:-1]).lastrowid)
+        return ids
+
+    def generations(self, model: str, dataset: str, task_id: str) -> list[StoredGeneration]:
+        cols = ", ".join(_GEN_FIELDS + ["id"])
+        cur = self._db.execute(
+            f"SELECT {cols} FROM generations WHERE model = ? AND dataset = ? AND task_id = ? ORDER BY kind, l, sample",
+            (model, dataset, task_id),
+        )
+        return [StoredGeneration(*row) for row in cur]
+
+    def generated_tasks(self, model: str, dataset: str) -> set[str]:
+        cur = self._db.execute("SELECT DISTINCT task_id FROM generations WHERE model = ? AND dataset = ?",
+                               (model, dataset))  # fmt: skip
+        return {row[0] for row in cur}
+
+    # ---- executions ----------------------------------------------------------------
+    def add_executions(
+        self,
+        model: str,
+        dataset: str,
+        task_id: str,
+        test_lines: dict[int, list[tuple[str, bool]]],
+        answer_results: dict[int, tuple[bool, str]],
+        line_results: dict[int, dict[str, bool]],
+    ) -> None:
+        """A problem's execution results for one model, in one transaction, marked executed."""
+        with self._lock, self._transaction():
+            for gen_id, lines in test_lines.items():
+                self._db.executemany(
+                    "INSERT OR REPLACE INTO test_lines VALUES (?, ?, ?, ?)",
+                    [(gen_id, i, line, int(ok)) for i, (line, ok) in enumerate(lines)],
+                )
+            self._db.executemany(
+                "INSERT OR REPLACE INTO answer_results VALUES (?, ?, ?)",
+                [(gen_id, int(ok), status) for gen_id, (ok, status) in answer_results.items()],
+            )
+            for answer_id, results in line_results.items():
+                self._db.executemany(
+                    "INSERT OR REPLACE INTO line_results VALUES (?, ?, ?)",
+                    [(answer_id, line, int(ok)) for line, ok in results.items()],
+                )
+            self._db.execute("INSERT OR REPLACE INTO executed VALUES (?, ?, ?)", (model, dataset, task_id))
+
+    def executed_tasks(self, model: str, dataset: str) -> set[str]:
+        cur = self._db.execute("SELECT task_id FROM executed WHERE model = ? AND dataset = ?", (model, dataset))
+        return {row[0] for row in cur}
+
+    def test_lines(self, generation_ids: Iterable[int]) -> dict[int, list[tuple[str, bool]]]:
+        ids = list(generation_ids)
+        out: dict[int, list[tuple[str, bool]]] = {i: [] for i in ids}
+        if ids:
+            cur = self._db.execute(
+                f"SELECT generation_id, line, reference_passed FROM test_lines WHERE generation_id IN "
+                f"({', '.join('?' * len(ids))}) ORDER BY generation_id, position",
+                ids,
+            )
+            for gen_id, line, ok in cur:
+                out[gen_id].append((line, bool(ok)))
+        return out
+
+    def answer_results(self, generation_ids: Iterable[int]) -> dict[int, bool]:
+        ids = list(generation_ids)
+        if not ids:
+            return {}
+        cur = self._db.execute(
+            f"SELECT generation_id, passed FROM answer_results WHERE generation_id IN ({', '.join('?' * len(ids))})",
+            ids,
+        )
+        return {gen_id: bool(ok) for gen_id, ok in cur}
+
+    def line_results(self, answer_ids: Iterable[int]) -> dict[int, dict[str, bool]]:
+        ids = list(answer_ids)
+        out: dict[int, dict[str, bool]] = {i: {} for i in ids}
+        if ids:
+            cur = self._db.execute(
+                f"SELECT answer_id, line, passed FROM line_results WHERE answer_id IN ({', '.join('?' * len(ids))})",
+                ids,
+            )
+            for answer_id, line, ok in cur:
+                out[answer_id][line] = bool(ok)
+        return out
+
+    def line_validity(self, model: str, dataset: str) -> list[dict]:
+        """Per l: extracted test lines, how many the reference solution passes, and from how many tests."""
+        cur = self._db.execute(
+            "SELECT g.l, COUNT(*), SUM(t.reference_passed), COUNT(DISTINCT g.id) FROM test_lines t "
+            "JOIN generations g ON g.id = t.generation_id WHERE g.model = ? AND g.dataset = ? GROUP BY g.l",
+            (model, dataset),
+        )
+        n_tests = dict(self._db.execute(
+            "SELECT l, COUNT(*) FROM generations WHERE model = ? AND dataset = ? AND kind = 'test' GROUP BY l",
+            (model, dataset),
+        ).fetchall())  # fmt: skip
+        return [
+            {"model": model, "l": n_lines, "tests": n_tests.get(n_lines, 0), "tests_with_lines": with_lines,
+             "lines": count, "valid": valid, "validity": round(valid / count, 4) if count else None}
+            for n_lines, count, valid, with_lines in cur
+        ]  # fmt: skip
+
+    # ---- costs ---------------------------------------------------------------------
+    def set_batch_cost(self, cost: BatchCost) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO batch_costs VALUES (?, ?, ?, ?, ?, ?)", astuple(cost))
+
+    def batch_costs(self, model: str) -> dict[int, BatchCost]:
+        cur = self._db.execute("SELECT * FROM batch_costs WHERE model = ? ORDER BY batch_size", (model,))
+        return {row[1]: BatchCost(*row) for row in cur}
+
+    def _transaction(self):
+        return _Transaction(self._db)
+
+
+class _Transaction:
+    def __init__(self, db: sqlite3.Connection):
+        self._db = db
+
+    def __enter__(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type, *exc) -> None:
+        self._db.execute("ROLLBACK" if exc_type else "COMMIT")

@@ -1,0 +1,155 @@
+"""``codeaccel cascade``: run (generate + execute into the store), tune (Pareto search + report), report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from codeaccel.cascade.config import Stage, enumerate_configs, make_config
+from codeaccel.cascade.cost import CPU_USD_PER_HOUR
+from codeaccel.cascade.problems import load_cascade_problems
+from codeaccel.cascade.replay import Replay
+from codeaccel.cascade.report import write_report
+from codeaccel.cascade.run import RunConfig, RunProgress, run_cascade_generation
+from codeaccel.cascade.scoring import SCORERS
+from codeaccel.cascade.self_tests import TEST_FORMATS
+from codeaccel.cascade.store import GenerationStore
+from codeaccel.cascade.tuner import tune
+from codeaccel.cli.display import err, out
+from codeaccel.cli.options import command_line
+from codeaccel.engines import ENGINES
+from codeaccel.errors import UserError
+from codeaccel.models.registry import resolve_model
+
+app = typer.Typer(help="Model cascading with self-generated tests.", no_args_is_help=True)
+
+DEFAULT_MODELS = "qwen2.5-coder-0.5b-instruct,qwen2.5-coder-1.5b-instruct"
+Models = Annotated[str, typer.Option("--models", help="The family, smallest first, comma-separated.")]
+Out = Annotated[Path, typer.Option("--out", help="Folder of the store (store.sqlite) and the report.")]
+
+
+def _models(spec: str) -> tuple[str, ...]:
+    models = tuple(m.strip() for m in spec.split(",") if m.strip())
+    if not models:
+        raise UserError("--models names no model")
+    return models
+
+
+@app.command("run")
+def run(
+    dataset: Annotated[str, typer.Argument(help="humaneval or mbpp.")],
+    models: Models = DEFAULT_MODELS,
+    engine: Annotated[str, typer.Option(help=f"One of {', '.join(ENGINES)}.")] = "llama.cpp",
+    limit: Annotated[int | None, typer.Option(help="First N problems only.")] = None,
+    test_format: Annotated[str, typer.Option(help=f"Self-test prompt: {' or '.join(TEST_FORMATS)}.")] = "chat",
+    n_seq_max: Annotated[int, typer.Option(help="Sequences decoded at once.")] = 16,
+    max_tokens: Annotated[int, typer.Option(help="Most tokens per answer.")] = 512,
+    out_dir: Out = Path("runs/cascade"),
+) -> None:
+    """Generate (batched) every answer and test a sweep can use, execute them, store all; resumable."""
+    if engine not in ENGINES:
+        raise UserError(f"unknown engine {engine!r}: choose one of {', '.join(ENGINES)}")
+    if test_format not in TEST_FORMATS:
+        raise UserError(f"--test-format must be one of {', '.join(TEST_FORMATS)}, got {test_format!r}")
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit must be >= 1, got {limit}")
+    if max_tokens < 1:
+        raise UserError(f"--max-tokens must be >= 1, got {max_tokens}")
+    if not 1 <= n_seq_max <= 64:
+        raise UserError(f"--n-seq-max must be in 1..64, got {n_seq_max}")
+    config = RunConfig(
+        models=_models(models),
+        dataset=dataset,
+        engine=engine,
+        limit=limit,
+        test_format=test_format,
+        n_seq_max=n_seq_max,
+        max_tokens=max_tokens,
+    )
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn())  # fmt: skip
+    with GenerationStore(out_dir / "store.sqlite") as store, Progress(*columns, console=err) as progress:
+        tasks: dict[tuple[str, str], int] = {}
+
+        def show(p: RunProgress) -> None:
+            key = (p.model, p.stage)
+            if key not in tasks:
+                tasks[key] = progress.add_task(f"{p.stage} {p.model}", total=p.total)
+            progress.update(tasks[key], completed=p.done, total=p.total)
+
+        store.set_meta("command_run", command_line())
+        run_cascade_generation(config, store, show)
+    out.print(f"stored in {out_dir / 'store.sqlite'}")
+
+
+@app.command("tune")
+def tune_command(
+    dataset: Annotated[str, typer.Argument(help="humaneval or mbpp.")],
+    models: Models = DEFAULT_MODELS,
+    limit: Annotated[int | None, typer.Option(help="First N problems only (as stored).")] = None,
+    scorer: Annotated[str, typer.Option(help=f"{' or '.join(SCORERS)}.")] = "cascade",
+    per_model_theta: Annotated[bool, typer.Option(help="A θ per model (beyond the paper).")] = False,
+    usd_per_hour: Annotated[float, typer.Option(help="Price of the machine per hour.")] = CPU_USD_PER_HOUR,
+    out_dir: Out = Path("runs/cascade"),
+) -> None:
+    """Replay every valid (k, l, θ) over the store, pick the Pareto front on 30%, validate on 70%, report."""
+    if scorer not in SCORERS:
+        raise UserError(f"--scorer must be one of {', '.join(SCORERS)}, got {scorer!r}")
+    if not usd_per_hour > 0:
+        raise UserError(f"--usd-per-hour must be > 0, got {usd_per_hour}")
+    store_path = out_dir / "store.sqlite"
+    if not store_path.is_file():
+        raise UserError(f"no cascade store at {store_path}: run `codeaccel cascade run {dataset} --out {out_dir}`")
+    names = [resolve_model(m).name for m in _models(models)]
+    with GenerationStore(store_path) as store:
+        run_config = store.meta("run_config") or {}
+        problems = load_cascade_problems(dataset, limit)
+        done = set.intersection(*(store.executed_tasks(m, problems[0].dataset) for m in names))
+        task_ids = [p.task_id for p in problems if p.task_id in done]
+        if len(task_ids) < 10:
+            raise UserError(f"only {len(task_ids)} problems are generated and executed for every model: need 10")
+        replay = Replay(store, problems[0].dataset, task_ids)
+        configs = list(enumerate_configs(names, per_model_theta=per_model_theta))
+        err.print(f"{len(configs)} configurations over {len(task_ids)} problems")
+        result = tune(replay, configs, task_ids, scorer)  # type: ignore[arg-type]
+        stages = [Stage(m, -1, 0) for m in names[:-1]] + [Stage(names[-1], 0, 0)]
+        reference = replay.evaluate(make_config(stages, 0.0), result.validate_ids, scorer)  # type: ignore[arg-type]
+        validity = [v for m in names for v in store.line_validity(m, problems[0].dataset)]
+        paths = write_report(
+            result,
+            out_dir,
+            dataset=problems[0].dataset,
+            engine=run_config.get("engine", "llama.cpp"),
+            usd_per_hour=usd_per_hour,
+            reference=reference,
+            validity=validity,
+            command=command_line(),
+        )
+    for path in paths:
+        out.print(f"wrote {path}")
+    out.print(paths[1].read_text())
+
+
+@app.command("report")
+def report(
+    dataset: Annotated[str, typer.Argument(help="humaneval or mbpp.")],
+    models: Models = DEFAULT_MODELS,
+    out_dir: Out = Path("runs/cascade"),
+) -> None:
+    """What the store holds (generated, executed, test validity per model) and the last tune's tables."""
+    store_path = out_dir / "store.sqlite"
+    if not store_path.is_file():
+        raise UserError(f"no cascade store at {store_path}")
+    key = dataset.strip().lower()
+    with GenerationStore(store_path) as store:
+        for name in (resolve_model(m).name for m in _models(models)):
+            generated, executed = store.generated_tasks(name, key), store.executed_tasks(name, key)
+            out.print(f"{name}: {len(generated)} problems generated, {len(executed)} executed")
+            for v in store.line_validity(name, key):
+                out.print(f"  l={v['l']}: {v['lines']} test lines kept from {v['tests']} tests, "
+                          f"{v['validity']} valid (the reference passes them)")  # fmt: skip
+    for md in sorted(out_dir.glob(f"cascade-{key}-*.md")):
+        out.print(md.read_text())

@@ -1,0 +1,335 @@
+"""The cascade: scoring and acceptance on hand-made pass matrices, configurations, self-test lines, the store,
+replay, the tuner; and an end-to-end run on tiny models through the CLI."""
+
+import sqlite3
+
+import numpy as np
+import pytest
+
+from codeaccel.cascade.config import Stage, enumerate_configs, make_config
+from codeaccel.cascade.cost import generation_seconds, step_seconds, usd
+from codeaccel.cascade.problems import load_cascade_problems, mbpp_entry_point
+from codeaccel.cascade.replay import Evaluation, ProblemOutcome, Replay
+from codeaccel.cascade.scoring import accept, cascade_scores, dual_agreement_scores
+from codeaccel.cascade.self_tests import extract_test_lines, self_test_prompt
+from codeaccel.cascade.store import BatchCost, GenerationStore, StoredGeneration
+from codeaccel.cascade.tuner import pareto_front, split
+from codeaccel.errors import UserError
+
+# ---- scoring -----------------------------------------------------------------------
+
+# 3 solutions x 4 test lines
+M = np.array(
+    [
+        [1, 1, 0, 0],  # s0 passes t0, t1
+        [1, 1, 1, 0],  # s1 passes t0, t1, t2
+        [0, 0, 0, 1],  # s2 passes t3 only
+    ],
+    dtype=bool,
+)
+
+
+def test_cascade_score_is_n_s_times_the_largest_agreement_on_a_passed_line():
+    # n_s = [2, 3, 1]; solvers per line = [2, 2, 1, 1]; n_t = [2, 2, 1]
+    assert cascade_scores(M).tolist() == [4, 6, 1]
+
+
+def test_dual_agreement_scores_consensus_sets():
+    # every row distinct: each set has 1 member; scores = tests passed
+    assert dual_agreement_scores(M).tolist() == [2, 3, 1]
+    same = np.array([[1, 0, 1], [1, 0, 1], [0, 1, 0]], dtype=bool)
+    assert dual_agreement_scores(same).tolist() == [4, 4, 1]  # {s0, s1} x {t0, t2}
+
+
+def test_accept_threshold_is_theta_k_n_t():
+    # best s1 with 6; max = k * N_t = 12
+    assert accept(M, 0.5).accepted  # 6 >= 6
+    assert not accept(M, 0.6).accepted  # 6 < 7.2
+    v = accept(M, 0.5)
+    assert (v.best, v.score, v.max_score) == (1, 6, 12)
+
+
+def test_floating_point_theta_does_not_flip_an_exact_tie():
+    passes = np.array([[1, 1, 1], [0, 0, 0], [0, 0, 0], [0, 0, 0], [0, 0, 0], [0, 0, 0],
+                       [0, 0, 0], [0, 0, 0], [0, 0, 0], [0, 0, 0]], dtype=bool)  # fmt: skip
+    # score 3 * 1 = 3; theta 0.1 * k 10 * N_t 3 = 3.0000000000000004 in floats
+    assert accept(passes, 0.1).accepted
+
+
+def test_all_agree_gives_the_maximum_score():
+    full = np.ones((5, 4), dtype=bool)
+    v = accept(full, 1.0)
+    assert v.score == v.max_score == 20 and v.accepted
+
+
+def test_ties_go_to_the_earliest_solution():
+    tie = np.array([[0, 1], [1, 0]], dtype=bool)
+    assert cascade_scores(tie).tolist() == [1, 1]
+    assert accept(tie, 0.0).best == 0
+    assert accept(tie, 0.0, "dual-agreement").best == 0
+
+
+def test_zero_valid_tests_accepts_only_at_theta_zero():
+    none = np.zeros((3, 0), dtype=bool)
+    assert accept(none, 0.0).accepted and accept(none, 0.0).best == 0
+    assert not accept(none, 0.1).accepted
+
+
+def test_all_failing_solutions_escalate_unless_theta_zero():
+    fail = np.zeros((3, 4), dtype=bool)
+    assert cascade_scores(fail).tolist() == [0, 0, 0]
+    assert not accept(fail, 0.1).accepted
+    assert accept(fail, 0.0).accepted
+
+
+def test_one_greedy_answer_one_test():
+    # k = 1: the answer passes 1 of 2 lines; n_t = 1; score 1 of max 2
+    one = np.array([[1, 0]], dtype=bool)
+    assert accept(one, 0.5).accepted and not accept(one, 0.6).accepted
+
+
+def test_scorers_can_disagree_on_the_best():
+    # s0 passes every line alone; s1..s3 agree on two lines
+    passes = np.array([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 0, 0]], dtype=bool)
+    assert cascade_scores(passes).tolist() == [16, 8, 8, 8]
+    assert dual_agreement_scores(passes).tolist() == [4, 6, 6, 6]
+    assert accept(passes, 0.0).best == 0 and accept(passes, 0.0, "dual-agreement").best == 1
+
+
+# ---- configurations ----------------------------------------------------------------
+
+
+def test_invalid_stages_are_refused_with_the_reason():
+    with pytest.raises(UserError, match="k must be one of"):
+        make_config([Stage("a", 2, 2)], 0.5)
+    with pytest.raises(UserError, match="needs l > 0"):
+        make_config([Stage("a", 3, 0)], 0.5)
+    with pytest.raises(UserError, match="has l = 0"):
+        make_config([Stage("a", 0, 2)], 0.5)
+    with pytest.raises(UserError, match="never run"):
+        make_config([Stage("a", 0, 0), Stage("b", 1, 2)], 0.5)
+    with pytest.raises(UserError, match="every model is skipped"):
+        make_config([Stage("a", -1, 0), Stage("b", -1, 0)], 0.5)
+    with pytest.raises(UserError, match="θ must be"):
+        make_config([Stage("a", 1, 2), Stage("b", 0, 0)], 1.5)
+
+
+def test_theta_is_kept_only_where_it_decides():
+    config = make_config([Stage("a", 3, 2), Stage("b", 1, 4)], 0.7)
+    assert config.thetas == (0.7, 0.0)  # the last model is taken without the check
+    assert make_config([Stage("a", 3, 2)], 0.7).thetas == (0.0,)
+
+
+def test_enumeration_counts_two_models():
+    configs = list(enumerate_configs(["a", "b"]))
+    # per model 10 stages (skip, k=0, 4 k x 2 l); valid pairs 100 - 1 (both skip) - 9 (a k=0, b runs) = 90;
+    # of those, a tests and b runs: 8 x 9 = 72, each with 11 θ; the other 18 once
+    assert len(configs) == 72 * 11 + 18
+    assert len(set(configs)) == len(configs)
+    assert sum(c.single_model for c in configs) == 9 + 9
+    per_model = list(enumerate_configs(["a", "b", "c"], per_model_theta=True))
+    shared = list(enumerate_configs(["a", "b", "c"]))
+    assert len(per_model) > len(shared)
+
+
+# ---- self-tests --------------------------------------------------------------------
+
+
+def test_extraction_keeps_distinct_compiling_asserts_on_the_entry_point():
+    reply = (
+        "```python\nassert add(1, 2) == 3\n"
+        "assert add(1, 2) == 3\n"  # duplicate
+        "assert sub(1, 2) == -1\n"  # another function
+        "assert add(1,\n"  # does not compile alone
+        "print(add(2, 2))\n"  # not an assert
+        "assert add(0, 0) == 0  # zero\n"
+        "assert add(-1, 1) == 0\n"
+        "```\nassert add(9, 9) == 18\n"  # after the fence
+    )
+    assert extract_test_lines(reply, "add", 4) == ["assert add(1, 2) == 3", "assert add(0, 0) == 0  # zero",
+                                                   "assert add(-1, 1) == 0"]  # fmt: skip
+    assert extract_test_lines(reply, "add", 2) == ["assert add(1, 2) == 3", "assert add(0, 0) == 0  # zero"]
+    assert extract_test_lines("assert not add(1, 2) == 4\nassert x(add(1, 1))", "add", 4) == [
+        "assert not add(1, 2) == 4",
+        "assert x(add(1, 1))",
+    ]
+
+
+def test_prompts_start_the_reply_with_an_assert_on_the_entry_point():
+    he = load_cascade_problems("humaneval", 1)[0]
+    chat = self_test_prompt(he, 4, "chat")
+    assert chat.response_prefix.endswith(f"assert {he.entry_point}(") and chat.messages
+    assert "Write 4 lines of testing code" in chat.messages[0]["content"]
+    paper = self_test_prompt(he, 2, "completion")
+    assert paper.raw.startswith(he.spec.rstrip()) and "    pass\n" in paper.raw
+    assert "# Assume the above function is completed. Write 2 lines of testing code for the function." in paper.raw
+    assert paper.raw.endswith(f"assert {he.entry_point}(")
+
+
+def test_problems_carry_entry_point_and_a_reference_that_passes_the_official_tests():
+    from codeaccel.sandbox import execute
+
+    for cp in load_cascade_problems("humaneval", 2) + load_cascade_problems("mbpp", 2):
+        assert cp.entry_point in cp.reference
+        official = cp.problem.test_setup + "\n" if cp.problem.test_setup else ""
+        result = execute(cp.reference + "\n" + official, cp.problem.tests)
+        assert result.passed, (cp.task_id, result.setup_error)
+    assert mbpp_entry_point(["assert similar_elements((3, 4), (5, 4)) == (4,)"], "def similar_elements(a, b):") == (
+        "similar_elements"
+    )
+
+
+# ---- cost --------------------------------------------------------------------------
+
+
+def _costs():
+    # step seconds: b=1: 0.1, b=2: 0.12, b=4: 0.16
+    return {b: BatchCost("m", b, s / b, 0.001, 100, "cpu") for b, s in ((1, 0.1), (2, 0.12), (4, 0.16))}
+
+
+def test_batched_generation_is_priced_from_the_measured_step_cost():
+    costs = _costs()
+    assert step_seconds(costs, 3) == pytest.approx(0.14)
+    assert step_seconds(costs, 8) == pytest.approx(0.32)  # two batches of the largest measured
+    assert generation_seconds(costs, 100, 1, 16) == pytest.approx(10.0)
+    assert generation_seconds(costs, 100, 4, 16) == pytest.approx(100 * 0.16 / 4)
+    assert generation_seconds(costs, 100, 4, 2) == pytest.approx(100 * 0.12 / 2)  # capped at n_seq_max
+    assert usd(3600, 0.44) == pytest.approx(0.44)
+
+
+# ---- store and replay --------------------------------------------------------------
+
+
+def _gen(task, kind, sample, l=0, text="", tokens=10):  # noqa: E741
+    return StoredGeneration("m", "humaneval", task, kind, l, sample, 0.0 if sample < 0 else 0.8, 1.0 if sample < 0
+                            else 0.95, 50, tokens, text, "stop", 0.1, 0.5, 0.2, 2.0)  # fmt: skip
+
+
+def _fill(store, task, answers_pass, lines_pass, n_samples=3):
+    """answers_pass[i]: official result of answer i (index 0 greedy, then samples); lines_pass[i]: per line."""
+    lines = [f"assert f({i}) == {i}" for i in range(len(lines_pass[0]))]
+    rows = [_gen(task, "answer", s) for s in [-1] + list(range(n_samples))]
+    rows += [_gen(task, "test", s, 2, "\n".join(lines[:2])) for s in [-1] + list(range(n_samples))]
+    ids = store.add_generations(rows)
+    answer_ids, test_ids = ids[: n_samples + 1], ids[n_samples + 1 :]
+    store.add_executions(
+        "m", "humaneval", task,
+        test_lines={tid: [(line, True) for line in lines[:2]] for tid in test_ids},
+        answer_results={aid: (ok, "passed" if ok else "failed") for aid, ok in zip(answer_ids, answers_pass)},
+        line_results={aid: dict(zip(lines, row)) for aid, row in zip(answer_ids, lines_pass)},
+    )  # fmt: skip
+    for b in (1, 2, 4, 8):
+        store.set_batch_cost(BatchCost("m", b, 0.1 / b, 0.001, 100, "cpu"))
+
+
+def test_store_is_durable_and_refuses_duplicates(tmp_path):
+    path = tmp_path / "store.sqlite"
+    with GenerationStore(path) as store:
+        _fill(store, "T/0", [True] * 4, [[True, True]] * 4)
+        with pytest.raises(sqlite3.IntegrityError):
+            store.add_generations([_gen("T/0", "answer", -1)])
+        assert len(store.generations("m", "humaneval", "T/0")) == 8  # the failed transaction added nothing
+    with GenerationStore(path) as again:
+        assert again.generated_tasks("m", "humaneval") == {"T/0"}
+        assert again.executed_tasks("m", "humaneval") == {"T/0"}
+        assert again.line_validity("m", "humaneval")[0]["validity"] == 1.0
+    (tmp_path / "bad.sqlite").write_text("not a database")
+    with pytest.raises(UserError):
+        GenerationStore(tmp_path / "bad.sqlite")
+
+
+def test_replay_takes_the_answer_the_stage_accepts(tmp_path):
+    with GenerationStore(tmp_path / "s.sqlite") as store:
+        # greedy (index 0) fails the official tests and passes no line; samples 0..2 pass both lines
+        _fill(store, "T/0", [False, True, True, True], [[False, False], [True, True], [True, True], [True, True]])
+        replay = Replay(store, "humaneval", ["T/0"])
+        greedy = make_config([Stage("m", 1, 2)], 0.0)
+        sampled = make_config([Stage("m", 3, 2)], 0.0)
+        assert replay.outcome(greedy, "T/0").passed is False
+        out = replay.outcome(sampled, "T/0")
+        assert out.passed is True and out.stopped_at == 0
+        run = replay.stage_run(Stage("m", 3, 2), "T/0")
+        assert run.passes.shape == (3, 2) and run.n_sequences == 6 and run.gen_tokens == 60
+        assert out.cost_s == pytest.approx(run.gen_s + run.prompt_s)
+        assert run.gen_s == pytest.approx(60 * 0.1 / 6)  # every measured step costs 0.1 s: 6 sequences per step
+        with pytest.raises(UserError, match="no stored answer sample"):
+            replay.stage_run(Stage("m", 5, 2), "T/0")
+
+
+def test_cascade_escalates_when_the_small_model_is_unsure(tmp_path):
+    with GenerationStore(tmp_path / "s.sqlite") as store:
+        _fill(store, "T/0", [False] * 4, [[False, False]] * 4)
+        replay = Replay(store, "humaneval", ["T/0"])
+        # the same stored model twice stands for small and large: the first escalates at θ > 0
+        config = make_config([Stage("m", 3, 2), Stage("m", 0, 0)], 0.5)
+        out = replay.outcome(config, "T/0")
+        assert out.stopped_at == 1
+        first = replay.stage_run(Stage("m", 3, 2), "T/0")
+        second = replay.stage_run(Stage("m", 0, 0), "T/0")
+        assert out.cost_s == pytest.approx(first.gen_s + first.prompt_s + second.gen_s + second.prompt_s)
+
+
+# ---- tuner -------------------------------------------------------------------------
+
+
+def _point(cost, accuracy, label):
+    config = make_config([Stage(label, 0, 0)], 0.0)
+    n = 10
+    outcomes = [ProblemOutcome(str(i), i < accuracy * n, 0, cost, 0.0, 1, 1) for i in range(n)]
+    return Evaluation(config, "cascade", outcomes)
+
+
+def test_pareto_front_keeps_only_undominated_points():
+    points = [_point(1.0, 0.5, "a"), _point(2.0, 0.4, "b"), _point(2.0, 0.7, "c"), _point(3.0, 0.7, "d"),
+              _point(0.5, 0.2, "e")]  # fmt: skip
+    front = pareto_front(points)
+    assert [p.config.stages[0].model for p in front] == ["e", "a", "c"]
+
+
+def test_split_is_seeded_and_30_70():
+    ids = [f"T/{i}" for i in range(100)]
+    tune_ids, validate_ids = split(ids)
+    assert len(tune_ids) == 30 and len(validate_ids) == 70 and not set(tune_ids) & set(validate_ids)
+    assert split(ids) == (tune_ids, validate_ids)
+
+
+# ---- end to end on tiny models -----------------------------------------------------
+
+
+def test_run_then_tune_through_the_cli(tmp_path, tiny_gguf, tiny_gguf_draft):
+    """Two tiny models on 10 HumanEval problems: stored, resumable, replayed, reported (rows in the results format)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from codeaccel.cli import app
+
+    runner = CliRunner()
+    models = f"{tiny_gguf},{tiny_gguf_draft}"
+    args = ["cascade", "run", "humaneval", "--models", models, "--limit", "10", "--max-tokens", "24",
+            "--out", str(tmp_path)]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    with GenerationStore(tmp_path / "store.sqlite") as store:
+        n_rows = len(store.generations("tiny", "humaneval", "HumanEval/0"))
+        assert n_rows == 1 + 10 + 2 * (1 + 10)  # greedy + 10 sampled answers; per l a greedy + 10 sampled tests
+        assert store.executed_tasks("tiny-draft", "humaneval") == {f"HumanEval/{i}" for i in range(10)}
+        assert sorted(store.batch_costs("tiny")) == [1, 2, 4, 6, 8, 10, 12, 16]
+    again = runner.invoke(app, args)  # resumes: nothing to generate
+    assert again.exit_code == 0, again.output
+    with GenerationStore(tmp_path / "store.sqlite") as store:
+        assert len(store.generations("tiny", "humaneval", "HumanEval/0")) == n_rows
+    tuned = runner.invoke(app, ["cascade", "tune", "humaneval", "--models", models, "--limit", "10",
+                                "--out", str(tmp_path)])  # fmt: skip
+    assert tuned.exit_code == 0, tuned.output
+    doc = json.loads((tmp_path / "cascade-humaneval-cascade.json").read_text())
+    assert doc["n_tune"] == 3 and doc["n_validate"] == 7 and doc["n_configs"] == 72 * 11 + 18
+    for row in doc["rows"]:
+        for field in ("dataset", "engine", "method", "model", "n_problems", "pass_at_1", "tokens_per_s",
+                      "split", "cost_usd", "config"):  # fmt: skip
+            assert field in row
+        assert row["method"] in ("cascade", "single-model") and row["cost_usd"] > 0
+    assert (tmp_path / "cascade-humaneval-cascade.png").stat().st_size > 0
+    bad = runner.invoke(app, ["cascade", "run", "humaneval", "--models", models, "--limit", "10",
+                              "--max-tokens", "30", "--out", str(tmp_path)])  # fmt: skip
+    assert bad.exit_code != 0  # other settings into the same store are refused
