@@ -191,9 +191,14 @@ def test_batched_generation_is_priced_from_the_measured_step_cost():
     costs = _costs()
     assert step_seconds(costs, 3) == pytest.approx(0.14)
     assert step_seconds(costs, 8) == pytest.approx(0.32)  # two batches of the largest measured
-    assert generation_seconds(costs, 100, 1, 16) == pytest.approx(10.0)
-    assert generation_seconds(costs, 100, 4, 16) == pytest.approx(100 * 0.16 / 4)
-    assert generation_seconds(costs, 100, 4, 2) == pytest.approx(100 * 0.12 / 2)  # capped at n_seq_max
+    assert generation_seconds(costs, [100], 16) == pytest.approx(10.0)
+    assert generation_seconds(costs, [25] * 4, 16) == pytest.approx(25 * 0.16)  # four at once throughout
+    # 10 steps at b=4, then 10 at b=3 (0.14), 20 at b=2, 60 alone: the longest answer's tail at b=1's price
+    assert generation_seconds(costs, [10, 20, 40, 100], 16) == pytest.approx(10 * 0.16 + 10 * 0.14 + 20 * 0.12 + 6.0)
+    # at most two at once: 10 and 20 run, 40 joins when 10 ends, 100 when 20 ends
+    assert generation_seconds(costs, [10, 20, 40, 100, 0], 2) == pytest.approx(
+        10 * 0.12 + 10 * 0.12 + 30 * 0.12 + 70 * 0.1
+    )
     assert usd(3600, 0.44) == pytest.approx(0.44)
 
 
@@ -333,3 +338,41 @@ def test_run_then_tune_through_the_cli(tmp_path, tiny_gguf, tiny_gguf_draft):
     bad = runner.invoke(app, ["cascade", "run", "humaneval", "--models", models, "--limit", "10",
                               "--max-tokens", "30", "--out", str(tmp_path)])  # fmt: skip
     assert bad.exit_code != 0  # other settings into the same store are refused
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["cascade", "run", "humaneval", "--n-seq-max", "0", "--out", "{tmp}"], "--n-seq-max"),
+        (["cascade", "run", "humaneval", "--test-format", "xml", "--out", "{tmp}"], "--test-format"),
+        (["cascade", "run", "apps", "--out", "{tmp}"], "the cascade runs on humaneval, mbpp"),
+        (["cascade", "run", "humaneval", "--models", " , ", "--out", "{tmp}"], "--models"),
+        (["cascade", "tune", "humaneval", "--out", "{tmp}/nothing"], "no cascade store"),
+        (["cascade", "tune", "humaneval", "--scorer", "vote", "--out", "{tmp}"], "--scorer"),
+    ],
+)
+def test_bad_cascade_input_is_one_line_exit_2(args, message, tmp_path):
+    from test_cli import run_cli
+
+    result = run_cli(*[a.replace("{tmp}", str(tmp_path)) for a in args])
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "store.sqlite").exists() or args[1] == "tune"  # nothing stored by a refused run
+
+
+def test_a_model_without_a_chat_template_stops_the_run_and_keeps_what_is_stored(tmp_path, tiny_gguf):
+    import tiny_models
+    from test_cli import run_cli
+
+    bare = tiny_models.build_gguf_model(tmp_path / "bare.gguf", seed=2, chat_template=False)
+    out = tmp_path / "run"
+    args = ["cascade", "run", "humaneval", "--models", f"{tiny_gguf},{bare}", "--limit", "2", "--max-tokens", "8",
+            "--out", str(out)]  # fmt: skip
+    result = run_cli(*args)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]  # llama.cpp logs its own warnings too
+    assert lines[-1].startswith("error: ") and "no chat template" in lines[-1]
+    assert [line for line in lines if line.startswith("error")] == lines[-1:] and "Traceback" not in result.stderr
+    with GenerationStore(out / "store.sqlite") as store:  # the first model's work is kept and executed
+        assert store.executed_tasks("tiny", "humaneval") == {"HumanEval/0", "HumanEval/1"}
+        assert not store.generated_tasks("bare", "humaneval")

@@ -25,7 +25,8 @@ def test_the_console_script_and_python_m_run_codeaccel_cli_main():
 
 def test_every_command_is_registered_in_its_order():
     group = typer.main.get_group(app)
-    assert list(group.commands) == ["generate", "profile", "bench", "models", "index", "sandbox", "dataset"]
+    assert list(group.commands) == ["generate", "profile", "bench", "models", "index", "sandbox", "dataset", "cascade"]
+    assert list(group.commands["cascade"].commands) == ["run", "tune", "report"]
     assert list(group.commands["dataset"].commands) == ["build-edits"]
     assert list(group.commands["models"].commands) == ["list", "fetch", "path"]
     assert list(group.commands["index"].commands) == ["build", "update", "stats", "bench"]

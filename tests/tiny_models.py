@@ -110,8 +110,8 @@ def build_hf_model(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def build_gguf_model(path: Path, seed: int = 0, vocab_size: int = 400) -> Path:
-    """A tiny llama-architecture GGUF (f32 weights, gpt2-style BPE vocabulary) at ``path``."""
+def build_gguf_model(path: Path, seed: int = 0, vocab_size: int = 400, chat_template: bool = True) -> Path:
+    """A tiny llama-architecture GGUF (f32 weights, gpt2-style BPE vocabulary) at ``path`` (with a chat template)."""
     import gguf
 
     tok = build_tokenizer(vocab_size)
@@ -139,7 +139,8 @@ def build_gguf_model(path: Path, seed: int = 0, vocab_size: int = 400) -> Path:
     writer.add_bos_token_id(specials["<|endoftext|>"])
     writer.add_eos_token_id(specials["<|im_end|>"])
     writer.add_add_bos_token(False)
-    writer.add_chat_template(CHAT_TEMPLATE)
+    if chat_template:
+        writer.add_chat_template(CHAT_TEMPLATE)
 
     w = _weights(n_vocab, seed)
     names = {

@@ -6,9 +6,9 @@ b sequences costs far less than b single steps. So each model's cost is measured
 as seconds per decode step with b sequences active (b copies of a real prompt, every
 one generating), for b in ``BATCH_SIZES``; a stage's generation is priced as
 
-    generated tokens of its 2k sequences × step_s(b) / b,  b = min(2k, n_seq_max)
+    Σ over decode steps of step_s(b_t),  b_t = the sequences of its 2k still generating at step t
 
-(step_s interpolated linearly between measured sizes), plus its prompts' prefill
+(at most n_seq_max at once; step_s interpolated linearly between measured sizes), plus its prompts' prefill
 (prompt tokens × seconds per prompt token; reported apart as well). That prices every
 k as if it ran on its own, as a deployed cascade would run it; the run's own batched
 spend (all 33 sequences of a problem together) is stored per generation too (``cost_s``).
@@ -33,6 +33,7 @@ from codeaccel.cascade.problems import CascadeProblem
 from codeaccel.cascade.store import BatchCost
 from codeaccel.decoding.sampling import SamplingParams, next_token
 from codeaccel.engines import Engine, open_sequences
+from codeaccel.errors import InternalError
 
 BATCH_SIZES = (1, 2, 4, 6, 8, 10, 12, 16)
 STEPS = 24  # decode steps timed per batch size (after 2 warm-up steps)
@@ -85,10 +86,25 @@ def step_seconds(costs: dict[int, BatchCost], b: int) -> float:
     return float(np.interp(b, sizes, steps))
 
 
-def generation_seconds(costs: dict[int, BatchCost], n_tokens: int, n_sequences: int, n_seq_max: int) -> float:
-    """Seconds to generate n_tokens over n_sequences decoded together (at most n_seq_max at once)."""
-    b = max(1, min(n_sequences, n_seq_max))
-    return n_tokens * step_seconds(costs, b) / b
+def generation_seconds(costs: dict[int, BatchCost], lengths: Sequence[int], n_seq_max: int) -> float:
+    """Seconds to generate sequences of ``lengths`` tokens decoded together, as continuous batching runs them.
+
+    At most ``n_seq_max`` decode at once, the rest wait in order and join as others finish;
+    every step costs ``step_seconds`` of the sequences active in it, so a long answer's tail,
+    decoded alone after its shorter siblings stopped, is priced at b = 1.
+    """
+    if n_seq_max < 1:
+        raise InternalError(f"n_seq_max must be >= 1, got {n_seq_max}")
+    waiting = [n for n in lengths if n > 0]
+    active, waiting = waiting[:n_seq_max], waiting[n_seq_max:]
+    seconds = 0.0
+    while active:
+        steps = min(active)  # the batch keeps its size until the next sequence finishes
+        seconds += steps * step_seconds(costs, len(active))
+        active = [n - steps for n in active if n > steps]
+        while waiting and len(active) < n_seq_max:
+            active.append(waiting.pop(0))
+    return seconds
 
 
 def usd(seconds: float, usd_per_hour: float = CPU_USD_PER_HOUR) -> float:

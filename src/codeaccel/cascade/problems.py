@@ -39,10 +39,16 @@ class CascadeProblem:
         return self.problem.dataset
 
 
-def load_cascade_problems(dataset: str, limit: int | None = None) -> list[CascadeProblem]:
+def check_dataset(dataset: str) -> str:
+    """The dataset's key, or a UserError naming the ones the cascade runs on."""
     key = dataset.strip().lower()
     if key not in DATASETS:
         raise UserError(f"the cascade runs on {', '.join(DATASETS)}, not {dataset!r}")
+    return key
+
+
+def load_cascade_problems(dataset: str, limit: int | None = None) -> list[CascadeProblem]:
+    key = check_dataset(dataset)
     problems = load_problems(key, limit)
     if key == "humaneval":
         rows = {r["task_id"]: r for r in humaneval_rows()}

@@ -10,7 +10,7 @@ Its test lines are the distinct lines extracted from those tests (N_t of them), 
 pass matrix comes from the stored line results, and :func:`codeaccel.cascade.scoring.accept`
 picks the best answer and decides. Stages run in order until one accepts; the last
 that runs is taken without the check. A problem's cost is the sum over the stages that
-ran of their generation (tokens × the measured per-token seconds at their batch size,
+ran of their generation (each decode step at the measured cost of the batch still running,
 :mod:`codeaccel.cascade.cost`) and their prompts' prefill, which is also kept apart.
 """
 
@@ -135,7 +135,7 @@ class Replay:
             gen_tokens=gen_tokens,
             prompt_tokens=prompt_tokens,
             n_sequences=n_sequences,
-            gen_s=generation_seconds(costs, gen_tokens, n_sequences, self.n_seq_max),
+            gen_s=generation_seconds(costs, [g.tokens for g in answers + tests], self.n_seq_max),
             prompt_s=prompt_tokens * s_prompt,
         )
 

@@ -99,7 +99,8 @@ def _markdown(doc: dict, command: str) -> str:
         f"Command: `{command}`\n\nMachine: {doc['machine']['cores']} cores, {doc['machine']['cpu_model']}; "
         f"{doc['date']}\n\n{doc['n_configs']} configurations; {doc['n_tune']} problems tune, "
         f"{doc['n_validate']} validate (seed 0). Cost: mean engine seconds per problem (answers, tests and "
-        f"their prompts' prefill, priced per model at the batch size each stage decodes) at "
+        f"their prompts' prefill; every decode step priced at the cost measured for the batch of the stage's "
+        f"sequences still running) at "
         f"${doc['usd_per_hour']}/h; the paper's ${doc['paper_usd_per_hour']}/h in `cost_usd_paper`.\n\n"
     )
     lines = ["## On the validation split", ""]

@@ -86,6 +86,7 @@ def run_cascade_generation(
     report = progress or (lambda _: None)
     if not config.models:
         raise UserError("name at least one model (--models)")
+    problems = load_cascade_problems(config.dataset, config.limit)  # bad names refused before anything is stored
     stored = store.meta("run_config")
     if stored is not None and {k: v for k, v in stored.items() if k != "models"} != {
         k: v for k, v in config.to_record().items() if k != "models"
@@ -93,7 +94,6 @@ def run_cascade_generation(
         raise UserError(f"{store.path} was made with other settings ({stored}); use another --out")
     store.set_meta("run_config", config.to_record())
     store.set_meta("machine", machine.provenance("")["machine"])
-    problems = load_cascade_problems(config.dataset, config.limit)
     for spec in config.models:
         name = resolve_model(spec).name
         todo = [p for p in problems if p.task_id not in store.generated_tasks(name, p.dataset)]

@@ -10,7 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from codeaccel.cascade.config import Stage, enumerate_configs, make_config
 from codeaccel.cascade.cost import CPU_USD_PER_HOUR
-from codeaccel.cascade.problems import load_cascade_problems
+from codeaccel.cascade.problems import check_dataset, load_cascade_problems
 from codeaccel.cascade.replay import Replay
 from codeaccel.cascade.report import write_report
 from codeaccel.cascade.run import RunConfig, RunProgress, run_cascade_generation
@@ -50,6 +50,7 @@ def run(
     out_dir: Out = Path("runs/cascade"),
 ) -> None:
     """Generate (batched) every answer and test a sweep can use, execute them, store all; resumable."""
+    check_dataset(dataset)
     if engine not in ENGINES:
         raise UserError(f"unknown engine {engine!r}: choose one of {', '.join(ENGINES)}")
     if test_format not in TEST_FORMATS:
@@ -61,7 +62,7 @@ def run(
     if not 1 <= n_seq_max <= 64:
         raise UserError(f"--n-seq-max must be in 1..64, got {n_seq_max}")
     config = RunConfig(
-        models=_models(models),
+        models=_models(models),  # refused before the store is opened
         dataset=dataset,
         engine=engine,
         limit=limit,
@@ -143,7 +144,7 @@ def report(
     store_path = out_dir / "store.sqlite"
     if not store_path.is_file():
         raise UserError(f"no cascade store at {store_path}")
-    key = dataset.strip().lower()
+    key = check_dataset(dataset)
     with GenerationStore(store_path) as store:
         for name in (resolve_model(m).name for m in _models(models)):
             generated, executed = store.generated_tasks(name, key), store.executed_tasks(name, key)
