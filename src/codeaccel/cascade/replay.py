@@ -174,22 +174,26 @@ class Evaluation:
     def n_problems(self) -> int:
         return len(self.outcomes)
 
+    def _mean(self, field: str) -> float:
+        """The mean over problems of one ProblemOutcome field (0 for no problems)."""
+        return float(np.mean([getattr(o, field) for o in self.outcomes])) if self.outcomes else 0.0
+
     @property
     def pass_at_1(self) -> float:
-        return float(np.mean([o.passed for o in self.outcomes])) if self.outcomes else 0.0
+        return self._mean("passed")
 
     @property
     def cost_s(self) -> float:
         """Mean engine seconds per problem (generation + prefill)."""
-        return float(np.mean([o.cost_s for o in self.outcomes])) if self.outcomes else 0.0
+        return self._mean("cost_s")
 
     @property
     def prompt_s(self) -> float:
-        return float(np.mean([o.prompt_s for o in self.outcomes])) if self.outcomes else 0.0
+        return self._mean("prompt_s")
 
     @property
     def gen_tokens(self) -> float:
-        return float(np.mean([o.gen_tokens for o in self.outcomes])) if self.outcomes else 0.0
+        return self._mean("gen_tokens")
 
     def stopped_at(self) -> dict[int, int]:
         out: dict[int, int] = {}

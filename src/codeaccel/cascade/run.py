@@ -117,29 +117,28 @@ def run_cascade_generation(
 def generate_problem(engine: Engine, seqs, cp: CascadeProblem, config: RunConfig) -> list[StoredGeneration]:
     """Every answer and test of one problem for one model, decoded in one batch."""
     answer_prompt = build_prompt(engine, cp.problem)
-    plan: list[tuple[str, int, int, Request]] = []  # (kind, l, sample, request)
+    plan: list[tuple[str, int, int, str, Request]] = []  # (kind, l, sample, reply prefix, request)
     greedy = SamplingParams()
 
     def sampled(i: int) -> SamplingParams:
         return SamplingParams(temperature=SAMPLE_TEMPERATURE, top_p=TOP_P, seed=i)
 
     answer_stop = cp.problem.stop
-    plan.append(("answer", 0, -1, Request(answer_prompt, greedy, config.max_tokens, answer_stop)))
-    plan += [("answer", 0, i, Request(answer_prompt, sampled(i), config.max_tokens, answer_stop))
+    plan.append(("answer", 0, -1, "", Request(answer_prompt, greedy, config.max_tokens, answer_stop)))
+    plan += [("answer", 0, i, "", Request(answer_prompt, sampled(i), config.max_tokens, answer_stop))
              for i in range(config.n_samples)]  # fmt: skip
     for n_lines in TEST_LS:
         tp = self_test_prompt(cp, n_lines, config.test_format)
         text = tp.raw if tp.raw is not None else engine.apply_chat_template(tp.messages) + tp.response_prefix
         prompt = engine.tokenize(text)
-        plan.append(("test", n_lines, -1, Request(prompt, greedy, tp.max_tokens, tp.stop)))
-        plan += [("test", n_lines, i, Request(prompt, sampled(i), tp.max_tokens, tp.stop))
+        plan.append(("test", n_lines, -1, tp.response_prefix, Request(prompt, greedy, tp.max_tokens, tp.stop)))
+        plan += [("test", n_lines, i, tp.response_prefix, Request(prompt, sampled(i), tp.max_tokens, tp.stop))
                  for i in range(config.n_samples)]  # fmt: skip
     decoder = BatchDecoder(seqs)
     generations = decoder.run([request for *_, request in plan])
     batch = decoder.stats.mean_batch
     rows = []
-    for (kind, n_lines, sample, request), gen in zip(plan, generations):
-        prefix = "" if kind == "answer" else self_test_prompt(cp, n_lines, config.test_format).response_prefix
+    for (kind, n_lines, sample, prefix, request), gen in zip(plan, generations):
         rows.append(
             StoredGeneration(
                 model=engine.model_name,
