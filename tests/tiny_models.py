@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# Qwen2.5-Coder's fill-in-the-middle and repository tokens (added only where a test asks: fim=True)
+FIM_SPECIALS = ["<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>", "<|repo_name|>", "<|file_sep|>"]
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -25,13 +27,17 @@ def _corpus() -> list[str]:
     return [inspect.getsource(textwrap), inspect.getsource(json.decoder), inspect.getsource(inspect.getsource)]
 
 
-def build_tokenizer(vocab_size: int = 400):
-    """A byte-level BPE (GPT-2 style, like Qwen's) trained on stdlib source."""
+def build_tokenizer(vocab_size: int = 400, fim: bool = False):
+    """A byte-level BPE (GPT-2 style, like Qwen's) trained on stdlib source (``fim``: with the FIM tokens)."""
     from tokenizers import ByteLevelBPETokenizer
 
     tok = ByteLevelBPETokenizer()
     tok.train_from_iterator(
-        _corpus(), vocab_size=vocab_size, min_frequency=2, special_tokens=SPECIALS, show_progress=False
+        _corpus(),
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=SPECIALS + (FIM_SPECIALS if fim else []),
+        show_progress=False,
     )
     return tok
 
@@ -110,14 +116,16 @@ def build_hf_model(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def build_gguf_model(path: Path, seed: int = 0, vocab_size: int = 400, chat_template: bool = True) -> Path:
+def build_gguf_model(
+    path: Path, seed: int = 0, vocab_size: int = 400, chat_template: bool = True, fim: bool = False
+) -> Path:
     """A tiny llama-architecture GGUF (f32 weights, gpt2-style BPE vocabulary) at ``path`` (with a chat template)."""
     import gguf
 
-    tok = build_tokenizer(vocab_size)
+    tok = build_tokenizer(vocab_size, fim=fim)
     tokens, merges = _vocab_and_merges(tok)
     n_vocab = len(tokens)
-    specials = {t: i for i, t in enumerate(tokens) if t in SPECIALS}
+    specials = {t: i for i, t in enumerate(tokens) if t in SPECIALS + FIM_SPECIALS}
     head_dim = N_EMBD // N_HEAD
 
     writer = gguf.GGUFWriter(str(path), "llama")

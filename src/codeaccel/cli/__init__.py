@@ -4,8 +4,9 @@
 which turns codeaccel's errors into one line and an exit code, in one place. One
 module per command group: ``models`` (list, fetch, path), ``index`` (build, update,
 stats, bench), ``sandbox`` (check, bench), ``dataset`` (build-edits), ``generate``,
-``profile``, ``bench`` and ``cascade`` (run, tune, report); ``options`` holds the flags they share, and ``display`` the
-consoles, progress bars, tables and the small results files the commands print.
+``profile``, ``bench``, ``cascade`` (run, tune, report) and ``serve``; ``options`` holds
+the flags they share, and ``display`` the consoles, progress bars, tables and the small
+results files the commands print.
 """
 
 from __future__ import annotations

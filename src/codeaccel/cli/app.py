@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 from rich.logging import RichHandler
 
-from codeaccel.cli import bench, cascade, dataset, generate, index, models, profile, sandbox
+from codeaccel.cli import bench, cascade, dataset, generate, index, models, profile, sandbox, serve
 from codeaccel.cli.display import err
 from codeaccel.errors import CodeaccelError, InternalError
 
@@ -33,6 +33,7 @@ app.add_typer(cascade.app, name="cascade")
 app.command()(generate.generate)
 app.command()(profile.profile)
 app.command()(bench.bench)
+app.command()(serve.serve)
 
 
 @app.callback()

@@ -1,7 +1,8 @@
 """Decoding: turning an engine's logits into a completion.
 
 The request and its result (``generation``), sampling, the autoregressive
-baseline, many requests decoded in one batch (``batched``), and speculative
+baseline, many requests decoded in one batch (``batched``) with their drafts' lengths
+chosen together (``batch_draft_lengths``), and speculative
 decoding: the loop (``speculative``), the lossless acceptance rules
 (``verification``), the draft-length policy and the costs it learns
 (``draft_length``, ``costs``), the drafter contract (``drafter``) and the

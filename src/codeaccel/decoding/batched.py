@@ -1,13 +1,20 @@
-"""Continuous batching of autoregressive requests: every active request's next token in one evaluation.
+"""Continuous batching: every active request's next step in one evaluation, drafts verified in the same batch.
 
 A :class:`BatchDecoder` runs requests on a :class:`~codeaccel.engines.sequences.SequenceSet`.
 Requests are submitted at any time; between two steps the decoder admits waiting ones
 (while sequences and cache cells are free), retires finished ones (freeing their
 sequence), and each step is
 
-    pick each active request's next token (its own sampler, its own seed)
-    → push it through the request's StopChecker (EOS, stop strings, max tokens)
-    → evaluate the tokens of every request still running in one batch.
+    propose: with a drafter, each request's session proposes a draft continuing its text;
+             the batch's draft lengths are chosen together from the cost curve
+             (:mod:`codeaccel.decoding.batch_draft_lengths`)
+    → verify: one evaluation of every request's pending token plus its draft
+    → accept: each request's lossless rule (:func:`~codeaccel.decoding.verification.verify`,
+             its own sampler and seed) keeps a prefix of its draft and adds one token
+    → commit / rewind: the kept tokens go through its StopChecker (EOS, stop strings, max
+             tokens); its sequence is rewound past the rejected draft tokens.
+
+Without a drafter every draft is empty and a step is one autoregressive token per request.
 
 Requests admitted together whose prompts are identical are prefilled once: the others
 start as copies of the first one's sequence (the cascade's k samples of one prompt).
@@ -25,9 +32,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from codeaccel.decoding.batch_draft_lengths import acceptance_estimate, choose_draft_lengths
+from codeaccel.decoding.drafter import Draft, Drafter, DraftSession, StepTiming
 from codeaccel.decoding.generation import Generation, Request, StopChecker
-from codeaccel.decoding.sampling import next_token
-from codeaccel.decoding.stats import DecodingStats
+from codeaccel.decoding.stats import DecodingStats, SpecStats
+from codeaccel.decoding.verification import verify
+from codeaccel.engines.cost_curve import CostCurve
 from codeaccel.engines.sequences import SequenceSet
 from codeaccel.errors import InternalError, UserError
 
@@ -42,11 +52,20 @@ class BatchStats:
     shared_prompt_tokens: int = 0  # prompt tokens not evaluated because a copy shared them
     prefill_s: float = 0.0
     decode_s: float = 0.0
-    batch_sizes: list[int] = field(default_factory=list)  # sequences per decode step
+    batched_sequences: int = 0  # sequences summed over decode steps (a server runs forever: no list)
+    last_batch: int = 0  # sequences in the most recent decode step
+    max_batch: int = 0  # most sequences in one decode step
+
+    def record_step(self, n_sequences: int, seconds: float) -> None:
+        self.steps += 1
+        self.decode_s += seconds
+        self.batched_sequences += n_sequences
+        self.last_batch = n_sequences
+        self.max_batch = max(self.max_batch, n_sequences)
 
     @property
     def mean_batch(self) -> float:
-        return float(np.mean(self.batch_sizes)) if self.batch_sizes else 0.0
+        return self.batched_sequences / self.steps if self.steps else 0.0
 
     @property
     def tokens_per_s(self) -> float:
@@ -70,21 +89,41 @@ class _Active:
     request: Request
     seq: int
     checker: StopChecker
-    rng: np.random.Generator
-    logits: np.ndarray  # [vocab]: the distribution of its next token
+    rng: np.random.Generator  # the target's sampler (sample-and-compare keeps autoregressive sampling's stream)
+    first_row: np.ndarray | None  # [vocab]: the prefill's prediction of the first token, until it is used
     reserved: int  # cells held for its own tokens (max tokens)
     prompt: _SharedPrompt  # the prompt's cells, shared with the requests admitted with the same prompt
     prefill_s: float
     decode_s: float = 0.0
     cost_s: float = 0.0  # its share of every evaluation it took part in
     steps: int = 0
+    pending: list[int] = field(default_factory=list)  # committed, not yet in its sequence's cache
+    context: list[int] = field(default_factory=list)  # prompt + committed tokens (what drafts continue)
+    session: DraftSession | None = None
+    draft_rng: np.random.Generator | None = None
+    spec: SpecStats | None = None
 
 
 class BatchDecoder:
-    """Autoregressive decoding of many requests at once on one sequence set; one thread drives it."""
+    """Decoding of many requests at once on one sequence set; one thread drives it.
 
-    def __init__(self, seqs: SequenceSet):
+    drafter: proposes drafts for every request (None: autoregressive); curve: the target's
+    cost of evaluating n tokens together, from which the batch's draft lengths are chosen
+    (required with a drafter); k_max: longest draft asked of a session.
+    """
+
+    PRIOR_DRAFTED = 4.0  # weight, in draft tokens, of the drafter's running acceptance in a request's estimate
+
+    def __init__(self, seqs: SequenceSet, drafter: Drafter | None = None, curve: CostCurve | None = None,
+                 k_max: int = 16):  # fmt: skip
+        if drafter is not None and curve is None:
+            raise InternalError("a batch decoder with a drafter needs the target's cost curve")
         self.seqs = seqs
+        self.drafter = drafter
+        self.curve = curve
+        self.k_max = k_max
+        self._drafted = 0  # over every request so far: the prior of a new request's acceptance
+        self._accepted = 0
         self.stats = BatchStats()
         self._waiting: deque[tuple[int, Request]] = deque()
         self._active: dict[int, _Active] = {}
@@ -102,6 +141,11 @@ class BatchDecoder:
     @property
     def idle(self) -> bool:
         return not self._active and not self._waiting
+
+    def progress(self, handle: int) -> tuple[list[int], str] | None:
+        """A running request's tokens and text so far (a stream's source); None if it is waiting or gone."""
+        active = self._active.get(handle)
+        return None if active is None else (list(active.checker.tokens), active.checker.text)
 
     def submit(self, request: Request) -> int:
         """Queue a request; returns its handle (``step`` reports it with its generation when done)."""
@@ -129,34 +173,76 @@ class BatchDecoder:
         return True
 
     def step(self) -> list[tuple[int, Generation]]:
-        """Admit what fits, commit one token to every active request, evaluate the survivors in one batch.
+        """Admit what fits; propose, verify, accept and commit one step of every active request in one batch.
 
         Returns the requests that finished in this step, with their generations.
         """
         self._admit()
-        finished: list[tuple[int, Generation]] = []
-        batch: dict[int, list[int]] = {}
-        for active in list(self._active.values()):
-            token = next_token(active.logits, active.request.params, active.rng)
-            self.stats.generated_tokens += 1
-            if active.checker.push(token):
-                finished.append((active.handle, self._retire(active)))
-            else:
-                batch[active.seq] = [token]
+        active = list(self._active.values())
+        drafts = self._propose(active)
+        batch = {a.seq: a.pending + drafts[a.handle].tokens for a in active if a.pending or drafts[a.handle].tokens}
+        logits: dict[int, np.ndarray] = {}
+        elapsed = 0.0
         if batch:
             t0 = time.perf_counter()
-            logits = self.seqs.eval(batch, all_logits=False)
+            logits = self.seqs.eval(batch, all_logits=True)
             elapsed = time.perf_counter() - t0
-            self.stats.steps += 1
-            self.stats.decode_s += elapsed
-            self.stats.batch_sizes.append(len(batch))
-            for active in self._active.values():
-                if active.seq in logits:
-                    active.logits = logits[active.seq][-1]
-                    active.decode_s += elapsed
-                    active.cost_s += elapsed / len(batch)
-                    active.steps += 1
+            self.stats.record_step(len(batch), elapsed)
+        n_evaluated = sum(len(t) for t in batch.values())
+        finished: list[tuple[int, Generation]] = []
+        for a in active:
+            draft = drafts[a.handle]
+            rows = logits.get(a.seq)  # [len(pending) + k, vocab]
+            if a.first_row is not None:  # the first step: the prefill predicted the draft's first token
+                first = a.first_row[None, :]
+                rows = first if rows is None else np.vstack([first, rows])
+                a.first_row = None
+            verdict = verify(draft.tokens, None, rows[-len(draft.tokens) - 1 :], a.request.params, a.rng)
+            if a.seq in batch:
+                share = len(batch[a.seq]) / n_evaluated
+                a.decode_s += elapsed
+                a.cost_s += elapsed * share
+                a.steps += 1
+            if a.session is not None:
+                a.session.observe(a.context, draft, verdict, StepTiming(elapsed, 0.0, n_evaluated))
+                a.spec.record(len(draft.tokens), verdict.n_accepted)
+                self._drafted += len(draft.tokens)
+                self._accepted += verdict.n_accepted
+            done = False
+            for token in verdict.tokens:
+                self.stats.generated_tokens += 1
+                if a.checker.push(token):
+                    done = True
+                    break
+            if done:
+                finished.append((a.handle, self._retire(a)))
+                continue
+            rejected = len(draft.tokens) - verdict.n_accepted
+            if rejected:
+                self.seqs.rewind(a.seq, self.seqs.n_tokens(a.seq) - rejected)
+            a.context += verdict.tokens
+            a.pending = verdict.tokens[-1:]
         return finished
+
+    def _propose(self, active: list[_Active]) -> dict[int, Draft]:
+        """Each request's draft, cut to the lengths chosen for the whole batch (empty without a drafter)."""
+        empty = Draft(tokens=[])
+        if self.drafter is None:
+            return {a.handle: empty for a in active}
+        proposed: dict[int, Draft] = {}
+        for a in active:
+            room = a.checker.remaining - 1  # the step commits one token besides the accepted drafts
+            k = min(self.k_max, room)
+            proposed[a.handle] = (
+                _chain(a.session.propose(a.context, k, a.request.params, a.draft_rng)) if k > 0 else empty
+            )
+        prior = self._accepted / self._drafted if self._drafted else 0.5
+        alphas = [acceptance_estimate(a.spec.accepted_tokens, a.spec.drafted_tokens, prior * self.PRIOR_DRAFTED,
+                                      self.PRIOR_DRAFTED) for a in active]  # fmt: skip
+        caps = [len(proposed[a.handle].tokens) for a in active]
+        base = len(active)  # a token per request: its pending one (on its first step the prefill's, paid already)
+        lengths = choose_draft_lengths(alphas, caps, base, self.curve.cost)
+        return {a.handle: _cut(proposed[a.handle], k) for a, k in zip(active, lengths)}
 
     def run(self, requests: list[Request]) -> list[Generation]:
         """Decode ``requests`` together; their generations in the same order."""
@@ -214,12 +300,20 @@ class BatchDecoder:
                     seq=seq,
                     checker=StopChecker(self.seqs, request.stop, max_tokens),
                     rng=request.params.rng(),
-                    logits=logits[leaders[prompt]][-1],
+                    first_row=logits[leaders[prompt]][-1],
                     reserved=max_tokens,
                     prompt=shared,
                     prefill_s=elapsed,
                     cost_s=share,
+                    context=list(prompt),
                 )
+                if self.drafter is not None:
+                    active = self._active[handle]
+                    active.session = self.drafter.start(prompt, frozenset(request.exclude_files),
+                                                        request.prediction_tokens)  # fmt: skip
+                    seed = request.params.seed
+                    active.draft_rng = np.random.default_rng(None if seed is None else [seed, 1])
+                    active.spec = SpecStats()
 
     def _retire(self, active: _Active) -> Generation:
         self._active.pop(active.handle)
@@ -232,7 +326,7 @@ class BatchDecoder:
             n_prompt_tokens=len(active.request.prompt_tokens),
             prefill_s=active.prefill_s,
             decode_s=active.decode_s,
-            stats=DecodingStats(steps=active.steps, target_s=active.decode_s),
+            stats=DecodingStats(steps=active.steps, target_s=active.decode_s, speculation=active.spec),
             cost_s=active.cost_s,
         )
 
@@ -244,3 +338,21 @@ class BatchDecoder:
         if self._reserved < 0:
             raise InternalError("batch decoder released more cells than it reserved")
         self.seqs.close(active.seq)
+
+
+def _chain(draft: Draft) -> Draft:
+    """A draft as one chain: a token tree's first branch (the batch verifies chains)."""
+    if draft.parents is None:
+        return draft
+    tokens, node = [], -1
+    for i, parent in enumerate(draft.parents):
+        if parent == node:
+            tokens.append(draft.tokens[i])
+            node = i
+    return Draft(tokens=tokens, source=draft.source, lookup=draft.lookup)
+
+
+def _cut(draft: Draft, k: int) -> Draft:
+    if k >= len(draft.tokens):
+        return draft
+    return Draft(tokens=draft.tokens[:k], source=draft.source, lookup=draft.lookup)

@@ -84,6 +84,11 @@ class StopChecker:
         self.text = ""
         self.finish_reason: FinishReason | None = None
 
+    @property
+    def remaining(self) -> int:
+        """Tokens it may still take before max tokens ends generation."""
+        return self._max_tokens - len(self.tokens)
+
     def push(self, token: int) -> FinishReason | None:
         if self.finish_reason is not None:
             raise RuntimeError("generation already finished")

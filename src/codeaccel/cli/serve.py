@@ -1,0 +1,37 @@
+"""``codeaccel serve``: the OpenAI- and llama.cpp-compatible completion server (:mod:`codeaccel.serve`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from codeaccel.serve.settings import load_settings
+
+
+def serve(
+    model: Annotated[Optional[str], typer.Option(help="Bundled model name, GGUF file or HF directory.")] = None,
+    engine: Annotated[Optional[str], typer.Option(help="llama.cpp or hf.")] = None,
+    host: Annotated[Optional[str], typer.Option(help="Address to listen on.")] = None,
+    port: Annotated[Optional[int], typer.Option(help="Port to listen on (0: any free one).")] = None,
+    parallel: Annotated[Optional[int], typer.Option("--parallel", "-np", help="Sequences decoded together.")] = None,
+    ctx_size: Annotated[Optional[int], typer.Option(help="Most tokens per request (prompt + completion).")] = None,
+    max_queue: Annotated[Optional[int], typer.Option(help="Requests queued beyond the running ones.")] = None,
+    api_key: Annotated[Optional[str], typer.Option(help="Require this bearer key.")] = None,
+    events_db: Annotated[Optional[Path], typer.Option(help="SQLite file of /v1/events.")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="A JSON or TOML file of settings.")] = None,
+) -> None:
+    """Serve a model over HTTP: /v1/completions, /v1/chat/completions, /completion, /infill, /metrics.
+
+    Settings come from these flags, then CODEACCEL_SERVE_* environment variables, then --config.
+    """
+    import uvicorn
+
+    from codeaccel.serve.app import create_app
+
+    settings = load_settings(
+        config, model=model, engine=engine, host=host, port=port, parallel=parallel, ctx_size=ctx_size,
+        max_queue=max_queue, api_key=api_key, events_db=events_db,
+    )  # fmt: skip
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning")

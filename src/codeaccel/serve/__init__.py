@@ -1,0 +1,18 @@
+"""``codeaccel serve``: an OpenAI- and llama.cpp-compatible completion server with continuous batching.
+
+One target model, one :class:`~codeaccel.engines.sequences.SequenceSet` of ``parallel``
+sequences, one scheduler thread that runs every active request's next step in one
+engine evaluation. Modules:
+
+* ``settings``: typed settings from flags, environment or a config file;
+* ``schemas``: every endpoint's request body, validated at the boundary;
+* ``prompts``: token ids of plain, fill-in-the-middle, repository-level infill and chat prompts;
+* ``scheduler``: the thread that owns the batch decoder; jobs submitted, cancelled, reported;
+* ``completions``: one HTTP request's choices submitted together, awaited or streamed (``Call``);
+* ``streaming``: what a stream may send yet (no text a stop string may cut, no half character);
+* ``formats``: OpenAI's and llama-server's response bodies and stream chunks;
+* ``metrics``: Prometheus metrics (vLLM's and llama.cpp's speculative counter names);
+* ``events``: ``/v1/events`` (Tabby's schema), stored durably in SQLite;
+* ``errors``: every error mapped in one place to an OpenAI-style body;
+* ``app``: ``create_app(settings)``, the routes, loading in the background (``/health`` 503 until loaded).
+"""

@@ -1,0 +1,378 @@
+"""The FastAPI application: ``create_app(settings)`` (no work at import), its routes, its lifespan.
+
+The model loads in a background thread after the server starts listening, so ``/health``
+answers 503 while loading (and if loading failed), 200 after. Routes are thin: validate,
+build the prompt, submit a :class:`~codeaccel.serve.completions.Call`, format.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from codeaccel.decoding.drafter import Drafter
+from codeaccel.decoding.generation import Request as GenRequest
+from codeaccel.decoding.sampling import SamplingParams
+from codeaccel.engines import Engine, load_engine, open_sequences
+from codeaccel.engines.cost_curve import CostCurve, cost_curve_for
+from codeaccel.engines.sequences import SequenceSet
+from codeaccel.errors import UserError
+from codeaccel.methods.registry import RETRIEVAL_K_MAX
+from codeaccel.models.registry import cache_dir
+from codeaccel.retrieval.acceptance_cache import AcceptanceCache
+from codeaccel.retrieval.datastore import open_datastores
+from codeaccel.retrieval.drafter import RetrievalDrafter
+from codeaccel.retrieval.timing import RetrievalTiming
+from codeaccel.serve import formats
+from codeaccel.serve.completions import Call
+from codeaccel.serve.errors import APIError, error_body, install_error_handlers
+from codeaccel.serve.events import EventStore
+from codeaccel.serve.metrics import ServerMetrics
+from codeaccel.serve.prompts import chat_prompt, fim_prompt
+from codeaccel.serve.scheduler import Scheduler
+from codeaccel.serve.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EventRequest,
+    InfillRequest,
+    NativeCompletionRequest,
+)
+from codeaccel.serve.settings import ServeSettings
+
+log = logging.getLogger(__name__)
+
+ROUTES = frozenset({"/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/completion",
+                    "/infill", "/v1/events"})  # fmt: skip
+
+
+@dataclass
+class Runtime:
+    """What loading the model gives: the engine (tokenizer, template), its sequences, their scheduler."""
+
+    engine: Engine
+    seqs: SequenceSet
+    scheduler: Scheduler
+    model_id: str
+
+    drafter: Drafter | None = None
+
+    def close(self) -> None:
+        self.scheduler.stop()
+        if self.drafter is not None:
+            self.drafter.close()
+        self.seqs.free()
+        self.engine.close()
+
+
+class ServerState:
+    """Owned by the app: settings, metrics, the event store, and the runtime once loaded."""
+
+    def __init__(self, settings: ServeSettings):
+        self.settings = settings
+        self.metrics = ServerMetrics()
+        self.events = EventStore(settings.events_db or _default_events_db())
+        self.runtime: Runtime | None = None
+        self.load_error: str | None = None
+        self.loaded = threading.Event()
+
+    def load(self) -> None:
+        s = self.settings
+        try:
+            engine = load_engine(s.model, s.engine, n_ctx=s.ctx_size, n_threads=s.n_threads)
+            seqs = open_sequences(engine, n_seq_max=s.parallel, n_ctx=s.ctx_size * s.parallel)
+            drafter, curve = _drafter(s, engine)
+            scheduler = Scheduler(seqs, s.max_queue, self.metrics, drafter, curve)
+            scheduler.start()
+            self.runtime = Runtime(engine, seqs, scheduler, s.model_alias or engine.model_name, drafter)
+            log.warning("serving %s on %s with %s: %d sequences of %d tokens", engine.model_name, s.engine, s.method,
+                        s.parallel, s.ctx_size)  # fmt: skip
+        except Exception as exc:  # reported by /health and every endpoint, never a crash
+            log.exception("loading %s failed", s.model)
+            self.load_error = f"loading {s.model} failed: {exc}"
+        finally:
+            self.loaded.set()
+
+    def ready(self) -> Runtime:
+        if self.runtime is None:
+            message = self.load_error or "the model is loading"
+            raise APIError(503, message, "server_error", code="loading", headers={"Retry-After": "5"})
+        return self.runtime
+
+
+def _drafter(s: ServeSettings, engine: Engine) -> tuple[Drafter | None, CostCurve | None]:
+    """The method's drafter (retrieval without a draft model) and the target's cost curve its lengths read."""
+    if s.method == "autoregressive":
+        return None, None
+    curve = cost_curve_for(engine)  # profiled on first use on this machine, then cached
+    stores = open_datastores(engine, tuple(str(p) for p in s.datastores)) if s.method == "retrieval" else []
+    timing = RetrievalTiming(curve, k_max=RETRIEVAL_K_MAX)
+    return RetrievalDrafter(stores, timing=timing, cache=AcceptanceCache(), context=True), curve
+
+
+def _ready(request: Request) -> Runtime:
+    return request.app.state.codeaccel.ready()
+
+
+ReadyRuntime = Annotated[Runtime, Depends(_ready)]  # a route's loaded model (503 while loading)
+
+
+def _default_events_db():
+    return cache_dir() / "events.sqlite"
+
+
+def create_app(settings: ServeSettings, load_in_background: bool = True) -> FastAPI:
+    state = ServerState(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if load_in_background:
+            threading.Thread(target=state.load, name="codeaccel-load", daemon=True).start()
+        else:
+            state.load()
+        yield
+        await asyncio.to_thread(state.loaded.wait)
+        if state.runtime is not None:
+            state.runtime.close()
+
+    app = FastAPI(title="codeaccel", lifespan=lifespan)
+    app.state.codeaccel = state
+    install_error_handlers(app)
+
+    @app.middleware("http")
+    async def limits_and_auth(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
+            body = error_body(f"the body exceeds {settings.max_body_bytes} bytes", "invalid_request_error",
+                              code="body_too_large")  # fmt: skip
+            return JSONResponse(body, status_code=413)
+        if settings.api_key and request.url.path not in ("/health", "/metrics"):
+            if request.headers.get("authorization") != f"Bearer {settings.api_key}":
+                body = error_body("a valid API key is required (Authorization: Bearer ...)", "authentication_error",
+                                  code="invalid_api_key")  # fmt: skip
+                return JSONResponse(body, status_code=401)
+        response = await call_next(request)
+        path = request.url.path if request.url.path in ROUTES else "other"  # bounded label values
+        state.metrics.requests.labels(path, str(response.status_code)).inc()
+        return response
+
+    def check_model(name: str | None, rt: ReadyRuntime) -> None:
+        if name is not None and name not in (rt.model_id, rt.engine.model_name):
+            raise APIError(404, f"the model {name!r} does not exist: this server serves {rt.model_id!r}",
+                           param="model", code="model_not_found")  # fmt: skip
+
+    # ---- health, models, metrics, events ---------------------------------------------
+    @app.get("/health")
+    def health():
+        state.ready()
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    def models(rt: ReadyRuntime):
+        return {"object": "list", "data": [{"id": rt.model_id, "object": "model", "created": 0, "owned_by": "codeaccel",
+                                            "max_model_len": settings.ctx_size}]}  # fmt: skip
+
+    @app.get("/metrics")
+    def metrics():
+        return Response(state.metrics.exposition(), media_type="text/plain; version=0.0.4")
+
+    @app.post("/v1/events")
+    async def events(body: EventRequest):
+        event_id = await run_in_threadpool(state.events.add, body)
+        return {"id": event_id, "status": "stored"}
+
+    # ---- completions -------------------------------------------------------------------
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, http: Request, rt: ReadyRuntime):
+        check_model(body.model, rt)
+        prompts = await run_in_threadpool(_completion_prompts, rt, body, settings.ctx_size, settings.default_max_tokens)
+        prediction = await run_in_threadpool(_prediction, rt, body)
+        requests = _requests(body, prompts, settings, prediction)
+        call = Call(rt.scheduler, [r for r, _ in requests], body.stream, body.stops)
+        n_prompt = sum(len(p) for p in prompts)
+        if body.stream:
+            return _sse(_openai_completion_stream(call, rt.model_id, http, body, n_prompt))
+        results = await call.results(http)
+        if results is None:
+            return Response(status_code=499)
+        echo = [body.prompt if body.echo and isinstance(body.prompt, str) else "" for _ in results]
+        return formats.completion_body(call, rt.model_id, results, n_prompt, echo)
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatCompletionRequest, http: Request, rt: ReadyRuntime):
+        check_model(body.model, rt)
+        try:
+            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="messages") from None
+        prompt = await run_in_threadpool(chat_prompt, rt.engine, messages)
+        _check_fits(prompt, settings.ctx_size)
+        if body.max_completion_tokens is not None:
+            body = body.model_copy(update={"max_tokens": body.max_completion_tokens})
+        prediction = await run_in_threadpool(_prediction, rt, body)
+        requests = _requests(body, [prompt], settings, prediction)
+        call = Call(rt.scheduler, [r for r, _ in requests], body.stream, body.stops)
+        if body.stream:
+            return _sse(_chat_stream(call, rt.model_id, http, body, len(prompt)))
+        results = await call.results(http)
+        if results is None:
+            return Response(status_code=499)
+        return formats.chat_body(call, rt.model_id, results, len(prompt))
+
+    @app.post("/completion")
+    async def native_completion(body: NativeCompletionRequest, http: Request, rt: ReadyRuntime):
+        if isinstance(body.prompt, list):
+            return await _native(rt, body, list(body.prompt), "", http)
+        prompt = await run_in_threadpool(rt.engine.tokenize, body.prompt)
+        return await _native(rt, body, prompt, body.prompt, http)
+
+    @app.post("/infill")
+    async def infill(body: InfillRequest, http: Request, rt: ReadyRuntime):
+        budget = settings.ctx_size - _native_max_tokens(body, settings)
+        extra = [(c.filename, c.text) for c in body.input_extra]
+        prompt = await run_in_threadpool(
+            fim_prompt, rt.engine, body.input_prefix, body.input_suffix, max(budget, 4), extra, body.prompt
+        )
+        return await _native(rt, body, prompt, "", http)
+
+    async def _native(rt: Runtime, body, prompt: list[int], prompt_text: str, http: Request):
+        _check_tokens(prompt, rt.engine.n_vocab)
+        _check_fits(prompt, settings.ctx_size)
+        seed = None if body.seed in (None, -1) else body.seed
+        params = _params(body.temperature, body.top_p, body.top_k, seed, "temperature")
+        max_tokens = min(_native_max_tokens(body, settings), settings.ctx_size - len(prompt))
+        request = GenRequest(prompt, params, max_tokens, tuple(body.stop))
+        call = Call(rt.scheduler, [request], body.stream, body.stop)
+        if body.stream:
+            return _sse(_native_stream(call, rt.model_id, http, prompt_text))
+        results = await call.results(http)
+        if results is None:
+            return Response(status_code=499)
+        return formats.native_body(rt.model_id, results[0].finished, prompt_text)
+
+    return app
+
+
+# ---- request building (pure, tested on their own) ---------------------------------------
+def _native_max_tokens(body, settings: ServeSettings) -> int:
+    return settings.default_max_tokens if body.n_predict in (-1, 0) else body.n_predict
+
+
+def _check_fits(prompt: list[int], ctx_size: int) -> None:
+    if not prompt:
+        raise APIError(400, "the prompt is empty", param="prompt")
+    if len(prompt) >= ctx_size:
+        raise APIError(400, f"the prompt has {len(prompt)} tokens; this model's context holds {ctx_size}",
+                       param="prompt", code="context_length_exceeded")  # fmt: skip
+
+
+def _check_tokens(prompt: list[int], n_vocab: int) -> None:
+    bad = [t for t in prompt if not 0 <= t < n_vocab]
+    if bad:
+        raise APIError(400, f"token ids out of range [0, {n_vocab}): {bad[:3]}", param="prompt")
+
+
+def _completion_prompts(
+    rt: Runtime, body: CompletionRequest, ctx_size: int, default_max_tokens: int
+) -> list[list[int]]:
+    if isinstance(body.prompt, list) and all(isinstance(t, int) for t in body.prompt):
+        prompts = [list(body.prompt)]
+        _check_tokens(prompts[0], rt.engine.n_vocab)
+    else:
+        texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if body.suffix is not None:
+            budget = ctx_size - min(body.max_tokens or default_max_tokens, ctx_size // 2)
+            prompts = [fim_prompt(rt.engine, t, body.suffix, budget) for t in texts]
+        else:
+            prompts = [rt.engine.tokenize(t) for t in texts]
+    for p in prompts:
+        _check_fits(p, ctx_size)
+    return prompts
+
+
+def _params(temperature: float, top_p: float, top_k: int, seed: int | None, param: str) -> SamplingParams:
+    try:
+        return SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+    except (UserError, ValueError) as exc:
+        raise APIError(400, str(exc), param=param) from None
+
+
+def _prediction(rt: Runtime, body) -> list[int]:
+    """OpenAI's predicted output as tokens (drafting methods search it first)."""
+    return rt.engine.tokenize(body.prediction.content) if body.prediction and body.prediction.content else []
+
+
+def _requests(
+    body, prompts: list[list[int]], settings: ServeSettings, prediction: list[int]
+) -> list[tuple[GenRequest, int]]:
+    """One generation request per (prompt, choice): choice i of a seeded request samples with seed + i."""
+    out = []
+    max_tokens = body.max_tokens or settings.default_max_tokens
+    for p_index, prompt in enumerate(prompts):
+        for i in range(body.n):
+            seed = None if body.seed is None else body.seed + i
+            params = _params(body.temperature, body.top_p, body.top_k, seed, "temperature")
+            room = settings.ctx_size - len(prompt)
+            out.append((GenRequest(prompt, params, min(max_tokens, room), tuple(body.stops),
+                                   prediction_tokens=prediction), p_index))  # fmt: skip
+    return out
+
+
+# ---- streams --------------------------------------------------------------------------------
+def _sse(chunks: AsyncIterator[str]) -> StreamingResponse:
+    """A server-sent event stream; an error after the stream started is sent as an OpenAI error event."""
+
+    async def guarded():
+        try:
+            async for chunk in chunks:
+                yield chunk
+        except APIError as exc:
+            yield formats.sse(error_body(exc.message, exc.type, exc.param, exc.code))
+
+    return StreamingResponse(guarded(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def _openai_completion_stream(call: Call, model: str, http: Request, body: CompletionRequest, n_prompt: int):
+    finished = []
+    async for d in call.deltas(http):
+        if d.finished is not None:
+            finished.append(d.finished)
+        yield formats.sse(formats.completion_chunk(call, model, d))
+    if body.stream_options and body.stream_options.include_usage:
+        yield formats.sse(formats.usage_chunk(call, model, "text_completion", finished, n_prompt))
+    yield formats.sse("[DONE]")
+
+
+async def _chat_stream(call: Call, model: str, http: Request, body: ChatCompletionRequest, n_prompt: int):
+    started: set[int] = set()
+    finished = []
+    async for d in call.deltas(http):
+        if d.index not in started:
+            started.add(d.index)
+            yield formats.sse(formats.chat_chunk(call, model, d.index, {"role": "assistant", "content": ""}, None))
+        if d.text:
+            yield formats.sse(formats.chat_chunk(call, model, d.index, {"content": d.text}, None))
+        if d.finished is not None:
+            finished.append(d.finished)
+            yield formats.sse(formats.chat_chunk(call, model, d.index, {}, d.finish_reason))
+    if body.stream_options and body.stream_options.include_usage:
+        yield formats.sse(formats.usage_chunk(call, model, "chat.completion.chunk", finished, n_prompt))
+    yield formats.sse("[DONE]")
+
+
+async def _native_stream(call: Call, model: str, http: Request, prompt_text: str):
+    async for d in call.deltas(http):
+        if d.finished is not None:
+            final = formats.native_body(model, d.finished, prompt_text)
+            final["content"] = d.text  # a stream's last object carries only the rest of the text
+            yield formats.sse(final)
+        elif d.text:
+            yield formats.sse(formats.native_chunk(d.text))

@@ -1,0 +1,115 @@
+"""One completion request, whatever the endpoint: its choices submitted together, awaited or streamed.
+
+A :class:`Call` is the per-request object: the choices' jobs, the queue their events
+arrive on (sinks are called from the scheduler thread and hop onto the event loop), and
+what each choice has streamed. Endpoints differ only in how a result or a chunk is
+formatted (:mod:`codeaccel.serve.formats`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+
+from fastapi import Request as HTTPRequest
+
+from codeaccel.decoding.generation import Request
+from codeaccel.serve.errors import to_api_error
+from codeaccel.serve.scheduler import Failed, Finished, Job, Progress, Scheduler
+from codeaccel.serve.streaming import StreamCursor
+
+DISCONNECT_POLL_S = 0.5
+
+
+@dataclass(frozen=True)
+class ChoiceResult:
+    index: int
+    finished: Finished
+
+
+@dataclass(frozen=True)
+class ChoiceDelta:
+    index: int
+    text: str
+    finish_reason: str | None  # OpenAI's: "stop" or "length" on the choice's last chunk
+    finished: Finished | None = None
+
+
+def openai_finish_reason(reason: str | None) -> str | None:
+    return None if reason is None else ("length" if reason == "length" else "stop")
+
+
+class Call:
+    def __init__(self, scheduler: Scheduler, requests: Sequence[Request], stream: bool, stops: Sequence[str]):
+        self.id = uuid.uuid4().hex
+        self.created = int(time.time())
+        self.scheduler = scheduler
+        self.loop = asyncio.get_running_loop()
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.jobs = [Job(r, self._sink(i), stream=stream) for i, r in enumerate(requests)]
+        self.cursors = [StreamCursor(stops) for _ in requests]
+        self.open = set(range(len(requests)))
+        self.ids = scheduler.submit(self.jobs)  # QueueFull: nothing was queued
+
+    def _sink(self, index: int) -> Callable:
+        def sink(event) -> None:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (index, event))
+
+        return sink
+
+    def cancel(self) -> None:
+        if self.open:
+            self.scheduler.cancel([self.ids[i] for i in self.open])
+            self.open.clear()
+
+    async def _next(self, http: HTTPRequest):
+        while True:
+            try:
+                return await asyncio.wait_for(self.events.get(), DISCONNECT_POLL_S)
+            except TimeoutError:
+                if await http.is_disconnected():
+                    self.cancel()
+                    return None
+
+    async def results(self, http: HTTPRequest) -> list[ChoiceResult] | None:
+        """Every choice's result, in order; None if the client went away (its choices are cancelled)."""
+        done: dict[int, Finished] = {}
+        try:
+            while self.open:
+                got = await self._next(http)
+                if got is None:
+                    return None
+                index, event = got
+                if isinstance(event, Failed):
+                    raise to_api_error(event.error)
+                if isinstance(event, Finished):
+                    done[index] = event
+                    self.open.discard(index)
+        finally:
+            self.cancel()
+        return [ChoiceResult(i, done[i]) for i in sorted(done)]
+
+    async def deltas(self, http: HTTPRequest) -> AsyncIterator[ChoiceDelta]:
+        """Text as it is committed, per choice; each choice's last delta carries its finish reason."""
+        try:
+            while self.open:
+                got = await self._next(http)
+                if got is None:
+                    return
+                index, event = got
+                if isinstance(event, Failed):
+                    raise to_api_error(event.error)
+                if isinstance(event, Progress):
+                    text = self.cursors[index].advance(event.text)
+                    if text:
+                        yield ChoiceDelta(index, text, None)
+                elif isinstance(event, Finished):
+                    self.open.discard(index)
+                    gen = event.generation
+                    text = self.cursors[index].advance(gen.text, final=True)
+                    yield ChoiceDelta(index, text, openai_finish_reason(gen.finish_reason), event)
+        finally:
+            self.cancel()  # a client that disconnects mid-stream frees its sequences

@@ -1,0 +1,123 @@
+"""Response bodies and stream chunks: OpenAI's completion and chat shapes, llama-server's native shape."""
+
+from __future__ import annotations
+
+import json
+
+from codeaccel.serve.completions import Call, ChoiceDelta, ChoiceResult, openai_finish_reason
+from codeaccel.serve.scheduler import Finished
+
+LLAMA_STOP_TYPE = {"eos": "eos", "stop": "word", "length": "limit"}
+
+
+def sse(payload: dict | str) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
+
+
+def usage(finished: list[Finished], n_prompts_tokens: int) -> dict:
+    completion = sum(f.generation.n_generated for f in finished)
+    return {"prompt_tokens": n_prompts_tokens, "completion_tokens": completion,
+            "total_tokens": n_prompts_tokens + completion}  # fmt: skip
+
+
+def timings(f: Finished) -> dict:
+    """llama-server's ``timings`` object (and ours: queue and time to first token)."""
+    g = f.generation
+    return {
+        "prompt_n": g.n_prompt_tokens,
+        "prompt_ms": 1000 * g.prefill_s,
+        "prompt_per_second": g.n_prompt_tokens / g.prefill_s if g.prefill_s > 0 else None,
+        "predicted_n": g.n_generated,
+        "predicted_ms": 1000 * g.decode_s,
+        "predicted_per_second": g.tokens_per_s or None,
+        "queue_ms": 1000 * f.queued_s,
+        "first_token_ms": None if f.first_token_s is None else 1000 * f.first_token_s,
+        "total_ms": 1000 * f.total_s,
+    }
+
+
+def _timings_all(results: list[ChoiceResult]) -> dict:
+    return timings(max((r.finished for r in results), key=lambda f: f.total_s))
+
+
+def completion_body(call: Call, model: str, results: list[ChoiceResult], prompt_tokens: int, echo: list[str]) -> dict:
+    return {
+        "id": f"cmpl-{call.id}",
+        "object": "text_completion",
+        "created": call.created,
+        "model": model,
+        "choices": [
+            {
+                "index": r.index,
+                "text": echo[r.index] + r.finished.generation.text,
+                "logprobs": None,
+                "finish_reason": openai_finish_reason(r.finished.generation.finish_reason),
+            }
+            for r in results
+        ],  # fmt: skip
+        "usage": usage([r.finished for r in results], prompt_tokens),
+        "timings": _timings_all(results),
+    }
+
+
+def completion_chunk(call: Call, model: str, d: ChoiceDelta) -> dict:
+    choice = {"index": d.index, "text": d.text, "logprobs": None, "finish_reason": d.finish_reason}
+    return {"id": f"cmpl-{call.id}", "object": "text_completion", "created": call.created, "model": model,
+            "choices": [choice]}  # fmt: skip
+
+
+def chat_body(call: Call, model: str, results: list[ChoiceResult], prompt_tokens: int) -> dict:
+    return {
+        "id": f"chatcmpl-{call.id}",
+        "object": "chat.completion",
+        "created": call.created,
+        "model": model,
+        "choices": [
+            {
+                "index": r.index,
+                "message": {"role": "assistant", "content": r.finished.generation.text},
+                "logprobs": None,
+                "finish_reason": openai_finish_reason(r.finished.generation.finish_reason),
+            }
+            for r in results
+        ],  # fmt: skip
+        "usage": usage([r.finished for r in results], prompt_tokens),
+        "timings": _timings_all(results),
+    }
+
+
+def chat_chunk(call: Call, model: str, index: int, delta: dict, finish_reason: str | None) -> dict:
+    return {"id": f"chatcmpl-{call.id}", "object": "chat.completion.chunk", "created": call.created,
+            "model": model, "choices": [{"index": index, "delta": delta, "logprobs": None,
+                                          "finish_reason": finish_reason}]}  # fmt: skip
+
+
+def usage_chunk(call: Call, model: str, obj: str, finished: list[Finished], prompt_tokens: int) -> dict:
+    return {"id": call.id, "object": obj, "created": call.created, "model": model, "choices": [],
+            "usage": usage(finished, prompt_tokens)}  # fmt: skip
+
+
+def native_body(model: str, f: Finished, prompt: str) -> dict:
+    """llama-server's final ``/completion`` and ``/infill`` object."""
+    g = f.generation
+    return {
+        "index": 0,
+        "content": g.text,
+        "tokens": [],
+        "id_slot": 0,
+        "stop": True,
+        "model": model,
+        "tokens_predicted": g.n_generated,
+        "tokens_evaluated": g.n_prompt_tokens,
+        "prompt": prompt,
+        "has_new_line": "\n" in g.text,
+        "truncated": False,
+        "stop_type": LLAMA_STOP_TYPE[g.finish_reason],
+        "stopping_word": "",  # which stop string matched is not recorded
+        "tokens_cached": g.n_prompt_tokens + g.n_generated,
+        "timings": timings(f),
+    }
+
+
+def native_chunk(text: str) -> dict:
+    return {"index": 0, "content": text, "tokens": [], "stop": False, "id_slot": 0}

@@ -1,0 +1,91 @@
+"""Prompts as token ids: plain text, fill-in-the-middle, llama.cpp's repository-level infill, chat.
+
+Fill-in-the-middle uses the model's own FIM tokens (Qwen2.5-Coder: ``<|fim_prefix|>``,
+``<|fim_suffix|>``, ``<|fim_middle|>``; repository context with ``<|repo_name|>`` and
+``<|file_sep|>``), in llama-server's layout for ``/infill``::
+
+    <|repo_name|>myproject\n<|file_sep|>{filename}\n{text} ... <|file_sep|>filename\n
+    <|fim_prefix|>{prefix}{prompt}<|fim_suffix|>{suffix}<|fim_middle|>
+
+A raw FIM prompt written by the client works as any prompt (special-token markup is
+parsed). When a prompt does not fit ``budget`` tokens, the extra files go first (oldest
+first), then the suffix's tail, then the prefix's head, as llama-server trims.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from codeaccel.engines.base import Engine
+from codeaccel.errors import UserError
+
+FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE = "<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"
+REPO_NAME, FILE_SEP = "<|repo_name|>", "<|file_sep|>"
+PROJECT = "myproject"  # llama-server's repository name
+CURRENT_FILE = "filename"  # llama-server's name of the file being edited
+
+
+@dataclass(frozen=True)
+class FimTokens:
+    prefix: int
+    suffix: int
+    middle: int
+    repo_name: int | None
+    file_sep: int | None
+
+
+def special_token(engine: Engine, markup: str) -> int | None:
+    """The id of ``markup`` if the model has it as one token, else None."""
+    ids = engine.tokenize(markup)
+    return ids[0] if len(ids) == 1 else None
+
+
+def fim_tokens(engine: Engine) -> FimTokens:
+    """The model's FIM tokens; a model without them cannot fill in the middle (a 400, not a guess)."""
+    pre, suf, mid = (special_token(engine, m) for m in (FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE))
+    if pre is None or suf is None or mid is None:
+        raise UserError(f"model {engine.model_name} has no fill-in-the-middle tokens: suffix and /infill need them")
+    return FimTokens(pre, suf, mid, special_token(engine, REPO_NAME), special_token(engine, FILE_SEP))
+
+
+def fim_prompt(
+    engine: Engine,
+    prefix: str,
+    suffix: str,
+    budget: int,
+    extra: Sequence[tuple[str, str]] = (),
+    prompt: str = "",
+) -> list[int]:
+    """Token ids of a FIM prompt of at most ``budget`` tokens; ``extra``: (filename, text) of other files."""
+    fim = fim_tokens(engine)
+    head: list[int] = []
+    if extra and fim.repo_name is not None and fim.file_sep is not None:
+        head = [fim.repo_name, *engine.tokenize(PROJECT + "\n")]
+        for filename, text in extra:
+            head += [fim.file_sep, *engine.tokenize(filename + "\n"), *engine.tokenize(text)]
+        head += [fim.file_sep, *engine.tokenize(CURRENT_FILE + "\n")]
+    elif extra:  # no repository tokens: the files as plain text before the prefix
+        for filename, text in extra:
+            head += engine.tokenize(f"# {filename}\n{text}\n\n")
+    before = engine.tokenize(prefix + prompt) if prefix + prompt else []
+    after = engine.tokenize(suffix) if suffix else []
+    fixed = 3  # the three FIM tokens
+    if budget < fixed + 1:
+        raise UserError(f"no room for a fill-in-the-middle prompt in {budget} tokens")
+    over = len(head) + len(before) + len(after) + fixed - budget
+    if over > 0:  # drop the extra files' oldest tokens first
+        cut = min(over, len(head))
+        head = head[cut:]
+        over -= cut
+    if over > 0:  # then the suffix's tail, down to a quarter of the room
+        keep = max(len(after) - over, min(len(after), (budget - fixed) // 4))
+        over -= len(after) - keep
+        after = after[:keep]
+    if over > 0:  # then the prefix's head
+        before = before[over:]
+    return [*head, fim.prefix, *before, fim.suffix, *after, fim.middle]
+
+
+def chat_prompt(engine: Engine, messages: list[dict[str, str]]) -> list[int]:
+    return engine.tokenize(engine.apply_chat_template(messages))

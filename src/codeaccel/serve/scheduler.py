@@ -1,0 +1,225 @@
+"""Continuous batching for the server: one thread drives a :class:`BatchDecoder` over the engine's sequences.
+
+HTTP handlers run on the event loop; the decoder and its sequence set belong to one
+thread (:class:`Scheduler`). Handlers ``submit`` jobs (one per choice) and may ``cancel``
+them; commands reach the thread through a queue and are applied between two steps, so
+requests are admitted and retired at any step while the others keep decoding. Each job
+reports to its own ``sink`` from the scheduler thread: a :class:`Progress` after every
+step that committed tokens to it (only when it streams), then exactly one
+:class:`Finished` or :class:`Failed`.
+
+Admission is bounded: at most ``parallel + max_queue`` jobs in the system; beyond that
+``submit`` raises :class:`QueueFull` (the server answers 503 with ``Retry-After``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from codeaccel.decoding.batched import BatchDecoder
+from codeaccel.decoding.drafter import Drafter
+from codeaccel.decoding.generation import Generation, Request
+from codeaccel.engines.cost_curve import CostCurve
+from codeaccel.engines.sequences import SequenceSet
+from codeaccel.errors import CodeaccelError
+from codeaccel.serve.metrics import ServerMetrics
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """More jobs than ``parallel + max_queue``: the client should retry later."""
+
+
+@dataclass(frozen=True)
+class Progress:
+    tokens: int  # generated so far
+    text: str  # the completion so far (cut before any stop string found)
+
+
+@dataclass(frozen=True)
+class Finished:
+    generation: Generation
+    queued_s: float  # from submission to admission
+    first_token_s: float | None  # from submission to the first committed token
+    total_s: float  # from submission to the end
+
+
+@dataclass(frozen=True)
+class Failed:
+    error: Exception
+
+
+JobEvent = Progress | Finished | Failed
+Sink = Callable[[JobEvent], None]
+
+
+@dataclass
+class Job:
+    """One choice of one HTTP request, and what the scheduler learns about it."""
+
+    request: Request
+    sink: Sink
+    stream: bool = False
+    id: int = 0
+    submitted: float = field(default_factory=time.perf_counter)
+    admitted: float | None = None
+    first_token: float | None = None
+    handle: int | None = None
+    streamed_tokens: int = 0
+
+
+class Scheduler:
+    """Owns the decoder and its sequences; thread-safe ``submit`` / ``cancel``."""
+
+    def __init__(
+        self,
+        seqs: SequenceSet,
+        max_queue: int,
+        metrics: ServerMetrics,
+        drafter: Drafter | None = None,
+        curve: CostCurve | None = None,
+        idle_wait_s: float = 0.05,
+    ):
+        """drafter, curve: drafts verified in the batch, their lengths chosen from the target's cost curve."""
+        self.seqs = seqs
+        self.drafter = drafter
+        self.curve = curve
+        self.capacity = seqs.n_seq_max + max_queue
+        self.metrics = metrics
+        self._idle_wait_s = idle_wait_s
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()  # guards _in_system
+        self._in_system = 0
+        self._ids = itertools.count(1)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="codeaccel-scheduler", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self._stop.set()
+        self._commands.put(("wake", None))
+        self._thread.join(timeout_s)
+
+    @property
+    def in_system(self) -> int:
+        with self._lock:
+            return self._in_system
+
+    def submit(self, jobs: Sequence[Job]) -> list[int]:
+        """Queue ``jobs`` together (all or none); their ids, for ``cancel``."""
+        with self._lock:
+            if self._in_system + len(jobs) > self.capacity:
+                raise QueueFull(f"the server is full ({self._in_system} requests in progress or queued)")
+            self._in_system += len(jobs)
+        ids = []
+        for job in jobs:
+            job.id = next(self._ids)
+            ids.append(job.id)
+        self._commands.put(("submit", list(jobs)))
+        return ids
+
+    def cancel(self, ids: Sequence[int]) -> None:
+        """Stop these jobs (a client went away): their sequences are freed; no event follows."""
+        self._commands.put(("cancel", list(ids)))
+
+    # ---- the scheduler thread ------------------------------------------------------
+    def _run(self) -> None:
+        decoder = BatchDecoder(self.seqs, self.drafter, self.curve)
+        jobs: dict[int, Job] = {}  # job id -> job, submitted and not finished
+        by_handle: dict[int, Job] = {}
+        while not self._stop.is_set():
+            self._apply_commands(decoder, jobs, by_handle, block=decoder.idle)
+            if decoder.idle:
+                continue
+            try:
+                finished = decoder.step()
+            except CodeaccelError as exc:  # a bug or a broken engine: fail what is running, keep serving
+                log.exception("decode step failed")
+                for job in list(jobs.values()):
+                    decoder.cancel(job.handle)
+                    self._end(job, jobs, by_handle, Failed(exc))
+                continue
+            now = time.perf_counter()
+            self.metrics.observe_step(decoder.stats.last_batch, self.seqs.n_seq_max, decoder.n_waiting)
+            for job in list(jobs.values()):
+                if job.admitted is None and decoder.progress(job.handle) is not None:
+                    job.admitted = now
+                progress = decoder.progress(job.handle)
+                if progress is not None and progress[0]:
+                    self._on_tokens(job, progress, now)
+            for handle, generation in finished:
+                job = by_handle[handle]
+                job.admitted = job.admitted or now
+                if job.first_token is None and generation.tokens:
+                    job.first_token = now
+                    self.metrics.time_to_first_token.observe(now - job.submitted)
+                if job.stream:
+                    job.sink(Progress(len(generation.tokens), generation.text))
+                event = Finished(
+                    generation,
+                    queued_s=job.admitted - job.submitted,
+                    first_token_s=None if job.first_token is None else job.first_token - job.submitted,
+                    total_s=now - job.submitted,
+                )
+                self.metrics.observe_finished(generation, event.total_s)
+                self._end(job, jobs, by_handle, event)
+        for job in list(jobs.values()):  # shutting down
+            self._end(job, jobs, by_handle, Failed(RuntimeError("the server is shutting down")))
+
+    def _on_tokens(self, job: Job, progress: tuple[list[int], str], now: float) -> None:
+        tokens, text = progress
+        if job.first_token is None:
+            job.first_token = now
+            self.metrics.time_to_first_token.observe(now - job.submitted)
+        if job.stream and len(tokens) > job.streamed_tokens:
+            job.streamed_tokens = len(tokens)
+            job.sink(Progress(len(tokens), text))
+
+    def _apply_commands(self, decoder: BatchDecoder, jobs: dict, by_handle: dict, block: bool) -> None:
+        try:
+            command = self._commands.get(timeout=self._idle_wait_s) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            kind, payload = command
+            if kind == "submit":
+                for job in payload:
+                    try:
+                        job.handle = decoder.submit(job.request)
+                    except CodeaccelError as exc:
+                        self._release(1)
+                        job.sink(Failed(exc))
+                        continue
+                    jobs[job.id] = job
+                    by_handle[job.handle] = job
+            elif kind == "cancel":
+                for job_id in payload:
+                    job = jobs.get(job_id)
+                    if job is not None:
+                        decoder.cancel(job.handle)
+                        self.metrics.cancelled.inc()
+                        self._end(job, jobs, by_handle, None)
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _end(self, job: Job, jobs: dict, by_handle: dict, event: JobEvent | None) -> None:
+        jobs.pop(job.id, None)
+        by_handle.pop(job.handle, None)
+        self._release(1)
+        if event is not None:
+            job.sink(event)
+
+    def _release(self, n: int) -> None:
+        with self._lock:
+            self._in_system -= n

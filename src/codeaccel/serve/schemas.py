@@ -1,0 +1,132 @@
+"""Request bodies of every endpoint, validated at the boundary (pydantic); unknown fields are ignored,
+as OpenAI's and llama.cpp's servers ignore options they do not implement.
+
+Sampling defaults follow each API: the OpenAI endpoints OpenAI's (temperature 1, top-p 1),
+llama.cpp's native ones llama-server's (temperature 0.8, top-k 40, top-p 0.95).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+def _stops(value: str | list[str] | None) -> list[str]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class Prediction(_Body):
+    """OpenAI's predicted output: text the completion is expected to repeat (drafts are read from it)."""
+
+    type: Literal["content"] = "content"
+    content: str
+
+
+class _OpenAISampling(_Body):
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)  # an extension (vLLM, llama.cpp): 0 keeps every token
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = Field(1, ge=1, le=16)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    prediction: Prediction | None = None
+
+    @property
+    def stops(self) -> list[str]:
+        return _stops(self.stop)
+
+
+class CompletionRequest(_OpenAISampling):
+    """``POST /v1/completions``: ``prompt`` is text, token ids, or a list of texts (one choice set each)."""
+
+    prompt: str | list[str] | list[int]
+    suffix: str | None = None  # fill-in-the-middle: the text after the gap
+    echo: bool = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_empty(cls, value):
+        if isinstance(value, list) and not value:
+            raise ValueError("prompt must not be an empty list")
+        return value
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[dict] | None = None
+
+    def text(self) -> str:
+        """The message's text (a list of parts: its text parts joined; other part types are refused)."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        texts = []
+        for part in self.content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ValueError("only text content parts are supported")
+            texts.append(part["text"])
+        return "".join(texts)
+
+
+class ChatCompletionRequest(_OpenAISampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+class ExtraChunk(_Body):
+    """llama.cpp's ``input_extra`` item: another file's text, put before the FIM prefix."""
+
+    text: str
+    filename: str = "tmp"
+
+
+class _NativeSampling(_Body):
+    n_predict: int = Field(-1, ge=-1)  # -1: until the context is full (llama-server's default)
+    temperature: float = Field(0.8, ge=0.0, le=2.0)
+    top_k: int = Field(40, ge=0)
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    seed: int | None = Field(None, ge=-1)  # -1: random (llama-server's default)
+    stop: list[str] = Field(default_factory=list)
+    stream: bool = False
+
+
+class NativeCompletionRequest(_NativeSampling):
+    """llama-server's ``POST /completion``: ``prompt`` is text or token ids."""
+
+    prompt: str | list[int]
+
+
+class InfillRequest(_NativeSampling):
+    """llama-server's ``POST /infill`` (llama.vim, llama.vscode, Continue's llama.cpp provider)."""
+
+    input_prefix: str
+    input_suffix: str
+    input_extra: list[ExtraChunk] = Field(default_factory=list)
+    prompt: str = ""  # text after the prefix, inside the gap (the current line's start)
+
+
+class EventRequest(_Body):
+    """``POST /v1/events``, Tabby's schema: what the user did with a completion."""
+
+    type: Literal["view", "select", "dismiss"]
+    completion_id: str = Field(min_length=1, max_length=200)
+    choice_index: int = Field(0, ge=0)
+    view_id: str | None = None
+    elapsed: int | None = Field(None, ge=0)  # milliseconds from view to select
+    select_kind: Literal["line"] | None = None

@@ -1,0 +1,64 @@
+"""The server's settings, typed: from command-line flags, ``CODEACCEL_SERVE_*`` environment variables,
+or a JSON/TOML config file (in that order of precedence, then the defaults here)."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from codeaccel.errors import UserError
+
+DEFAULT_MODEL = "qwen2.5-coder-1.5b-instruct"
+
+
+class ServeSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CODEACCEL_SERVE_", extra="forbid")
+
+    model: str = DEFAULT_MODEL  # bundled name, GGUF path or HF directory
+    engine: str = "llama.cpp"
+    # drafts verified in the batch: the request's own text (context), or also datastores (retrieval); both
+    # lossless and free of a draft model (on this CPU the fastest methods measured: docs/benchmarks/context/)
+    method: Literal["autoregressive", "context", "retrieval"] = "context"
+    datastores: list[Path] = []  # retrieval: datastore directories (codeaccel index build); default: the general one
+    model_alias: str | None = None  # the id /v1/models reports (default: the model's name)
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    parallel: int = Field(8, ge=1, le=64)  # sequences decoded together (llama-server's -np)
+    ctx_size: int = Field(4096, ge=64)  # most tokens one request may hold: prompt + completion (max_model_len)
+    n_threads: int | None = Field(None, ge=1)
+    max_queue: int = Field(64, ge=0)  # requests waiting beyond the running ones before 503
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    default_max_tokens: int = Field(256, ge=1)  # when a request names none (OpenAI's legacy default is 16)
+    api_key: str | None = None  # required as "Authorization: Bearer <key>" when set
+    events_db: Path | None = None  # /v1/events store (default: events.sqlite in the codeaccel cache)
+
+
+def load_settings(config_file: Path | None = None, **flags) -> ServeSettings:
+    """Settings from ``flags`` (None: not given), then the environment, then ``config_file``."""
+    values: dict = {}
+    if config_file is not None:
+        if not config_file.is_file():
+            raise UserError(f"config file {config_file} does not exist")
+        text = config_file.read_text()
+        try:
+            values = tomllib.loads(text) if config_file.suffix == ".toml" else json.loads(text)
+        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
+            kind = "TOML" if config_file.suffix == ".toml" else "JSON"
+            raise UserError(f"config file {config_file} is not valid {kind}: {exc}") from None
+        if not isinstance(values, dict):
+            raise UserError(f"config file {config_file} must hold a table of settings")
+    given = {k: v for k, v in flags.items() if v is not None}
+    try:
+        from_env = ServeSettings(**given)  # flags over the environment
+        explicit = from_env.model_fields_set
+        merged = {**values, **{k: getattr(from_env, k) for k in explicit}}
+        return ServeSettings.model_validate({**merged}) if values else from_env
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "settings"
+        raise UserError(f"bad setting {where}: {first['msg']}") from None

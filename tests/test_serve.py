@@ -1,0 +1,401 @@
+"""The completion server on loopback, driven by the real ``openai`` client and by raw HTTP."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+import tiny_models
+from codeaccel.decoding.autoregressive import generate as autoregressive_generate
+from codeaccel.decoding.generation import Request
+from codeaccel.decoding.sampling import SamplingParams
+from codeaccel.engines import load_engine, open_sequences
+from codeaccel.engines.cost_curve import CostCurve, save_cost_curve
+from codeaccel.errors import UserError
+from codeaccel.serve.app import create_app
+from codeaccel.serve.events import EventStore
+from codeaccel.serve.metrics import ServerMetrics
+from codeaccel.serve.prompts import chat_prompt, fim_prompt
+from codeaccel.serve.scheduler import Job, QueueFull, Scheduler
+from codeaccel.serve.schemas import EventRequest
+from codeaccel.serve.settings import ServeSettings, load_settings
+from codeaccel.serve.streaming import StreamCursor, safe_prefix
+
+PROMPTS = ["def add(a, b):\n", "import json\n\ndef load(path):\n", "class Stack:\n    def push(", "for i in range("]
+CTX = 512
+LONG_PROMPT = "import"  # the tiny model's greedy continuation runs past 400 tokens (checked below)
+
+
+@pytest.fixture(scope="module")
+def fim_gguf(tmp_path_factory) -> str:
+    return str(tiny_models.build_gguf_model(tmp_path_factory.mktemp("fim") / "tiny-fim.gguf", fim=True))
+
+
+class LiveServer:
+    def __init__(self, settings: ServeSettings):
+        self.app = create_app(settings)
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.time() + 30
+        while not (self.server.started and self.server.servers):
+            if time.time() > deadline:
+                raise RuntimeError("server did not start")
+            time.sleep(0.02)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        while httpx.get(self.url + "/health").status_code != 200:
+            if time.time() > deadline:
+                raise RuntimeError(httpx.get(self.url + "/health").text)
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+    def client(self, **kw) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=kw.pop("api_key", "none"), max_retries=0, **kw)
+
+
+def pin_flat_cost_curve(model: str) -> None:
+    """This machine's cost curve for ``model``, pinned: verification as cheap as a step up to 8 tokens.
+
+    The drafts' lengths follow the curve; a first-use profile of a tiny model on a busy machine is
+    noise (measured here: C(13) = 14 steps, C(14) = 3.2), so tests of the drafts plan on a fixed one.
+    """
+    relative = [1.0 if k <= 8 else 1.0 + 0.25 * (k - 8) for k in range(1, 33)]
+    save_cost_curve(CostCurve(model, "llama.cpp", None, 0, 1, list(range(1, 33)), [0.001] * 32, relative))
+
+
+@pytest.fixture(scope="module")
+def server(fim_gguf, tmp_path_factory):
+    settings = ServeSettings(
+        model=fim_gguf,
+        parallel=4,
+        ctx_size=CTX,
+        max_queue=16,
+        default_max_tokens=24,
+        events_db=tmp_path_factory.mktemp("events") / "events.sqlite",
+    )
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CODEACCEL_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+        pin_flat_cost_curve("tiny-fim")
+        with LiveServer(settings) as live:
+            yield live
+
+
+@pytest.fixture(scope="module")
+def alone(fim_gguf):
+    """The same request decoded alone by the plain autoregressive loop: the reference output."""
+    engine = load_engine(fim_gguf, n_ctx=CTX)
+
+    def run(tokens: list[int], max_tokens: int, stop=()) -> str:
+        return autoregressive_generate(engine, tokens, SamplingParams(), max_tokens, stop).text
+
+    run.engine = engine
+    yield run
+    engine.close()
+
+
+def test_health_and_models(server):
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+    models = server.client().models.list().data
+    assert len(models) == 1 and models[0].id == "tiny-fim"
+    assert models[0].model_extra["max_model_len"] == CTX
+
+
+def test_greedy_completion_equals_decoding_alone(server, alone):
+    got = server.client().completions.create(model="tiny-fim", prompt=PROMPTS[0], max_tokens=20, temperature=0)
+    expected = alone(alone.engine.tokenize(PROMPTS[0]), 20)
+    assert got.choices[0].text == expected
+    assert got.usage.prompt_tokens == len(alone.engine.tokenize(PROMPTS[0]))
+    assert got.usage.completion_tokens >= 1
+    assert got.choices[0].finish_reason in ("stop", "length")
+
+
+def test_concurrent_requests_each_equal_served_alone(server, alone):
+    """Many requests in one batch: every greedy output is the one its request gets alone."""
+    client = server.client()
+    prompts = PROMPTS * 3  # 12 requests on 4 sequences: admitted and retired at different steps
+    lengths = [8 + 5 * (i % 4) for i in range(len(prompts))]
+
+    def ask(i: int) -> str:
+        r = client.completions.create(model="tiny-fim", prompt=prompts[i], max_tokens=lengths[i], temperature=0)
+        return r.choices[0].text
+
+    with ThreadPoolExecutor(12) as pool:
+        got = list(pool.map(ask, range(len(prompts))))
+    expected = [alone(alone.engine.tokenize(p), n) for p, n in zip(prompts, lengths)]
+    assert got == expected
+
+
+def test_stream_equals_the_whole_completion(server):
+    client = server.client()
+    kw = dict(model="tiny-fim", prompt=PROMPTS[1], max_tokens=24, temperature=0, stop=["\n\n"])
+    whole = client.completions.create(**kw).choices[0]
+    chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == whole.text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.finish_reason
+    assert chunks[-1].usage.completion_tokens >= 1  # the usage chunk comes last
+
+
+def test_chat_completion_and_its_stream(server):
+    client = server.client()
+    messages = [{"role": "user", "content": "write a function"}]
+    whole = client.chat.completions.create(model="tiny-fim", messages=messages, max_tokens=16, temperature=0)
+    assert whole.choices[0].message.role == "assistant"
+    parts = list(
+        client.chat.completions.create(model="tiny-fim", messages=messages, max_tokens=16, temperature=0, stream=True)
+    )
+    assert parts[0].choices[0].delta.role == "assistant"
+    assert "".join(p.choices[0].delta.content or "" for p in parts) == whole.choices[0].message.content
+
+
+def test_n_seeded_choices_are_reproducible(server):
+    client = server.client()
+    kw = dict(model="tiny-fim", prompt=PROMPTS[2], max_tokens=12, temperature=1.0, seed=7, n=3)
+    first = [c.text for c in client.completions.create(**kw).choices]
+    again = [c.text for c in client.completions.create(**kw).choices]
+    assert len(first) == 3 and first == again
+    assert len(set(first)) > 1  # three seeds, three samples (peaked tiny model, still different)
+
+
+def test_fim_suffix_equals_a_raw_fim_prompt(server, alone):
+    client = server.client()
+    prefix, suffix = "def area(r):\n    return ", "\n\nprint(area(2))\n"
+    fim = client.completions.create(model="tiny-fim", prompt=prefix, suffix=suffix, max_tokens=10, temperature=0)
+    raw = f"<|fim_prefix|>{prefix}<|fim_suffix|>{suffix}<|fim_middle|>"
+    plain = client.completions.create(model="tiny-fim", prompt=raw, max_tokens=10, temperature=0)
+    assert fim.choices[0].text == plain.choices[0].text
+    tokens = fim_prompt(alone.engine, prefix, suffix, budget=CTX)
+    assert fim.usage.prompt_tokens == len(tokens)
+    assert fim.choices[0].text == alone(tokens, 10)
+
+
+def test_fim_prompt_layout_and_trimming(alone):
+    engine = alone.engine
+    pre, suf, mid, repo, sep = (engine.tokenize(t)[0] for t in tiny_models.FIM_SPECIALS)
+    tokens = fim_prompt(engine, "a = 1\n", "b = 2\n", budget=CTX, extra=[("util.py", "x = 0\n")])
+    assert tokens[0] == repo and tokens.count(sep) == 2 and tokens[-1] == mid
+    assert tokens.index(pre) < tokens.index(suf)
+    long_prefix = "value = compute(value)\n" * 200
+    trimmed = fim_prompt(engine, long_prefix, "tail()\n", budget=64, extra=[("big.py", "y = 1\n" * 50)])
+    assert len(trimmed) <= 64 and repo not in trimmed  # the extra files go first
+    assert engine.detokenize(trimmed[trimmed.index(pre) + 1 : trimmed.index(suf)]).endswith("compute(value)\n")
+
+
+def test_native_completion_and_infill(server, alone):
+    r = httpx.post(server.url + "/completion", json={"prompt": PROMPTS[0], "n_predict": 12, "temperature": 0})
+    body = r.json()
+    assert r.status_code == 200 and body["stop"] is True
+    assert body["content"] == alone(alone.engine.tokenize(PROMPTS[0]), 12)
+    assert body["stop_type"] in ("eos", "limit") and body["timings"]["predicted_n"] == body["tokens_predicted"]
+    infill = {
+        "input_prefix": "def f(x):\n    ",
+        "input_suffix": "\n",
+        "input_extra": [{"filename": "a.py", "text": "z = 3\n"}],
+        "n_predict": 8,
+        "temperature": 0,
+        "cache_prompt": True,
+        "t_max_predict_ms": 500,
+    }
+    r = httpx.post(server.url + "/infill", json=infill)
+    assert r.status_code == 200
+    expected = fim_prompt(alone.engine, infill["input_prefix"], "\n", CTX - 8, [("a.py", "z = 3\n")])
+    assert r.json()["content"] == alone(expected, 8)
+    with httpx.stream("POST", server.url + "/infill", json={**infill, "stream": True}) as s:
+        events = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: ")]
+    assert events[-1]["stop"] is True and "".join(e["content"] for e in events) == r.json()["content"]
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param"),
+    [
+        (b"{not json", 400, None),
+        (b'{"prompt": "\xff\xfe bad utf-8"}', 400, None),
+        (json.dumps({"prompt": 5}).encode(), 400, "prompt"),
+        (json.dumps({"prompt": "x", "max_tokens": -3}).encode(), 400, "max_tokens"),
+        (json.dumps({"prompt": "x", "temperature": "hot"}).encode(), 400, "temperature"),
+        (json.dumps({"prompt": "x", "n": 1000}).encode(), 400, "n"),
+        (json.dumps({"prompt": [999999]}).encode(), 400, "prompt"),
+        (json.dumps({"prompt": "x " * 2000}).encode(), 400, "prompt"),
+        (json.dumps({"prompt": "x", "model": "gpt-4"}).encode(), 404, "model"),
+        (json.dumps({"prompt": []}).encode(), 400, "prompt"),
+    ],
+)
+def test_bad_input_is_a_4xx_with_an_openai_error(server, body, status, param):
+    r = httpx.post(server.url + "/v1/completions", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["param"] == param
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_oversized_body_and_the_openai_client_error(server):
+    r = httpx.post(
+        server.url + "/v1/completions", content=b"x" * (5 * 1024 * 1024), headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+    with pytest.raises(openai.BadRequestError) as info:
+        server.client().completions.create(model="tiny-fim", prompt="x", max_tokens=-1)
+    assert info.value.status_code == 400
+
+
+def test_disconnected_stream_frees_its_sequence(server, alone):
+    assert len(alone.engine.tokenize(alone(alone.engine.tokenize(LONG_PROMPT), 400))) > 300  # still running when cut
+    state = server.app.state.codeaccel
+    before = _metric(server, "codeaccel_cancelled_total")
+    with httpx.stream(
+        "POST",
+        server.url + "/v1/completions",
+        json={"prompt": LONG_PROMPT, "max_tokens": 400, "temperature": 0, "stream": True},
+    ) as s:
+        next(s.iter_lines())
+    deadline = time.time() + 10
+    while state.runtime.scheduler.in_system and time.time() < deadline:
+        time.sleep(0.05)
+    assert state.runtime.scheduler.in_system == 0
+    assert _metric(server, "codeaccel_cancelled_total") == before + 1
+
+
+def test_events_are_stored(server):
+    r = httpx.post(server.url + "/v1/events", json={"type": "select", "completion_id": "cmpl-1", "choice_index": 0})
+    assert r.status_code == 200
+    stored = server.app.state.codeaccel.events.events("select")
+    assert stored[-1]["id"] == r.json()["id"] and stored[-1]["completion_id"] == "cmpl-1"
+    bad = httpx.post(server.url + "/v1/events", json={"type": "liked", "completion_id": "x"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "type"
+
+
+def test_metrics_name_the_counters_as_vllm_and_llama_cpp(server):
+    server.client().completions.create(model="tiny-fim", prompt=PROMPTS[0], max_tokens=4, temperature=0)
+    text = httpx.get(server.url + "/metrics").text
+    for name in (
+        "vllm:spec_decode_num_drafts_total",
+        "llamacpp:spec_decode_num_draft_tokens_total",
+        'vllm:spec_decode_num_accepted_tokens_per_pos_total{position="0"}',
+        "codeaccel_time_to_first_token_seconds_bucket",
+        "codeaccel_batch_occupancy",
+    ):
+        assert name in text
+    assert _metric(server, "codeaccel_generation_tokens_total") > 0
+
+
+def test_api_key_is_required_when_set(fim_gguf, tmp_path):
+    settings = ServeSettings(model=fim_gguf, parallel=1, ctx_size=256, api_key="s3cret", events_db=tmp_path / "e.db")
+    with LiveServer(settings) as live:
+        assert httpx.post(live.url + "/v1/completions", json={"prompt": "x"}).status_code == 401
+        with pytest.raises(openai.AuthenticationError):
+            live.client(api_key="wrong").completions.create(model="tiny-fim", prompt="x", max_tokens=2)
+        ok = live.client(api_key="s3cret").completions.create(model="tiny-fim", prompt="x", max_tokens=2)
+        assert ok.usage.completion_tokens >= 1
+
+
+def test_health_is_503_until_the_model_loads(tmp_path):
+    from fastapi.testclient import TestClient
+
+    settings = ServeSettings(model=str(tmp_path / "missing.gguf"), events_db=tmp_path / "e.db")
+    with TestClient(create_app(settings, load_in_background=False)) as client:
+        r = client.get("/health")
+        assert r.status_code == 503 and "missing.gguf" in r.json()["error"]["message"]
+        assert client.post("/v1/completions", json={"prompt": "x"}).status_code == 503
+
+
+def test_full_queue_refuses_and_counts_nothing(fim_gguf):
+    engine = load_engine(fim_gguf, n_ctx=128)
+    try:
+        with open_sequences(engine, n_seq_max=1, n_ctx=128) as seqs:
+            scheduler = Scheduler(seqs, max_queue=1, metrics=ServerMetrics())
+            jobs = [Job(Request([1, 2], max_tokens=2), sink=lambda e: None) for _ in range(3)]
+            with pytest.raises(QueueFull):
+                scheduler.submit(jobs)
+            assert scheduler.in_system == 0
+            scheduler.submit(jobs[:2])
+            assert scheduler.in_system == 2
+    finally:
+        engine.close()
+
+
+def test_stream_holds_back_a_possible_stop_string_and_half_characters():
+    assert safe_prefix("abc\n\n", ["\n\ndef"]) == "abc"
+    assert safe_prefix("abc\nx", ["\n\ndef"]) == "abc\nx"
+    assert safe_prefix("abc\ufffd", []) == "abc"
+    cursor = StreamCursor(["END"])
+    assert cursor.advance("hello E") == "hello "
+    assert cursor.advance("hello EN") == ""
+    assert cursor.advance("hello ENx") == "ENx"
+    assert cursor.advance("hello ENx", final=True) == ""
+
+
+def test_settings_precedence_flags_env_file(tmp_path, monkeypatch):
+    config = tmp_path / "serve.toml"
+    config.write_text("parallel = 3\nport = 9000\nctx_size = 1024\n")
+    monkeypatch.setenv("CODEACCEL_SERVE_PORT", "9100")
+    s = load_settings(config, parallel=5)
+    assert (s.parallel, s.port, s.ctx_size) == (5, 9100, 1024)
+    with pytest.raises(UserError, match="parallel"):
+        load_settings(None, parallel=0)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    with pytest.raises(UserError, match="not valid JSON"):
+        load_settings(bad)
+
+
+def test_event_store_survives_reopen(tmp_path):
+    store = EventStore(tmp_path / "events.sqlite")
+    ids = [store.add(EventRequest(type="view", completion_id=f"c{i}")) for i in range(3)]
+    again = EventStore(tmp_path / "events.sqlite")
+    assert [e["id"] for e in again.events()] == ids
+
+
+def _metric(server, name: str) -> float:
+    for line in httpx.get(server.url + "/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not exposed")
+
+
+def test_a_predicted_output_is_drafted_and_verified_in_the_batch(server, alone):
+    """OpenAI's ``prediction``: its tokens are drafted and verified losslessly (the counters say how many)."""
+    expected = alone(alone.engine.tokenize(PROMPTS[1]), 40)
+    client = server.client()
+    before = _metric(server, "vllm:spec_decode_num_accepted_tokens_total")
+    got = client.completions.create(
+        model="tiny-fim",
+        prompt=PROMPTS[1],
+        max_tokens=40,
+        temperature=0,
+        extra_body={"prediction": {"type": "content", "content": expected}},
+    )
+    assert got.choices[0].text == expected
+    assert _metric(server, "vllm:spec_decode_num_accepted_tokens_total") - before >= 10
+    wrong = client.completions.create(
+        model="tiny-fim",
+        prompt=PROMPTS[1],
+        max_tokens=40,
+        temperature=0,
+        extra_body={"prediction": {"type": "content", "content": "nothing like it"}},
+    )
+    assert wrong.choices[0].text == expected
+    messages = [{"role": "user", "content": "def add(a, b):"}]
+    chat = client.chat.completions.create(
+        model="tiny-fim",
+        messages=messages,
+        max_tokens=20,
+        temperature=0,
+        prediction={"type": "content", "content": "return a + b"},
+    )
+    assert chat.choices[0].message.content == alone(chat_prompt(alone.engine, messages), 20)
