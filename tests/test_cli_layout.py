@@ -30,6 +30,7 @@ def test_every_command_is_registered_in_its_order():
         "profile",
         "bench",
         "serve",
+        "loadtest",
         "models",
         "index",
         "sandbox",

@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 from rich.logging import RichHandler
 
-from codeaccel.cli import bench, cascade, dataset, generate, index, models, profile, sandbox, serve
+from codeaccel.cli import bench, cascade, dataset, generate, index, loadtest, models, profile, sandbox, serve
 from codeaccel.cli.display import err
 from codeaccel.errors import CodeaccelError, InternalError
 
@@ -34,6 +34,7 @@ app.command()(generate.generate)
 app.command()(profile.profile)
 app.command()(bench.bench)
 app.command()(serve.serve)
+app.command()(loadtest.loadtest)
 
 
 @app.callback()

@@ -13,6 +13,13 @@ from codeaccel.serve.settings import load_settings
 def serve(
     model: Annotated[Optional[str], typer.Option(help="Bundled model name, GGUF file or HF directory.")] = None,
     engine: Annotated[Optional[str], typer.Option(help="llama.cpp or hf.")] = None,
+    method: Annotated[
+        Optional[str], typer.Option(help="autoregressive, context (drafts from the request's text) or retrieval.")
+    ] = None,
+    datastore: Annotated[
+        Optional[list[Path]], typer.Option(help="retrieval: a datastore directory (repeatable).")
+    ] = None,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads of the engine.")] = None,
     host: Annotated[Optional[str], typer.Option(help="Address to listen on.")] = None,
     port: Annotated[Optional[int], typer.Option(help="Port to listen on (0: any free one).")] = None,
     parallel: Annotated[Optional[int], typer.Option("--parallel", "-np", help="Sequences decoded together.")] = None,
@@ -31,7 +38,18 @@ def serve(
     from codeaccel.serve.app import create_app
 
     settings = load_settings(
-        config, model=model, engine=engine, host=host, port=port, parallel=parallel, ctx_size=ctx_size,
-        max_queue=max_queue, api_key=api_key, events_db=events_db,
-    )  # fmt: skip
+        config,
+        model=model,
+        engine=engine,
+        method=method,
+        datastores=datastore,
+        n_threads=threads,
+        host=host,
+        port=port,
+        parallel=parallel,
+        ctx_size=ctx_size,
+        max_queue=max_queue,
+        api_key=api_key,
+        events_db=events_db,
+    )
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning")

@@ -1,0 +1,254 @@
+"""A loopback load test of a completion server: concurrent FIM requests, latency and throughput.
+
+Requests (:func:`fim_requests`) are fill-in-the-middle cuts of real code, taken in turn
+from HumanEval's canonical solutions, MBPP-sanitized's reference code and an installed
+repository's functions (default ``click``): the code up to a line inside a function body is
+the prefix, the code after the next ``GAP_LINES`` lines is the suffix, as an editor sends
+them. Every request goes to llama-server's ``POST /infill`` (which our server implements
+too, with the same prompt layout), streamed, greedy, ``n_predict`` tokens, so every server
+under test sees the same requests.
+
+For each concurrency c, c clients send requests back to back until ``requests`` were sent
+(or ``time_limit_s`` passed); measured per request: time to first token (first streamed
+content), total latency, tokens generated; per level: p50 / p99 of both, aggregate
+generated tokens per second of wall time, and errors (a non-200, a broken stream, a
+timeout). The result is a list of :class:`LoadLevel` rows, one per (server, c).
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from codeaccel.bench.datasets import humaneval_rows
+from codeaccel.bench.repo_dataset import package_root
+from codeaccel.errors import UserError
+
+GAP_LINES = 2  # lines removed between prefix and suffix: what the model fills in
+SOURCES = ("humaneval", "mbpp", "repo")
+
+
+@dataclass(frozen=True)
+class FimRequest:
+    source: str  # "humaneval/HumanEval/3", "mbpp/12", "repo:click/core.py:Context.scope"
+    prefix: str
+    suffix: str
+    middle: str  # the removed lines (not sent; for a reader of the results)
+
+
+def _cut(code: str, body_lines: Sequence[int], rng: np.random.Generator) -> tuple[str, str, str] | None:
+    """Cut ``code`` at a line of a function body: (prefix, middle, suffix)."""
+    if not body_lines:
+        return None
+    lines = code.splitlines(keepends=True)
+    start = int(rng.choice(body_lines)) - 1  # 0-based line index where the gap starts
+    end = min(start + GAP_LINES, len(lines))
+    indent = len(lines[start]) - len(lines[start].lstrip())
+    prefix = "".join(lines[:start]) + lines[start][:indent]  # the cursor at the gap's indentation
+    middle = lines[start][indent:] + "".join(lines[start + 1 : end])
+    return prefix, middle, "".join(lines[end:])
+
+
+def _body_lines(code: str) -> list[int]:
+    """Line numbers (1-based) of statements inside function bodies, docstrings excluded."""
+    try:
+        tree = ast.parse(code)
+    except SyntaxError:
+        return []
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            body = node.body[1:] if ast.get_docstring(node) is not None else node.body
+            found += [stmt.lineno for stmt in body]
+    return sorted(set(found))
+
+
+def _mbpp_codes() -> list[tuple[str, str]]:
+    rows = json.loads((resources.files("codeaccel") / "data" / "mbpp" / "sanitized-mbpp.json").read_text())
+    return [(f"mbpp/{r['task_id']}", r["code"]) for r in rows]
+
+
+def _repo_codes(package: str) -> list[tuple[str, str]]:
+    root = package_root(package)
+    return [(f"repo:{package}/{p.relative_to(root)}", p.read_text(encoding="utf-8", errors="replace"))
+            for p in sorted(root.rglob("*.py")) if "__pycache__" not in p.parts]  # fmt: skip
+
+
+def fim_requests(n: int, seed: int = 0, package: str = "click") -> list[FimRequest]:
+    """``n`` FIM cuts, taken in turn from HumanEval, MBPP and ``package``; the same for a seed."""
+    if n < 1:
+        raise UserError(f"the load test needs at least one request, got {n}")
+    rng = np.random.default_rng(seed)
+    pools = {
+        "humaneval": [(f"humaneval/{r['task_id']}", r["prompt"] + r["canonical_solution"]) for r in humaneval_rows()],
+        "mbpp": _mbpp_codes(),
+        "repo": _repo_codes(package),
+    }
+    out: list[FimRequest] = []
+    order = {name: list(rng.permutation(len(pool))) for name, pool in pools.items()}
+    while len(out) < n:
+        name = SOURCES[len(out) % len(SOURCES)]
+        if not order[name]:
+            raise UserError(f"not enough {name} code for {n} requests")
+        source, code = pools[name][order[name].pop()]
+        if name == "repo" and len(code) > 6000:  # a window around a function, not a whole long module
+            lines = code.splitlines(keepends=True)
+            body = _body_lines(code)
+            if not body:
+                continue
+            centre = int(rng.choice(body))
+            code = "".join(lines[max(0, centre - 60) : centre + 20])
+        cut = _cut(code, _body_lines(code), rng)
+        if cut is None:
+            continue
+        prefix, middle, suffix = cut
+        out.append(FimRequest(source, prefix, suffix, middle))
+    return out
+
+
+@dataclass
+class RequestTiming:
+    ok: bool
+    first_token_s: float | None = None
+    total_s: float = 0.0
+    tokens: int = 0
+    error: str = ""
+
+
+@dataclass
+class LoadLevel:
+    """One server at one concurrency: what its clients measured."""
+
+    server: str
+    concurrency: int
+    requests: int
+    errors: int
+    wall_s: float
+    generated_tokens: int
+    tokens_per_s: float  # generated tokens / wall time, all clients together
+    ttft_p50_s: float | None
+    ttft_p99_s: float | None
+    latency_p50_s: float | None
+    latency_p99_s: float | None
+    error_examples: list[str] = field(default_factory=list)
+
+    def to_record(self) -> dict:
+        return asdict(self)
+
+
+async def _one(client, url: str, req: FimRequest, n_predict: int, timeout_s: float) -> RequestTiming:
+    body = {"input_prefix": req.prefix, "input_suffix": req.suffix, "n_predict": n_predict, "temperature": 0,
+            "top_k": 1, "stream": True, "cache_prompt": True}  # fmt: skip
+    t0 = time.perf_counter()
+    timing = RequestTiming(ok=False)
+    try:
+        async with client.stream("POST", url + "/infill", json=body, timeout=timeout_s) as response:
+            if response.status_code != 200:
+                text = (await response.aread()).decode(errors="replace")[:200]
+                timing.error = f"HTTP {response.status_code}: {text}"
+                return timing
+            async for line in response.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                event = json.loads(line[6:])
+                if "error" in event:
+                    timing.error = str(event["error"])[:200]
+                    return timing
+                if event.get("content") and timing.first_token_s is None:
+                    timing.first_token_s = time.perf_counter() - t0
+                if event.get("stop"):
+                    timing.tokens = int(event.get("tokens_predicted") or event.get("timings", {}).get("predicted_n", 0))
+                    timing.ok = True
+    except Exception as exc:  # a broken connection or a timeout is an error of the server under test
+        timing.error = f"{type(exc).__name__}: {exc}"[:200]
+    timing.total_s = time.perf_counter() - t0
+    if not timing.ok and not timing.error:
+        timing.error = "the stream ended without a final event"
+    return timing
+
+
+async def _level(url: str, server: str, requests: Sequence[FimRequest], concurrency: int, n_predict: int,
+                 time_limit_s: float, timeout_s: float) -> LoadLevel:  # fmt: skip
+    queue: asyncio.Queue = asyncio.Queue()
+    for r in requests:
+        queue.put_nowait(r)
+    results: list[RequestTiming] = []
+    t0 = time.perf_counter()
+
+    async def client_loop(client) -> None:
+        while time.perf_counter() - t0 < time_limit_s:
+            try:
+                req = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            results.append(await _one(client, url, req, n_predict, timeout_s))
+
+    limits = httpx.Limits(max_connections=concurrency + 2)
+    async with httpx.AsyncClient(limits=limits) as client:
+        await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
+    wall = time.perf_counter() - t0
+    ok = [r for r in results if r.ok]
+    ttft = [r.first_token_s for r in ok if r.first_token_s is not None]
+    lat = [r.total_s for r in ok]
+    tokens = sum(r.tokens for r in ok)
+
+    def pct(values: list[float], q: float) -> float | None:
+        return float(np.percentile(values, q)) if values else None
+
+    errors = [r.error for r in results if not r.ok]
+    return LoadLevel(server, concurrency, len(results), len(errors), wall, tokens, tokens / wall if wall else 0.0,
+                     pct(ttft, 50), pct(ttft, 99), pct(lat, 50), pct(lat, 99), errors[:3])  # fmt: skip
+
+
+def run_load_test(
+    url: str,
+    server: str,
+    requests: Sequence[FimRequest],
+    concurrencies: Sequence[int],
+    n_predict: int = 64,
+    time_limit_s: float = 300.0,
+    timeout_s: float = 120.0,
+    progress: Callable[[LoadLevel], None] | None = None,
+) -> list[LoadLevel]:
+    """Every concurrency level against one running server, in order (each level sends ``requests`` anew)."""
+    if any(c < 1 for c in concurrencies):
+        raise UserError(f"concurrency levels must be >= 1, got {list(concurrencies)}")
+    levels = []
+    for c in concurrencies:
+        level = asyncio.run(_level(url, server, requests, c, n_predict, time_limit_s, timeout_s))
+        levels.append(level)
+        if progress is not None:
+            progress(level)
+    return levels
+
+
+def write_report(levels: Sequence[LoadLevel], out: Path, header: dict) -> list[Path]:
+    """``load_test.json`` (header + rows) and ``load_test.md`` (a table) in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    doc = {**header, "rows": [level.to_record() for level in levels]}
+    (out / "load_test.json").write_text(json.dumps(doc, indent=2) + "\n")
+
+    def ms(v: float | None) -> str:
+        return "-" if v is None else f"{1000 * v:.0f}"
+
+    rows = "\n".join(
+        f"| {r.server} | {r.concurrency} | {r.requests} | {r.errors} | {r.tokens_per_s:.1f} | {ms(r.ttft_p50_s)} | "
+        f"{ms(r.ttft_p99_s)} | {ms(r.latency_p50_s)} | {ms(r.latency_p99_s)} |"
+        for r in levels
+    )
+    md = (
+        f"# Load test\n\nCommand: `{header.get('command', '')}`\n\nMachine: {header.get('machine', {})}; "
+        f"{header.get('date', '')}.\n\n| server | clients | requests | errors | tokens/s | TTFT p50 ms | "
+        f"TTFT p99 ms | latency p50 ms | latency p99 ms |\n|---|---|---|---|---|---|---|---|---|\n{rows}\n"
+    )
+    (out / "load_test.md").write_text(md)
+    return [out / "load_test.json", out / "load_test.md"]

@@ -1,0 +1,73 @@
+"""``codeaccel loadtest``: concurrent FIM requests against servers on loopback (:mod:`codeaccel.bench.load_test`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from codeaccel import machine
+from codeaccel.bench.load_servers import SERVERS, launched, server_spec
+from codeaccel.bench.load_test import LoadLevel, fim_requests, run_load_test, write_report
+from codeaccel.cli.display import out
+from codeaccel.cli.options import command_line
+from codeaccel.errors import UserError
+
+
+def _ints(spec: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in spec.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{flag} takes comma-separated integers, got {spec!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise UserError(f"{flag} needs integers >= 1, got {spec!r}")
+    return values
+
+
+def loadtest(
+    servers: Annotated[str, typer.Option(help=f"Servers to start in turn: {', '.join(SERVERS)}.")] = (
+        "codeaccel-autoregressive,codeaccel-context,llama-server,llama-server-draft"
+    ),
+    url: Annotated[Optional[str], typer.Option(help="Test a running server instead (named by --name).")] = None,
+    name: Annotated[str, typer.Option(help="The running server's name in the results.")] = "server",
+    model: Annotated[str, typer.Option(help="The target every server serves.")] = "qwen2.5-coder-1.5b-instruct",
+    concurrency: Annotated[str, typer.Option(help="Concurrent clients, per level.")] = "1,4,8,16",
+    requests: Annotated[int, typer.Option(help="Requests per level (the same ones for every server).")] = 32,
+    n_predict: Annotated[int, typer.Option(help="Tokens per completion.")] = 64,
+    parallel: Annotated[int, typer.Option(help="Sequences / slots of each server.")] = 16,
+    ctx_size: Annotated[int, typer.Option(help="Tokens per sequence / slot.")] = 4096,
+    time_limit: Annotated[float, typer.Option(help="Seconds per level at most.")] = 300.0,
+    seed: Annotated[int, typer.Option(help="Which cuts of code are sent.")] = 0,
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder of load_test.json / .md and server logs.")] = Path(
+        "runs/loadtest"
+    ),
+) -> None:
+    """Time to first token, latency p50/p99, tokens/s and errors at each concurrency, per server."""
+    levels = _ints(concurrency, "--concurrency")
+    if requests < 1 or n_predict < 1 or time_limit <= 0:
+        raise UserError("--requests, --n-predict and --time-limit must be positive")
+    names = [s.strip() for s in servers.split(",") if s.strip()]
+    specs = [server_spec(n, model, parallel, ctx_size) for n in names] if url is None else []
+    fims = fim_requests(requests, seed)
+    rows: list[LoadLevel] = []
+
+    def show(level: LoadLevel) -> None:
+        out.print(
+            f"{level.server} c={level.concurrency}: {level.tokens_per_s:.1f} tok/s, errors {level.errors}, "
+            f"TTFT p50 {_ms(level.ttft_p50_s)}, latency p50 {_ms(level.latency_p50_s)} p99 {_ms(level.latency_p99_s)}"
+        )
+
+    if url is not None:
+        rows += run_load_test(url.rstrip("/"), name, fims, levels, n_predict, time_limit, progress=show)
+    for spec in specs:
+        with launched(spec, out_dir / "logs" / f"{spec.name}.log") as server_url:
+            rows += run_load_test(server_url, spec.name, fims, levels, n_predict, time_limit, progress=show)
+    header = {**machine.provenance(command_line()), "model": model, "n_predict": n_predict, "requests": requests,
+              "parallel": parallel, "ctx_size": ctx_size, "seed": seed}  # fmt: skip
+    for path in write_report(rows, out_dir, header):
+        out.print(f"saved {path}")
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{1000 * v:.0f} ms"

@@ -1,0 +1,99 @@
+"""The load test: its requests, its measurements against a live server, and the command end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import tiny_models
+from codeaccel.bench.load_servers import server_spec
+from codeaccel.bench.load_test import SOURCES, fim_requests, run_load_test
+from codeaccel.errors import UserError
+from codeaccel.serve.settings import ServeSettings
+from live_server import LiveServer
+
+
+@pytest.fixture(scope="module")
+def fim_gguf(tmp_path_factory) -> str:
+    return str(tiny_models.build_gguf_model(tmp_path_factory.mktemp("fim") / "tiny-fim.gguf", fim=True))
+
+
+def test_requests_are_real_code_cut_at_a_body_line_and_reproducible():
+    requests = fim_requests(9, seed=3)
+    assert [r.source.split("/")[0].split(":")[0] for r in requests] == [
+        {"humaneval": "humaneval", "mbpp": "mbpp", "repo": "repo"}[s] for s in SOURCES
+    ] * 3
+    assert requests == fim_requests(9, seed=3) and requests != fim_requests(9, seed=4)
+    for r in requests:
+        assert r.middle.strip() and r.prefix.rstrip(" ").endswith("\n")
+        compile(r.prefix + r.middle + r.suffix, r.source, "exec")  # the cut code is whole again
+    with pytest.raises(UserError):
+        fim_requests(0)
+
+
+def test_a_level_against_a_live_server_counts_tokens_and_no_errors(fim_gguf, tmp_path):
+    settings = ServeSettings(
+        model=fim_gguf, method="autoregressive", parallel=2, ctx_size=512, events_db=tmp_path / "e.db"
+    )
+    with LiveServer(settings) as live:
+        levels = run_load_test(live.url, "tiny", fim_requests(6), [1, 3], n_predict=8)
+    assert [(lv.concurrency, lv.requests, lv.errors) for lv in levels] == [(1, 6, 0), (3, 6, 0)]
+    for lv in levels:
+        assert 0 < lv.generated_tokens <= 6 * 8 and lv.tokens_per_s > 0
+        assert 0 < lv.ttft_p50_s <= lv.latency_p50_s <= lv.latency_p99_s
+
+
+def test_errors_are_counted_not_raised(tmp_path):
+    (level,) = run_load_test("http://127.0.0.1:9", "nobody", fim_requests(2), [1], n_predict=4, timeout_s=2)
+    assert level.errors == 2 and level.tokens_per_s == 0 and level.error_examples
+
+
+def test_the_command_starts_a_server_measures_and_writes_the_report(fim_gguf, tmp_path):
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "codeaccel",
+            "loadtest",
+            "--servers",
+            "codeaccel-autoregressive",
+            "--model",
+            fim_gguf,
+            "--concurrency",
+            "1,2",
+            "--requests",
+            "3",
+            "--n-predict",
+            "6",
+            "--parallel",
+            "2",
+            "--ctx-size",
+            "512",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    doc = json.loads((tmp_path / "out" / "load_test.json").read_text())
+    assert [(r["server"], r["concurrency"], r["errors"]) for r in doc["rows"]] == [
+        ("codeaccel-autoregressive", 1, 0),
+        ("codeaccel-autoregressive", 2, 0),
+    ]
+    assert "| codeaccel-autoregressive | 2 |" in (tmp_path / "out" / "load_test.md").read_text()
+
+
+def test_bad_options_are_one_line_errors(tmp_path):
+    run = subprocess.run(
+        [sys.executable, "-m", "codeaccel", "loadtest", "--concurrency", "0,x", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 2 and run.stderr.count("\n") == 1 and "--concurrency" in run.stderr
+    with pytest.raises(UserError):
+        server_spec("vllm", "m", 1, 512)
