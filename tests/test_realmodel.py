@@ -1,12 +1,15 @@
 """The realmodel tier: the bundled Qwen2.5-Coder models, end to end (CI runs it)."""
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import pytest
 
 from codeaccel.bench.datasets import load_problems
 from codeaccel.bench.harness import BenchConfig, build_prompt, run_bench
+from codeaccel.bench.load_test import fim_requests
 from codeaccel.bench.logit_noise import find_noise
 from codeaccel.bench.report import summarize
 from codeaccel.bench.store import ResultStore
@@ -16,6 +19,9 @@ from codeaccel.engines import load_engine
 from codeaccel.engines.cost_curve import CostCurve, save_cost_curve
 from codeaccel.methods.registry import MethodOptions
 from codeaccel.models.registry import BUNDLED, cache_dir, is_assembled, resolve_model
+from codeaccel.serve.prompts import fim_prompt
+from codeaccel.serve.settings import ServeSettings
+from live_server import LiveServer
 from test_engines import _library_greedy
 
 pytestmark = pytest.mark.realmodel
@@ -168,3 +174,36 @@ def test_reduced_draft_vocabulary_gives_the_full_models_logits_on_a_real_prompt(
         got = small.eval(sequence)[-len(answer) - 1 :]
     np.testing.assert_allclose(got[:, vocab.token_ids], expected[:, vocab.token_ids], rtol=1e-5, atol=1e-4)
     assert np.isneginf(got[:, dropped]).all()
+
+
+def test_the_server_fills_in_the_middle_and_batches_losslessly(tmp_path, monkeypatch):
+    """The 0.5B behind ``codeaccel serve`` (context drafts verified in the batch): Qwen's FIM tokens
+    fill an obvious gap, and four concurrent /infill requests each get the tokens decoding alone gives."""
+    resolve_model(SMALL)
+    _pin_cost_curve(tmp_path / "cache", DOCS / "cost_curves" / "xeon" / f"cost_curve-llama.cpp-{SMALL}.json")
+    monkeypatch.setenv("CODEACCEL_CACHE_DIR", str(tmp_path / "cache"))
+    settings = ServeSettings(model=SMALL, parallel=4, ctx_size=2048, events_db=tmp_path / "events.sqlite")
+    requests = fim_requests(4, seed=1)
+    with LiveServer(settings) as live:
+        fim = live.client().completions.create(
+            model=SMALL,
+            prompt="def add(a, b):\n    return ",
+            suffix="\n\nprint(add(1, 2))\n",
+            max_tokens=8,
+            temperature=0,
+        )
+        assert "a + b" in fim.choices[0].text
+
+        def infill(r):
+            body = {"input_prefix": r.prefix, "input_suffix": r.suffix, "n_predict": 32, "temperature": 0}
+            return httpx.post(live.url + "/infill", json=body, timeout=300).json()["content"]
+
+        with ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(infill, requests))
+        engine = live.app.state.codeaccel.runtime.engine
+        expected = []
+        with load_engine(SMALL, n_ctx=2048) as alone:
+            for r in requests:
+                tokens = fim_prompt(engine, r.prefix, r.suffix, 2048 - 32, repo_head=True)
+                expected.append(generate(alone, tokens, SamplingParams(), 32, ()).text)
+    assert got == expected

@@ -151,6 +151,8 @@ def test_fim_prompt_layout_and_trimming(alone):
     long_prefix = "value = compute(value)\n" * 200
     trimmed = fim_prompt(engine, long_prefix, "tail()\n", budget=64, extra=[("big.py", "y = 1\n" * 50)])
     assert len(trimmed) <= 64 and repo not in trimmed  # the extra files go first
+    bare = fim_prompt(engine, "a = 1\n", "", budget=CTX, repo_head=True)  # llama-server's /infill layout
+    assert bare[0] == repo and bare.count(sep) == 1 and bare[-2:] == [suf, mid]
     assert engine.detokenize(trimmed[trimmed.index(pre) + 1 : trimmed.index(suf)]).endswith("compute(value)\n")
 
 
@@ -171,7 +173,7 @@ def test_native_completion_and_infill(server, alone):
     }
     r = httpx.post(server.url + "/infill", json=infill)
     assert r.status_code == 200
-    expected = fim_prompt(alone.engine, infill["input_prefix"], "\n", CTX - 8, [("a.py", "z = 3\n")])
+    expected = fim_prompt(alone.engine, infill["input_prefix"], "\n", CTX - 8, [("a.py", "z = 3\n")], repo_head=True)
     assert r.json()["content"] == alone(expected, 8)
     with httpx.stream("POST", server.url + "/infill", json={**infill, "stream": True}) as s:
         events = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: ")]

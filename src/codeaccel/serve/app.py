@@ -239,7 +239,7 @@ def create_app(settings: ServeSettings, load_in_background: bool = True) -> Fast
         budget = settings.ctx_size - _native_max_tokens(body, settings)
         extra = [(c.filename, c.text) for c in body.input_extra]
         prompt = await run_in_threadpool(
-            fim_prompt, rt.engine, body.input_prefix, body.input_suffix, max(budget, 4), extra, body.prompt
+            fim_prompt, rt.engine, body.input_prefix, body.input_suffix, max(budget, 4), extra, body.prompt, True
         )
         return await _native(rt, body, prompt, "", http)
 

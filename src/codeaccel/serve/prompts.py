@@ -56,11 +56,16 @@ def fim_prompt(
     budget: int,
     extra: Sequence[tuple[str, str]] = (),
     prompt: str = "",
+    repo_head: bool = False,
 ) -> list[int]:
-    """Token ids of a FIM prompt of at most ``budget`` tokens; ``extra``: (filename, text) of other files."""
+    """Token ids of a FIM prompt of at most ``budget`` tokens; ``extra``: (filename, text) of other files.
+
+    ``repo_head``: start with the repository header even without extra files, as llama-server's
+    ``/infill`` always does for a model with repository tokens (so both servers see one prompt).
+    """
     fim = fim_tokens(engine)
     head: list[int] = []
-    if extra and fim.repo_name is not None and fim.file_sep is not None:
+    if (extra or repo_head) and fim.repo_name is not None and fim.file_sep is not None:
         head = [fim.repo_name, *engine.tokenize(PROJECT + "\n")]
         for filename, text in extra:
             head += [fim.file_sep, *engine.tokenize(filename + "\n"), *engine.tokenize(text)]
