@@ -359,3 +359,13 @@ def test_a_predicted_output_is_drafted_and_verified_in_the_batch(server, alone):
         prediction={"type": "content", "content": "return a + b"},
     )
     assert chat.choices[0].message.content == alone(chat_prompt(alone.engine, messages), 20)
+
+
+def test_a_chunked_body_over_the_limit_is_refused(server):
+    def chunks():
+        for _ in range(6):
+            yield b" " * (1024 * 1024)
+
+    r = httpx.post(server.url + "/v1/completions", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+    assert httpx.get(server.url + "/health").status_code == 200

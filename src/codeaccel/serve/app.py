@@ -33,6 +33,7 @@ from codeaccel.retrieval.datastore import open_datastores
 from codeaccel.retrieval.drafter import RetrievalDrafter
 from codeaccel.retrieval.timing import RetrievalTiming
 from codeaccel.serve import formats
+from codeaccel.serve.body_limit import BodyLimit
 from codeaccel.serve.completions import Call
 from codeaccel.serve.errors import APIError, error_body, install_error_handlers
 from codeaccel.serve.events import EventStore
@@ -146,14 +147,10 @@ def create_app(settings: ServeSettings, load_in_background: bool = True) -> Fast
     app = FastAPI(title="codeaccel", lifespan=lifespan)
     app.state.codeaccel = state
     install_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
 
     @app.middleware("http")
-    async def limits_and_auth(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
-            body = error_body(f"the body exceeds {settings.max_body_bytes} bytes", "invalid_request_error",
-                              code="body_too_large")  # fmt: skip
-            return JSONResponse(body, status_code=413)
+    async def auth_and_count(request: Request, call_next):
         if settings.api_key and request.url.path not in ("/health", "/metrics"):
             if request.headers.get("authorization") != f"Bearer {settings.api_key}":
                 body = error_body("a valid API key is required (Authorization: Bearer ...)", "authentication_error",
