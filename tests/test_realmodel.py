@@ -59,8 +59,16 @@ def test_bench_end_to_end_on_the_small_model(tmp_path):
     assert all(r["finish_reason"] == "stop" for r in records)
 
 
-def test_speculative_0_5b_to_1_5b_is_lossless_on_humaneval_prompts(tmp_path):
-    """Greedy: identical to autoregressive, or a divergence at a near tie of the target's logits."""
+def test_speculative_0_5b_to_1_5b_is_lossless_on_humaneval_prompts(tmp_path, monkeypatch):
+    """Greedy: identical to autoregressive, or a divergence at a near tie of the target's logits.
+
+    Draft lengths follow the cost curves: both models' measured curves are pinned (a quick first-use
+    profile on a noisy CI machine once made every draft a single token, mean accepted length 1.2)."""
+    resolve_model(SMALL), resolve_model(LARGE)  # assembled in the real cache before it is linked
+    _pin_cost_curve(
+        tmp_path / "cache", *(DOCS / "cost_curves" / "xeon" / f"cost_curve-llama.cpp-{m}.json" for m in (SMALL, LARGE))
+    )
+    monkeypatch.setenv("CODEACCEL_CACHE_DIR", str(tmp_path / "cache"))
     config = BenchConfig(
         model=LARGE,
         methods=("autoregressive", "speculative-client-draft"),
@@ -106,8 +114,8 @@ def test_retrieval_on_a_real_repository_is_lossless_and_accepts_drafts(tmp_path)
     assert row["edit_similarity"] > 0.3
 
 
-def _pin_cost_curve(cache: Path, committed: Path) -> None:
-    """A user cache at ``cache`` with the bundled models and the ``committed`` cost curve as this machine's.
+def _pin_cost_curve(cache: Path, *committed: Path) -> None:
+    """A user cache at ``cache`` with the bundled models and the ``committed`` cost curves as this machine's.
 
     The retrieval timing verifies a draft only where the cost curve says it pays; a quick first-use
     profile on a noisy CI machine once measured verification nearly as dear as decoding one token at a
@@ -117,10 +125,11 @@ def _pin_cost_curve(cache: Path, committed: Path) -> None:
     cache.mkdir(parents=True)
     (cache / "models").symlink_to(real / "models")
     fields = CostCurve.__dataclass_fields__
-    doc = json.loads(committed.read_text())
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CODEACCEL_CACHE_DIR", str(cache))
-        save_cost_curve(CostCurve(**{k: v for k, v in doc.items() if k in fields}))  # with this machine's name
+        for path in committed:
+            doc = json.loads(path.read_text())
+            save_cost_curve(CostCurve(**{k: v for k, v in doc.items() if k in fields}))  # with this machine's name
 
 
 def test_context_drafts_and_a_prediction_are_lossless_on_an_edit(tmp_path, monkeypatch):
