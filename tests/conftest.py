@@ -61,7 +61,7 @@ class ScriptedEngine(Engine):
         self.successor = successor
         self.forward_calls: list[list[int]] = []
 
-    def tokenize(self, text: str) -> list[int]:
+    def tokenize(self, text: str, special: bool = True) -> list[int]:
         out, i = [], 0
         while i < len(text):  # greedy longest match
             best = max(

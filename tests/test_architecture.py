@@ -7,7 +7,17 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src" / "codeaccel"
 README = Path(__file__).resolve().parents[1] / "README.md"
 # imported inside a function only where optional or heavy: loaded on use, never at import time
-LAZY = ("torch", "transformers", "llama_cpp", "matplotlib", "gguf", "uvicorn", "codeaccel.serve.app")  # + the web stack
+LAZY = (
+    "torch",
+    "transformers",
+    "llama_cpp",
+    "matplotlib",
+    "gguf",
+    "uvicorn",
+    "codeaccel.serve.app",
+    "ray",
+    "codeaccel.serve.replicas",
+)  # + the web stack
 
 
 def modules() -> dict[str, Path]:

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import httpx
 import pytest
 
 import tiny_models
@@ -13,7 +14,7 @@ from codeaccel.bench.load_servers import server_spec
 from codeaccel.bench.load_test import SOURCES, fim_requests, run_load_test
 from codeaccel.errors import UserError
 from codeaccel.serve.settings import ServeSettings
-from live_server import LiveServer
+from live_server import LiveServer, pin_flat_cost_curve
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +35,13 @@ def test_requests_are_real_code_cut_at_a_body_line_and_reproducible():
         fim_requests(0)
 
 
+def test_more_requests_than_files_cut_files_again():
+    requests = fim_requests(90, seed=0)  # 30 from click, which has fewer modules
+    repo = [r for r in requests if r.source.startswith("repo:")]
+    assert len(requests) == 90 and len(repo) == 30
+    assert len({r.source for r in repo}) < 30  # some module gave two cuts
+
+
 def test_a_level_against_a_live_server_counts_tokens_and_no_errors(fim_gguf, tmp_path):
     settings = ServeSettings(
         model=fim_gguf, method="autoregressive", parallel=2, ctx_size=512, events_db=tmp_path / "e.db"
@@ -44,6 +52,18 @@ def test_a_level_against_a_live_server_counts_tokens_and_no_errors(fim_gguf, tmp
     for lv in levels:
         assert 0 < lv.generated_tokens <= 6 * 8 and lv.tokens_per_s > 0
         assert 0 < lv.ttft_p50_s <= lv.latency_p50_s <= lv.latency_p99_s
+
+
+def test_predicted_outputs_go_through_openai_completions_with_the_middle(fim_gguf, tmp_path, monkeypatch):
+    monkeypatch.setenv("CODEACCEL_CACHE_DIR", str(tmp_path / "cache"))
+    pin_flat_cost_curve("tiny-fim")
+    settings = ServeSettings(model=fim_gguf, method="context", parallel=2, ctx_size=512, events_db=tmp_path / "e.db")
+    with LiveServer(settings) as live:
+        (level,) = run_load_test(live.url, "tiny", fim_requests(4), [2], n_predict=8, predicted=True)
+        drafted = [line for line in httpx.get(live.url + "/metrics").text.splitlines()
+                   if line.startswith("vllm:spec_decode_num_draft_tokens_total ")]  # fmt: skip
+    assert (level.requests, level.errors) == (4, 0) and 0 < level.generated_tokens <= 4 * 8
+    assert float(drafted[0].split()[1]) > 0  # the predictions were drafted
 
 
 def test_errors_are_counted_not_raised(tmp_path):

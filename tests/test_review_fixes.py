@@ -42,7 +42,7 @@ class Tokenizer(ScriptedEngine):
         super().__init__(["<eos>", *"abcdefghijklmnopqrstuvwxyz"], {})
         self.marker = marker
 
-    def tokenize(self, text):
+    def tokenize(self, text, special=True):
         ids = [1 + (ord(ch) % 26) for ch in text]
         return ids[::-1] if self.marker and self.marker in text else ids
 

@@ -248,3 +248,21 @@ def test_a_batch_on_a_linear_curve_drafts_nothing(engine, seqs):
 def test_a_drafter_needs_a_cost_curve(seqs):
     with pytest.raises(InternalError):
         BatchDecoder(seqs, RetrievalDrafter([], context=True))
+
+
+def test_per_request_lengths_ignore_the_batch_and_joint_ones_do_not(engine, seqs):
+    """On a curve flat to 4 tokens then steep, each of four requests alone would draft 3 tokens;
+    chosen together they draft far less, because the batch's own pending tokens already fill the tile.
+    Both keep every request's tokens."""
+    relative = [1.0 if k <= 4 else 1.0 + 0.5 * (k - 4) for k in range(1, 33)]
+    steep = CostCurve("m", "e", None, 0, 1, list(range(1, 33)), [0.01] * 32, relative)
+    prompts = [engine.tokenize(p) for p in PROMPTS]
+    alone = [_alone(engine, p, max_tokens=30).tokens for p in prompts]
+    drafted = {}
+    for joint in (True, False):
+        requests = [Request(p, max_tokens=30, prediction_tokens=a) for p, a in zip(prompts, alone)]
+        got = BatchDecoder(seqs, RetrievalDrafter([], context=True), steep, joint_lengths=joint).run(requests)
+        assert [g.tokens for g in got] == alone
+        drafted[joint] = sum(g.stats.speculation.drafted_tokens for g in got)
+    assert len(PROMPTS) == 4
+    assert drafted[False] > 2 * drafted[True]

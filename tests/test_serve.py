@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -12,15 +14,17 @@ import pytest
 
 import tiny_models
 from codeaccel.decoding.autoregressive import generate as autoregressive_generate
+from codeaccel.decoding.batched import BatchDecoder
 from codeaccel.decoding.generation import Request
 from codeaccel.decoding.sampling import SamplingParams
 from codeaccel.engines import load_engine, open_sequences
+from codeaccel.engines.cost_curve import CostCurve, save_cost_curve
 from codeaccel.errors import UserError
 from codeaccel.serve.app import create_app
 from codeaccel.serve.events import EventStore
 from codeaccel.serve.metrics import ServerMetrics
 from codeaccel.serve.prompts import chat_prompt, fim_prompt
-from codeaccel.serve.scheduler import Job, QueueFull, Scheduler
+from codeaccel.serve.scheduler import Failed, Finished, Job, Progress, QueueFull, Scheduler
 from codeaccel.serve.schemas import EventRequest
 from codeaccel.serve.settings import ServeSettings, load_settings
 from codeaccel.serve.streaming import StreamCursor, safe_prefix
@@ -142,6 +146,38 @@ def test_fim_suffix_equals_a_raw_fim_prompt(server, alone):
     assert fim.choices[0].text == alone(tokens, 10)
 
 
+QWEN_STOPS = ["<|endoftext|>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>",
+              "<|file_sep|>", "<|im_start|>", "<|im_end|>"]  # fmt: skip
+
+
+def test_continue_autocomplete_requests_work_unchanged(server, alone):
+    """The bodies Continue's autocomplete sends (README): its llama.cpp provider posts the FIM prompt it
+    built from the model's name to /completion, streamed, with null options and a placeholder key; its
+    OpenAI provider posts it to /v1/completions. Both equal the server's own FIM of the same cut."""
+    prefix, suffix = "def area(r):\n    return ", "\n\nprint(area(2))\n"
+    raw = f"<|fim_prefix|>{prefix}<|fim_suffix|>{suffix}<|fim_middle|>"
+    expected = alone(fim_prompt(alone.engine, prefix, suffix, budget=CTX), 10)
+    nulls = dict.fromkeys(["top_k", "top_p", "min_p", "mirostat", "frequency_penalty", "presence_penalty"])
+    body = {"prompt": raw, "stream": True, "n_predict": 10, "stop": QWEN_STOPS, "temperature": 0.01, **nulls}
+    headers = {"Authorization": "Bearer undefined"}
+    with httpx.stream("POST", server.url + "/completion", json=body, headers=headers) as s:
+        assert s.status_code == 200
+        events = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: ")]
+    assert events[-1]["stop"] is True
+    greedy = {**body, "stream": False, "temperature": 0}
+    r = httpx.post(server.url + "/completion", json=greedy, headers=headers)
+    assert r.status_code == 200 and r.json()["content"] == expected
+    openai_body = {"model": "tiny-fim", "prompt": raw, "max_tokens": 10, "temperature": 0, "stop": QWEN_STOPS[:4],
+                   "stream": True}  # fmt: skip
+    with httpx.stream("POST", server.url + "/v1/completions", json=openai_body, headers=headers) as s:
+        lines = [line[6:] for line in s.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    assert "".join(json.loads(x)["choices"][0]["text"] for x in lines[:-1]) == expected
+    multi = "<|repo_name|>proj\n<|file_sep|>util.py\nPI = 3.14\n<|file_sep|>geo.py\n" + raw  # its repository layout
+    r = httpx.post(server.url + "/completion", json={**greedy, "prompt": multi}, headers=headers)
+    assert r.status_code == 200 and r.json()["tokens_evaluated"] > len(alone.engine.tokenize(raw))
+
+
 def test_fim_prompt_layout_and_trimming(alone):
     engine = alone.engine
     pre, suf, mid, repo, sep = (engine.tokenize(t)[0] for t in tiny_models.FIM_SPECIALS)
@@ -193,11 +229,20 @@ def test_native_completion_and_infill(server, alone):
         (json.dumps({"prompt": "x " * 2000}).encode(), 400, "prompt"),
         (json.dumps({"prompt": "x", "model": "gpt-4"}).encode(), 404, "model"),
         (json.dumps({"prompt": []}).encode(), 400, "prompt"),
+        (json.dumps({"prompt": "a\ud800"}).encode(), 400, None),  # a lone surrogate: valid JSON, not text
+        (json.dumps({"prompt": "x", "stop": ["a"] * 17}).encode(), 400, "stop"),
+        (json.dumps({"prompt": "x", "stop": "y" * 600}).encode(), 400, "stop"),
+        (json.dumps({"prompt": ["x"] * 10, "n": 3}).encode(), 400, None),  # 30 choices > 4 sequences + 16 queued
+        (json.dumps({"prompt": "x", "seed": -2}).encode(), 400, "seed"),
+        (json.dumps({"prompt": "x", "max_tokens": None, "temperature": None}).encode(), 200, None),  # null: default
     ],
 )
 def test_bad_input_is_a_4xx_with_an_openai_error(server, body, status, param):
     r = httpx.post(server.url + "/v1/completions", content=body, headers={"content-type": "application/json"})
     assert r.status_code == status, r.text
+    if status == 200:
+        assert r.json()["choices"][0]["text"] is not None
+        return
     error = r.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
     assert error["param"] == param
@@ -280,10 +325,13 @@ def test_full_queue_refuses_and_counts_nothing(fim_gguf):
         with open_sequences(engine, n_seq_max=1, n_ctx=128) as seqs:
             scheduler = Scheduler(seqs, max_queue=1, metrics=ServerMetrics())
             jobs = [Job(Request([1, 2], max_tokens=2), sink=lambda e: None) for _ in range(3)]
-            with pytest.raises(QueueFull):
+            with pytest.raises(UserError, match="holds 2 at once"):  # more choices than could ever run: a 400
                 scheduler.submit(jobs)
             assert scheduler.in_system == 0
             scheduler.submit(jobs[:2])
+            assert scheduler.in_system == 2
+            with pytest.raises(QueueFull):  # full for now: a 503, retry later
+                scheduler.submit(jobs[2:])
             assert scheduler.in_system == 2
     finally:
         engine.close()
@@ -369,3 +417,109 @@ def test_a_chunked_body_over_the_limit_is_refused(server):
     r = httpx.post(server.url + "/v1/completions", content=chunks(), headers={"content-type": "application/json"})
     assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
     assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_native_endpoints_follow_llama_server_on_edge_cases(server, alone):
+    """n_predict 0 is a warm-up (nothing generated); /infill keeps the prefix when n_predict is huge and
+    reads markup in the user's code as text, as llama-server does; an event's index is bounded."""
+    r = httpx.post(server.url + "/completion", json={"prompt": PROMPTS[0], "n_predict": 0})
+    assert r.status_code == 200 and r.json()["content"] == "" and r.json()["tokens_predicted"] == 0
+    assert r.json()["tokens_evaluated"] == len(alone.engine.tokenize(PROMPTS[0]))
+    prefix = "s = '<|fim_middle|>'\ndef f(x):\n    "
+    r = httpx.post(server.url + "/infill", json={"input_prefix": prefix, "input_suffix": "\n", "n_predict": 8,
+                                                 "temperature": 0})  # fmt: skip
+    text_prompt = fim_prompt(alone.engine, prefix, "\n", CTX - 8, repo_head=True, special=False)
+    markup_prompt = fim_prompt(alone.engine, prefix, "\n", CTX - 8, repo_head=True)
+    assert text_prompt != markup_prompt  # the literal is several tokens, not the control token
+    assert r.status_code == 200 and r.json()["tokens_evaluated"] == len(text_prompt)
+    assert r.json()["content"] == alone(text_prompt, 8)
+    r = httpx.post(server.url + "/infill", json={"input_prefix": prefix, "input_suffix": "\n", "n_predict": 10**6,
+                                                 "temperature": 0})  # fmt: skip
+    assert r.status_code == 200 and r.json()["tokens_evaluated"] == len(text_prompt)  # nothing of it dropped
+    r = httpx.post(server.url + "/v1/events", json={"type": "view", "completion_id": "x", "choice_index": 10**20})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "choice_index"
+
+
+def test_usage_chunk_carries_the_streams_id(server):
+    body = {"model": "tiny-fim", "prompt": PROMPTS[0], "max_tokens": 5, "stream": True,
+            "stream_options": {"include_usage": True}}  # fmt: skip
+    with httpx.stream("POST", server.url + "/v1/completions", json=body) as s:
+        chunks = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
+    assert len({c["id"] for c in chunks}) == 1 and chunks[0]["id"].startswith("cmpl-")
+    assert chunks[-1]["usage"]["completion_tokens"] >= 1
+
+
+def test_the_scheduler_survives_an_unexpected_error_in_a_step(fim_gguf, monkeypatch):
+    """A bug in a step (not a codeaccel error) fails the running jobs with a 500-type error and the thread
+    keeps serving: the next job completes, and nothing is left in the system."""
+    engine = load_engine(fim_gguf, n_ctx=256)
+    real_step = BatchDecoder.step
+    calls = {"n": 0}
+
+    def flaky(self):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise ValueError("boom")
+        return real_step(self)
+
+    monkeypatch.setattr(BatchDecoder, "step", flaky)
+    try:
+        with open_sequences(engine, n_seq_max=2, n_ctx=256) as seqs:
+            scheduler = Scheduler(seqs, max_queue=2, metrics=ServerMetrics())
+            scheduler.start()
+            events: list = []
+            done = threading.Event()
+
+            def sink(event):
+                events.append(event)
+                if not isinstance(event, Progress):
+                    done.set()
+
+            scheduler.submit([Job(Request(engine.tokenize(PROMPTS[0]), max_tokens=8), sink=sink)])
+            assert done.wait(30)
+            assert isinstance(events[-1], Failed) and "boom" in str(events[-1].error)
+            done.clear()
+            scheduler.submit([Job(Request(engine.tokenize(PROMPTS[1]), max_tokens=8), sink=sink)])
+            assert done.wait(30)
+            assert isinstance(events[-1], Finished) and events[-1].generation.tokens
+            assert scheduler.in_system == 0
+            assert scheduler.stop()
+            assert seqs.open_sequences == []
+    finally:
+        engine.close()
+
+
+def test_draft_model_drafts_are_verified_in_the_batch(fim_gguf, tmp_path, monkeypatch, alone):
+    """--method draft-model: the draft model (here the target's own weights: every draft token is
+    accepted) drafts for all concurrent requests at once; every answer equals decoding alone."""
+    monkeypatch.setenv("CODEACCEL_CACHE_DIR", str(tmp_path / "cache"))
+    pin_flat_cost_curve("tiny-fim")
+    draft = tmp_path / "tiny-draft.gguf"  # the same weights under a name whose measured step is 10x faster
+    shutil.copyfile(fim_gguf, draft)
+    relative = [1.0 if k <= 8 else 1.0 + 0.25 * (k - 8) for k in range(1, 33)]
+    save_cost_curve(CostCurve("tiny-draft", "llama.cpp", None, 0, 1, list(range(1, 33)), [0.0001] * 32, relative))
+    settings = ServeSettings(model=fim_gguf, method="draft-model", draft_model=str(draft), parallel=4, ctx_size=CTX,
+                             events_db=tmp_path / "events.sqlite")  # fmt: skip
+    with LiveServer(settings) as live:
+        client = live.client()
+
+        def complete(prompt: str) -> str:
+            return (
+                client.completions.create(model="tiny-fim", prompt=prompt, max_tokens=20, temperature=0).choices[0].text
+            )
+
+        with ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(complete, PROMPTS))
+        drafted = _metric(live, "vllm:spec_decode_num_draft_tokens_total")
+        accepted = _metric(live, "vllm:spec_decode_num_accepted_tokens_total")
+    assert got == [alone(alone.engine.tokenize(p), 20) for p in PROMPTS]
+    assert drafted > 0 and accepted == drafted  # its own tokens: all accepted
+
+
+def test_echo_returns_each_choices_own_prompt(server, alone):
+    got = server.client().completions.create(model="tiny-fim", prompt=PROMPTS[:2], max_tokens=3, temperature=0,
+                                             echo=True)  # fmt: skip
+    assert [c.text[: len(p)] for c, p in zip(got.choices, PROMPTS[:2])] == PROMPTS[:2]
+    ids = alone.engine.tokenize(PROMPTS[2])
+    got = server.client().completions.create(model="tiny-fim", prompt=ids, max_tokens=3, temperature=0, echo=True)
+    assert got.choices[0].text.startswith(alone.engine.detokenize(ids))

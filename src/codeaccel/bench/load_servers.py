@@ -1,7 +1,10 @@
 """The servers a load test compares, each started as its own process on loopback and stopped after.
 
 * ``codeaccel-<method>``: ``codeaccel serve`` with that method (``autoregressive``,
-  ``context``, ``retrieval``), ``--parallel`` sequences;
+  ``context``, ``retrieval``, ``draft-model`` with the bundled 0.5B), ``--parallel``
+  sequences, draft lengths chosen for the whole batch;
+  ``codeaccel-<method>-per-request`` sizes each request's draft as if it ran alone (the
+  baseline of the joint choice);
 * ``llama-server``: llama.cpp's own server (``make llama-tools``), ``-np`` slots, continuous
   batching, the same GGUF file;
 * ``llama-server-draft``: the same with the bundled 0.5B as its draft model (``-md``).
@@ -28,8 +31,10 @@ from codeaccel.errors import SetupError, UserError
 from codeaccel.models.registry import resolve_model
 from codeaccel.peers.llama_cpp_tools import tool_path
 
-SERVERS = ("codeaccel-autoregressive", "codeaccel-context", "codeaccel-retrieval", "llama-server",
+SERVERS = ("codeaccel-autoregressive", "codeaccel-context", "codeaccel-context-per-request", "codeaccel-retrieval",
+           "codeaccel-draft-model", "codeaccel-draft-model-per-request", "llama-server",
            "llama-server-draft")  # fmt: skip
+PER_REQUEST = "-per-request"  # a codeaccel server whose drafts are sized each as if alone (not jointly)
 DRAFT_MODEL = "qwen2.5-coder-0.5b-instruct"
 
 
@@ -43,10 +48,11 @@ class ServerSpec:
 
     def command(self, port: int) -> list[str]:
         if self.name.startswith("codeaccel-"):
-            method = self.name.removeprefix("codeaccel-")
+            method = self.name.removeprefix("codeaccel-").removesuffix(PER_REQUEST)
+            lengths = "per-request" if self.name.endswith(PER_REQUEST) else "joint"
             return [sys.executable, "-m", "codeaccel", "serve", "--model", self.model, "--method", method,
-                    "--parallel", str(self.parallel), "--ctx-size", str(self.ctx_size), "--port", str(port),
-                    "--threads", str(self.threads)]  # fmt: skip
+                    "--draft-lengths", lengths, "--parallel", str(self.parallel), "--ctx-size", str(self.ctx_size),
+                    "--port", str(port), "--threads", str(self.threads)]  # fmt: skip
         command = [str(tool_path("llama-server")), "-m", str(resolve_model(self.model).path), "--port", str(port),
                    "--host", "127.0.0.1", "-np", str(self.parallel), "-c", str(self.ctx_size * self.parallel),
                    "-t", str(self.threads), "-tb", str(self.threads), "--no-webui"]  # fmt: skip

@@ -94,12 +94,16 @@ def fim_requests(n: int, seed: int = 0, package: str = "click") -> list[FimReque
         "repo": _repo_codes(package),
     }
     out: list[FimRequest] = []
-    order = {name: list(rng.permutation(len(pool))) for name, pool in pools.items()}
+    order: dict[str, list[int]] = {name: [] for name in pools}
+    misses = dict.fromkeys(pools, 0)  # draws in a row that gave no cut
     while len(out) < n:
         name = SOURCES[len(out) % len(SOURCES)]
-        if not order[name]:
-            raise UserError(f"not enough {name} code for {n} requests")
+        if misses[name] > 2 * len(pools[name]):
+            raise UserError(f"no {name} code can be cut into a FIM request")
+        if not order[name]:  # every file drawn: draw them again (another cut of each)
+            order[name] = list(rng.permutation(len(pools[name])))
         source, code = pools[name][order[name].pop()]
+        misses[name] += 1
         if name == "repo" and len(code) > 6000:  # a window around a function, not a whole long module
             lines = code.splitlines(keepends=True)
             body = _body_lines(code)
@@ -111,6 +115,7 @@ def fim_requests(n: int, seed: int = 0, package: str = "click") -> list[FimReque
         if cut is None:
             continue
         prefix, middle, suffix = cut
+        misses[name] = 0
         out.append(FimRequest(source, prefix, suffix, middle))
     return out
 
@@ -145,28 +150,53 @@ class LoadLevel:
         return asdict(self)
 
 
-async def _one(client, url: str, req: FimRequest, n_predict: int, timeout_s: float) -> RequestTiming:
-    body = {"input_prefix": req.prefix, "input_suffix": req.suffix, "n_predict": n_predict, "temperature": 0,
+def _infill_body(req: FimRequest, n_predict: int) -> dict:
+    return {"input_prefix": req.prefix, "input_suffix": req.suffix, "n_predict": n_predict, "temperature": 0,
             "top_k": 1, "stream": True, "cache_prompt": True}  # fmt: skip
+
+
+def _predicted_body(req: FimRequest, n_predict: int) -> dict:
+    """OpenAI's /v1/completions with ``suffix`` and the cut's true middle as its predicted output
+    (an editor rewriting a region it already has): drafts are long and mostly accepted."""
+    prediction = {"type": "content", "content": req.middle}
+    return {"prompt": req.prefix, "suffix": req.suffix, "max_tokens": n_predict, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}, "prediction": prediction}  # fmt: skip
+
+
+def _event_view(event: dict) -> tuple[str, bool, int]:
+    """(new text, final?, tokens generated if final) of a llama.cpp or an OpenAI stream event."""
+    if "choices" in event:  # OpenAI: the usage chunk (no choices) is the last one
+        text = "".join(c.get("text") or "" for c in event["choices"])
+        usage = event.get("usage")
+        return text, usage is not None and not event["choices"], int((usage or {}).get("completion_tokens", 0))
+    tokens = int(event.get("tokens_predicted") or event.get("timings", {}).get("predicted_n", 0))
+    return event.get("content") or "", bool(event.get("stop")), tokens
+
+
+async def _one(client, url: str, req: FimRequest, n_predict: int, timeout_s: float,
+               predicted: bool = False) -> RequestTiming:  # fmt: skip
+    path, body = ("/v1/completions", _predicted_body(req, n_predict)) if predicted else (
+        "/infill", _infill_body(req, n_predict))  # fmt: skip
     t0 = time.perf_counter()
     timing = RequestTiming(ok=False)
     try:
-        async with client.stream("POST", url + "/infill", json=body, timeout=timeout_s) as response:
+        async with client.stream("POST", url + path, json=body, timeout=timeout_s) as response:
             if response.status_code != 200:
                 text = (await response.aread()).decode(errors="replace")[:200]
                 timing.error = f"HTTP {response.status_code}: {text}"
                 return timing
             async for line in response.aiter_lines():
-                if not line.startswith("data: "):
+                if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 event = json.loads(line[6:])
                 if "error" in event:
                     timing.error = str(event["error"])[:200]
                     return timing
-                if event.get("content") and timing.first_token_s is None:
+                text, final, tokens = _event_view(event)
+                if text and timing.first_token_s is None:
                     timing.first_token_s = time.perf_counter() - t0
-                if event.get("stop"):
-                    timing.tokens = int(event.get("tokens_predicted") or event.get("timings", {}).get("predicted_n", 0))
+                if final:
+                    timing.tokens = tokens
                     timing.ok = True
     except Exception as exc:  # a broken connection or a timeout is an error of the server under test
         timing.error = f"{type(exc).__name__}: {exc}"[:200]
@@ -177,7 +207,7 @@ async def _one(client, url: str, req: FimRequest, n_predict: int, timeout_s: flo
 
 
 async def _level(url: str, server: str, requests: Sequence[FimRequest], concurrency: int, n_predict: int,
-                 time_limit_s: float, timeout_s: float) -> LoadLevel:  # fmt: skip
+                 time_limit_s: float, timeout_s: float, predicted: bool) -> LoadLevel:  # fmt: skip
     queue: asyncio.Queue = asyncio.Queue()
     for r in requests:
         queue.put_nowait(r)
@@ -190,7 +220,7 @@ async def _level(url: str, server: str, requests: Sequence[FimRequest], concurre
                 req = queue.get_nowait()
             except asyncio.QueueEmpty:
                 return
-            results.append(await _one(client, url, req, n_predict, timeout_s))
+            results.append(await _one(client, url, req, n_predict, timeout_s, predicted))
 
     limits = httpx.Limits(max_connections=concurrency + 2)
     async with httpx.AsyncClient(limits=limits) as client:
@@ -218,13 +248,17 @@ def run_load_test(
     time_limit_s: float = 300.0,
     timeout_s: float = 120.0,
     progress: Callable[[LoadLevel], None] | None = None,
+    predicted: bool = False,
 ) -> list[LoadLevel]:
-    """Every concurrency level against one running server, in order (each level sends ``requests`` anew)."""
+    """Every concurrency level against one running server, in order (each level sends ``requests`` anew).
+
+    predicted: send OpenAI /v1/completions with the true middle as ``prediction`` instead of
+    llama.cpp's /infill (servers that take predicted outputs: ours)."""
     if any(c < 1 for c in concurrencies):
         raise UserError(f"concurrency levels must be >= 1, got {list(concurrencies)}")
     levels = []
     for c in concurrencies:
-        level = asyncio.run(_level(url, server, requests, c, n_predict, time_limit_s, timeout_s))
+        level = asyncio.run(_level(url, server, requests, c, n_predict, time_limit_s, timeout_s, predicted))
         levels.append(level)
         if progress is not None:
             progress(level)

@@ -27,7 +27,7 @@ def _ints(spec: str, flag: str) -> list[int]:
 
 def loadtest(
     servers: Annotated[str, typer.Option(help=f"Servers to start in turn: {', '.join(SERVERS)}.")] = (
-        "codeaccel-autoregressive,codeaccel-context,llama-server,llama-server-draft"
+        "codeaccel-autoregressive,codeaccel-context,codeaccel-context-per-request,llama-server,llama-server-draft"
     ),
     url: Annotated[Optional[str], typer.Option(help="Test a running server instead (named by --name).")] = None,
     name: Annotated[str, typer.Option(help="The running server's name in the results.")] = "server",
@@ -39,6 +39,9 @@ def loadtest(
     ctx_size: Annotated[int, typer.Option(help="Tokens per sequence / slot.")] = 4096,
     time_limit: Annotated[float, typer.Option(help="Seconds per level at most.")] = 300.0,
     seed: Annotated[int, typer.Option(help="Which cuts of code are sent.")] = 0,
+    predicted_outputs: Annotated[
+        bool, typer.Option(help="Send each cut's true middle as OpenAI's prediction (/v1/completions; ours only).")
+    ] = False,
     out_dir: Annotated[Path, typer.Option("--out", help="Folder of load_test.json / .md and server logs.")] = Path(
         "runs/loadtest"
     ),
@@ -48,6 +51,8 @@ def loadtest(
     if requests < 1 or n_predict < 1 or time_limit <= 0:
         raise UserError("--requests, --n-predict and --time-limit must be positive")
     names = [s.strip() for s in servers.split(",") if s.strip()]
+    if predicted_outputs and url is None and any(not n.startswith("codeaccel-") for n in names):
+        raise UserError("--predicted-outputs needs servers that take OpenAI's prediction: codeaccel-* only")
     specs = [server_spec(n, model, parallel, ctx_size) for n in names] if url is None else []
     fims = fim_requests(requests, seed)
     rows: list[LoadLevel] = []
@@ -59,12 +64,17 @@ def loadtest(
         )
 
     if url is not None:
-        rows += run_load_test(url.rstrip("/"), name, fims, levels, n_predict, time_limit, progress=show)
+        rows += run_load_test(
+            url.rstrip("/"), name, fims, levels, n_predict, time_limit, progress=show, predicted=predicted_outputs
+        )
     for spec in specs:
         with launched(spec, out_dir / "logs" / f"{spec.name}.log") as server_url:
-            rows += run_load_test(server_url, spec.name, fims, levels, n_predict, time_limit, progress=show)
+            rows += run_load_test(
+                server_url, spec.name, fims, levels, n_predict, time_limit, progress=show, predicted=predicted_outputs
+            )
     header = {**machine.provenance(command_line()), "model": model, "n_predict": n_predict, "requests": requests,
-              "parallel": parallel, "ctx_size": ctx_size, "seed": seed}  # fmt: skip
+              "parallel": parallel, "ctx_size": ctx_size, "seed": seed,
+              "workload": "predicted-outputs" if predicted_outputs else "infill"}  # fmt: skip
     for path in write_report(rows, out_dir, header):
         out.print(f"saved {path}")
 

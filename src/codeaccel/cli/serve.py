@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from codeaccel.errors import UserError
 from codeaccel.serve.settings import load_settings
 
 
@@ -14,7 +15,14 @@ def serve(
     model: Annotated[Optional[str], typer.Option(help="Bundled model name, GGUF file or HF directory.")] = None,
     engine: Annotated[Optional[str], typer.Option(help="llama.cpp or hf.")] = None,
     method: Annotated[
-        Optional[str], typer.Option(help="autoregressive, context (drafts from the request's text) or retrieval.")
+        Optional[str],
+        typer.Option(help="autoregressive, context (drafts from the request's text), retrieval or draft-model."),
+    ] = None,
+    draft_model: Annotated[
+        Optional[str], typer.Option(help="draft-model: the draft (bundled name or GGUF file, same tokenizer).")
+    ] = None,
+    draft_lengths: Annotated[
+        Optional[str], typer.Option(help="joint (the batch's lengths chosen together) or per-request.")
     ] = None,
     datastore: Annotated[
         Optional[list[Path]], typer.Option(help="retrieval: a datastore directory (repeatable).")
@@ -28,6 +36,12 @@ def serve(
     api_key: Annotated[Optional[str], typer.Option(help="Require this bearer key.")] = None,
     events_db: Annotated[Optional[Path], typer.Option(help="SQLite file of /v1/events.")] = None,
     config: Annotated[Optional[Path], typer.Option(help="A JSON or TOML file of settings.")] = None,
+    replicas: Annotated[
+        Optional[int], typer.Option(help="Run this many copies on Ray Serve behind one port (pip extra 'replicas').")
+    ] = None,
+    cpus_per_replica: Annotated[
+        Optional[float], typer.Option(help="With --replicas: CPUs (and engine threads) per copy; default: split.")
+    ] = None,
 ) -> None:
     """Serve a model over HTTP: /v1/completions, /v1/chat/completions, /completion, /infill, /metrics.
 
@@ -42,6 +56,8 @@ def serve(
         model=model,
         engine=engine,
         method=method,
+        draft_lengths=draft_lengths,
+        draft_model=draft_model,
         datastores=datastore,
         n_threads=threads,
         host=host,
@@ -52,4 +68,13 @@ def serve(
         api_key=api_key,
         events_db=events_db,
     )
+    if replicas is not None:
+        from codeaccel.serve.replicas import serve_replicas
+
+        if settings.port == 0:
+            raise UserError("--replicas needs a fixed --port (Ray's proxy listens on it)")
+        serve_replicas(settings, replicas, cpus_per_replica)
+        return
+    if cpus_per_replica is not None:
+        raise UserError("--cpus-per-replica needs --replicas")
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning")

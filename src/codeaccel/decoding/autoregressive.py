@@ -38,6 +38,7 @@ def generate(
         text=checker.text,
         tokens=checker.tokens,
         finish_reason=checker.finish_reason,
+        stop_string=checker.stop_string,
         n_prompt_tokens=len(prompt_tokens),
         prefill_s=t1 - t0,
         decode_s=t2 - t1,

@@ -22,31 +22,62 @@ draft little or nothing, because every extra token then delays all of them.
 from __future__ import annotations
 
 import heapq
+from collections import Counter
 from collections.abc import Callable, Sequence
 
 
 def choose_draft_lengths(
-    alphas: Sequence[float], caps: Sequence[int], base_tokens: int, cost: Callable[[int], float]
+    alphas: Sequence[float],
+    caps: Sequence[int],
+    base_tokens: int,
+    cost: Callable[[int], float],
+    position_cost: Callable[[int], float] | None = None,
 ) -> list[int]:
-    """k_i in 0..caps[i] per request maximising Σ E_i(k_i) / cost(base_tokens + Σ k_i).
+    """k_i in 0..caps[i] per request maximising Σ E_i(k_i) / step cost.
 
     alphas: [n] per-token acceptance estimates in [0, 1); caps: [n] longest draft each
     request offers (what its drafter proposed, capped by its room); base_tokens: tokens the
     step evaluates without any draft (>= 1 if any request needs an evaluation);
     cost(m): decode steps to evaluate m tokens (m >= 1) in one batch.
+
+    position_cost(m): when drafting itself costs (a draft model produces position j of every
+    draft in one batched evaluation of the m requests drafting that far), that evaluation's
+    cost in target decode steps; the step then costs cost(base + Σk) + Σ_j position_cost(m_j).
+    The longest draft K is scanned (each K: the best lengths capped at K); exact when the
+    draft's cost depends only on K, a close bound otherwise.
     """
     if len(alphas) != len(caps):
         raise ValueError(f"{len(alphas)} acceptance estimates for {len(caps)} requests")
+    if position_cost is None:
+        return _best_by_gains(alphas, caps, base_tokens, cost, None)[0]
+    best, best_value = [0] * len(alphas), -1.0
+    for depth in range(0, max(caps, default=0) + 1):
+        lengths, value = _best_by_gains(alphas, [min(c, depth) for c in caps], base_tokens, cost, position_cost)
+        if value > best_value:
+            best, best_value = lengths, value
+    return best
+
+
+def _best_by_gains(
+    alphas: Sequence[float],
+    caps: Sequence[int],
+    base_tokens: int,
+    cost: Callable[[int], float],
+    position_cost: Callable[[int], float] | None,
+) -> tuple[list[int], float]:
+    """The best total D of the D largest gains (and its value); draft positions priced as they fill."""
     n = len(alphas)
     lengths = [0] * n
-    if n == 0 or not any(caps):
-        return lengths
+    if n == 0:
+        return lengths, 0.0
     # gains in decreasing order: a heap of each request's next draft token's gain α_i^(k_i + 1)
     heap = [(-a, i) for i, (a, c) in enumerate(zip(alphas, caps)) if c > 0 and a > 0]
     heapq.heapify(heap)
     expected = float(n)
     best_value = expected / cost(max(base_tokens, 1))
     best_total, total = 0, 0
+    drafting = Counter()  # position j -> requests whose drafts reach it
+    drafted_s = 0.0  # the draft's cost so far, in target decode steps
     taken: list[int] = []
     while heap:
         gain, i = heapq.heappop(heap)
@@ -54,7 +85,12 @@ def choose_draft_lengths(
         total += 1
         taken.append(i)
         lengths[i] += 1
-        value = expected / cost(base_tokens + total)
+        if position_cost is not None:
+            j = lengths[i]
+            m = drafting[j]
+            drafted_s += position_cost(m + 1) - (position_cost(m) if m else 0.0)
+            drafting[j] = m + 1
+        value = expected / (cost(base_tokens + total) + drafted_s)
         if value > best_value:
             best_value, best_total = value, total
         if lengths[i] < caps[i]:
@@ -62,7 +98,12 @@ def choose_draft_lengths(
     chosen = [0] * n
     for i in taken[:best_total]:
         chosen[i] += 1
-    return chosen
+    return chosen, best_value
+
+
+def expected_tokens(alpha: float, k: int) -> float:
+    """E(k) = 1 + α + … + α^k: tokens a step commits with a k-token draft."""
+    return sum(alpha**j for j in range(k + 1))
 
 
 def acceptance_estimate(accepted: int, drafted: int, prior_accepted: float, prior_drafted: float) -> float:

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from codeaccel.decoding.batch_draft_lengths import acceptance_estimate, choose_draft_lengths
-from codeaccel.decoding.drafter import Draft, Drafter, DraftSession, StepTiming
+from codeaccel.decoding.drafter import BatchDrafter, Draft, Drafter, DraftSession, StepTiming
 from codeaccel.decoding.generation import Generation, Request, StopChecker
 from codeaccel.decoding.stats import DecodingStats, SpecStats
 from codeaccel.decoding.verification import verify
@@ -52,6 +52,7 @@ class BatchStats:
     shared_prompt_tokens: int = 0  # prompt tokens not evaluated because a copy shared them
     prefill_s: float = 0.0
     decode_s: float = 0.0
+    draft_s: float = 0.0  # a batch drafter's evaluations (a draft model), all requests together
     batched_sequences: int = 0  # sequences summed over decode steps (a server runs forever: no list)
     last_batch: int = 0  # sequences in the most recent decode step
     max_batch: int = 0  # most sequences in one decode step
@@ -109,19 +110,22 @@ class BatchDecoder:
 
     drafter: proposes drafts for every request (None: autoregressive); curve: the target's
     cost of evaluating n tokens together, from which the batch's draft lengths are chosen
-    (required with a drafter); k_max: longest draft asked of a session.
+    (required with a drafter); k_max: longest draft asked of a session; joint_lengths: choose
+    all requests' lengths together (False: each as if it ran alone, the baseline the joint
+    choice is measured against).
     """
 
     PRIOR_DRAFTED = 4.0  # weight, in draft tokens, of the drafter's running acceptance in a request's estimate
 
     def __init__(self, seqs: SequenceSet, drafter: Drafter | None = None, curve: CostCurve | None = None,
-                 k_max: int = 16):  # fmt: skip
+                 k_max: int = 16, joint_lengths: bool = True):  # fmt: skip
         if drafter is not None and curve is None:
             raise InternalError("a batch decoder with a drafter needs the target's cost curve")
         self.seqs = seqs
         self.drafter = drafter
         self.curve = curve
         self.k_max = k_max
+        self.joint_lengths = joint_lengths
         self._drafted = 0  # over every request so far: the prior of a new request's acceptance
         self._accepted = 0
         self.stats = BatchStats()
@@ -179,7 +183,10 @@ class BatchDecoder:
         """
         self._admit()
         active = list(self._active.values())
+        t_draft = time.perf_counter()
         drafts = self._propose(active)
+        draft_s = time.perf_counter() - t_draft
+        self.stats.draft_s += draft_s
         batch = {a.seq: a.pending + drafts[a.handle].tokens for a in active if a.pending or drafts[a.handle].tokens}
         logits: dict[int, np.ndarray] = {}
         elapsed = 0.0
@@ -200,12 +207,13 @@ class BatchDecoder:
             verdict = verify(draft.tokens, None, rows[-len(draft.tokens) - 1 :], a.request.params, a.rng)
             if a.seq in batch:
                 share = len(batch[a.seq]) / n_evaluated
-                a.decode_s += elapsed
-                a.cost_s += elapsed * share
+                a.decode_s += elapsed + draft_s
+                a.cost_s += (elapsed + draft_s) * share
                 a.steps += 1
             if a.session is not None:
-                a.session.observe(a.context, draft, verdict, StepTiming(elapsed, 0.0, n_evaluated))
+                a.session.observe(a.context, draft, verdict, StepTiming(elapsed, draft_s, n_evaluated))
                 a.spec.record(len(draft.tokens), verdict.n_accepted)
+                a.spec.draft_s += draft_s
                 self._drafted += len(draft.tokens)
                 self._accepted += verdict.n_accepted
             done = False
@@ -229,6 +237,14 @@ class BatchDecoder:
         empty = Draft(tokens=[])
         if self.drafter is None:
             return {a.handle: empty for a in active}
+        prior = self._accepted / self._drafted if self._drafted else 0.5
+        alphas = [acceptance_estimate(a.spec.accepted_tokens, a.spec.drafted_tokens, prior * self.PRIOR_DRAFTED,
+                                      self.PRIOR_DRAFTED) for a in active]  # fmt: skip
+        if isinstance(self.drafter, BatchDrafter):  # lengths first, then one draft evaluation per position
+            caps = [max(min(self.k_max, a.checker.remaining - 1), 0) for a in active]
+            lengths = self._lengths(alphas, caps, len(active), self.drafter.position_cost)
+            drafts = self.drafter.propose_batch([a.session for a in active], [a.context for a in active], lengths)
+            return {a.handle: d for a, d in zip(active, drafts)}
         proposed: dict[int, Draft] = {}
         for a in active:
             room = a.checker.remaining - 1  # the step commits one token besides the accepted drafts
@@ -236,13 +252,15 @@ class BatchDecoder:
             proposed[a.handle] = (
                 _chain(a.session.propose(a.context, k, a.request.params, a.draft_rng)) if k > 0 else empty
             )
-        prior = self._accepted / self._drafted if self._drafted else 0.5
-        alphas = [acceptance_estimate(a.spec.accepted_tokens, a.spec.drafted_tokens, prior * self.PRIOR_DRAFTED,
-                                      self.PRIOR_DRAFTED) for a in active]  # fmt: skip
         caps = [len(proposed[a.handle].tokens) for a in active]
-        base = len(active)  # a token per request: its pending one (on its first step the prefill's, paid already)
-        lengths = choose_draft_lengths(alphas, caps, base, self.curve.cost)
+        lengths = self._lengths(alphas, caps, len(active))
         return {a.handle: _cut(proposed[a.handle], k) for a, k in zip(active, lengths)}
+
+    def _lengths(self, alphas: list[float], caps: list[int], base: int, position_cost=None) -> list[int]:
+        """The batch's draft lengths: together (base: a pending token per request), or each as if alone."""
+        if self.joint_lengths:
+            return choose_draft_lengths(alphas, caps, base, self.curve.cost, position_cost)
+        return [choose_draft_lengths([a], [c], 1, self.curve.cost, position_cost)[0] for a, c in zip(alphas, caps)]
 
     def run(self, requests: list[Request]) -> list[Generation]:
         """Decode ``requests`` together; their generations in the same order."""
@@ -283,37 +301,61 @@ class BatchDecoder:
         n_prefilled = sum(len(p) for p in groups)
         self.stats.prefill_s += elapsed
         self.stats.prefilled_tokens += n_prefilled
-        for prompt, members in groups.items():
-            share = elapsed * len(prompt) / n_prefilled / len(members)
-            room = self.seqs.n_ctx - len(prompt)
-            shared = _SharedPrompt(cells=len(prompt), members=len(members))
-            self._reserved += shared.cells
-            for i, (handle, request) in enumerate(members):
-                seq = leaders[prompt] if i == 0 else self.seqs.open(copy_of=leaders[prompt])
-                if i:
-                    self.stats.shared_prompt_tokens += len(prompt)
-                max_tokens = min(request.max_tokens, room)
-                self._reserved += max_tokens
-                self._active[handle] = _Active(
-                    handle=handle,
-                    request=request,
-                    seq=seq,
-                    checker=StopChecker(self.seqs, request.stop, max_tokens),
-                    rng=request.params.rng(),
-                    first_row=logits[leaders[prompt]][-1],
-                    reserved=max_tokens,
-                    prompt=shared,
-                    prefill_s=elapsed,
-                    cost_s=share,
-                    context=list(prompt),
-                )
-                if self.drafter is not None:
-                    active = self._active[handle]
-                    active.session = self.drafter.start(prompt, frozenset(request.exclude_files),
-                                                        request.prediction_tokens)  # fmt: skip
-                    seed = request.params.seed
-                    active.draft_rng = np.random.default_rng(None if seed is None else [seed, 1])
-                    active.spec = SpecStats()
+        admitted: list[int] = []  # handles made active here: undone if a later one fails
+        owned: set[int] = set()  # leader sequences handed to a request
+        try:
+            for prompt, members in groups.items():
+                share = elapsed * len(prompt) / n_prefilled / len(members)
+                room = self.seqs.n_ctx - len(prompt)
+                shared = _SharedPrompt(cells=len(prompt), members=0)
+                for i, (handle, request) in enumerate(members):
+                    seq = leaders[prompt] if i == 0 else self.seqs.open(copy_of=leaders[prompt])
+                    owned.add(seq)
+                    max_tokens = min(request.max_tokens, room)
+                    session = draft_rng = spec = None
+                    try:
+                        if self.drafter is not None:
+                            session = self.drafter.start(prompt, frozenset(request.exclude_files),
+                                                         request.prediction_tokens)  # fmt: skip
+                            seed = request.params.seed
+                            draft_rng = np.random.default_rng(None if seed is None else [seed, 1])
+                            spec = SpecStats()
+                        active = _Active(
+                            handle=handle,
+                            request=request,
+                            seq=seq,
+                            checker=StopChecker(self.seqs, request.stop, max_tokens),
+                            rng=request.params.rng(),
+                            first_row=logits[leaders[prompt]][-1],
+                            reserved=max_tokens,
+                            prompt=shared,
+                            prefill_s=elapsed,
+                            cost_s=share,
+                            context=list(prompt),
+                            session=session,
+                            draft_rng=draft_rng,
+                            spec=spec,
+                        )
+                    except BaseException:
+                        if session is not None and isinstance(self.drafter, BatchDrafter):
+                            self.drafter.end(session)
+                        self.seqs.close(seq)
+                        raise
+                    if shared.members == 0:
+                        self._reserved += shared.cells
+                    shared.members += 1
+                    self._reserved += max_tokens
+                    if i:
+                        self.stats.shared_prompt_tokens += len(prompt)
+                    self._active[handle] = active
+                    admitted.append(handle)
+        except BaseException:
+            for handle in admitted:
+                self.cancel(handle)
+            for seq in leaders.values():
+                if seq not in owned:
+                    self.seqs.close(seq)
+            raise
 
     def _retire(self, active: _Active) -> Generation:
         self._active.pop(active.handle)
@@ -323,6 +365,7 @@ class BatchDecoder:
             text=checker.text,
             tokens=checker.tokens,
             finish_reason=checker.finish_reason,
+            stop_string=checker.stop_string,
             n_prompt_tokens=len(active.request.prompt_tokens),
             prefill_s=active.prefill_s,
             decode_s=active.decode_s,
@@ -331,6 +374,8 @@ class BatchDecoder:
         )
 
     def _release(self, active: _Active) -> None:
+        if active.session is not None and isinstance(self.drafter, BatchDrafter):
+            self.drafter.end(active.session)
         self._reserved -= active.reserved
         active.prompt.members -= 1
         if active.prompt.members == 0:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -94,5 +94,32 @@ class Drafter(Protocol):
     def start(
         self, prompt: Sequence[int], exclude_files: frozenset[str] = frozenset(), prediction: Sequence[int] = ()
     ) -> DraftSession: ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class BatchDrafter(Protocol):
+    """A drafter that drafts for a whole continuous batch at once (a draft model on its own sequences).
+
+    ``start`` as for a :class:`Drafter`; ``propose_batch(sessions, contexts, lengths)`` returns
+    each session's draft of exactly its chosen length (fewer only where the drafter ran out of
+    room); ``position_cost(m)`` is what one draft position for m requests costs, in target
+    decode steps, so the batch's lengths can weigh it; ``end(session)`` frees a request's state.
+    """
+
+    name: str
+
+    def start(
+        self, prompt: Sequence[int], exclude_files: frozenset[str] = frozenset(), prediction: Sequence[int] = ()
+    ) -> DraftSession: ...
+
+    def propose_batch(
+        self, sessions: Sequence[DraftSession], contexts: Sequence[Sequence[int]], lengths: Sequence[int]
+    ) -> list[Draft]: ...
+
+    def position_cost(self, m: int) -> float: ...
+
+    def end(self, session: DraftSession) -> None: ...
 
     def close(self) -> None: ...

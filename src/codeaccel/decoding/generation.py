@@ -45,6 +45,7 @@ class Generation:
     # engine seconds attributed to this generation when it shared batched evaluations with
     # others (its share of each, prefill included); None: it had the engine to itself
     cost_s: float | None = None
+    stop_string: str = ""  # the stop string that ended it (finish_reason "stop"), else ""
 
     @property
     def n_generated(self) -> int:
@@ -83,6 +84,7 @@ class StopChecker:
         self.tokens: list[int] = []
         self.text = ""
         self.finish_reason: FinishReason | None = None
+        self.stop_string = ""  # the one that matched, once one has
 
     @property
     def remaining(self) -> int:
@@ -101,9 +103,10 @@ class StopChecker:
         if self._stop:
             # A stop string can only end in the new text; start a little before it.
             start = max(0, previous - self._longest_stop)
-            hits = [i for s in self._stop if (i := self.text.find(s, start)) >= 0]
+            hits = [(i, s) for s in self._stop if (i := self.text.find(s, start)) >= 0]
             if hits:
-                self.text = self.text[: min(hits)]
+                at, self.stop_string = min(hits, key=lambda hit: hit[0])  # the earliest; ties: the first listed
+                self.text = self.text[:at]
                 self.finish_reason = "stop"
                 return self.finish_reason
         if len(self.tokens) >= self._max_tokens:

@@ -106,6 +106,7 @@ def speculative_generate(
         text=checker.text,
         tokens=checker.tokens,
         finish_reason=checker.finish_reason,
+        stop_string=checker.stop_string,
         n_prompt_tokens=len(prompt_tokens),
         prefill_s=t1 - t0 + spec.draft_prefill_s,
         decode_s=t2 - t1 - spec.draft_prefill_s,

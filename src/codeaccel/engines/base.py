@@ -194,8 +194,9 @@ class Engine(abc.ABC):
         return self._append(tokens[common:], all_logits=False)[-1]
 
     @abc.abstractmethod
-    def tokenize(self, text: str) -> list[int]:
-        """Text to token ids; special-token markup (e.g. ``<|im_start|>``) is parsed. No BOS is added."""
+    def tokenize(self, text: str, special: bool = True) -> list[int]:
+        """Text to token ids; special-token markup (e.g. ``<|im_start|>``) is parsed unless ``special``
+        is False (a user's code that merely contains such text). No BOS is added."""
 
     @abc.abstractmethod
     def detokenize(self, tokens: Sequence[int]) -> str:

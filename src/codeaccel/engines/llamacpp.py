@@ -136,8 +136,8 @@ class LlamaCppEngine(Engine):
         return model
 
     # ---- text ---------------------------------------------------------------------
-    def tokenize(self, text: str) -> list[int]:
-        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+    def tokenize(self, text: str, special: bool = True) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=special)
 
     def detokenize(self, tokens: Sequence[int]) -> str:
         return b"".join(self._piece(int(t)) for t in tokens).decode("utf-8", errors="replace")

@@ -104,6 +104,7 @@ class HFGenerateMethod:
             text=checker.text,
             tokens=checker.tokens,
             finish_reason=checker.finish_reason or "length",
+            stop_string=checker.stop_string,
             n_prompt_tokens=len(prompt_tokens),
             prefill_s=clock.prefill_s,
             decode_s=total_s - clock.prefill_s,

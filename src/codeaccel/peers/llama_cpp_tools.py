@@ -269,6 +269,7 @@ class LlamaCppToolMethod:
             text=checker.text,
             tokens=checker.tokens,
             finish_reason=checker.finish_reason or "length",
+            stop_string=checker.stop_string,
             n_prompt_tokens=len(request.prompt_tokens),
             prefill_s=report.prompt_s,
             decode_s=len(checker.tokens) / speed if speed > 0 and math.isfinite(speed) else 0.0,

@@ -69,6 +69,7 @@ class LlamaPromptLookupMethod:
             text=checker.text,
             tokens=checker.tokens,
             finish_reason=checker.finish_reason or "length",
+            stop_string=checker.stop_string,
             n_prompt_tokens=len(prompt_tokens),
             prefill_s=(t1 or t2) - t0,
             decode_s=t2 - (t1 or t2),

@@ -15,5 +15,6 @@ engine evaluation. Modules:
 * ``events``: ``/v1/events`` (Tabby's schema), stored durably in SQLite;
 * ``errors``: every error mapped in one place to an OpenAI-style body;
 * ``body_limit``: a body over the limit refused with 413, with or without a length;
-* ``app``: ``create_app(settings)``, the routes, loading in the background (``/health`` 503 until loaded).
+* ``app``: ``create_app(settings)``, the routes, loading in the background (``/health`` 503 until loaded);
+* ``replicas``: the same app as N replicas on Ray Serve behind one port.
 """

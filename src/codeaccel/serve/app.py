@@ -8,6 +8,7 @@ build the prompt, submit a :class:`~codeaccel.serve.completions.Call`, format.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import threading
 from collections.abc import AsyncIterator
@@ -17,14 +18,17 @@ from typing import Annotated
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
-from codeaccel.decoding.drafter import Drafter
+from codeaccel.decoding.batch_draft_model import BatchDraftModel
+from codeaccel.decoding.drafter import BatchDrafter, Drafter
 from codeaccel.decoding.generation import Request as GenRequest
 from codeaccel.decoding.sampling import SamplingParams
 from codeaccel.engines import Engine, load_engine, open_sequences
 from codeaccel.engines.cost_curve import CostCurve, cost_curve_for
 from codeaccel.engines.sequences import SequenceSet
+from codeaccel.engines.tokenizer import check_same_tokenizer
 from codeaccel.errors import UserError
 from codeaccel.methods.registry import RETRIEVAL_K_MAX
 from codeaccel.models.registry import cache_dir
@@ -50,6 +54,7 @@ from codeaccel.serve.schemas import (
 from codeaccel.serve.settings import ServeSettings
 
 log = logging.getLogger(__name__)
+REPLICA_HEADER = "X-Codeaccel-Replica"  # names the replica that answered (Ray Serve deployments)
 
 ROUTES = frozenset({"/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/completion",
                     "/infill", "/v1/events"})  # fmt: skip
@@ -64,12 +69,17 @@ class Runtime:
     scheduler: Scheduler
     model_id: str
 
-    drafter: Drafter | None = None
+    drafter: Drafter | BatchDrafter | None = None
+    draft_engine: Engine | None = None  # the draft model's (method draft-model)
 
     def close(self) -> None:
-        self.scheduler.stop()
+        if not self.scheduler.stop():  # still inside an evaluation: freeing its context now would crash
+            log.error("the scheduler did not stop; leaving the engine to the process's exit")
+            return
         if self.drafter is not None:
             self.drafter.close()
+        if self.draft_engine is not None:
+            self.draft_engine.close()
         self.seqs.free()
         self.engine.close()
 
@@ -90,10 +100,12 @@ class ServerState:
         try:
             engine = load_engine(s.model, s.engine, n_ctx=s.ctx_size, n_threads=s.n_threads)
             seqs = open_sequences(engine, n_seq_max=s.parallel, n_ctx=s.ctx_size * s.parallel)
-            drafter, curve = _drafter(s, engine)
-            scheduler = Scheduler(seqs, s.max_queue, self.metrics, drafter, curve)
+            drafter, curve, draft_engine = _drafter(s, engine)
+            scheduler = Scheduler(seqs, s.max_queue, self.metrics, drafter, curve,
+                                  joint_lengths=s.draft_lengths == "joint")  # fmt: skip
             scheduler.start()
-            self.runtime = Runtime(engine, seqs, scheduler, s.model_alias or engine.model_name, drafter)
+            self.runtime = Runtime(engine, seqs, scheduler, s.model_alias or engine.model_name, drafter,
+                                   draft_engine)  # fmt: skip
             log.warning("serving %s on %s with %s: %d sequences of %d tokens", engine.model_name, s.engine, s.method,
                         s.parallel, s.ctx_size)  # fmt: skip
         except Exception as exc:  # reported by /health and every endpoint, never a crash
@@ -105,18 +117,31 @@ class ServerState:
     def ready(self) -> Runtime:
         if self.runtime is None:
             message = self.load_error or "the model is loading"
+            if self.load_error is not None:  # retrying will not help: the operator must fix the settings
+                raise APIError(503, message, "server_error", code="load_failed")
             raise APIError(503, message, "server_error", code="loading", headers={"Retry-After": "5"})
         return self.runtime
 
 
-def _drafter(s: ServeSettings, engine: Engine) -> tuple[Drafter | None, CostCurve | None]:
-    """The method's drafter (retrieval without a draft model) and the target's cost curve its lengths read."""
+def _drafter(s: ServeSettings, engine: Engine) -> tuple[Drafter | BatchDrafter | None, CostCurve | None, Engine | None]:
+    """The method's drafter, the target's cost curve its lengths read, and the draft model's engine if any."""
     if s.method == "autoregressive":
-        return None, None
+        return None, None, None
     curve = cost_curve_for(engine)  # profiled on first use on this machine, then cached
+    if s.method == "draft-model":
+        draft = load_engine(s.draft_model, s.engine, n_ctx=s.ctx_size, n_threads=s.n_threads)
+        try:
+            check_same_tokenizer(draft, engine)
+            draft_curve = cost_curve_for(draft)
+            draft_seqs = open_sequences(draft, n_seq_max=s.parallel, n_ctx=s.ctx_size * s.parallel)
+        except BaseException:
+            draft.close()
+            raise
+        relative_speed = draft_curve.seconds[0] / curve.seconds[0]  # one-token steps, both measured here
+        return BatchDraftModel(draft_seqs, draft_curve, relative_speed), curve, draft
     stores = open_datastores(engine, tuple(str(p) for p in s.datastores)) if s.method == "retrieval" else []
     timing = RetrievalTiming(curve, k_max=RETRIEVAL_K_MAX)
-    return RetrievalDrafter(stores, timing=timing, cache=AcceptanceCache(), context=True), curve
+    return RetrievalDrafter(stores, timing=timing, cache=AcceptanceCache(), context=True), curve, None
 
 
 def _ready(request: Request) -> Runtime:
@@ -130,7 +155,8 @@ def _default_events_db():
     return cache_dir() / "events.sqlite"
 
 
-def create_app(settings: ServeSettings, load_in_background: bool = True) -> FastAPI:
+def create_app(settings: ServeSettings, load_in_background: bool = True, replica: str | None = None) -> FastAPI:
+    """The server's app; ``replica``: this copy's name among several (Ray Serve), sent in every response."""
     state = ServerState(settings)
 
     @asynccontextmanager
@@ -152,13 +178,21 @@ def create_app(settings: ServeSettings, load_in_background: bool = True) -> Fast
     @app.middleware("http")
     async def auth_and_count(request: Request, call_next):
         if settings.api_key and request.url.path not in ("/health", "/metrics"):
-            if request.headers.get("authorization") != f"Bearer {settings.api_key}":
+            given = request.headers.get("authorization", "").encode()
+            if not hmac.compare_digest(given, f"Bearer {settings.api_key}".encode()):
                 body = error_body("a valid API key is required (Authorization: Bearer ...)", "authentication_error",
                                   code="invalid_api_key")  # fmt: skip
+                state.metrics.requests.labels(request.url.path if request.url.path in ROUTES else "other", "401").inc()
                 return JSONResponse(body, status_code=401)
-        response = await call_next(request)
-        path = request.url.path if request.url.path in ROUTES else "other"  # bounded label values
-        state.metrics.requests.labels(path, str(response.status_code)).inc()
+        status = 500  # counted even when an exception escapes
+        try:
+            response = await call_next(request)
+            status = response.status_code
+        finally:
+            path = request.url.path if request.url.path in ROUTES else "other"  # bounded label values
+            state.metrics.requests.labels(path, str(status)).inc()
+        if replica is not None:
+            response.headers[REPLICA_HEADER] = replica
         return response
 
     def check_model(name: str | None, rt: ReadyRuntime) -> None:
@@ -196,11 +230,9 @@ def create_app(settings: ServeSettings, load_in_background: bool = True) -> Fast
         call = Call(rt.scheduler, [r for r, _ in requests], body.stream, body.stops)
         n_prompt = sum(len(p) for p in prompts)
         if body.stream:
-            return _sse(_openai_completion_stream(call, rt.model_id, http, body, n_prompt))
+            return _sse(_openai_completion_stream(call, rt.model_id, http, body, n_prompt), call)
         results = await call.results(http)
-        if results is None:
-            return Response(status_code=499)
-        echo = [body.prompt if body.echo and isinstance(body.prompt, str) else "" for _ in results]
+        echo = [_echo_text(rt, body, p_index) for _, p_index in requests] if body.echo else [""] * len(results)
         return formats.completion_body(call, rt.model_id, results, n_prompt, echo)
 
     @app.post("/v1/chat/completions")
@@ -218,10 +250,8 @@ def create_app(settings: ServeSettings, load_in_background: bool = True) -> Fast
         requests = _requests(body, [prompt], settings, prediction)
         call = Call(rt.scheduler, [r for r, _ in requests], body.stream, body.stops)
         if body.stream:
-            return _sse(_chat_stream(call, rt.model_id, http, body, len(prompt)))
+            return _sse(_chat_stream(call, rt.model_id, http, body, len(prompt)), call)
         results = await call.results(http)
-        if results is None:
-            return Response(status_code=499)
         return formats.chat_body(call, rt.model_id, results, len(prompt))
 
     @app.post("/completion")
@@ -233,10 +263,11 @@ def create_app(settings: ServeSettings, load_in_background: bool = True) -> Fast
 
     @app.post("/infill")
     async def infill(body: InfillRequest, http: Request, rt: ReadyRuntime):
-        budget = settings.ctx_size - _native_max_tokens(body, settings)
+        reserve = body.n_predict if body.n_predict > 0 else settings.default_max_tokens  # room kept for the middle
+        budget = settings.ctx_size - min(reserve, settings.ctx_size // 2)
         extra = [(c.filename, c.text) for c in body.input_extra]
-        prompt = await run_in_threadpool(
-            fim_prompt, rt.engine, body.input_prefix, body.input_suffix, max(budget, 4), extra, body.prompt, True
+        prompt = await run_in_threadpool(  # the user's files are code: markup in them is text (as llama-server)
+            fim_prompt, rt.engine, body.input_prefix, body.input_suffix, budget, extra, body.prompt, True, False
         )
         return await _native(rt, body, prompt, "", http)
 
@@ -244,23 +275,31 @@ def create_app(settings: ServeSettings, load_in_background: bool = True) -> Fast
         _check_tokens(prompt, rt.engine.n_vocab)
         _check_fits(prompt, settings.ctx_size)
         seed = None if body.seed in (None, -1) else body.seed
-        params = _params(body.temperature, body.top_p, body.top_k, seed, "temperature")
-        max_tokens = min(_native_max_tokens(body, settings), settings.ctx_size - len(prompt))
-        request = GenRequest(prompt, params, max_tokens, tuple(body.stop))
+        params = _params(body.temperature, body.top_p, body.top_k, seed)
+        if body.n_predict == 0:  # llama.vim's cache warm-up: the prompt only, nothing generated
+            empty = formats.native_empty_body(rt.model_id, len(prompt), prompt_text)
+            return _sse(_once(formats.sse(empty)), None) if body.stream else empty
+        room = settings.ctx_size - len(prompt)
+        request = GenRequest(
+            prompt, params, room if body.n_predict < 0 else min(body.n_predict, room), tuple(body.stop)
+        )
         call = Call(rt.scheduler, [request], body.stream, body.stop)
         if body.stream:
-            return _sse(_native_stream(call, rt.model_id, http, prompt_text))
+            return _sse(_native_stream(call, rt.model_id, http, prompt_text), call)
         results = await call.results(http)
-        if results is None:
-            return Response(status_code=499)
         return formats.native_body(rt.model_id, results[0].finished, prompt_text)
 
     return app
 
 
 # ---- request building (pure, tested on their own) ---------------------------------------
-def _native_max_tokens(body, settings: ServeSettings) -> int:
-    return settings.default_max_tokens if body.n_predict in (-1, 0) else body.n_predict
+def _echo_text(rt: Runtime, body: CompletionRequest, p_index: int) -> str:
+    """The prompt a choice continues, as ``echo`` returns it (token ids: their text)."""
+    if isinstance(body.prompt, str):
+        return body.prompt
+    if all(isinstance(t, int) for t in body.prompt):
+        return rt.engine.detokenize(body.prompt)
+    return body.prompt[p_index]
 
 
 def _check_fits(prompt: list[int], ctx_size: int) -> None:
@@ -295,11 +334,13 @@ def _completion_prompts(
     return prompts
 
 
-def _params(temperature: float, top_p: float, top_k: int, seed: int | None, param: str) -> SamplingParams:
+def _params(temperature: float, top_p: float, top_k: int, seed: int | None) -> SamplingParams:
     try:
         return SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     except (UserError, ValueError) as exc:
-        raise APIError(400, str(exc), param=param) from None
+        message = str(exc)
+        param = next((p for p in ("temperature", "top_p", "top_k", "seed") if message.startswith(p)), None)
+        raise APIError(400, message, param=param) from None
 
 
 def _prediction(rt: Runtime, body) -> list[int]:
@@ -316,7 +357,7 @@ def _requests(
     for p_index, prompt in enumerate(prompts):
         for i in range(body.n):
             seed = None if body.seed is None else body.seed + i
-            params = _params(body.temperature, body.top_p, body.top_k, seed, "temperature")
+            params = _params(body.temperature, body.top_p, body.top_k, seed)
             room = settings.ctx_size - len(prompt)
             out.append((GenRequest(prompt, params, min(max_tokens, room), tuple(body.stops),
                                    prediction_tokens=prediction), p_index))  # fmt: skip
@@ -324,8 +365,15 @@ def _requests(
 
 
 # ---- streams --------------------------------------------------------------------------------
-def _sse(chunks: AsyncIterator[str]) -> StreamingResponse:
-    """A server-sent event stream; an error after the stream started is sent as an OpenAI error event."""
+async def _once(chunk: str) -> AsyncIterator[str]:
+    yield chunk
+
+
+def _sse(chunks: AsyncIterator[str], call: Call | None) -> StreamingResponse:
+    """A server-sent event stream; an error after the stream started is sent as an OpenAI error event.
+
+    ``call``: cancelled when the response ends, also if the client left before the first chunk
+    (the stream's own cleanup never runs then)."""
 
     async def guarded():
         try:
@@ -334,7 +382,9 @@ def _sse(chunks: AsyncIterator[str]) -> StreamingResponse:
         except APIError as exc:
             yield formats.sse(error_body(exc.message, exc.type, exc.param, exc.code))
 
-    return StreamingResponse(guarded(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    background = None if call is None else BackgroundTask(call.cancel)
+    return StreamingResponse(guarded(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
+                             background=background)  # fmt: skip
 
 
 async def _openai_completion_stream(call: Call, model: str, http: Request, body: CompletionRequest, n_prompt: int):

@@ -2,13 +2,16 @@
 
 A :class:`Call` is the per-request object: the choices' jobs, the queue their events
 arrive on (sinks are called from the scheduler thread and hop onto the event loop), and
-what each choice has streamed. Endpoints differ only in how a result or a chunk is
-formatted (:mod:`codeaccel.serve.formats`).
+what each choice has streamed. Progress is coalesced: a choice has at most one progress
+wake-up queued, and the consumer reads the newest text when it gets to it, so a client
+that reads slowly holds one pending text per choice, not one per step. Endpoints differ
+only in how a result or a chunk is formatted (:mod:`codeaccel.serve.formats`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -17,11 +20,12 @@ from dataclasses import dataclass
 from fastapi import Request as HTTPRequest
 
 from codeaccel.decoding.generation import Request
-from codeaccel.serve.errors import to_api_error
+from codeaccel.serve.errors import ClientGone, to_api_error
 from codeaccel.serve.scheduler import Failed, Finished, Job, Progress, Scheduler
 from codeaccel.serve.streaming import StreamCursor
 
 DISCONNECT_POLL_S = 0.5
+_PROGRESS = object()  # queued in place of a Progress: "read this choice's newest progress"
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,8 @@ class Call:
         self.scheduler = scheduler
         self.loop = asyncio.get_running_loop()
         self.events: asyncio.Queue = asyncio.Queue()
+        self._latest: dict[int, Progress] = {}  # choice -> newest progress not read yet (the scheduler writes)
+        self._latest_lock = threading.Lock()
         self.jobs = [Job(r, self._sink(i), stream=stream) for i, r in enumerate(requests)]
         self.cursors = [StreamCursor(stops) for _ in requests]
         self.open = set(range(len(requests)))
@@ -56,6 +62,13 @@ class Call:
 
     def _sink(self, index: int) -> Callable:
         def sink(event) -> None:
+            if isinstance(event, Progress):
+                with self._latest_lock:
+                    queued = index in self._latest
+                    self._latest[index] = event
+                if queued:
+                    return  # its wake-up is still in the queue: it will read this newer text
+                event = _PROGRESS
             self.loop.call_soon_threadsafe(self.events.put_nowait, (index, event))
 
         return sink
@@ -68,20 +81,24 @@ class Call:
     async def _next(self, http: HTTPRequest):
         while True:
             try:
-                return await asyncio.wait_for(self.events.get(), DISCONNECT_POLL_S)
+                index, event = await asyncio.wait_for(self.events.get(), DISCONNECT_POLL_S)
+                if event is _PROGRESS:
+                    with self._latest_lock:
+                        event = self._latest.pop(index)
+                return index, event
             except TimeoutError:
                 if await http.is_disconnected():
                     self.cancel()
                     return None
 
-    async def results(self, http: HTTPRequest) -> list[ChoiceResult] | None:
-        """Every choice's result, in order; None if the client went away (its choices are cancelled)."""
+    async def results(self, http: HTTPRequest) -> list[ChoiceResult]:
+        """Every choice's result, in order; :class:`ClientGone` if the client went away (choices cancelled)."""
         done: dict[int, Finished] = {}
         try:
             while self.open:
                 got = await self._next(http)
                 if got is None:
-                    return None
+                    raise ClientGone()
                 index, event = got
                 if isinstance(event, Failed):
                     raise to_api_error(event.error)

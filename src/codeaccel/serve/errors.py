@@ -21,6 +21,10 @@ from codeaccel.serve.scheduler import QueueFull
 log = logging.getLogger(__name__)
 
 
+class ClientGone(Exception):
+    """The client disconnected before its result was ready (its choices are cancelled): nginx's 499."""
+
+
 class APIError(Exception):
     def __init__(self, status: int, message: str, type: str = "invalid_request_error",  # noqa: A002
                  param: str | None = None, code: str | None = None, headers: dict | None = None):  # fmt: skip
@@ -41,6 +45,8 @@ def to_api_error(exc: Exception) -> APIError:
     """The one mapping from codeaccel's errors to HTTP."""
     if isinstance(exc, APIError):
         return exc
+    if isinstance(exc, ClientGone):
+        return APIError(499, "the client closed the connection", code="client_closed")
     if isinstance(exc, QueueFull):
         return APIError(503, str(exc), "server_error", code="queue_full", headers={"Retry-After": "1"})
     if isinstance(exc, UserError):
@@ -48,6 +54,7 @@ def to_api_error(exc: Exception) -> APIError:
     if isinstance(exc, SetupError):
         return APIError(503, str(exc), "server_error", code="unavailable")
     if isinstance(exc, InternalError):
+        log.error("internal error", exc_info=exc)
         return APIError(500, f"internal error: {exc}", "server_error")
     log.exception("unexpected error", exc_info=exc)
     return APIError(500, f"internal error: {type(exc).__name__}", "server_error")
@@ -73,7 +80,7 @@ def install_error_handlers(app: FastAPI) -> None:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return _response(APIError(exc.status_code, str(exc.detail), kind))
 
-    for kind in (APIError, CodeaccelError, QueueFull):
+    for kind in (APIError, CodeaccelError, QueueFull, ClientGone):
         app.add_exception_handler(kind, _mapped)
 
     @app.exception_handler(Exception)

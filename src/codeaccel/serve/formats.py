@@ -93,7 +93,8 @@ def chat_chunk(call: Call, model: str, index: int, delta: dict, finish_reason: s
 
 
 def usage_chunk(call: Call, model: str, obj: str, finished: list[Finished], prompt_tokens: int) -> dict:
-    return {"id": call.id, "object": obj, "created": call.created, "model": model, "choices": [],
+    prefix = "chatcmpl" if obj.startswith("chat") else "cmpl"  # the id every other chunk of the stream carries
+    return {"id": f"{prefix}-{call.id}", "object": obj, "created": call.created, "model": model, "choices": [],
             "usage": usage(finished, prompt_tokens)}  # fmt: skip
 
 
@@ -113,7 +114,7 @@ def native_body(model: str, f: Finished, prompt: str) -> dict:
         "has_new_line": "\n" in g.text,
         "truncated": False,
         "stop_type": LLAMA_STOP_TYPE[g.finish_reason],
-        "stopping_word": "",  # which stop string matched is not recorded
+        "stopping_word": g.stop_string,
         "tokens_cached": g.n_prompt_tokens + g.n_generated,
         "timings": timings(f),
     }
@@ -121,3 +122,10 @@ def native_body(model: str, f: Finished, prompt: str) -> dict:
 
 def native_chunk(text: str) -> dict:
     return {"index": 0, "content": text, "tokens": [], "stop": False, "id_slot": 0}
+
+
+def native_empty_body(model: str, n_prompt: int, prompt: str) -> dict:
+    """llama-server's answer to ``n_predict: 0`` (a cache warm-up): no tokens, the prompt counted."""
+    return {"index": 0, "content": "", "tokens": [], "id_slot": 0, "stop": True, "model": model,
+            "tokens_predicted": 0, "tokens_evaluated": n_prompt, "prompt": prompt, "has_new_line": False,
+            "truncated": False, "stop_type": "limit", "stopping_word": "", "tokens_cached": n_prompt}  # fmt: skip

@@ -63,9 +63,17 @@ class ServerMetrics:
         self.batch_occupancy.set(batch / n_seq_max)
         self.queue_length.set(waiting)
 
-    def observe_finished(self, generation: Generation, latency_s: float) -> None:
+    def observe_idle(self) -> None:
+        """Nothing running or waiting: the gauges say so (they are set after every step otherwise)."""
+        self.running.set(0)
+        self.batch_occupancy.set(0)
+        self.queue_length.set(0)
+
+    def observe_finished(self, generation: Generation, latency_s: float, counts_prompt: bool = True) -> None:
+        """A finished choice; its prompt's tokens only for the first choice of a prompt (n > 1 shares it)."""
         self.request_latency.observe(latency_s)
-        self.prompt_tokens.inc(generation.n_prompt_tokens)
+        if counts_prompt:
+            self.prompt_tokens.inc(generation.n_prompt_tokens)
         self.generation_tokens.inc(generation.n_generated)
         spec = generation.stats.speculation if generation.stats is not None else None
         if spec is None:

@@ -57,24 +57,31 @@ def fim_prompt(
     extra: Sequence[tuple[str, str]] = (),
     prompt: str = "",
     repo_head: bool = False,
+    special: bool = True,
 ) -> list[int]:
     """Token ids of a FIM prompt of at most ``budget`` tokens; ``extra``: (filename, text) of other files.
 
     ``repo_head``: start with the repository header even without extra files, as llama-server's
     ``/infill`` always does for a model with repository tokens (so both servers see one prompt).
+    ``special``: parse special-token markup in the texts (False: as llama-server's ``/infill``, a
+    file that contains ``<|fim_middle|>`` is code, not a control token).
     """
     fim = fim_tokens(engine)
+
+    def tok(text: str) -> list[int]:
+        return engine.tokenize(text, special=special)
+
     head: list[int] = []
     if (extra or repo_head) and fim.repo_name is not None and fim.file_sep is not None:
-        head = [fim.repo_name, *engine.tokenize(PROJECT + "\n")]
+        head = [fim.repo_name, *tok(PROJECT + "\n")]
         for filename, text in extra:
-            head += [fim.file_sep, *engine.tokenize(filename + "\n"), *engine.tokenize(text)]
-        head += [fim.file_sep, *engine.tokenize(CURRENT_FILE + "\n")]
+            head += [fim.file_sep, *tok(filename + "\n"), *tok(text)]
+        head += [fim.file_sep, *tok(CURRENT_FILE + "\n")]
     elif extra:  # no repository tokens: the files as plain text before the prefix
         for filename, text in extra:
-            head += engine.tokenize(f"# {filename}\n{text}\n\n")
-    before = engine.tokenize(prefix + prompt) if prefix + prompt else []
-    after = engine.tokenize(suffix) if suffix else []
+            head += tok(f"# {filename}\n{text}\n\n")
+    before = tok(prefix + prompt) if prefix + prompt else []
+    after = tok(suffix) if suffix else []
     fixed = 3  # the three FIM tokens
     if budget < fixed + 1:
         raise UserError(f"no room for a fill-in-the-middle prompt in {budget} tokens")
@@ -93,4 +100,11 @@ def fim_prompt(
 
 
 def chat_prompt(engine: Engine, messages: list[dict[str, str]]) -> list[int]:
-    return engine.tokenize(engine.apply_chat_template(messages))
+    """The chat template's prompt; a template that refuses the messages (roles out of order) is a 400."""
+    try:
+        text = engine.apply_chat_template(messages)
+    except UserError:
+        raise
+    except Exception as exc:  # jinja2's TemplateError from the template's raise_exception, and the like
+        raise UserError(f"the model's chat template refused these messages: {exc}") from None
+    return engine.tokenize(text)

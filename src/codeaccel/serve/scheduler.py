@@ -27,7 +27,7 @@ from codeaccel.decoding.drafter import Drafter
 from codeaccel.decoding.generation import Generation, Request
 from codeaccel.engines.cost_curve import CostCurve
 from codeaccel.engines.sequences import SequenceSet
-from codeaccel.errors import CodeaccelError
+from codeaccel.errors import CodeaccelError, InternalError, UserError
 from codeaccel.serve.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,7 @@ class Job:
     first_token: float | None = None
     handle: int | None = None
     streamed_tokens: int = 0
+    counts_prompt: bool = True  # the first choice of its prompt: its prompt tokens are counted once
 
 
 class Scheduler:
@@ -86,11 +87,14 @@ class Scheduler:
         drafter: Drafter | None = None,
         curve: CostCurve | None = None,
         idle_wait_s: float = 0.05,
+        joint_lengths: bool = True,
     ):
-        """drafter, curve: drafts verified in the batch, their lengths chosen from the target's cost curve."""
+        """drafter, curve: drafts verified in the batch, their lengths chosen from the target's cost curve,
+        for all requests together (joint_lengths) or each as if alone."""
         self.seqs = seqs
         self.drafter = drafter
         self.curve = curve
+        self.joint_lengths = joint_lengths
         self.capacity = seqs.n_seq_max + max_queue
         self.metrics = metrics
         self._idle_wait_s = idle_wait_s
@@ -104,10 +108,12 @@ class Scheduler:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self, timeout_s: float = 10.0) -> None:
+    def stop(self, timeout_s: float = 30.0) -> bool:
+        """Stop the thread (its jobs fail); True once it has ended (only then may its sequences be freed)."""
         self._stop.set()
         self._commands.put(("wake", None))
         self._thread.join(timeout_s)
+        return not self._thread.is_alive()
 
     @property
     def in_system(self) -> int:
@@ -116,6 +122,8 @@ class Scheduler:
 
     def submit(self, jobs: Sequence[Job]) -> list[int]:
         """Queue ``jobs`` together (all or none); their ids, for ``cancel``."""
+        if len(jobs) > self.capacity:  # never fits, however long the client waits
+            raise UserError(f"{len(jobs)} choices in one request; this server holds {self.capacity} at once")
         with self._lock:
             if self._in_system + len(jobs) > self.capacity:
                 raise QueueFull(f"the server is full ({self._in_system} requests in progress or queued)")
@@ -133,23 +141,32 @@ class Scheduler:
 
     # ---- the scheduler thread ------------------------------------------------------
     def _run(self) -> None:
-        decoder = BatchDecoder(self.seqs, self.drafter, self.curve)
+        decoder = self._decoder()
         jobs: dict[int, Job] = {}  # job id -> job, submitted and not finished
         by_handle: dict[int, Job] = {}
         while not self._stop.is_set():
-            self._apply_commands(decoder, jobs, by_handle, block=decoder.idle)
-            if decoder.idle:
-                continue
             try:
+                self._apply_commands(decoder, jobs, by_handle, block=decoder.idle)
+                if decoder.idle:
+                    self.metrics.observe_idle()
+                    continue
+                steps = decoder.stats.steps
                 finished = decoder.step()
-            except CodeaccelError as exc:  # a bug or a broken engine: fail what is running, keep serving
+            except Exception as exc:  # a bug or a broken engine: fail what is running, keep serving
                 log.exception("decode step failed")
+                error = exc if isinstance(exc, CodeaccelError) else InternalError(f"decoding failed: {exc}")
                 for job in list(jobs.values()):
-                    decoder.cancel(job.handle)
-                    self._end(job, jobs, by_handle, Failed(exc))
+                    if job.handle is not None:
+                        decoder.cancel(job.handle)
+                    self._end(job, jobs, by_handle, Failed(error))
+                if self.seqs.open_sequences:  # something leaked: start over on clean sequences
+                    log.error("sequences %s left open after a failure: closing them", self.seqs.open_sequences)
+                    self.seqs.close_all()
+                    decoder = self._decoder()
                 continue
             now = time.perf_counter()
-            self.metrics.observe_step(decoder.stats.last_batch, self.seqs.n_seq_max, decoder.n_waiting)
+            if decoder.stats.steps > steps:  # an evaluation ran (a first step may use the prefill's row only)
+                self.metrics.observe_step(decoder.stats.last_batch, self.seqs.n_seq_max, decoder.n_waiting)
             for job in list(jobs.values()):
                 if job.admitted is None and decoder.progress(job.handle) is not None:
                     job.admitted = now
@@ -163,17 +180,20 @@ class Scheduler:
                     job.first_token = now
                     self.metrics.time_to_first_token.observe(now - job.submitted)
                 if job.stream:
-                    job.sink(Progress(len(generation.tokens), generation.text))
+                    _deliver(job, Progress(len(generation.tokens), generation.text))
                 event = Finished(
                     generation,
                     queued_s=job.admitted - job.submitted,
                     first_token_s=None if job.first_token is None else job.first_token - job.submitted,
                     total_s=now - job.submitted,
                 )
-                self.metrics.observe_finished(generation, event.total_s)
+                self.metrics.observe_finished(generation, event.total_s, job.counts_prompt)
                 self._end(job, jobs, by_handle, event)
         for job in list(jobs.values()):  # shutting down
             self._end(job, jobs, by_handle, Failed(RuntimeError("the server is shutting down")))
+
+    def _decoder(self) -> BatchDecoder:
+        return BatchDecoder(self.seqs, self.drafter, self.curve, joint_lengths=self.joint_lengths)
 
     def _on_tokens(self, job: Job, progress: tuple[list[int], str], now: float) -> None:
         tokens, text = progress
@@ -182,7 +202,7 @@ class Scheduler:
             self.metrics.time_to_first_token.observe(now - job.submitted)
         if job.stream and len(tokens) > job.streamed_tokens:
             job.streamed_tokens = len(tokens)
-            job.sink(Progress(len(tokens), text))
+            _deliver(job, Progress(len(tokens), text))
 
     def _apply_commands(self, decoder: BatchDecoder, jobs: dict, by_handle: dict, block: bool) -> None:
         try:
@@ -197,7 +217,7 @@ class Scheduler:
                         job.handle = decoder.submit(job.request)
                     except CodeaccelError as exc:
                         self._release(1)
-                        job.sink(Failed(exc))
+                        _deliver(job, Failed(exc))
                         continue
                     jobs[job.id] = job
                     by_handle[job.handle] = job
@@ -218,8 +238,16 @@ class Scheduler:
         by_handle.pop(job.handle, None)
         self._release(1)
         if event is not None:
-            job.sink(event)
+            _deliver(job, event)
 
     def _release(self, n: int) -> None:
         with self._lock:
             self._in_system -= n
+
+
+def _deliver(job: Job, event: JobEvent) -> None:
+    """Hand an event to its job's sink; a sink that fails (its client's loop gone) never stops the thread."""
+    try:
+        job.sink(event)
+    except Exception:
+        log.exception("job %d: its sink failed", job.id)

@@ -1,5 +1,5 @@
 """Request bodies of every endpoint, validated at the boundary (pydantic); unknown fields are ignored,
-as OpenAI's and llama.cpp's servers ignore options they do not implement.
+as OpenAI's and llama.cpp's servers ignore options they do not implement, and a null option is its default.
 
 Sampling defaults follow each API: the OpenAI endpoints OpenAI's (temperature 1, top-p 1),
 llama.cpp's native ones llama-server's (temperature 0.8, top-k 40, top-p 0.95).
@@ -9,17 +9,54 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data):
+        """An option sent as null takes its default (OpenAI's API; clients such as Continue send nulls)."""
+        if not isinstance(data, dict):
+            return data
+        _check_text(data)
+        return {k: v for k, v in data.items() if v is not None}
+
+
+MAX_STOPS = 16  # OpenAI allows 4; llama.cpp's clients send a handful (Continue: 9 for Qwen)
+MAX_STOP_CHARS = 512  # every stop string is searched for in every step's new text
 
 
 def _stops(value: str | list[str] | None) -> list[str]:
     if value is None:
         return []
     return [value] if isinstance(value, str) else list(value)
+
+
+def _check_stops(value):
+    stops = _stops(value)
+    if len(stops) > MAX_STOPS:
+        raise ValueError(f"at most {MAX_STOPS} stop strings, got {len(stops)}")
+    if any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise ValueError(f"a stop string is longer than {MAX_STOP_CHARS} characters")
+    return value
+
+
+def _check_text(value, where: str = "body") -> None:
+    """Strings must be encodable text: JSON lets a lone surrogate (\\ud800) through, UTF-8 does not."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"{where} is not valid Unicode text (a lone surrogate)") from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_text(v, str(k))
+    elif isinstance(value, list):
+        for v in value:
+            _check_text(v, where)
 
 
 class StreamOptions(_Body):
@@ -49,6 +86,8 @@ class _OpenAISampling(_Body):
     @property
     def stops(self) -> list[str]:
         return _stops(self.stop)
+
+    _stop_limits = field_validator("stop")(classmethod(lambda cls, v: _check_stops(v)))
 
 
 class CompletionRequest(_OpenAISampling):
@@ -105,6 +144,8 @@ class _NativeSampling(_Body):
     stop: list[str] = Field(default_factory=list)
     stream: bool = False
 
+    _stop_limits = field_validator("stop")(classmethod(lambda cls, v: _check_stops(v)))
+
 
 class NativeCompletionRequest(_NativeSampling):
     """llama-server's ``POST /completion``: ``prompt`` is text or token ids."""
@@ -113,7 +154,7 @@ class NativeCompletionRequest(_NativeSampling):
 
 
 class InfillRequest(_NativeSampling):
-    """llama-server's ``POST /infill`` (llama.vim, llama.vscode, Continue's llama.cpp provider)."""
+    """llama-server's ``POST /infill`` (llama.vim, llama.vscode; Continue's llama.cpp provider posts to /completion)."""
 
     input_prefix: str
     input_suffix: str
@@ -126,7 +167,7 @@ class EventRequest(_Body):
 
     type: Literal["view", "select", "dismiss"]
     completion_id: str = Field(min_length=1, max_length=200)
-    choice_index: int = Field(0, ge=0)
+    choice_index: int = Field(0, ge=0, le=1024)
     view_id: str | None = None
     elapsed: int | None = Field(None, ge=0)  # milliseconds from view to select
     select_kind: Literal["line"] | None = None

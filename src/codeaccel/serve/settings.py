@@ -23,7 +23,11 @@ class ServeSettings(BaseSettings):
     engine: str = "llama.cpp"
     # drafts verified in the batch: the request's own text (context), or also datastores (retrieval); both
     # lossless and free of a draft model (on this CPU the fastest methods measured: docs/benchmarks/context/)
-    method: Literal["autoregressive", "context", "retrieval"] = "context"
+    # draft-model: the draft model's greedy drafts for the whole batch, one draft evaluation per position
+    method: Literal["autoregressive", "context", "retrieval", "draft-model"] = "context"
+    draft_model: str = "qwen2.5-coder-0.5b-instruct"  # draft-model: bundled name or path (same tokenizer)
+    # draft lengths of the batch: chosen together from the cost curve (joint), or each request's as if alone
+    draft_lengths: Literal["joint", "per-request"] = "joint"
     datastores: list[Path] = []  # retrieval: datastore directories (codeaccel index build); default: the general one
     model_alias: str | None = None  # the id /v1/models reports (default: the model's name)
     host: str = "127.0.0.1"
