@@ -105,6 +105,7 @@ def test_the_command_starts_a_server_measures_and_writes_the_report(fim_gguf, tm
         ("codeaccel-autoregressive", 1, 0),
         ("codeaccel-autoregressive", 2, 0),
     ]
+    assert all(r["method"] == r["server"] and r["n_problems"] == 3 and r["pass_at_1"] is None for r in doc["rows"])
     assert "| codeaccel-autoregressive | 2 |" in (tmp_path / "out" / "load_test.md").read_text()
 
 

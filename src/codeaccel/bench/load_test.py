@@ -265,10 +265,20 @@ def run_load_test(
     return levels
 
 
+LOAD_DATASET = "fim:humaneval+mbpp+repo:click"  # the cuts fim_requests takes in turn
+
+
+def result_row(level: dict, header: dict) -> dict:
+    """A level in the committed results format: which server (method) on which model and requests;
+    pass@1 is None: a load test times completions, it runs no tests."""
+    return {"dataset": LOAD_DATASET, "model": header.get("model"), "engine": "llama.cpp", "method": level["server"],
+            "n_problems": level["requests"], "pass_at_1": None, **level}  # fmt: skip
+
+
 def write_report(levels: Sequence[LoadLevel], out: Path, header: dict) -> list[Path]:
     """``load_test.json`` (header + rows) and ``load_test.md`` (a table) in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    doc = {**header, "rows": [level.to_record() for level in levels]}
+    doc = {**header, "rows": [result_row(level.to_record(), header) for level in levels]}
     (out / "load_test.json").write_text(json.dumps(doc, indent=2) + "\n")
 
     def ms(v: float | None) -> str:
