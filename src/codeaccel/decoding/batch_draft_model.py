@@ -25,13 +25,14 @@ target's (both measured on this machine), so the batch's lengths weigh it
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from codeaccel.decoding.drafter import Draft, StepTiming
 from codeaccel.decoding.stats import DrafterStats
 from codeaccel.decoding.verification import Verdict
+from codeaccel.engines.base import common_prefix_len
 from codeaccel.engines.cost_curve import CostCurve
 from codeaccel.engines.sequences import SequenceSet
 from codeaccel.errors import InternalError
@@ -41,8 +42,7 @@ from codeaccel.errors import InternalError
 class BatchDraftSession:
     """One request's draft sequence and what it holds (per-request state)."""
 
-    seq: int
-    cached: list[int] = field(default_factory=list)  # tokens in the draft's cache for this sequence
+    seq: int  # its sequence in the draft's set (which knows the tokens it holds)
     ended: bool = False
 
     def observe(self, context: Sequence[int], draft: Draft, verdict: Verdict, timing: StepTiming) -> None:
@@ -104,16 +104,15 @@ class BatchDraftModel:
         for i, (session, context, k) in enumerate(zip(sessions, contexts, want)):
             if k <= 0:
                 continue
-            keep = _common_prefix(session.cached, context)
-            keep = min(keep, len(context) - 1)  # the last context token is evaluated again: its row predicts
+            held = self.seqs.tokens(session.seq)
+            keep = common_prefix_len(held, context[:-1])  # the last context token is evaluated again: its row predicts
             new = list(context[keep:])
-            need = len(new) + k - 1 - (len(session.cached) - keep)
+            need = len(new) + k - 1 - (len(held) - keep)
             if need > room:  # no cells left for this draft (copies of one prompt hold their own here)
                 want[i] = 0
                 continue
             room -= need
             self.seqs.rewind(session.seq, keep)
-            session.cached = list(context[:keep])
             catch_up[session.seq] = new
         step = catch_up
         position = 0
@@ -123,7 +122,6 @@ class BatchDraftModel:
             for i, session in enumerate(sessions):
                 if session.seq not in step:
                     continue
-                session.cached += step[session.seq]
                 token = int(np.argmax(logits[session.seq][-1]))
                 drafts[i].append(token)
                 if position + 1 < want[i]:
@@ -135,11 +133,3 @@ class BatchDraftModel:
     def close(self) -> None:
         """Free the draft's sequence set (its engine belongs to whoever loaded it)."""
         self.seqs.free()
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i

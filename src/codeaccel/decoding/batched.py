@@ -126,6 +126,8 @@ class BatchDecoder:
         self.curve = curve
         self.k_max = k_max
         self.joint_lengths = joint_lengths
+        # a drafter that drafts for the whole batch (a draft model), told apart once, not every step
+        self._batch_drafter = drafter if isinstance(drafter, BatchDrafter) else None
         self._drafted = 0  # over every request so far: the prior of a new request's acceptance
         self._accepted = 0
         self.stats = BatchStats()
@@ -240,10 +242,12 @@ class BatchDecoder:
         prior = self._accepted / self._drafted if self._drafted else 0.5
         alphas = [acceptance_estimate(a.spec.accepted_tokens, a.spec.drafted_tokens, prior * self.PRIOR_DRAFTED,
                                       self.PRIOR_DRAFTED) for a in active]  # fmt: skip
-        if isinstance(self.drafter, BatchDrafter):  # lengths first, then one draft evaluation per position
+        if self._batch_drafter is not None:  # lengths first, then one draft evaluation per position
             caps = [max(min(self.k_max, a.checker.remaining - 1), 0) for a in active]
-            lengths = self._lengths(alphas, caps, len(active), self.drafter.position_cost)
-            drafts = self.drafter.propose_batch([a.session for a in active], [a.context for a in active], lengths)
+            lengths = self._lengths(alphas, caps, len(active), self._batch_drafter.position_cost)
+            drafts = self._batch_drafter.propose_batch(
+                [a.session for a in active], [a.context for a in active], lengths
+            )
             return {a.handle: d for a, d in zip(active, drafts)}
         proposed: dict[int, Draft] = {}
         for a in active:
@@ -337,8 +341,8 @@ class BatchDecoder:
                             spec=spec,
                         )
                     except BaseException:
-                        if session is not None and isinstance(self.drafter, BatchDrafter):
-                            self.drafter.end(session)
+                        if session is not None and self._batch_drafter is not None:
+                            self._batch_drafter.end(session)
                         self.seqs.close(seq)
                         raise
                     if shared.members == 0:
@@ -374,8 +378,8 @@ class BatchDecoder:
         )
 
     def _release(self, active: _Active) -> None:
-        if active.session is not None and isinstance(self.drafter, BatchDrafter):
-            self.drafter.end(active.session)
+        if active.session is not None and self._batch_drafter is not None:
+            self._batch_drafter.end(active.session)
         self._reserved -= active.reserved
         active.prompt.members -= 1
         if active.prompt.members == 0:

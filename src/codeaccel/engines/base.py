@@ -185,11 +185,7 @@ class Engine(abc.ABC):
         tokens = list(tokens)
         if not tokens:
             raise InternalError("the prompt is empty: nothing to condition on")
-        common = 0
-        for cached, new in zip(self._tokens, tokens[:-1]):
-            if cached != new:
-                break
-            common += 1
+        common = common_prefix_len(self._tokens, tokens[:-1])  # the last token is always evaluated
         self.rewind(common)
         return self._append(tokens[common:], all_logits=False)[-1]
 
@@ -246,3 +242,13 @@ def path_to(parents: Sequence[int], node: int) -> list[int]:
     while parents[out[-1]] >= 0:
         out.append(parents[out[-1]])
     return out[::-1]
+
+
+def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens ``a`` and ``b`` share (what a cache holding ``a`` can keep for ``b``)."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
