@@ -18,6 +18,7 @@ from codeaccel.engines.cost_curve import CostCurve
 from codeaccel.engines.sequences import ContextFull, SequentialSequences
 from codeaccel.errors import InternalError, UserError
 from codeaccel.retrieval.drafter import RetrievalDrafter
+from codeaccel.retrieval.timing import RetrievalTiming
 
 PROMPTS = [
     "def add(a, b):\n    return",
@@ -266,3 +267,171 @@ def test_per_request_lengths_ignore_the_batch_and_joint_ones_do_not(engine, seqs
         drafted[joint] = sum(g.stats.speculation.drafted_tokens for g in got)
     assert len(PROMPTS) == 4
     assert drafted[False] > 2 * drafted[True]
+
+
+def test_rows_picks_the_logits_rows_each_sequence_returns(engine, seqs):
+    """``rows``: the last n rows of one sequence (0: none), the others as all_logits says."""
+    a, b, c = seqs.open(), seqs.open(), seqs.open()
+    ta, tb, tc = (engine.tokenize(p) for p in PROMPTS[:3])
+    got = seqs.eval({a: ta, b: tb, c: tc}, all_logits=True, rows={a: 0, b: 2})
+    assert got[a].shape == (0, engine.n_vocab)
+    assert got[b].shape == (2, engine.n_vocab) and got[c].shape == (len(tc), engine.n_vocab)
+    engine.reset()
+    np.testing.assert_allclose(got[b], engine.eval(tb)[-2:], atol=2e-3, rtol=1e-3)
+    assert seqs.tokens(a) == ta  # a sequence whose rows nobody reads still holds its tokens
+    with pytest.raises(InternalError):
+        seqs.eval({a: [1, 2]}, rows={a: 3})
+
+
+def test_a_sequence_per_stream_holds_its_own_share_of_the_cells(tiny_gguf):
+    """llama.cpp without a unified cache: n_ctx / n_seq_max cells per sequence, copies copy, each
+    sequence's logits still its own."""
+    engine = load_engine(tiny_gguf, "llama.cpp", n_ctx=512)
+    try:
+        with open_sequences(engine, n_seq_max=4, n_ctx=1024, unified=False) as per_seq:
+            assert per_seq.n_ctx_seq == per_seq.n_ctx // 4
+            toks = engine.tokenize(PROMPTS[1])
+            src = per_seq.open()
+            first = per_seq.eval({src: toks})[src]
+            copy = per_seq.open(copy_of=src)
+            per_seq.close(src)
+            extra = engine.tokenize(" x = 1")
+            got = per_seq.eval({copy: extra})[copy]
+            engine.reset()
+            want = engine.eval(toks + extra)
+            np.testing.assert_allclose(first, want[: len(toks)], atol=2e-3, rtol=1e-3)
+            np.testing.assert_allclose(got, want[len(toks) :], atol=2e-3, rtol=1e-3)
+            with pytest.raises(ContextFull):  # the pool would have room; the sequence's stream has not
+                per_seq.eval({copy: [1] * per_seq.n_ctx_seq})
+            decoder = BatchDecoder(per_seq)
+            with pytest.raises(UserError):
+                decoder.submit(Request([1] * per_seq.n_ctx_seq, max_tokens=4))
+            prompts = [engine.tokenize(p) for p in PROMPTS]
+            got = decoder.run([Request(p, max_tokens=20) for p in prompts])
+            assert [g.tokens for g in got] == [_alone(engine, p, max_tokens=20).tokens for p in prompts]
+    finally:
+        engine.close()
+
+
+def test_prompts_are_evaluated_in_chunks_beside_the_running_requests(engine, seqs):
+    """A long prompt arriving while a request runs is evaluated a chunk per step; the running request
+    gains a token in each of those steps, and both get exactly what they get alone."""
+    short = engine.tokenize(PROMPTS[2])
+    long_prompt = engine.tokenize(" ".join(PROMPTS) * 3)
+    decoder = BatchDecoder(seqs, prefill_chunk=8)
+    first = decoder.submit(Request(short, max_tokens=40))
+    done = {}
+    while decoder.progress(first) is None or not decoder.progress(first)[0]:
+        done.update(decoder.step())
+    second = decoder.submit(Request(long_prompt, max_tokens=12))
+    before = len(decoder.progress(first)[0])
+    chunk_steps = 0
+    while decoder.progress(second) is None and not decoder.idle:
+        done.update(decoder.step())
+        chunk_steps += 1
+    assert chunk_steps == -(-len(long_prompt) // 8)  # ceil: one chunk of 8 prompt tokens per step
+    if first not in done:
+        assert len(decoder.progress(first)[0]) >= before + chunk_steps - 1  # it kept decoding meanwhile
+    while not decoder.idle:
+        done.update(decoder.step())
+    assert done[first].tokens == _alone(engine, short, max_tokens=40).tokens
+    assert done[second].tokens == _alone(engine, long_prompt, max_tokens=12).tokens
+    assert decoder.stats.prefilled_tokens == len(short) + len(long_prompt)
+    assert done[second].prefill_s > 0 and seqs.open_sequences == []
+
+
+def test_cancel_while_the_prompt_is_evaluated_frees_everything(engine, seqs):
+    decoder = BatchDecoder(seqs, prefill_chunk=4)
+    prompt = engine.tokenize(" ".join(PROMPTS))
+    handles = [decoder.submit(Request(prompt, max_tokens=10)) for _ in range(3)]  # one prompt, three requests
+    decoder.step()
+    assert decoder.n_prefilling == 3 and len(seqs.open_sequences) == 1
+    assert decoder.cancel(handles[1])
+    assert decoder.n_prefilling == 2
+    got = {}
+    while not decoder.idle:
+        got.update(decoder.step())
+    assert sorted(got) == [handles[0], handles[2]]
+    assert got[handles[0]].tokens == got[handles[2]].tokens == _alone(engine, prompt, max_tokens=10).tokens
+    for h in handles[::2]:
+        assert not decoder.cancel(h)
+    late = decoder.submit(Request(prompt, max_tokens=10))
+    decoder.step()  # its first chunk
+    assert decoder.n_prefilling == 1 and decoder.cancel(late)
+    assert seqs.open_sequences == [] and decoder.idle and decoder._reserved == 0
+
+
+def test_a_batch_believes_a_drafters_estimate_of_its_own_draft(engine, seqs):
+    """On a steep curve (the AMD EPYC VM's: C(2) = 1.57, C(4) = 2.85) no draft pays at the batch's
+    blind prior of 0.5, but a long match in the request's own predicted output is expected to be
+    accepted (the retrieval timing's prior by source and match length): the request drafts from its
+    first step and keeps its tokens."""
+    relative = [1.0, 1.57, 2.11, 2.85, 3.3, 3.9, 4.4, 5.0] + [5.0 + 0.5 * k for k in range(1, 25)]
+    steep = CostCurve("m", "e", None, 0, 1, list(range(1, 33)), [0.01] * 32, relative)
+    prompt = engine.tokenize(PROMPTS[0])
+    alone = _alone(engine, prompt, max_tokens=40).tokens
+    timed = RetrievalDrafter([], timing=RetrievalTiming(steep), context=True)
+    got = BatchDecoder(seqs, timed, steep).run([Request(prompt, max_tokens=40, prediction_tokens=alone)])[0]
+    assert got.tokens == alone
+    assert got.stats.speculation.accepted_tokens >= len(alone) // 2
+    assert got.stats.steps < len(alone) // 2
+    blind = RetrievalDrafter([], timing=None, context=True)  # no estimate: the batch's prior decides
+    got = BatchDecoder(seqs, blind, steep).run([Request(prompt, max_tokens=40, prediction_tokens=alone)])[0]
+    assert got.tokens == alone and got.stats.speculation.drafted_tokens == 0
+
+
+def test_a_kept_sequence_serves_the_next_prompt_that_extends_it(engine):
+    """reuse_prefixes: a finished request's sequence is kept; a later prompt that continues it (an editor
+    sending the file again, a little further on) evaluates only its new tokens, and gets what it gets
+    alone. A prompt that shares nothing takes a fresh sequence; with none free, the least recently used
+    kept one is closed for it."""
+    with open_sequences(engine, n_seq_max=2, n_ctx=1024, unified=False) as per_seq:
+        decoder = BatchDecoder(per_seq, reuse_prefixes=True)
+        first_prompt = engine.tokenize(PROMPTS[1])
+        first = decoder.run([Request(first_prompt, max_tokens=12)])[0]
+        assert first.n_cached_prompt_tokens == 0 and per_seq.open_sequences  # kept, not closed
+        typed_on = first_prompt + first.tokens[:-1] + engine.tokenize("\n    def")
+        second = decoder.run([Request(typed_on, max_tokens=12)])[0]
+        assert second.n_cached_prompt_tokens >= len(first_prompt)
+        assert decoder.stats.reused_prompt_tokens == second.n_cached_prompt_tokens
+        assert second.tokens == _alone(engine, typed_on, max_tokens=12).tokens
+        assert len(per_seq.open_sequences) == 1  # the second took the first's sequence
+        others = [engine.tokenize(p) for p in (PROMPTS[0], PROMPTS[3], PROMPTS[2])]
+        got = [decoder.run([Request(p, max_tokens=8)])[0] for p in others]  # two sequences, three prompts
+        assert [g.tokens for g in got] == [_alone(engine, p, max_tokens=8).tokens for p in others]
+        assert all(g.n_cached_prompt_tokens == 0 for g in got[:2])
+        assert len(per_seq.open_sequences) == 2
+        decoder.clear_kept()
+        assert per_seq.open_sequences == []
+
+
+def test_prefix_reuse_needs_a_cache_per_sequence(tiny_gguf):
+    engine = load_engine(tiny_gguf, "llama.cpp", n_ctx=512)
+    try:
+        with open_sequences(engine, n_seq_max=2, n_ctx=512) as pooled:
+            assert pooled.pooled
+            with pytest.raises(InternalError):
+                BatchDecoder(pooled, reuse_prefixes=True)
+    finally:
+        engine.close()
+
+
+def test_sequences_promised_to_copies_are_not_given_away_while_their_prompt_is_evaluated(engine):
+    """Three requests share a long prompt (one sequence now, two copies when it is done); two more
+    arrive while it is evaluated in chunks, with four sequences in all: they wait for a free one."""
+    with open_sequences(engine, n_seq_max=4, n_ctx=2048, unified=False) as four:
+        decoder = BatchDecoder(four, prefill_chunk=2, reuse_prefixes=not four.pooled)
+        shared = engine.tokenize(" ".join(PROMPTS))
+        group = [decoder.submit(Request(shared, max_tokens=6)) for _ in range(3)]
+        decoder.step()
+        assert decoder.n_prefilling == 3
+        late = [engine.tokenize(p) for p in PROMPTS[:2]]
+        handles = [decoder.submit(Request(p, max_tokens=6)) for p in late]
+        done = {}
+        while not decoder.idle:
+            done.update(decoder.step())
+        for h, p in zip(handles, late):
+            assert done[h].tokens == _alone(engine, p, max_tokens=6).tokens
+        # greedy: a prompt evaluated 2 tokens at a time has other float noise than whole, which a sampled
+        # token near a boundary of its draw can show
+        assert [done[h].tokens for h in group] == [_alone(engine, shared, max_tokens=6).tokens] * 3

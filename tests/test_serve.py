@@ -523,3 +523,28 @@ def test_echo_returns_each_choices_own_prompt(server, alone):
     ids = alone.engine.tokenize(PROMPTS[2])
     got = server.client().completions.create(model="tiny-fim", prompt=ids, max_tokens=3, temperature=0, echo=True)
     assert got.choices[0].text.startswith(alone.engine.detokenize(ids))
+
+
+def test_a_prompt_that_extends_a_finished_one_starts_from_its_cache(server, alone):
+    """llama.cpp's cache_prompt: an editor sends the file again, a line further on; the server evaluates
+    only the new tokens (timings.cache_n, usage's cached_tokens, vLLM's prefix-cache counters), and the
+    completion is the one decoding alone gives. cache_prompt false evaluates the whole prompt."""
+    prefix = "import json\n\n\ndef parse(text):\n    data = json.loads(text)\n"
+    body = {"input_prefix": prefix, "input_suffix": "\n", "n_predict": 8, "temperature": 0}
+    first = httpx.post(server.url + "/infill", json=body).json()
+    hits_before = _metric(server, "vllm:prefix_cache_hits_total")
+    typed = {**body, "input_prefix": prefix + "    return data\n\n\ndef dump(obj):\n"}
+    second = httpx.post(server.url + "/infill", json=typed).json()
+    n_prompt = second["tokens_evaluated"]
+    assert second["timings"]["cache_n"] >= len(alone.engine.tokenize(prefix)) - 2
+    assert second["timings"]["cache_n"] + second["timings"]["prompt_n"] == n_prompt
+    expected = fim_prompt(alone.engine, typed["input_prefix"], "\n", CTX - 8, repo_head=True)
+    assert second["content"] == alone(expected, 8)
+    assert _metric(server, "vllm:prefix_cache_hits_total") - hits_before == second["timings"]["cache_n"]
+    cold = httpx.post(server.url + "/infill", json={**typed, "cache_prompt": False}).json()
+    assert cold["timings"]["cache_n"] == 0 and cold["content"] == second["content"]
+    assert first["timings"]["prompt_n"] >= 1
+    again = server.client().completions.create(model="tiny-fim", prompt=PROMPTS[1], max_tokens=4, temperature=0)
+    repeat = server.client().completions.create(model="tiny-fim", prompt=PROMPTS[1], max_tokens=4, temperature=0)
+    assert repeat.usage.prompt_tokens_details.cached_tokens == repeat.usage.prompt_tokens - 1  # the last is re-read
+    assert repeat.choices[0].text == again.choices[0].text

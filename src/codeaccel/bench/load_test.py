@@ -150,9 +150,9 @@ class LoadLevel:
         return asdict(self)
 
 
-def _infill_body(req: FimRequest, n_predict: int) -> dict:
+def _infill_body(req: FimRequest, n_predict: int, cache_prompt: bool = True) -> dict:
     return {"input_prefix": req.prefix, "input_suffix": req.suffix, "n_predict": n_predict, "temperature": 0,
-            "top_k": 1, "stream": True, "cache_prompt": True}  # fmt: skip
+            "top_k": 1, "stream": True, "cache_prompt": cache_prompt}  # fmt: skip
 
 
 def _predicted_body(req: FimRequest, n_predict: int) -> dict:
@@ -174,9 +174,9 @@ def _event_view(event: dict) -> tuple[str, bool, int]:
 
 
 async def _one(client, url: str, req: FimRequest, n_predict: int, timeout_s: float,
-               predicted: bool = False) -> RequestTiming:  # fmt: skip
+               predicted: bool = False, cache_prompt: bool = True) -> RequestTiming:  # fmt: skip
     path, body = ("/v1/completions", _predicted_body(req, n_predict)) if predicted else (
-        "/infill", _infill_body(req, n_predict))  # fmt: skip
+        "/infill", _infill_body(req, n_predict, cache_prompt))  # fmt: skip
     t0 = time.perf_counter()
     timing = RequestTiming(ok=False)
     try:
@@ -207,7 +207,7 @@ async def _one(client, url: str, req: FimRequest, n_predict: int, timeout_s: flo
 
 
 async def _level(url: str, server: str, requests: Sequence[FimRequest], concurrency: int, n_predict: int,
-                 time_limit_s: float, timeout_s: float, predicted: bool) -> LoadLevel:  # fmt: skip
+                 time_limit_s: float, timeout_s: float, predicted: bool, cache_prompt: bool) -> LoadLevel:  # fmt: skip
     queue: asyncio.Queue = asyncio.Queue()
     for r in requests:
         queue.put_nowait(r)
@@ -220,7 +220,7 @@ async def _level(url: str, server: str, requests: Sequence[FimRequest], concurre
                 req = queue.get_nowait()
             except asyncio.QueueEmpty:
                 return
-            results.append(await _one(client, url, req, n_predict, timeout_s, predicted))
+            results.append(await _one(client, url, req, n_predict, timeout_s, predicted, cache_prompt))
 
     limits = httpx.Limits(max_connections=concurrency + 2)
     async with httpx.AsyncClient(limits=limits) as client:
@@ -249,16 +249,21 @@ def run_load_test(
     timeout_s: float = 120.0,
     progress: Callable[[LoadLevel], None] | None = None,
     predicted: bool = False,
+    cache_prompt: bool = True,
 ) -> list[LoadLevel]:
     """Every concurrency level against one running server, in order (each level sends ``requests`` anew).
 
     predicted: send OpenAI /v1/completions with the true middle as ``prediction`` instead of
-    llama.cpp's /infill (servers that take predicted outputs: ours)."""
+    llama.cpp's /infill (servers that take predicted outputs: ours). cache_prompt: llama.cpp's
+    flag, in every /infill body: False makes each server evaluate every prompt whole (levels
+    send the same requests again, which a kept cache would otherwise answer from memory)."""
     if any(c < 1 for c in concurrencies):
         raise UserError(f"concurrency levels must be >= 1, got {list(concurrencies)}")
     levels = []
     for c in concurrencies:
-        level = asyncio.run(_level(url, server, requests, c, n_predict, time_limit_s, timeout_s, predicted))
+        level = asyncio.run(
+            _level(url, server, requests, c, n_predict, time_limit_s, timeout_s, predicted, cache_prompt)
+        )
         levels.append(level)
         if progress is not None:
             progress(level)

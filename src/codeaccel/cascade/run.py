@@ -134,7 +134,7 @@ def generate_problem(engine: Engine, seqs, cp: CascadeProblem, config: RunConfig
         plan.append(("test", n_lines, -1, tp.response_prefix, Request(prompt, greedy, tp.max_tokens, tp.stop)))
         plan += [("test", n_lines, i, tp.response_prefix, Request(prompt, sampled(i), tp.max_tokens, tp.stop))
                  for i in range(config.n_samples)]  # fmt: skip
-    decoder = BatchDecoder(seqs)
+    decoder = BatchDecoder(seqs, prefill_chunk=None)  # all prompts at once: nothing runs beside them to gain
     generations = decoder.run([request for *_, request in plan])
     batch = decoder.stats.mean_batch
     rows = []

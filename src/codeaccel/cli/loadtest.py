@@ -42,6 +42,10 @@ def loadtest(
     predicted_outputs: Annotated[
         bool, typer.Option(help="Send each cut's true middle as OpenAI's prediction (/v1/completions; ours only).")
     ] = False,
+    cache_prompt: Annotated[
+        bool,
+        typer.Option(help="llama.cpp's cache_prompt in every request (off: every prompt evaluated whole)."),
+    ] = True,
     out_dir: Annotated[Path, typer.Option("--out", help="Folder of load_test.json / .md and server logs.")] = Path(
         "runs/loadtest"
     ),
@@ -65,15 +69,31 @@ def loadtest(
 
     if url is not None:
         rows += run_load_test(
-            url.rstrip("/"), name, fims, levels, n_predict, time_limit, progress=show, predicted=predicted_outputs
+            url.rstrip("/"),
+            name,
+            fims,
+            levels,
+            n_predict,
+            time_limit,
+            progress=show,
+            predicted=predicted_outputs,
+            cache_prompt=cache_prompt,
         )
     for spec in specs:
         with launched(spec, out_dir / "logs" / f"{spec.name}.log") as server_url:
             rows += run_load_test(
-                server_url, spec.name, fims, levels, n_predict, time_limit, progress=show, predicted=predicted_outputs
+                server_url,
+                spec.name,
+                fims,
+                levels,
+                n_predict,
+                time_limit,
+                progress=show,
+                predicted=predicted_outputs,
+                cache_prompt=cache_prompt,
             )
     header = {**machine.provenance(command_line()), "model": model, "n_predict": n_predict, "requests": requests,
-              "parallel": parallel, "ctx_size": ctx_size, "seed": seed,
+              "parallel": parallel, "ctx_size": ctx_size, "seed": seed, "cache_prompt": cache_prompt,
               "workload": "predicted-outputs" if predicted_outputs else "infill"}  # fmt: skip
     for path in write_report(rows, out_dir, header):
         out.print(f"saved {path}")

@@ -32,6 +32,13 @@ def serve(
     port: Annotated[Optional[int], typer.Option(help="Port to listen on (0: any free one).")] = None,
     parallel: Annotated[Optional[int], typer.Option("--parallel", "-np", help="Sequences decoded together.")] = None,
     ctx_size: Annotated[Optional[int], typer.Option(help="Most tokens per request (prompt + completion).")] = None,
+    prefill_chunk: Annotated[
+        Optional[int], typer.Option(help="Prompt tokens evaluated per step beside the running requests.")
+    ] = None,
+    prefix_cache: Annotated[
+        Optional[bool],
+        typer.Option("--prefix-cache/--no-prefix-cache", help="Reuse finished requests' caches for shared prefixes."),
+    ] = None,
     max_queue: Annotated[Optional[int], typer.Option(help="Requests queued beyond the running ones.")] = None,
     api_key: Annotated[Optional[str], typer.Option(help="Require this bearer key.")] = None,
     events_db: Annotated[Optional[Path], typer.Option(help="SQLite file of /v1/events.")] = None,
@@ -64,6 +71,8 @@ def serve(
         port=port,
         parallel=parallel,
         ctx_size=ctx_size,
+        prefill_chunk=prefill_chunk,
+        prefix_cache=prefix_cache,
         max_queue=max_queue,
         api_key=api_key,
         events_db=events_db,

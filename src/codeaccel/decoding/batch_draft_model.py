@@ -108,7 +108,8 @@ class BatchDraftModel:
             keep = common_prefix_len(held, context[:-1])  # the last context token is evaluated again: its row predicts
             new = list(context[keep:])
             need = len(new) + k - 1 - (len(held) - keep)
-            if need > room:  # no cells left for this draft (copies of one prompt hold their own here)
+            # no cells left for this draft, in the pool or its own stream (copies of one prompt hold their own)
+            if need > room or keep + len(new) + k - 1 > self.seqs.n_ctx_seq:
                 want[i] = 0
                 continue
             room -= need

@@ -16,8 +16,23 @@ sequence), and each step is
 
 Without a drafter every draft is empty and a step is one autoregressive token per request.
 
-Requests admitted together whose prompts are identical are prefilled once: the others
-start as copies of the first one's sequence (the cascade's k samples of one prompt).
+With ``reuse_prefixes`` (the server; llama-server's ``cache_prompt``), a finished request's
+sequence is kept with its cache instead of freed, and a new prompt takes the kept sequence
+sharing its longest prefix: only the rest of the prompt is evaluated. An editor sends the
+same file again and again, a little further on each time, so most of a prompt is usually
+cached; on a CPU, where a prompt token costs a third of a decode step, that is most of a
+request's work. Kept sequences give way, least recently used first, to prompts that share
+nothing with them.
+
+Prompts are evaluated in the same steps as the running requests' tokens (chunked prefill,
+as llama-server mixes prompt chunks into its decode batches): a step carries every running
+request's pending token and draft, plus up to ``prefill_chunk`` prompt tokens of the
+requests being admitted, oldest first. On a CPU a decode row added to a prompt chunk costs
+a fraction of what a decode step of its own costs (the chunk is matrix-matrix work the
+weights are read for anyway), so running requests keep generating while prompts arrive
+instead of stalling behind them. Requests admitted together whose prompts are identical
+are prefilled once: the others start as copies of the first one's sequence when its
+prompt is done (the cascade's k samples of one prompt).
 Each request's tokens are what autoregressive decoding alone gives it (greedy), or are
 drawn from the same distribution with the same seed-driven sampler (sampling), because
 every sequence sees only its own tokens. Cells are reserved at admission for the prompt
@@ -27,7 +42,7 @@ and every token a request may generate, so a running batch never runs out of cac
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -37,6 +52,7 @@ from codeaccel.decoding.drafter import BatchDrafter, Draft, Drafter, DraftSessio
 from codeaccel.decoding.generation import Generation, Request, StopChecker
 from codeaccel.decoding.stats import DecodingStats, SpecStats
 from codeaccel.decoding.verification import verify
+from codeaccel.engines.base import common_prefix_len
 from codeaccel.engines.cost_curve import CostCurve
 from codeaccel.engines.sequences import SequenceSet
 from codeaccel.errors import InternalError, UserError
@@ -50,6 +66,7 @@ class BatchStats:
     generated_tokens: int = 0  # tokens committed to requests
     prefilled_tokens: int = 0  # prompt tokens evaluated (a shared prompt counts once)
     shared_prompt_tokens: int = 0  # prompt tokens not evaluated because a copy shared them
+    reused_prompt_tokens: int = 0  # prompt tokens not evaluated because a kept sequence held them
     prefill_s: float = 0.0
     decode_s: float = 0.0
     draft_s: float = 0.0  # a batch drafter's evaluations (a draft model), all requests together
@@ -83,6 +100,28 @@ class _SharedPrompt:
 
 
 @dataclass
+class _Prefill:
+    """A prompt being evaluated chunk by chunk, for the requests admitted with it (per-admission state).
+
+    The first member's sequence receives the chunks; once the prompt is done, every member
+    becomes active (the others on copies of that sequence).
+    """
+
+    prompt: list[int]
+    seq: int
+    members: list[tuple[int, Request, int]]  # (handle, request, max tokens it may generate)
+    shared: _SharedPrompt
+    done: int = 0  # prompt tokens the sequence holds so far (at first: those a kept sequence held)
+    cached: int = 0  # prompt tokens a kept sequence held (not evaluated for it)
+    wall_s: float = 0.0  # wall time of the evaluations that carried its chunks
+    cost_s: float = 0.0  # its share of them
+
+    @property
+    def remaining(self) -> int:
+        return len(self.prompt) - self.done
+
+
+@dataclass
 class _Active:
     """One admitted request: its sequence and what it has learned so far (per-request state)."""
 
@@ -95,6 +134,7 @@ class _Active:
     reserved: int  # cells held for its own tokens (max tokens)
     prompt: _SharedPrompt  # the prompt's cells, shared with the requests admitted with the same prompt
     prefill_s: float
+    cached_prompt_tokens: int = 0  # prompt tokens taken from a kept sequence's cache
     decode_s: float = 0.0
     cost_s: float = 0.0  # its share of every evaluation it took part in
     steps: int = 0
@@ -105,6 +145,10 @@ class _Active:
     spec: SpecStats | None = None
 
 
+REUSE_MIN_SHARE = 0.1  # a kept sequence is reused for a prompt sharing this much of it (llama-server's default)
+PREFILL_CHUNK = 256  # prompt tokens per step beside the decode rows (llama-server: up to n_batch = 2048 in all)
+
+
 class BatchDecoder:
     """Decoding of many requests at once on one sequence set; one thread drives it.
 
@@ -112,27 +156,39 @@ class BatchDecoder:
     cost of evaluating n tokens together, from which the batch's draft lengths are chosen
     (required with a drafter); k_max: longest draft asked of a session; joint_lengths: choose
     all requests' lengths together (False: each as if it ran alone, the baseline the joint
-    choice is measured against).
+    choice is measured against); prefill_chunk: most prompt tokens one step evaluates beside
+    the running requests' tokens (None: every admitted prompt whole, in the next step);
+    reuse_prefixes: keep finished sequences' caches for later prompts that share a prefix
+    (needs a cache per sequence: a pooled set's kept cells would crowd out running requests).
     """
 
     PRIOR_DRAFTED = 4.0  # weight, in draft tokens, of the drafter's running acceptance in a request's estimate
 
     def __init__(self, seqs: SequenceSet, drafter: Drafter | None = None, curve: CostCurve | None = None,
-                 k_max: int = 16, joint_lengths: bool = True):  # fmt: skip
+                 k_max: int = 16, joint_lengths: bool = True, prefill_chunk: int | None = PREFILL_CHUNK,
+                 reuse_prefixes: bool = False):  # fmt: skip
         if drafter is not None and curve is None:
             raise InternalError("a batch decoder with a drafter needs the target's cost curve")
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise InternalError(f"prefill_chunk must be >= 1 or None, got {prefill_chunk}")
+        if reuse_prefixes and seqs.pooled:
+            raise InternalError("reusing prefixes needs a cache per sequence, not one pool of cells")
         self.seqs = seqs
         self.drafter = drafter
         self.curve = curve
         self.k_max = k_max
         self.joint_lengths = joint_lengths
+        self.prefill_chunk = prefill_chunk
+        self.reuse_prefixes = reuse_prefixes
         # a drafter that drafts for the whole batch (a draft model), told apart once, not every step
         self._batch_drafter = drafter if isinstance(drafter, BatchDrafter) else None
         self._drafted = 0  # over every request so far: the prior of a new request's acceptance
         self._accepted = 0
         self.stats = BatchStats()
         self._waiting: deque[tuple[int, Request]] = deque()
+        self._prefilling: list[_Prefill] = []  # admitted, prompt not yet evaluated in full; oldest first
         self._active: dict[int, _Active] = {}
+        self._kept: OrderedDict[int, None] = OrderedDict()  # finished sequences kept for their caches, oldest first
         self._next_handle = 0
         self._reserved = 0  # cells reserved by active requests
 
@@ -145,8 +201,13 @@ class BatchDecoder:
         return len(self._waiting)
 
     @property
+    def n_prefilling(self) -> int:
+        """Requests admitted (holding a sequence) whose prompts are still being evaluated."""
+        return sum(len(p.members) for p in self._prefilling)
+
+    @property
     def idle(self) -> bool:
-        return not self._active and not self._waiting
+        return not self._active and not self._waiting and not self._prefilling
 
     def progress(self, handle: int) -> tuple[list[int], str] | None:
         """A running request's tokens and text so far (a stream's source); None if it is waiting or gone."""
@@ -159,8 +220,10 @@ class BatchDecoder:
             raise UserError("the prompt is empty: nothing to condition on")
         if request.max_tokens < 1:
             raise UserError(f"max_tokens must be >= 1, got {request.max_tokens}")
-        if len(request.prompt_tokens) + 1 > self.seqs.n_ctx:
-            raise UserError(f"the prompt has {len(request.prompt_tokens)} tokens; the context holds {self.seqs.n_ctx}")
+        if len(request.prompt_tokens) + 1 > self.seqs.n_ctx_seq:
+            raise UserError(
+                f"the prompt has {len(request.prompt_tokens)} tokens; the context holds {self.seqs.n_ctx_seq}"
+            )
         handle = self._next_handle
         self._next_handle += 1
         self._waiting.append((handle, request))
@@ -172,6 +235,15 @@ class BatchDecoder:
             if h == handle:
                 del self._waiting[i]
                 return True
+        for prefill in self._prefilling:
+            for i, (h, _, max_tokens) in enumerate(prefill.members):
+                if h == handle:
+                    del prefill.members[i]
+                    self._unreserve(prefill.shared, max_tokens)
+                    if not prefill.members:
+                        self._prefilling.remove(prefill)
+                        self._free(prefill.seq)
+                    return True
         active = self._active.pop(handle, None)
         if active is None:
             return False
@@ -179,38 +251,48 @@ class BatchDecoder:
         return True
 
     def step(self) -> list[tuple[int, Generation]]:
-        """Admit what fits; propose, verify, accept and commit one step of every active request in one batch.
+        """Admit what fits; propose, verify, accept and commit one step of every active request, and
+        evaluate the next prompt chunks, in one batch.
 
         Returns the requests that finished in this step, with their generations.
         """
         self._admit()
         active = list(self._active.values())
+        chunks = self._prefill_chunks()  # [(prefill, tokens)] this step evaluates
+        n_chunk_tokens = sum(len(t) for _, t in chunks)
         t_draft = time.perf_counter()
-        drafts = self._propose(active)
+        # tokens the step evaluates without drafts: a pending one per request (a first step's was the
+        # prefill's: counted all the same, as the token the next step evaluates), and the prompt chunks
+        drafts = self._propose(active, len(active) + n_chunk_tokens)
         draft_s = time.perf_counter() - t_draft
         self.stats.draft_s += draft_s
         batch = {a.seq: a.pending + drafts[a.handle].tokens for a in active if a.pending or drafts[a.handle].tokens}
+        n_decode = sum(len(t) for t in batch.values())
+        rows = {p.seq: int(len(t) == p.remaining) for p, t in chunks}  # a prompt's last row predicts its first token
+        batch.update({p.seq: t for p, t in chunks})
         logits: dict[int, np.ndarray] = {}
         elapsed = 0.0
         if batch:
             t0 = time.perf_counter()
-            logits = self.seqs.eval(batch, all_logits=True)
+            logits = self.seqs.eval(batch, all_logits=True, rows=rows)
             elapsed = time.perf_counter() - t0
-            self.stats.record_step(len(batch), elapsed)
-        n_evaluated = sum(len(t) for t in batch.values())
+        n_evaluated = n_decode + n_chunk_tokens
+        decode_elapsed = elapsed * n_decode / n_evaluated if n_evaluated else 0.0  # the decode rows' share
+        if n_decode:
+            self.stats.record_step(len(batch) - len(chunks), decode_elapsed)
         finished: list[tuple[int, Generation]] = []
         for a in active:
             draft = drafts[a.handle]
-            rows = logits.get(a.seq)  # [len(pending) + k, vocab]
+            rows_a = logits.get(a.seq)  # [len(pending) + k, vocab]
             if a.first_row is not None:  # the first step: the prefill predicted the draft's first token
                 first = a.first_row[None, :]
-                rows = first if rows is None else np.vstack([first, rows])
+                rows_a = first if rows_a is None else np.vstack([first, rows_a])
                 a.first_row = None
-            verdict = verify(draft.tokens, None, rows[-len(draft.tokens) - 1 :], a.request.params, a.rng)
+            verdict = verify(draft.tokens, None, rows_a[-len(draft.tokens) - 1 :], a.request.params, a.rng)
             if a.seq in batch:
                 share = len(batch[a.seq]) / n_evaluated
                 a.decode_s += elapsed + draft_s
-                a.cost_s += (elapsed + draft_s) * share
+                a.cost_s += elapsed * share + draft_s * len(batch[a.seq]) / n_decode
                 a.steps += 1
             if a.session is not None:
                 a.session.observe(a.context, draft, verdict, StepTiming(elapsed, draft_s, n_evaluated))
@@ -232,10 +314,34 @@ class BatchDecoder:
                 self.seqs.rewind(a.seq, self.seqs.n_tokens(a.seq) - rejected)
             a.context += verdict.tokens
             a.pending = verdict.tokens[-1:]
+        for prefill, tokens in chunks:
+            share = elapsed * len(tokens) / n_evaluated
+            prefill.done += len(tokens)
+            prefill.wall_s += elapsed
+            prefill.cost_s += share
+            self.stats.prefill_s += share
+            self.stats.prefilled_tokens += len(tokens)
+            if prefill.remaining == 0:
+                self._prefilling.remove(prefill)
+                self._activate(prefill, logits[prefill.seq][-1])
         return finished
 
-    def _propose(self, active: list[_Active]) -> dict[int, Draft]:
-        """Each request's draft, cut to the lengths chosen for the whole batch (empty without a drafter)."""
+    def _prefill_chunks(self) -> list[tuple[_Prefill, list[int]]]:
+        """The prompt tokens this step evaluates: the oldest prompts first, ``prefill_chunk`` at most."""
+        budget = sum(p.remaining for p in self._prefilling) if self.prefill_chunk is None else self.prefill_chunk
+        chunks = []
+        for prefill in self._prefilling:
+            if budget <= 0:
+                break
+            n = min(prefill.remaining, budget)
+            chunks.append((prefill, prefill.prompt[prefill.done : prefill.done + n]))
+            budget -= n
+        return chunks
+
+    def _propose(self, active: list[_Active], base: int) -> dict[int, Draft]:
+        """Each request's draft, cut to the lengths chosen for the whole batch (empty without a drafter).
+
+        base: tokens the step evaluates without any draft (pending tokens and prompt chunks)."""
         empty = Draft(tokens=[])
         if self.drafter is None:
             return {a.handle: empty for a in active}
@@ -244,7 +350,7 @@ class BatchDecoder:
                                       self.PRIOR_DRAFTED) for a in active]  # fmt: skip
         if self._batch_drafter is not None:  # lengths first, then one draft evaluation per position
             caps = [max(min(self.k_max, a.checker.remaining - 1), 0) for a in active]
-            lengths = self._lengths(alphas, caps, len(active), self._batch_drafter.position_cost)
+            lengths = self._lengths(alphas, caps, base, self._batch_drafter.position_cost)
             drafts = self._batch_drafter.propose_batch(
                 [a.session for a in active], [a.context for a in active], lengths
             )
@@ -256,8 +362,12 @@ class BatchDecoder:
             proposed[a.handle] = (
                 _chain(a.session.propose(a.context, k, a.request.params, a.draft_rng)) if k > 0 else empty
             )
+        # a drafter that knows what to expect of this very draft (a long match in the request's own
+        # prediction) is believed over the request's running average, which knows nothing before its first draft
+        alphas = [alpha if d.acceptance is None else d.acceptance
+                  for alpha, d in zip(alphas, (proposed[a.handle] for a in active))]  # fmt: skip
         caps = [len(proposed[a.handle].tokens) for a in active]
-        lengths = self._lengths(alphas, caps, len(active))
+        lengths = self._lengths(alphas, caps, base)
         return {a.handle: _cut(proposed[a.handle], k) for a, k in zip(active, lengths)}
 
     def _lengths(self, alphas: list[float], caps: list[int], base: int, position_cost=None) -> list[int]:
@@ -276,14 +386,18 @@ class BatchDecoder:
 
     # ---- admission and retirement ---------------------------------------------------
     def _admit(self) -> None:
-        """Move waiting requests into sequences while sequences and cells last; prefill them in one batch."""
+        """Move waiting requests into sequences while sequences and cells last; their prompts then go
+        through the coming steps in chunks (one prefill per distinct prompt admitted together)."""
         groups: dict[tuple[int, ...], list[tuple[int, Request]]] = {}
-        free = self.seqs.n_free
+        # a kept sequence gives way to a new request; prompts still being evaluated will open copies for
+        # the other requests admitted with them
+        promised = sum(len(p.members) - 1 for p in self._prefilling)
+        free = self.seqs.n_free + len(self._kept) - promised
         reserved = self._reserved
         while self._waiting and free:
             handle, request = self._waiting[0]
             prompt = tuple(request.prompt_tokens)
-            room = self.seqs.n_ctx - len(prompt)
+            room = self.seqs.n_ctx_seq - len(prompt)
             need = min(request.max_tokens, room) + (0 if prompt in groups else len(prompt))
             if reserved + need > self.seqs.n_ctx and (reserved or groups):
                 break  # wait for running requests to free cells (one request alone always fits)
@@ -291,74 +405,94 @@ class BatchDecoder:
             groups.setdefault(prompt, []).append((handle, request))
             free -= 1
             reserved += need
-        if not groups:
-            return
-        leaders = {prompt: self.seqs.open() for prompt in groups}
-        t0 = time.perf_counter()
+        for prompt, members in groups.items():
+            room = self.seqs.n_ctx_seq - len(prompt)
+            admitted = [(handle, request, min(request.max_tokens, room)) for handle, request in members]
+            shared = _SharedPrompt(cells=len(prompt), members=len(admitted))
+            seq, cached = self._sequence_for(prompt, all(request.reuse_prefix for _, request in members))
+            self._prefilling.append(_Prefill(list(prompt), seq, admitted, shared, done=cached, cached=cached))
+            self._reserved += shared.cells + sum(m for _, _, m in admitted)
+            self.stats.shared_prompt_tokens += len(prompt) * (len(admitted) - 1)
+            self.stats.reused_prompt_tokens += cached
+
+    def _sequence_for(self, prompt: tuple[int, ...], reuse: bool) -> tuple[int, int]:
+        """A sequence for a new prompt, and how many of its tokens it holds already: the kept sequence
+        sharing the longest prefix with it (rewound to that prefix; only where ``reuse``), else a new one
+        (the least recently used kept sequence closed first if none is free)."""
+        best, best_len = None, 0
+        for seq in self._kept if reuse else ():
+            n = common_prefix_len(self.seqs.tokens(seq), prompt)
+            if n > best_len:
+                best, best_len = seq, n
+        if best is not None and best_len >= max(1.0, REUSE_MIN_SHARE * len(prompt)):
+            del self._kept[best]
+            keep = min(best_len, len(prompt) - 1)  # the prompt's last token is evaluated: its row predicts
+            self.seqs.rewind(best, keep)
+            return best, keep
+        return self._open(), 0
+
+    def _open(self, copy_of: int | None = None) -> int:
+        """A new sequence (a copy of ``copy_of``'s), closing the least recently used kept one if none is free."""
+        if not self.seqs.n_free and self._kept:
+            self.seqs.close(self._kept.popitem(last=False)[0])
+        return self.seqs.open(copy_of)
+
+    def clear_kept(self) -> None:
+        """Close every kept sequence (their caches are gone)."""
+        while self._kept:
+            self.seqs.close(self._kept.popitem()[0])
+
+    def _activate(self, prefill: _Prefill, first_row: np.ndarray) -> None:
+        """A prompt is evaluated: its requests start decoding (the first on its sequence, the rest on copies).
+
+        first_row  # [vocab]: the prompt's last row, the prediction of every member's first token.
+        """
+        prompt = prefill.prompt
+        made: list[int] = []  # handles made active here: undone if a later one fails
         try:
-            logits = self.seqs.eval({leaders[p]: list(p) for p in groups}, all_logits=False)
-        except BaseException:
-            for seq in leaders.values():
-                self.seqs.close(seq)
-            raise
-        elapsed = time.perf_counter() - t0
-        n_prefilled = sum(len(p) for p in groups)
-        self.stats.prefill_s += elapsed
-        self.stats.prefilled_tokens += n_prefilled
-        admitted: list[int] = []  # handles made active here: undone if a later one fails
-        owned: set[int] = set()  # leader sequences handed to a request
-        try:
-            for prompt, members in groups.items():
-                share = elapsed * len(prompt) / n_prefilled / len(members)
-                room = self.seqs.n_ctx - len(prompt)
-                shared = _SharedPrompt(cells=len(prompt), members=0)
-                for i, (handle, request) in enumerate(members):
-                    seq = leaders[prompt] if i == 0 else self.seqs.open(copy_of=leaders[prompt])
-                    owned.add(seq)
-                    max_tokens = min(request.max_tokens, room)
-                    session = draft_rng = spec = None
-                    try:
-                        if self.drafter is not None:
-                            session = self.drafter.start(prompt, frozenset(request.exclude_files),
-                                                         request.prediction_tokens)  # fmt: skip
-                            seed = request.params.seed
-                            draft_rng = np.random.default_rng(None if seed is None else [seed, 1])
-                            spec = SpecStats()
-                        active = _Active(
-                            handle=handle,
-                            request=request,
-                            seq=seq,
-                            checker=StopChecker(self.seqs, request.stop, max_tokens),
-                            rng=request.params.rng(),
-                            first_row=logits[leaders[prompt]][-1],
-                            reserved=max_tokens,
-                            prompt=shared,
-                            prefill_s=elapsed,
-                            cost_s=share,
-                            context=list(prompt),
-                            session=session,
-                            draft_rng=draft_rng,
-                            spec=spec,
-                        )
-                    except BaseException:
-                        if session is not None and self._batch_drafter is not None:
-                            self._batch_drafter.end(session)
-                        self.seqs.close(seq)
-                        raise
-                    if shared.members == 0:
-                        self._reserved += shared.cells
-                    shared.members += 1
-                    self._reserved += max_tokens
+            for i, (handle, request, max_tokens) in enumerate(prefill.members):
+                seq = prefill.seq if i == 0 else self._open(copy_of=prefill.seq)
+                session = draft_rng = spec = None
+                try:
+                    if self.drafter is not None:
+                        session = self.drafter.start(prompt, frozenset(request.exclude_files),
+                                                     request.prediction_tokens)  # fmt: skip
+                        seed = request.params.seed
+                        draft_rng = np.random.default_rng(None if seed is None else [seed, 1])
+                        spec = SpecStats()
+                    active = _Active(
+                        handle=handle,
+                        request=request,
+                        seq=seq,
+                        checker=StopChecker(self.seqs, request.stop, max_tokens),
+                        rng=request.params.rng(),
+                        first_row=first_row,
+                        reserved=max_tokens,
+                        prompt=prefill.shared,
+                        prefill_s=prefill.wall_s,
+                        cached_prompt_tokens=prefill.cached,
+                        cost_s=prefill.cost_s / len(prefill.members),
+                        context=list(prompt),
+                        session=session,
+                        draft_rng=draft_rng,
+                        spec=spec,
+                    )
+                except BaseException:
+                    if session is not None and self._batch_drafter is not None:
+                        self._batch_drafter.end(session)
                     if i:
-                        self.stats.shared_prompt_tokens += len(prompt)
-                    self._active[handle] = active
-                    admitted.append(handle)
+                        self.seqs.close(seq)
+                    raise
+                self._active[handle] = active
+                made.append(handle)
         except BaseException:
-            for handle in admitted:
+            for handle in made:
                 self.cancel(handle)
-            for seq in leaders.values():
-                if seq not in owned:
-                    self.seqs.close(seq)
+            unstarted = prefill.members[len(made) :]
+            for _, _, max_tokens in unstarted:
+                self._unreserve(prefill.shared, max_tokens)
+            if not made:  # nobody owns the prompt's sequence
+                self._free(prefill.seq)
             raise
 
     def _retire(self, active: _Active) -> Generation:
@@ -371,6 +505,7 @@ class BatchDecoder:
             finish_reason=checker.finish_reason,
             stop_string=checker.stop_string,
             n_prompt_tokens=len(active.request.prompt_tokens),
+            n_cached_prompt_tokens=active.cached_prompt_tokens,
             prefill_s=active.prefill_s,
             decode_s=active.decode_s,
             stats=DecodingStats(steps=active.steps, target_s=active.decode_s, speculation=active.spec),
@@ -380,13 +515,24 @@ class BatchDecoder:
     def _release(self, active: _Active) -> None:
         if active.session is not None and self._batch_drafter is not None:
             self._batch_drafter.end(active.session)
-        self._reserved -= active.reserved
-        active.prompt.members -= 1
-        if active.prompt.members == 0:
-            self._reserved -= active.prompt.cells
+        self._unreserve(active.prompt, active.reserved)
+        self._free(active.seq)
+
+    def _free(self, seq: int) -> None:
+        """A sequence nobody uses any more: kept for its cache (reuse_prefixes), else closed."""
+        if self.reuse_prefixes:
+            self._kept[seq] = None
+        else:
+            self.seqs.close(seq)
+
+    def _unreserve(self, prompt: _SharedPrompt, max_tokens: int) -> None:
+        """One request leaves: its own cells, and its prompt's once the prompt's last request has left."""
+        self._reserved -= max_tokens
+        prompt.members -= 1
+        if prompt.members == 0:
+            self._reserved -= prompt.cells
         if self._reserved < 0:
             raise InternalError("batch decoder released more cells than it reserved")
-        self.seqs.close(active.seq)
 
 
 def _chain(draft: Draft) -> Draft:
@@ -398,10 +544,10 @@ def _chain(draft: Draft) -> Draft:
         if parent == node:
             tokens.append(draft.tokens[i])
             node = i
-    return Draft(tokens=tokens, source=draft.source, lookup=draft.lookup)
+    return Draft(tokens=tokens, source=draft.source, lookup=draft.lookup, acceptance=draft.acceptance)
 
 
 def _cut(draft: Draft, k: int) -> Draft:
     if k >= len(draft.tokens):
         return draft
-    return Draft(tokens=draft.tokens[:k], source=draft.source, lookup=draft.lookup)
+    return Draft(tokens=draft.tokens[:k], source=draft.source, lookup=draft.lookup, acceptance=draft.acceptance)

@@ -45,12 +45,15 @@ class Draft:
     source: DraftSource = ""  # where the tokens came from, for the request log
     parents: list[int] | None = None  # a token tree: node i continues node parents[i] (-1: the context)
     lookup: Lookup | None = None  # retrieval drafts: what the datastores gave
+    acceptance: float | None = None  # the drafter's estimate of each token's acceptance, in [0, 1) (None: none)
 
     def __post_init__(self) -> None:
         if self.probs is not None and self.probs.shape[0] != len(self.tokens):
             raise ValueError(f"draft probs {self.probs.shape} do not match {len(self.tokens)} tokens")
         if self.parents is not None and (self.probs is not None or len(self.parents) != len(self.tokens)):
             raise ValueError("a tree draft has one parent per token and no probabilities")
+        if self.acceptance is not None and not 0.0 <= self.acceptance < 1.0:
+            raise ValueError(f"a draft's acceptance estimate must be in [0, 1), got {self.acceptance}")
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,8 @@ class Request:
     # OpenAI's predicted output ({"type": "content", "content": ...}) as tokens: text the
     # output is expected to repeat (an edit's original code); drafters search it first
     prediction_tokens: Sequence[int] = ()
+    # may start from a cache holding a prefix of the prompt (llama.cpp's cache_prompt); False: evaluate it whole
+    reuse_prefix: bool = True
 
 
 @dataclass
@@ -46,6 +48,7 @@ class Generation:
     # others (its share of each, prefill included); None: it had the engine to itself
     cost_s: float | None = None
     stop_string: str = ""  # the stop string that ended it (finish_reason "stop"), else ""
+    n_cached_prompt_tokens: int = 0  # prompt tokens a cache already held (not evaluated for it)
 
     @property
     def n_generated(self) -> int:

@@ -52,16 +52,19 @@ def load_engine(
     return HFEngine(source.path, model_name=source.name, dtype=dtype, n_ctx=n_ctx, n_threads=n_threads)
 
 
-def open_sequences(engine: Engine, n_seq_max: int, n_ctx: int | None = None) -> SequenceSet:
+def open_sequences(engine: Engine, n_seq_max: int, n_ctx: int | None = None, unified: bool = True) -> SequenceSet:
     """A multi-sequence cache on ``engine``'s model: up to ``n_seq_max`` sequences, ``n_ctx`` cells in all.
 
+    ``unified``: one pool of cells, copies of a sequence sharing its cells (many samples of one
+    prompt); False: ``n_ctx / n_seq_max`` cells per sequence, each attending over its own only
+    (many independent requests; llama.cpp only, the others keep per-sequence caches anyway).
     llama.cpp: a context of its own sharing the engine's weights; hf: batched forward
     passes over per-sequence caches; any other engine: its sequences one after another.
     Free the set (``free()`` or a ``with`` block) before closing the engine.
     """
     n_ctx = n_ctx or engine.n_ctx
     if isinstance(engine, LlamaCppEngine):
-        return LlamaCppSequences(engine, n_seq_max=n_seq_max, n_ctx=n_ctx, n_threads=engine.n_threads)
+        return LlamaCppSequences(engine, n_seq_max=n_seq_max, n_ctx=n_ctx, n_threads=engine.n_threads, unified=unified)
     if isinstance(engine, HFEngine):
         return HFSequences(engine, n_seq_max=n_seq_max, n_ctx=min(n_ctx, engine.n_ctx))
     return SequentialSequences(engine, n_seq_max=n_seq_max)

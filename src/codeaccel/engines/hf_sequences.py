@@ -47,16 +47,18 @@ class HFSequences(SequenceSet):
         else:
             self._kv[seq] = [(k[..., :n_tokens, :], v[..., :n_tokens, :]) for k, v in kv]
 
-    def _forward(self, batch: dict[int, list[int]], all_logits: bool) -> dict[int, np.ndarray]:
+    def _forward(self, batch: dict[int, list[int]], wanted: dict[int, int]) -> dict[int, np.ndarray]:
         groups: dict[tuple[int, int], list[int]] = defaultdict(list)
         for seq, tokens in batch.items():
             groups[(len(self._seqs[seq]), len(tokens))].append(seq)
         out: dict[int, np.ndarray] = {}
-        for (n_past, _), seqs in groups.items():
-            out.update(self._forward_group(seqs, [batch[s] for s in seqs], n_past, all_logits))
+        for (n_past, n_new), seqs in groups.items():
+            keep = max(1, *(wanted[s] for s in seqs))  # rows computed for the group: the most any member wants
+            logits = self._forward_group(seqs, [batch[s] for s in seqs], n_past, 0 if keep == n_new else keep)
+            out.update({s: logits[s][logits[s].shape[0] - wanted[s] :] for s in seqs})
         return out
 
-    def _forward_group(self, seqs: list[int], tokens: list[list[int]], n_past: int, all_logits: bool) -> dict:
+    def _forward_group(self, seqs: list[int], tokens: list[list[int]], n_past: int, keep: int) -> dict:
         torch = self._torch
         model = self.engine.model
         if n_past:
@@ -72,7 +74,7 @@ class HFSequences(SequenceSet):
                 input_ids=torch.tensor(tokens, dtype=torch.long),  # [group, n]
                 past_key_values=cache,
                 use_cache=True,
-                logits_to_keep=0 if all_logits else 1,
+                logits_to_keep=keep,  # 0: every row
             )
         logits = result.logits.float().numpy()  # [group, n or 1, vocab]
         for i, seq in enumerate(seqs):

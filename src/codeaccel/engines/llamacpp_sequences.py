@@ -1,10 +1,18 @@
 """Several sequences in one llama.cpp context: one ``llama_batch``, one ``llama_decode`` per step.
 
 The context is our own (``llama_init_from_model`` on the engine's model, so the weights
-are shared with the engine), with ``n_seq_max`` sequences in one unified KV cache: a
-copy (``open(copy_of=...)``) is ``llama_memory_seq_cp``, which adds the new sequence to
-the source's cells instead of copying them, so a prompt prefilled once is shared by
-every sample drawn from it. Each batch row carries its own sequence id and position
+are shared with the engine), with ``n_seq_max`` sequences in one of two cache layouts:
+
+* **unified** (the default: the cascade's k samples of one prompt): one pool of cells for
+  all sequences; a copy (``open(copy_of=...)``) is ``llama_memory_seq_cp``, which adds the
+  new sequence to the source's cells instead of copying them, so a prompt prefilled once is
+  shared by every sample drawn from it. But every token of a batch attends over the pool's
+  used cells (masked to its own), so with many long independent sequences attention grows
+  with all of them together;
+* **per sequence** (``unified=False``, llama.cpp's streams; the server, whose requests share
+  nothing, as ``llama-server -np N`` runs by default): each sequence has its own
+  ``n_ctx / n_seq_max`` cells and attends over those only; a copy copies the cells.
+ Each batch row carries its own sequence id and position
 (the sequence's length before the row), so attention sees exactly its own sequence.
 A batch larger than ``n_batch`` tokens is decoded in chunks, each sequence's rows in
 order.
@@ -24,8 +32,10 @@ MAX_SEQ = 64
 class LlamaCppSequences(SequenceSet):
     kind = "llama.cpp"
 
-    def __init__(self, engine, *, n_seq_max: int, n_ctx: int, n_threads: int, n_batch: int = 512):
-        """``engine``: the :class:`~codeaccel.engines.llamacpp.LlamaCppEngine` whose model this evaluates."""
+    def __init__(self, engine, *, n_seq_max: int, n_ctx: int, n_threads: int, n_batch: int = 512,
+                 unified: bool = True):  # fmt: skip
+        """``engine``: the :class:`~codeaccel.engines.llamacpp.LlamaCppEngine` whose model this evaluates;
+        ``unified``: one pool of cells shared by copies (False: ``n_ctx / n_seq_max`` cells per sequence)."""
         if not 1 <= n_seq_max <= MAX_SEQ:
             raise InternalError(f"llama.cpp holds 1 to {MAX_SEQ} sequences per context, got {n_seq_max}")
         lc = self._llama_cpp = engine._llama_cpp
@@ -34,14 +44,16 @@ class LlamaCppSequences(SequenceSet):
         params.n_batch = params.n_ubatch = n_batch
         params.n_threads = params.n_threads_batch = n_threads
         params.n_seq_max = n_seq_max
-        params.kv_unified = True  # one pool of cells: copies share a prompt's cells
+        params.kv_unified = unified  # one pool of cells (copies share a prompt's), or a stream per sequence
         self._ctx = lc.llama_init_from_model(engine._model, params)
         if not self._ctx:
             raise SetupError(f"llama.cpp could not create a context of {n_ctx} tokens for {n_seq_max} sequences")
         self._memory = lc.llama_get_memory(self._ctx)
         self._n_batch = n_batch
         self._batch = engine.new_batch(n_batch, 1)
-        super().__init__(engine, n_ctx=lc.llama_n_ctx(self._ctx), n_seq_max=n_seq_max)
+        self.pooled = unified
+        super().__init__(engine, n_ctx=lc.llama_n_ctx(self._ctx), n_seq_max=n_seq_max,
+                         n_ctx_seq=lc.llama_n_ctx_seq(self._ctx))  # fmt: skip
 
     def _open(self, seq: int, copy_of: int | None) -> None:
         self._llama_cpp.llama_memory_seq_rm(self._memory, seq, -1, -1)
@@ -54,11 +66,11 @@ class LlamaCppSequences(SequenceSet):
     def _truncate(self, seq: int, n_tokens: int) -> None:
         self._llama_cpp.llama_memory_seq_rm(self._memory, seq, n_tokens, -1)
 
-    def _forward(self, batch: dict[int, list[int]], all_logits: bool) -> dict[int, np.ndarray]:
+    def _forward(self, batch: dict[int, list[int]], wanted: dict[int, int]) -> dict[int, np.ndarray]:
         lc = self._llama_cpp
         # rows: (sequence, position, token, wants logits), each sequence's rows in order
         rows = [
-            (seq, len(self._seqs[seq]) + i, tok, all_logits or i == len(tokens) - 1)
+            (seq, len(self._seqs[seq]) + i, tok, i >= len(tokens) - wanted[seq])
             for seq, tokens in batch.items()
             for i, tok in enumerate(tokens)
         ]
@@ -85,7 +97,8 @@ class LlamaCppSequences(SequenceSet):
                 logits = self.engine.read_logits(self._ctx, len(wanted))  # [n_wanted, vocab]
                 for seq, row in zip(wanted, logits):
                     out[seq].append(row)
-        return {seq: np.stack(r) for seq, r in out.items()}
+        empty = np.empty((0, self.n_vocab), dtype=np.float32)
+        return {seq: np.stack(r) if r else empty for seq, r in out.items()}
 
     def free(self) -> None:
         if getattr(self, "_batch", None) is not None:

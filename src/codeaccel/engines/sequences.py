@@ -53,15 +53,19 @@ def _exclusive(method: Callable) -> Callable:
 
 class SequenceSet(abc.ABC):
     kind: str = ""
+    pooled: bool = False  # sequences draw cells from one pool (a copy shares its source's cells)
 
-    def __init__(self, engine: Engine, n_ctx: int, n_seq_max: int):
-        """``engine``: the model's single-sequence engine; it owns the tokenizer (and the weights)."""
+    def __init__(self, engine: Engine, n_ctx: int, n_seq_max: int, n_ctx_seq: int | None = None):
+        """``engine``: the model's single-sequence engine; it owns the tokenizer (and the weights).
+
+        ``n_ctx_seq``: most tokens one sequence may hold (None: ``n_ctx``, one pool of cells for all)."""
         if n_seq_max < 1:
             raise InternalError(f"a sequence set needs at least one sequence, got n_seq_max={n_seq_max}")
         self.engine = engine
         self.model_name = engine.model_name
         self.n_vocab = engine.n_vocab  # width of a logits row
         self.n_ctx = n_ctx  # cells of the cache, all sequences together
+        self.n_ctx_seq = min(n_ctx, n_ctx_seq or n_ctx)  # cells one sequence may use
         self.n_seq_max = n_seq_max  # most sequences open at once
         self.eog_token_ids = engine.eog_token_ids
         self._seqs: dict[int, list[int]] = {}  # open sequence id -> the tokens its cache holds
@@ -118,13 +122,18 @@ class SequenceSet(abc.ABC):
             del held[n_tokens:]
 
     @_exclusive
-    def eval(self, steps: Mapping[int, Sequence[int]], *, all_logits: bool = True) -> dict[int, np.ndarray]:
+    def eval(
+        self, steps: Mapping[int, Sequence[int]], *, all_logits: bool = True, rows: Mapping[int, int] | None = None
+    ) -> dict[int, np.ndarray]:
         """Append ``steps[seq]`` to every sequence named and evaluate them all in one batch.
 
         Returns, per sequence, logits  # [len(tokens), n_vocab] float32 (row i predicts the
         token after tokens[i]), or only the last row  # [1, n_vocab] when not all_logits.
+        ``rows[seq]``, where given, overrides that for one sequence: its last ``rows[seq]``
+        rows (0: none, a [0, n_vocab] array; a prompt chunk whose predictions nobody reads).
         """
         batch: dict[int, list[int]] = {}
+        wanted: dict[int, int] = {}
         for seq, tokens in steps.items():
             held = self._held(seq)
             tokens = [int(t) for t in tokens]
@@ -133,12 +142,20 @@ class SequenceSet(abc.ABC):
             bad = [t for t in tokens if not 0 <= t < self.n_vocab]
             if bad:
                 raise InternalError(f"token ids out of range [0, {self.n_vocab}): {bad[:5]}")
-            if len(held) + len(tokens) > self.n_ctx:
-                raise ContextFull(f"sequence {seq} would hold {len(held) + len(tokens)} tokens > n_ctx={self.n_ctx}")
+            if len(held) + len(tokens) > self.n_ctx_seq:
+                raise ContextFull(
+                    f"sequence {seq} would hold {len(held) + len(tokens)} tokens > {self.n_ctx_seq} cells per sequence"
+                )
             batch[seq] = tokens
+            n_rows = len(tokens) if all_logits else 1
+            if rows is not None and seq in rows:
+                n_rows = rows[seq]
+                if not 0 <= n_rows <= len(tokens):
+                    raise InternalError(f"sequence {seq}: {n_rows} logits rows asked of {len(tokens)} tokens")
+            wanted[seq] = n_rows
         if not batch:
             raise InternalError("eval needs at least one sequence")
-        out = self._forward(batch, all_logits)
+        out = self._forward(batch, wanted)
         for seq, tokens in batch.items():
             self._seqs[seq].extend(tokens)
         return out
@@ -176,8 +193,9 @@ class SequenceSet(abc.ABC):
         """Drop ``seq``'s cached positions >= n_tokens."""
 
     @abc.abstractmethod
-    def _forward(self, batch: dict[int, list[int]], all_logits: bool) -> dict[int, np.ndarray]:
-        """Evaluate every sequence's new tokens after its cache, in one batch where the engine can."""
+    def _forward(self, batch: dict[int, list[int]], wanted: dict[int, int]) -> dict[int, np.ndarray]:
+        """Evaluate every sequence's new tokens after its cache, in one batch where the engine can;
+        per sequence its last ``wanted[seq]`` logits rows  # [wanted[seq], n_vocab]."""
 
 
 class SequentialSequences(SequenceSet):
@@ -202,7 +220,7 @@ class SequentialSequences(SequenceSet):
     def _truncate(self, seq: int, n_tokens: int) -> None:
         pass
 
-    def _forward(self, batch: dict[int, list[int]], all_logits: bool) -> dict[int, np.ndarray]:
+    def _forward(self, batch: dict[int, list[int]], wanted: dict[int, int]) -> dict[int, np.ndarray]:
         out = {}
         for seq, tokens in batch.items():
             held = self._seqs[seq]
@@ -212,5 +230,5 @@ class SequentialSequences(SequenceSet):
             else:
                 self.engine.reset()
                 rows = self.engine.eval(tokens)
-            out[seq] = rows if all_logits else rows[-1:]
+            out[seq] = rows[len(rows) - wanted[seq] :]
         return out

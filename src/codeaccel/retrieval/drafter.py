@@ -142,15 +142,18 @@ class RetrievalSession:
         self.counts.context_matches += "context" in longest and "prediction" not in longest
         lookup = Lookup(searched=searched, match_len=match_len, kinds=tuple(r.kind for r in found), local=local)
         n = len(path) if self.timing is None else self.timing.draft_length(match_len, confidence, len(path), local)
+        # what the timing expects of this draft (by source and match length): a batch sizes drafts by it
+        acceptance = None if self.timing is None else min(self.timing.alpha(match_len, local) * confidence, 0.99)
         from_cache = bool(cached) and path[: len(cached)] == cached[: len(path)]
         source = "cache" if from_cache else "retrieval"
         if n == 0 or d.tree_branches <= 1:
-            return Draft(tokens=path[:n], source=source, lookup=lookup)
+            return Draft(tokens=path[:n], source=source, lookup=lookup, acceptance=acceptance)
         tokens, parents = trie.best_tree(n, d.tree_branches)
         if len(tokens) > n and d.timing is not None and not d.timing.tree_pays(n, len(tokens)):
             self.counts.trees_declined += 1  # the alternatives would cost more than they can save
-            return Draft(tokens=path[:n], source=source, lookup=lookup)
-        return Draft(tokens=tokens, source=source, parents=parents if len(tokens) > n else None, lookup=lookup)
+            return Draft(tokens=path[:n], source=source, lookup=lookup, acceptance=acceptance)
+        return Draft(tokens=tokens, source=source, parents=parents if len(tokens) > n else None, lookup=lookup,
+                     acceptance=acceptance)  # fmt: skip
 
     def observe(self, context: Sequence[int], draft: Draft, verdict: Verdict, timing: StepTiming) -> None:
         if self.timing is not None:

@@ -99,10 +99,12 @@ class ServerState:
         s = self.settings
         try:
             engine = load_engine(s.model, s.engine, n_ctx=s.ctx_size, n_threads=s.n_threads)
-            seqs = open_sequences(engine, n_seq_max=s.parallel, n_ctx=s.ctx_size * s.parallel)
+            # a cache stream per request (they share nothing): each attends over its own cells only
+            seqs = open_sequences(engine, n_seq_max=s.parallel, n_ctx=s.ctx_size * s.parallel, unified=False)
             drafter, curve, draft_engine = _drafter(s, engine)
             scheduler = Scheduler(seqs, s.max_queue, self.metrics, drafter, curve,
-                                  joint_lengths=s.draft_lengths == "joint")  # fmt: skip
+                                  joint_lengths=s.draft_lengths == "joint", prefill_chunk=s.prefill_chunk,
+                                  reuse_prefixes=s.prefix_cache)  # fmt: skip
             scheduler.start()
             self.runtime = Runtime(engine, seqs, scheduler, s.model_alias or engine.model_name, drafter,
                                    draft_engine)  # fmt: skip
@@ -133,7 +135,7 @@ def _drafter(s: ServeSettings, engine: Engine) -> tuple[Drafter | BatchDrafter |
         try:
             check_same_tokenizer(draft, engine)
             draft_curve = cost_curve_for(draft)
-            draft_seqs = open_sequences(draft, n_seq_max=s.parallel, n_ctx=s.ctx_size * s.parallel)
+            draft_seqs = open_sequences(draft, n_seq_max=s.parallel, n_ctx=s.ctx_size * s.parallel, unified=False)
         except BaseException:
             draft.close()
             raise
@@ -281,7 +283,11 @@ def create_app(settings: ServeSettings, load_in_background: bool = True, replica
             return _sse(_once(formats.sse(empty)), None) if body.stream else empty
         room = settings.ctx_size - len(prompt)
         request = GenRequest(
-            prompt, params, room if body.n_predict < 0 else min(body.n_predict, room), tuple(body.stop)
+            prompt,
+            params,
+            room if body.n_predict < 0 else min(body.n_predict, room),
+            tuple(body.stop),
+            reuse_prefix=body.cache_prompt,
         )
         call = Call(rt.scheduler, [request], body.stream, body.stop)
         if body.stream:

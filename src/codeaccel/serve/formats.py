@@ -16,17 +16,21 @@ def sse(payload: dict | str) -> str:
 
 def usage(finished: list[Finished], n_prompts_tokens: int) -> dict:
     completion = sum(f.generation.n_generated for f in finished)
+    cached = max((f.generation.n_cached_prompt_tokens for f in finished), default=0)
     return {"prompt_tokens": n_prompts_tokens, "completion_tokens": completion,
-            "total_tokens": n_prompts_tokens + completion}  # fmt: skip
+            "total_tokens": n_prompts_tokens + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}  # fmt: skip
 
 
 def timings(f: Finished) -> dict:
     """llama-server's ``timings`` object (and ours: queue and time to first token)."""
     g = f.generation
+    evaluated = g.n_prompt_tokens - g.n_cached_prompt_tokens  # as llama-server: prompt_n excludes the cache
     return {
-        "prompt_n": g.n_prompt_tokens,
+        "cache_n": g.n_cached_prompt_tokens,
+        "prompt_n": evaluated,
         "prompt_ms": 1000 * g.prefill_s,
-        "prompt_per_second": g.n_prompt_tokens / g.prefill_s if g.prefill_s > 0 else None,
+        "prompt_per_second": evaluated / g.prefill_s if g.prefill_s > 0 else None,
         "predicted_n": g.n_generated,
         "predicted_ms": 1000 * g.decode_s,
         "predicted_per_second": g.tokens_per_s or None,

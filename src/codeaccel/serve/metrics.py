@@ -29,6 +29,12 @@ class ServerMetrics:
             buckets=LATENCY_BUCKETS_S, registry=r,
         )  # fmt: skip
         self.prompt_tokens = Counter("codeaccel_prompt_tokens", "Prompt tokens of finished choices", registry=r)
+        self.prompt_tokens_cached = Counter(
+            "codeaccel_prompt_tokens_cached", "Prompt tokens a kept sequence's cache held (not evaluated)", registry=r
+        )
+        # vLLM's prefix-cache counters (in tokens: queried = prompt tokens looked up, hits = found cached)
+        self.prefix_cache_queries = Counter("vllm:prefix_cache_queries", "Prompt tokens looked up", registry=r)
+        self.prefix_cache_hits = Counter("vllm:prefix_cache_hits", "Prompt tokens found cached", registry=r)
         self.generation_tokens = Counter("codeaccel_generation_tokens", "Generated tokens", registry=r)
         self.requests = Counter("codeaccel_requests", "HTTP requests answered, by endpoint and status",
                                 ["endpoint", "status"], registry=r)  # fmt: skip
@@ -74,6 +80,9 @@ class ServerMetrics:
         self.request_latency.observe(latency_s)
         if counts_prompt:
             self.prompt_tokens.inc(generation.n_prompt_tokens)
+            self.prompt_tokens_cached.inc(generation.n_cached_prompt_tokens)
+            self.prefix_cache_queries.inc(generation.n_prompt_tokens)
+            self.prefix_cache_hits.inc(generation.n_cached_prompt_tokens)
         self.generation_tokens.inc(generation.n_generated)
         spec = generation.stats.speculation if generation.stats is not None else None
         if spec is None:

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from codeaccel.decoding.batched import BatchDecoder
+from codeaccel.decoding.batched import PREFILL_CHUNK, BatchDecoder
 from codeaccel.decoding.drafter import Drafter
 from codeaccel.decoding.generation import Generation, Request
 from codeaccel.engines.cost_curve import CostCurve
@@ -88,13 +88,18 @@ class Scheduler:
         curve: CostCurve | None = None,
         idle_wait_s: float = 0.05,
         joint_lengths: bool = True,
+        prefill_chunk: int | None = PREFILL_CHUNK,
+        reuse_prefixes: bool = False,
     ):
         """drafter, curve: drafts verified in the batch, their lengths chosen from the target's cost curve,
-        for all requests together (joint_lengths) or each as if alone."""
+        for all requests together (joint_lengths) or each as if alone; prefill_chunk, reuse_prefixes: as
+        :class:`BatchDecoder` takes them (prompt chunks per step; finished requests' caches kept)."""
         self.seqs = seqs
         self.drafter = drafter
         self.curve = curve
         self.joint_lengths = joint_lengths
+        self.prefill_chunk = prefill_chunk
+        self.reuse_prefixes = reuse_prefixes
         self.capacity = seqs.n_seq_max + max_queue
         self.metrics = metrics
         self._idle_wait_s = idle_wait_s
@@ -159,6 +164,7 @@ class Scheduler:
                     if job.handle is not None:
                         decoder.cancel(job.handle)
                     self._end(job, jobs, by_handle, Failed(error))
+                decoder.clear_kept()  # the failed jobs' sequences, kept by cancel, may be in any state
                 if self.seqs.open_sequences:  # something leaked: start over on clean sequences
                     log.error("sequences %s left open after a failure: closing them", self.seqs.open_sequences)
                     self.seqs.close_all()
@@ -191,9 +197,11 @@ class Scheduler:
                 self._end(job, jobs, by_handle, event)
         for job in list(jobs.values()):  # shutting down
             self._end(job, jobs, by_handle, Failed(RuntimeError("the server is shutting down")))
+        decoder.clear_kept()
 
     def _decoder(self) -> BatchDecoder:
-        return BatchDecoder(self.seqs, self.drafter, self.curve, joint_lengths=self.joint_lengths)
+        return BatchDecoder(self.seqs, self.drafter, self.curve, joint_lengths=self.joint_lengths,
+                            prefill_chunk=self.prefill_chunk, reuse_prefixes=self.reuse_prefixes)  # fmt: skip
 
     def _on_tokens(self, job: Job, progress: tuple[list[int], str], now: float) -> None:
         tokens, text = progress

@@ -143,6 +143,7 @@ class _NativeSampling(_Body):
     seed: int | None = Field(None, ge=-1)  # -1: random (llama-server's default)
     stop: list[str] = Field(default_factory=list)
     stream: bool = False
+    cache_prompt: bool = True  # start from a kept cache holding a prefix of the prompt (llama-server's default)
 
     _stop_limits = field_validator("stop")(classmethod(lambda cls, v: _check_stops(v)))
 

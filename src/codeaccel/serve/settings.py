@@ -35,6 +35,10 @@ class ServeSettings(BaseSettings):
     parallel: int = Field(8, ge=1, le=64)  # sequences decoded together (llama-server's -np)
     ctx_size: int = Field(4096, ge=64)  # most tokens one request may hold: prompt + completion (max_model_len)
     n_threads: int | None = Field(None, ge=1)
+    # prompt tokens evaluated per step beside the running requests' tokens (llama-server mixes them likewise)
+    prefill_chunk: int = Field(256, ge=1)
+    # keep finished requests' caches: a prompt sharing a prefix with one evaluates only the rest (cache_prompt)
+    prefix_cache: bool = True
     max_queue: int = Field(64, ge=0)  # requests waiting beyond the running ones before 503
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     default_max_tokens: int = Field(256, ge=1)  # when a request names none (OpenAI's legacy default is 16)
