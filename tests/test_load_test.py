@@ -11,7 +11,7 @@ import pytest
 
 import tiny_models
 from codeaccel.bench.load_servers import server_spec
-from codeaccel.bench.load_test import SOURCES, fim_requests, run_load_test
+from codeaccel.bench.load_test import SOURCES, fim_requests, run_load_test, typing_session
 from codeaccel.errors import UserError
 from codeaccel.serve.settings import ServeSettings
 from live_server import LiveServer, pin_flat_cost_curve
@@ -40,6 +40,30 @@ def test_more_requests_than_files_cut_files_again():
     repo = [r for r in requests if r.source.startswith("repo:")]
     assert len(requests) == 90 and len(repo) == 30
     assert len({r.source for r in repo}) < 30  # some module gave two cuts
+
+
+def test_a_typing_session_slides_the_gap_down_a_line_per_request():
+    req = next(r for r in fim_requests(12, seed=1) if len((r.middle + r.suffix).splitlines()) >= 6)
+    session = typing_session(req, 4)
+    assert len(session) == 4 and session[0].prefix == req.prefix and session[0].middle == req.middle
+    for before, after in zip(session, session[1:]):
+        assert after.prefix.startswith(before.prefix) and after.prefix.count("\n") == before.prefix.count("\n") + 1
+        assert before.prefix + before.middle + before.suffix == after.prefix + after.middle + after.suffix
+    assert typing_session(req, 10**6)[-1].suffix == ""  # it stops where the file ends
+
+
+def test_sessions_send_their_requests_in_turn_and_the_cache_keeps_prefixes(fim_gguf, tmp_path):
+    """--session-steps: each client sends one session's requests one after another; with cache_prompt
+    the server evaluates only what each prompt adds (its prefix-cache counters say so)."""
+    settings = ServeSettings(
+        model=fim_gguf, method="autoregressive", parallel=2, ctx_size=512, events_db=tmp_path / "e.db"
+    )
+    with LiveServer(settings) as live:
+        (level,) = run_load_test(live.url, "tiny", fim_requests(2), [2], n_predict=4, session_steps=3)
+        metrics = httpx.get(live.url + "/metrics").text
+    hits = float(next(x for x in metrics.splitlines() if x.startswith("vllm:prefix_cache_hits_total ")).split()[1])
+    assert level.errors == 0 and level.requests == sum(len(typing_session(r, 3)) for r in fim_requests(2))
+    assert hits > 0
 
 
 def test_a_level_against_a_live_server_counts_tokens_and_no_errors(fim_gguf, tmp_path):

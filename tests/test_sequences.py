@@ -435,3 +435,20 @@ def test_sequences_promised_to_copies_are_not_given_away_while_their_prompt_is_e
         # greedy: a prompt evaluated 2 tokens at a time has other float noise than whole, which a sampled
         # token near a boundary of its draw can show
         assert [done[h].tokens for h in group] == [_alone(engine, shared, max_tokens=6).tokens] * 3
+
+
+def test_a_warm_up_evaluates_the_prompt_only_and_keeps_it(engine):
+    """max_tokens 0 (llama.vim's n_predict 0): the prompt goes into a kept cache, nothing is generated;
+    the request that follows finds it there. Without kept caches a warm-up would be wasted: refused."""
+    with open_sequences(engine, n_seq_max=2, n_ctx=1024, unified=False) as per_seq:
+        decoder = BatchDecoder(per_seq, reuse_prefixes=True)
+        prompt = engine.tokenize(PROMPTS[1] + "\n    def decode(self, text):")
+        (warm,) = decoder.run([Request(prompt, max_tokens=0)])
+        assert warm.tokens == [] and warm.text == "" and warm.finish_reason == "length"
+        assert decoder.stats.prefilled_tokens == len(prompt) and decoder.stats.generated_tokens == 0
+        (real,) = decoder.run([Request(prompt, max_tokens=10)])
+        assert real.n_cached_prompt_tokens == len(prompt) - 1  # the last token is evaluated again: it predicts
+        assert real.tokens == _alone(engine, prompt, max_tokens=10).tokens
+        with pytest.raises(UserError):
+            BatchDecoder(per_seq).submit(Request(prompt, max_tokens=0))
+        decoder.clear_kept()

@@ -548,3 +548,9 @@ def test_a_prompt_that_extends_a_finished_one_starts_from_its_cache(server, alon
     repeat = server.client().completions.create(model="tiny-fim", prompt=PROMPTS[1], max_tokens=4, temperature=0)
     assert repeat.usage.prompt_tokens_details.cached_tokens == repeat.usage.prompt_tokens - 1  # the last is re-read
     assert repeat.choices[0].text == again.choices[0].text
+    warm_body = {"input_prefix": "def area(r):\n    pi = 3.14159\n", "input_suffix": "\n", "temperature": 0}
+    warm = httpx.post(server.url + "/infill", json={**warm_body, "n_predict": 0}).json()  # llama.vim's warm-up
+    assert warm["content"] == "" and warm["tokens_predicted"] == 0
+    assert warm["timings"]["prompt_n"] == warm["tokens_evaluated"]  # evaluated, into a kept cache
+    real = httpx.post(server.url + "/infill", json={**warm_body, "n_predict": 6}).json()
+    assert real["timings"]["cache_n"] == real["tokens_evaluated"] - 1

@@ -120,6 +120,26 @@ def fim_requests(n: int, seed: int = 0, package: str = "click") -> list[FimReque
     return out
 
 
+def typing_session(req: FimRequest, steps: int) -> list[FimRequest]:
+    """An editor's requests while its user types on from a cut: the gap slides down a line per request.
+
+    Request j's prefix is the cut's prefix and the next j lines of the file (the user wrote them), its
+    middle the following lines the cut removed, its suffix the rest: each prefix extends the one before
+    by a line, which a server's prompt cache keeps (llama.vim and Continue send such runs as you type).
+    At most ``steps`` requests, fewer where the file ends.
+    """
+    tail = (req.middle + req.suffix).splitlines(keepends=True)
+    gap = max(1, len(req.middle.splitlines()))
+    session = []
+    for j in range(steps):
+        if j + gap > len(tail):
+            break
+        prefix = req.prefix + "".join(tail[:j])
+        middle, suffix = "".join(tail[j : j + gap]), "".join(tail[j + gap :])
+        session.append(FimRequest(f"{req.source}#{j}", prefix, suffix, middle))
+    return session or [req]
+
+
 @dataclass
 class RequestTiming:
     ok: bool
@@ -206,21 +226,27 @@ async def _one(client, url: str, req: FimRequest, n_predict: int, timeout_s: flo
     return timing
 
 
-async def _level(url: str, server: str, requests: Sequence[FimRequest], concurrency: int, n_predict: int,
-                 time_limit_s: float, timeout_s: float, predicted: bool, cache_prompt: bool) -> LoadLevel:  # fmt: skip
+async def _level(url: str, server: str, sessions: Sequence[Sequence[FimRequest]], concurrency: int,
+                 n_predict: int, time_limit_s: float, timeout_s: float, predicted: bool,
+                 cache_prompt: bool) -> LoadLevel:  # fmt: skip
+    """Each client takes the next session and sends its requests one after another (each waits for the
+    answer to the one before, as a user does), until every session was sent or the time is up."""
     queue: asyncio.Queue = asyncio.Queue()
-    for r in requests:
-        queue.put_nowait(r)
+    for session in sessions:
+        queue.put_nowait(session)
     results: list[RequestTiming] = []
     t0 = time.perf_counter()
 
     async def client_loop(client) -> None:
         while time.perf_counter() - t0 < time_limit_s:
             try:
-                req = queue.get_nowait()
+                session = queue.get_nowait()
             except asyncio.QueueEmpty:
                 return
-            results.append(await _one(client, url, req, n_predict, timeout_s, predicted, cache_prompt))
+            for req in session:
+                if time.perf_counter() - t0 >= time_limit_s:
+                    return
+                results.append(await _one(client, url, req, n_predict, timeout_s, predicted, cache_prompt))
 
     limits = httpx.Limits(max_connections=concurrency + 2)
     async with httpx.AsyncClient(limits=limits) as client:
@@ -250,8 +276,12 @@ def run_load_test(
     progress: Callable[[LoadLevel], None] | None = None,
     predicted: bool = False,
     cache_prompt: bool = True,
+    session_steps: int = 1,
 ) -> list[LoadLevel]:
     """Every concurrency level against one running server, in order (each level sends ``requests`` anew).
+
+    session_steps: above 1, each request becomes an editor's :func:`typing_session` of that many
+    requests, sent one after another by one client.
 
     predicted: send OpenAI /v1/completions with the true middle as ``prediction`` instead of
     llama.cpp's /infill (servers that take predicted outputs: ours). cache_prompt: llama.cpp's
@@ -259,10 +289,13 @@ def run_load_test(
     send the same requests again, which a kept cache would otherwise answer from memory)."""
     if any(c < 1 for c in concurrencies):
         raise UserError(f"concurrency levels must be >= 1, got {list(concurrencies)}")
+    if session_steps < 1:
+        raise UserError(f"a session needs at least one request, got {session_steps}")
+    sessions = [typing_session(r, session_steps) if session_steps > 1 else [r] for r in requests]
     levels = []
     for c in concurrencies:
         level = asyncio.run(
-            _level(url, server, requests, c, n_predict, time_limit_s, timeout_s, predicted, cache_prompt)
+            _level(url, server, sessions, c, n_predict, time_limit_s, timeout_s, predicted, cache_prompt)
         )
         levels.append(level)
         if progress is not None:

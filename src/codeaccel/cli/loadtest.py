@@ -46,14 +46,18 @@ def loadtest(
         bool,
         typer.Option(help="llama.cpp's cache_prompt in every request (off: every prompt evaluated whole)."),
     ] = True,
+    session_steps: Annotated[
+        int,
+        typer.Option(help="Above 1: each cut is an editor session of this many requests as its user types on."),
+    ] = 1,
     out_dir: Annotated[Path, typer.Option("--out", help="Folder of load_test.json / .md and server logs.")] = Path(
         "runs/loadtest"
     ),
 ) -> None:
     """Time to first token, latency p50/p99, tokens/s and errors at each concurrency, per server."""
     levels = _ints(concurrency, "--concurrency")
-    if requests < 1 or n_predict < 1 or time_limit <= 0:
-        raise UserError("--requests, --n-predict and --time-limit must be positive")
+    if requests < 1 or n_predict < 1 or time_limit <= 0 or session_steps < 1:
+        raise UserError("--requests, --n-predict, --time-limit and --session-steps must be positive")
     names = [s.strip() for s in servers.split(",") if s.strip()]
     if predicted_outputs and url is None and any(not n.startswith("codeaccel-") for n in names):
         raise UserError("--predicted-outputs needs servers that take OpenAI's prediction: codeaccel-* only")
@@ -77,7 +81,7 @@ def loadtest(
             time_limit,
             progress=show,
             predicted=predicted_outputs,
-            cache_prompt=cache_prompt,
+            cache_prompt=cache_prompt, session_steps=session_steps,
         )
     for spec in specs:
         with launched(spec, out_dir / "logs" / f"{spec.name}.log") as server_url:
@@ -90,11 +94,13 @@ def loadtest(
                 time_limit,
                 progress=show,
                 predicted=predicted_outputs,
-                cache_prompt=cache_prompt,
+                cache_prompt=cache_prompt, session_steps=session_steps,
             )
     header = {**machine.provenance(command_line()), "model": model, "n_predict": n_predict, "requests": requests,
               "parallel": parallel, "ctx_size": ctx_size, "seed": seed, "cache_prompt": cache_prompt,
-              "workload": "predicted-outputs" if predicted_outputs else "infill"}  # fmt: skip
+              "session_steps": session_steps,
+              "workload": "predicted-outputs" if predicted_outputs else "typing" if session_steps > 1 else "infill",
+              }  # fmt: skip
     for path in write_report(rows, out_dir, header):
         out.print(f"saved {path}")
 

@@ -218,8 +218,9 @@ class BatchDecoder:
         """Queue a request; returns its handle (``step`` reports it with its generation when done)."""
         if not request.prompt_tokens:
             raise UserError("the prompt is empty: nothing to condition on")
-        if request.max_tokens < 1:
-            raise UserError(f"max_tokens must be >= 1, got {request.max_tokens}")
+        if request.max_tokens < 0 or (request.max_tokens == 0 and not self.reuse_prefixes):
+            raise UserError(f"max_tokens must be >= 1 (0: a cache warm-up, where caches are kept), got "
+                            f"{request.max_tokens}")  # fmt: skip
         if len(request.prompt_tokens) + 1 > self.seqs.n_ctx_seq:
             raise UserError(
                 f"the prompt has {len(request.prompt_tokens)} tokens; the context holds {self.seqs.n_ctx_seq}"
@@ -323,7 +324,7 @@ class BatchDecoder:
             self.stats.prefilled_tokens += len(tokens)
             if prefill.remaining == 0:
                 self._prefilling.remove(prefill)
-                self._activate(prefill, logits[prefill.seq][-1])
+                finished += self._activate(prefill, logits[prefill.seq][-1])
         return finished
 
     def _prefill_chunks(self) -> list[tuple[_Prefill, list[int]]]:
@@ -442,10 +443,11 @@ class BatchDecoder:
         while self._kept:
             self.seqs.close(self._kept.popitem()[0])
 
-    def _activate(self, prefill: _Prefill, first_row: np.ndarray) -> None:
+    def _activate(self, prefill: _Prefill, first_row: np.ndarray) -> list[tuple[int, Generation]]:
         """A prompt is evaluated: its requests start decoding (the first on its sequence, the rest on copies).
 
         first_row  # [vocab]: the prompt's last row, the prediction of every member's first token.
+        Returns the requests already done: cache warm-ups (max tokens 0: the prompt only, kept).
         """
         prompt = prefill.prompt
         made: list[int] = []  # handles made active here: undone if a later one fails
@@ -454,7 +456,7 @@ class BatchDecoder:
                 seq = prefill.seq if i == 0 else self._open(copy_of=prefill.seq)
                 session = draft_rng = spec = None
                 try:
-                    if self.drafter is not None:
+                    if self.drafter is not None and max_tokens > 0:  # a warm-up drafts nothing
                         session = self.drafter.start(prompt, frozenset(request.exclude_files),
                                                      request.prediction_tokens)  # fmt: skip
                         seed = request.params.seed
@@ -494,6 +496,7 @@ class BatchDecoder:
             if not made:  # nobody owns the prompt's sequence
                 self._free(prefill.seq)
             raise
+        return [(h, self._retire(self._active[h])) for h in made if self._active[h].checker.remaining == 0]
 
     def _retire(self, active: _Active) -> Generation:
         self._active.pop(active.handle)
@@ -502,7 +505,7 @@ class BatchDecoder:
         return Generation(
             text=checker.text,
             tokens=checker.tokens,
-            finish_reason=checker.finish_reason,
+            finish_reason=checker.finish_reason or "length",  # a warm-up: nothing was to be generated
             stop_string=checker.stop_string,
             n_prompt_tokens=len(active.request.prompt_tokens),
             n_cached_prompt_tokens=active.cached_prompt_tokens,

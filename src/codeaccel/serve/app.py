@@ -278,7 +278,8 @@ def create_app(settings: ServeSettings, load_in_background: bool = True, replica
         _check_fits(prompt, settings.ctx_size)
         seed = None if body.seed in (None, -1) else body.seed
         params = _params(body.temperature, body.top_p, body.top_k, seed)
-        if body.n_predict == 0:  # llama.vim's cache warm-up: the prompt only, nothing generated
+        if body.n_predict == 0 and not (settings.prefix_cache and body.cache_prompt):
+            # llama.vim's cache warm-up, with no cache to warm: the prompt only, nothing generated or evaluated
             empty = formats.native_empty_body(rt.model_id, len(prompt), prompt_text)
             return _sse(_once(formats.sse(empty)), None) if body.stream else empty
         room = settings.ctx_size - len(prompt)
