@@ -55,8 +55,8 @@ def test_a_typing_session_slides_the_gap_down_a_line_per_request():
 def test_sessions_send_their_requests_in_turn_and_the_cache_keeps_prefixes(fim_gguf, tmp_path):
     """--session-steps: each client sends one session's requests one after another; with cache_prompt
     the server evaluates only what each prompt adds (its prefix-cache counters say so)."""
-    settings = ServeSettings(
-        model=fim_gguf, method="autoregressive", parallel=2, ctx_size=512, events_db=tmp_path / "e.db"
+    settings = ServeSettings(  # room for whole prompts: a prompt trimmed at its front shares no prefix
+        model=fim_gguf, method="autoregressive", parallel=2, ctx_size=4096, events_db=tmp_path / "e.db"
     )
     with LiveServer(settings) as live:
         (level,) = run_load_test(live.url, "tiny", fim_requests(2), [2], n_predict=4, session_steps=3)

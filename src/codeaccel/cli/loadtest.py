@@ -81,7 +81,8 @@ def loadtest(
             time_limit,
             progress=show,
             predicted=predicted_outputs,
-            cache_prompt=cache_prompt, session_steps=session_steps,
+            cache_prompt=cache_prompt,
+            session_steps=session_steps,
         )
     for spec in specs:
         with launched(spec, out_dir / "logs" / f"{spec.name}.log") as server_url:
@@ -94,7 +95,8 @@ def loadtest(
                 time_limit,
                 progress=show,
                 predicted=predicted_outputs,
-                cache_prompt=cache_prompt, session_steps=session_steps,
+                cache_prompt=cache_prompt,
+                session_steps=session_steps,
             )
     header = {**machine.provenance(command_line()), "model": model, "n_predict": n_predict, "requests": requests,
               "parallel": parallel, "ctx_size": ctx_size, "seed": seed, "cache_prompt": cache_prompt,
