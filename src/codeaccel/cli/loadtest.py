@@ -71,33 +71,16 @@ def loadtest(
             f"TTFT p50 {_ms(level.ttft_p50_s)}, latency p50 {_ms(level.latency_p50_s)} p99 {_ms(level.latency_p99_s)}"
         )
 
+    def measure(server_url: str, server_name: str) -> list[LoadLevel]:
+        return run_load_test(server_url, server_name, fims, levels, n_predict, time_limit, progress=show,
+                             predicted=predicted_outputs, cache_prompt=cache_prompt,
+                             session_steps=session_steps)  # fmt: skip
+
     if url is not None:
-        rows += run_load_test(
-            url.rstrip("/"),
-            name,
-            fims,
-            levels,
-            n_predict,
-            time_limit,
-            progress=show,
-            predicted=predicted_outputs,
-            cache_prompt=cache_prompt,
-            session_steps=session_steps,
-        )
+        rows += measure(url.rstrip("/"), name)
     for spec in specs:
         with launched(spec, out_dir / "logs" / f"{spec.name}.log") as server_url:
-            rows += run_load_test(
-                server_url,
-                spec.name,
-                fims,
-                levels,
-                n_predict,
-                time_limit,
-                progress=show,
-                predicted=predicted_outputs,
-                cache_prompt=cache_prompt,
-                session_steps=session_steps,
-            )
+            rows += measure(server_url, spec.name)
     header = {**machine.provenance(command_line()), "model": model, "n_predict": n_predict, "requests": requests,
               "parallel": parallel, "ctx_size": ctx_size, "seed": seed, "cache_prompt": cache_prompt,
               "session_steps": session_steps,

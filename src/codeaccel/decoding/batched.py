@@ -395,7 +395,7 @@ class BatchDecoder:
         promised = sum(len(p.members) - 1 for p in self._prefilling)
         free = self.seqs.n_free + len(self._kept) - promised
         reserved = self._reserved
-        while self._waiting and free:
+        while self._waiting and free > 0:
             handle, request = self._waiting[0]
             prompt = tuple(request.prompt_tokens)
             room = self.seqs.n_ctx_seq - len(prompt)
