@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from codeaccel.decoding.sampling import SamplingParams, logits_to_probs, next_token, sample
+from codeaccel.decoding.sampling import NUCLEUS_CANDIDATES, SamplingParams, logits_to_probs, next_token, sample
 from codeaccel.errors import CodeaccelError
 
 
@@ -68,3 +68,39 @@ def test_sampling_matches_distribution():
     assert counts[-1] == 0  # zero-probability tokens are never drawn
     tv = 0.5 * np.abs(counts / n - p).sum()
     assert tv < 0.01
+
+
+def _top_p_by_full_sort(probs: np.ndarray, top_p: float) -> np.ndarray:
+    """The specification of the top-p set: sort the whole row (stable, ties by id), keep while the mass
+    before a token is < top_p, renormalise."""
+    order = np.argsort(-probs, axis=-1, kind="stable")
+    sorted_probs = np.take_along_axis(probs, order, axis=-1)
+    keep_sorted = np.cumsum(sorted_probs, axis=-1) - sorted_probs < top_p
+    keep = np.zeros_like(keep_sorted)
+    np.put_along_axis(keep, order, keep_sorted, axis=-1)
+    kept = np.where(keep, probs, 0.0)
+    return kept / kept.sum(axis=-1, keepdims=True)
+
+
+@pytest.mark.parametrize("shape", ["peaked", "ties", "flat", "batch"])
+def test_top_p_equals_the_full_sort_bit_for_bit(shape):
+    """Only the most likely tokens are sorted (the whole row when they hold < top_p): the kept set and the
+    probabilities must be exactly those of sorting the whole vocabulary, whichever path is taken."""
+    rng = np.random.default_rng(7)
+    vocab = 20_000
+    for trial in range(40):
+        if shape == "peaked":  # a code model's usual row: a few likely tokens
+            logits = rng.standard_normal(vocab) * 2.5
+            logits[rng.integers(vocab, size=5)] += 12
+        elif shape == "ties":  # coarse logits: many equal probabilities at the cut
+            logits = np.round(rng.standard_normal(vocab) * 3) + (rng.random(vocab) < 0.002) * 8
+        elif shape == "flat":  # the nucleus holds more than NUCLEUS_CANDIDATES tokens: the full sort
+            logits = rng.standard_normal(vocab) * 0.3
+        else:
+            logits = rng.standard_normal((3, vocab)) * rng.uniform(0.3, 4.0, size=(3, 1))
+        for top_p in (0.1, 0.5, 0.9, 0.95, 0.999):
+            params = SamplingParams(temperature=float(rng.choice([0.2, 0.8, 1.3])), top_p=top_p)
+            plain = logits_to_probs(logits, SamplingParams(temperature=params.temperature))
+            np.testing.assert_array_equal(logits_to_probs(logits, params), _top_p_by_full_sort(plain, top_p))
+    if shape == "flat":  # the fallback was taken
+        assert (logits_to_probs(logits, SamplingParams(temperature=1.3, top_p=0.9)) > 0).sum() > NUCLEUS_CANDIDATES

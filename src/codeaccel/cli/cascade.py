@@ -45,7 +45,7 @@ def run(
     engine: Annotated[str, typer.Option(help=f"One of {', '.join(ENGINES)}.")] = "llama.cpp",
     limit: Annotated[int | None, typer.Option(help="First N problems only.")] = None,
     test_format: Annotated[str, typer.Option(help=f"Self-test prompt: {' or '.join(TEST_FORMATS)}.")] = "chat",
-    n_seq_max: Annotated[int, typer.Option(help="Sequences decoded at once.")] = 16,
+    n_seq_max: Annotated[int, typer.Option(help="Sequences decoded at once.")] = RunConfig.n_seq_max,
     max_tokens: Annotated[int, typer.Option(help="Most tokens per answer.")] = 512,
     out_dir: Out = Path("runs/cascade"),
 ) -> None:

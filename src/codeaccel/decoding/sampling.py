@@ -69,15 +69,39 @@ def logits_to_probs(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
     probs = np.exp(scaled)
     probs /= probs.sum(axis=-1, keepdims=True)
     if params.top_p < 1.0:
-        order = np.argsort(-probs, axis=-1, kind="stable")
-        sorted_probs = np.take_along_axis(probs, order, axis=-1)
-        mass_before = np.cumsum(sorted_probs, axis=-1) - sorted_probs
-        keep_sorted = mass_before < params.top_p  # the first token is always kept
-        keep = np.zeros_like(keep_sorted)
-        np.put_along_axis(keep, order, keep_sorted, axis=-1)
+        keep = np.zeros(probs.shape, dtype=bool)
+        for row_probs, row_keep in zip(probs.reshape(-1, probs.shape[-1]), keep.reshape(-1, keep.shape[-1])):
+            row_keep[nucleus(row_probs, params.top_p)] = True
         probs = np.where(keep, probs, 0.0)
         probs /= probs.sum(axis=-1, keepdims=True)
     return probs
+
+
+NUCLEUS_CANDIDATES = 256  # most likely tokens sorted first; the whole row only when they hold < top_p
+
+
+def nucleus(probs: np.ndarray, top_p: float) -> np.ndarray:
+    """Token ids of the top-p set of probs  # [vocab]: the most likely tokens, in descending order (ties by
+    id), while the mass before each is < top_p (the first is always kept).
+
+    The same set, bit for bit, as sorting the whole row (a stable sort of -probs): the candidates are
+    every token at least as likely as the NUCLEUS_CANDIDATES-th, in id order, so a stable sort of them
+    is the full sort's prefix, and cumsum accumulates in order, so their masses are the full sort's.
+    If they hold less than top_p, the nucleus reaches past them and the whole row is sorted (a flat
+    distribution). Sorting 256 tokens instead of 151,936 takes a sampled token from ~20 ms to ~2 ms.
+    """
+    n = probs.shape[-1]
+    if n > NUCLEUS_CANDIDATES:
+        threshold = np.partition(probs, n - NUCLEUS_CANDIDATES)[n - NUCLEUS_CANDIDATES]
+        candidates = np.flatnonzero(probs >= threshold)  # ascending ids: ties keep the full sort's order
+        order = candidates[np.argsort(-probs[candidates], kind="stable")]
+        sorted_probs = probs[order]
+        mass = np.cumsum(sorted_probs)
+        if mass[-1] >= top_p:  # every other token has mass_before >= mass[-1] >= top_p: none is kept
+            return order[mass - sorted_probs < top_p]
+    order = np.argsort(-probs, kind="stable")
+    sorted_probs = probs[order]
+    return order[np.cumsum(sorted_probs) - sorted_probs < top_p]
 
 
 def sample(probs: np.ndarray, rng: np.random.Generator) -> int:
