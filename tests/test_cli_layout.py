@@ -31,6 +31,7 @@ def test_every_command_is_registered_in_its_order():
         "bench",
         "serve",
         "loadtest",
+        "client",
         "models",
         "index",
         "sandbox",

@@ -88,7 +88,7 @@ def test_top_p_equals_the_full_sort_bit_for_bit(shape):
     probabilities must be exactly those of sorting the whole vocabulary, whichever path is taken."""
     rng = np.random.default_rng(7)
     vocab = 20_000
-    for trial in range(40):
+    for _ in range(40):
         if shape == "peaked":  # a code model's usual row: a few likely tokens
             logits = rng.standard_normal(vocab) * 2.5
             logits[rng.integers(vocab, size=5)] += 12

@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 from rich.logging import RichHandler
 
-from codeaccel.cli import bench, cascade, dataset, generate, index, loadtest, models, profile, sandbox, serve
+from codeaccel.cli import bench, cascade, client, dataset, generate, index, loadtest, models, profile, sandbox, serve
 from codeaccel.cli.display import err
 from codeaccel.errors import CodeaccelError, InternalError
 
@@ -35,6 +35,7 @@ app.command()(profile.profile)
 app.command()(bench.bench)
 app.command()(serve.serve)
 app.command()(loadtest.loadtest)
+app.command()(client.client)
 
 
 @app.callback()

@@ -111,6 +111,7 @@ class _Prefill:
     seq: int
     members: list[tuple[int, Request, int]]  # (handle, request, max tokens it may generate)
     shared: _SharedPrompt
+    rows: int = 1  # rows its last chunk returns: the prompt's last (+ one per given draft token)
     done: int = 0  # prompt tokens the sequence holds so far (at first: those a kept sequence held)
     cached: int = 0  # prompt tokens a kept sequence held (not evaluated for it)
     wall_s: float = 0.0  # wall time of the evaluations that carried its chunks
@@ -221,10 +222,11 @@ class BatchDecoder:
         if request.max_tokens < 0 or (request.max_tokens == 0 and not self.reuse_prefixes):
             raise UserError(f"max_tokens must be >= 1 (0: a cache warm-up, where caches are kept), got "
                             f"{request.max_tokens}")  # fmt: skip
-        if len(request.prompt_tokens) + 1 > self.seqs.n_ctx_seq:
-            raise UserError(
-                f"the prompt has {len(request.prompt_tokens)} tokens; the context holds {self.seqs.n_ctx_seq}"
-            )
+        n_draft = len(request.draft.tokens) if request.draft is not None else 0
+        if len(request.prompt_tokens) + n_draft + 1 > self.seqs.n_ctx_seq:
+            drafted = f" and {n_draft} draft tokens" if n_draft else ""
+            raise UserError(f"the prompt has {len(request.prompt_tokens)} tokens{drafted}; "
+                            f"the context holds {self.seqs.n_ctx_seq}")  # fmt: skip
         handle = self._next_handle
         self._next_handle += 1
         self._waiting.append((handle, request))
@@ -269,7 +271,8 @@ class BatchDecoder:
         self.stats.draft_s += draft_s
         batch = {a.seq: a.pending + drafts[a.handle].tokens for a in active if a.pending or drafts[a.handle].tokens}
         n_decode = sum(len(t) for t in batch.values())
-        rows = {p.seq: int(len(t) == p.remaining) for p, t in chunks}  # a prompt's last row predicts its first token
+        # a prompt's last row predicts its first token (a given draft's k+1 last rows verify it)
+        rows = {p.seq: p.rows if len(t) == p.remaining else 0 for p, t in chunks}
         batch.update({p.seq: t for p, t in chunks})
         logits: dict[int, np.ndarray] = {}
         elapsed = 0.0
@@ -324,7 +327,7 @@ class BatchDecoder:
             self.stats.prefilled_tokens += len(tokens)
             if prefill.remaining == 0:
                 self._prefilling.remove(prefill)
-                finished += self._activate(prefill, logits[prefill.seq][-1])
+                finished += self._activate(prefill, logits[prefill.seq])
         return finished
 
     def _prefill_chunks(self) -> list[tuple[_Prefill, list[int]]]:
@@ -335,6 +338,8 @@ class BatchDecoder:
             if budget <= 0:
                 break
             n = min(prefill.remaining, budget)
+            if n < prefill.remaining < n + prefill.rows:  # the rows wanted must come in one chunk, the last
+                n = prefill.remaining - prefill.rows or prefill.remaining
             chunks.append((prefill, prefill.prompt[prefill.done : prefill.done + n]))
             budget -= n
         return chunks
@@ -389,7 +394,8 @@ class BatchDecoder:
     def _admit(self) -> None:
         """Move waiting requests into sequences while sequences and cells last; their prompts then go
         through the coming steps in chunks (one prefill per distinct prompt admitted together)."""
-        groups: dict[tuple[int, ...], list[tuple[int, Request]]] = {}
+        # requests with the same prompt (a given draft is evaluated as part of it) share one prefill
+        groups: dict[tuple[tuple[int, ...], int], list[tuple[int, Request]]] = {}
         # a kept sequence gives way to a new request; prompts still being evaluated will open copies for
         # the other requests admitted with them
         promised = sum(len(p.members) - 1 for p in self._prefilling)
@@ -397,37 +403,40 @@ class BatchDecoder:
         reserved = self._reserved
         while self._waiting and free > 0:
             handle, request = self._waiting[0]
-            prompt = tuple(request.prompt_tokens)
+            key = _prefill_key(request)
+            prompt = key[0]
             room = self.seqs.n_ctx_seq - len(prompt)
-            need = min(request.max_tokens, room) + (0 if prompt in groups else len(prompt))
+            need = min(request.max_tokens, room) + (0 if key in groups else len(prompt))
             if reserved + need > self.seqs.n_ctx and (reserved or groups):
                 break  # wait for running requests to free cells (one request alone always fits)
             self._waiting.popleft()
-            groups.setdefault(prompt, []).append((handle, request))
+            groups.setdefault(key, []).append((handle, request))
             free -= 1
             reserved += need
-        for prompt, members in groups.items():
+        for (prompt, n_draft), members in groups.items():
             room = self.seqs.n_ctx_seq - len(prompt)
             admitted = [(handle, request, min(request.max_tokens, room)) for handle, request in members]
             shared = _SharedPrompt(cells=len(prompt), members=len(admitted))
-            seq, cached = self._sequence_for(prompt, all(request.reuse_prefix for _, request in members))
-            self._prefilling.append(_Prefill(list(prompt), seq, admitted, shared, done=cached, cached=cached))
+            rows = n_draft + 1
+            seq, cached = self._sequence_for(prompt, all(request.reuse_prefix for _, request in members), rows)
+            self._prefilling.append(_Prefill(list(prompt), seq, admitted, shared, rows, done=cached, cached=cached))
             self._reserved += shared.cells + sum(m for _, _, m in admitted)
             self.stats.shared_prompt_tokens += len(prompt) * (len(admitted) - 1)
             self.stats.reused_prompt_tokens += cached
 
-    def _sequence_for(self, prompt: tuple[int, ...], reuse: bool) -> tuple[int, int]:
+    def _sequence_for(self, prompt: tuple[int, ...], reuse: bool, rows: int = 1) -> tuple[int, int]:
         """A sequence for a new prompt, and how many of its tokens it holds already: the kept sequence
-        sharing the longest prefix with it (rewound to that prefix; only where ``reuse``), else a new one
-        (the least recently used kept sequence closed first if none is free)."""
+        sharing the longest prefix with it (rewound to that prefix, short of the last ``rows`` tokens,
+        whose rows are wanted; only where ``reuse``), else a new one (the least recently used kept
+        sequence closed first if none is free)."""
         best, best_len = None, 0
         for seq in self._kept if reuse else ():
             n = common_prefix_len(self.seqs.tokens(seq), prompt)
             if n > best_len:
                 best, best_len = seq, n
-        if best is not None and best_len >= max(1.0, REUSE_MIN_SHARE * len(prompt)):
+        if best is not None and best_len >= max(1.0, REUSE_MIN_SHARE * len(prompt)) and len(prompt) > rows:
             del self._kept[best]
-            keep = min(best_len, len(prompt) - 1)  # the prompt's last token is evaluated: its row predicts
+            keep = min(best_len, len(prompt) - rows)  # the prompt's last token is evaluated: its row predicts
             self.seqs.rewind(best, keep)
             return best, keep
         return self._open(), 0
@@ -443,20 +452,25 @@ class BatchDecoder:
         while self._kept:
             self.seqs.close(self._kept.popitem()[0])
 
-    def _activate(self, prefill: _Prefill, first_row: np.ndarray) -> list[tuple[int, Generation]]:
+    def _activate(self, prefill: _Prefill, last_rows: np.ndarray) -> list[tuple[int, Generation]]:
         """A prompt is evaluated: its requests start decoding (the first on its sequence, the rest on copies).
 
-        first_row  # [vocab]: the prompt's last row, the prediction of every member's first token.
-        Returns the requests already done: cache warm-ups (max tokens 0: the prompt only, kept).
+        last_rows  # [prefill.rows, vocab]: the prompt's last rows; the last one predicts every member's
+        first token (with a given draft of k tokens, the k+1 rows that verify it).
+        Returns the requests already done: cache warm-ups (max tokens 0: the prompt only, kept) and
+        given drafts (verified here).
         """
         prompt = prefill.prompt
+        first_row = last_rows[-1]
         made: list[int] = []  # handles made active here: undone if a later one fails
         try:
             for i, (handle, request, max_tokens) in enumerate(prefill.members):
                 seq = prefill.seq if i == 0 else self._open(copy_of=prefill.seq)
                 session = draft_rng = spec = None
                 try:
-                    if self.drafter is not None and max_tokens > 0:  # a warm-up drafts nothing
+                    if (
+                        self.drafter is not None and max_tokens > 0 and request.draft is None
+                    ):  # a warm-up drafts nothing
                         session = self.drafter.start(prompt, frozenset(request.exclude_files),
                                                      request.prediction_tokens)  # fmt: skip
                         seed = request.params.seed
@@ -487,6 +501,9 @@ class BatchDecoder:
                     raise
                 self._active[handle] = active
                 made.append(handle)
+            for handle in made:  # once every copy is made: verifying rewinds the sequence copied from
+                if self._active[handle].request.draft is not None:
+                    self._verify_given(self._active[handle], last_rows)
         except BaseException:
             for handle in made:
                 self.cancel(handle)
@@ -496,7 +513,27 @@ class BatchDecoder:
             if not made:  # nobody owns the prompt's sequence
                 self._free(prefill.seq)
             raise
-        return [(h, self._retire(self._active[h])) for h in made if self._active[h].checker.remaining == 0]
+        return [(h, self._retire(self._active[h])) for h in made
+                if self._active[h].checker.remaining == 0 or self._active[h].request.draft is not None]  # fmt: skip
+
+    def _verify_given(self, active: _Active, last_rows: np.ndarray) -> None:
+        """Verify a given draft, evaluated with its prompt: last_rows  # [k+1, vocab] (the request ends)."""
+        draft = active.request.draft
+        k = len(draft.tokens)
+        verdict = verify(list(draft.tokens), draft.dense_probs(self.seqs.n_vocab), last_rows[-k - 1 :],
+                         active.request.params, active.rng)  # fmt: skip
+        active.first_row = None
+        active.spec = SpecStats()
+        active.spec.record(k, verdict.n_accepted)
+        self._drafted += k
+        self._accepted += verdict.n_accepted
+        for token in verdict.tokens:
+            self.stats.generated_tokens += 1
+            if active.checker.push(token):
+                break
+        rejected = k - verdict.n_accepted
+        if rejected:  # the sequence holds the prompt and the accepted draft (a kept cache for the next call)
+            self.seqs.rewind(active.seq, self.seqs.n_tokens(active.seq) - rejected)
 
     def _retire(self, active: _Active) -> Generation:
         self._active.pop(active.handle)
@@ -536,6 +573,13 @@ class BatchDecoder:
             self._reserved -= prompt.cells
         if self._reserved < 0:
             raise InternalError("batch decoder released more cells than it reserved")
+
+
+def _prefill_key(request: Request) -> tuple[tuple[int, ...], int]:
+    """What a request's prefill evaluates (its prompt, then any given draft) and its draft's length."""
+    if request.draft is None:
+        return tuple(request.prompt_tokens), 0
+    return tuple(request.prompt_tokens) + tuple(request.draft.tokens), len(request.draft.tokens)
 
 
 def _chain(draft: Draft) -> Draft:

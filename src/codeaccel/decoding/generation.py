@@ -7,9 +7,11 @@ where autoregressive decoding would have ended it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
+
+import numpy as np
 
 from codeaccel.decoding.sampling import SamplingParams
 from codeaccel.decoding.stats import DecodingStats
@@ -17,6 +19,32 @@ from codeaccel.engines.base import Engine
 from codeaccel.errors import UserError
 
 FinishReason = Literal["stop", "eos", "length"]
+
+
+@dataclass(frozen=True)
+class GivenDraft:
+    """Draft tokens proposed outside the decoder (a remote client's draft model: SpeCoder's split),
+    verified in one step, after which the request ends with the accepted tokens and one more.
+
+    probs: the draft's distribution at each position, sparse ({token: probability}, every token it
+    could have drawn), for rejection sampling; None: sample-and-compare (lossless without them).
+    """
+
+    tokens: tuple[int, ...]
+    probs: tuple[Mapping[int, float], ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.probs is not None and len(self.probs) != len(self.tokens):
+            raise UserError(f"draft probabilities for {len(self.probs)} positions, {len(self.tokens)} tokens")
+
+    def dense_probs(self, n_vocab: int) -> np.ndarray | None:
+        """probs as rows  # [k, n_vocab] float64 (None without probs)."""
+        if self.probs is None:
+            return None
+        dense = np.zeros((len(self.tokens), n_vocab))
+        for row, sparse in zip(dense, self.probs):
+            row[list(sparse)] = list(sparse.values())
+        return dense
 
 
 @dataclass(frozen=True)
@@ -33,6 +61,8 @@ class Request:
     prediction_tokens: Sequence[int] = ()
     # may start from a cache holding a prefix of the prompt (llama.cpp's cache_prompt); False: evaluate it whole
     reuse_prefix: bool = True
+    # a draft to verify in one step (the request ends after it): evaluated with the prompt, one evaluation
+    draft: GivenDraft | None = None
 
 
 @dataclass

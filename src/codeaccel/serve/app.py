@@ -8,6 +8,7 @@ build the prompt, submit a :class:`~codeaccel.serve.completions.Call`, format.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import logging
 import threading
@@ -23,6 +24,7 @@ from starlette.concurrency import run_in_threadpool
 
 from codeaccel.decoding.batch_draft_model import BatchDraftModel
 from codeaccel.decoding.drafter import BatchDrafter, Drafter
+from codeaccel.decoding.generation import GivenDraft
 from codeaccel.decoding.generation import Request as GenRequest
 from codeaccel.decoding.sampling import SamplingParams
 from codeaccel.engines import Engine, load_engine, open_sequences
@@ -50,14 +52,16 @@ from codeaccel.serve.schemas import (
     EventRequest,
     InfillRequest,
     NativeCompletionRequest,
+    VerifyRequest,
 )
+from codeaccel.serve.sessions import VerifySessions
 from codeaccel.serve.settings import ServeSettings
 
 log = logging.getLogger(__name__)
 REPLICA_HEADER = "X-Codeaccel-Replica"  # names the replica that answered (Ray Serve deployments)
 
 ROUTES = frozenset({"/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/completion",
-                    "/infill", "/v1/events"})  # fmt: skip
+                    "/infill", "/v1/events", "/v1/verify"})  # fmt: skip
 
 
 @dataclass
@@ -91,6 +95,7 @@ class ServerState:
         self.settings = settings
         self.metrics = ServerMetrics()
         self.events = EventStore(settings.events_db or _default_events_db())
+        self.sessions = VerifySessions()  # /v1/verify: each remote draft client's committed context
         self.runtime: Runtime | None = None
         self.load_error: str | None = None
         self.loaded = threading.Event()
@@ -273,6 +278,31 @@ def create_app(settings: ServeSettings, load_in_background: bool = True, replica
         )
         return await _native(rt, body, prompt, "", http)
 
+    # ---- remote drafts (SpeCoder's split: the draft on the client, verification here) ------
+    @app.post("/v1/verify")
+    async def verify(body: VerifyRequest, http: Request, rt: ReadyRuntime):
+        check_model(body.model, rt)
+        if body.session_id is None:
+            return await _verify(rt, body, list(body.context) + body.append, http)
+        with state.sessions.call(body.session_id, body.context, body.append) as context:
+            answer = await _verify(rt, body, context, http)
+            state.sessions.commit(body.session_id, context + answer["tokens"])
+        return answer
+
+    async def _verify(rt: Runtime, body: VerifyRequest, context: list[int], http: Request) -> dict:
+        _check_tokens(context + body.draft, rt.engine.n_vocab)
+        _check_fits(context + body.draft, settings.ctx_size)
+        seed = None if body.seed is None else call_seed(body.seed, len(context))
+        params = _params(body.temperature, body.top_p, body.top_k, seed)
+        probs = None if body.draft_probs is None else tuple(body.draft_probs)
+        room = settings.ctx_size - len(context)
+        max_tokens = min(body.max_tokens or len(body.draft) + 1, len(body.draft) + 1, room)
+        request = GenRequest(context, params, max_tokens, draft=GivenDraft(tuple(body.draft), probs))
+        call = Call(rt.scheduler, [request], False, ())
+        [result] = await call.results(http)
+        full = len(context) + result.finished.generation.n_generated >= settings.ctx_size
+        return formats.verify_body(call, rt.model_id, body.session_id, result.finished, len(context), full)
+
     async def _native(rt: Runtime, body, prompt: list[int], prompt_text: str, http: Request):
         _check_tokens(prompt, rt.engine.n_vocab)
         _check_fits(prompt, settings.ctx_size)
@@ -300,6 +330,13 @@ def create_app(settings: ServeSettings, load_in_background: bool = True, replica
 
 
 # ---- request building (pure, tested on their own) ---------------------------------------
+def call_seed(seed: int, position: int) -> int:
+    """The sampler seed of one verification: the client's seed and where in the text it samples, so
+    successive calls of one seeded session draw independent, reproducible numbers."""
+    digest = hashlib.blake2b(f"{seed}:{position}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
 def _echo_text(rt: Runtime, body: CompletionRequest, p_index: int) -> str:
     """The prompt a choice continues, as ``echo`` returns it (token ids: their text)."""
     if isinstance(body.prompt, str):

@@ -133,3 +133,25 @@ def native_empty_body(model: str, n_prompt: int, prompt: str) -> dict:
     return {"index": 0, "content": "", "tokens": [], "id_slot": 0, "stop": True, "model": model,
             "tokens_predicted": 0, "tokens_evaluated": n_prompt, "prompt": prompt, "has_new_line": False,
             "truncated": False, "stop_type": "limit", "stopping_word": "", "tokens_cached": n_prompt}  # fmt: skip
+
+
+def verify_body(call: Call, model: str, session_id: str | None, f: Finished, n_context: int, full: bool) -> dict:
+    """``/v1/verify``'s answer: the accepted draft tokens and the target's next token.
+
+    finish_reason: "eos" when the target ended the text, "length" when the context is full, else None."""
+    g = f.generation
+    spec = g.stats.speculation if g.stats is not None else None
+    reason = "eos" if g.finish_reason == "eos" else ("length" if full else None)
+    return {
+        "id": f"verify-{call.id}",
+        "object": "verification",
+        "created": call.created,
+        "model": model,
+        "session_id": session_id,
+        "tokens": g.tokens,
+        "n_drafted": spec.drafted_tokens if spec is not None else 0,
+        "n_accepted": spec.accepted_tokens if spec is not None else 0,
+        "finish_reason": reason,
+        "usage": usage([f], n_context),
+        "timings": timings(f),
+    }

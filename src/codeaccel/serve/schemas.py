@@ -172,3 +172,48 @@ class EventRequest(_Body):
     view_id: str | None = None
     elapsed: int | None = Field(None, ge=0)  # milliseconds from view to select
     select_kind: Literal["line"] | None = None
+
+
+MAX_VERIFY_DRAFT = 64  # draft tokens one verification takes
+MAX_DRAFT_PROBS = 4096  # tokens with probability > 0 per position (a draft sampling with top-k / top-p)
+
+
+class VerifyRequest(_Body):
+    """``POST /v1/verify`` (codeaccel's own; SpeCoder's split): a client's draft, verified by the target.
+
+    The context is ``context`` (token ids: the prompt and every token committed so far), or, with
+    ``session_id``, what the server holds for that session (the last call's context and the tokens
+    it returned) followed by ``append``. Greedy by default; sampling uses the draft's probabilities
+    (``draft_probs``, one {token id: probability} per draft token) where given (rejection sampling),
+    else sample-and-compare; both keep the target's distribution.
+    """
+
+    model: str | None = None
+    session_id: str | None = Field(None, min_length=1, max_length=128)
+    context: list[int] | None = None  # (re)starts the session where one is named
+    append: list[int] = Field(default_factory=list)  # with session_id: tokens the client added
+    draft: list[int] = Field(default_factory=list, max_length=MAX_VERIFY_DRAFT)
+    draft_probs: list[dict[int, float]] | None = None
+    max_tokens: int | None = Field(None, ge=1)  # most tokens to return (default: the draft's length + 1)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)
+    seed: int | None = Field(None, ge=0)  # with the context's length, seeds this call's sampler
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.context is None and self.session_id is None:
+            raise ValueError("give the context (token ids), or a session_id the server knows")
+        if self.context is not None and not self.context:
+            raise ValueError("context must not be empty")
+        if self.draft_probs is not None:
+            if len(self.draft_probs) != len(self.draft):
+                raise ValueError(f"draft_probs has {len(self.draft_probs)} rows for {len(self.draft)} draft tokens")
+            for i, (token, row) in enumerate(zip(self.draft, self.draft_probs)):
+                if len(row) > MAX_DRAFT_PROBS:
+                    raise ValueError(f"draft_probs[{i}] has {len(row)} entries; at most {MAX_DRAFT_PROBS}")
+                if any(not 0.0 <= p <= 1.0 for p in row.values()) or abs(sum(row.values()) - 1.0) > 1e-3:
+                    raise ValueError(f"draft_probs[{i}] is not a distribution (probabilities in [0, 1] summing to 1)")
+                if row.get(token, 0.0) <= 0.0:
+                    raise ValueError(f"draft_probs[{i}] gives the draft token {token} no probability")
+        return self

@@ -1,0 +1,56 @@
+"""``codeaccel client``: a completion with the draft model here and the target on a server (``/v1/verify``)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+from codeaccel.cli import options as opt
+from codeaccel.cli.display import err, out
+from codeaccel.decoding.sampling import SamplingParams
+from codeaccel.engines import load_engine
+from codeaccel.errors import UserError
+from codeaccel.remote.client import RemoteDraftClient
+from codeaccel.remote.completion_cache import CompletionCache
+
+
+def client(
+    prompt: Annotated[str, typer.Argument(help="The prompt; '-' reads it from standard input.")],
+    server: Annotated[str, typer.Option(help="The codeaccel server verifying the drafts.")] = "http://127.0.0.1:8080",
+    draft_model: Annotated[
+        str, typer.Option(help="The local draft: bundled name, GGUF file or HF directory (the server's tokenizer).")
+    ] = "qwen2.5-coder-0.5b-instruct",  # fmt: skip
+    engine: opt.EngineOpt = "llama.cpp",
+    draft_tokens: Annotated[int, typer.Option(help="Draft tokens per verification (0: the server decodes alone).")] = 4,
+    max_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 256,
+    temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (1 = off).")] = 1.0,
+    top_k: Annotated[int, typer.Option(help="Keep the k most likely tokens (0 = off).")] = 0,
+    seed: Annotated[Optional[int], typer.Option(help="Sampling seed.")] = None,
+    stop: Annotated[Optional[list[str]], typer.Option(help="Stop string (repeatable).")] = None,
+    chat: Annotated[bool, typer.Option("--chat/--raw", help="Wrap the prompt in the model's chat template.")] = True,
+    api_key: Annotated[Optional[str], typer.Option(envvar="CODEACCEL_API_KEY", help="The server's API key.")] = None,
+) -> None:
+    """Generate with a local draft model, each draft verified by the server's target (SpeCoder's split)."""
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    if not prompt.strip():
+        raise UserError("the prompt is empty")
+    if max_tokens < 1:
+        raise UserError(f"--max-tokens must be >= 1, got {max_tokens}")
+    params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+    with load_engine(draft_model, engine) as draft:
+        text = draft.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
+        with RemoteDraftClient(draft, server, draft_tokens, CompletionCache(0), api_key) as remote:
+            gen = remote.generate(draft.tokenize(text), params, max_tokens, tuple(stop or ()))
+    out.print(gen.text, markup=False, highlight=False, soft_wrap=True)
+    s = gen.stats
+    mean_len = "-" if s.mean_accepted_len is None else f"{s.mean_accepted_len:.2f}"
+    err.print(
+        f"[dim]{len(gen.tokens)} tokens in {gen.wall_s:.2f} s = {len(gen.tokens) / max(gen.wall_s, 1e-9):.1f} tok/s; "
+        f"{s.calls} verifications, {s.accepted_tokens}/{s.drafted_tokens} draft tokens accepted, mean accepted "
+        f"length {mean_len}; draft {s.draft_s:.2f} s, round trips {s.round_trip_s:.2f} s (server "
+        f"{s.server_s:.2f} s); finish: {gen.finish_reason}[/dim]"
+    )

@@ -1,0 +1,192 @@
+"""``codeaccel client``: the draft model runs here, the target verifies on a server (SpeCoder's split).
+
+Each round: the local draft proposes up to ``draft_tokens`` tokens continuing the committed text
+(sampled like the target when sampling, with their probabilities); ``POST /v1/verify`` has the
+server's target check them in its continuous batch and returns the accepted prefix and one token
+of its own; the client commits those and its draft model's cache keeps the accepted part. The
+server holds the session's context, so after the first call a request carries only the draft.
+Greedy text is exactly the target's; sampled text has the target's distribution (rejection
+sampling where the draft's distribution is sparse enough to send, else sample-and-compare).
+
+A completion cache answers a prompt it has seen (with the same settings) without the server.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import httpx
+import numpy as np
+
+from codeaccel.decoding.draft_model import DraftModelDrafter
+from codeaccel.decoding.drafter import Draft
+from codeaccel.decoding.generation import FinishReason, StopChecker
+from codeaccel.decoding.sampling import SamplingParams
+from codeaccel.engines.base import Engine
+from codeaccel.errors import SetupError, UserError
+from codeaccel.remote.completion_cache import CachedCompletion, CacheKey, CompletionCache
+
+GREEDY = SamplingParams()
+MAX_SENT_PROBS = 4096  # a draft row with more tokens of nonzero probability is not sent (the server's limit)
+
+
+@dataclass
+class ClientStats:
+    """One generation's rounds with the server (per-request)."""
+
+    calls: int = 0  # verifications
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+    committed_tokens: int = 0
+    draft_s: float = 0.0  # the local draft model
+    round_trip_s: float = 0.0  # HTTP calls, the server's work included
+    server_s: float = 0.0  # the server's own time for them (its timings.total_ms)
+    target_tokens_s: float = 0.0  # the target's evaluation time for them (prompt_ms + predicted_ms)
+    cache_hit: bool = False
+    probs_sent: int = 0  # draft rows sent with their probabilities (rejection sampling)
+
+    @property
+    def mean_accepted_len(self) -> float | None:
+        """Tokens committed per verification (accepted draft tokens + the target's own)."""
+        return self.committed_tokens / self.calls if self.calls else None
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else None
+
+
+@dataclass
+class ClientGeneration:
+    text: str
+    tokens: list[int]
+    finish_reason: FinishReason
+    wall_s: float
+    stats: ClientStats = field(default_factory=ClientStats)
+
+
+class RemoteDraftClient:
+    """A local draft model and a server's target. One generation at a time (the draft engine holds one
+    sequence); the completion cache may be shared with other clients of the process."""
+
+    def __init__(self, draft: Engine, server_url: str, draft_tokens: int = 4, cache: CompletionCache | None = None,
+                 api_key: str | None = None, timeout_s: float = 600.0):  # fmt: skip
+        if not 0 <= draft_tokens <= 64:
+            raise UserError(f"--draft-tokens must be in 0..64 (the server's limit), got {draft_tokens}")
+        self.draft = draft
+        self.drafter = DraftModelDrafter(draft)
+        self.draft_tokens = draft_tokens
+        self.cache = cache if cache is not None else CompletionCache(0)
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.Client(base_url=server_url.rstrip("/"), headers=headers, timeout=timeout_s)
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> RemoteDraftClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def generate(self, prompt_tokens: Sequence[int], params: SamplingParams = GREEDY,
+                 max_tokens: int = 256, stop: Sequence[str] = ()) -> ClientGeneration:  # fmt: skip
+        if not prompt_tokens:
+            raise UserError("the prompt is empty: nothing to condition on")
+        if max_tokens < 1:
+            raise UserError(f"max_tokens must be >= 1, got {max_tokens}")
+        t0 = time.perf_counter()
+        key = CacheKey.of(prompt_tokens, params, max_tokens, stop)
+        cached = self.cache.get(key)
+        if cached is not None:
+            stats = ClientStats(cache_hit=True)
+            return ClientGeneration(cached.text, list(cached.tokens), cached.finish_reason,  # type: ignore[arg-type]
+                                    time.perf_counter() - t0, stats)  # fmt: skip
+        stats = ClientStats()
+        checker = StopChecker(self.draft, stop, max_tokens)
+        context = list(prompt_tokens)
+        session = self.drafter.start(context)
+        draft_rng = np.random.default_rng(None if params.seed is None else [params.seed, 2])
+        session_id = uuid.uuid4().hex
+        send_context = True
+        finish: FinishReason | None = None
+        while finish is None:
+            k = min(self.draft_tokens, checker.remaining - 1, self.draft.n_ctx - len(context) - 1)
+            t = time.perf_counter()
+            draft = session.propose(context, k, params, draft_rng) if k > 0 else Draft(tokens=[])
+            stats.draft_s += time.perf_counter() - t
+            answer = self._verify(session_id, context, send_context, draft, params, checker.remaining, stats)
+            send_context = False
+            for token in answer["tokens"]:
+                stats.committed_tokens += 1
+                finish = checker.push(token)
+                if finish is not None:
+                    break
+            context += answer["tokens"]
+            if finish is None and answer["finish_reason"] is not None:  # the server's context is full
+                finish = "length"
+        self.cache.put(key, CachedCompletion(tuple(checker.tokens), checker.text, finish))
+        return ClientGeneration(checker.text, checker.tokens, finish, time.perf_counter() - t0, stats)
+
+    def _verify(self, session_id: str, context: list[int], send_context: bool, draft: Draft, params: SamplingParams,
+                max_tokens: int, stats: ClientStats) -> dict:  # fmt: skip
+        """One verification; the context goes along on the first call, or if the server forgot the session."""
+        body: dict = {"session_id": session_id, "draft": draft.tokens, "max_tokens": max_tokens,
+                      "temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k,
+                      "seed": params.seed}  # fmt: skip
+        if send_context:
+            body["context"] = context
+        probs = _sparse_rows(draft.probs)
+        if probs is not None:
+            body["draft_probs"] = probs
+            stats.probs_sent += len(probs)
+        t = time.perf_counter()
+        response = self._post(body)
+        if response.status_code == 404 and _code(response) == "session_not_found" and not send_context:
+            response = self._post({**body, "context": context})  # evicted or restarted: its cache may be gone too
+        stats.round_trip_s += time.perf_counter() - t
+        if response.status_code != 200:
+            raise SetupError(f"the server refused a verification ({response.status_code}): {_message(response)}")
+        answer = response.json()
+        stats.calls += 1
+        stats.drafted_tokens += answer["n_drafted"]
+        stats.accepted_tokens += answer["n_accepted"]
+        timings = answer.get("timings") or {}
+        stats.server_s += (timings.get("total_ms") or 0.0) / 1000
+        stats.target_tokens_s += ((timings.get("prompt_ms") or 0.0) + (timings.get("predicted_ms") or 0.0)) / 1000
+        return answer
+
+    def _post(self, body: dict) -> httpx.Response:
+        try:
+            return self.http.post("/v1/verify", json=body)
+        except httpx.HTTPError as exc:
+            raise SetupError(f"cannot reach the server at {self.http.base_url}: {exc}") from None
+
+
+def _sparse_rows(probs: np.ndarray | None) -> list[dict[str, float]] | None:
+    """Draft rows  # [k, vocab] as {token id: probability}, or None if one is too dense to send."""
+    if probs is None:
+        return None
+    rows = []
+    for row in probs:
+        nonzero = np.flatnonzero(row)
+        if len(nonzero) > MAX_SENT_PROBS:
+            return None
+        rows.append({str(int(t)): float(row[t]) for t in nonzero})
+    return rows
+
+
+def _code(response: httpx.Response) -> str | None:
+    try:
+        return response.json()["error"]["code"]
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _message(response: httpx.Response) -> str:
+    try:
+        return response.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return response.text[:200]

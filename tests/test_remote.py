@@ -1,0 +1,181 @@
+"""The draft on the client, the target on the server (SpeCoder's split), on loopback with tiny models.
+
+Contract: ``RemoteDraftClient`` gives exactly the target's greedy text alone, with any draft (its own
+weights: every token accepted; other weights: often rejected), and the same text for the same seed
+when sampling; the server keeps each session's context (later calls send only the draft); many
+clients are verified in one continuous batch; the completion cache answers repeats without the
+server; bad verification bodies are 4xx with an OpenAI-style error.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from codeaccel.decoding.autoregressive import generate
+from codeaccel.decoding.sampling import SamplingParams
+from codeaccel.engines import load_engine
+from codeaccel.remote.client import RemoteDraftClient
+from codeaccel.remote.completion_cache import CachedCompletion, CacheKey, CompletionCache
+from codeaccel.serve.app import call_seed
+from codeaccel.serve.settings import ServeSettings
+from live_server import LiveServer
+
+PROMPTS = ["def add(a, b):\n    return", "import json\n\nclass Decoder:", "    for i in range(", "x = [1, 2, 3]\n"]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_gguf, tmp_path_factory):
+    events = tmp_path_factory.mktemp("remote") / "events.sqlite"
+    settings = ServeSettings(model=tiny_gguf, method="autoregressive", parallel=4, ctx_size=512, events_db=events)
+    with LiveServer(settings) as live:
+        yield live
+
+
+@pytest.fixture(scope="module")
+def target(tiny_gguf):
+    engine = load_engine(tiny_gguf, n_ctx=512)
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module", params=["same", "other"])
+def draft(request, tiny_gguf, tiny_gguf_draft):
+    engine = load_engine(tiny_gguf if request.param == "same" else tiny_gguf_draft, n_ctx=512)
+    yield request.param, engine
+    engine.close()
+
+
+def _alone(target, prompt, n):
+    target.reset()
+    return generate(target, prompt, SamplingParams(), n).tokens
+
+
+def test_greedy_text_is_the_targets_whatever_the_draft(server, target, draft):
+    kind, engine = draft
+    with RemoteDraftClient(engine, server.url, draft_tokens=4) as client:
+        for text in PROMPTS[:2]:
+            prompt = target.tokenize(text)
+            got = client.generate(prompt, max_tokens=30)
+            assert got.tokens == _alone(target, prompt, 30)
+            s = got.stats
+            assert s.calls >= 1 and s.committed_tokens == len(got.tokens)
+            if kind == "same":  # the target's own weights: every draft token accepted, 5 tokens a call
+                assert s.accepted_tokens == s.drafted_tokens > 0
+                assert s.calls <= -(-30 // 5) + 1
+
+
+def test_seeded_sampling_is_reproducible_and_sends_the_draft_probabilities(server, target, draft):
+    _, engine = draft
+    params = SamplingParams(temperature=0.9, top_k=20, seed=11)
+    prompt = target.tokenize(PROMPTS[2])
+    with RemoteDraftClient(engine, server.url, draft_tokens=3) as client:
+        first = client.generate(prompt, params, max_tokens=24)
+        again = client.generate(prompt, params, max_tokens=24)
+        other = client.generate(prompt, SamplingParams(temperature=0.9, top_k=20, seed=12), max_tokens=24)
+    assert first.tokens == again.tokens
+    assert other.tokens != first.tokens  # another seed, another sample (tiny model: 20 tokens to choose from)
+    assert first.stats.probs_sent == first.stats.drafted_tokens > 0  # rejection sampling with q
+
+
+def test_many_clients_are_verified_together_and_each_gets_its_own_text(server, target, tiny_gguf_draft):
+    prompts = [target.tokenize(p) for p in PROMPTS]
+    want = [_alone(target, p, 24) for p in prompts]
+
+    def run(prompt):
+        engine = load_engine(tiny_gguf_draft, n_ctx=512)  # a client each, as on separate machines
+        try:
+            with RemoteDraftClient(engine, server.url, draft_tokens=3) as client:
+                return client.generate(prompt, max_tokens=24).tokens
+        finally:
+            engine.close()
+
+    with ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(run, prompts)) == want
+
+
+def test_the_completion_cache_answers_a_repeat_without_the_server(server, target, draft):
+    _, engine = draft
+    prompt = target.tokenize(PROMPTS[3])
+    cache = CompletionCache(8)
+    with RemoteDraftClient(engine, server.url, cache=cache) as client:
+        first = client.generate(prompt, max_tokens=16)
+        second = client.generate(prompt, max_tokens=16)
+        unseeded = SamplingParams(temperature=0.8)
+        client.generate(prompt, unseeded, max_tokens=4)
+        client.generate(prompt, unseeded, max_tokens=4)
+    assert second.tokens == first.tokens and second.stats.cache_hit and second.stats.calls == 0
+    assert not first.stats.cache_hit
+    assert (cache.hits, cache.misses, len(cache)) == (1, 1, 1)  # unseeded samples are never cached
+
+
+def test_completion_cache_is_a_bounded_lru():
+    cache = CompletionCache(2)
+    keys = [CacheKey.of([i], SamplingParams(), 8) for i in range(3)]
+    for key in keys[:2]:
+        cache.put(key, CachedCompletion((1,), "a", "eos"))
+    assert cache.get(keys[0]) is not None  # keys[0] is now the most recently used
+    cache.put(keys[2], CachedCompletion((2,), "b", "eos"))
+    assert cache.get(keys[1]) is None and cache.get(keys[0]) is not None and cache.get(keys[2]) is not None
+    assert (cache.hits, cache.misses) == (3, 1)
+
+
+def test_completion_cache_is_thread_safe():
+    cache = CompletionCache(50)
+    keys = [CacheKey.of([i], SamplingParams(), 8) for i in range(200)]
+
+    def work(offset):
+        for i in range(2000):
+            key = keys[(i * 7 + offset) % 200]
+            if cache.get(key) is None:
+                cache.put(key, CachedCompletion((i,), "t", "length"))
+
+    threads = [threading.Thread(target=work, args=(o,)) for o in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(cache) == 50 and cache.hits + cache.misses == 8000
+
+
+def test_a_session_keeps_its_context_between_calls(server, target):
+    prompt = target.tokenize(PROMPTS[0])
+    want = _alone(target, prompt, 6)
+    first = httpx.post(server.url + "/v1/verify", json={"session_id": "s1", "context": prompt, "draft": want[:2]})
+    assert first.status_code == 200, first.text
+    assert first.json()["tokens"] == want[:3] and first.json()["n_accepted"] == 2
+    # only the draft now: the server appends the returned tokens to what it holds
+    second = httpx.post(server.url + "/v1/verify", json={"session_id": "s1", "draft": want[3:5]})
+    assert second.json()["tokens"] == want[3:6]
+    assert second.json()["usage"]["prompt_tokens"] == len(prompt) + 3
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param_or_code"),
+    [
+        ({"draft": [1]}, 400, None),  # neither a context nor a session
+        ({"session_id": "never-seen", "draft": [1]}, 404, "session_not_found"),
+        ({"context": [1, 2], "draft": [10**9]}, 400, None),  # token id out of range
+        ({"context": [1, 2], "draft": [3], "draft_probs": [{"4": 1.0}]}, 400, None),  # q(draft token) = 0
+        ({"context": [1, 2], "draft": [3], "draft_probs": [{"3": 0.5}]}, 400, None),  # not a distribution
+        ({"context": [1, 2], "draft": [3, 4], "draft_probs": [{"3": 1.0}]}, 400, None),  # rows != tokens
+        ({"context": [1, 2], "draft": list(range(65))}, 400, None),  # too long a draft
+        ({"context": [1] * 600, "draft": [1]}, 400, "context_length_exceeded"),
+        ({"context": [1, 2], "draft": [3], "model": "gpt-4"}, 404, "model_not_found"),
+    ],
+)
+def test_bad_verifications_are_4xx_with_an_openai_error(server, body, status, param_or_code):
+    response = httpx.post(server.url + "/v1/verify", json=body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["message"]
+    if param_or_code is not None:
+        assert error["code"] == param_or_code
+
+
+def test_call_seeds_differ_by_position_and_are_reproducible():
+    assert call_seed(7, 10) == call_seed(7, 10)
+    assert len({call_seed(7, p) for p in range(100)} | {call_seed(8, 10)}) == 101
