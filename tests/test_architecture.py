@@ -17,6 +17,7 @@ LAZY = (
     "codeaccel.serve.app",
     "ray",
     "codeaccel.serve.replicas",
+    "psycopg",
 )  # + the web stack
 
 

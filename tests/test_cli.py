@@ -27,6 +27,11 @@ def run_cli(*args, cwd=None, env=None):
         (["bench", "humaneval", "--method", "magic"], "unknown method"),
         (["models", "fetch", "gpt-5"], "unknown bundled model"),
         (["profile", "{tiny}", "--k-max", "0"], "must be >= 1"),
+        (["feedback", "add", "--prompt", "@/no/such/file", "--completion", "x"], "cannot read the prompt file"),
+        (["feedback", "add", "--prompt", "p", "--completion", ""], "completion is empty"),
+        (["feedback", "list", "--store", "mysql://x"], "sqlite:///PATH"),
+        (["client", "hi", "--draft-model", "{tiny}", "--server", "http://127.0.0.1:9"], "cannot reach the server"),
+        (["client", "hi", "--draft-model", "{tiny}", "--draft-tokens", "100"], "--draft-tokens"),
     ],
 )
 def test_bad_input_gives_one_line_error(args, message, tiny_gguf):

@@ -9,7 +9,10 @@ server; bad verification bodies are 4xx with an OpenAI-style error.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -18,6 +21,7 @@ import pytest
 from codeaccel.decoding.autoregressive import generate
 from codeaccel.decoding.sampling import SamplingParams
 from codeaccel.engines import load_engine
+from codeaccel.personalization.store import open_store
 from codeaccel.remote.client import RemoteDraftClient
 from codeaccel.remote.completion_cache import CachedCompletion, CacheKey, CompletionCache
 from codeaccel.serve.app import call_seed
@@ -179,3 +183,35 @@ def test_bad_verifications_are_4xx_with_an_openai_error(server, body, status, pa
 def test_call_seeds_differ_by_position_and_are_reproducible():
     assert call_seed(7, 10) == call_seed(7, 10)
     assert len({call_seed(7, p) for p in range(100)} | {call_seed(8, 10)}) == 101
+
+
+def test_a_selected_choice_becomes_an_accepted_completion(server, target):
+    client = server.client()
+    done = client.completions.create(model=None, prompt=PROMPTS[0], max_tokens=8, temperature=0, n=2)
+    for _ in range(50):  # served choices are recorded off the response's path
+        got = httpx.post(server.url + "/v1/events", json={"type": "select", "completion_id": done.id,
+                                                          "choice_index": 1, "repository": "demo"})  # fmt: skip
+        if got.json()["accepted_id"] is not None:
+            break
+        time.sleep(0.05)
+    assert got.json()["accepted_id"] is not None
+    unknown = httpx.post(server.url + "/v1/events", json={"type": "select", "completion_id": "cmpl-nope"})
+    assert unknown.status_code == 200 and unknown.json()["accepted_id"] is None  # stored as an event only
+    with open_store(server.app.state.codeaccel.settings.events_db) as store:
+        [row] = [s for s in store.items() if s.item.completion_id == done.id]
+    assert row.item.completion == done.choices[1].text and row.item.repository == "demo"
+    assert row.item.prompt == PROMPTS[0] and row.item.source == "event"
+
+
+def test_the_client_command_prints_the_targets_text(server, target, tiny_gguf_draft):
+    prompt = PROMPTS[1]
+    tokens = _alone(target, target.tokenize(prompt), 12)
+    tokens = [t for t in tokens[: next((i for i, t in enumerate(tokens) if t in target.eog_token_ids), 12)]]
+    want = target.detokenize(tokens)
+    run = subprocess.run([sys.executable, "-m", "codeaccel", "client", prompt, "--raw", "--server", server.url,
+                          "--draft-model", tiny_gguf_draft, "--max-tokens", "12"],
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    printable = lambda text: "".join(c for c in text if c.isprintable() or c == "\n").strip()  # noqa: E731
+    assert printable(run.stdout) == printable(want) != ""
+    assert "verifications" in run.stderr

@@ -15,7 +15,20 @@ from typing import Annotated
 import typer
 from rich.logging import RichHandler
 
-from codeaccel.cli import bench, cascade, client, dataset, generate, index, loadtest, models, profile, sandbox, serve
+from codeaccel.cli import (
+    bench,
+    cascade,
+    client,
+    dataset,
+    feedback,
+    generate,
+    index,
+    loadtest,
+    models,
+    profile,
+    sandbox,
+    serve,
+)
 from codeaccel.cli.display import err
 from codeaccel.errors import CodeaccelError, InternalError
 
@@ -30,6 +43,7 @@ app.add_typer(index.app, name="index")
 app.add_typer(sandbox.app, name="sandbox")
 app.add_typer(dataset.app, name="dataset")
 app.add_typer(cascade.app, name="cascade")
+app.add_typer(feedback.app, name="feedback")
 app.command()(generate.generate)
 app.command()(profile.profile)
 app.command()(bench.bench)

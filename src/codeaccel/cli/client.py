@@ -12,7 +12,7 @@ from codeaccel.cli.display import err, out
 from codeaccel.decoding.sampling import SamplingParams
 from codeaccel.engines import load_engine
 from codeaccel.errors import UserError
-from codeaccel.remote.client import RemoteDraftClient
+from codeaccel.remote.client import RemoteDraftClient, server_model
 from codeaccel.remote.completion_cache import CompletionCache
 
 
@@ -41,6 +41,9 @@ def client(
     if max_tokens < 1:
         raise UserError(f"--max-tokens must be >= 1, got {max_tokens}")
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+    if not 0 <= draft_tokens <= 64:
+        raise UserError(f"--draft-tokens must be in 0..64 (the server's limit), got {draft_tokens}")
+    server_model(server, api_key)  # before the draft loads: a wrong address fails at once
     with load_engine(draft_model, engine) as draft:
         text = draft.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
         with RemoteDraftClient(draft, server, draft_tokens, CompletionCache(0), api_key) as remote:

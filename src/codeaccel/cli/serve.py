@@ -42,6 +42,10 @@ def serve(
     max_queue: Annotated[Optional[int], typer.Option(help="Requests queued beyond the running ones.")] = None,
     api_key: Annotated[Optional[str], typer.Option(help="Require this bearer key.")] = None,
     events_db: Annotated[Optional[Path], typer.Option(help="SQLite file of /v1/events.")] = None,
+    accepted_store: Annotated[
+        Optional[str],
+        typer.Option(help="Accepted completions: sqlite:///PATH, a path or postgresql://... (default: events file)."),
+    ] = None,
     config: Annotated[Optional[Path], typer.Option(help="A JSON or TOML file of settings.")] = None,
     replicas: Annotated[
         Optional[int], typer.Option(help="Run this many copies on Ray Serve behind one port (pip extra 'replicas').")
@@ -76,6 +80,7 @@ def serve(
         max_queue=max_queue,
         api_key=api_key,
         events_db=events_db,
+        accepted_store=accepted_store,
     )
     if replicas is not None:
         from codeaccel.serve.replicas import serve_replicas

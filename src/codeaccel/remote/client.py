@@ -165,6 +165,18 @@ class RemoteDraftClient:
             raise SetupError(f"cannot reach the server at {self.http.base_url}: {exc}") from None
 
 
+def server_model(server_url: str, api_key: str | None = None, timeout_s: float = 10.0) -> str:
+    """The model a server verifies with (its /v1/models id); a SetupError if it cannot be reached or used."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        response = httpx.get(server_url.rstrip("/") + "/v1/models", headers=headers, timeout=timeout_s)
+    except httpx.HTTPError as exc:
+        raise SetupError(f"cannot reach the server at {server_url}: {exc}") from None
+    if response.status_code != 200:
+        raise SetupError(f"the server at {server_url} answered {response.status_code}: {_message(response)}")
+    return response.json()["data"][0]["id"]
+
+
 def _sparse_rows(probs: np.ndarray | None) -> list[dict[str, float]] | None:
     """Draft rows  # [k, vocab] as {token id: probability}, or None if one is too dense to send."""
     if probs is None:

@@ -33,7 +33,7 @@ from codeaccel.engines.sequences import SequenceSet
 from codeaccel.engines.tokenizer import check_same_tokenizer
 from codeaccel.errors import UserError
 from codeaccel.methods.registry import RETRIEVAL_K_MAX
-from codeaccel.models.registry import cache_dir
+from codeaccel.personalization.store import default_location, open_store
 from codeaccel.retrieval.acceptance_cache import AcceptanceCache
 from codeaccel.retrieval.datastore import open_datastores
 from codeaccel.retrieval.drafter import RetrievalDrafter
@@ -96,6 +96,8 @@ class ServerState:
         self.metrics = ServerMetrics()
         self.events = EventStore(settings.events_db or _default_events_db())
         self.sessions = VerifySessions()  # /v1/verify: each remote draft client's committed context
+        # by default in the events' SQLite file: one file holds the whole feedback loop
+        self.accepted = open_store(settings.accepted_store or self.events.path)
         self.runtime: Runtime | None = None
         self.load_error: str | None = None
         self.loaded = threading.Event()
@@ -159,7 +161,7 @@ ReadyRuntime = Annotated[Runtime, Depends(_ready)]  # a route's loaded model (50
 
 
 def _default_events_db():
-    return cache_dir() / "events.sqlite"
+    return default_location()
 
 
 def create_app(settings: ServeSettings, load_in_background: bool = True, replica: str | None = None) -> FastAPI:
@@ -176,6 +178,7 @@ def create_app(settings: ServeSettings, load_in_background: bool = True, replica
         await asyncio.to_thread(state.loaded.wait)
         if state.runtime is not None:
             state.runtime.close()
+        state.accepted.close()
 
     app = FastAPI(title="codeaccel", lifespan=lifespan)
     app.state.codeaccel = state
@@ -225,7 +228,24 @@ def create_app(settings: ServeSettings, load_in_background: bool = True, replica
     @app.post("/v1/events")
     async def events(body: EventRequest):
         event_id = await run_in_threadpool(state.events.add, body)
-        return {"id": event_id, "status": "stored"}
+        answer = {"id": event_id, "status": "stored"}
+        if body.type == "select":  # the choice's text joins the accepted completions (the draft's training set)
+            accepted = await run_in_threadpool(state.accepted.accept_served, body.completion_id, body.choice_index,
+                                               body.repository)  # fmt: skip
+            answer["accepted_id"] = accepted
+        return answer
+
+    def served(rt: Runtime, prefix: str, prompts: list[list[int]]):
+        """A Call's on_done: its choices stored under the id the client saw, for later select events."""
+
+        def record(call: Call, done) -> None:
+            choices = [(i, rt.engine.detokenize(prompts[i]), f.generation.text) for i, f in done]
+            future = asyncio.get_running_loop().run_in_executor(
+                None, state.accepted.record_served, f"{prefix}-{call.id}", choices, rt.model_id
+            )
+            future.add_done_callback(_log_failure)
+
+        return record
 
     # ---- completions -------------------------------------------------------------------
     @app.post("/v1/completions")
@@ -234,7 +254,8 @@ def create_app(settings: ServeSettings, load_in_background: bool = True, replica
         prompts = await run_in_threadpool(_completion_prompts, rt, body, settings.ctx_size, settings.default_max_tokens)
         prediction = await run_in_threadpool(_prediction, rt, body)
         requests = _requests(body, prompts, settings, prediction)
-        call = Call(rt.scheduler, [r for r, _ in requests], body.stream, body.stops)
+        record = served(rt, "cmpl", [prompts[p_index] for _, p_index in requests])
+        call = Call(rt.scheduler, [r for r, _ in requests], body.stream, body.stops, record)
         n_prompt = sum(len(p) for p in prompts)
         if body.stream:
             return _sse(_openai_completion_stream(call, rt.model_id, http, body, n_prompt), call)
@@ -255,7 +276,8 @@ def create_app(settings: ServeSettings, load_in_background: bool = True, replica
             body = body.model_copy(update={"max_tokens": body.max_completion_tokens})
         prediction = await run_in_threadpool(_prediction, rt, body)
         requests = _requests(body, [prompt], settings, prediction)
-        call = Call(rt.scheduler, [r for r, _ in requests], body.stream, body.stops)
+        record = served(rt, "chatcmpl", [prompt] * len(requests))
+        call = Call(rt.scheduler, [r for r, _ in requests], body.stream, body.stops, record)
         if body.stream:
             return _sse(_chat_stream(call, rt.model_id, http, body, len(prompt)), call)
         results = await call.results(http)
@@ -327,6 +349,11 @@ def create_app(settings: ServeSettings, load_in_background: bool = True, replica
         return formats.native_body(rt.model_id, results[0].finished, prompt_text)
 
     return app
+
+
+def _log_failure(future) -> None:
+    if future.exception() is not None:
+        log.error("recording a served completion failed", exc_info=future.exception())
 
 
 # ---- request building (pure, tested on their own) ---------------------------------------

@@ -47,8 +47,13 @@ def openai_finish_reason(reason: str | None) -> str | None:
 
 
 class Call:
-    def __init__(self, scheduler: Scheduler, requests: Sequence[Request], stream: bool, stops: Sequence[str]):
+    def __init__(self, scheduler: Scheduler, requests: Sequence[Request], stream: bool, stops: Sequence[str],
+                 on_done: Callable[[Call, list[tuple[int, Finished]]], None] | None = None):  # fmt: skip
+        """on_done: called once, on the event loop, with the call and every choice's result when all have
+        finished."""
         self.id = uuid.uuid4().hex
+        self.requests = list(requests)
+        self._on_done = on_done
         self.created = int(time.time())
         self.scheduler = scheduler
         self.loop = asyncio.get_running_loop()
@@ -107,10 +112,16 @@ class Call:
                     self.open.discard(index)
         finally:
             self.cancel()
+        self._done(done)
         return [ChoiceResult(i, done[i]) for i in sorted(done)]
+
+    def _done(self, done: dict[int, Finished]) -> None:
+        if self._on_done is not None and len(done) == len(self.requests):
+            self._on_done(self, sorted(done.items()))
 
     async def deltas(self, http: HTTPRequest) -> AsyncIterator[ChoiceDelta]:
         """Text as it is committed, per choice; each choice's last delta carries its finish reason."""
+        done: dict[int, Finished] = {}
         try:
             while self.open:
                 got = await self._next(http)
@@ -125,8 +136,10 @@ class Call:
                         yield ChoiceDelta(index, text, None)
                 elif isinstance(event, Finished):
                     self.open.discard(index)
+                    done[index] = event
                     gen = event.generation
                     text = self.cursors[index].advance(gen.text, final=True)
                     yield ChoiceDelta(index, text, openai_finish_reason(gen.finish_reason), event)
+            self._done(done)
         finally:
             self.cancel()  # a client that disconnects mid-stream frees its sequences

@@ -172,6 +172,7 @@ class EventRequest(_Body):
     view_id: str | None = None
     elapsed: int | None = Field(None, ge=0)  # milliseconds from view to select
     select_kind: Literal["line"] | None = None
+    repository: str | None = Field(None, max_length=500)  # an extension: the project the completion was used in
 
 
 MAX_VERIFY_DRAFT = 64  # draft tokens one verification takes

@@ -44,6 +44,9 @@ class ServeSettings(BaseSettings):
     default_max_tokens: int = Field(256, ge=1)  # when a request names none (OpenAI's legacy default is 16)
     api_key: str | None = None  # required as "Authorization: Bearer <key>" when set
     events_db: Path | None = None  # /v1/events store (default: events.sqlite in the codeaccel cache)
+    # accepted completions (select events of served choices): sqlite:///PATH, a path, or postgresql://...
+    # (default: the events' SQLite file)
+    accepted_store: str | None = None
 
 
 def load_settings(config_file: Path | None = None, **flags) -> ServeSettings:

@@ -1,0 +1,153 @@
+"""The accepted-completion store, on SQLite and on a real PostgreSQL server started here.
+
+Contract: an add returns once the row is durable (kill -9 of the writer loses no acknowledged
+row), ids increase, ``items(after_id)`` reads what is new since a training run, a ``select``
+of a served choice stores its text, and many threads may write at once.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+from codeaccel.errors import CodeaccelError
+from codeaccel.personalization.store import Accepted, open_store
+from postgres_server import PostgresServer, pg_bin
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    if pg_bin() is None:
+        pytest.skip("PostgreSQL's server binaries are missing (make install adds Debian's postgresql)")
+    with PostgresServer() as server:
+        yield server
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'accepted.sqlite'}"
+    server = request.getfixturevalue("postgres")
+    with open_store(server.url) as store:  # a clean table for each test
+        store._run("DROP TABLE IF EXISTS accepted")
+        store._run("DROP TABLE IF EXISTS served")
+    return server.url
+
+
+def test_add_then_read_back_in_order(store_url):
+    with open_store(store_url) as store:
+        ids = [store.add(Accepted(f"def f{i}(", f"x): return {i}", repository="click")) for i in range(5)]
+        assert ids == sorted(ids) and len(set(ids)) == 5
+        assert store.count() == 5 and store.count(after_id=ids[2]) == 2
+        newer = store.items(after_id=ids[2])
+        assert [s.item.completion for s in newer] == ["x): return 3", "x): return 4"]
+        assert newer[0].item.repository == "click" and newer[0].item.source == "feedback"
+        assert [s.id for s in store.items(limit=2)] == ids[:2]
+    with open_store(store_url) as again:  # reopened: all still there
+        assert again.count() == 5
+
+
+def test_a_select_event_stores_the_served_choice(store_url):
+    with open_store(store_url) as store:
+        store.record_served("cmpl-1", [(0, "prompt A", "completion 0"), (1, "prompt A", "completion 1")], "m")
+        store.record_served("cmpl-1", [(0, "prompt A", "changed")], "m")  # a retry never rewrites what was served
+        row_id = store.accept_served("cmpl-1", 1, repository="repo")
+        assert row_id is not None
+        [stored] = store.items()
+        assert (stored.item.prompt, stored.item.completion, stored.item.source) == ("prompt A", "completion 1", "event")
+        assert stored.item.completion_id == "cmpl-1" and stored.item.model == "m"
+        assert store.accept_served("cmpl-unknown", 0) is None
+        store.record_served("cmpl-2", [(0, "p", "")], "m")
+        assert store.accept_served("cmpl-2", 0) is None  # nothing to learn from an empty completion
+        assert store.count() == 1
+
+
+def test_concurrent_writers_get_unique_ids(store_url):
+    with open_store(store_url) as store:
+        got: list[int] = []
+        lock = threading.Lock()
+
+        def write(t):
+            for i in range(25):
+                row = store.add(Accepted(f"p{t}", f"c{i}"))
+                with lock:
+                    got.append(row)
+
+        threads = [threading.Thread(target=write, args=(t,)) for t in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(set(got)) == 150 and store.count() == 150
+
+
+WRITER = textwrap.dedent(
+    """
+    import sys
+    from codeaccel.personalization.store import Accepted, open_store
+    store = open_store(sys.argv[1])
+    i = 0
+    while True:
+        row = store.add(Accepted("prompt " * 50, f"completion {i}"))
+        print(row, flush=True)  # acknowledged: the row is durable
+        i += 1
+    """
+)
+
+
+def test_kill_9_during_writes_loses_no_acknowledged_row(store_url):
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, store_url], stdout=subprocess.PIPE, text=True)
+    acknowledged = []
+    deadline = time.time() + 30
+    while len(acknowledged) < 40 and time.time() < deadline:
+        line = writer.stdout.readline()
+        if line:
+            acknowledged.append(int(line))
+    os.kill(writer.pid, signal.SIGKILL)  # mid-write: it never stops between rows
+    writer.wait()
+    acknowledged += [int(line) for line in writer.stdout.read().split()]  # acknowledged before the kill
+    assert len(acknowledged) >= 40
+    with open_store(store_url) as store:
+        stored = {s.id for s in store.items()}
+    assert set(acknowledged) <= stored
+
+
+@pytest.mark.parametrize("url", ["mysql://x", "http://host/db"])
+def test_unknown_store_urls_are_refused(url):
+    with pytest.raises(CodeaccelError):
+        open_store(url)
+
+
+def test_an_unreachable_postgres_is_a_setup_error(tmp_path):
+    with pytest.raises(CodeaccelError, match="cannot connect") as refused:
+        open_store(f"postgresql://nobody:secret@/db?host={tmp_path}&port=1&connect_timeout=2")
+    assert "secret" not in str(refused.value)
+
+
+def test_an_accepted_completion_needs_text():
+    with pytest.raises(CodeaccelError):
+        Accepted("", "x")
+    with pytest.raises(CodeaccelError):
+        Accepted("p", "c", source="guess")
+
+
+def test_feedback_add_and_list_from_the_command_line(tmp_path):
+    store = f"sqlite:///{tmp_path / 'a.sqlite'}"
+    (tmp_path / "completion.py").write_text("    return a + b\n")
+    run = [sys.executable, "-m", "codeaccel", "feedback"]
+    completion = f"@{tmp_path / 'completion.py'}"
+    added = subprocess.run([*run, "add", "--prompt", "def add(a, b):\n", "--completion", completion,
+                            "--repository", "demo", "--store", store], capture_output=True, text=True)  # fmt: skip
+    assert added.returncode == 0, added.stderr
+    listed = subprocess.run([*run, "list", "--store", store], capture_output=True, text=True)
+    assert "1 accepted completions" in listed.stdout and "demo" in listed.stdout
+    with open_store(store) as s:
+        [row] = s.items()
+    assert row.id == int(added.stdout) and row.item.completion == "    return a + b\n"
