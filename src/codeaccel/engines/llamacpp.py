@@ -111,6 +111,36 @@ class LlamaCppEngine(Engine):
         # the batch carries token ids, or input embeddings  # [n_batch, n_embd] for a reduced model
         self._batch = self.new_batch(n_batch, self.max_tree_branches)
         self._chat_formatter = None
+        self._adapters: dict[str, object] = {}  # LoRA file -> its llama_adapter_lora (freed in close)
+        self.lora_path: Path | None = None  # the adapter this engine's context applies
+
+    # ---- LoRA adapters (a fine-tuned draft, swapped in while the model stays loaded) -----
+    def lora_adapter(self, path: Path):
+        """The adapter in a GGUF LoRA file, loaded once per model."""
+        key = str(Path(path).resolve())
+        if key not in self._adapters:
+            adapter = self._llama_cpp.llama_adapter_lora_init(self._model, key.encode())
+            if not adapter:
+                raise UserError(f"llama.cpp could not load the LoRA adapter {path} for {self.model_name}")
+            self._adapters[key] = adapter
+        return self._adapters[key]
+
+    def apply_lora(self, ctx, path: Path | None, scale: float = 1.0) -> None:
+        """Make context ``ctx`` (this engine's, or a sequence set's on its model) apply ``path`` (None: none)."""
+        lc = self._llama_cpp
+        if path is None:
+            status = lc.llama_set_adapters_lora(ctx, None, 0, None)
+        else:
+            adapters = (lc.llama_adapter_lora_p_ctypes * 1)(self.lora_adapter(path))
+            status = lc.llama_set_adapters_lora(ctx, adapters, 1, (ctypes.c_float * 1)(scale))
+        if status:
+            raise InternalError(f"llama.cpp could not set the LoRA adapter {path} (status {status})")
+
+    def set_lora(self, path: Path | None, scale: float = 1.0) -> None:
+        """Swap this engine's adapter (None: the base model); the cache, made with other weights, is cleared."""
+        self.apply_lora(self._ctx, path, scale)
+        self.lora_path = None if path is None else Path(path)
+        self.reset()
 
     def _load_reduced(self, vocabulary: DraftVocabulary, path: Path):
         """Load the reduced model (kept as ``_own_model``) and the original's embeddings; check they fit."""
@@ -292,6 +322,9 @@ class LlamaCppEngine(Engine):
         if getattr(self, "_ctx", None):
             self._llama_cpp.llama_free(self._ctx)
             self._ctx = None
+        for adapter in getattr(self, "_adapters", {}).values():  # before their model
+            self._llama_cpp.llama_adapter_lora_free(adapter)
+        self._adapters = {}
         if getattr(self, "_own_model", None):
             self._llama_cpp.llama_model_free(self._own_model)
             self._own_model = None

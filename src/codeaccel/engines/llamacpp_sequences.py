@@ -100,6 +100,13 @@ class LlamaCppSequences(SequenceSet):
         empty = np.empty((0, self.n_vocab), dtype=np.float32)
         return {seq: np.stack(r) if r else empty for seq, r in out.items()}
 
+    def set_lora(self, path, scale: float = 1.0) -> None:
+        """Evaluate with the LoRA adapter in GGUF file ``path`` from now on (None: the base model).
+
+        The caches already held were made with the other weights: a draft model's sequences stay
+        usable (drafts are verified anyway), a target's must be cleared by the caller."""
+        self.engine.apply_lora(self._ctx, path, scale)
+
     def free(self) -> None:
         if getattr(self, "_batch", None) is not None:
             self._llama_cpp.llama_batch_free(self._batch)
