@@ -58,6 +58,8 @@ class Engine(abc.ABC):
 
     #: most leaves a token tree may have (branches verified at once)
     max_tree_branches: int = 8
+    #: the LoRA adapter the engine applies (set_lora, where an engine has it), else None
+    lora_path = None
 
     def __init__(self, model_name: str, n_vocab: int, n_ctx: int, eog_token_ids: frozenset[int]):
         self.model_name = model_name

@@ -145,5 +145,24 @@ class HFEngine(Engine):
         else:  # transformers 5 crops by a negative count of tokens to remove
             self._cache.crop(n_tokens - len(self._tokens))
 
+    # ---- LoRA adapters (peft): a fine-tuned draft swapped in while the base stays loaded ----
+    def set_lora(self, adapter_dir: Path | None) -> None:
+        """Evaluate with the peft adapter in ``adapter_dir`` (None: the base model); the cache is cleared."""
+        import peft  # the personalization extra
+
+        self.reset()
+        if adapter_dir is None:
+            if isinstance(self.model, peft.PeftModel):
+                self.model = self.model.unload()  # the adapter layers out: the base model's own weights
+            self.lora_path = None
+            return
+        if isinstance(self.model, peft.PeftModel):
+            self.model = self.model.unload()
+        try:
+            self.model = peft.PeftModel.from_pretrained(self.model, str(adapter_dir)).eval()
+        except (OSError, ValueError) as exc:
+            raise UserError(f"peft could not load the adapter {adapter_dir}: {exc}") from None
+        self.lora_path = Path(adapter_dir)
+
     def close(self) -> None:
         self._cache = None

@@ -112,7 +112,6 @@ class LlamaCppEngine(Engine):
         self._batch = self.new_batch(n_batch, self.max_tree_branches)
         self._chat_formatter = None
         self._adapters: dict[str, object] = {}  # LoRA file -> its llama_adapter_lora (freed in close)
-        self.lora_path: Path | None = None  # the adapter this engine's context applies
 
     # ---- LoRA adapters (a fine-tuned draft, swapped in while the model stays loaded) -----
     def lora_adapter(self, path: Path):

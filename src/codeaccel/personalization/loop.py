@@ -1,0 +1,141 @@
+"""Tune, validate, then promote: one turn of the personalization loop.
+
+Once at least ``threshold`` accepted completions are newer than the last tuning's, a copy of the
+draft is fine-tuned with LoRA on the training part of all accepted completions (every
+``held_out_every``-th one, by id, is held out), on the text the user accepted or on the target's
+own greedy continuation of each prompt (``teach``). The candidate is validated against the live
+draft (the last promoted version, or the base model) on the held-out completions: mean accepted
+length of greedy speculative decoding with k-token drafts against the target's continuations,
+both drafts on llama.cpp, the engine that serves them. It is promoted only if it is strictly
+better (:func:`should_promote`); either way the version and its measurements are kept.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from codeaccel.decoding.autoregressive import generate
+from codeaccel.decoding.sampling import SamplingParams
+from codeaccel.engines import Engine, load_engine
+from codeaccel.errors import UserError
+from codeaccel.personalization.acceptance import AcceptanceStats, Continuation, measure_acceptance
+from codeaccel.personalization.finetune import TrainingExample, TuneConfig, TuneReport, finetune
+from codeaccel.personalization.store import AcceptedStore, StoredAccepted
+from codeaccel.personalization.versions import DraftVersion, DraftVersions
+
+log = logging.getLogger(__name__)
+
+Teach = Literal["target", "accepted"]
+
+
+def should_promote(candidate: AcceptanceStats, live: AcceptanceStats) -> bool:
+    """Promote only a draft measured on something and strictly better than the live one."""
+    return candidate.verifications > 0 and candidate.mean_accepted_len > live.mean_accepted_len
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    threshold: int = 50  # new accepted completions that start a tuning
+    held_out_every: int = 5  # accepted completions whose id is a multiple of this validate, never train
+    teach: Teach = "target"
+    continuation_tokens: int = 64  # the target's continuation of each prompt (teach and validation)
+    k: int = 4  # draft tokens per verification in the acceptance measurement
+    tune: TuneConfig = field(default_factory=TuneConfig)
+
+    def __post_init__(self) -> None:
+        if self.threshold < 1 or self.held_out_every < 2 or self.continuation_tokens < 1 or self.k < 1:
+            raise UserError("loop settings: threshold >= 1, held out every >= 2, continuation tokens >= 1, k >= 1")
+        if self.teach not in ("target", "accepted"):
+            raise UserError(f"teach is 'target' or 'accepted', got {self.teach!r}")
+
+
+@dataclass
+class LoopResult:
+    version: DraftVersion
+    promoted: bool
+    live_name: str | None  # the draft it was validated against (None: the base model)
+    live: AcceptanceStats
+    candidate: AcceptanceStats
+    tune: TuneReport
+    n_train: int
+    n_held_out: int
+
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+def target_continuations(target: Engine, prompts: Sequence[list[int]], n_tokens: int,
+                         progress: Progress | None = None) -> list[tuple[int, ...]]:  # fmt: skip
+    """The target's greedy continuation of each prompt (EOS kept: the draft must predict it too)."""
+    out = []
+    for i, prompt in enumerate(prompts):
+        target.reset()
+        out.append(tuple(generate(target, prompt[-(target.n_ctx - n_tokens - 1) :], SamplingParams(), n_tokens).tokens))
+        if progress is not None:
+            progress("target continuations", i + 1, len(prompts))
+    target.reset()
+    return out
+
+
+def split(items: Sequence[StoredAccepted], every: int) -> tuple[list[StoredAccepted], list[StoredAccepted]]:
+    """(train, held out): an id that is a multiple of ``every`` is held out, for every tuning alike."""
+    return [s for s in items if s.id % every], [s for s in items if not s.id % every]
+
+
+def run_tuning(store: AcceptedStore, versions: DraftVersions, draft_model: str, target_model: str,
+               config: LoopConfig, progress: Progress | None = None, force: bool = False) -> LoopResult | None:  # fmt: skip
+    """One turn of the loop; None when fewer than ``threshold`` new accepted completions (unless ``force``)."""
+    report = progress or (lambda *_: None)
+    newest = versions.last_trained_id()
+    if not force and store.count(after_id=newest) < config.threshold:
+        return None
+    items = store.items()
+    train_items, held_items = split(items, config.held_out_every)
+    if not train_items or not held_items:
+        raise UserError(f"{len(items)} accepted completions: too few to hold some out (one in {config.held_out_every})")
+    target = load_engine(target_model)
+    try:
+        held_prompts = [target.tokenize(s.item.prompt) for s in held_items]
+        train_prompts = [target.tokenize(s.item.prompt) for s in train_items]
+        held_targets = target_continuations(target, held_prompts, config.continuation_tokens, report)
+        if config.teach == "target":
+            completions = target_continuations(target, train_prompts, config.continuation_tokens, report)
+        else:
+            completions = [tuple(target.tokenize(s.item.completion, special=False)) for s in train_items]
+    finally:
+        target.close()
+    examples = [TrainingExample(tuple(p), c) for p, c in zip(train_prompts, completions)]
+    held = [Continuation(tuple(p), t) for p, t in zip(held_prompts, held_targets) if t]
+    version = versions.create()
+    hf_draft = load_engine(draft_model, "hf", dtype="float32")
+    try:
+        tuned = finetune(hf_draft.model, examples, config.tune, version.path,
+                         lambda s, n, loss: report(f"fine-tuning (loss {loss:.3f})", s, n))  # fmt: skip
+    finally:
+        hf_draft.close()
+    live_version = versions.live()
+    draft = load_engine(draft_model)
+    try:
+        report("validating", 0, 2)
+        draft.set_lora(live_version.gguf if live_version is not None else None)
+        live = measure_acceptance(draft, held, config.k)
+        report("validating", 1, 2)
+        draft.set_lora(tuned.gguf_path)
+        candidate = measure_acceptance(draft, held, config.k)
+        report("validating", 2, 2)
+    finally:
+        draft.close()
+    promoted = should_promote(candidate, live)
+    versions.record(version.name, status="validated", last_accepted_id=max(s.id for s in items),
+                    n_train=len(examples), n_held_out=len(held), teach=config.teach, tune=tuned.to_record(),
+                    live=live_version.name if live_version else None, live_acceptance=live.to_record(),
+                    acceptance=candidate.to_record(), draft_model=draft_model, target_model=target_model)  # fmt: skip
+    if promoted:
+        version = versions.promote(version.name)
+    log.info("draft %s: mean accepted length %.3f vs live %.3f: %s", version.name, candidate.mean_accepted_len,
+             live.mean_accepted_len, "promoted" if promoted else "kept, not promoted")  # fmt: skip
+    return LoopResult(version, promoted, live_version.name if live_version else None, live, candidate, tuned,
+                      len(examples), len(held))  # fmt: skip

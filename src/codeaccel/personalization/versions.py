@@ -1,0 +1,119 @@
+"""Versions of the tuned draft: each tuning's adapter kept in its own folder, one of them live.
+
+``versions.json`` in the registry's folder names the live version and the ones promoted before
+it (``rollback`` returns to the previous one; the base model when none is left), and each
+version's record: when it was made, from which accepted completions, how long it trained, and
+the acceptance measured against the live draft when it was validated. Writes are atomic (a new
+file renamed over the old one) under an exclusive file lock, so a server reading the live
+version while a tuning promotes one never sees half a file.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from codeaccel.errors import UserError
+
+
+@dataclass(frozen=True)
+class DraftVersion:
+    name: str  # v1, v2, ...
+    path: Path  # its folder: adapter/ (peft) and adapter.gguf (llama.cpp)
+    record: dict
+
+    @property
+    def gguf(self) -> Path:
+        return self.path / "adapter.gguf"
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.path / "adapter"
+
+
+class DraftVersions:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._file = self.root / "versions.json"
+
+    @contextmanager
+    def _locked(self) -> Iterator[dict]:
+        """The registry, read under an exclusive lock and written back atomically."""
+        with open(self.root / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            state = self._read()
+            yield state
+            tmp = self._file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(state, indent=1))
+            os.replace(tmp, self._file)
+
+    def _read(self) -> dict:
+        if not self._file.is_file():
+            return {"live": None, "history": [], "versions": {}}
+        return json.loads(self._file.read_text())
+
+    def _version(self, state: dict, name: str) -> DraftVersion:
+        return DraftVersion(name, self.root / name, state["versions"][name])
+
+    # ---- reading ---------------------------------------------------------------------
+    def list(self) -> list[DraftVersion]:
+        state = self._read()
+        return [self._version(state, n) for n in sorted(state["versions"], key=lambda n: int(n[1:]))]
+
+    def live(self) -> DraftVersion | None:
+        state = self._read()
+        return None if state["live"] is None else self._version(state, state["live"])
+
+    def last_trained_id(self) -> int:
+        """The newest accepted completion any version was trained on (0: none)."""
+        return max((v.record.get("last_accepted_id", 0) for v in self.list()), default=0)
+
+    # ---- writing ---------------------------------------------------------------------
+    def create(self) -> DraftVersion:
+        """A new, empty version folder (not live)."""
+        with self._locked() as state:
+            n = 1 + max((int(v[1:]) for v in state["versions"]), default=0)
+            name = f"v{n}"
+            (self.root / name).mkdir()
+            state["versions"][name] = {"created_at": time.time(), "status": "training"}
+            return self._version(state, name)
+
+    def record(self, name: str, **fields) -> None:
+        with self._locked() as state:
+            self._known(state, name)
+            state["versions"][name].update(fields)
+
+    def promote(self, name: str) -> DraftVersion:
+        """Make ``name`` the live draft (the one before it is kept for rollback)."""
+        with self._locked() as state:
+            self._known(state, name)
+            if not (self.root / name / "adapter.gguf").is_file():
+                raise UserError(f"draft version {name} has no adapter (its tuning did not finish)")
+            if state["live"] is not None and state["live"] != name:
+                state["history"].append(state["live"])
+            state["live"] = name
+            state["versions"][name]["status"] = "live"
+            state["versions"][name]["promoted_at"] = time.time()
+            return self._version(state, name)
+
+    def rollback(self) -> DraftVersion | None:
+        """Back to the version live before the current one (None: the base model)."""
+        with self._locked() as state:
+            if state["live"] is None:
+                raise UserError("no tuned draft is live: nothing to roll back")
+            state["versions"][state["live"]]["status"] = "rolled back"
+            state["live"] = state["history"].pop() if state["history"] else None
+            return None if state["live"] is None else self._version(state, state["live"])
+
+    @staticmethod
+    def _known(state: dict, name: str) -> None:
+        if name not in state["versions"]:
+            known = ", ".join(sorted(state["versions"])) or "none"
+            raise UserError(f"no draft version {name!r} (versions: {known})")

@@ -1,0 +1,105 @@
+"""The draft's LoRA fine-tuning and the acceptance it is judged by (tiny transformers models).
+
+Contract: replaying drafts over match flags counts exactly what greedy speculative decoding
+commits; fine-tuning lowers the loss on its examples, leaves the base model as it was, and
+writes a peft adapter and a GGUF one; a draft tuned on the target's continuations is accepted
+more on them; the hf engine swaps the adapter in and out.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from codeaccel.decoding.autoregressive import generate
+from codeaccel.decoding.sampling import SamplingParams
+from codeaccel.engines import load_engine
+from codeaccel.errors import CodeaccelError
+from codeaccel.personalization.acceptance import AcceptanceStats, Continuation, measure_acceptance, replay
+from codeaccel.personalization.finetune import TrainingExample, TuneConfig, finetune
+
+PROMPTS = ["def add(a, b):\n", "import json\n", "class Decoder:\n", "    for i in range(", "x = [1, 2]\n",
+           "def parse(text):\n", "    return ", "if __name__ == "]  # fmt: skip
+
+
+def test_replay_counts_what_greedy_speculation_commits():
+    # k = 2 over T T F T T T F: calls commit [T T] + bonus (3), then F -> 1, then [T T] + bonus ... ends at 7
+    stats = replay([True, True, True, False, True, True, False], k=2)
+    # positions: 0-1 accepted, 2 is the target's own (3 tokens); 3 accepted? drafts at 3..4: T? index 3 is False
+    assert (stats.verifications, stats.committed_tokens) == (3, 7)
+    assert stats.accepted_tokens == 2 + 0 + 2 and stats.drafted_tokens == 2 + 2 + 2
+    assert stats.mean_accepted_len == pytest.approx(7 / 3)
+    all_wrong = replay([False] * 5, k=4)
+    assert all_wrong.mean_accepted_len == 1.0 and all_wrong.acceptance_rate == 0.0
+    all_right = replay([True] * 10, k=4)
+    assert all_right.verifications == 2 and all_right.committed_tokens == 10  # 5 + 5 (4 drafted, 1 bonus)
+    with pytest.raises(CodeaccelError):
+        replay([True], k=0)
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_hf, tiny_hf_draft):
+    target = load_engine(tiny_hf, "hf", dtype="float32", n_ctx=512)
+    draft = load_engine(tiny_hf_draft, "hf", dtype="float32", n_ctx=512)
+    yield target, draft
+    draft.close()
+    target.close()
+
+
+def _continuations(target, n_tokens=24):
+    out = []
+    for text in PROMPTS:
+        prompt = target.tokenize(text)
+        target.reset()
+        tokens = generate(target, prompt, SamplingParams(), n_tokens).tokens
+        out.append(Continuation(tuple(prompt), tuple(tokens)))
+    return out
+
+
+def test_tuning_on_the_targets_continuations_raises_acceptance_and_leaves_the_base(pair, tmp_path):
+    target, draft = pair
+    held = _continuations(target)
+    before = measure_acceptance(draft, held, k=4)
+    probe = draft.tokenize(PROMPTS[0])
+    base_logits = draft.eval(probe)
+    draft.reset()
+    examples = [TrainingExample(c.prompt_tokens, c.target_tokens) for c in held]
+    steps = []
+    config = TuneConfig(rank=8, alpha=16, learning_rate=1e-2, epochs=12, max_seconds=120, permute_qk=False)
+    report = finetune(draft.model, examples, config, tmp_path, progress=lambda s, t, loss: steps.append((s, t)))
+    assert report.steps == len(examples) * 12 == len(steps) and steps[-1] == (report.steps, report.steps)
+    assert report.stopped_by == "epochs" and report.peak_rss_mb > 0
+    assert np.mean(report.losses[-8:]) < 0.5 * np.mean(report.losses[:8])
+    assert (report.adapter_dir / "adapter_config.json").is_file() and report.gguf_path.is_file()
+    np.testing.assert_allclose(draft.eval(probe), base_logits, atol=1e-5)  # the base is untouched
+    draft.set_lora(report.adapter_dir)
+    after = measure_acceptance(draft, held, k=4)
+    draft.set_lora(None)
+    assert after.mean_accepted_len > before.mean_accepted_len + 0.5
+    assert measure_acceptance(draft, held, k=4).mean_accepted_len == before.mean_accepted_len  # swapped back
+
+
+def test_the_gguf_adapter_of_a_tuning_loads_in_llama_cpp(pair, tiny_gguf_draft, tmp_path):
+    _, draft = pair
+    examples = [TrainingExample(tuple(draft.tokenize(p)), tuple(draft.tokenize(" pass\n"))) for p in PROMPTS]
+    report = finetune(draft.model, examples, TuneConfig(epochs=1, learning_rate=5e-2, permute_qk=False), tmp_path)
+    engine = load_engine(tiny_gguf_draft, n_ctx=256)
+    try:
+        tokens = engine.tokenize(PROMPTS[0])
+        base = engine.eval(tokens)
+        engine.set_lora(report.gguf_path)
+        assert np.abs(engine.eval(tokens) - base).max() > 1e-3
+    finally:
+        engine.close()
+
+
+def test_limits_stop_the_training(pair, tmp_path):
+    _, draft = pair
+    examples = [TrainingExample(tuple(draft.tokenize(p)), tuple(draft.tokenize(" pass"))) for p in PROMPTS]
+    by_steps = finetune(draft.model, examples, TuneConfig(max_steps=3, permute_qk=False), tmp_path / "a")
+    assert (by_steps.steps, by_steps.stopped_by) == (3, "max_steps")
+    by_time = finetune(draft.model, examples, TuneConfig(epochs=50, max_seconds=0.2, permute_qk=False), tmp_path / "b")
+    assert by_time.stopped_by == "max_seconds" and by_time.steps < len(examples) * 50
+    with pytest.raises(CodeaccelError):
+        TuneConfig(rank=0)
+    assert AcceptanceStats().mean_accepted_len == 0.0

@@ -1,0 +1,114 @@
+"""Tune, validate, then promote; draft versions; adapters equal on both engines (tiny models).
+
+Contract: a version is promoted only when its mean accepted length on held-out completions is
+strictly above the live draft's (a worse draft is never promoted); versions are kept, and
+rollback returns to the one before (then the base model); the GGUF adapter of a tuning makes
+llama.cpp compute what transformers computes with the peft adapter.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from codeaccel.engines import load_engine
+from codeaccel.errors import CodeaccelError
+from codeaccel.personalization.acceptance import AcceptanceStats
+from codeaccel.personalization.finetune import TrainingExample, TuneConfig, finetune
+from codeaccel.personalization.loop import LoopConfig, run_tuning, should_promote
+from codeaccel.personalization.store import Accepted, open_store
+from codeaccel.personalization.versions import DraftVersions
+
+PROMPTS = ["def add(a, b):\n", "import json\n", "class Decoder:\n", "    for i in range(", "x = [1, 2]\n",
+           "def parse(text):\n", "    return ", "if __name__ == ", "with open(path) as f:\n", "try:\n"]  # fmt: skip
+
+
+def _stats(committed, verifications):
+    return AcceptanceStats(examples=1, verifications=verifications, committed_tokens=committed)
+
+
+def test_only_a_strictly_better_draft_is_promoted():
+    live = _stats(30, 10)  # 3.0 tokens per verification
+    assert should_promote(_stats(31, 10), live)
+    assert not should_promote(_stats(30, 10), live)  # as good is not better
+    assert not should_promote(_stats(20, 10), live)
+    assert not should_promote(AcceptanceStats(), AcceptanceStats())  # measured on nothing
+
+
+def test_versions_promote_rollback_and_refuse_what_is_not_ready(tmp_path):
+    versions = DraftVersions(tmp_path)
+    v1, v2 = versions.create(), versions.create()
+    assert (v1.name, v2.name) == ("v1", "v2") and versions.live() is None
+    with pytest.raises(CodeaccelError, match="no adapter"):
+        versions.promote("v1")
+    for v in (v1, v2):
+        (v.path / "adapter.gguf").write_bytes(b"x")
+    versions.promote("v1")
+    versions.promote("v2")
+    assert versions.live().name == "v2"
+    assert versions.rollback().name == "v1" and versions.live().name == "v1"
+    assert versions.rollback() is None and versions.live() is None  # the base model
+    with pytest.raises(CodeaccelError):
+        versions.rollback()
+    with pytest.raises(CodeaccelError, match="no draft version"):
+        versions.promote("v9")
+    versions.record("v1", last_accepted_id=7)
+    assert versions.last_trained_id() == 7 and [v.name for v in versions.list()] == ["v1", "v2"]
+    assert DraftVersions(tmp_path).list()[1].record["status"] == "rolled back"  # read back from disk
+
+
+def test_the_gguf_adapter_computes_what_peft_computes(tiny_gguf, tmp_path):
+    """transformers reads the tiny llama GGUF (its q/k rows un-permuted); the adapter is permuted back."""
+    hf = load_engine(tiny_gguf, "hf", dtype="float32", n_ctx=256)
+    cpp = load_engine(tiny_gguf, n_ctx=256)
+    try:
+        examples = [TrainingExample(tuple(hf.tokenize(p)), tuple(hf.tokenize(" return 1\n"))) for p in PROMPTS]
+        report = finetune(hf.model, examples, TuneConfig(epochs=3, learning_rate=3e-2), tmp_path)
+        tokens = cpp.tokenize("def parse(text):\n    return json")
+        base = cpp.eval(tokens)
+        cpp.reset()
+        hf.set_lora(report.adapter_dir)
+        cpp.set_lora(report.gguf_path)
+        tuned_hf, tuned_cpp = hf.eval(tokens), cpp.eval(tokens)
+        scale = np.abs(tuned_hf).max()
+        assert np.abs(tuned_hf - base).max() > 0.05 * scale  # the tuning moved the model
+        np.testing.assert_allclose(tuned_cpp, tuned_hf, atol=0.01 * scale)
+    finally:
+        cpp.close()
+        hf.close()
+
+
+@pytest.fixture
+def accepted(tmp_path):
+    store = open_store(tmp_path / "accepted.sqlite")
+    for _ in range(3):  # each prompt three times: held-out prompts were also trained on
+        for p in PROMPTS:
+            store.add(Accepted(p, " pass\n", repository="demo"))
+    yield store
+    store.close()
+
+
+def test_a_tuning_turn_is_validated_and_promoted_only_if_better(accepted, tiny_gguf, tiny_gguf_draft, tmp_path):
+    versions = DraftVersions(tmp_path / "drafts")
+    config = LoopConfig(threshold=20, continuation_tokens=16,
+                        tune=TuneConfig(epochs=8, learning_rate=2e-2, max_seconds=120))  # fmt: skip
+    stages = set()
+    result = run_tuning(accepted, versions, tiny_gguf_draft, tiny_gguf, config, lambda s, d, n: stages.add(s[:8]))
+    assert result is not None and result.n_held_out == 6 and result.n_train == 24
+    assert {"target c", "fine-tun", "validati"} <= stages
+    assert result.promoted == (result.candidate.mean_accepted_len > result.live.mean_accepted_len)
+    assert result.promoted  # trained on the target's own continuations of these very prompts
+    assert versions.live().name == result.version.name == "v1"
+    record = versions.live().record
+    assert record["n_train"] == 24 and record["last_accepted_id"] == 30 and record["tune"]["steps"] > 0
+    assert run_tuning(accepted, versions, tiny_gguf_draft, tiny_gguf, config) is None  # nothing new since
+
+
+def test_a_worse_draft_is_never_promoted(accepted, tiny_gguf, tiny_gguf_draft, tmp_path):
+    versions = DraftVersions(tmp_path / "drafts")
+    ruin = LoopConfig(threshold=1, continuation_tokens=16, teach="accepted",
+                      tune=TuneConfig(epochs=4, learning_rate=1.0, max_seconds=60))  # fmt: skip
+    result = run_tuning(accepted, versions, tiny_gguf, tiny_gguf, ruin)  # the draft is the target: live = perfect
+    assert result.live.acceptance_rate == 1.0
+    assert not result.promoted and versions.live() is None
+    assert versions.list()[0].record["status"] == "validated"
