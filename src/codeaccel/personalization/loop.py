@@ -85,8 +85,8 @@ def split(items: Sequence[StoredAccepted], every: int) -> tuple[list[StoredAccep
     return [s for s in items if s.id % every], [s for s in items if not s.id % every]
 
 
-def run_tuning(store: AcceptedStore, versions: DraftVersions, draft_model: str, target_model: str,
-               config: LoopConfig, progress: Progress | None = None, force: bool = False) -> LoopResult | None:  # fmt: skip
+def run_tuning(store: AcceptedStore, versions: DraftVersions, draft_model: str, target_model: str, config: LoopConfig,
+               progress: Progress | None = None, force: bool = False) -> LoopResult | None:  # fmt: skip
     """One turn of the loop; None when fewer than ``threshold`` new accepted completions (unless ``force``)."""
     report = progress or (lambda *_: None)
     newest = versions.last_trained_id()
