@@ -18,6 +18,7 @@ LAZY = (
     "ray",
     "codeaccel.serve.replicas",
     "psycopg",
+    "peft",
 )  # + the web stack
 
 

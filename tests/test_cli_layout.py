@@ -38,6 +38,7 @@ def test_every_command_is_registered_in_its_order():
         "dataset",
         "cascade",
         "feedback",
+        "draft",
     ]
     assert list(group.commands["cascade"].commands) == ["run", "tune", "report"]
     assert list(group.commands["dataset"].commands) == ["build-edits"]

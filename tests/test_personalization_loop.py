@@ -112,3 +112,30 @@ def test_a_worse_draft_is_never_promoted(accepted, tiny_gguf, tiny_gguf_draft, t
     assert result.live.acceptance_rate == 1.0
     assert not result.promoted and versions.live() is None
     assert versions.list()[0].record["status"] == "validated"
+
+
+def test_draft_commands_train_list_promote_and_rollback(accepted, tiny_gguf, tiny_gguf_draft, tmp_path):
+    import subprocess
+    import sys
+
+    folder = tmp_path / "versions"
+    common = ["--draft-model", tiny_gguf_draft, "--versions", str(folder)]
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "codeaccel", "draft", *args], capture_output=True, text=True,
+                              timeout=600)  # fmt: skip
+
+    trained = cli("train", *common, "--target-model", tiny_gguf, "--store", str(accepted.path), "--threshold", "5",
+                  "--epochs", "6")  # fmt: skip
+    assert trained.returncode == 0, trained.stderr
+    assert "v1" in trained.stdout and "mean accepted length" in trained.stdout
+    listed = cli("list", *common)
+    assert listed.returncode == 0 and "v1" in listed.stdout
+    live = DraftVersions(folder).live()
+    if live is None:  # not better: promoting by hand still works
+        assert cli("promote", "v1", *common).stdout.strip() == "live: v1"
+    assert cli("rollback", *common).stdout.strip() == "live: base"
+    refused = cli("rollback", *common)
+    assert refused.returncode == 2 and refused.stderr.startswith("error:")
+    assert cli("promote", "v7", *common).returncode == 2
+    assert cli("train", *common, "--teach", "guess").returncode == 2

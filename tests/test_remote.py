@@ -215,3 +215,99 @@ def test_the_client_command_prints_the_targets_text(server, target, tiny_gguf_dr
     printable = lambda text: "".join(c for c in text if c.isprintable() or c == "\n").strip()  # noqa: E731
     assert printable(run.stdout) == printable(want) != ""
     assert "verifications" in run.stderr
+
+
+# ---- hot swap of the tuned draft -----------------------------------------------------------------
+def _adapter_versions(root, seeds=(1, 2)):
+    """A versions folder with one random adapter per seed (v1, v2, ...), none live."""
+    import numpy as np
+
+    import tiny_models
+    from codeaccel.personalization.lora_gguf import LoraWeights, write_gguf_lora
+    from codeaccel.personalization.versions import DraftVersions
+
+    versions = DraftVersions(root)
+    for seed in seeds:
+        rng = np.random.default_rng(seed)
+        v = versions.create()
+        pairs = {(layer, "mlp.up_proj"): (rng.standard_normal((4, tiny_models.N_EMBD)).astype(np.float32),
+                                          rng.standard_normal((tiny_models.N_FF, 4)).astype(np.float32))
+                 for layer in range(tiny_models.N_LAYER)}  # fmt: skip
+        write_gguf_lora(LoraWeights(pairs, 4.0), v.gguf, "llama", permute_qk=False)
+    return versions
+
+
+def test_the_server_swaps_its_draft_under_concurrent_requests(tiny_gguf, tiny_gguf_draft, target, tmp_path,
+                                                               monkeypatch):  # fmt: skip
+    from codeaccel.engines.cost_curve import CostCurve, save_cost_curve
+    from live_server import pin_flat_cost_curve
+
+    monkeypatch.setenv("CODEACCEL_CACHE_DIR", str(tmp_path / "cache"))
+    pin_flat_cost_curve("tiny")
+    relative = [1.0 if k <= 8 else 1.0 + 0.25 * (k - 8) for k in range(1, 33)]  # the draft 10x faster: it drafts
+    save_cost_curve(CostCurve("tiny-draft", "llama.cpp", None, 0, 1, list(range(1, 33)), [0.0001] * 32, relative))
+    versions = _adapter_versions(tmp_path / "versions")
+    versions.promote("v1")
+    settings = ServeSettings(model=tiny_gguf, method="draft-model", draft_model=tiny_gguf_draft, parallel=4,
+                             ctx_size=512, events_db=tmp_path / "e.sqlite", draft_versions=tmp_path / "versions",
+                             draft_poll_s=0.02)  # fmt: skip
+    prompts = [target.tokenize(p) for p in PROMPTS] * 4
+    want = [_alone(target, p, 24) for p in prompts]
+    stop = threading.Event()
+
+    def keep_swapping():
+        while not stop.is_set():
+            for action in (lambda: versions.promote("v2"), versions.rollback, versions.rollback,
+                           lambda: versions.promote("v1")):  # fmt: skip
+                action()
+                time.sleep(0.03)
+
+    with LiveServer(settings) as live:
+        follower = live.app.state.codeaccel.runtime.follower
+        assert follower.live == "v1"  # applied before serving
+        swapper = threading.Thread(target=keep_swapping)
+        swapper.start()
+        try:
+            with ThreadPoolExecutor(4) as pool:
+                answers = list(pool.map(lambda p: httpx.post(live.url + "/v1/completions", timeout=120, json={
+                    "prompt": p, "max_tokens": 24, "temperature": 0}), prompts))  # fmt: skip
+        finally:
+            stop.set()
+            swapper.join()
+        metrics = httpx.get(live.url + "/metrics").text
+    assert [a.status_code for a in answers] == [200] * len(prompts)
+    got = [a.json()["choices"][0]["text"] for a in answers]
+    assert got == [target.detokenize(w[: next((i for i, t in enumerate(w) if t in target.eog_token_ids), len(w))])
+                   for w in want]  # fmt: skip
+
+    def metric(name):
+        return float(next(line.split()[-1] for line in metrics.splitlines() if line.startswith(name)))
+
+    assert metric("codeaccel_draft_swaps_total") >= 2
+    assert metric("vllm:spec_decode_num_draft_tokens_total") > 0  # drafts were made, by changing drafts
+
+
+def test_the_client_swaps_its_draft_between_generations(server, target, tiny_gguf_draft, tmp_path):
+    versions = _adapter_versions(tmp_path / "versions")
+    engine = load_engine(tiny_gguf_draft, n_ctx=512)
+    prompt = target.tokenize(PROMPTS[0])
+    want = _alone(target, prompt, 20)
+    stop = threading.Event()
+    with RemoteDraftClient(engine, server.url, draft_tokens=3) as client:
+        swaps = []
+
+        def keep_swapping():
+            while not stop.is_set():
+                client.set_draft_lora([versions.list()[0].gguf, versions.list()[1].gguf, None][len(swaps) % 3])
+                swaps.append(engine.lora_path)
+
+        swapper = threading.Thread(target=keep_swapping)
+        swapper.start()
+        try:
+            got = [client.generate(prompt, max_tokens=20).tokens for _ in range(6)]
+        finally:
+            stop.set()
+            swapper.join()
+    engine.close()
+    assert got == [want] * 6
+    assert len(swaps) >= 2 and {s is None for s in swaps} == {True, False}  # adapters in and out meanwhile

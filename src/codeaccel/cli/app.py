@@ -20,6 +20,7 @@ from codeaccel.cli import (
     cascade,
     client,
     dataset,
+    draft,
     feedback,
     generate,
     index,
@@ -44,6 +45,7 @@ app.add_typer(sandbox.app, name="sandbox")
 app.add_typer(dataset.app, name="dataset")
 app.add_typer(cascade.app, name="cascade")
 app.add_typer(feedback.app, name="feedback")
+app.add_typer(draft.app, name="draft")
 app.command()(generate.generate)
 app.command()(profile.profile)
 app.command()(bench.bench)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -12,6 +13,7 @@ from codeaccel.cli.display import err, out
 from codeaccel.decoding.sampling import SamplingParams
 from codeaccel.engines import load_engine
 from codeaccel.errors import UserError
+from codeaccel.personalization.versions import DraftVersions
 from codeaccel.remote.client import RemoteDraftClient, server_model
 from codeaccel.remote.completion_cache import CompletionCache
 
@@ -32,6 +34,9 @@ def client(
     stop: Annotated[Optional[list[str]], typer.Option(help="Stop string (repeatable).")] = None,
     chat: Annotated[bool, typer.Option("--chat/--raw", help="Wrap the prompt in the model's chat template.")] = True,
     api_key: Annotated[Optional[str], typer.Option(envvar="CODEACCEL_API_KEY", help="The server's API key.")] = None,
+    draft_versions: Annotated[
+        Optional[Path], typer.Option(help="Draft with this folder's live tuned version (codeaccel draft).")
+    ] = None,
 ) -> None:
     """Generate with a local draft model, each draft verified by the server's target (SpeCoder's split)."""
     if prompt == "-":
@@ -47,6 +52,9 @@ def client(
     with load_engine(draft_model, engine) as draft:
         text = draft.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
         with RemoteDraftClient(draft, server, draft_tokens, CompletionCache(0), api_key) as remote:
+            live = DraftVersions(draft_versions).live() if draft_versions is not None else None
+            if live is not None:
+                remote.set_draft_lora(live.gguf)
             gen = remote.generate(draft.tokenize(text), params, max_tokens, tuple(stop or ()))
     out.print(gen.text, markup=False, highlight=False, soft_wrap=True)
     s = gen.stats

@@ -73,6 +73,23 @@ def counting_bar(label: str, total: int, console: Console | None = None) -> Iter
         yield lambda: bar.advance(task)
 
 
+@contextmanager
+def stage_bars(console: Console | None = None) -> Iterator[Callable[[str, int, int], None]]:
+    """A bar per stage of a long job, fed ``(stage, done, total)``; text after " (" in a stage's name is a
+    detail shown in its description (a loss), not a new stage."""
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    tasks: dict[str, TaskID] = {}
+    with Progress(*columns, console=console or err) as bars:
+
+        def update(stage: str, done: int, total: int) -> None:
+            key = stage.split(" (")[0]
+            if key not in tasks:
+                tasks[key] = bars.add_task(stage, total=total)
+            bars.update(tasks[key], completed=done, total=total, description=stage)
+
+        yield update
+
+
 _BENCH_COLUMNS = (
     TextColumn("[bold]{task.description}"),
     BarColumn(),

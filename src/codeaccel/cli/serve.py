@@ -42,6 +42,10 @@ def serve(
     max_queue: Annotated[Optional[int], typer.Option(help="Requests queued beyond the running ones.")] = None,
     api_key: Annotated[Optional[str], typer.Option(help="Require this bearer key.")] = None,
     events_db: Annotated[Optional[Path], typer.Option(help="SQLite file of /v1/events.")] = None,
+    draft_versions: Annotated[
+        Optional[Path],
+        typer.Option(help="With --method draft-model: follow this folder's live tuned draft (codeaccel draft)."),
+    ] = None,
     accepted_store: Annotated[
         Optional[str],
         typer.Option(help="Accepted completions: sqlite:///PATH, a path or postgresql://... (default: events file)."),
@@ -81,6 +85,7 @@ def serve(
         api_key=api_key,
         events_db=events_db,
         accepted_store=accepted_store,
+        draft_versions=draft_versions,
     )
     if replicas is not None:
         from codeaccel.serve.replicas import serve_replicas

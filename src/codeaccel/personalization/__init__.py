@@ -2,5 +2,10 @@
 
 * ``store``: accepted completions, and the completions the server served (so that a ``select``
   event names its text), in SQLite by default or PostgreSQL where servers share one store;
-  every write acknowledged only once it is durable.
+  every write acknowledged only once it is durable;
+* ``acceptance``: a draft's mean accepted length against the target's continuations;
+* ``finetune``: LoRA fine-tuning of the draft with peft, bounded in time and tokens;
+* ``lora_gguf``: the adapter as a GGUF file llama.cpp applies to the quantised base;
+* ``versions``: the tuned versions, one live, promote and rollback;
+* ``loop``: tune, validate against the live draft, promote only if strictly better.
 """

@@ -20,6 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from codeaccel.errors import UserError
+from codeaccel.models.registry import cache_dir, resolve_model
+
+
+def default_versions_dir(draft_model: str) -> Path:
+    """Where a draft model's tuned versions live by default: one folder per base draft."""
+    return cache_dir() / "drafts" / resolve_model(draft_model).name
 
 
 @dataclass(frozen=True)

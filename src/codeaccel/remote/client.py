@@ -13,10 +13,12 @@ A completion cache answers a prompt it has seen (with the same settings) without
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -81,6 +83,12 @@ class RemoteDraftClient:
         self.cache = cache if cache is not None else CompletionCache(0)
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.Client(base_url=server_url.rstrip("/"), headers=headers, timeout=timeout_s)
+        self._draft_lock = threading.Lock()  # a generation, or a swap of the draft's adapter
+
+    def set_draft_lora(self, gguf_adapter: Path | None) -> None:
+        """Draft with a tuned adapter from now on (None: the base draft); waits for a generation in progress."""
+        with self._draft_lock:
+            self.draft.set_lora(gguf_adapter)
 
     def close(self) -> None:
         self.http.close()
@@ -104,6 +112,13 @@ class RemoteDraftClient:
             stats = ClientStats(cache_hit=True)
             return ClientGeneration(cached.text, list(cached.tokens), cached.finish_reason,  # type: ignore[arg-type]
                                     time.perf_counter() - t0, stats)  # fmt: skip
+        with self._draft_lock:
+            generation = self._generate(list(prompt_tokens), params, max_tokens, stop, t0)
+        self.cache.put(key, CachedCompletion(tuple(generation.tokens), generation.text, generation.finish_reason))
+        return generation
+
+    def _generate(self, prompt_tokens: list[int], params: SamplingParams, max_tokens: int, stop: Sequence[str],
+                  t0: float) -> ClientGeneration:  # fmt: skip
         stats = ClientStats()
         checker = StopChecker(self.draft, stop, max_tokens)
         context = list(prompt_tokens)
@@ -127,7 +142,6 @@ class RemoteDraftClient:
             context += answer["tokens"]
             if finish is None and answer["finish_reason"] is not None:  # the server's context is full
                 finish = "length"
-        self.cache.put(key, CachedCompletion(tuple(checker.tokens), checker.text, finish))
         return ClientGeneration(checker.text, checker.tokens, finish, time.perf_counter() - t0, stats)
 
     def _verify(self, session_id: str, context: list[int], send_context: bool, draft: Draft, params: SamplingParams,

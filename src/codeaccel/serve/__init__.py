@@ -14,6 +14,7 @@ engine evaluation. Modules:
 * ``metrics``: Prometheus metrics (vLLM's and llama.cpp's speculative counter names);
 * ``events``: ``/v1/events`` (Tabby's schema), stored durably in SQLite;
 * ``sessions``: ``/v1/verify`` sessions, each remote draft client's committed context;
+* ``draft_follow``: the draft model follows a folder of tuned versions (the live one, swapped between steps);
 * ``errors``: every error mapped in one place to an OpenAI-style body;
 * ``body_limit``: a body over the limit refused with 413, with or without a length;
 * ``app``: ``create_app(settings)``, the routes, loading in the background (``/health`` 503 until loaded);

@@ -34,6 +34,7 @@ from codeaccel.engines.tokenizer import check_same_tokenizer
 from codeaccel.errors import UserError
 from codeaccel.methods.registry import RETRIEVAL_K_MAX
 from codeaccel.personalization.store import default_location, open_store
+from codeaccel.personalization.versions import DraftVersions
 from codeaccel.retrieval.acceptance_cache import AcceptanceCache
 from codeaccel.retrieval.datastore import open_datastores
 from codeaccel.retrieval.drafter import RetrievalDrafter
@@ -41,6 +42,7 @@ from codeaccel.retrieval.timing import RetrievalTiming
 from codeaccel.serve import formats
 from codeaccel.serve.body_limit import BodyLimit
 from codeaccel.serve.completions import Call
+from codeaccel.serve.draft_follow import DraftFollower
 from codeaccel.serve.errors import APIError, error_body, install_error_handlers
 from codeaccel.serve.events import EventStore
 from codeaccel.serve.metrics import ServerMetrics
@@ -75,8 +77,11 @@ class Runtime:
 
     drafter: Drafter | BatchDrafter | None = None
     draft_engine: Engine | None = None  # the draft model's (method draft-model)
+    follower: DraftFollower | None = None  # the tuned draft's live version, followed
 
     def close(self) -> None:
+        if self.follower is not None:
+            self.follower.stop()
         if not self.scheduler.stop():  # still inside an evaluation: freeing its context now would crash
             log.error("the scheduler did not stop; leaving the engine to the process's exit")
             return
@@ -112,9 +117,18 @@ class ServerState:
             scheduler = Scheduler(seqs, s.max_queue, self.metrics, drafter, curve,
                                   joint_lengths=s.draft_lengths == "joint", prefill_chunk=s.prefill_chunk,
                                   reuse_prefixes=s.prefix_cache)  # fmt: skip
+            follower = None
+            if s.draft_versions is not None:
+                if not isinstance(drafter, BatchDraftModel):
+                    raise UserError("--draft-versions needs --method draft-model")
+                follower = DraftFollower(DraftVersions(s.draft_versions), drafter.seqs.set_lora, scheduler,
+                                         self.metrics, s.draft_poll_s)  # fmt: skip
+                follower.apply_now()
             scheduler.start()
+            if follower is not None:
+                follower.start()
             self.runtime = Runtime(engine, seqs, scheduler, s.model_alias or engine.model_name, drafter,
-                                   draft_engine)  # fmt: skip
+                                   draft_engine, follower)  # fmt: skip
             log.warning("serving %s on %s with %s: %d sequences of %d tokens", engine.model_name, s.engine, s.method,
                         s.parallel, s.ctx_size)  # fmt: skip
         except Exception as exc:  # reported by /health and every endpoint, never a crash

@@ -45,6 +45,7 @@ class ServerMetrics:
             "codeaccel_batch_occupancy", "Sequences in the last decode step / sequences available", registry=r
         )
         self.decode_steps = Counter("codeaccel_decode_steps", "Batched decode evaluations", registry=r)
+        self.draft_swaps = Counter("codeaccel_draft_swaps", "Tuned draft versions swapped in (or back out)", registry=r)
         self.spec = {}
         for prefix in ("vllm:", "llamacpp:"):
             self.spec[prefix] = (

@@ -144,6 +144,11 @@ class Scheduler:
         """Stop these jobs (a client went away): their sequences are freed; no event follows."""
         self._commands.put(("cancel", list(ids)))
 
+    def between_steps(self, action: Callable[[], None]) -> None:
+        """Run ``action`` on the scheduler thread between two steps (a draft's adapter swapped while
+        nothing evaluates); an action that fails is logged, and serving goes on."""
+        self._commands.put(("call", action))
+
     # ---- the scheduler thread ------------------------------------------------------
     def _run(self) -> None:
         decoder = self._decoder()
@@ -229,6 +234,11 @@ class Scheduler:
                         continue
                     jobs[job.id] = job
                     by_handle[job.handle] = job
+            elif kind == "call":
+                try:
+                    payload()
+                except Exception:
+                    log.exception("an action between steps failed")
             elif kind == "cancel":
                 for job_id in payload:
                     job = jobs.get(job_id)

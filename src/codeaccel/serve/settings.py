@@ -8,7 +8,7 @@ import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from codeaccel.errors import UserError
@@ -26,6 +26,9 @@ class ServeSettings(BaseSettings):
     # draft-model: the draft model's greedy drafts for the whole batch, one draft evaluation per position
     method: Literal["autoregressive", "context", "retrieval", "draft-model"] = "context"
     draft_model: str = "qwen2.5-coder-0.5b-instruct"  # draft-model: bundled name or path (same tokenizer)
+    # draft-model: a folder of tuned versions (codeaccel draft): its live version is applied and followed
+    draft_versions: Path | None = None
+    draft_poll_s: float = Field(5.0, gt=0)  # how often the live version is looked up
     # draft lengths of the batch: chosen together from the cost curve (joint), or each request's as if alone
     draft_lengths: Literal["joint", "per-request"] = "joint"
     datastores: list[Path] = []  # retrieval: datastore directories (codeaccel index build); default: the general one
@@ -47,6 +50,12 @@ class ServeSettings(BaseSettings):
     # accepted completions (select events of served choices): sqlite:///PATH, a path, or postgresql://...
     # (default: the events' SQLite file)
     accepted_store: str | None = None
+
+    @model_validator(mode="after")
+    def _draft_versions_need_a_draft(self):
+        if self.draft_versions is not None and self.method != "draft-model":
+            raise ValueError("draft_versions (a tuned draft to follow) needs method draft-model")
+        return self
 
 
 def load_settings(config_file: Path | None = None, **flags) -> ServeSettings:

@@ -1,0 +1,104 @@
+"""``codeaccel draft``: the draft tuned on accepted completions: train (tune, validate, promote), list,
+promote, rollback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from codeaccel.cli.display import err, out, stage_bars
+from codeaccel.cli.feedback import StoreOpt
+from codeaccel.errors import UserError
+from codeaccel.personalization.finetune import TuneConfig
+from codeaccel.personalization.loop import LoopConfig, run_tuning
+from codeaccel.personalization.store import default_location, open_store
+from codeaccel.personalization.versions import DraftVersions, default_versions_dir
+
+app = typer.Typer(help="The draft tuned on accepted completions: train, list, promote, rollback.", no_args_is_help=True)
+
+DraftOpt = Annotated[str, typer.Option("--draft-model", help="The base draft (bundled name or GGUF file).")]
+VersionsOpt = Annotated[
+    Optional[Path], typer.Option("--versions", help="The versions folder (default: drafts/<draft> in the cache).")
+]
+DEFAULT_DRAFT = "qwen2.5-coder-0.5b-instruct"
+
+
+def _versions(folder: Path | None, draft_model: str) -> DraftVersions:
+    return DraftVersions(folder or default_versions_dir(draft_model))
+
+
+@app.command("train")
+def draft_train(
+    draft_model: DraftOpt = DEFAULT_DRAFT,
+    target_model: Annotated[str, typer.Option(help="The target the draft must match.")] = "qwen2.5-coder-1.5b-instruct",
+    threshold: Annotated[int, typer.Option(help="New accepted completions needed to tune.")] = 50,
+    teach: Annotated[str, typer.Option(help="Learn the 'target' model's continuations or the 'accepted' text.")] = (
+        "target"
+    ),
+    epochs: Annotated[int, typer.Option(help="Passes over the training completions.")] = 2,
+    max_seconds: Annotated[float, typer.Option(help="Training time budget.")] = 900.0,
+    force: Annotated[bool, typer.Option(help="Tune even below the threshold.")] = False,
+    store: StoreOpt = None,
+    versions: VersionsOpt = None,
+) -> None:
+    """Tune a copy of the draft with LoRA, validate it against the live one, promote it only if better."""
+    _check_teach(teach)
+    config = LoopConfig(threshold=threshold, teach=teach, tune=TuneConfig(epochs=epochs, max_seconds=max_seconds))
+    registry = _versions(versions, draft_model)
+    with open_store(store or default_location()) as accepted, stage_bars() as progress:
+        result = run_tuning(accepted, registry, draft_model, target_model, config, progress, force)
+    if result is None:
+        out.print(f"fewer than {threshold} new accepted completions since the last tuning: nothing to do (--force)")
+        return
+    table = Table(title=f"{result.version.name}: {'promoted' if result.promoted else 'not promoted (not better)'}")
+    for column in ("draft", "mean accepted length", "acceptance rate", "held-out completions"):
+        table.add_column(column)
+    table.add_row(result.live_name or "base", f"{result.live.mean_accepted_len:.3f}",
+                  f"{result.live.acceptance_rate:.3f}", str(result.n_held_out))  # fmt: skip
+    table.add_row(result.version.name, f"{result.candidate.mean_accepted_len:.3f}",
+                  f"{result.candidate.acceptance_rate:.3f}", str(result.n_held_out))  # fmt: skip
+    out.print(table)
+    t = result.tune
+    err.print(f"[dim]{result.n_train} training completions, {t.steps} steps in {t.seconds:.0f} s "
+              f"({t.stopped_by}), peak memory {t.peak_rss_mb:.0f} MB[/dim]")  # fmt: skip
+
+
+@app.command("list")
+def draft_list(draft_model: DraftOpt = DEFAULT_DRAFT, versions: VersionsOpt = None) -> None:
+    """Every tuned version, its status and its measured acceptance."""
+    registry = _versions(versions, draft_model)
+    live = registry.live()
+    table = Table(title=f"drafts of {draft_model} in {registry.root} (live: {live.name if live else 'base'})")
+    for column in ("version", "status", "trained on", "mean accepted length", "vs live then", "training"):
+        table.add_column(column)
+    for v in registry.list():
+        r = v.record
+        acceptance = (r.get("acceptance") or {}).get("mean_accepted_len")
+        before = (r.get("live_acceptance") or {}).get("mean_accepted_len")
+        tune = r.get("tune") or {}
+        table.add_row(v.name, r.get("status", ""), str(r.get("n_train", "")), str(acceptance or ""),
+                      f"{r.get('live') or 'base'} {before}" if before is not None else "",
+                      f"{tune.get('seconds', '')} s, {tune.get('peak_rss_mb', '')} MB" if tune else "")  # fmt: skip
+    out.print(table)
+
+
+@app.command("promote")
+def draft_promote(name: Annotated[str, typer.Argument(help="The version (v1, v2, ...).")],
+                  draft_model: DraftOpt = DEFAULT_DRAFT, versions: VersionsOpt = None) -> None:  # fmt: skip
+    """Make a version the live draft (servers and clients watching the folder switch to it)."""
+    out.print(f"live: {_versions(versions, draft_model).promote(name).name}")
+
+
+@app.command("rollback")
+def draft_rollback(draft_model: DraftOpt = DEFAULT_DRAFT, versions: VersionsOpt = None) -> None:
+    """Back to the version live before (the base model when none)."""
+    back = _versions(versions, draft_model).rollback()
+    out.print(f"live: {back.name if back else 'base'}")
+
+
+def _check_teach(value: str) -> None:
+    if value not in ("target", "accepted"):
+        raise UserError(f"--teach is 'target' or 'accepted', got {value!r}")
