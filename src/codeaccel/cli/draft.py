@@ -9,9 +9,11 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from codeaccel.cli.display import err, out, stage_bars
+from codeaccel.cli.display import err, out, save_results, stage_bars
 from codeaccel.cli.feedback import StoreOpt
+from codeaccel.cli.options import command_line
 from codeaccel.errors import UserError
+from codeaccel.personalization.bench import PersonalizationBenchConfig, run_personalization_bench, to_markdown
 from codeaccel.personalization.finetune import TuneConfig
 from codeaccel.personalization.loop import LoopConfig, run_tuning
 from codeaccel.personalization.store import default_location, open_store
@@ -102,3 +104,32 @@ def draft_rollback(draft_model: DraftOpt = DEFAULT_DRAFT, versions: VersionsOpt 
 def _check_teach(value: str) -> None:
     if value not in ("target", "accepted"):
         raise UserError(f"--teach is 'target' or 'accepted', got {value!r}")
+
+
+@app.command("bench")
+def draft_bench(
+    package: Annotated[str, typer.Option(help="The installed Python project the simulated user works on.")] = "click",
+    problems: Annotated[int, typer.Option(help="Functions taken from it (every 4th file's are held out).")] = 120,
+    draft_model: DraftOpt = DEFAULT_DRAFT,
+    target_model: Annotated[str, typer.Option(help="The target.")] = "qwen2.5-coder-1.5b-instruct",
+    teach: Annotated[str, typer.Option(help="What the tuned drafts learn: target, accepted, or both (comma).")] = (
+        "target,accepted"
+    ),
+    epochs: Annotated[int, typer.Option(help="Passes over the training completions.")] = 2,
+    max_seconds: Annotated[float, typer.Option(help="Training time budget per tuning.")] = 600.0,
+    e2e: Annotated[bool, typer.Option("--e2e/--no-e2e", help="Also time speculative decoding end to end.")] = True,
+    work: Annotated[Path, typer.Option(help="Continuations, adapters and finished rows (resumable).")] = Path(
+        "runs/personalization"
+    ),
+    out_dir: Annotated[Path, typer.Option("--out", help="Where the results go.")] = Path("runs/personalization"),
+) -> None:
+    """Tune the draft on part of a project's code, measure acceptance and speed on the rest, before and after."""
+    teaching = tuple(t.strip() for t in teach.split(",") if t.strip())
+    for t in teaching:
+        _check_teach(t)
+    tune = TuneConfig(epochs=epochs, max_seconds=max_seconds, max_tokens=432)
+    config = PersonalizationBenchConfig(package=package, n_problems=problems, draft_model=draft_model,
+                                        target_model=target_model, teach=teaching, e2e=e2e, tune=tune)  # fmt: skip
+    with stage_bars() as progress:
+        doc = run_personalization_bench(config, work, progress)
+    save_results(doc, out_dir, "personalization", to_markdown, command_line())

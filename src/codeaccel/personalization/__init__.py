@@ -7,5 +7,6 @@
 * ``finetune``: LoRA fine-tuning of the draft with peft, bounded in time and tokens;
 * ``lora_gguf``: the adapter as a GGUF file llama.cpp applies to the quantised base;
 * ``versions``: the tuned versions, one live, promote and rollback;
-* ``loop``: tune, validate against the live draft, promote only if strictly better.
+* ``loop``: tune, validate against the live draft, promote only if strictly better;
+* ``bench``: the benchmark of a simulated user: tuned on part of a project, measured on the rest.
 """

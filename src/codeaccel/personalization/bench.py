@@ -1,0 +1,206 @@
+"""The personalization benchmark: a simulated user of one project, before and after tuning the draft.
+
+From a real Python project's code (a repository-level set, :mod:`codeaccel.bench.repo_dataset`:
+each problem is a file's text up to a function's body, and the body), the functions of most
+files are the completions the user accepted; those of every ``held_out_every``-th file (sorted
+by path) are held out. The draft is tuned with LoRA on the accepted ones, learning either the
+project's own text (``accepted``) or the target's greedy continuation of each prompt
+(``target``), and measured on the held-out ones: mean accepted length and acceptance rate of
+greedy speculative decoding with k-token drafts (:mod:`codeaccel.personalization.acceptance`),
+and end-to-end tokens/s of speculative decoding with that draft (k fixed), beside the target
+decoding alone. Rows: ``autoregressive``, ``draft-model-untuned``, ``draft-model-tuned-<teach>``.
+
+The target's continuations are generated once and kept in the work folder, as are the adapters
+and each finished row, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from codeaccel import machine
+from codeaccel.bench.repo_dataset import load_repository_problems
+from codeaccel.decoding.autoregressive import generate
+from codeaccel.decoding.draft_length import DraftLength
+from codeaccel.decoding.draft_model import DraftModelDrafter
+from codeaccel.decoding.sampling import SamplingParams
+from codeaccel.decoding.speculative import speculative_generate
+from codeaccel.engines import Engine, load_engine
+from codeaccel.engines.cost_curve import cost_curve_for
+from codeaccel.errors import UserError
+from codeaccel.personalization.acceptance import Continuation, measure_acceptance
+from codeaccel.personalization.finetune import TrainingExample, TuneConfig, finetune
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class PersonalizationBenchConfig:
+    package: str = "click"
+    n_problems: int = 120
+    held_out_every: int = 4  # every 4th file (sorted) is held out
+    draft_model: str = "qwen2.5-coder-0.5b-instruct"
+    target_model: str = "qwen2.5-coder-1.5b-instruct"
+    prompt_tokens: int = 384  # each prompt's last tokens
+    continuation_tokens: int = 48  # the target's continuation (teaching and measuring)
+    k: int = 4
+    teach: tuple[str, ...] = ("target", "accepted")
+    e2e: bool = True
+    tune: TuneConfig = field(default_factory=lambda: TuneConfig(epochs=2, max_seconds=600.0, max_tokens=432))
+
+    def __post_init__(self) -> None:
+        if set(self.teach) - {"target", "accepted"}:
+            raise UserError(f"teach is 'target' and/or 'accepted', got {self.teach}")
+        if self.n_problems < 8 or self.held_out_every < 2:
+            raise UserError("at least 8 problems, and held_out_every >= 2")
+
+
+@dataclass(frozen=True)
+class Example:
+    task_id: str
+    file: str
+    prompt: tuple[int, ...]
+    accepted: tuple[int, ...]  # the project's own body
+    target: tuple[int, ...]  # the target's greedy continuation
+
+
+def _examples(
+    config: PersonalizationBenchConfig, work: Path, progress: Progress
+) -> tuple[list[Example], list[Example]]:
+    """(train, held out), the target's continuations generated once and cached in ``work``."""
+    cache = work / "examples.jsonl"
+    done = {}
+    if cache.is_file():
+        for line in cache.read_text().splitlines():
+            e = json.loads(line)
+            done[e["task_id"]] = Example(e["task_id"], e["file"], tuple(e["prompt"]), tuple(e["accepted"]),
+                                         tuple(e["target"]))  # fmt: skip
+    problems = load_repository_problems(config.package, config.n_problems)
+    todo = [p for p in problems if p.task_id not in done]
+    if todo:
+        target = load_engine(config.target_model)
+        try:
+            with cache.open("a") as out:
+                for p in todo:
+                    progress("target continuations", len(done), len(problems))
+                    prompt = target.tokenize(p.raw_prompt)[-config.prompt_tokens :]
+                    target.reset()
+                    cont = generate(target, prompt, SamplingParams(), config.continuation_tokens).tokens
+                    e = Example(p.task_id, p.exclude_files[0], tuple(prompt),
+                                tuple(target.tokenize(p.reference or "", special=False)), tuple(cont))  # fmt: skip
+                    out.write(json.dumps(asdict(e)) + "\n")
+                    out.flush()
+                    done[p.task_id] = e
+        finally:
+            target.close()
+    progress("target continuations", len(problems), len(problems))
+    examples = [done[p.task_id] for p in problems]
+    files = sorted({e.file for e in examples})
+    held_files = set(files[config.held_out_every - 1 :: config.held_out_every])
+    return [e for e in examples if e.file not in held_files], [e for e in examples if e.file in held_files]
+
+
+def _e2e(target: Engine, draft: Engine | None, held: list[Example], config: PersonalizationBenchConfig,
+         progress: Progress, label: str) -> dict:  # fmt: skip
+    """Tokens/s of the target alone (draft None) or of speculative decoding with ``draft`` (k fixed)."""
+    tokens = seconds = 0.0
+    length = DraftLength(cost_curve_for(target), fixed_k=config.k, stop_by_confidence=False)
+    for i, e in enumerate(held):
+        progress(f"end to end: {label}", i, len(held))
+        target.reset()
+        if draft is None:
+            gen = generate(target, list(e.prompt), SamplingParams(), config.continuation_tokens)
+        else:
+            draft.reset()
+            gen = speculative_generate(target, DraftModelDrafter(draft), length, list(e.prompt), SamplingParams(),
+                                       config.continuation_tokens)  # fmt: skip
+        tokens += gen.n_generated
+        seconds += gen.prefill_s + gen.decode_s
+    progress(f"end to end: {label}", len(held), len(held))
+    return {"tokens": int(tokens), "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 3)}
+
+
+def run_personalization_bench(config: PersonalizationBenchConfig, work: Path, progress: Progress) -> dict:
+    """Every row (resuming from ``work``); the results document."""
+    work.mkdir(parents=True, exist_ok=True)
+    rows_file = work / "rows.jsonl"
+    rows = {r["method"]: r for r in map(json.loads, rows_file.read_text().splitlines())} if rows_file.is_file() else {}
+    train, held = _examples(config, work, progress)
+    held_cont = [Continuation(e.prompt, e.target) for e in held if e.target]
+    base = {"dataset": f"repo:{config.package}", "model": config.target_model, "draft_model": config.draft_model,
+            "engine": "llama.cpp", "n_problems": len(held_cont), "n_train": len(train), "k": config.k,
+            "cpu": machine.cpu_model()}  # fmt: skip
+
+    def keep(row: dict) -> None:
+        rows[row["method"]] = row
+        with rows_file.open("a") as out:
+            out.write(json.dumps(row) + "\n")
+
+    adapters = {}
+    for teach in config.teach:
+        name = f"draft-model-tuned-{teach}"
+        folder = work / "adapters" / teach
+        if name in rows and (folder / "adapter.gguf").is_file():
+            adapters[teach] = folder / "adapter.gguf"
+            continue
+        examples = [TrainingExample(e.prompt, e.target if teach == "target" else e.accepted) for e in train]
+        hf = load_engine(config.draft_model, "hf", dtype="float32")
+        try:
+            report = finetune(
+                hf.model,
+                examples,
+                config.tune,
+                folder,
+                lambda s, n, loss, t=teach: progress(f"tuning on {t} (loss {loss:.3f})", s, n),
+            )
+        finally:
+            hf.close()
+        adapters[teach] = report.gguf_path
+        rows[name] = {**base, "method": name, "teach": teach, "tune": report.to_record(), "pending": True}
+
+    target = load_engine(config.target_model) if config.e2e else None
+    draft = load_engine(config.draft_model)
+    try:
+        if config.e2e and "autoregressive" not in rows:
+            keep({**base, "method": "autoregressive", **_e2e(target, None, held, config, progress, "target alone")})
+        for name, adapter in [("draft-model-untuned", None)] + [(f"draft-model-tuned-{t}", adapters[t])
+                                                                  for t in config.teach]:  # fmt: skip
+            if name in rows and not rows[name].get("pending"):
+                continue
+            draft.set_lora(adapter)
+            t0 = time.perf_counter()
+            stats = measure_acceptance(draft, held_cont, config.k)
+            row = {**base, **rows.get(name, {}), "method": name, **stats.to_record(),
+                   "measure_s": round(time.perf_counter() - t0, 1)}  # fmt: skip
+            row.pop("pending", None)
+            if config.e2e:
+                row.update(_e2e(target, draft, held, config, progress, name))
+            keep(row)
+    finally:
+        draft.close()
+        if target is not None:
+            target.close()
+    untuned = rows.get("draft-model-untuned", {}).get("mean_accepted_len")
+    for row in rows.values():
+        if untuned and row.get("mean_accepted_len") is not None:
+            row["accepted_len_vs_untuned"] = round(row["mean_accepted_len"] / untuned, 3)
+    order = ["autoregressive", "draft-model-untuned"] + [f"draft-model-tuned-{t}" for t in config.teach]
+    return {"config": {**asdict(config), "tune": asdict(config.tune)}, "rows": [rows[m] for m in order if m in rows]}
+
+
+def to_markdown(doc: dict) -> str:
+    head = ("| method | mean accepted length | × untuned | acceptance rate | tokens/s | held-out | trained on | "
+            "training | peak memory |\n|---|---|---|---|---|---|---|---|---|\n")  # fmt: skip
+    lines = []
+    for r in doc["rows"]:
+        tune = r.get("tune") or {}
+        training = f"{tune['steps']} steps, {tune['seconds']} s ({tune['stopped_by']})" if tune else ""
+        lines.append(f"| {r['method']} | {r.get('mean_accepted_len', '')} | {r.get('accepted_len_vs_untuned', '')} | "
+                     f"{r.get('acceptance_rate', '')} | {r.get('tokens_per_s', '')} | {r['n_problems']} | "
+                     f"{r['n_train'] if tune else ''} | {training} | "
+                     f"{str(tune.get('peak_rss_mb', '')) + ' MB' if tune else ''} |")  # fmt: skip
+    return f"# Personalization: {doc['rows'][0]['dataset'] if doc['rows'] else ''}\n\n" + head + "\n".join(lines) + "\n"
