@@ -32,6 +32,7 @@ def test_every_command_is_registered_in_its_order():
         "serve",
         "loadtest",
         "client",
+        "split-bench",
         "models",
         "index",
         "sandbox",

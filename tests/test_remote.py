@@ -311,3 +311,22 @@ def test_the_client_swaps_its_draft_between_generations(server, target, tiny_ggu
     engine.close()
     assert got == [want] * 6
     assert len(swaps) >= 2 and {s is None for s in swaps} == {True, False}  # adapters in and out meanwhile
+
+
+def test_the_split_bench_measures_both_modes_on_loopback(tmp_path):
+    """A server subprocess on the tiny FIM model, clients with the same weights as draft: every draft
+    token accepted, every remote output equal to the server's own."""
+    import tiny_models
+    from codeaccel.remote.split_bench import SplitBenchConfig, run_split_bench, to_markdown
+
+    fim = str(tiny_models.build_gguf_model(tmp_path / "tiny-fim.gguf", fim=True))
+    config = SplitBenchConfig(target_model=fim, draft_model=fim, clients=(1, 2), requests=4, n_predict=12,
+                              parallel=2, ctx_size=512, threads=1)  # fmt: skip
+    doc = run_split_bench(config, tmp_path, lambda *_: None)
+    rows = {(r["mode"], r["clients"]): r for r in doc["rows"]}
+    assert set(rows) == {(m, c) for m in ("server-alone", "remote-draft") for c in (1, 2)}
+    for (mode, clients), r in rows.items():
+        assert r["errors"] == 0 and r["tokens_per_s"] > 0 and r["target_s_per_token"] > 0
+        if mode == "remote-draft":
+            assert r["identical"] == 4 and r["mean_accepted_len"] > 2  # the draft is the target: 5 a call at best
+    assert "| remote-draft | 2 |" in to_markdown(doc)

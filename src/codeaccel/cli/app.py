@@ -29,6 +29,7 @@ from codeaccel.cli import (
     profile,
     sandbox,
     serve,
+    split_bench,
 )
 from codeaccel.cli.display import err
 from codeaccel.errors import CodeaccelError, InternalError
@@ -52,6 +53,7 @@ app.command()(bench.bench)
 app.command()(serve.serve)
 app.command()(loadtest.loadtest)
 app.command()(client.client)
+app.command("split-bench")(split_bench.split_bench)
 
 
 @app.callback()

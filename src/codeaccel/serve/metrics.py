@@ -45,6 +45,8 @@ class ServerMetrics:
             "codeaccel_batch_occupancy", "Sequences in the last decode step / sequences available", registry=r
         )
         self.decode_steps = Counter("codeaccel_decode_steps", "Batched decode evaluations", registry=r)
+        self.engine_seconds = Counter("codeaccel_engine_seconds", "Seconds the target spent evaluating (decode and "
+                                      "prompt tokens, drafts verified)", registry=r)  # fmt: skip
         self.draft_swaps = Counter("codeaccel_draft_swaps", "Tuned draft versions swapped in (or back out)", registry=r)
         self.spec = {}
         for prefix in ("vllm:", "llamacpp:"):

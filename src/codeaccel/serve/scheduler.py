@@ -161,6 +161,7 @@ class Scheduler:
                     self.metrics.observe_idle()
                     continue
                 steps = decoder.stats.steps
+                spent = decoder.stats.decode_s + decoder.stats.prefill_s
                 finished = decoder.step()
             except Exception as exc:  # a bug or a broken engine: fail what is running, keep serving
                 log.exception("decode step failed")
@@ -176,6 +177,7 @@ class Scheduler:
                     decoder = self._decoder()
                 continue
             now = time.perf_counter()
+            self.metrics.engine_seconds.inc(decoder.stats.decode_s + decoder.stats.prefill_s - spent)
             if decoder.stats.steps > steps:  # an evaluation ran (a first step may use the prefill's row only)
                 self.metrics.observe_step(decoder.stats.last_batch, self.seqs.n_seq_max, decoder.n_waiting)
             for job in list(jobs.values()):
