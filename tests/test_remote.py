@@ -325,7 +325,7 @@ def test_the_split_bench_measures_both_modes_on_loopback(tmp_path):
     doc = run_split_bench(config, tmp_path, lambda *_: None)
     rows = {(r["mode"], r["clients"]): r for r in doc["rows"]}
     assert set(rows) == {(m, c) for m in ("server-alone", "remote-draft") for c in (1, 2)}
-    for (mode, clients), r in rows.items():
+    for (mode, _), r in rows.items():
         assert r["errors"] == 0 and r["tokens_per_s"] > 0 and r["target_s_per_token"] > 0
         if mode == "remote-draft":
             assert r["identical"] == 4 and r["mean_accepted_len"] > 2  # the draft is the target: 5 a call at best
