@@ -3,7 +3,8 @@
 Each example is a prompt and the completion the draft should learn to propose: the text the
 user accepted, or the target's own greedy continuation of the prompt (what a draft must imitate
 to be accepted; the benchmark measures which teaches acceptance better). The loss is on the
-completion's tokens only. Bounded: ``max_tokens`` per example (the prompt cut from the left),
+completion's tokens only, and only they are trained through (the prompt is read without
+gradients, see :func:`_loss`). Bounded: ``max_tokens`` per example (the prompt cut from the left),
 batch 1, and a wall-clock budget (``max_seconds``) and step limit, whichever comes first; peak
 memory (RSS) is measured and reported. The adapter is written twice: peft's directory (for the
 hf engine) and a GGUF LoRA (for llama.cpp, :mod:`codeaccel.personalization.lora_gguf`).
@@ -106,8 +107,7 @@ def finetune(model, examples: Sequence[TrainingExample], config: TuneConfig, out
             if time.perf_counter() - start > config.max_seconds:
                 report.stopped_by = "max_seconds"
                 break
-            ids, labels = _tensors(examples[i], config.max_tokens, torch)
-            loss = tuned(input_ids=ids, labels=labels).loss
+            loss = _loss(tuned, examples[i], config.max_tokens, torch)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -132,10 +132,19 @@ def finetune(model, examples: Sequence[TrainingExample], config: TuneConfig, out
     return report
 
 
-def _tensors(example: TrainingExample, max_tokens: int, torch):
-    """input ids and labels  # [1, n]: the completion's tokens are learned, the prompt's are context."""
+def _loss(model, example: TrainingExample, max_tokens: int, torch):
+    """Mean cross-entropy of the completion's tokens given the prompt.
+
+    The prompt is read without gradients (its keys and values are computed with the adapter, as
+    the draft will read prompts, but not trained through) and only the completion's positions are
+    evaluated with gradients and through the output layer: on a 384-token prompt and a 48-token
+    completion that is about a third of the work of training through every position."""
     completion = list(example.completion_tokens)[: max_tokens - 1]
     prompt = list(example.prompt_tokens)[-(max_tokens - len(completion)) :]
-    ids = torch.tensor([prompt + completion])
-    labels = torch.tensor([[-100] * len(prompt) + completion])
-    return ids, labels
+    cache = None
+    if len(prompt) > 1:
+        with torch.no_grad():
+            cache = model(input_ids=torch.tensor([prompt[:-1]]), use_cache=True).past_key_values
+    logits = model(input_ids=torch.tensor([prompt[-1:] + completion[:-1]]), past_key_values=cache,
+                   use_cache=cache is not None).logits[0]  # [len(completion), vocab]  # fmt: skip
+    return torch.nn.functional.cross_entropy(logits.float(), torch.tensor(completion))
