@@ -35,7 +35,7 @@ def test_rows_before_and_after_tuning_and_a_resumed_rerun(config, tmp_path):
     examples = [json.loads(line) for line in (tmp_path / "work" / "examples.jsonl").read_text().splitlines()]
     assert len(examples) == 12
     files = sorted({e["file"] for e in examples})
-    held_files = set(files[3::4])
+    held_files = set(files[2::3])
     assert rows["draft-model-untuned"]["n_problems"] == sum(e["file"] in held_files for e in examples) > 0
     for name in ("draft-model-untuned", "draft-model-tuned-target", "draft-model-tuned-accepted"):
         r = rows[name]

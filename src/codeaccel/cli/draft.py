@@ -109,7 +109,8 @@ def _check_teach(value: str) -> None:
 @app.command("bench")
 def draft_bench(
     package: Annotated[str, typer.Option(help="The installed Python project the simulated user works on.")] = "click",
-    problems: Annotated[int, typer.Option(help="Functions taken from it (every 4th file's are held out).")] = 120,
+    problems: Annotated[int, typer.Option(help="Functions taken from it.")] = 120,
+    held_out_every: Annotated[int, typer.Option(help="Every n-th file (sorted) is held out.")] = 3,
     draft_model: DraftOpt = DEFAULT_DRAFT,
     target_model: Annotated[str, typer.Option(help="The target.")] = "qwen2.5-coder-1.5b-instruct",
     teach: Annotated[str, typer.Option(help="What the tuned drafts learn: target, accepted, or both (comma).")] = (
@@ -128,8 +129,9 @@ def draft_bench(
     for t in teaching:
         _check_teach(t)
     tune = TuneConfig(epochs=epochs, max_seconds=max_seconds, max_tokens=432)
-    config = PersonalizationBenchConfig(package=package, n_problems=problems, draft_model=draft_model,
-                                        target_model=target_model, teach=teaching, e2e=e2e, tune=tune)  # fmt: skip
+    config = PersonalizationBenchConfig(package=package, n_problems=problems, held_out_every=held_out_every,
+                                        draft_model=draft_model, target_model=target_model, teach=teaching, e2e=e2e,
+                                        tune=tune)  # fmt: skip
     with stage_bars() as progress:
         doc = run_personalization_bench(config, work, progress)
     save_results(doc, out_dir, "personalization", to_markdown, command_line())
