@@ -42,7 +42,7 @@ Progress = Callable[[str, int, int], None]
 class PersonalizationBenchConfig:
     package: str = "click"
     n_problems: int = 120
-    held_out_every: int = 4  # every 4th file (sorted) is held out
+    held_out_every: int = 3  # every 3rd file (sorted) is held out
     draft_model: str = "qwen2.5-coder-0.5b-instruct"
     target_model: str = "qwen2.5-coder-1.5b-instruct"
     prompt_tokens: int = 384  # each prompt's last tokens
