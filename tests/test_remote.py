@@ -9,6 +9,7 @@ server; bad verification bodies are 4xx with an OpenAI-style error.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
@@ -21,9 +22,9 @@ import pytest
 from codeaccel.decoding.autoregressive import generate
 from codeaccel.decoding.sampling import SamplingParams
 from codeaccel.engines import load_engine
+from codeaccel.personalization.completion_cache import CachedCompletion, CacheKey, CompletionCache
 from codeaccel.personalization.store import open_store
 from codeaccel.remote.client import RemoteDraftClient
-from codeaccel.remote.completion_cache import CachedCompletion, CacheKey, CompletionCache
 from codeaccel.serve.app import call_seed
 from codeaccel.serve.settings import ServeSettings
 from live_server import LiveServer
@@ -304,13 +305,15 @@ def test_the_client_swaps_its_draft_between_generations(server, target, tiny_ggu
         swapper = threading.Thread(target=keep_swapping)
         swapper.start()
         try:
-            got = [client.generate(prompt, max_tokens=20).tokens for _ in range(6)]
+            got, deadline = [], time.time() + 120
+            while (len(got) < 6 or len(swaps) < 4) and time.time() < deadline:
+                got.append(client.generate(prompt, max_tokens=20).tokens)
         finally:
             stop.set()
             swapper.join()
     engine.close()
-    assert got == [want] * 6
-    assert len(swaps) >= 2 and {s is None for s in swaps} == {True, False}  # adapters in and out meanwhile
+    assert got == [want] * len(got) and len(got) >= 6
+    assert len(swaps) >= 4 and {s is None for s in swaps} == {True, False}  # adapters in and out meanwhile
 
 
 def test_the_split_bench_measures_both_modes_on_loopback(tmp_path):
@@ -330,3 +333,26 @@ def test_the_split_bench_measures_both_modes_on_loopback(tmp_path):
         if mode == "remote-draft":
             assert r["identical"] == 4 and r["mean_accepted_len"] > 2  # the draft is the target: 5 a call at best
     assert "| remote-draft | 2 |" in to_markdown(doc)
+
+
+def test_the_server_answers_a_repeated_reproducible_request_from_its_cache(server, target):
+    body = {"prompt": PROMPTS[2], "max_tokens": 10, "temperature": 0}
+
+    def metric(name):
+        text = httpx.get(server.url + "/metrics").text
+        return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")))
+
+    hits = metric("codeaccel_completion_cache_hits_total")
+    first = httpx.post(server.url + "/v1/completions", json=body).json()
+    again = httpx.post(server.url + "/v1/completions", json=body).json()
+    streamed = httpx.post(server.url + "/v1/completions", json={**body, "stream": True}).text
+    assert again["choices"][0]["text"] == first["choices"][0]["text"]
+    assert again["timings"]["predicted_ms"] == 0 and again["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+    assert first["choices"][0]["text"] in "".join(
+        json.loads(line[6:])["choices"][0]["text"] for line in streamed.splitlines()
+        if line.startswith("data: {") and json.loads(line[6:])["choices"])  # fmt: skip
+    assert metric("codeaccel_completion_cache_hits_total") == hits + 2
+    unseeded = {**body, "temperature": 0.8}
+    for _ in range(2):
+        httpx.post(server.url + "/v1/completions", json=unseeded)
+    assert metric("codeaccel_completion_cache_hits_total") == hits + 2  # a fresh sample is never a cached one

@@ -49,6 +49,7 @@ def server(fim_gguf, tmp_path_factory):
         max_queue=16,
         default_max_tokens=24,
         events_db=tmp_path_factory.mktemp("events") / "events.sqlite",
+        completion_cache=0,  # these tests send requests again to see them decoded (the cache: test_remote.py)
     )
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("CODEACCEL_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))

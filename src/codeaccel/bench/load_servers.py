@@ -47,12 +47,13 @@ class ServerSpec:
     threads: int
 
     def command(self, port: int) -> list[str]:
-        if self.name.startswith("codeaccel-"):
+        if self.name.startswith("codeaccel-"):  # no completion cache: levels repeat requests, all decoded
             method = self.name.removeprefix("codeaccel-").removesuffix(PER_REQUEST)
             lengths = "per-request" if self.name.endswith(PER_REQUEST) else "joint"
             return [sys.executable, "-m", "codeaccel", "serve", "--model", self.model, "--method", method,
                     "--draft-lengths", lengths, "--parallel", str(self.parallel), "--ctx-size", str(self.ctx_size),
-                    "--port", str(port), "--threads", str(self.threads)]  # fmt: skip
+                    "--port", str(port), "--threads", str(self.threads),
+                    "--completion-cache", "0"]  # fmt: skip
         command = [str(tool_path("llama-server")), "-m", str(resolve_model(self.model).path), "--port", str(port),
                    "--host", "127.0.0.1", "-np", str(self.parallel), "-c", str(self.ctx_size * self.parallel),
                    "-t", str(self.threads), "-tb", str(self.threads), "--no-webui"]  # fmt: skip

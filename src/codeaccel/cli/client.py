@@ -13,9 +13,9 @@ from codeaccel.cli.display import err, out
 from codeaccel.decoding.sampling import SamplingParams
 from codeaccel.engines import load_engine
 from codeaccel.errors import UserError
+from codeaccel.personalization.completion_cache import CompletionCache
 from codeaccel.personalization.versions import DraftVersions
 from codeaccel.remote.client import RemoteDraftClient, server_model
-from codeaccel.remote.completion_cache import CompletionCache
 
 
 def client(

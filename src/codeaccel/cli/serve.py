@@ -40,6 +40,9 @@ def serve(
         typer.Option("--prefix-cache/--no-prefix-cache", help="Reuse finished requests' caches for shared prefixes."),
     ] = None,
     max_queue: Annotated[Optional[int], typer.Option(help="Requests queued beyond the running ones.")] = None,
+    completion_cache: Annotated[
+        Optional[int], typer.Option(help="Completions of greedy/seeded requests kept and answered again (0: off).")
+    ] = None,
     api_key: Annotated[Optional[str], typer.Option(help="Require this bearer key.")] = None,
     events_db: Annotated[Optional[Path], typer.Option(help="SQLite file of /v1/events.")] = None,
     draft_versions: Annotated[
@@ -82,6 +85,7 @@ def serve(
         prefill_chunk=prefill_chunk,
         prefix_cache=prefix_cache,
         max_queue=max_queue,
+        completion_cache=completion_cache,
         api_key=api_key,
         events_db=events_db,
         accepted_store=accepted_store,

@@ -3,6 +3,8 @@
 * ``store``: accepted completions, and the completions the server served (so that a ``select``
   event names its text), in SQLite by default or PostgreSQL where servers share one store;
   every write acknowledged only once it is durable;
+* ``completion_cache``: SpeCoder's LRU of completions (prompt → completion), thread-safe, shared by
+  a client's or a server's requests;
 * ``acceptance``: a draft's mean accepted length against the target's continuations;
 * ``finetune``: LoRA fine-tuning of the draft with peft, bounded in time and tokens;
 * ``lora_gguf``: the adapter as a GGUF file llama.cpp applies to the quantised base;

@@ -29,7 +29,7 @@ from codeaccel.decoding.generation import FinishReason, StopChecker
 from codeaccel.decoding.sampling import SamplingParams
 from codeaccel.engines.base import Engine
 from codeaccel.errors import SetupError, UserError
-from codeaccel.remote.completion_cache import CachedCompletion, CacheKey, CompletionCache
+from codeaccel.personalization.completion_cache import CachedCompletion, CacheKey, CompletionCache
 
 GREEDY = SamplingParams()
 MAX_SENT_PROBS = 4096  # a draft row with more tokens of nonzero probability is not sent (the server's limit)

@@ -24,7 +24,7 @@ from starlette.concurrency import run_in_threadpool
 
 from codeaccel.decoding.batch_draft_model import BatchDraftModel
 from codeaccel.decoding.drafter import BatchDrafter, Drafter
-from codeaccel.decoding.generation import GivenDraft
+from codeaccel.decoding.generation import Generation, GivenDraft
 from codeaccel.decoding.generation import Request as GenRequest
 from codeaccel.decoding.sampling import SamplingParams
 from codeaccel.engines import Engine, load_engine, open_sequences
@@ -33,6 +33,7 @@ from codeaccel.engines.sequences import SequenceSet
 from codeaccel.engines.tokenizer import check_same_tokenizer
 from codeaccel.errors import UserError
 from codeaccel.methods.registry import RETRIEVAL_K_MAX
+from codeaccel.personalization.completion_cache import CompletionCache
 from codeaccel.personalization.store import default_location, open_store
 from codeaccel.personalization.versions import DraftVersions
 from codeaccel.retrieval.acceptance_cache import AcceptanceCache
@@ -101,6 +102,9 @@ class ServerState:
         self.metrics = ServerMetrics()
         self.events = EventStore(settings.events_db or _default_events_db())
         self.sessions = VerifySessions()  # /v1/verify: each remote draft client's committed context
+        # completions of reproducible requests, answered again without decoding (SpeCoder's cache)
+        self.completion_cache: CompletionCache[Generation] = CompletionCache(settings.completion_cache)
+        self.metrics.watch_completion_cache(self.completion_cache)
         # by default in the events' SQLite file: one file holds the whole feedback loop
         self.accepted = open_store(settings.accepted_store or self.events.path)
         self.runtime: Runtime | None = None
@@ -269,7 +273,7 @@ def create_app(settings: ServeSettings, load_in_background: bool = True, replica
         prediction = await run_in_threadpool(_prediction, rt, body)
         requests = _requests(body, prompts, settings, prediction)
         record = served(rt, "cmpl", [prompts[p_index] for _, p_index in requests])
-        call = Call(rt.scheduler, [r for r, _ in requests], body.stream, body.stops, record)
+        call = Call(rt.scheduler, [r for r, _ in requests], body.stream, body.stops, record, state.completion_cache)
         n_prompt = sum(len(p) for p in prompts)
         if body.stream:
             return _sse(_openai_completion_stream(call, rt.model_id, http, body, n_prompt), call)
@@ -291,7 +295,7 @@ def create_app(settings: ServeSettings, load_in_background: bool = True, replica
         prediction = await run_in_threadpool(_prediction, rt, body)
         requests = _requests(body, [prompt], settings, prediction)
         record = served(rt, "chatcmpl", [prompt] * len(requests))
-        call = Call(rt.scheduler, [r for r, _ in requests], body.stream, body.stops, record)
+        call = Call(rt.scheduler, [r for r, _ in requests], body.stream, body.stops, record, state.completion_cache)
         if body.stream:
             return _sse(_chat_stream(call, rt.model_id, http, body, len(prompt)), call)
         results = await call.results(http)
@@ -356,7 +360,7 @@ def create_app(settings: ServeSettings, load_in_background: bool = True, replica
             tuple(body.stop),
             reuse_prefix=body.cache_prompt,
         )
-        call = Call(rt.scheduler, [request], body.stream, body.stop)
+        call = Call(rt.scheduler, [request], body.stream, body.stop, cache=state.completion_cache)
         if body.stream:
             return _sse(_native_stream(call, rt.model_id, http, prompt_text), call)
         results = await call.results(http)

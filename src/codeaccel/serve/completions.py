@@ -15,11 +15,12 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fastapi import Request as HTTPRequest
 
-from codeaccel.decoding.generation import Request
+from codeaccel.decoding.generation import Generation, Request
+from codeaccel.personalization.completion_cache import CacheKey, CompletionCache
 from codeaccel.serve.errors import ClientGone, to_api_error
 from codeaccel.serve.scheduler import Failed, Finished, Job, Progress, Scheduler
 from codeaccel.serve.streaming import StreamCursor
@@ -48,9 +49,11 @@ def openai_finish_reason(reason: str | None) -> str | None:
 
 class Call:
     def __init__(self, scheduler: Scheduler, requests: Sequence[Request], stream: bool, stops: Sequence[str],
-                 on_done: Callable[[Call, list[tuple[int, Finished]]], None] | None = None):  # fmt: skip
+                 on_done: Callable[[Call, list[tuple[int, Finished]]], None] | None = None,
+                 cache: CompletionCache[Generation] | None = None):  # fmt: skip
         """on_done: called once, on the event loop, with the call and every choice's result when all have
-        finished."""
+        finished; cache: completions of reproducible requests (greedy or seeded) answered again without
+        decoding (SpeCoder's completion cache), and filled with what this call decodes."""
         self.id = uuid.uuid4().hex
         self.requests = list(requests)
         self._on_done = on_done
@@ -60,10 +63,16 @@ class Call:
         self.events: asyncio.Queue = asyncio.Queue()
         self._latest: dict[int, Progress] = {}  # choice -> newest progress not read yet (the scheduler writes)
         self._latest_lock = threading.Lock()
-        self.jobs = [Job(r, self._sink(i), stream=stream) for i, r in enumerate(requests)]
+        self._cache = cache
+        self._keys = [_cache_key(r) if cache is not None else None for r in requests]
+        hits = {i: g for i, key in enumerate(self._keys) if key is not None and (g := cache.get(key)) is not None}
+        decoded = [i for i in range(len(requests)) if i not in hits]
+        self.jobs = [Job(requests[i], self._sink(i), stream=stream) for i in decoded]
         self.cursors = [StreamCursor(stops) for _ in requests]
         self.open = set(range(len(requests)))
-        self.ids = scheduler.submit(self.jobs)  # QueueFull: nothing was queued
+        self.ids = dict(zip(decoded, scheduler.submit(self.jobs) if self.jobs else []))  # QueueFull: none queued
+        for i, generation in hits.items():  # answered at once, as a cache hit costs nothing
+            self.events.put_nowait((i, Finished(_as_hit(generation), 0.0, 0.0, 0.0)))
 
     def _sink(self, index: int) -> Callable:
         def sink(event) -> None:
@@ -80,7 +89,7 @@ class Call:
 
     def cancel(self) -> None:
         if self.open:
-            self.scheduler.cancel([self.ids[i] for i in self.open])
+            self.scheduler.cancel([self.ids[i] for i in self.open if i in self.ids])
             self.open.clear()
 
     async def _next(self, http: HTTPRequest):
@@ -110,10 +119,16 @@ class Call:
                 if isinstance(event, Finished):
                     done[index] = event
                     self.open.discard(index)
+                    self._remember(index, event)
         finally:
             self.cancel()
         self._done(done)
         return [ChoiceResult(i, done[i]) for i in sorted(done)]
+
+    def _remember(self, index: int, finished: Finished) -> None:
+        key = self._keys[index]
+        if key is not None and index in self.ids:  # decoded here (a hit is already stored)
+            self._cache.put(key, finished.generation)
 
     def _done(self, done: dict[int, Finished]) -> None:
         if self._on_done is not None and len(done) == len(self.requests):
@@ -137,9 +152,25 @@ class Call:
                 elif isinstance(event, Finished):
                     self.open.discard(index)
                     done[index] = event
+                    self._remember(index, event)
                     gen = event.generation
                     text = self.cursors[index].advance(gen.text, final=True)
                     yield ChoiceDelta(index, text, openai_finish_reason(gen.finish_reason), event)
             self._done(done)
         finally:
             self.cancel()  # a client that disconnects mid-stream frees its sequences
+
+
+def _cache_key(request: Request) -> CacheKey | None:
+    """A request's completion-cache key; None for what is never cached (a draft to verify, a cache warm-up,
+    a request that asks for its prompt to be evaluated whole: llama.cpp's cache_prompt false)."""
+    if request.draft is not None or request.max_tokens == 0 or not request.reuse_prefix:
+        return None
+    key = CacheKey.of(request.prompt_tokens, request.params, request.max_tokens, request.stop)
+    return key if key.reproducible else None
+
+
+def _as_hit(generation: Generation) -> Generation:
+    """A cached completion as this request's: nothing evaluated, the whole prompt cached."""
+    return replace(generation, prefill_s=0.0, decode_s=0.0, cost_s=0.0,
+                   n_cached_prompt_tokens=generation.n_prompt_tokens)  # fmt: skip

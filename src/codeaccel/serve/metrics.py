@@ -10,6 +10,7 @@ prometheus-client adds ``_total`` to every counter's exposed name, as both of th
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 from codeaccel.decoding.generation import Generation
 
@@ -66,6 +67,10 @@ class ServerMetrics:
             for i in range(MAX_DRAFT_POSITIONS):  # exposed from the start, as vLLM does
                 self.spec_positions[prefix, i] = per_pos.labels(position=str(i))
 
+    def watch_completion_cache(self, cache) -> None:
+        """Export a completion cache's hit and miss counts (read from it at every scrape)."""
+        self.registry.register(_CacheCollector(cache))
+
     def observe_step(self, batch: int, n_seq_max: int, waiting: int) -> None:
         self.decode_steps.inc()
         self.running.set(batch)
@@ -99,3 +104,16 @@ class ServerMetrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _CacheCollector:
+    """The completion cache's counters as Prometheus counters (the cache counts; a scrape reads)."""
+
+    def __init__(self, cache) -> None:
+        self.cache = cache
+
+    def collect(self):
+        yield CounterMetricFamily("codeaccel_completion_cache_hits", "Requests answered from the completion cache",
+                                  value=self.cache.hits)  # fmt: skip
+        yield CounterMetricFamily("codeaccel_completion_cache_misses", "Reproducible requests not in the cache",
+                                  value=self.cache.misses)  # fmt: skip

@@ -43,6 +43,8 @@ class ServeSettings(BaseSettings):
     # keep finished requests' caches: a prompt sharing a prefix with one evaluates only the rest (cache_prompt)
     prefix_cache: bool = True
     max_queue: int = Field(64, ge=0)  # requests waiting beyond the running ones before 503
+    # completions of greedy or seeded requests kept and answered again without decoding (0: off)
+    completion_cache: int = Field(256, ge=0)
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     default_max_tokens: int = Field(256, ge=1)  # when a request names none (OpenAI's legacy default is 16)
     api_key: str | None = None  # required as "Authorization: Bearer <key>" when set

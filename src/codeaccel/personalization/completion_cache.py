@@ -13,6 +13,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from codeaccel.decoding.sampling import SamplingParams
 from codeaccel.errors import UserError
@@ -42,12 +43,15 @@ class CachedCompletion:
     finish_reason: str
 
 
-class CompletionCache:
+V = TypeVar("V")  # what a completion is stored as: CachedCompletion (client), a Generation (server)
+
+
+class CompletionCache(Generic[V]):
     def __init__(self, capacity: int):
         if capacity < 0:
             raise UserError(f"the completion cache's size must be >= 0 (0: off), got {capacity}")
         self.capacity = capacity
-        self._entries: OrderedDict[CacheKey, CachedCompletion] = OrderedDict()
+        self._entries: OrderedDict[CacheKey, V] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
@@ -56,7 +60,7 @@ class CompletionCache:
         with self._lock:
             return len(self._entries)
 
-    def get(self, key: CacheKey) -> CachedCompletion | None:
+    def get(self, key: CacheKey) -> V | None:
         """The stored completion (now the most recently used), or None; counts a hit or a miss."""
         if not self.capacity or not key.reproducible:
             return None
@@ -69,7 +73,7 @@ class CompletionCache:
             self.hits += 1
             return found
 
-    def put(self, key: CacheKey, completion: CachedCompletion) -> None:
+    def put(self, key: CacheKey, completion: V) -> None:
         if not self.capacity or not key.reproducible:
             return
         with self._lock:
