@@ -39,12 +39,21 @@ class PostgresServer:
         subprocess.run(self._as_owner(f"{self.bin}/initdb", "-D", self.data, "-U", self.user, "--auth=trust",
                                       "-E", "UTF8", "--no-instructions"),  # fmt: skip
                        check=True, capture_output=True)  # fmt: skip
+        self._start()
+        self.url = f"postgresql://{self.user}@/postgres?host={self.root}&port={self.port}"
+        return self
+
+    def _start(self) -> None:
         options = f"-c listen_addresses='' -k {self.root} -p {self.port} -c fsync=on -c synchronous_commit=on"
         subprocess.run(self._as_owner(f"{self.bin}/pg_ctl", "-D", self.data, "-o", options, "-w", "-t", "60",
                                       "-l", os.path.join(self.root, "log"), "start"),  # fmt: skip
                        check=True, capture_output=True)  # fmt: skip
-        self.url = f"postgresql://{self.user}@/postgres?host={self.root}&port={self.port}"
-        return self
+
+    def restart(self) -> None:
+        """Stop at once (clients' connections break) and start again."""
+        subprocess.run(self._as_owner(f"{self.bin}/pg_ctl", "-D", self.data, "-m", "immediate", "-w", "stop"),
+                       check=True, capture_output=True)  # fmt: skip
+        self._start()
 
     def __exit__(self, *exc) -> None:
         subprocess.run(self._as_owner(f"{self.bin}/pg_ctl", "-D", self.data, "-m", "immediate", "stop"),

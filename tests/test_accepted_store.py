@@ -103,6 +103,9 @@ WRITER = textwrap.dedent(
 
 
 def test_kill_9_during_writes_loses_no_acknowledged_row(store_url):
+    """The writer is killed between two rows or inside one: every row it acknowledged is there. (A killed
+    process's committed writes survive in the page cache even unsynced; that the commit also reaches the
+    disk is the store's setting, checked below: SQLite synchronous=FULL, PostgreSQL synchronous_commit on.)"""
     writer = subprocess.Popen([sys.executable, "-c", WRITER, store_url], stdout=subprocess.PIPE, text=True)
     acknowledged = []
     deadline = time.time() + 30
@@ -116,6 +119,11 @@ def test_kill_9_during_writes_loses_no_acknowledged_row(store_url):
     assert len(acknowledged) >= 40
     with open_store(store_url) as store:
         stored = {s.id for s in store.items()}
+        if store_url.startswith("sqlite"):
+            assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+        else:
+            assert store._run("SHOW synchronous_commit", fetch=True)[0][0] == "on"
+            assert store._run("SHOW fsync", fetch=True)[0][0] == "on"
     assert set(acknowledged) <= stored
 
 
@@ -151,3 +159,44 @@ def test_feedback_add_and_list_from_the_command_line(tmp_path):
     with open_store(store) as s:
         [row] = s.items()
     assert row.id == int(added.stdout) and row.item.completion == "    return a + b\n"
+
+
+def test_a_choice_selected_twice_is_stored_once_and_old_served_choices_are_pruned(store_url, monkeypatch):
+    from codeaccel.personalization import store as store_module
+
+    with open_store(store_url) as store:
+        store.record_served("cmpl-9", [(0, "p", "c0"), (1, "p", "c1")], "m")
+        first = store.accept_served("cmpl-9", 1)
+        assert store.accept_served("cmpl-9", 1) == first and store.count() == 1  # a retried event
+        assert store.accept_served("cmpl-9", 0) != first and store.count() == 2
+        now = store_module.time.time()
+        monkeypatch.setattr(store_module.time, "time", lambda: now + store_module.SERVED_TTL_S + 120)
+        store.record_served("cmpl-10", [(0, "p", "c")], "m")  # a day later: the old choices are gone
+        assert store.accept_served("cmpl-9", 1) == first  # the accepted row stays
+        store._run("DELETE FROM accepted WHERE completion_id = 'cmpl-9' AND choice_index = 1")
+        assert store.accept_served("cmpl-9", 1) is None  # its served choice was pruned
+        assert store.accept_served("cmpl-10", 0) is not None
+
+
+def test_postgres_reconnects_after_a_server_restart(postgres):
+    with open_store(postgres.url) as store:
+        store._run("DROP TABLE IF EXISTS accepted")
+    with open_store(postgres.url) as store:
+        store.add(Accepted("p", "c"))
+        postgres.restart()
+        assert store.add(Accepted("p", "d")) > 0 and store.count() == 2
+
+
+def test_a_store_from_before_choice_indexes_is_migrated(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old.sqlite"
+    with sqlite3.connect(path) as db:  # the first schema: no choice_index
+        db.execute("CREATE TABLE accepted (id INTEGER PRIMARY KEY AUTOINCREMENT, created_at DOUBLE PRECISION NOT NULL,"
+                   " prompt TEXT NOT NULL, completion TEXT NOT NULL, repository TEXT, source TEXT NOT NULL,"
+                   " completion_id TEXT, model TEXT)")  # fmt: skip
+        db.execute("INSERT INTO accepted (created_at, prompt, completion, source) VALUES (1, 'p', 'c', 'feedback')")
+    with open_store(path) as store:
+        assert store.count() == 1
+        store.record_served("cmpl-1", [(0, "p", "c")], "m")
+        assert store.accept_served("cmpl-1", 0) == store.accept_served("cmpl-1", 0) == 2

@@ -112,6 +112,23 @@ def test_rejection_sampling_with_the_draft_probabilities_keeps_the_target_distri
     assert chi2 < 20.5  # chi-square, 4 degrees of freedom, p = 0.0004
 
 
+def test_a_token_limit_cuts_the_accepted_draft_and_its_count(target):
+    prompt = target.tokenize(PROMPT)
+    want = _alone(target, prompt, SamplingParams(), 9)
+    with open_sequences(target, n_seq_max=2, n_ctx=1024, unified=False) as seqs:
+        [gen] = BatchDecoder(seqs).run([Request(prompt, SamplingParams(), 3, draft=GivenDraft(tuple(want[:8])))])
+    assert gen.tokens == want[:3]
+    assert gen.stats.speculation.accepted_tokens == 3 and gen.stats.speculation.drafted_tokens == 8
+
+
+def test_a_draft_near_the_end_of_the_context_returns_every_accepted_token(target):
+    prompt = target.tokenize(PROMPT)
+    want = _alone(target, prompt, SamplingParams(), 9)
+    with open_sequences(target, n_seq_max=1, n_ctx=len(prompt) + 10, unified=False) as seqs:
+        [gen] = BatchDecoder(seqs).run([Request(prompt, SamplingParams(), 9, draft=GivenDraft(tuple(want[:8])))])
+    assert gen.tokens == want  # the context holds prompt + 8 drafted; the 9th token is never cached
+
+
 def test_probabilities_must_match_the_draft():
     with pytest.raises(CodeaccelError):
         GivenDraft((1, 2), ({1: 1.0},))

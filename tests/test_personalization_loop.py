@@ -55,6 +55,17 @@ def test_versions_promote_rollback_and_refuse_what_is_not_ready(tmp_path):
     versions.record("v1", last_accepted_id=7)
     assert versions.last_trained_id() == 7 and [v.name for v in versions.list()] == ["v1", "v2"]
     assert DraftVersions(tmp_path).list()[1].record["status"] == "rolled back"  # read back from disk
+    (tmp_path / "v3").mkdir()  # a crash after the folder, before its record
+    assert versions.create().name == "v4"
+
+
+def test_a_promotion_supersedes_the_live_version(tmp_path):
+    versions = DraftVersions(tmp_path)
+    for _ in range(2):
+        (versions.create().path / "adapter.gguf").write_bytes(b"x")
+    versions.promote("v1")
+    versions.promote("v2")
+    assert [v.record["status"] for v in versions.list()] == ["superseded", "live"]
 
 
 def test_the_gguf_adapter_computes_what_peft_computes(tiny_gguf, tmp_path):

@@ -68,8 +68,8 @@ def test_greedy_text_is_the_targets_whatever_the_draft(server, target, draft):
             assert got.tokens == _alone(target, prompt, 30)
             s = got.stats
             assert s.calls >= 1 and s.committed_tokens == len(got.tokens)
-            if kind == "same":  # the target's own weights: every draft token accepted, 5 tokens a call
-                assert s.accepted_tokens == s.drafted_tokens > 0
+            if kind == "same":  # the target's own weights: every draft token accepted (but what follows an EOS)
+                assert s.drafted_tokens - 4 < s.accepted_tokens <= s.drafted_tokens
                 assert s.calls <= -(-30 // 5) + 1
 
 
@@ -166,6 +166,7 @@ def test_a_session_keeps_its_context_between_calls(server, target):
         ({"context": [1, 2], "draft": [10**9]}, 400, None),  # token id out of range
         ({"context": [1, 2], "draft": [3], "draft_probs": [{"4": 1.0}]}, 400, None),  # q(draft token) = 0
         ({"context": [1, 2], "draft": [3], "draft_probs": [{"3": 0.5}]}, 400, None),  # not a distribution
+        ({"context": [1, 2], "draft": [3], "draft_probs": [{"3": 0.5, "999999": 0.5}]}, 400, None),  # no such token
         ({"context": [1, 2], "draft": [3, 4], "draft_probs": [{"3": 1.0}]}, 400, None),  # rows != tokens
         ({"context": [1, 2], "draft": list(range(65))}, 400, None),  # too long a draft
         ({"context": [1] * 600, "draft": [1]}, 400, "context_length_exceeded"),
@@ -189,13 +190,12 @@ def test_call_seeds_differ_by_position_and_are_reproducible():
 def test_a_selected_choice_becomes_an_accepted_completion(server, target):
     client = server.client()
     done = client.completions.create(model=None, prompt=PROMPTS[0], max_tokens=8, temperature=0, n=2)
-    for _ in range(50):  # served choices are recorded off the response's path
-        got = httpx.post(server.url + "/v1/events", json={"type": "select", "completion_id": done.id,
-                                                          "choice_index": 1, "repository": "demo"})  # fmt: skip
-        if got.json()["accepted_id"] is not None:
-            break
-        time.sleep(0.05)
+    # recorded before the answer went out: a select right after finds it
+    got = httpx.post(server.url + "/v1/events", json={"type": "select", "completion_id": done.id,
+                                                      "choice_index": 1, "repository": "demo"})  # fmt: skip
     assert got.json()["accepted_id"] is not None
+    again = httpx.post(server.url + "/v1/events", json={"type": "select", "completion_id": done.id, "choice_index": 1})
+    assert again.json()["accepted_id"] == got.json()["accepted_id"]  # a retried event: one accepted completion
     unknown = httpx.post(server.url + "/v1/events", json={"type": "select", "completion_id": "cmpl-nope"})
     assert unknown.status_code == 200 and unknown.json()["accepted_id"] is None  # stored as an event only
     with open_store(server.app.state.codeaccel.settings.events_db) as store:
@@ -249,9 +249,17 @@ def test_the_server_swaps_its_draft_under_concurrent_requests(tiny_gguf, tiny_gg
     save_cost_curve(CostCurve("tiny-draft", "llama.cpp", None, 0, 1, list(range(1, 33)), [0.0001] * 32, relative))
     versions = _adapter_versions(tmp_path / "versions")
     versions.promote("v1")
-    settings = ServeSettings(model=tiny_gguf, method="draft-model", draft_model=tiny_gguf_draft, parallel=4,
-                             ctx_size=512, events_db=tmp_path / "e.sqlite", draft_versions=tmp_path / "versions",
-                             draft_poll_s=0.02)  # fmt: skip
+    settings = ServeSettings(
+        model=tiny_gguf,
+        method="draft-model",
+        draft_model=tiny_gguf_draft,
+        parallel=4,
+        ctx_size=512,
+        events_db=tmp_path / "e.sqlite",
+        draft_versions=tmp_path / "versions",
+        draft_poll_s=0.02,
+        completion_cache=0,
+    )  # fmt: skip  (every request decoded while swapping)
     prompts = [target.tokenize(p) for p in PROMPTS] * 4
     want = [_alone(target, p, 24) for p in prompts]
     stop = threading.Event()

@@ -99,8 +99,9 @@ def test_top_p_equals_the_full_sort_bit_for_bit(shape):
         else:
             logits = rng.standard_normal((3, vocab)) * rng.uniform(0.3, 4.0, size=(3, 1))
         for top_p in (0.1, 0.5, 0.9, 0.95, 0.999):
-            params = SamplingParams(temperature=float(rng.choice([0.2, 0.8, 1.3])), top_p=top_p)
-            plain = logits_to_probs(logits, SamplingParams(temperature=params.temperature))
-            np.testing.assert_array_equal(logits_to_probs(logits, params), _top_p_by_full_sort(plain, top_p))
+            for top_k in (0, 40):  # top-k first leaves most probabilities 0 (llama.cpp's defaults: 40, 0.95)
+                params = SamplingParams(temperature=float(rng.choice([0.2, 0.8, 1.3])), top_p=top_p, top_k=top_k)
+                plain = logits_to_probs(logits, SamplingParams(temperature=params.temperature, top_k=top_k))
+                np.testing.assert_array_equal(logits_to_probs(logits, params), _top_p_by_full_sort(plain, top_p))
     if shape == "flat":  # the fallback was taken
         assert (logits_to_probs(logits, SamplingParams(temperature=1.3, top_p=0.9)) > 0).sum() > NUCLEUS_CANDIDATES

@@ -414,7 +414,7 @@ class BatchDecoder:
             free -= 1
             reserved += need
         for (prompt, n_draft), members in groups.items():
-            room = self.seqs.n_ctx_seq - len(prompt)
+            room = self.seqs.n_ctx_seq - len(prompt) + n_draft  # a given draft's tokens are the generation's own
             admitted = [(handle, request, min(request.max_tokens, room)) for handle, request in members]
             shared = _SharedPrompt(cells=len(prompt), members=len(admitted))
             rows = n_draft + 1
@@ -523,14 +523,17 @@ class BatchDecoder:
         verdict = verify(list(draft.tokens), draft.dense_probs(self.seqs.n_vocab), last_rows[-k - 1 :],
                          active.request.params, active.rng)  # fmt: skip
         active.first_row = None
-        active.spec = SpecStats()
-        active.spec.record(k, verdict.n_accepted)
-        self._drafted += k
-        self._accepted += verdict.n_accepted
+        committed = 0
         for token in verdict.tokens:
             self.stats.generated_tokens += 1
+            committed += 1
             if active.checker.push(token):
                 break
+        accepted = min(verdict.n_accepted, committed)  # a token limit may cut the accepted prefix
+        active.spec = SpecStats()
+        active.spec.record(k, accepted)
+        self._drafted += k
+        self._accepted += accepted
         rejected = k - verdict.n_accepted
         if rejected:  # the sequence holds the prompt and the accepted draft (a kept cache for the next call)
             self.seqs.rewind(active.seq, self.seqs.n_tokens(active.seq) - rejected)

@@ -43,6 +43,8 @@ class GivenDraft:
             return None
         dense = np.zeros((len(self.tokens), n_vocab))
         for row, sparse in zip(dense, self.probs):
+            if any(not 0 <= t < n_vocab for t in sparse):
+                raise UserError(f"draft probabilities name token ids outside [0, {n_vocab})")
             row[list(sparse)] = list(sparse.values())
         return dense
 

@@ -93,7 +93,9 @@ def nucleus(probs: np.ndarray, top_p: float) -> np.ndarray:
     n = probs.shape[-1]
     if n > NUCLEUS_CANDIDATES:
         threshold = np.partition(probs, n - NUCLEUS_CANDIDATES)[n - NUCLEUS_CANDIDATES]
-        candidates = np.flatnonzero(probs >= threshold)  # ascending ids: ties keep the full sort's order
+        # ascending ids: ties keep the full sort's order; with top-k first most probabilities are 0,
+        # which sort after every positive one and never enter the nucleus (mass[-1] >= top_p below)
+        candidates = np.flatnonzero(probs >= threshold if threshold > 0 else probs > 0)
         order = candidates[np.argsort(-probs[candidates], kind="stable")]
         sorted_probs = probs[order]
         mass = np.cumsum(sorted_probs)

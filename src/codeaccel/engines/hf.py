@@ -158,6 +158,7 @@ class HFEngine(Engine):
             return
         if isinstance(self.model, peft.PeftModel):
             self.model = self.model.unload()
+            self.lora_path = None  # the base model, until the new adapter is in
         try:
             self.model = peft.PeftModel.from_pretrained(self.model, str(adapter_dir)).eval()
         except (OSError, ValueError) as exc:

@@ -62,8 +62,9 @@ def draft_matches(draft: Engine, example: Continuation) -> list[bool]:
         raise UserError(f"a continuation of {len(target)} tokens does not fit the draft's {draft.n_ctx}")
     prompt = prompt[-room:]
     draft.reset()
-    logits = draft.eval(prompt + target[:-1])  # [len(prompt) + n - 1, vocab]
-    predicted = np.asarray(logits[len(prompt) - 1 :]).argmax(axis=-1)  # row j predicts target[j]
+    first = draft.prefill(prompt)  # [vocab]: predicts target[0] (the prompt's rows are not kept)
+    rows = [first[None, :]] + ([draft.eval(target[:-1])] if len(target) > 1 else [])  # row j predicts target[j]
+    predicted = np.concatenate(rows).argmax(axis=-1)
     draft.reset()
     return [int(p) == t for p, t in zip(predicted, target)]
 

@@ -87,9 +87,9 @@ def finetune(model, examples: Sequence[TrainingExample], config: TuneConfig, out
     import peft
     import torch
 
-    if not examples:
-        raise UserError("no examples to fine-tune on")
     examples = [e for e in examples if e.prompt_tokens and e.completion_tokens]
+    if not examples:
+        raise UserError("no examples to fine-tune on (each needs a prompt and a completion)")
     torch.manual_seed(config.seed)
     lora_config = peft.LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=0.0, bias="none",
                                   target_modules=list(TARGET_MODULES), task_type="CAUSAL_LM")  # fmt: skip

@@ -4,9 +4,11 @@ Two tables, the same on both back ends:
 
 * ``served``: every choice the server answered (completion id, choice index, prompt, completion),
   so that a ``select`` event (``POST /v1/events``, Tabby's schema), which names only a completion
-  id and a choice, can be turned into the text the user accepted;
+  id and a choice, can be turned into the text the user accepted; kept ``SERVED_TTL_S`` (a day:
+  users select within seconds), older rows pruned;
 * ``accepted``: prompt, completion, repository, where it came from (a ``select`` event, or
-  ``codeaccel feedback add``), the model that wrote it, and when.
+  ``codeaccel feedback add``), the model that wrote it, and when; a choice selected twice is
+  stored once.
 
 SQLite is the embedded default (WAL, ``synchronous=FULL``); PostgreSQL (``postgresql://...``)
 serves several servers sharing one store. ``add`` returns once the row is committed, so a
@@ -28,6 +30,8 @@ from codeaccel.errors import SetupError, UserError
 from codeaccel.models.registry import cache_dir
 
 SOURCES = ("event", "feedback")
+SERVED_TTL_S = 24 * 3600.0  # served choices kept this long for their select events
+PRUNE_EVERY_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,7 @@ _SCHEMA = (
         model TEXT,
         created_at DOUBLE PRECISION NOT NULL,
         PRIMARY KEY (completion_id, choice_index))""",
+    "CREATE INDEX IF NOT EXISTS served_age ON served (created_at)",
     """CREATE TABLE IF NOT EXISTS accepted (
         id {id_column},
         created_at DOUBLE PRECISION NOT NULL,
@@ -70,7 +75,11 @@ _SCHEMA = (
         repository TEXT,
         source TEXT NOT NULL,
         completion_id TEXT,
+        choice_index INTEGER,
         model TEXT)""",
+    # a choice selected again (a retried event) is the same accepted completion
+    "CREATE UNIQUE INDEX IF NOT EXISTS accepted_choice ON accepted (completion_id, choice_index) "
+    "WHERE completion_id IS NOT NULL",
 )
 _COLUMNS = "prompt, completion, repository, source, completion_id, model"
 
@@ -83,13 +92,24 @@ class AcceptedStore(abc.ABC):
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        for statement in _SCHEMA:
+        self._pruned_at = 0.0
+        for statement in _SCHEMA[:-1]:
             self._run(statement.format(id_column=self.id_column))
+        if "choice_index" not in self._columns("accepted"):  # a store from before choices were told apart
+            self._run("ALTER TABLE accepted ADD COLUMN choice_index INTEGER")
+        self._run(_SCHEMA[-1])
 
     # ---- back ends -----------------------------------------------------------------
-    @abc.abstractmethod
     def _run(self, sql: str, params: Sequence = (), fetch: bool = False) -> list[tuple]:
         """Run one statement in its own committed transaction (rows if ``fetch``)."""
+        return self._transaction([(sql, params)], fetch)
+
+    @abc.abstractmethod
+    def _columns(self, table: str) -> set[str]: ...
+
+    @abc.abstractmethod
+    def _transaction(self, statements: Sequence[tuple[str, Sequence]], fetch: bool = False) -> list[tuple]:
+        """Run statements in one transaction, committed (durably) before it returns; the last one's rows."""
 
     @abc.abstractmethod
     def close(self) -> None: ...
@@ -103,12 +123,22 @@ class AcceptedStore(abc.ABC):
     # ---- the contract --------------------------------------------------------------
     def add(self, item: Accepted) -> int:
         """Store one accepted completion; its id, returned once the row is durable."""
-        [(row_id,)] = self._run(
-            f"INSERT INTO accepted (created_at, {_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",
-            (time.time(), item.prompt, item.completion, item.repository, item.source, item.completion_id, item.model),
-            fetch=True,
-        )
-        return int(row_id)
+        return self._add(item, None)
+
+    def _add(self, item: Accepted, choice_index: int | None) -> int:
+        """Insert (a choice already stored stays as it is); the row's id."""
+        values = (time.time(), item.prompt, item.completion, item.repository, item.source, item.completion_id,
+                  choice_index, item.model)  # fmt: skip
+        insert = (f"INSERT INTO accepted (created_at, {_COLUMNS.replace('model', 'choice_index, model')}) "
+                  "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING id")  # fmt: skip
+        if item.completion_id is None:
+            [(row_id,)] = self._run(insert, values, fetch=True)
+            return int(row_id)
+        rows = self._transaction([(insert, values)], fetch=True)
+        if not rows:  # selected before: the stored row
+            rows = self._run("SELECT id FROM accepted WHERE completion_id = ? AND choice_index = ?",
+                             (item.completion_id, choice_index), fetch=True)  # fmt: skip
+        return int(rows[0][0])
 
     def items(self, after_id: int = 0, limit: int | None = None) -> list[StoredAccepted]:
         """Accepted completions with ids above ``after_id``, oldest first."""
@@ -125,17 +155,26 @@ class AcceptedStore(abc.ABC):
         return int(n)
 
     def record_served(self, completion_id: str, choices: Sequence[tuple[int, str, str]], model: str | None) -> None:
-        """What the server answered: (choice index, prompt, completion) per choice."""
+        """What the server answered: (choice index, prompt, completion) per choice, in one transaction
+        (with, once a minute, the pruning of choices older than SERVED_TTL_S)."""
         now = time.time()
-        for index, prompt, completion in choices:
-            self._run(
-                "INSERT INTO served (completion_id, choice_index, prompt, completion, model, created_at) "
-                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (completion_id, choice_index) DO NOTHING",
-                (completion_id, index, prompt, completion, model, now),
-            )
+        insert = (
+            "INSERT INTO served (completion_id, choice_index, prompt, completion, model, created_at) "
+            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (completion_id, choice_index) DO NOTHING"
+        )
+        statements = [(insert, (completion_id, i, prompt, completion, model, now)) for i, prompt, completion in choices]
+        if now - self._pruned_at > PRUNE_EVERY_S:
+            self._pruned_at = now
+            statements.append(("DELETE FROM served WHERE created_at < ?", (now - SERVED_TTL_S,)))
+        self._transaction(statements)
 
     def accept_served(self, completion_id: str, choice_index: int, repository: str | None = None) -> int | None:
-        """A select event: the served choice becomes an accepted completion (None: never served here)."""
+        """A select event: the served choice becomes an accepted completion (None: never served here, or
+        pruned); selected again: the same row."""
+        stored = self._run("SELECT id FROM accepted WHERE completion_id = ? AND choice_index = ?",
+                           (completion_id, choice_index), fetch=True)  # fmt: skip
+        if stored:
+            return int(stored[0][0])
         rows = self._run(
             "SELECT prompt, completion, model FROM served WHERE completion_id = ? AND choice_index = ?",
             (completion_id, choice_index),
@@ -146,7 +185,7 @@ class AcceptedStore(abc.ABC):
         prompt, completion, model = rows[0]
         if not completion:  # an empty completion teaches nothing
             return None
-        return self.add(Accepted(prompt, completion, repository, "event", completion_id, model))
+        return self._add(Accepted(prompt, completion, repository, "event", completion_id, model), choice_index)
 
 
 class SQLiteAcceptedStore(AcceptedStore):
@@ -161,11 +200,15 @@ class SQLiteAcceptedStore(AcceptedStore):
         self._db.execute("PRAGMA synchronous=FULL")  # a commit is on disk when it returns
         super().__init__()
 
-    def _run(self, sql: str, params: Sequence = (), fetch: bool = False) -> list[tuple]:
+    def _columns(self, table: str) -> set[str]:
+        return {row[1] for row in self._run(f"PRAGMA table_info({table})", fetch=True)}
+
+    def _transaction(self, statements: Sequence[tuple[str, Sequence]], fetch: bool = False) -> list[tuple]:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                cursor = self._db.execute(sql, tuple(params))
+                for sql, params in statements:
+                    cursor = self._db.execute(sql, tuple(params))
                 rows = cursor.fetchall() if fetch else []
                 self._db.execute("COMMIT")
             except BaseException:
@@ -185,16 +228,33 @@ class PostgresAcceptedStore(AcceptedStore):
         import psycopg  # optional: the personalization extra
 
         self.url = url
-        try:
-            self._db = psycopg.connect(url, autocommit=True)  # each transaction() block is BEGIN ... COMMIT
-        except psycopg.OperationalError as exc:
-            raise SetupError(f"cannot connect to the accepted-completion store {_redact(url)}: {exc}") from None
+        self._psycopg = psycopg
+        self._db = self._connect()
         super().__init__()
 
-    def _run(self, sql: str, params: Sequence = (), fetch: bool = False) -> list[tuple]:
-        with self._lock, self._db.transaction():  # committed (synchronous_commit: on) when the block ends
-            cur = self._db.execute(sql.replace("?", "%s"), tuple(params))
-            return cur.fetchall() if fetch else []
+    def _connect(self):
+        try:
+            return self._psycopg.connect(self.url, autocommit=True)  # each transaction() block: BEGIN ... COMMIT
+        except self._psycopg.OperationalError as exc:
+            raise SetupError(f"cannot connect to the accepted-completion store {_redact(self.url)}: {exc}") from None
+
+    def _columns(self, table: str) -> set[str]:
+        rows = self._run("SELECT column_name FROM information_schema.columns WHERE table_name = ?", (table,), True)
+        return {row[0] for row in rows}
+
+    def _transaction(self, statements: Sequence[tuple[str, Sequence]], fetch: bool = False) -> list[tuple]:
+        with self._lock:
+            for attempt in (1, 2):
+                try:
+                    with self._db.transaction():  # committed (synchronous_commit: on) when the block ends
+                        for sql, params in statements:
+                            cur = self._db.execute(sql.replace("?", "%s"), tuple(params))
+                        return cur.fetchall() if fetch else []
+                except self._psycopg.OperationalError:
+                    if attempt == 2 or not self._db.closed:
+                        raise
+                    self._db = self._connect()  # the server restarted: the transaction never committed, retry once
+        raise AssertionError("unreachable")
 
     def close(self) -> None:
         with self._lock:

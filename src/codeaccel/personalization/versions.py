@@ -57,7 +57,10 @@ class DraftVersions:
             state = self._read()
             yield state
             tmp = self._file.with_suffix(".tmp")
-            tmp.write_text(json.dumps(state, indent=1))
+            with open(tmp, "w") as out:
+                out.write(json.dumps(state, indent=1))
+                out.flush()
+                os.fsync(out.fileno())  # on disk before it replaces the registry
             os.replace(tmp, self._file)
 
     def _read(self) -> dict:
@@ -85,8 +88,10 @@ class DraftVersions:
     def create(self) -> DraftVersion:
         """A new, empty version folder (not live)."""
         with self._locked() as state:
-            n = 1 + max((int(v[1:]) for v in state["versions"]), default=0)
-            name = f"v{n}"
+            # numbered past every folder too: one left by a crash before its record was written
+            taken = [int(v[1:]) for v in state["versions"]] + [int(p.name[1:]) for p in self.root.glob("v*")
+                                                               if p.name[1:].isdigit()]  # fmt: skip
+            name = f"v{1 + max(taken, default=0)}"
             (self.root / name).mkdir()
             state["versions"][name] = {"created_at": time.time(), "status": "training"}
             return self._version(state, name)
@@ -104,6 +109,7 @@ class DraftVersions:
                 raise UserError(f"draft version {name} has no adapter (its tuning did not finish)")
             if state["live"] is not None and state["live"] != name:
                 state["history"].append(state["live"])
+                state["versions"][state["live"]]["status"] = "superseded"
             state["live"] = name
             state["versions"][name]["status"] = "live"
             state["versions"][name]["promoted_at"] = time.time()

@@ -248,20 +248,23 @@ def create_app(settings: ServeSettings, load_in_background: bool = True, replica
         event_id = await run_in_threadpool(state.events.add, body)
         answer = {"id": event_id, "status": "stored"}
         if body.type == "select":  # the choice's text joins the accepted completions (the draft's training set)
-            accepted = await run_in_threadpool(state.accepted.accept_served, body.completion_id, body.choice_index,
-                                               body.repository)  # fmt: skip
-            answer["accepted_id"] = accepted
+            try:
+                answer["accepted_id"] = await run_in_threadpool(state.accepted.accept_served, body.completion_id,
+                                                                body.choice_index, body.repository)  # fmt: skip
+            except Exception:  # the event is stored; the store of accepted completions failed: say so, no 500
+                log.exception("storing the selected choice of %s failed", body.completion_id)
+                answer["accepted_id"] = None
         return answer
 
     def served(rt: Runtime, prefix: str, prompts: list[list[int]]):
         """A Call's on_done: its choices stored under the id the client saw, for later select events."""
 
-        def record(call: Call, done) -> None:
+        def store(call_id: str, done) -> None:
             choices = [(i, rt.engine.detokenize(prompts[i]), f.generation.text) for i, f in done]
-            future = asyncio.get_running_loop().run_in_executor(
-                None, state.accepted.record_served, f"{prefix}-{call.id}", choices, rt.model_id
-            )
-            future.add_done_callback(_log_failure)
+            state.accepted.record_served(f"{prefix}-{call_id}", choices, rt.model_id)
+
+        def record(call: Call, done):
+            return asyncio.get_running_loop().run_in_executor(None, store, call.id, done)  # awaited: after_done
 
         return record
 
@@ -278,6 +281,7 @@ def create_app(settings: ServeSettings, load_in_background: bool = True, replica
         if body.stream:
             return _sse(_openai_completion_stream(call, rt.model_id, http, body, n_prompt), call)
         results = await call.results(http)
+        await call.after_done()
         echo = [_echo_text(rt, body, p_index) for _, p_index in requests] if body.echo else [""] * len(results)
         return formats.completion_body(call, rt.model_id, results, n_prompt, echo)
 
@@ -299,6 +303,7 @@ def create_app(settings: ServeSettings, load_in_background: bool = True, replica
         if body.stream:
             return _sse(_chat_stream(call, rt.model_id, http, body, len(prompt)), call)
         results = await call.results(http)
+        await call.after_done()
         return formats.chat_body(call, rt.model_id, results, len(prompt))
 
     @app.post("/completion")
@@ -331,6 +336,8 @@ def create_app(settings: ServeSettings, load_in_background: bool = True, replica
 
     async def _verify(rt: Runtime, body: VerifyRequest, context: list[int], http: Request) -> dict:
         _check_tokens(context + body.draft, rt.engine.n_vocab)
+        for row in body.draft_probs or ():  # a probability of a token the model does not have
+            _check_tokens(list(row), rt.engine.n_vocab)
         _check_fits(context + body.draft, settings.ctx_size)
         seed = None if body.seed is None else call_seed(body.seed, len(context))
         params = _params(body.temperature, body.top_p, body.top_k, seed)
@@ -367,11 +374,6 @@ def create_app(settings: ServeSettings, load_in_background: bool = True, replica
         return formats.native_body(rt.model_id, results[0].finished, prompt_text)
 
     return app
-
-
-def _log_failure(future) -> None:
-    if future.exception() is not None:
-        log.error("recording a served completion failed", exc_info=future.exception())
 
 
 # ---- request building (pure, tested on their own) ---------------------------------------
@@ -484,6 +486,7 @@ async def _openai_completion_stream(call: Call, model: str, http: Request, body:
         yield formats.sse(formats.completion_chunk(call, model, d))
     if body.stream_options and body.stream_options.include_usage:
         yield formats.sse(formats.usage_chunk(call, model, "text_completion", finished, n_prompt))
+    await call.after_done()
     yield formats.sse("[DONE]")
 
 
@@ -501,6 +504,7 @@ async def _chat_stream(call: Call, model: str, http: Request, body: ChatCompleti
             yield formats.sse(formats.chat_chunk(call, model, d.index, {}, d.finish_reason))
     if body.stream_options and body.stream_options.include_usage:
         yield formats.sse(formats.usage_chunk(call, model, "chat.completion.chunk", finished, n_prompt))
+    await call.after_done()
     yield formats.sse("[DONE]")
 
 

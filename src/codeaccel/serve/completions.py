@@ -11,10 +11,11 @@ only in how a result or a chunk is formatted (:mod:`codeaccel.serve.formats`).
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 
 from fastapi import Request as HTTPRequest
@@ -25,6 +26,7 @@ from codeaccel.serve.errors import ClientGone, to_api_error
 from codeaccel.serve.scheduler import Failed, Finished, Job, Progress, Scheduler
 from codeaccel.serve.streaming import StreamCursor
 
+log = logging.getLogger(__name__)
 DISCONNECT_POLL_S = 0.5
 _PROGRESS = object()  # queued in place of a Progress: "read this choice's newest progress"
 
@@ -49,14 +51,16 @@ def openai_finish_reason(reason: str | None) -> str | None:
 
 class Call:
     def __init__(self, scheduler: Scheduler, requests: Sequence[Request], stream: bool, stops: Sequence[str],
-                 on_done: Callable[[Call, list[tuple[int, Finished]]], None] | None = None,
+                 on_done: Callable[[Call, list[tuple[int, Finished]]], Awaitable | None] | None = None,
                  cache: CompletionCache[Generation] | None = None):  # fmt: skip
         """on_done: called once, on the event loop, with the call and every choice's result when all have
-        finished; cache: completions of reproducible requests (greedy or seeded) answered again without
-        decoding (SpeCoder's completion cache), and filled with what this call decodes."""
+        finished (what it returns, if awaitable, :meth:`after_done` awaits); cache: completions of
+        reproducible requests (greedy or seeded) answered again without decoding (SpeCoder's
+        completion cache), and filled with what this call decodes."""
         self.id = uuid.uuid4().hex
         self.requests = list(requests)
         self._on_done = on_done
+        self._after: Awaitable | None = None
         self.created = int(time.time())
         self.scheduler = scheduler
         self.loop = asyncio.get_running_loop()
@@ -132,7 +136,16 @@ class Call:
 
     def _done(self, done: dict[int, Finished]) -> None:
         if self._on_done is not None and len(done) == len(self.requests):
-            self._on_done(self, sorted(done.items()))
+            self._after = self._on_done(self, sorted(done.items()))
+
+    async def after_done(self) -> None:
+        """Wait for what on_done started (the served choices recorded before the answer goes out, so a
+        select event that follows finds them); a failure there is logged, never the request's."""
+        if self._after is not None:
+            try:
+                await self._after
+            except Exception:
+                log.exception("after call %s: recording its choices failed", self.id)
 
     async def deltas(self, http: HTTPRequest) -> AsyncIterator[ChoiceDelta]:
         """Text as it is committed, per choice; each choice's last delta carries its finish reason."""

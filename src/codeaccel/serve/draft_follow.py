@@ -39,9 +39,15 @@ class DraftFollower:
     def apply_now(self) -> None:
         """Apply the live version before serving starts (on the caller's thread)."""
         live = self.versions.live()
-        if live is not None:
+        if live is None:
+            return
+        self._asked = live.name  # not asked again: a version that fails stays failed until another is live
+        try:
             self._apply(live.gguf)
-            self.live = self._asked = live.name
+        except Exception:
+            log.exception("draft version %s could not be applied; serving with the base draft", live.name)
+            return
+        self.live = live.name
 
     def start(self) -> None:
         self._thread.start()
