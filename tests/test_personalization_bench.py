@@ -52,3 +52,15 @@ def test_rows_before_and_after_tuning_and_a_resumed_rerun(config, tmp_path):
     doc2 = run_personalization_bench(config, tmp_path / "work", lambda s, d, n: again.append(s.split(" (")[0]))
     assert "tuning on target" not in again and not any(s.startswith("end to end") for s in again)
     assert [r["mean_accepted_len"] for r in doc2["rows"][1:]] == [r["mean_accepted_len"] for r in doc["rows"][1:]]
+
+
+def test_a_work_folder_refuses_other_settings(config, tmp_path):
+    from dataclasses import replace
+
+    from codeaccel.errors import CodeaccelError
+    from codeaccel.personalization.bench import _check_settings
+
+    _check_settings(config, tmp_path)
+    _check_settings(replace(config, teach=("target",), e2e=False), tmp_path)  # what to run may change
+    with pytest.raises(CodeaccelError, match="other settings"):
+        _check_settings(replace(config, continuation_tokens=99), tmp_path)

@@ -364,3 +364,47 @@ def test_the_server_answers_a_repeated_reproducible_request_from_its_cache(serve
     for _ in range(2):
         httpx.post(server.url + "/v1/completions", json=unseeded)
     assert metric("codeaccel_completion_cache_hits_total") == hits + 2  # a fresh sample is never a cached one
+
+
+def test_sessions_end_expire_and_are_bounded():
+    from codeaccel.serve.errors import APIError
+    from codeaccel.serve.sessions import VerifySessions
+
+    sessions = VerifySessions(max_sessions=2, ttl_s=0.05)
+    with sessions.call("a", [1, 2], [3]) as context:
+        assert context == [1, 2, 3]
+        with pytest.raises(APIError) as busy:
+            with sessions.call("a", None, []):
+                pass
+        assert busy.value.status == 409
+        sessions.commit("a", context + [4])
+    with sessions.call("a", None, [5]) as context:
+        assert context == [1, 2, 3, 4, 5]
+    assert sessions.end("a") and not sessions.end("a")
+    with pytest.raises(APIError) as gone:
+        with sessions.call("a", None, []):
+            pass
+    assert gone.value.status == 404
+    for name in "bcd":
+        sessions.commit(name, [1])
+    assert len(sessions) == 2  # the least recently used one went
+    time.sleep(0.1)
+    sessions.commit("e", [1])
+    assert len(sessions) == 1  # the idle ones expired
+
+
+def test_a_client_ends_its_session_and_stops_at_the_servers_context(server, target, tiny_gguf_draft):
+    engine = load_engine(tiny_gguf_draft, n_ctx=512)
+    prompt = target.tokenize(PROMPTS[0])
+    try:
+        with RemoteDraftClient(engine, server.url, draft_tokens=4) as client:
+            assert client.server_ctx == 512
+            before = len(server.app.state.codeaccel.sessions)
+            client.generate(prompt, max_tokens=8)
+            assert len(server.app.state.codeaccel.sessions) == before  # ended, not left to expire
+            client.server_ctx = len(prompt) + 6  # a server holding 6 more tokens: the text ends there
+            short = client.generate(prompt, max_tokens=30)
+    finally:
+        engine.close()
+    assert short.finish_reason in ("length", "eos") and len(prompt) + len(short.tokens) <= len(prompt) + 6
+    assert short.tokens == _alone(target, prompt, 30)[: len(short.tokens)]

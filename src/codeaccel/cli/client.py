@@ -15,7 +15,7 @@ from codeaccel.engines import load_engine
 from codeaccel.errors import UserError
 from codeaccel.personalization.completion_cache import CompletionCache
 from codeaccel.personalization.versions import DraftVersions
-from codeaccel.remote.client import RemoteDraftClient, server_model
+from codeaccel.remote.client import MAX_DRAFT_TOKENS, RemoteDraftClient, server_info
 
 
 def client(
@@ -46,12 +46,13 @@ def client(
     if max_tokens < 1:
         raise UserError(f"--max-tokens must be >= 1, got {max_tokens}")
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
-    if not 0 <= draft_tokens <= 64:
-        raise UserError(f"--draft-tokens must be in 0..64 (the server's limit), got {draft_tokens}")
-    server_model(server, api_key)  # before the draft loads: a wrong address fails at once
+    if not 0 <= draft_tokens <= MAX_DRAFT_TOKENS:
+        raise UserError(f"--draft-tokens must be in 0..{MAX_DRAFT_TOKENS} (the server's limit), got {draft_tokens}")
+    info = server_info(server, api_key)  # before the draft loads: a wrong address fails at once
     with load_engine(draft_model, engine) as draft:
         text = draft.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
-        with RemoteDraftClient(draft, server, draft_tokens, CompletionCache(0), api_key) as remote:
+        with RemoteDraftClient(draft, server, draft_tokens, CompletionCache(0), api_key,
+                               server_ctx=info.max_model_len) as remote:  # fmt: skip
             live = DraftVersions(draft_versions).live() if draft_versions is not None else None
             if live is not None:
                 remote.set_draft_lora(live.gguf)

@@ -111,7 +111,8 @@ class LlamaCppEngine(Engine):
         # the batch carries token ids, or input embeddings  # [n_batch, n_embd] for a reduced model
         self._batch = self.new_batch(n_batch, self.max_tree_branches)
         self._chat_formatter = None
-        self._adapters: dict[str, object] = {}  # LoRA file -> its llama_adapter_lora (freed in close)
+        self._adapters: dict[str, object] = {}  # LoRA file -> its llama_adapter_lora (freed unused, or in close)
+        self._applied: dict[int, str | None] = {}  # context address -> the adapter file it applies
 
     # ---- LoRA adapters (a fine-tuned draft, swapped in while the model stays loaded) -----
     def lora_adapter(self, path: Path):
@@ -134,6 +135,9 @@ class LlamaCppEngine(Engine):
             status = lc.llama_set_adapters_lora(ctx, adapters, 1, (ctypes.c_float * 1)(scale))
         if status:
             raise InternalError(f"llama.cpp could not set the LoRA adapter {path} (status {status})")
+        self._applied[ctypes.cast(ctx, ctypes.c_void_p).value] = None if path is None else str(Path(path).resolve())
+        for key in set(self._adapters) - set(self._applied.values()):  # a version no context applies any more
+            lc.llama_adapter_lora_free(self._adapters.pop(key))
 
     def set_lora(self, path: Path | None, scale: float = 1.0) -> None:
         """Swap this engine's adapter (None: the base model); the cache, made with other weights, is cleared."""

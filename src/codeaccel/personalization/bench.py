@@ -127,6 +127,7 @@ def _e2e(target: Engine, draft: Engine | None, held: list[Example], config: Pers
 def run_personalization_bench(config: PersonalizationBenchConfig, work: Path, progress: Progress) -> dict:
     """Every row (resuming from ``work``); the results document."""
     work.mkdir(parents=True, exist_ok=True)
+    _check_settings(config, work)
     rows_file = work / "rows.jsonl"
     rows = {r["method"]: r for r in map(json.loads, rows_file.read_text().splitlines())} if rows_file.is_file() else {}
     train, held = _examples(config, work, progress)
@@ -144,8 +145,11 @@ def run_personalization_bench(config: PersonalizationBenchConfig, work: Path, pr
     for teach in config.teach:
         name = f"draft-model-tuned-{teach}"
         folder = work / "adapters" / teach
-        if name in rows and (folder / "adapter.gguf").is_file():
+        if (folder / "adapter.gguf").is_file() and (folder / "tune.json").is_file():  # tuned before: measured?
             adapters[teach] = folder / "adapter.gguf"
+            if name not in rows:
+                tune = json.loads((folder / "tune.json").read_text())
+                rows[name] = {**base, "method": name, "teach": teach, "tune": tune, "pending": True}
             continue
         examples = [TrainingExample(e.prompt, e.target if teach == "target" else e.accepted) for e in train]
         hf = load_engine(config.draft_model, "hf", dtype="float32")
@@ -160,6 +164,7 @@ def run_personalization_bench(config: PersonalizationBenchConfig, work: Path, pr
         finally:
             hf.close()
         adapters[teach] = report.gguf_path
+        (folder / "tune.json").write_text(json.dumps(report.to_record()))  # a rerun measures it, never retrains
         rows[name] = {**base, "method": name, "teach": teach, "tune": report.to_record(), "pending": True}
 
     target = load_engine(config.target_model) if config.e2e else None
@@ -190,6 +195,19 @@ def run_personalization_bench(config: PersonalizationBenchConfig, work: Path, pr
             row["accepted_len_vs_untuned"] = round(row["mean_accepted_len"] / untuned, 3)
     order = ["autoregressive", "draft-model-untuned"] + [f"draft-model-tuned-{t}" for t in config.teach]
     return {"config": {**asdict(config), "tune": asdict(config.tune)}, "rows": [rows[m] for m in order if m in rows]}
+
+
+def _check_settings(config: PersonalizationBenchConfig, work: Path) -> None:
+    """A work folder serves one set of examples: refuse another's (what ``teach`` and ``e2e`` choose may vary)."""
+    fixed = {k: v for k, v in asdict(config).items() if k not in ("teach", "e2e")}
+    fixed["tune"] = asdict(config.tune)
+    path = work / "settings.json"
+    if path.is_file():
+        stored = json.loads(path.read_text())
+        if stored != json.loads(json.dumps(fixed)):
+            raise UserError(f"{work} holds a run with other settings ({path}); use another --work")
+    else:
+        path.write_text(json.dumps(fixed, indent=1))
 
 
 def to_markdown(doc: dict) -> str:

@@ -32,6 +32,7 @@ from codeaccel.errors import SetupError, UserError
 from codeaccel.personalization.completion_cache import CachedCompletion, CacheKey, CompletionCache
 
 GREEDY = SamplingParams()
+MAX_DRAFT_TOKENS = 16  # the server's limit per verification (serve.schemas.MAX_VERIFY_DRAFT)
 MAX_SENT_PROBS = 4096  # a draft row with more tokens of nonzero probability is not sent (the server's limit)
 
 
@@ -74,15 +75,17 @@ class RemoteDraftClient:
     sequence); the completion cache may be shared with other clients of the process."""
 
     def __init__(self, draft: Engine, server_url: str, draft_tokens: int = 4, cache: CompletionCache | None = None,
-                 api_key: str | None = None, timeout_s: float = 600.0):  # fmt: skip
-        if not 0 <= draft_tokens <= 64:
-            raise UserError(f"--draft-tokens must be in 0..64 (the server's limit), got {draft_tokens}")
+                 api_key: str | None = None, timeout_s: float = 600.0, server_ctx: int | None = None):  # fmt: skip
+        """server_ctx: most tokens the server's context holds (its /v1/models max_model_len; None: read it)."""
+        if not 0 <= draft_tokens <= MAX_DRAFT_TOKENS:
+            raise UserError(f"--draft-tokens must be in 0..{MAX_DRAFT_TOKENS} (the server's limit), got {draft_tokens}")
         self.draft = draft
         self.drafter = DraftModelDrafter(draft)
         self.draft_tokens = draft_tokens
         self.cache = cache if cache is not None else CompletionCache(0)
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.Client(base_url=server_url.rstrip("/"), headers=headers, timeout=timeout_s)
+        self.server_ctx = server_ctx if server_ctx is not None else server_info(server_url, api_key).max_model_len
         self._draft_lock = threading.Lock()  # a generation, or a swap of the draft's adapter
 
     def set_draft_lora(self, gguf_adapter: Path | None) -> None:
@@ -127,22 +130,42 @@ class RemoteDraftClient:
         session_id = uuid.uuid4().hex
         send_context = True
         finish: FinishReason | None = None
-        while finish is None:
-            k = min(self.draft_tokens, checker.remaining - 1, self.draft.n_ctx - len(context) - 1)
-            t = time.perf_counter()
-            draft = session.propose(context, k, params, draft_rng) if k > 0 else Draft(tokens=[])
-            stats.draft_s += time.perf_counter() - t
-            answer = self._verify(session_id, context, send_context, draft, params, checker.remaining, stats)
-            send_context = False
-            for token in answer["tokens"]:
-                stats.committed_tokens += 1
-                finish = checker.push(token)
-                if finish is not None:
+        try:
+            while finish is None:
+                # the server holds context + draft below its context size; nothing fits: the text ends here
+                room = min(self.draft.n_ctx, self.server_ctx) - len(context) - 1
+                if room < 0:
+                    finish = "length"
                     break
-            context += answer["tokens"]
-            if finish is None and answer["finish_reason"] is not None:  # the server's context is full
-                finish = "length"
+                k = min(self.draft_tokens, checker.remaining - 1, room)
+                finish = self._round(session, session_id, context, send_context, k, params, draft_rng, checker, stats)
+                send_context = False
+        finally:
+            self._end_session(session_id)
         return ClientGeneration(checker.text, checker.tokens, finish, time.perf_counter() - t0, stats)
+
+    def _round(self, session, session_id: str, context: list[int], send_context: bool, k: int,
+               params: SamplingParams, draft_rng, checker: StopChecker,
+               stats: ClientStats) -> FinishReason | None:  # fmt: skip
+        """Draft k tokens, have them verified, commit what comes back (``context`` grows); the finish, if any."""
+        t = time.perf_counter()
+        draft = session.propose(context, k, params, draft_rng) if k > 0 else Draft(tokens=[])
+        stats.draft_s += time.perf_counter() - t
+        answer = self._verify(session_id, context, send_context, draft, params, checker.remaining, stats)
+        context += answer["tokens"]
+        for token in answer["tokens"]:
+            stats.committed_tokens += 1
+            finish = checker.push(token)
+            if finish is not None:
+                return finish
+        return "length" if answer["finish_reason"] is not None else None  # the server's context is full
+
+    def _end_session(self, session_id: str) -> None:
+        """The server may forget the session (its context); a failure here only leaves it to expire."""
+        try:
+            self.http.delete(f"/v1/verify/{session_id}")
+        except httpx.HTTPError:
+            pass
 
     def _verify(self, session_id: str, context: list[int], send_context: bool, draft: Draft, params: SamplingParams,
                 max_tokens: int, stats: ClientStats) -> dict:  # fmt: skip
@@ -179,8 +202,14 @@ class RemoteDraftClient:
             raise SetupError(f"cannot reach the server at {self.http.base_url}: {exc}") from None
 
 
-def server_model(server_url: str, api_key: str | None = None, timeout_s: float = 10.0) -> str:
-    """The model a server verifies with (its /v1/models id); a SetupError if it cannot be reached or used."""
+@dataclass(frozen=True)
+class ServerInfo:
+    model: str  # its /v1/models id
+    max_model_len: int  # most tokens a request's context may hold there
+
+
+def server_info(server_url: str, api_key: str | None = None, timeout_s: float = 10.0) -> ServerInfo:
+    """What a server verifies with (its /v1/models); a SetupError if it cannot be reached or used."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
         response = httpx.get(server_url.rstrip("/") + "/v1/models", headers=headers, timeout=timeout_s)
@@ -188,7 +217,8 @@ def server_model(server_url: str, api_key: str | None = None, timeout_s: float =
         raise SetupError(f"cannot reach the server at {server_url}: {exc}") from None
     if response.status_code != 200:
         raise SetupError(f"the server at {server_url} answered {response.status_code}: {_message(response)}")
-    return response.json()["data"][0]["id"]
+    model = response.json()["data"][0]
+    return ServerInfo(model["id"], int(model["max_model_len"]))
 
 
 def _sparse_rows(probs: np.ndarray | None) -> list[dict[str, float]] | None:

@@ -334,6 +334,10 @@ def create_app(settings: ServeSettings, load_in_background: bool = True, replica
             state.sessions.commit(body.session_id, context + answer["tokens"])
         return answer
 
+    @app.delete("/v1/verify/{session_id}")
+    def end_session(session_id: str):
+        return {"session_id": session_id, "deleted": state.sessions.end(session_id)}
+
     async def _verify(rt: Runtime, body: VerifyRequest, context: list[int], http: Request) -> dict:
         _check_tokens(context + body.draft, rt.engine.n_vocab)
         for row in body.draft_probs or ():  # a probability of a token the model does not have

@@ -175,7 +175,7 @@ class EventRequest(_Body):
     repository: str | None = Field(None, max_length=500)  # an extension: the project the completion was used in
 
 
-MAX_VERIFY_DRAFT = 64  # draft tokens one verification takes
+MAX_VERIFY_DRAFT = 16  # draft tokens one verification takes (rejection sampling holds a [k, vocab] row each)
 MAX_DRAFT_PROBS = 4096  # tokens with probability > 0 per position (a draft sampling with top-k / top-p)
 
 
