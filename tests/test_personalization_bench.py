@@ -48,6 +48,8 @@ def test_rows_before_and_after_tuning_and_a_resumed_rerun(config, tmp_path):
     )
     assert "tuning on target" in stages and "target continuations" in stages
     assert "| draft-model-tuned-target |" in to_markdown(doc)
+    fields = {"dataset", "model", "engine", "method", "n_problems", "tokens_per_s", "pass_at_1"}  # the results format
+    assert all(fields <= set(r) for r in doc["rows"])
     again = []
     doc2 = run_personalization_bench(config, tmp_path / "work", lambda s, d, n: again.append(s.split(" (")[0]))
     assert "tuning on target" not in again and not any(s.startswith("end to end") for s in again)

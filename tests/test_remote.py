@@ -334,7 +334,8 @@ def test_the_split_bench_measures_both_modes_on_loopback(tmp_path):
     config = SplitBenchConfig(target_model=fim, draft_model=fim, clients=(1, 2), requests=4, n_predict=12,
                               parallel=2, ctx_size=512, threads=1)  # fmt: skip
     doc = run_split_bench(config, tmp_path, lambda *_: None)
-    rows = {(r["mode"], r["clients"]): r for r in doc["rows"]}
+    rows = {(r["method"], r["clients"]): r for r in doc["rows"]}
+    assert all({"dataset", "model", "engine", "n_problems", "tokens_per_s", "pass_at_1"} <= set(r) for r in doc["rows"])
     assert set(rows) == {(m, c) for m in ("server-alone", "remote-draft") for c in (1, 2)}
     for (mode, _), r in rows.items():
         assert r["errors"] == 0 and r["tokens_per_s"] > 0 and r["target_s_per_token"] > 0

@@ -134,7 +134,7 @@ def run_personalization_bench(config: PersonalizationBenchConfig, work: Path, pr
     held_cont = [Continuation(e.prompt, e.target) for e in held if e.target]
     base = {"dataset": f"repo:{config.package}", "model": config.target_model, "draft_model": config.draft_model,
             "engine": "llama.cpp", "n_problems": len(held_cont), "n_train": len(train), "k": config.k,
-            "cpu": machine.cpu_model()}  # fmt: skip
+            "pass_at_1": None, "cpu": machine.cpu_model()}  # fmt: skip  (no tests: acceptance and speed only)
 
     def keep(row: dict) -> None:
         rows[row["method"]] = row
@@ -145,7 +145,8 @@ def run_personalization_bench(config: PersonalizationBenchConfig, work: Path, pr
     for teach in config.teach:
         name = f"draft-model-tuned-{teach}"
         folder = work / "adapters" / teach
-        if (folder / "adapter.gguf").is_file() and (folder / "tune.json").is_file():  # tuned before: measured?
+        measured = name in rows and not rows[name].get("pending")
+        if (folder / "adapter.gguf").is_file() and (measured or (folder / "tune.json").is_file()):  # tuned before
             adapters[teach] = folder / "adapter.gguf"
             if name not in rows:
                 tune = json.loads((folder / "tune.json").read_text())

@@ -58,7 +58,7 @@ class SplitBenchConfig:
 
 @dataclass
 class SplitRow:
-    mode: str  # server-alone | remote-draft
+    method: str  # server-alone | remote-draft
     clients: int
     requests: int
     errors: int
@@ -166,7 +166,9 @@ def run_split_bench(config: SplitBenchConfig, log_dir: Path, progress: Progress)
             remote, remote_out = _level(url, "remote-draft", prompts, clients, config, make_client, progress)
             remote.identical = sum(r is not None and r == a for r, a in zip(remote_out, alone_out))
             rows += [alone, remote]
-    return {"config": asdict(config), "cpu": machine.cpu_model(), "rows": [asdict(r) for r in rows]}
+    common = {"dataset": "fim:humaneval+mbpp+repo:click", "model": config.target_model, "engine": "llama.cpp",
+              "draft_model": config.draft_model, "pass_at_1": None, "cpu": machine.cpu_model()}  # fmt: skip
+    return {"config": asdict(config), "rows": [{**common, **asdict(r), "n_problems": r.requests} for r in rows]}
 
 
 def to_markdown(doc: dict) -> str:
@@ -174,7 +176,7 @@ def to_markdown(doc: dict) -> str:
         "| mode | clients | requests | errors | latency p50 (s) | p99 (s) | tokens/s | target s/token | "
         "mean accepted length | identical to server alone |\n" + "|---" * 10 + "|\n"
     )
-    lines = [f"| {r['mode']} | {r['clients']} | {r['requests']} | {r['errors']} | {r['latency_p50_s']} | "
+    lines = [f"| {r['method']} | {r['clients']} | {r['requests']} | {r['errors']} | {r['latency_p50_s']} | "
              f"{r['latency_p99_s']} | {r['tokens_per_s']} | {r['target_s_per_token']} | "
              f"{r['mean_accepted_len'] if r['mean_accepted_len'] is not None else ''} | "
              f"{r['identical'] if r['identical'] is not None else ''} |" for r in doc["rows"]]  # fmt: skip
