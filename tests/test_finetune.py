@@ -103,3 +103,14 @@ def test_limits_stop_the_training(pair, tmp_path):
     with pytest.raises(CodeaccelError):
         TuneConfig(rank=0)
     assert AcceptanceStats().mean_accepted_len == 0.0
+
+
+def test_acceptance_by_k_replays_one_evaluation_per_example(pair):
+    from codeaccel.personalization.acceptance import measure_acceptance_by_k
+
+    target, draft = pair
+    held = _continuations(target, n_tokens=12)[:3]
+    by_k = measure_acceptance_by_k(draft, held, (1, 4, 8))
+    for k in (1, 4, 8):
+        assert by_k[k].to_record() == measure_acceptance(draft, held, k=k).to_record()
+    assert by_k[1].drafted_tokens == by_k[1].verifications  # one token a draft

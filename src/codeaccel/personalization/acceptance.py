@@ -91,7 +91,15 @@ def replay(matches: Sequence[bool], k: int, stats: AcceptanceStats | None = None
 
 def measure_acceptance(draft: Engine, examples: Sequence[Continuation], k: int = 4) -> AcceptanceStats:
     """Mean accepted length (and acceptance rate) of ``draft`` against the targets' continuations."""
-    stats = AcceptanceStats()
+    return measure_acceptance_by_k(draft, examples, (k,))[k]
+
+
+def measure_acceptance_by_k(draft: Engine, examples: Sequence[Continuation],
+                            ks: Sequence[int]) -> dict[int, AcceptanceStats]:  # fmt: skip
+    """The same for several draft lengths: one evaluation per example, a replay per k."""
+    stats = {k: AcceptanceStats() for k in ks}
     for example in examples:
-        replay(draft_matches(draft, example), k, stats)
+        matches = draft_matches(draft, example)
+        for k in ks:
+            replay(matches, k, stats[k])
     return stats

@@ -32,7 +32,7 @@ from codeaccel.decoding.speculative import speculative_generate
 from codeaccel.engines import Engine, load_engine
 from codeaccel.engines.cost_curve import cost_curve_for
 from codeaccel.errors import UserError
-from codeaccel.personalization.acceptance import Continuation, measure_acceptance
+from codeaccel.personalization.acceptance import Continuation, measure_acceptance_by_k
 from codeaccel.personalization.finetune import TrainingExample, TuneConfig, finetune
 
 Progress = Callable[[str, int, int], None]
@@ -47,7 +47,8 @@ class PersonalizationBenchConfig:
     target_model: str = "qwen2.5-coder-1.5b-instruct"
     prompt_tokens: int = 384  # each prompt's last tokens
     continuation_tokens: int = 48  # the target's continuation (teaching and measuring)
-    k: int = 4
+    k: int = 4  # the draft length of the end-to-end runs and of the rows' main numbers
+    other_ks: tuple[int, ...] = (1, 8, 16)  # acceptance replayed at these lengths too (acceptance_by_k)
     teach: tuple[str, ...] = ("target", "accepted")
     e2e: bool = True
     tune: TuneConfig = field(default_factory=lambda: TuneConfig(epochs=2, max_seconds=600.0, max_tokens=432))
@@ -132,9 +133,17 @@ def run_personalization_bench(config: PersonalizationBenchConfig, work: Path, pr
     rows = {r["method"]: r for r in map(json.loads, rows_file.read_text().splitlines())} if rows_file.is_file() else {}
     train, held = _examples(config, work, progress)
     held_cont = [Continuation(e.prompt, e.target) for e in held if e.target]
-    base = {"dataset": f"repo:{config.package}", "model": config.target_model, "draft_model": config.draft_model,
-            "engine": "llama.cpp", "n_problems": len(held_cont), "n_train": len(train), "k": config.k,
-            "pass_at_1": None, "cpu": machine.cpu_model()}  # fmt: skip  (no tests: acceptance and speed only)
+    base = {
+        "dataset": f"repo:{config.package}",
+        "model": config.target_model,
+        "draft_model": config.draft_model,
+        "engine": "llama.cpp",
+        "n_problems": len(held_cont),
+        "n_train": len(train),
+        "k": config.k,
+        "pass_at_1": None,
+        "cpu": machine.cpu_model(),
+    }  # fmt: skip  (no tests: acceptance and speed only)
 
     def keep(row: dict) -> None:
         rows[row["method"]] = row
@@ -175,32 +184,40 @@ def run_personalization_bench(config: PersonalizationBenchConfig, work: Path, pr
             keep({**base, "method": "autoregressive", **_e2e(target, None, held, config, progress, "target alone")})
         for name, adapter in [("draft-model-untuned", None)] + [(f"draft-model-tuned-{t}", adapters[t])
                                                                   for t in config.teach]:  # fmt: skip
-            if name in rows and not rows[name].get("pending"):
+            measured = name in rows and not rows[name].get("pending")
+            if measured and "acceptance_by_k" in rows[name]:
                 continue
             draft.set_lora(adapter)
+            progress(f"acceptance: {name}", 0, 1)
             t0 = time.perf_counter()
-            stats = measure_acceptance(draft, held_cont, config.k)
-            row = {**base, **rows.get(name, {}), "method": name, **stats.to_record(),
+            by_k = measure_acceptance_by_k(draft, held_cont, sorted({config.k, *config.other_ks}))
+            row = {**base, **rows.get(name, {}), "method": name, **by_k[config.k].to_record(),
+                   "acceptance_by_k": {str(k): s.to_record() for k, s in by_k.items()},
                    "measure_s": round(time.perf_counter() - t0, 1)}  # fmt: skip
             row.pop("pending", None)
-            if config.e2e:
+            if config.e2e and not measured:  # a row measured before its other lengths keeps its timing
                 row.update(_e2e(target, draft, held, config, progress, name))
             keep(row)
     finally:
         draft.close()
         if target is not None:
             target.close()
-    untuned = rows.get("draft-model-untuned", {}).get("mean_accepted_len")
+    untuned = rows.get("draft-model-untuned", {})
     for row in rows.values():
-        if untuned and row.get("mean_accepted_len") is not None:
-            row["accepted_len_vs_untuned"] = round(row["mean_accepted_len"] / untuned, 3)
+        if untuned.get("mean_accepted_len") and row.get("mean_accepted_len") is not None:
+            row["accepted_len_vs_untuned"] = round(row["mean_accepted_len"] / untuned["mean_accepted_len"], 3)
+        if "acceptance_by_k" in untuned and "acceptance_by_k" in row:
+            row["accepted_len_vs_untuned_by_k"] = {
+                k: round(s["mean_accepted_len"] / untuned["acceptance_by_k"][k]["mean_accepted_len"], 3)
+                for k, s in row["acceptance_by_k"].items() if k in untuned["acceptance_by_k"]
+            }  # fmt: skip
     order = ["autoregressive", "draft-model-untuned"] + [f"draft-model-tuned-{t}" for t in config.teach]
     return {"config": {**asdict(config), "tune": asdict(config.tune)}, "rows": [rows[m] for m in order if m in rows]}
 
 
 def _check_settings(config: PersonalizationBenchConfig, work: Path) -> None:
     """A work folder serves one set of examples: refuse another's (what ``teach`` and ``e2e`` choose may vary)."""
-    fixed = {k: v for k, v in asdict(config).items() if k not in ("teach", "e2e")}
+    fixed = {k: v for k, v in asdict(config).items() if k not in ("teach", "e2e", "other_ks")}
     fixed["tune"] = asdict(config.tune)
     path = work / "settings.json"
     if path.is_file():
@@ -212,8 +229,9 @@ def _check_settings(config: PersonalizationBenchConfig, work: Path) -> None:
 
 
 def to_markdown(doc: dict) -> str:
-    head = ("| method | mean accepted length | × untuned | acceptance rate | tokens/s | held-out | trained on | "
-            "training | peak memory |\n|---|---|---|---|---|---|---|---|---|\n")  # fmt: skip
+    k = doc["config"]["k"]
+    head = (f"| method | mean accepted length (k={k}) | × untuned | acceptance rate | tokens/s (k={k}) | held-out | "
+            "trained on | training | peak memory |\n" + "|---" * 9 + "|\n")  # fmt: skip
     lines = []
     for r in doc["rows"]:
         tune = r.get("tune") or {}
@@ -222,4 +240,13 @@ def to_markdown(doc: dict) -> str:
                      f"{r.get('acceptance_rate', '')} | {r.get('tokens_per_s', '')} | {r['n_problems']} | "
                      f"{r['n_train'] if tune else ''} | {training} | "
                      f"{str(tune.get('peak_rss_mb', '')) + ' MB' if tune else ''} |")  # fmt: skip
+    by_k = [r for r in doc["rows"] if "acceptance_by_k" in r]
+    if by_k:
+        ks = list(by_k[0]["acceptance_by_k"])
+        lines.append("\nMean accepted length by draft length k (× untuned):\n")
+        lines.append("| method | " + " | ".join(f"k={k}" for k in ks) + " |\n" + "|---" * (len(ks) + 1) + "|")
+        for r in by_k:
+            ratio = r.get("accepted_len_vs_untuned_by_k", {})
+            cells = [f"{r['acceptance_by_k'][k]['mean_accepted_len']} ({ratio.get(k, '')}×)" for k in ks]
+            lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
     return f"# Personalization: {doc['rows'][0]['dataset'] if doc['rows'] else ''}\n\n" + head + "\n".join(lines) + "\n"
