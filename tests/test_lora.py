@@ -78,42 +78,41 @@ def _write(lora, path):
     return write_gguf_lora(lora, path, "llama", permute_qk=False)
 
 
-def test_base_plus_adapter_computes_the_merged_model(tiny_gguf, lora_files):
+@pytest.fixture
+def engines(tiny_gguf, lora_files):
+    """The base model and the merged-weights reference, each on its own engine; the adapter file."""
     _, _, adapter, merged = lora_files
     engine = load_engine(tiny_gguf, n_ctx=256)
     reference = load_engine(str(merged), n_ctx=256)
-    try:
-        tokens = engine.tokenize(PROMPT)
-        base = engine.eval(tokens)
-        engine.set_lora(adapter)
-        tuned = engine.eval(tokens)
-        want = reference.eval(tokens)
-        np.testing.assert_allclose(tuned, want, atol=2e-3 * np.abs(want).max())
-        assert np.abs(tuned - base).max() > 0.1 * np.abs(base).max()  # the adapter changes the model
-        engine.set_lora(None)
-        np.testing.assert_allclose(engine.eval(tokens), base, atol=1e-4 * np.abs(base).max())
-    finally:
-        reference.close()
-        engine.close()
+    yield engine, reference, adapter
+    reference.close()
+    engine.close()
 
 
-def test_a_sequence_set_applies_its_adapter_to_its_own_context(tiny_gguf, lora_files):
-    _, _, adapter, merged = lora_files
-    engine = load_engine(tiny_gguf, n_ctx=256)
-    reference = load_engine(str(merged), n_ctx=256)
-    try:
-        tokens = engine.tokenize(PROMPT)
-        base = engine.eval(tokens)
-        engine.reset()
-        with open_sequences(engine, n_seq_max=2, n_ctx=512, unified=False) as seqs:
-            seqs.set_lora(adapter)
-            seq = seqs.open()
-            tuned = seqs.eval({seq: tokens})[seq]
-        np.testing.assert_allclose(tuned, reference.eval(tokens), atol=2e-3 * np.abs(tuned).max())
-        np.testing.assert_allclose(engine.eval(tokens), base, atol=1e-4 * np.abs(base).max())  # untouched
-    finally:
-        reference.close()
-        engine.close()
+def test_base_plus_adapter_computes_the_merged_model(engines):
+    engine, reference, adapter = engines
+    tokens = engine.tokenize(PROMPT)
+    base = engine.eval(tokens)
+    engine.set_lora(adapter)
+    tuned = engine.eval(tokens)
+    want = reference.eval(tokens)
+    np.testing.assert_allclose(tuned, want, atol=2e-3 * np.abs(want).max())
+    assert np.abs(tuned - base).max() > 0.1 * np.abs(base).max()  # the adapter changes the model
+    engine.set_lora(None)
+    np.testing.assert_allclose(engine.eval(tokens), base, atol=1e-4 * np.abs(base).max())
+
+
+def test_a_sequence_set_applies_its_adapter_to_its_own_context(engines):
+    engine, reference, adapter = engines
+    tokens = engine.tokenize(PROMPT)
+    base = engine.eval(tokens)
+    engine.reset()
+    with open_sequences(engine, n_seq_max=2, n_ctx=512, unified=False) as seqs:
+        seqs.set_lora(adapter)
+        seq = seqs.open()
+        tuned = seqs.eval({seq: tokens})[seq]
+    np.testing.assert_allclose(tuned, reference.eval(tokens), atol=2e-3 * np.abs(tuned).max())
+    np.testing.assert_allclose(engine.eval(tokens), base, atol=1e-4 * np.abs(base).max())  # untouched
 
 
 def test_peft_state_names_map_to_pairs():

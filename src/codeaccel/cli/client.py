@@ -26,13 +26,13 @@ def client(
     ] = "qwen2.5-coder-0.5b-instruct",  # fmt: skip
     engine: opt.EngineOpt = "llama.cpp",
     draft_tokens: Annotated[int, typer.Option(help="Draft tokens per verification (0: the server decodes alone).")] = 4,
-    max_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 256,
-    temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.0,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (1 = off).")] = 1.0,
-    top_k: Annotated[int, typer.Option(help="Keep the k most likely tokens (0 = off).")] = 0,
-    seed: Annotated[Optional[int], typer.Option(help="Sampling seed.")] = None,
-    stop: Annotated[Optional[list[str]], typer.Option(help="Stop string (repeatable).")] = None,
-    chat: Annotated[bool, typer.Option("--chat/--raw", help="Wrap the prompt in the model's chat template.")] = True,
+    max_tokens: opt.MaxTokensOpt = 256,
+    temperature: opt.TemperatureOpt = 0.0,
+    top_p: opt.TopPOpt = 1.0,
+    top_k: opt.TopKOpt = 0,
+    seed: opt.SeedOpt = None,
+    stop: opt.StopOpt = None,
+    chat: opt.ChatOpt = True,
     api_key: Annotated[Optional[str], typer.Option(envvar="CODEACCEL_API_KEY", help="The server's API key.")] = None,
     draft_versions: Annotated[
         Optional[Path], typer.Option(help="Draft with this folder's live tuned version (codeaccel draft).")

@@ -19,6 +19,14 @@ DEFAULT_MODEL = "qwen2.5-coder-1.5b-instruct"
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Bundled model name, GGUF file or HF directory.")]
 EngineOpt = Annotated[str, typer.Option("--engine", "-e", help="llama.cpp or hf.")]
 DtypeOpt = Annotated[str, typer.Option(help="hf engine weights: bfloat16 or float32.")]
+# one completion's settings (codeaccel generate, codeaccel client)
+MaxTokensOpt = Annotated[int, typer.Option(help="Most tokens to generate.")]
+TemperatureOpt = Annotated[float, typer.Option(help="0 is greedy.")]
+TopPOpt = Annotated[float, typer.Option(help="Nucleus sampling mass (1 = off).")]
+TopKOpt = Annotated[int, typer.Option(help="Keep the k most likely tokens (0 = off).")]
+SeedOpt = Annotated[Optional[int], typer.Option(help="Sampling seed.")]
+StopOpt = Annotated[Optional[list[str]], typer.Option(help="Stop string (repeatable).")]
+ChatOpt = Annotated[bool, typer.Option("--chat/--raw", help="Wrap the prompt in the model's chat template.")]
 MethodOpt = Annotated[
     str, typer.Option(help="Decoding method: autoregressive, speculative, speculative-client-draft, prompt-lookup, …")
 ]
