@@ -212,7 +212,9 @@ def run_personalization_bench(config: PersonalizationBenchConfig, work: Path, pr
                 for k, s in row["acceptance_by_k"].items() if k in untuned["acceptance_by_k"]
             }  # fmt: skip
     order = ["autoregressive", "draft-model-untuned"] + [f"draft-model-tuned-{t}" for t in config.teach]
-    return {"config": {**asdict(config), "tune": asdict(config.tune)}, "rows": [rows[m] for m in order if m in rows]}
+    # rows kept by an earlier version of this run get the fields every row has now
+    return {"config": {**asdict(config), "tune": asdict(config.tune)},
+            "rows": [{**base, **rows[m]} for m in order if m in rows]}  # fmt: skip
 
 
 def _check_settings(config: PersonalizationBenchConfig, work: Path) -> None:
