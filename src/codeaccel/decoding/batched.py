@@ -468,9 +468,8 @@ class BatchDecoder:
                 seq = prefill.seq if i == 0 else self._open(copy_of=prefill.seq)
                 session = draft_rng = spec = None
                 try:
-                    if (
-                        self.drafter is not None and max_tokens > 0 and request.draft is None
-                    ):  # a warm-up drafts nothing
+                    drafting = self.drafter is not None and max_tokens > 0 and request.draft is None
+                    if drafting:  # a warm-up, or a request bringing its own draft, drafts nothing
                         session = self.drafter.start(prompt, frozenset(request.exclude_files),
                                                      request.prediction_tokens)  # fmt: skip
                         seed = request.params.seed
