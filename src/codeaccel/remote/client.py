@@ -83,8 +83,7 @@ class RemoteDraftClient:
         self.drafter = DraftModelDrafter(draft)
         self.draft_tokens = draft_tokens
         self.cache = cache if cache is not None else CompletionCache(0)
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.http = httpx.Client(base_url=server_url.rstrip("/"), headers=headers, timeout=timeout_s)
+        self.http = httpx.Client(base_url=server_url.rstrip("/"), headers=_auth(api_key), timeout=timeout_s)
         self.server_ctx = server_ctx if server_ctx is not None else server_info(server_url, api_key).max_model_len
         self._draft_lock = threading.Lock()  # a generation, or a swap of the draft's adapter
 
@@ -210,15 +209,19 @@ class ServerInfo:
 
 def server_info(server_url: str, api_key: str | None = None, timeout_s: float = 10.0) -> ServerInfo:
     """What a server verifies with (its /v1/models); a SetupError if it cannot be reached or used."""
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
-        response = httpx.get(server_url.rstrip("/") + "/v1/models", headers=headers, timeout=timeout_s)
+        response = httpx.get(server_url.rstrip("/") + "/v1/models", headers=_auth(api_key), timeout=timeout_s)
     except httpx.HTTPError as exc:
         raise SetupError(f"cannot reach the server at {server_url}: {exc}") from None
     if response.status_code != 200:
         raise SetupError(f"the server at {server_url} answered {response.status_code}: {_message(response)}")
     model = response.json()["data"][0]
     return ServerInfo(model["id"], int(model["max_model_len"]))
+
+
+def _auth(api_key: str | None) -> dict[str, str]:
+    """The server's bearer-key header (none without a key)."""
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
 def _sparse_rows(probs: np.ndarray | None) -> list[dict[str, float]] | None:
