@@ -155,3 +155,26 @@ def test_run_benchmark_summarises_and_rescores_stored_records_without_a_model(ti
         parse_datasets("humaneval,apps", None)
     assert parse_datasets(" HumanEval, mbpp ,", 3) == ("humaneval", "mbpp")
     assert default_out_dir("/models/tiny.gguf", "llama.cpp") == Path("runs/tiny-llama.cpp")
+
+
+def test_progress_writes_plain_lines_where_its_console_is_no_terminal():
+    """A run in the background (output to a file) shows its progress as lines, throttled, and its completion once."""
+    import io
+
+    from rich.console import Console
+    from rich.progress import BarColumn, TextColumn
+
+    from codeaccel.cli.display import LoggedProgress
+
+    log = io.StringIO()
+    with LoggedProgress(TextColumn("{task.description}"), BarColumn(), console=Console(file=log), every_s=3600) as p:
+        task = p.add_task("generate m", total=3)
+        for done in range(1, 4):
+            p.update(task, completed=done)
+        p.advance(task, 0)  # after completion: nothing more
+    lines = [line for line in log.getvalue().splitlines() if line.startswith("generate m:")]
+    assert [line.split(",")[0] for line in lines] == ["generate m: 1/3", "generate m: 3/3"]
+    terminal = io.StringIO()
+    with LoggedProgress(TextColumn("{task.description}"), console=Console(file=terminal, force_terminal=True)) as p:
+        p.update(p.add_task("generate m", total=1), completed=1)
+    assert "generate m: 1/1" not in terminal.getvalue()  # a terminal gets the bar alone

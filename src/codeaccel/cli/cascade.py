@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from codeaccel.cascade.config import Stage, enumerate_configs, make_config
 from codeaccel.cascade.cost import CPU_USD_PER_HOUR
@@ -18,7 +18,7 @@ from codeaccel.cascade.scoring import SCORERS
 from codeaccel.cascade.self_tests import TEST_FORMATS
 from codeaccel.cascade.store import GenerationStore
 from codeaccel.cascade.tuner import tune
-from codeaccel.cli.display import err, out
+from codeaccel.cli.display import LoggedProgress, err, out
 from codeaccel.cli.options import command_line
 from codeaccel.engines import ENGINES
 from codeaccel.errors import UserError
@@ -72,7 +72,7 @@ def run(
     )
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn())  # fmt: skip
-    with GenerationStore(out_dir / "store.sqlite") as store, Progress(*columns, console=err) as progress:
+    with GenerationStore(out_dir / "store.sqlite") as store, LoggedProgress(*columns, console=err) as progress:
         tasks: dict[tuple[str, str], int] = {}
 
         def show(p: RunProgress) -> None:

@@ -8,6 +8,7 @@ callbacks the library takes (``progress``, ``advance``).
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,11 +38,52 @@ err = Console(stderr=True, soft_wrap=True)
 
 
 # ---- progress bars ------------------------------------------------------------------
+class LoggedProgress(Progress):
+    """rich's Progress, which also writes a plain line per task where its console is no terminal.
+
+    A bar is redrawn in place on a terminal only; a run in the background (``nohup … > log``)
+    would show nothing until it ends. There each task writes ``description: done/total, elapsed``
+    when it starts, at most every ``every_s`` seconds, and when it completes.
+    """
+
+    def __init__(self, *columns, every_s: float = 60.0, **kwargs) -> None:
+        super().__init__(*columns, **kwargs)
+        self._every_s = every_s
+        self._logged_at: dict[TaskID, float] = {}
+
+    def update(self, task_id: TaskID, **kwargs) -> None:
+        super().update(task_id, **kwargs)
+        self._log(task_id)
+
+    def advance(self, task_id: TaskID, advance: float = 1) -> None:
+        super().advance(task_id, advance)
+        self._log(task_id)
+
+    def _log(self, task_id: TaskID) -> None:
+        if self.console.is_terminal:
+            return
+        with self._lock:
+            task = self._tasks[task_id]
+            now = time.monotonic()
+            last = self._logged_at.get(task_id)
+            done = task.total is not None and task.completed >= task.total
+            if last is not None and now - last < self._every_s and not done:
+                return
+            if last == float("inf"):  # its completion is written already
+                return
+            self._logged_at[task_id] = float("inf") if done else now
+            total = "?" if task.total is None else f"{task.total:g}"
+            elapsed = task.elapsed or 0.0
+        self.console.print(
+            f"{task.description}: {task.completed:g}/{total}, {elapsed:.0f} s", markup=False, highlight=False
+        )
+
+
 @contextmanager
 def download_bar(label: str, total: int) -> Iterator[Callable[[int, int], None]]:
     """A bar of bytes (size, speed) on stderr; yields ``show(done, total)``."""
     columns = (TextColumn(label), BarColumn(), DownloadColumn(), TransferSpeedColumn())
-    with Progress(*columns, console=err) as progress:
+    with LoggedProgress(*columns, console=err) as progress:
         task = progress.add_task("assemble", total=total)
 
         def show(done: int, total: int) -> None:
@@ -54,7 +96,7 @@ def download_bar(label: str, total: int) -> Iterator[Callable[[int, int], None]]
 def file_bar(label: str) -> Iterator[Callable[[int, int], None]]:
     """A bar of files on stderr, its total learnt on the way; yields ``update(done, total)``."""
     columns = (TextColumn(label), BarColumn(), TextColumn("{task.completed}/{task.total} files"))
-    progress = Progress(*columns, console=err)
+    progress = LoggedProgress(*columns, console=err)
     task = progress.add_task(label, total=None)
 
     def update(done: int, total: int) -> None:
@@ -68,7 +110,7 @@ def file_bar(label: str) -> Iterator[Callable[[int, int], None]]:
 def counting_bar(label: str, total: int, console: Console | None = None) -> Iterator[Callable[[], None]]:
     """A bar counting to ``total`` (on ``console``, default rich's own: stdout); yields ``advance()``."""
     columns = (TextColumn(f"[bold]{label}"), BarColumn(), TextColumn("{task.completed}/{task.total}"))
-    with Progress(*columns, console=console) as bar:
+    with LoggedProgress(*columns, console=console) as bar:
         task = bar.add_task(label, total=total)
         yield lambda: bar.advance(task)
 
@@ -79,7 +121,7 @@ def stage_bars(console: Console | None = None) -> Iterator[Callable[[str, int, i
     detail shown in its description (a loss), not a new stage."""
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     tasks: dict[str, TaskID] = {}
-    with Progress(*columns, console=console or err) as bars:
+    with LoggedProgress(*columns, console=console or err) as bars:
 
         def update(stage: str, done: int, total: int) -> None:
             key = stage.split(" (")[0]
@@ -110,7 +152,7 @@ class BenchBar:
 
     def __init__(self, counts_passed: bool = True) -> None:
         columns = _BENCH_COLUMNS if counts_passed else _BENCH_COLUMNS[:3]
-        self._progress = Progress(*columns, transient=False)
+        self._progress = LoggedProgress(*columns, transient=False)
         self._task: TaskID | None = None
 
     def __enter__(self) -> BenchBar:
