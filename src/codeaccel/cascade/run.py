@@ -27,6 +27,7 @@ from codeaccel import machine
 from codeaccel.bench.harness import build_prompt
 from codeaccel.cascade.config import N_SAMPLES, SAMPLE_TEMPERATURE
 from codeaccel.cascade.cost import measure_batch_costs
+from codeaccel.cascade.endpoint import EndpointStage, parse_endpoint, stage_name
 from codeaccel.cascade.problems import CascadeProblem, load_cascade_problems
 from codeaccel.cascade.self_tests import SelfTestFormat, extract_test_lines, self_test_prompt
 from codeaccel.cascade.store import GenerationStore, StoredGeneration
@@ -35,7 +36,6 @@ from codeaccel.decoding.generation import Request
 from codeaccel.decoding.sampling import SamplingParams
 from codeaccel.engines import Engine, load_engine, open_sequences
 from codeaccel.errors import UserError
-from codeaccel.models.registry import resolve_model
 from codeaccel.sandbox import Job, Limits, SandboxPool
 
 log = logging.getLogger(__name__)
@@ -97,9 +97,12 @@ def run_cascade_generation(
     store.set_meta("run_config", config.to_record())
     store.set_meta("machine", machine.provenance("")["machine"])
     for spec in config.models:
-        name = resolve_model(spec).name
+        endpoint = parse_endpoint(spec)
+        name = stage_name(spec)
         todo = [p for p in problems if p.task_id not in store.generated_tasks(name, p.dataset)]
-        if todo or not store.batch_costs(name):
+        if endpoint and (todo or not store.batch_costs(name)):
+            _generate_with_endpoint(EndpointStage(endpoint), config, store, problems, todo, report)
+        elif todo or not store.batch_costs(name):
             engine = load_engine(spec, config.engine, n_ctx=4096)
             try:
                 if not store.batch_costs(name):
@@ -114,6 +117,23 @@ def run_cascade_generation(
             finally:
                 engine.close()
         execute_stored(config, store, name, problems, report)
+
+
+def _generate_with_endpoint(stage: EndpointStage, config: RunConfig, store: GenerationStore, problems, todo,
+                            report) -> None:  # fmt: skip
+    """An endpoint stage's generations: checked reachable first, costs measured once, then problem by problem."""
+    try:
+        stage.check()
+        if not store.batch_costs(stage.model_name):
+            report(RunProgress(stage.model_name, "costs", 0, 1))
+            for cost in stage.measure_costs(problems[0]):
+                store.set_batch_cost(cost)
+        for i, cp in enumerate(todo):
+            report(RunProgress(stage.model_name, "generate", i, len(todo)))
+            store.add_generations(stage.generate(cp, config.n_samples, TEST_LS, config.max_tokens, TOP_P))
+        report(RunProgress(stage.model_name, "generate", len(todo), len(todo)))
+    finally:
+        stage.close()
 
 
 def generate_problem(engine: Engine, seqs, cp: CascadeProblem, config: RunConfig) -> list[StoredGeneration]:

@@ -10,6 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsed
 
 from codeaccel.cascade.config import Stage, enumerate_configs, make_config
 from codeaccel.cascade.cost import CPU_USD_PER_HOUR
+from codeaccel.cascade.endpoint import parse_endpoint, stage_name
 from codeaccel.cascade.problems import check_dataset, load_cascade_problems
 from codeaccel.cascade.replay import Replay
 from codeaccel.cascade.report import write_report
@@ -22,12 +23,18 @@ from codeaccel.cli.display import LoggedProgress, err, out
 from codeaccel.cli.options import command_line
 from codeaccel.engines import ENGINES
 from codeaccel.errors import UserError
-from codeaccel.models.registry import resolve_model
 
 app = typer.Typer(help="Model cascading with self-generated tests.", no_args_is_help=True)
 
 DEFAULT_MODELS = "qwen2.5-coder-0.5b-instruct,qwen2.5-coder-1.5b-instruct"
-Models = Annotated[str, typer.Option("--models", help="The family, smallest first, comma-separated.")]
+Models = Annotated[
+    str,
+    typer.Option(
+        "--models",
+        help="The family, smallest first, comma-separated: bundled names, GGUF paths, or openai:MODEL@BASE_URL "
+        "(an OpenAI-compatible chat endpoint; key from OPENAI_API_KEY).",
+    ),
+]
 Out = Annotated[Path, typer.Option("--out", help="Folder of the store (store.sqlite) and the report.")]
 
 
@@ -35,6 +42,8 @@ def _models(spec: str) -> tuple[str, ...]:
     models = tuple(m.strip() for m in spec.split(",") if m.strip())
     if not models:
         raise UserError("--models names no model")
+    for spec in models:
+        parse_endpoint(spec)  # a malformed endpoint is refused before anything runs
     return models
 
 
@@ -61,8 +70,11 @@ def run(
         raise UserError(f"--max-tokens must be >= 1, got {max_tokens}")
     if not 1 <= n_seq_max <= 64:
         raise UserError(f"--n-seq-max must be in 1..64, got {n_seq_max}")
+    family = _models(models)  # refused before the store is opened
+    if test_format != "chat" and any(parse_endpoint(m) for m in family):
+        raise UserError("an endpoint stage asks for its tests in the chat format: use --test-format chat")
     config = RunConfig(
-        models=_models(models),  # refused before the store is opened
+        models=family,
         dataset=dataset,
         engine=engine,
         limit=limit,
@@ -104,7 +116,7 @@ def tune_command(
     store_path = out_dir / "store.sqlite"
     if not store_path.is_file():
         raise UserError(f"no cascade store at {store_path}: run `codeaccel cascade run {dataset} --out {out_dir}`")
-    names = [resolve_model(m).name for m in _models(models)]
+    names = [stage_name(m) for m in _models(models)]
     with GenerationStore(store_path) as store:
         run_config = store.meta("run_config") or {}
         problems = load_cascade_problems(dataset, limit)
@@ -146,7 +158,7 @@ def report(
         raise UserError(f"no cascade store at {store_path}")
     key = check_dataset(dataset)
     with GenerationStore(store_path) as store:
-        for name in (resolve_model(m).name for m in _models(models)):
+        for name in (stage_name(m) for m in _models(models)):
             generated, executed = store.generated_tasks(name, key), store.executed_tasks(name, key)
             out.print(f"{name}: {len(generated)} problems generated, {len(executed)} executed")
             for v in store.line_validity(name, key):

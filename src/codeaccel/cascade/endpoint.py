@@ -1,0 +1,203 @@
+"""A black-box cascade stage: any OpenAI-compatible chat endpoint, named ``openai:MODEL@BASE_URL``.
+
+The stage is asked what a local model is asked (the greedy answer, ``N_SAMPLES`` sampled
+answers, a greedy and ``N_SAMPLES`` sampled tests per l; temperature, top-p and seed as
+for a local model), through ``/chat/completions`` with the official ``openai`` client. A
+chat endpoint cannot be made to start its reply the way a local model's reply is started
+(the code fence and the function's signature for an answer, ``assert f(`` for a test), so
+its replies are read as a chat model writes them:
+
+* an answer is the first fenced code block of the reply (or the whole reply when it has
+  none), stored in the form every stage's answers take, the completion of the problem's
+  started code (:func:`answer_completion`);
+* a test reply is stored as a fenced block of its first code block, which
+  :func:`~codeaccel.cascade.self_tests.extract_test_lines` reads as it reads a local model's.
+
+Cost, measured as a client sees it (the endpoint's hardware and batching are unknown): for
+b = 1, 2, 4, 8 requests in flight at once, wall seconds per decode step (b streams of
+sampled tokens), and prompt seconds per prompt token from a one-token request; the replay
+prices the endpoint's stages from these as it prices a local model's
+(:mod:`codeaccel.cascade.cost`). Token counts are the endpoint's own (``usage``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from codeaccel import machine
+from codeaccel.bench.datasets import FENCE
+from codeaccel.cascade.config import SAMPLE_TEMPERATURE
+from codeaccel.cascade.problems import CascadeProblem
+from codeaccel.cascade.self_tests import self_test_prompt
+from codeaccel.cascade.store import BatchCost, StoredGeneration
+from codeaccel.errors import SetupError, UserError
+
+SCHEME = "openai:"
+COST_BATCH_SIZES = (1, 2, 4, 8)
+COST_TOKENS = 24  # tokens asked per request when timing
+_BLOCK = re.compile(r"```[A-Za-z0-9_+-]*[ \t]*\n(.*?)(?:\n```|\Z)", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    model: str  # the name the endpoint serves the model under
+    base_url: str  # up to and including /v1
+    api_key_env: str = "OPENAI_API_KEY"  # read at connection time; "none" when unset (local servers)
+
+    @property
+    def name(self) -> str:
+        """The stage's name in the store: the scheme and the model (not the URL, which may move)."""
+        return f"{SCHEME}{self.model}"
+
+
+def parse_endpoint(spec: str) -> Endpoint | None:
+    """``openai:MODEL@BASE_URL`` → an Endpoint; any other spec (a local model) → None."""
+    if not spec.startswith(SCHEME):
+        return None
+    model, sep, url = spec[len(SCHEME) :].rpartition("@")
+    if not sep or not model or not re.match(r"https?://[^/\s]+", url):
+        raise UserError(f"an endpoint stage is openai:MODEL@http(s)://HOST[:PORT]/v1, got {spec!r}")
+    return Endpoint(model=model, base_url=url.rstrip("/"))
+
+
+def stage_name(spec: str) -> str:
+    """The name a stage's generations are stored under: the endpoint's, or the local model's."""
+    from codeaccel.models.registry import resolve_model
+
+    endpoint = parse_endpoint(spec)
+    return endpoint.name if endpoint else resolve_model(spec).name
+
+
+def first_code_block(reply: str) -> str:
+    """The first fenced block's content, or the whole reply where it has none."""
+    match = _BLOCK.search(reply)
+    return (match.group(1) if match else reply).strip("\n")
+
+
+def answer_completion(cp: CascadeProblem, reply: str) -> str:
+    """A chat reply's code as the completion of the problem's started code (``problem.code_prefix``).
+
+    Every stored answer is run as ``code_prefix + answer``. A chat model rewrites the whole
+    program instead of continuing it: where its code repeats the started code, the rest is
+    the completion; otherwise the started code (HumanEval's signature and docstring) is
+    closed with ``pass`` and the model's program follows, whose definitions replace it.
+    """
+    code = first_code_block(reply)
+    prefix = cp.problem.code_prefix
+    if not prefix.strip():
+        return code
+    if code.startswith(prefix):
+        return code[len(prefix) :]
+    return f"    pass\n\n\n{code}"
+
+
+class EndpointStage:
+    """One connection to an endpoint; generates a problem's answers and tests, measures its cost."""
+
+    def __init__(self, endpoint: Endpoint, concurrency: int = 8, timeout_s: float = 300.0):
+        try:
+            import openai  # the product's client for black-box stages
+        except ImportError:
+            raise SetupError("an endpoint stage needs the openai client: pip install 'codeaccel[endpoint]'") from None
+
+        self.endpoint = endpoint
+        self.model_name = endpoint.name
+        self.concurrency = concurrency
+        key = os.environ.get(endpoint.api_key_env) or "none"
+        self._client = openai.OpenAI(base_url=endpoint.base_url, api_key=key, timeout=timeout_s, max_retries=2)
+        self._errors = (openai.APIConnectionError, openai.APIStatusError, openai.APITimeoutError)
+        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="cascade-endpoint")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        self._client.close()
+
+    def check(self) -> None:
+        """Refuse an unreachable endpoint or one that does not serve the model, before anything runs."""
+        try:
+            served = [m.id for m in self._client.models.list()]
+        except self._errors as e:
+            raise UserError(f"endpoint {self.endpoint.base_url} is unreachable or refused: {_one_line(e)}") from None
+        if served and self.endpoint.model not in served:
+            raise UserError(f"endpoint {self.endpoint.base_url} serves {', '.join(served)}, not {self.endpoint.model}")
+
+    def _chat(self, messages: list[dict], temperature: float, top_p: float, seed: int | None, max_tokens: int):
+        """(reply, completion tokens, prompt tokens, finish reason, wall seconds) of one request."""
+        t0 = time.perf_counter()
+        try:
+            resp = self._client.chat.completions.create(
+                model=self.endpoint.model, messages=messages, temperature=temperature, top_p=top_p,
+                seed=seed, max_tokens=max_tokens,
+            )  # fmt: skip
+        except self._errors as e:
+            raise UserError(f"endpoint {self.endpoint.base_url}: {_one_line(e)}") from None
+        wall = time.perf_counter() - t0
+        if resp.usage is None or not resp.choices:
+            raise UserError(f"endpoint {self.endpoint.base_url} answered without choices or token usage")
+        choice = resp.choices[0]
+        reply = choice.message.content or ""
+        usage = resp.usage
+        return reply, usage.completion_tokens, usage.prompt_tokens, choice.finish_reason or "stop", wall
+
+    def measure_costs(self, cp: CascadeProblem, sizes: Sequence[int] = COST_BATCH_SIZES) -> list[BatchCost]:
+        """Wall seconds per decode step with b requests in flight, per generated token; prompt seconds per token."""
+        messages = [{"role": "user", "content": cp.problem.user_message}]
+        _, _, prompt_tokens, _, prompt_wall = self._chat(messages, 0.0, 1.0, 0, 1)
+        s_per_prompt_token = prompt_wall / max(1, prompt_tokens)
+        out = []
+        for b in sizes:
+            t0 = time.perf_counter()
+            runs = list(self._pool.map(lambda i: self._chat(messages, SAMPLE_TEMPERATURE, 1.0, i, COST_TOKENS),
+                                       range(b)))  # fmt: skip
+            wall = time.perf_counter() - t0 - prompt_wall  # the shared prompt's time, as a one-token request took
+            tokens = sum(r[1] for r in runs)
+            if tokens == 0:
+                raise UserError(f"endpoint {self.endpoint.base_url} generated no tokens")
+            steps = max(r[1] for r in runs)
+            # a step of b streams costs wall / steps; per token of the batch, as a local model's figure
+            out.append(BatchCost(self.model_name, b, max(wall, 1e-6) / steps / b, s_per_prompt_token, tokens,
+                                 f"endpoint {self.endpoint.base_url} (client on {machine.cpu_model()})"))  # fmt: skip
+        return out
+
+    def generate(self, cp: CascadeProblem, n_samples: int, test_ls: Sequence[int], max_tokens: int,
+                 top_p: float) -> list[StoredGeneration]:  # fmt: skip
+        """Every answer and test of one problem, the requests in flight ``concurrency`` at a time."""
+        plan: list[tuple[str, int, int, list[dict], int]] = []  # (kind, l, sample, messages, max tokens)
+        answer = [{"role": "user", "content": cp.problem.user_message}]
+        plan += [("answer", 0, s, answer, max_tokens) for s in range(-1, n_samples)]
+        for n_lines in test_ls:
+            tp = self_test_prompt(cp, n_lines, "chat")
+            plan += [("test", n_lines, s, tp.messages, tp.max_tokens) for s in range(-1, n_samples)]
+
+        def request(item):
+            _, _, sample, messages, limit = item
+            greedy = sample < 0
+            return self._chat(messages, 0.0 if greedy else SAMPLE_TEMPERATURE, 1.0 if greedy else top_p,
+                              None if greedy else sample, limit)  # fmt: skip
+
+        t0 = time.perf_counter()
+        replies = list(self._pool.map(request, plan))
+        wall = time.perf_counter() - t0
+        total_tokens = max(1, sum(r[1] for r in replies))
+        rows = []
+        for (kind, n_lines, sample, _, _), (reply, tokens, prompt_tokens, finish, _) in zip(plan, replies):
+            text = answer_completion(cp, reply) if kind == "answer" else f"{FENCE}{first_code_block(reply)}\n```"
+            rows.append(
+                StoredGeneration(
+                    model=self.model_name, dataset=cp.dataset, task_id=cp.task_id, kind=kind, l=n_lines,
+                    sample=sample, temperature=0.0 if sample < 0 else SAMPLE_TEMPERATURE,
+                    top_p=1.0 if sample < 0 else top_p, prompt_tokens=prompt_tokens, tokens=tokens, text=text,
+                    finish_reason=finish, cost_s=round(wall * tokens / total_tokens, 6),  # the problem's wall, shared
+                    decode_s=0.0, prefill_s=0.0, batch_size=float(self.concurrency),
+                )
+            )  # fmt: skip
+        return rows
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())[:300]
