@@ -335,6 +335,10 @@ def test_run_then_tune_through_the_cli(tmp_path, tiny_gguf, tiny_gguf_draft):
             assert field in row
         assert row["method"] in ("cascade", "single-model") and row["cost_usd"] > 0
     assert (tmp_path / "cascade-humaneval-cascade.png").stat().st_size > 0
+    alone = doc["greedy_alone"]  # per token and per problem, each model alone: the 0.5B's longer answers show here
+    assert [r["model"] for r in alone] == ["tiny", "tiny-draft"]
+    assert all(r["n_problems"] == 10 and r["s_per_token"] > 0 and r["cost_s"] > 0 for r in alone)
+    assert "per token and per problem" in (tmp_path / "cascade-humaneval-cascade.md").read_text()
     bad = runner.invoke(app, ["cascade", "run", "humaneval", "--models", models, "--limit", "10",
                               "--max-tokens", "30", "--out", str(tmp_path)])  # fmt: skip
     assert bad.exit_code != 0  # other settings into the same store are refused

@@ -53,8 +53,10 @@ def write_report(
     usd_per_hour: float,
     reference: Evaluation,
     validity: list[dict],
+    greedy: list[tuple[Evaluation, float]],
     command: str,
 ) -> list[Path]:
+    """``greedy``: each model's greedy answer alone over every problem, with its seconds per token (one sequence)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     kw = {"dataset": dataset, "engine": engine, "usd_per_hour": usd_per_hour}
     rows = [row(e, split="tune", **kw) for e in result.tune_front]
@@ -82,6 +84,7 @@ def write_report(
         "n_configs": len(result.tune_all),
         "summary": summary,
         "test_validity": validity,
+        "greedy_alone": [_greedy_row(e, s_per_token, usd_per_hour) for e, s_per_token in greedy],
         "rows": rows,
     }
     stem = f"cascade-{dataset}-{result.scorer}"
@@ -90,6 +93,36 @@ def write_report(
     md_path.write_text(_markdown(doc, command))
     _plot(result, reference, png_path, usd_per_hour, dataset)
     return [json_path, md_path, png_path]
+
+
+def _greedy_row(e: Evaluation, s_per_token: float, usd_per_hour: float) -> dict:
+    """A model's greedy answer alone: what a token costs, how many it writes, so what a problem costs."""
+    return {
+        "model": e.config.stages[e.config.running[0]].model,
+        "n_problems": e.n_problems,
+        "pass_at_1": round(e.pass_at_1, 4),
+        "s_per_token": round(s_per_token, 5),  # one sequence decoding (batch cost at b = 1)
+        "tokens_per_problem": round(e.gen_tokens, 1),
+        "cost_s": round(e.cost_s, 4),  # per problem: generation + prefill
+        "cost_usd": usd(e.cost_s, usd_per_hour),
+    }
+
+
+def _greedy_lines(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    lines = ["", "## Each model's greedy answer alone (every problem): per token and per problem", "",
+             "| model | problems | pass@1 | s per token | tokens per problem | s per problem | $ per problem |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines += [f"| {r['model']} | {r['n_problems']} | {r['pass_at_1']:.3f} | {r['s_per_token']:.4f} | "
+              f"{r['tokens_per_problem']:.1f} | {r['cost_s']:.2f} | {r['cost_usd']:.3g} |" for r in rows]  # fmt: skip
+    small, large = rows[0], rows[-1]
+    if len(rows) > 1 and large["s_per_token"] > 0 and large["cost_s"] > 0:
+        lines += ["", f"{small['model']} against {large['model']}: "
+                  f"{small['s_per_token'] / large['s_per_token']:.2f}× the cost of a token, "
+                  f"{small['tokens_per_problem'] / max(large['tokens_per_problem'], 1e-9):.2f}× the tokens, "
+                  f"{small['cost_s'] / large['cost_s']:.2f}× the cost of a problem."]  # fmt: skip
+    return lines
 
 
 def _markdown(doc: dict, command: str) -> str:
@@ -120,6 +153,7 @@ def _markdown(doc: dict, command: str) -> str:
         w = s["best_within_reference_cost"]
         lines.append(f"- most accurate chosen point at or below its cost: {w['config']['label']}: pass@1 "
                      f"{w['pass_at_1']:.3f}, ${w['cost_usd']:.3g}")  # fmt: skip
+    lines += _greedy_lines(doc.get("greedy_alone", []))
     lines += ["", "## Test validity (share of extracted lines the reference solution passes)", "",
               "| model | l | tests | tests with a kept line | lines kept | valid |",
               "|---|---|---|---|---|---|"]  # fmt: skip

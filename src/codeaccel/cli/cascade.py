@@ -131,6 +131,11 @@ def tune_command(
         stages = [Stage(m, -1, 0) for m in names[:-1]] + [Stage(names[-1], 0, 0)]
         reference = replay.evaluate(make_config(stages, 0.0), result.validate_ids, scorer)  # type: ignore[arg-type]
         validity = [v for m in names for v in store.line_validity(m, problems[0].dataset)]
+        greedy = []
+        for i, name in enumerate(names):  # each model's greedy answer alone, every problem
+            alone = make_config([Stage(m, 0 if j == i else -1, 0) for j, m in enumerate(names)], 0.0)
+            one_sequence = replay.costs(name)[min(replay.costs(name))]  # the smallest batch measured: b = 1
+            greedy.append((replay.evaluate(alone, task_ids, scorer), one_sequence.s_per_token))  # type: ignore[arg-type]
         paths = write_report(
             result,
             out_dir,
@@ -139,6 +144,7 @@ def tune_command(
             usd_per_hour=usd_per_hour,
             reference=reference,
             validity=validity,
+            greedy=greedy,
             command=command_line(),
         )
     for path in paths:
