@@ -157,7 +157,7 @@ def test_run_benchmark_summarises_and_rescores_stored_records_without_a_model(ti
     assert default_out_dir("/models/tiny.gguf", "llama.cpp") == Path("runs/tiny-llama.cpp")
 
 
-def test_progress_writes_plain_lines_where_its_console_is_no_terminal():
+def test_progress_writes_plain_lines_where_its_console_is_no_terminal(monkeypatch):
     """A run in the background (output to a file) shows its progress as lines, throttled, and its completion once."""
     import io
 
@@ -166,15 +166,22 @@ def test_progress_writes_plain_lines_where_its_console_is_no_terminal():
 
     from codeaccel.cli.display import LoggedProgress
 
-    log = io.StringIO()
-    with LoggedProgress(TextColumn("{task.description}"), BarColumn(), console=Console(file=log), every_s=3600) as p:
+    for name in ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE"):
+        monkeypatch.delenv(name, raising=False)
+    bar, log = io.StringIO(), io.StringIO()
+    columns = (TextColumn("{task.description}"), BarColumn())
+    with LoggedProgress(*columns, console=Console(file=bar), log_console=Console(file=log), every_s=3600) as p:
         task = p.add_task("generate m", total=3)
         for done in range(1, 4):
             p.update(task, completed=done)
         p.advance(task, 0)  # after completion: nothing more
-    lines = [line for line in log.getvalue().splitlines() if line.startswith("generate m:")]
-    assert [line.split(",")[0] for line in lines] == ["generate m: 1/3", "generate m: 3/3"]
-    terminal = io.StringIO()
-    with LoggedProgress(TextColumn("{task.description}"), console=Console(file=terminal, force_terminal=True)) as p:
+        p.update(task, total=5, completed=4)  # its total grew: lines again
+        p.update(task, completed=5)
+    lines = [line.split(",")[0] for line in log.getvalue().splitlines()]
+    assert lines == ["generate m: 1/3", "generate m: 3/3", "generate m: 4/5", "generate m: 5/5"]
+    assert "generate m:" not in bar.getvalue()  # the lines go to the log console, not among the results
+    terminal, log = io.StringIO(), io.StringIO()
+    terminal_console = Console(file=terminal, force_terminal=True)
+    with LoggedProgress(TextColumn("{task.description}"), console=terminal_console, log_console=Console(file=log)) as p:
         p.update(p.add_task("generate m", total=1), completed=1)
-    assert "generate m: 1/1" not in terminal.getvalue()  # a terminal gets the bar alone
+    assert log.getvalue() == ""  # a terminal gets the bar alone

@@ -101,9 +101,9 @@ def _greedy_row(e: Evaluation, s_per_token: float, usd_per_hour: float) -> dict:
         "model": e.config.stages[e.config.running[0]].model,
         "n_problems": e.n_problems,
         "pass_at_1": round(e.pass_at_1, 4),
-        "s_per_token": round(s_per_token, 5),  # one sequence decoding (batch cost at b = 1)
+        "s_per_token": float(f"{s_per_token:.4g}"),  # one sequence decoding (batch cost at b = 1)
         "tokens_per_problem": round(e.gen_tokens, 1),
-        "cost_s": round(e.cost_s, 4),  # per problem: generation + prefill
+        "cost_s": float(f"{e.cost_s:.4g}"),  # per problem: generation + prefill
         "cost_usd": usd(e.cost_s, usd_per_hour),
     }
 
@@ -114,8 +114,8 @@ def _greedy_lines(rows: list[dict]) -> list[str]:
     lines = ["", "## Each model's greedy answer alone (every problem): per token and per problem", "",
              "| model | problems | pass@1 | s per token | tokens per problem | s per problem | $ per problem |",
              "|---|---|---|---|---|---|---|"]  # fmt: skip
-    lines += [f"| {r['model']} | {r['n_problems']} | {r['pass_at_1']:.3f} | {r['s_per_token']:.4f} | "
-              f"{r['tokens_per_problem']:.1f} | {r['cost_s']:.2f} | {r['cost_usd']:.3g} |" for r in rows]  # fmt: skip
+    lines += [f"| {r['model']} | {r['n_problems']} | {r['pass_at_1']:.3f} | {r['s_per_token']:.3g} | "
+              f"{r['tokens_per_problem']:.1f} | {r['cost_s']:.3g} | {r['cost_usd']:.3g} |" for r in rows]  # fmt: skip
     small, large = rows[0], rows[-1]
     if len(rows) > 1 and large["s_per_token"] > 0 and large["cost_s"] > 0:
         lines += ["", f"{small['model']} against {large['model']}: "

@@ -122,6 +122,7 @@ def run_cascade_generation(
 def _generate_with_endpoint(stage: EndpointStage, config: RunConfig, store: GenerationStore, problems, todo,
                             report) -> None:  # fmt: skip
     """An endpoint stage's generations: checked reachable first, costs measured once, then problem by problem."""
+    aborted = True
     try:
         stage.check()
         if not store.batch_costs(stage.model_name):
@@ -132,8 +133,9 @@ def _generate_with_endpoint(stage: EndpointStage, config: RunConfig, store: Gene
             report(RunProgress(stage.model_name, "generate", i, len(todo)))
             store.add_generations(stage.generate(cp, config.n_samples, TEST_LS, config.max_tokens, TOP_P))
         report(RunProgress(stage.model_name, "generate", len(todo), len(todo)))
+        aborted = False
     finally:
-        stage.close()
+        stage.close(aborted)  # after an error or Ctrl-C: requests in flight are not waited for
 
 
 def generate_problem(engine: Engine, seqs, cp: CascadeProblem, config: RunConfig) -> list[StoredGeneration]:

@@ -39,17 +39,20 @@ err = Console(stderr=True, soft_wrap=True)
 
 # ---- progress bars ------------------------------------------------------------------
 class LoggedProgress(Progress):
-    """rich's Progress, which also writes a plain line per task where its console is no terminal.
+    """rich's Progress, which also writes plain lines where its console is no terminal.
 
     A bar is redrawn in place on a terminal only; a run in the background (``nohup … > log``)
     would show nothing until it ends. There each task writes ``description: done/total, elapsed``
-    when it starts, at most every ``every_s`` seconds, and when it completes.
+    to ``log_console`` (standard error unless given: never into results on standard output)
+    when it starts, at most every ``every_s`` seconds, and when it completes (once; again if it
+    is no longer complete, its total grown).
     """
 
-    def __init__(self, *columns, every_s: float = 60.0, **kwargs) -> None:
+    def __init__(self, *columns, every_s: float = 60.0, log_console: Console | None = None, **kwargs) -> None:
         super().__init__(*columns, **kwargs)
         self._every_s = every_s
-        self._logged_at: dict[TaskID, float] = {}
+        self._log_console = log_console or err
+        self._logged_at: dict[TaskID, float] = {}  # monotonic time of its last line; inf: its completion written
 
     def update(self, task_id: TaskID, **kwargs) -> None:
         super().update(task_id, **kwargs)
@@ -60,23 +63,21 @@ class LoggedProgress(Progress):
         self._log(task_id)
 
     def _log(self, task_id: TaskID) -> None:
-        if self.console.is_terminal:
+        if self.disable or self.console.is_terminal:
             return
         with self._lock:
             task = self._tasks[task_id]
             now = time.monotonic()
-            last = self._logged_at.get(task_id)
             done = task.total is not None and task.completed >= task.total
-            if last is not None and now - last < self._every_s and not done:
-                return
-            if last == float("inf"):  # its completion is written already
+            last = self._logged_at.get(task_id)
+            if last == float("inf") and not done:
+                last = None  # completed, then its total grew: lines again
+            if last == float("inf") or (last is not None and now - last < self._every_s and not done):
                 return
             self._logged_at[task_id] = float("inf") if done else now
-            total = "?" if task.total is None else f"{task.total:g}"
-            elapsed = task.elapsed or 0.0
-        self.console.print(
-            f"{task.description}: {task.completed:g}/{total}, {elapsed:.0f} s", markup=False, highlight=False
-        )
+            total = "?" if task.total is None else f"{task.total:,.0f}"
+            line = f"{task.description}: {task.completed:,.0f}/{total}, {task.elapsed or 0.0:.0f} s"
+        self._log_console.print(line, markup=False, highlight=False)
 
 
 @contextmanager
@@ -84,7 +85,7 @@ def download_bar(label: str, total: int) -> Iterator[Callable[[int, int], None]]
     """A bar of bytes (size, speed) on stderr; yields ``show(done, total)``."""
     columns = (TextColumn(label), BarColumn(), DownloadColumn(), TransferSpeedColumn())
     with LoggedProgress(*columns, console=err) as progress:
-        task = progress.add_task("assemble", total=total)
+        task = progress.add_task(label, total=total)
 
         def show(done: int, total: int) -> None:
             progress.update(task, completed=done)
