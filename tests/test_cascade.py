@@ -380,3 +380,38 @@ def test_a_model_without_a_chat_template_stops_the_run_and_keeps_what_is_stored(
     with GenerationStore(out / "store.sqlite") as store:  # the first model's work is kept and executed
         assert store.executed_tasks("tiny", "humaneval") == {"HumanEval/0", "HumanEval/1"}
         assert not store.generated_tasks("bare", "humaneval")
+
+
+def test_tests_in_another_format_are_generated_for_the_same_answers(tmp_path, tiny_gguf):
+    """--answers-from: the answers (and their costs) are another store's, only tests are generated; refused
+    where that store lacks them or made them with other settings."""
+    from typer.testing import CliRunner
+
+    from codeaccel.cli import app
+
+    runner = CliRunner()
+    chat, completion = tmp_path / "chat", tmp_path / "completion"
+    base = ["cascade", "run", "humaneval", "--models", tiny_gguf, "--max-tokens", "12"]
+    assert runner.invoke(app, [*base, "--limit", "2", "--out", str(chat)]).exit_code == 0
+    args = [*base, "--limit", "2", "--test-format", "completion", "--answers-from", str(chat / "store.sqlite"),
+            "--out", str(completion)]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    with GenerationStore(chat / "store.sqlite") as a, GenerationStore(completion / "store.sqlite") as b:
+        for task in ("HumanEval/0", "HumanEval/1"):
+            ga, gb = a.generations("tiny", "humaneval", task), b.generations("tiny", "humaneval", task)
+            answers = [(g.sample, g.text, g.tokens) for g in ga if g.kind == "answer"]
+            assert answers == [(g.sample, g.text, g.tokens) for g in gb if g.kind == "answer"]
+            tests_a = {g.sample: g.text for g in ga if g.kind == "test" and g.l == 2}
+            tests_b = {g.sample: g.text for g in gb if g.kind == "test" and g.l == 2}
+            assert sorted(tests_b) == sorted(tests_a) and tests_a[-1].startswith("```python")  # chat: a fence
+            assert tests_b[-1].startswith("assert has_close_elements(" if task.endswith("/0") else "assert ")
+        assert b.executed_tasks("tiny", "humaneval") == {"HumanEval/0", "HumanEval/1"}
+        assert b.batch_costs("tiny") == a.batch_costs("tiny")
+    source = ["--answers-from", str(chat / "store.sqlite")]
+    more = runner.invoke(app, [*base, "--limit", "3", *source, "--out", str(tmp_path / "three")])
+    assert isinstance(more.exception, UserError) and "lacks executed answers" in str(more.exception)
+    other = runner.invoke(app, [*base[:-1], "20", "--limit", "2", *source, "--out", str(tmp_path / "other")])
+    assert isinstance(other.exception, UserError) and "other max_tokens" in str(other.exception)
+    with GenerationStore(tmp_path / "other" / "store.sqlite") as refused:
+        assert refused.meta("run_config") is None  # nothing written by a refused run

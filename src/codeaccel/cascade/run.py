@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 from codeaccel import machine
 from codeaccel.bench.harness import build_prompt
@@ -58,6 +59,9 @@ class RunConfig:
     n_seq_max: int = (1 + N_SAMPLES) * (1 + len(TEST_LS))
     n_ctx: int = 24576  # cache cells, all sequences together (3 prompts + 33 × 512 tokens fit with room)
     test_timeout_s: float = 10.0
+    # another store whose answers (and batch costs) are taken instead of generated: only tests are generated,
+    # so two self-test formats are compared on the very same answers
+    answers_from: str | None = None
 
     def to_record(self) -> dict:
         return {
@@ -70,6 +74,7 @@ class RunConfig:
             "temperature": SAMPLE_TEMPERATURE,
             "top_p": TOP_P,
             "test_ls": list(TEST_LS),
+            **({"answers_from": self.answers_from} if self.answers_from else {}),
         }
 
 
@@ -94,29 +99,82 @@ def run_cascade_generation(
         k: v for k, v in config.to_record().items() if k != "models"
     }:
         raise UserError(f"{store.path} was made with other settings ({stored}); use another --out")
+    source = _answers_source(config)  # refused before this store is written to
     store.set_meta("run_config", config.to_record())
     store.set_meta("machine", machine.provenance("")["machine"])
-    for spec in config.models:
-        endpoint = parse_endpoint(spec)
-        name = stage_name(spec)
-        todo = [p for p in problems if p.task_id not in store.generated_tasks(name, p.dataset)]
-        if endpoint and (todo or not store.batch_costs(name)):
-            _generate_with_endpoint(EndpointStage(endpoint), config, store, problems, todo, report)
-        elif todo or not store.batch_costs(name):
-            engine = load_engine(spec, config.engine, n_ctx=4096)
-            try:
-                if not store.batch_costs(name):
-                    report(RunProgress(name, "costs", 0, 1))
-                    for cost in measure_batch_costs(engine, problems[0]):
-                        store.set_batch_cost(cost)
-                with open_sequences(engine, n_seq_max=config.n_seq_max, n_ctx=config.n_ctx) as seqs:
-                    for i, cp in enumerate(todo):
-                        report(RunProgress(name, "generate", i, len(todo)))
-                        store.add_generations(generate_problem(engine, seqs, cp, config))
-                    report(RunProgress(name, "generate", len(todo), len(todo)))
-            finally:
-                engine.close()
-        execute_stored(config, store, name, problems, report)
+    try:
+        for spec in config.models:
+            name = stage_name(spec)
+            todo = [p for p in problems if p.task_id not in store.generated_tasks(name, p.dataset)]
+            endpoint = parse_endpoint(spec)
+            if endpoint and source is not None:
+                raise UserError("--answers-from takes local models' answers; an endpoint stage generates its own")
+            if source is not None:
+                _check_answers(source, name, todo)
+                for cost in source.batch_costs(name).values():  # the answers' costs are the source's
+                    store.set_batch_cost(cost)
+            if endpoint and (todo or not store.batch_costs(name)):
+                _generate_with_endpoint(EndpointStage(endpoint), config, store, problems, todo, report)
+            elif todo or not store.batch_costs(name):
+                _generate_locally(spec, config, store, problems, todo, source, report)
+            execute_stored(config, store, name, problems, report)
+    finally:
+        if source is not None:
+            source.close()
+
+
+def _generate_locally(spec: str, config: RunConfig, store: GenerationStore, problems, todo,
+                      source: GenerationStore | None, report) -> None:  # fmt: skip
+    """A local model's generations: costs measured once, then problem by problem in one batch each."""
+    engine = load_engine(spec, config.engine, n_ctx=4096)
+    name = engine.model_name
+    try:
+        if not store.batch_costs(name):
+            report(RunProgress(name, "costs", 0, 1))
+            for cost in measure_batch_costs(engine, problems[0]):
+                store.set_batch_cost(cost)
+        with open_sequences(engine, n_seq_max=config.n_seq_max, n_ctx=config.n_ctx) as seqs:
+            for i, cp in enumerate(todo):
+                report(RunProgress(name, "generate", i, len(todo)))
+                copied = _copied_answers(source, name, cp) if source is not None else []
+                store.add_generations(copied + generate_problem(engine, seqs, cp, config, answers=source is None))
+            report(RunProgress(name, "generate", len(todo), len(todo)))
+    finally:
+        engine.close()
+
+
+ANSWER_SETTINGS = ("dataset", "engine", "max_tokens", "n_samples", "temperature", "top_p")
+
+
+def _answers_source(config: RunConfig) -> GenerationStore | None:
+    """The store answers are taken from; refused where its answers were made with other settings."""
+    if config.answers_from is None:
+        return None
+    path = Path(config.answers_from)
+    if not path.is_file():
+        raise UserError(f"--answers-from: no cascade store at {path}")
+    source = GenerationStore(path)
+    made = source.meta("run_config") or {}
+    ours = config.to_record()
+    other = [k for k in ANSWER_SETTINGS if made.get(k) != ours[k]]
+    if other:
+        source.close()
+        raise UserError(f"--answers-from {path} was made with other {', '.join(other)}: its answers are not these")
+    return source
+
+
+def _check_answers(source: GenerationStore, model: str, todo) -> None:
+    """Every problem still to do has its answers, executed, in the source (refused before anything runs)."""
+    missing = [cp.task_id for cp in todo if cp.task_id not in source.executed_tasks(model, cp.dataset)]
+    if missing:
+        raise UserError(f"--answers-from {source.path} lacks executed answers of {model} for {len(missing)} "
+                        f"problems (first: {missing[0]})")  # fmt: skip
+    if not source.batch_costs(model):
+        raise UserError(f"--answers-from {source.path} has no batch costs for {model}")
+
+
+def _copied_answers(source: GenerationStore, model: str, cp: CascadeProblem) -> list[StoredGeneration]:
+    return [replace(g, id=None) for g in source.generations(model, cp.dataset, cp.task_id) if g.kind == "answer"]
 
 
 def _generate_with_endpoint(stage: EndpointStage, config: RunConfig, store: GenerationStore, problems, todo,
@@ -138,8 +196,10 @@ def _generate_with_endpoint(stage: EndpointStage, config: RunConfig, store: Gene
         stage.close(aborted)  # after an error or Ctrl-C: requests in flight are not waited for
 
 
-def generate_problem(engine: Engine, seqs, cp: CascadeProblem, config: RunConfig) -> list[StoredGeneration]:
-    """Every answer and test of one problem for one model, decoded in one batch."""
+def generate_problem(
+    engine: Engine, seqs, cp: CascadeProblem, config: RunConfig, answers: bool = True
+) -> list[StoredGeneration]:
+    """Every answer (unless not ``answers``) and test of one problem for one model, decoded in one batch."""
     answer_prompt = build_prompt(engine, cp.problem)
     plan: list[tuple[str, int, int, str, Request]] = []  # (kind, l, sample, reply prefix, request)
     greedy = SamplingParams()
@@ -148,9 +208,10 @@ def generate_problem(engine: Engine, seqs, cp: CascadeProblem, config: RunConfig
         return SamplingParams(temperature=SAMPLE_TEMPERATURE, top_p=TOP_P, seed=i)
 
     answer_stop = cp.problem.stop
-    plan.append(("answer", 0, -1, "", Request(answer_prompt, greedy, config.max_tokens, answer_stop)))
-    plan += [("answer", 0, i, "", Request(answer_prompt, sampled(i), config.max_tokens, answer_stop))
-             for i in range(config.n_samples)]  # fmt: skip
+    if answers:
+        plan.append(("answer", 0, -1, "", Request(answer_prompt, greedy, config.max_tokens, answer_stop)))
+        plan += [("answer", 0, i, "", Request(answer_prompt, sampled(i), config.max_tokens, answer_stop))
+                 for i in range(config.n_samples)]  # fmt: skip
     for n_lines in TEST_LS:
         tp = self_test_prompt(cp, n_lines, config.test_format)
         text = tp.raw if tp.raw is not None else engine.apply_chat_template(tp.messages) + tp.response_prefix

@@ -56,6 +56,10 @@ def run(
     test_format: Annotated[str, typer.Option(help=f"Self-test prompt: {' or '.join(TEST_FORMATS)}.")] = "chat",
     n_seq_max: Annotated[int, typer.Option(help="Sequences decoded at once.")] = RunConfig.n_seq_max,
     max_tokens: Annotated[int, typer.Option(help="Most tokens per answer.")] = 512,
+    answers_from: Annotated[
+        Path | None,
+        typer.Option(help="Another run's store.sqlite: take its answers, generate only the tests (compare formats)."),
+    ] = None,
     out_dir: Out = Path("runs/cascade"),
 ) -> None:
     """Generate (batched) every answer and test a sweep can use, execute them, store all; resumable."""
@@ -71,6 +75,10 @@ def run(
     if not 1 <= n_seq_max <= 64:
         raise UserError(f"--n-seq-max must be in 1..64, got {n_seq_max}")
     family = _models(models)  # refused before the store is opened
+    if answers_from is not None and not answers_from.is_file():
+        raise UserError(f"--answers-from: no cascade store at {answers_from}")
+    if answers_from is not None and answers_from.resolve() == (out_dir / "store.sqlite").resolve():
+        raise UserError("--answers-from names the store this run writes: give another --out")
     if test_format != "chat" and any(parse_endpoint(m) for m in family):
         raise UserError("an endpoint stage asks for its tests in the chat format: use --test-format chat")
     config = RunConfig(
@@ -81,6 +89,7 @@ def run(
         test_format=test_format,
         n_seq_max=n_seq_max,
         max_tokens=max_tokens,
+        answers_from=str(answers_from) if answers_from is not None else None,
     )
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn())  # fmt: skip
