@@ -19,6 +19,7 @@ LAZY = (
     "codeaccel.serve.replicas",
     "psycopg",
     "peft",
+    "openai",  # the client of a cascade's endpoint stage (extra: endpoint)
 )  # + the web stack
 
 

@@ -41,6 +41,7 @@ from codeaccel.cascade.problems import CascadeProblem
 from codeaccel.cascade.self_tests import self_test_prompt
 from codeaccel.cascade.store import BatchCost, StoredGeneration
 from codeaccel.errors import SetupError, UserError
+from codeaccel.models.registry import resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +77,6 @@ def parse_endpoint(spec: str) -> Endpoint | None:
 
 def stage_name(spec: str) -> str:
     """The name a stage's generations are stored under: the endpoint's, or the local model's."""
-    from codeaccel.models.registry import resolve_model
-
     endpoint = parse_endpoint(spec)
     return endpoint.name if endpoint else resolve_model(spec).name
 
