@@ -165,7 +165,8 @@ def _answers_source(config: RunConfig) -> GenerationStore | None:
 
 def _check_answers(source: GenerationStore, model: str, todo) -> None:
     """Every problem still to do has its answers, executed, in the source (refused before anything runs)."""
-    missing = [cp.task_id for cp in todo if cp.task_id not in source.executed_tasks(model, cp.dataset)]
+    executed = {dataset: source.executed_tasks(model, dataset) for dataset in {cp.dataset for cp in todo}}
+    missing = [cp.task_id for cp in todo if cp.task_id not in executed[cp.dataset]]
     if missing:
         raise UserError(f"--answers-from {source.path} lacks executed answers of {model} for {len(missing)} "
                         f"problems (first: {missing[0]})")  # fmt: skip
