@@ -125,7 +125,7 @@ class EndpointStage:
         self._client = openai.OpenAI(base_url=endpoint.base_url, api_key=key, timeout=timeout_s, max_retries=2)
         self._timing = self._client.with_options(max_retries=0)  # a retry's back-off is no decode time
         self._errors = (openai.OpenAIError, ValueError)  # ValueError: a body that is no JSON
-        self._types = (ChatCompletion, Model)
+        self._completion_type, self._model_type = ChatCompletion, Model  # what well-formed answers parse to
         self._pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="cascade-endpoint")
 
     def close(self, aborted: bool = False) -> None:
@@ -143,7 +143,7 @@ class EndpointStage:
             models = list(self._client.models.list())
         except self._errors as e:
             raise UserError(f"endpoint {self.endpoint.base_url} is unreachable or refused: {_one_line(e)}") from None
-        if not all(isinstance(m, self._types[1]) for m in models):
+        if not all(isinstance(m, self._model_type) for m in models):
             raise UserError(f"endpoint {self.endpoint.base_url} answered /models with something else than a model list")
         served = [m.id for m in models]
         if served and self.endpoint.model not in served:
@@ -165,7 +165,7 @@ class EndpointStage:
             raise UserError(f"endpoint {self.endpoint.base_url}: {_one_line(e)}") from None
         wall = time.perf_counter() - t0
         usage = getattr(resp, "usage", None)
-        if not isinstance(resp, self._types[0]) or not resp.choices or usage is None:
+        if not isinstance(resp, self._completion_type) or not resp.choices or usage is None:
             raise UserError(f"endpoint {self.endpoint.base_url} answered without a chat completion and its usage")
         if not isinstance(usage.completion_tokens, int) or not isinstance(usage.prompt_tokens, int):
             raise UserError(f"endpoint {self.endpoint.base_url} answered without token counts (usage)")
