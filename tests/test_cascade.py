@@ -2,6 +2,7 @@
 replay, the tuner; and an end-to-end run on tiny models through the CLI."""
 
 import sqlite3
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -274,6 +275,20 @@ def test_cascade_escalates_when_the_small_model_is_unsure(tmp_path):
         assert out.cost_s == pytest.approx(first.gen_s + first.prompt_s + second.gen_s + second.prompt_s)
 
 
+def test_local_costs_from_different_cpus_are_refused_and_an_endpoints_are_not(tmp_path):
+    """A sweep resumed on another machine kind must not price one model on one CPU and the next on another."""
+    with GenerationStore(tmp_path / "s.sqlite") as store:
+        _fill(store, "T/0", [True] * 4, [[True, True]] * 4)
+        store.replace_batch_costs("big", [BatchCost("big", 1, 0.2, 0.002, 100, "other cpu")])
+        store.replace_batch_costs("openai:x", [BatchCost("openai:x", 1, 0.5, 0.01, 100, "endpoint http://h/v1")])
+        replay = Replay(store, "humaneval", ["T/0"])
+        assert replay.costs("m")[1].cpu == "cpu" and replay.costs("openai:x")[1].s_per_token == 0.5
+        with pytest.raises(UserError, match="different CPUs .*--remeasure-costs"):
+            replay.costs("big")
+        store.replace_batch_costs("big", [BatchCost("big", b, 0.2 / b, 0.002, 100, "cpu") for b in (1, 2)])
+        assert sorted(replay.costs("big")) == [1, 2]  # measured again on one machine: accepted, old rows gone
+
+
 # ---- tuner -------------------------------------------------------------------------
 
 
@@ -365,21 +380,33 @@ def test_bad_cascade_input_is_one_line_exit_2(args, message, tmp_path):
 
 
 def test_a_model_without_a_chat_template_stops_the_run_and_keeps_what_is_stored(tmp_path, tiny_gguf):
+    """Every local model's costs are measured before anything is generated (one machine for the family's
+    costs): a model without a chat template stops the run there, and what the store held is kept."""
     import tiny_models
     from test_cli import run_cli
 
     bare = tiny_models.build_gguf_model(tmp_path / "bare.gguf", seed=2, chat_template=False)
     out = tmp_path / "run"
-    args = ["cascade", "run", "humaneval", "--models", f"{tiny_gguf},{bare}", "--limit", "2", "--max-tokens", "8",
-            "--out", str(out)]  # fmt: skip
-    result = run_cli(*args)
+    base = ["cascade", "run", "humaneval", "--limit", "2", "--max-tokens", "8", "--out", str(out)]
+    assert run_cli(*base, "--models", tiny_gguf).returncode == 0
+    with GenerationStore(out / "store.sqlite") as store:
+        before = store.batch_costs("tiny")
+    result = run_cli(*base, "--limit", "3", "--models", f"{tiny_gguf},{bare}")
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]  # llama.cpp logs its own warnings too
     assert lines[-1].startswith("error: ") and "no chat template" in lines[-1]
     assert [line for line in lines if line.startswith("error")] == lines[-1:] and "Traceback" not in result.stderr
-    with GenerationStore(out / "store.sqlite") as store:  # the first model's work is kept and executed
+    with GenerationStore(out / "store.sqlite") as store:  # the first model's work is kept, nothing more generated
         assert store.executed_tasks("tiny", "humaneval") == {"HumanEval/0", "HumanEval/1"}
-        assert not store.generated_tasks("bare", "humaneval")
+        assert store.generated_tasks("tiny", "humaneval") == {"HumanEval/0", "HumanEval/1"}
+        assert not store.generated_tasks("bare", "humaneval") and not store.batch_costs("bare")
+        assert store.batch_costs("tiny") == before  # measured once, kept
+        store.replace_batch_costs("tiny", [replace(c, cpu="another machine") for c in before.values()])
+    again = run_cli(*base, "--models", tiny_gguf, "--remeasure-costs")
+    assert again.returncode == 0, again.stderr
+    with GenerationStore(out / "store.sqlite") as store:  # measured again here, every batch size
+        after = store.batch_costs("tiny")
+        assert sorted(after) == sorted(before) and {c.cpu for c in after.values()} == {before[1].cpu}
 
 
 def test_tests_in_another_format_are_generated_for_the_same_answers(tmp_path, tiny_gguf):

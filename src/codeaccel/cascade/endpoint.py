@@ -75,6 +75,11 @@ def parse_endpoint(spec: str) -> Endpoint | None:
     return Endpoint(model=model, base_url=url.rstrip("/"))
 
 
+def is_endpoint_name(name: str) -> bool:
+    """Whether a stored stage name is an endpoint's (:attr:`Endpoint.name`)."""
+    return name.startswith(SCHEME)
+
+
 def stage_name(spec: str) -> str:
     """The name a stage's generations are stored under: the endpoint's, or the local model's."""
     endpoint = parse_endpoint(spec)

@@ -24,6 +24,7 @@ import numpy as np
 
 from codeaccel.cascade.config import CascadeConfig, Stage
 from codeaccel.cascade.cost import generation_seconds
+from codeaccel.cascade.endpoint import is_endpoint_name
 from codeaccel.cascade.scoring import Scorer, Verdict, accept
 from codeaccel.cascade.store import BatchCost, GenerationStore, StoredGeneration
 from codeaccel.errors import InternalError, UserError
@@ -82,6 +83,12 @@ class Replay:
             if not costs:
                 raise UserError(f"{self.store.path} has no measured batch costs for {model}: run `cascade run` first")
             self._costs[model] = costs
+            cpus = {c.cpu for m, cs in self._costs.items() if not is_endpoint_name(m) for c in cs.values()}
+            if len(cpus) > 1:  # an endpoint's cost is its own machine's by design; local models' must share one
+                del self._costs[model]
+                raise UserError(f"{self.store.path}: the local models' batch costs were measured on different CPUs "
+                                f"({'; '.join(sorted(cpus))}), and costs compare only within one machine: run "
+                                "`cascade run` with the same settings and --remeasure-costs on one")  # fmt: skip
         return self._costs[model]
 
     @functools.lru_cache(maxsize=None)  # noqa: B019 (the replay lives as long as its caches should)

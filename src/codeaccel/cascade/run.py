@@ -14,7 +14,9 @@ and problem, each reported on its own):
 A problem's generations for one model are written in one transaction, its executions in
 another, so Ctrl-C loses at most the problem in progress and a rerun skips what is
 stored. Batch costs (seconds per token at each batch size) are measured once per model
-and stored (:mod:`codeaccel.cascade.cost`).
+and stored (:mod:`codeaccel.cascade.cost`), every local model's before any generation: a
+sweep that outlives a session may resume on another machine, and its costs must still
+compare within one (``remeasure_costs`` measures them all again, here).
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ class RunConfig:
     # another store whose answers (and batch costs) are taken instead of generated: only tests are generated,
     # so two self-test formats are compared on the very same answers
     answers_from: str | None = None
+    remeasure_costs: bool = False  # measure every local model's batch costs again, on this machine
 
     def to_record(self) -> dict:
         return {
@@ -103,6 +106,7 @@ def run_cascade_generation(
     store.set_meta("run_config", config.to_record())
     store.set_meta("machine", machine.provenance("")["machine"])
     try:
+        _measure_local_costs(config, store, problems[0], source, report)
         for spec in config.models:
             name = stage_name(spec)
             todo = [p for p in problems if p.task_id not in store.generated_tasks(name, p.dataset)]
@@ -123,16 +127,30 @@ def run_cascade_generation(
             source.close()
 
 
+def _measure_local_costs(config: RunConfig, store: GenerationStore, cp: CascadeProblem,
+                         source: GenerationStore | None, report) -> None:  # fmt: skip
+    """Every local model's batch costs that the store lacks (all of them with ``remeasure_costs``), one after
+    another before anything is generated, so the family's costs come from one machine."""
+    if source is not None:  # the answers' costs are the source's (copied per model in the run)
+        return
+    for spec in config.models:
+        if parse_endpoint(spec) or (store.batch_costs(stage_name(spec)) and not config.remeasure_costs):
+            continue
+        engine = load_engine(spec, config.engine, n_ctx=4096)
+        try:
+            report(RunProgress(engine.model_name, "costs", 0, 1))
+            store.replace_batch_costs(engine.model_name, measure_batch_costs(engine, cp))
+            report(RunProgress(engine.model_name, "costs", 1, 1))
+        finally:
+            engine.close()
+
+
 def _generate_locally(spec: str, config: RunConfig, store: GenerationStore, problems, todo,
                       source: GenerationStore | None, report) -> None:  # fmt: skip
-    """A local model's generations: costs measured once, then problem by problem in one batch each."""
+    """A local model's generations (its costs are measured already), problem by problem in one batch each."""
     engine = load_engine(spec, config.engine, n_ctx=4096)
     name = engine.model_name
     try:
-        if not store.batch_costs(name):
-            report(RunProgress(name, "costs", 0, 1))
-            for cost in measure_batch_costs(engine, problems[0]):
-                store.set_batch_cost(cost)
         with open_sequences(engine, n_seq_max=config.n_seq_max, n_ctx=config.n_ctx) as seqs:
             for i, cp in enumerate(todo):
                 report(RunProgress(name, "generate", i, len(todo)))

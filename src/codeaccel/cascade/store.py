@@ -254,6 +254,12 @@ class GenerationStore:
         with self._lock:
             self._db.execute("INSERT OR REPLACE INTO batch_costs VALUES (?, ?, ?, ?, ?, ?)", astuple(cost))
 
+    def replace_batch_costs(self, model: str, costs: Sequence[BatchCost]) -> None:
+        """``model``'s batch costs are ``costs`` alone (one transaction: none lost if interrupted)."""
+        with self._lock, self._transaction():
+            self._db.execute("DELETE FROM batch_costs WHERE model = ?", (model,))
+            self._db.executemany("INSERT INTO batch_costs VALUES (?, ?, ?, ?, ?, ?)", [astuple(c) for c in costs])
+
     def batch_costs(self, model: str) -> dict[int, BatchCost]:
         cur = self._db.execute("SELECT * FROM batch_costs WHERE model = ? ORDER BY batch_size", (model,))
         return {row[1]: BatchCost(*row) for row in cur}

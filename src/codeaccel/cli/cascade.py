@@ -60,6 +60,10 @@ def run(
         Path | None,
         typer.Option(help="Another run's store.sqlite: take its answers, generate only the tests (compare formats)."),
     ] = None,
+    remeasure_costs: Annotated[
+        bool,
+        typer.Option(help="Measure every local model's batch costs again, here (all from one machine)."),
+    ] = False,
     out_dir: Out = Path("runs/cascade"),
 ) -> None:
     """Generate (batched) every answer and test a sweep can use, execute them, store all; resumable."""
@@ -79,6 +83,8 @@ def run(
         raise UserError(f"--answers-from: no cascade store at {answers_from}")
     if answers_from is not None and answers_from.resolve() == (out_dir / "store.sqlite").resolve():
         raise UserError("--answers-from names the store this run writes: give another --out")
+    if remeasure_costs and answers_from is not None:
+        raise UserError("--remeasure-costs: with --answers-from the answers' costs are the other store's")
     if test_format != "chat" and any(parse_endpoint(m) for m in family):
         raise UserError("an endpoint stage asks for its tests in the chat format: use --test-format chat")
     config = RunConfig(
@@ -90,6 +96,7 @@ def run(
         n_seq_max=n_seq_max,
         max_tokens=max_tokens,
         answers_from=str(answers_from) if answers_from is not None else None,
+        remeasure_costs=remeasure_costs,
     )
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn())  # fmt: skip
