@@ -150,6 +150,55 @@ def test_timing_verifies_long_matches_and_backs_off_when_idle():
     assert not timing.should_retrieve()
 
 
+def test_learned_costs_grant_rare_trials_after_plain_steps():
+    from codeaccel.decoding.costs import LearnedCosts
+    from test_draft_length import LINEAR
+
+    costs = LearnedCosts(LINEAR, explore_after=4, explore_max=16)
+    for _ in range(3):
+        costs.record_verification(0, 0.01)
+    assert not costs.claim_trial()  # 3 plain steps: not yet
+    costs.record_verification(0, 0.01)
+    assert costs.claim_trial() and not costs.claim_trial()  # one per interval
+    for _ in range(7):
+        costs.record_verification(0, 0.01)
+    assert not costs.claim_trial()  # the interval doubled to 8
+    costs.record_verification(3, 0.012)  # a verified draft (any request's) restarts the count
+    for _ in range(7):
+        costs.record_verification(0, 0.01)
+    assert not costs.claim_trial()
+    costs.record_verification(0, 0.01)
+    assert costs.claim_trial()
+    for _ in range(16):
+        costs.record_verification(0, 0.01)
+    assert costs.claim_trial()  # capped at explore_max (16), not 32
+
+
+def test_timing_reads_learned_costs_and_a_too_steep_profile_cannot_stop_drafting_for_good():
+    """A profile measured under load prices n tokens at n steps: no draft pays on it. A trial verifies one
+    anyway; its timing (4 tokens for the price of one) rescales the curve, and drafting goes on."""
+    from codeaccel.decoding.costs import LearnedCosts
+    from test_draft_length import curve
+
+    steep = curve([float(k) for k in range(1, 33)])  # C(n) = n: verification never pays
+    costs = LearnedCosts(steep, t_target_s=0.1, explore_after=8)
+    timing = RetrievalTiming(steep, costs=costs).start()
+    static = RetrievalTiming(steep).start()  # the profile alone, as before
+    for _ in range(8):  # eight steps decoded plainly: nothing verified
+        assert timing.draft_length(match_len=16, confidence=1.0, available=16) == 0
+        costs.record_verification(0, 0.1)
+    trial = timing.draft_length(match_len=16, confidence=1.0, available=16)
+    assert 1 <= trial <= 4  # a short trial draft
+    assert timing.draft_length(16, 1.0, 16) == 0  # one trial, not one per step
+    assert timing.draft_length(match_len=1, confidence=1.0, available=16) == 0  # α 0.3: never a trial
+    costs.record_verification(trial, 0.1)  # the trial's k + 1 tokens cost one step: batches are cheap here
+    assert costs.snapshot().batch_scale < 0.9
+    for _ in range(5):
+        costs.record_verification(3, 0.11)
+    assert timing.draft_length(16, 1.0, 16) > 0  # drafting pays on what verification was measured to cost
+    assert static.draft_length(16, 1.0, 16) == 0  # the static profile never learns it
+
+
 @pytest.mark.parametrize("parts", [{"timing", "cache"}, set()], ids=["all-parts", "nothing"])
 def test_retrieval_with_timing_and_cache_is_lossless(target, repo_store, parts):
     from test_draft_length import LINEAR

@@ -23,6 +23,15 @@ Three estimates, each an exponential moving average:
   drafted again); a trial verification then measures s afresh;
 * ``t_draft_s``: seconds per drafted token of the draft model (recorded by the
   draft-model drafter, which knows its time is draft-model time).
+
+Relaxing toward the profile cannot fix a profile that is itself too steep (measured
+while another job used the cores, it prices a batch of n tokens at about n steps): the
+policies reading it then never verify anything, so s is never measured. Hence
+**trials**: after ``explore_after`` steps in a row without a verified draft, a policy
+that would decode plainly may claim one trial (:meth:`LearnedCosts.claim_trial`) and
+verify a short draft anyway, which measures s; the interval doubles after each trial
+(up to ``explore_max``), so on a machine where drafting truly does not pay the trials
+cost a vanishing share of the steps.
 """
 
 from __future__ import annotations
@@ -34,6 +43,8 @@ from codeaccel.engines.cost_curve import CostCurve
 
 MIN_EXCESS = 0.05  # batches the profile calls (nearly) one step measure the step time, not s
 SCALE_BOUNDS = (0.1, 10.0)  # one noisy timing cannot move s further than this
+EXPLORE_AFTER = 64  # steps in a row without a verified draft before a trial may be claimed
+EXPLORE_MAX = 4096  # the longest interval between trials (it doubles after each)
 
 
 @dataclass(frozen=True)
@@ -61,13 +72,18 @@ class LearnedCosts:
         t_draft_s: float | None = None,
         batch_scale: float = 1.0,
         scale_relax: float = 0.005,
+        explore_after: int = EXPLORE_AFTER,
+        explore_max: int = EXPLORE_MAX,
     ):
         self.curve = curve
         self.scale_relax = scale_relax  # share of s's distance to the profile (1.0) given up per plain step
+        self.explore_max = explore_max
         self._lock = threading.Lock()
         self._t_target_s = curve.seconds[0] if t_target_s is None else t_target_s
         self._t_draft_s = t_draft_s
         self._batch_scale = batch_scale
+        self._plain_steps = 0  # steps in a row without a verified draft (any request)
+        self._explore_after = explore_after  # plain steps before the next trial may be claimed
 
     def snapshot(self) -> Costs:
         with self._lock:
@@ -83,6 +99,9 @@ class LearnedCosts:
         with self._lock:
             if k == 0:  # no verification measured s: it relaxes toward the profile, so a stale s gets re-tried
                 self._batch_scale = ema(self._batch_scale, 1.0, weight=self.scale_relax)
+                self._plain_steps += 1
+            else:
+                self._plain_steps = 0
             if target_s <= 0 or n < 1:
                 return  # nothing was evaluated: no timing to learn from
             excess = self.curve.cost(n) - 1.0
@@ -91,6 +110,20 @@ class LearnedCosts:
             else:
                 observed = (target_s / self._t_target_s - 1.0) / excess
                 self._batch_scale = ema(self._batch_scale, min(max(observed, SCALE_BOUNDS[0]), SCALE_BOUNDS[1]))
+
+    def claim_trial(self) -> bool:
+        """Whether a policy that would decode plainly this step should verify a short draft anyway.
+
+        True at most once per ``explore_after`` steps in a row without a verified draft (the
+        interval doubling after each trial, up to ``explore_max``): a too-steep profile cannot
+        switch drafting off for good, and a machine where drafts truly do not pay spends a
+        vanishing share of its steps on trials."""
+        with self._lock:
+            if self._plain_steps < self._explore_after:
+                return False
+            self._plain_steps = 0
+            self._explore_after = min(2 * self._explore_after, self.explore_max)
+            return True
 
     def record_draft(self, k: int, draft_s: float) -> None:
         """The draft model drafted k tokens in draft_s seconds."""

@@ -93,7 +93,7 @@ class HFEngine(Engine):
         with torch.inference_mode():
             out = self.model(
                 input_ids=torch.tensor([tokens], dtype=torch.long),
-                past_key_values=self._cache,
+                cache=self._cache,
                 use_cache=True,
                 logits_to_keep=0 if all_logits else 1,
             )
@@ -119,7 +119,7 @@ class HFEngine(Engine):
                 input_ids=torch.tensor([tokens], dtype=torch.long),
                 position_ids=torch.tensor([[n_past + d for d in depth]], dtype=torch.long),
                 attention_mask=mask,
-                past_key_values=self._cache,
+                cache=self._cache,
                 use_cache=True,
             )
         return out.logits[0].float().numpy()  # [n, vocab]

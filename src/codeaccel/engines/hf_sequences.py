@@ -72,7 +72,7 @@ class HFSequences(SequenceSet):
         with torch.inference_mode():
             result = model(
                 input_ids=torch.tensor(tokens, dtype=torch.long),  # [group, n]
-                past_key_values=cache,
+                cache=cache,
                 use_cache=True,
                 logits_to_keep=keep,  # 0: every row
             )

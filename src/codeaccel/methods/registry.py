@@ -162,7 +162,7 @@ def _speculative(
         settings = {**model.settings, "draft_k": options.draft_k or "auto"}
         if options.draft_k is not None:
             return SpeculativeMethod(name, target, model.drafter, model.draft_length, settings, costs)
-        timing = RetrievalTiming(costs.curve, k_max=RETRIEVAL_K_MAX)
+        timing = RetrievalTiming(costs.curve, k_max=RETRIEVAL_K_MAX, costs=costs)
         context = RetrievalDrafter([], timing=timing, context=True)  # the request's own text only
         drafter = HybridDrafter(context, model.drafter, model.draft_length, costs)
         loop_length = DraftLength(costs.curve, fixed_k=RETRIEVAL_K_MAX)
@@ -172,16 +172,17 @@ def _speculative(
 
 
 def _retrieval_drafting(
-    target: Engine, options: MethodOptions, rest: bool = False, datastores: bool = True
+    target: Engine, options: MethodOptions, costs: LearnedCosts, rest: bool = False, datastores: bool = True
 ) -> RetrievalDrafting:
     """The retrieval drafter with every part on except those ablated; ``rest``: the REST-style peer;
-    without ``datastores``: the request's own text (and the acceptance cache) only."""
+    without ``datastores``: the request's own text (and the acceptance cache) only. ``costs``: the
+    method's learned costs (the decode loop records every step in them; the timing reads them)."""
     # REST: one general datastore, every retrieved draft verified (as a token tree), no cache
     off = {"multi-source", "timing", "cache"} if rest else set(options.ablate)
     stores = open_datastores(target, options.datastores) if datastores else []
     if "multi-source" in off and stores:  # one source: the general one if there is one (REST's setting), else the first
         stores = [next((s for s in stores if s.kind == "general"), stores[0])]
-    timing = None if "timing" in off else RetrievalTiming(cost_curve_for(target), k_max=RETRIEVAL_K_MAX)
+    timing = None if "timing" in off else RetrievalTiming(costs.curve, k_max=RETRIEVAL_K_MAX, costs=costs)
     cache = None if "cache" in off else AcceptanceCache()  # shared by the method's requests
     context = not rest and "context" not in off  # the request's own text (REST searches datastores only)
     settings: dict = {"datastores": [s.name for s in stores]}
@@ -198,17 +199,18 @@ def _retrieval(
     name: str, rest: bool = False, datastores: bool = True
 ) -> Callable[[Engine, MethodOptions, EnginePool], Method]:
     def build(target: Engine, options: MethodOptions, pool: EnginePool) -> Method:
-        retrieval = _retrieval_drafting(target, options, rest, datastores)
+        costs = LearnedCosts(cost_curve_for(target))  # the loop records every step; the timing reads them
+        retrieval = _retrieval_drafting(target, options, costs, rest, datastores)
         k = options.draft_k or RETRIEVAL_K_MAX  # the drafter's timing control picks within it
-        length = DraftLength(cost_curve_for(target), fixed_k=k)
-        return SpeculativeMethod(name, target, retrieval.drafter, length, retrieval.settings)
+        length = DraftLength(costs.curve, fixed_k=k)
+        return SpeculativeMethod(name, target, retrieval.drafter, length, retrieval.settings, costs)
 
     return build
 
 
 def _hybrid(target: Engine, options: MethodOptions, pool: EnginePool) -> Method:
-    retrieval = _retrieval_drafting(target, options)
-    costs = LearnedCosts(cost_curve_for(target))  # the loop records every verification; the model's k reads them
+    costs = LearnedCosts(cost_curve_for(target))  # the loop records every verification; both drafters read them
+    retrieval = _retrieval_drafting(target, options, costs)
     model = _model_drafting(target, options, pool, costs)
     settings = {**retrieval.settings, **model.settings}
     drafter = HybridDrafter(retrieval.drafter, model.drafter, model.draft_length, costs)

@@ -144,7 +144,7 @@ def _loss(model, example: TrainingExample, max_tokens: int, torch):
     cache = None
     if len(prompt) > 1:
         with torch.no_grad():
-            cache = model(input_ids=torch.tensor([prompt[:-1]]), use_cache=True).past_key_values
-    logits = model(input_ids=torch.tensor([prompt[-1:] + completion[:-1]]), past_key_values=cache,
+            cache = model(input_ids=torch.tensor([prompt[:-1]]), use_cache=True).cache
+    logits = model(input_ids=torch.tensor([prompt[-1:] + completion[:-1]]), cache=cache,
                    use_cache=cache is not None).logits[0]  # [len(completion), vocab]  # fmt: skip
     return torch.nn.functional.cross_entropy(logits.float(), torch.tensor(completion))

@@ -25,6 +25,17 @@ datastores for a while (doubling, up to 8 steps), so code that no datastore know
 costs no lookups; the request's own text is searched every step (a dictionary
 lookup: microseconds).
 
+What a verification costs is read, where the decode loop learns it, from the method's
+shared :class:`~codeaccel.decoding.costs.LearnedCosts` (S(n): the profile's shape at the
+scale verifications cost now), else from the profile. A profile measured while another
+job used the cores prices a batch of n tokens at about n steps, and then no draft ever
+pays, no verification is made, and nothing could correct it (this switched retrieval
+drafting off in CI twice): so a step that would verify nothing may claim one of the
+learned costs' rare **trials** (:meth:`LearnedCosts.claim_trial`, at most one per 64+
+steps without a verified draft, the interval doubling) and verifies a short draft
+(``TRIAL_MAX`` tokens at most, where α is at least ``TRIAL_MIN_ALPHA``), which measures
+what verification costs.
+
 The policy (:class:`RetrievalTiming`, settings only) is shared by every request;
 what one request learns (the per-bucket acceptance, the backoff) lives in its own
 :class:`TimingState`, which starts from the priors.
@@ -40,8 +51,10 @@ costs about half a step (C(3) = 2.1, C(7) = 4.6), it declines them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from codeaccel.decoding.costs import LearnedCosts
 from codeaccel.decoding.draft_length import expected_tokens
 from codeaccel.engines.cost_curve import CostCurve
 
@@ -50,6 +63,8 @@ BUCKETS = (1, 2, 4, 8, 16)  # lower edges of the match-length buckets
 # every bucket where drafting can pay on a steep CPU cost curve gets tried and learned.
 PRIOR_ALPHA = (0.3, 0.6, 0.75, 0.85, 0.9)
 TREE_COST_TOLERANCE = 0.1  # a token tree may cost at most 10% more to verify than its main path
+TRIAL_MAX = 4  # the longest trial draft (on llama.cpp's Q4_K kernels 3 drafts + 1 fill one tile of 4 rows)
+TRIAL_MIN_ALPHA = 0.5  # a trial only where the draft is likelier accepted than not
 
 
 def bucket(match_len: int) -> int:
@@ -65,13 +80,21 @@ class RetrievalTiming:
     prior_weight: float = 2.0
     decay: float = 0.98
     backoff: int = 3  # consecutive idle steps before skipping lookups
+    # what verifications cost now, learned by the decode loop that records every step in it (shared with the
+    # method); None: the profile as it is (a batch decoder sizes the batch's drafts from its own curve)
+    costs: LearnedCosts | None = None
 
     def start(self) -> TimingState:
         return TimingState(self)
 
+    def step_cost(self) -> Callable[[int], float]:
+        """n tokens evaluated at once → decode steps: as verifications cost now where learned, else the profile."""
+        return self.curve.cost if self.costs is None else self.costs.snapshot().steps
+
     def tree_pays(self, path_len: int, tree_size: int) -> bool:
         """Whether to verify a ``tree_size``-node tree rather than its ``path_len``-token main path."""
-        return self.curve.cost(tree_size + 1) <= (1 + TREE_COST_TOLERANCE) * self.curve.cost(path_len + 1)
+        cost = self.step_cost()
+        return cost(tree_size + 1) <= (1 + TREE_COST_TOLERANCE) * cost(path_len + 1)
 
 
 @dataclass
@@ -104,17 +127,21 @@ class TimingState:
         """How many of the ``available`` retrieved tokens to verify (0: none).
 
         Candidates: the curve's tiles up to ``available`` (``available`` itself always is one).
+        Where none pays, a trial of the learned costs may still verify a few (see the module).
         """
         if available < 1:
             return 0
-        curve = self.policy.curve
+        policy = self.policy
+        cost = policy.step_cost()
         alpha = min(1.0, self.alpha(match_len, local) * confidence)
-        most = min(available, self.policy.k_max)
-        best_k, best_rate = 0, 1.0 / curve.cost(1)  # plain decoding: one token per step
-        for k in curve.tiles(most):
-            rate = expected_tokens(alpha, k) / curve.cost(k + 1)
+        tiles = policy.curve.tiles(min(available, policy.k_max))
+        best_k, best_rate = 0, 1.0 / cost(1)  # plain decoding: one token per step
+        for k in tiles:
+            rate = expected_tokens(alpha, k) / cost(k + 1)
             if rate > best_rate:
                 best_k, best_rate = k, rate
+        if best_k == 0 and alpha >= TRIAL_MIN_ALPHA and policy.costs is not None and policy.costs.claim_trial():
+            return max([k for k in tiles if k <= TRIAL_MAX] or tiles[:1])
         return best_k
 
     def update(self, match_len: int, k: int, n_accepted: int, searched: bool = True, local: bool = False) -> None:
