@@ -88,11 +88,14 @@ def test_predicted_outputs_go_through_openai_completions_with_the_middle(fim_ggu
                    if line.startswith("vllm:spec_decode_num_draft_tokens_total ")]  # fmt: skip
     assert (level.requests, level.errors) == (4, 0) and 0 < level.generated_tokens <= 4 * 8
     assert float(drafted[0].split()[1]) > 0  # the predictions were drafted
+    assert level.draft_tokens == float(drafted[0].split()[1])  # the level read the server's counters
+    assert 0 <= level.accepted_tokens <= level.draft_tokens and level.prompt_tokens_looked_up > 0
 
 
 def test_errors_are_counted_not_raised(tmp_path):
     (level,) = run_load_test("http://127.0.0.1:9", "nobody", fim_requests(2), [1], n_predict=4, timeout_s=2)
     assert level.errors == 2 and level.tokens_per_s == 0 and level.error_examples
+    assert level.draft_tokens is None and level.prompt_tokens_cached is None  # no server, no counters
 
 
 def test_the_command_starts_a_server_measures_and_writes_the_report(fim_gguf, tmp_path):
@@ -131,6 +134,9 @@ def test_the_command_starts_a_server_measures_and_writes_the_report(fim_gguf, tm
     ]
     assert all(r["method"] == r["server"] and r["n_problems"] == 3 and r["pass_at_1"] is None for r in doc["rows"])
     assert "| codeaccel-autoregressive | 2 |" in (tmp_path / "out" / "load_test.md").read_text()
+    for row in doc["rows"]:  # the server's counters over each level: nothing drafted, every prompt looked up
+        assert row["draft_tokens"] == 0 and 0 <= row["prompt_tokens_cached"] <= row["prompt_tokens_looked_up"]
+        assert row["prompt_tokens_looked_up"] > 3 * 20  # three prompts of more than 20 tokens each
 
 
 def test_bad_options_are_one_line_errors(tmp_path):

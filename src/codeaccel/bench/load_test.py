@@ -12,7 +12,11 @@ For each concurrency c, c clients send requests back to back until ``requests`` 
 (or ``time_limit_s`` passed); measured per request: time to first token (first streamed
 content), total latency, tokens generated; per level: p50 / p99 of both, aggregate
 generated tokens per second of wall time, and errors (a non-200, a broken stream, a
-timeout). The result is a list of :class:`LoadLevel` rows, one per (server, c).
+timeout). Where the server exposes them on ``GET /metrics`` (ours, with vLLM's names), the
+level also records how its counters moved: draft tokens verified and accepted, and prompt
+tokens looked up in and found in the prefix cache, so a row says why it is as fast as it is
+(llama-server's /metrics has no such counters: None there). The result is a list of
+:class:`LoadLevel` rows, one per (server, c).
 """
 
 from __future__ import annotations
@@ -35,6 +39,13 @@ from codeaccel.errors import UserError
 
 GAP_LINES = 2  # lines removed between prefix and suffix: what the model fills in
 SOURCES = ("humaneval", "mbpp", "repo")
+# LoadLevel field -> the Prometheus sample it counts (our server's, named as vLLM names them)
+SERVER_COUNTERS = {
+    "draft_tokens": "vllm:spec_decode_num_draft_tokens_total",
+    "accepted_tokens": "vllm:spec_decode_num_accepted_tokens_total",
+    "prompt_tokens_looked_up": "vllm:prefix_cache_queries_total",
+    "prompt_tokens_cached": "vllm:prefix_cache_hits_total",
+}
 
 
 @dataclass(frozen=True)
@@ -165,6 +176,11 @@ class LoadLevel:
     latency_p50_s: float | None
     latency_p99_s: float | None
     error_examples: list[str] = field(default_factory=list)
+    # the server's counters over the level (SERVER_COUNTERS; None: the server does not expose them)
+    draft_tokens: int | None = None
+    accepted_tokens: int | None = None
+    prompt_tokens_looked_up: int | None = None
+    prompt_tokens_cached: int | None = None
 
     def to_record(self) -> dict:
         return asdict(self)
@@ -226,6 +242,22 @@ async def _one(client, url: str, req: FimRequest, n_predict: int, timeout_s: flo
     return timing
 
 
+async def _counters(client, url: str) -> dict[str, float | None]:
+    """The server's SERVER_COUNTERS from ``GET /metrics`` (each None where it has no such sample)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    values: dict[str, float] = {}
+    try:
+        response = await client.get(url + "/metrics", timeout=10.0)
+        if response.status_code == 200:
+            for family in text_string_to_metric_families(response.text):
+                for sample in family.samples:
+                    values[sample.name] = values.get(sample.name, 0.0) + sample.value
+    except (httpx.HTTPError, ValueError):  # unreachable, or not Prometheus text: no counters
+        pass
+    return {name: values.get(sample) for name, sample in SERVER_COUNTERS.items()}
+
+
 async def _level(url: str, server: str, sessions: Sequence[Sequence[FimRequest]], concurrency: int,
                  n_predict: int, time_limit_s: float, timeout_s: float, predicted: bool,
                  cache_prompt: bool) -> LoadLevel:  # fmt: skip
@@ -235,7 +267,7 @@ async def _level(url: str, server: str, sessions: Sequence[Sequence[FimRequest]]
     for session in sessions:
         queue.put_nowait(session)
     results: list[RequestTiming] = []
-    t0 = time.perf_counter()
+    t0 = 0.0  # set when the clients start (after the counters are read)
 
     async def client_loop(client) -> None:
         while time.perf_counter() - t0 < time_limit_s:
@@ -250,8 +282,13 @@ async def _level(url: str, server: str, sessions: Sequence[Sequence[FimRequest]]
 
     limits = httpx.Limits(max_connections=concurrency + 2)
     async with httpx.AsyncClient(limits=limits) as client:
+        before = await _counters(client, url)
+        t0 = time.perf_counter()
         await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
-    wall = time.perf_counter() - t0
+        wall = time.perf_counter() - t0
+        after = await _counters(client, url)
+    moved = {name: None if before[name] is None or after[name] is None else int(after[name] - before[name])
+             for name in SERVER_COUNTERS}  # fmt: skip
     ok = [r for r in results if r.ok]
     ttft = [r.first_token_s for r in ok if r.first_token_s is not None]
     lat = [r.total_s for r in ok]
@@ -262,7 +299,7 @@ async def _level(url: str, server: str, sessions: Sequence[Sequence[FimRequest]]
 
     errors = [r.error for r in results if not r.ok]
     return LoadLevel(server, concurrency, len(results), len(errors), wall, tokens, tokens / wall if wall else 0.0,
-                     pct(ttft, 50), pct(ttft, 99), pct(lat, 50), pct(lat, 99), errors[:3])  # fmt: skip
+                     pct(ttft, 50), pct(ttft, 99), pct(lat, 50), pct(lat, 99), errors[:3], **moved)  # fmt: skip
 
 
 def run_load_test(
@@ -322,15 +359,22 @@ def write_report(levels: Sequence[LoadLevel], out: Path, header: dict) -> list[P
     def ms(v: float | None) -> str:
         return "-" if v is None else f"{1000 * v:.0f}"
 
+    def share(part: int | None, whole: int | None) -> str:
+        return "-" if part is None or not whole else f"{part}/{whole} ({100 * part / whole:.0f}%)"
+
     rows = "\n".join(
         f"| {r.server} | {r.concurrency} | {r.requests} | {r.errors} | {r.tokens_per_s:.1f} | {ms(r.ttft_p50_s)} | "
-        f"{ms(r.ttft_p99_s)} | {ms(r.latency_p50_s)} | {ms(r.latency_p99_s)} |"
+        f"{ms(r.ttft_p99_s)} | {ms(r.latency_p50_s)} | {ms(r.latency_p99_s)} | "
+        f"{share(r.accepted_tokens, r.draft_tokens)} | {share(r.prompt_tokens_cached, r.prompt_tokens_looked_up)} |"
         for r in levels
     )
     md = (
         f"# Load test\n\nCommand: `{header.get('command', '')}`\n\nMachine: {header.get('machine', {})}; "
         f"{header.get('date', '')}.\n\n| server | clients | requests | errors | tokens/s | TTFT p50 ms | "
-        f"TTFT p99 ms | latency p50 ms | latency p99 ms |\n|---|---|---|---|---|---|---|---|---|\n{rows}\n"
+        f"TTFT p99 ms | latency p50 ms | latency p99 ms | draft tokens accepted | prompt tokens cached |\n"
+        f"|---|---|---|---|---|---|---|---|---|---|---|\n{rows}\n\n"
+        "The last two columns are the server's own counters over the level (`GET /metrics`, vLLM's names; "
+        "`-` where a server has none).\n"
     )
     (out / "load_test.md").write_text(md)
     return [out / "load_test.json", out / "load_test.md"]
