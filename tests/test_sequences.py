@@ -405,6 +405,28 @@ def test_a_kept_sequence_serves_the_next_prompt_that_extends_it(engine):
         assert per_seq.open_sequences == []
 
 
+def test_a_short_shared_prefix_takes_a_free_sequence_not_another_prompts_cache(engine):
+    """Two prompts share their first few tokens (an import line): while a sequence is free the second
+    takes it, so the first prompt, sent again, still finds its whole cache; with none free the kept
+    sequence sharing the most is reused."""
+    common = engine.tokenize("import os\n")
+    a = common + engine.tokenize(PROMPTS[1] + PROMPTS[3])
+    b = common + engine.tokenize(PROMPTS[2] + PROMPTS[3])
+    assert len(common) < min(64, len(b) / 2) and len(common) >= 0.1 * len(b)  # was enough to take a's cache
+    with open_sequences(engine, n_seq_max=2, n_ctx=1024, unified=False) as two:
+        decoder = BatchDecoder(two, reuse_prefixes=True)
+        decoder.run([Request(a, max_tokens=6)])
+        (second,) = decoder.run([Request(b, max_tokens=6)])
+        assert second.n_cached_prompt_tokens == 0 and len(two.open_sequences) == 2  # a fresh one
+        (again,) = decoder.run([Request(a, max_tokens=6)])
+        assert again.n_cached_prompt_tokens == len(a) - 1  # its cache was kept whole
+        c = common + engine.tokenize(PROMPTS[0] + PROMPTS[3])
+        (third,) = decoder.run([Request(c, max_tokens=6)])  # none free: the common part is reused
+        assert third.n_cached_prompt_tokens == len(common)
+        assert third.tokens == _alone(engine, c, max_tokens=6).tokens
+        decoder.clear_kept()
+
+
 def test_prefix_reuse_needs_a_cache_per_sequence(tiny_gguf):
     engine = load_engine(tiny_gguf, "llama.cpp", n_ctx=512)
     try:

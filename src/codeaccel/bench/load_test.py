@@ -32,6 +32,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 from codeaccel.bench.datasets import humaneval_rows
 from codeaccel.bench.repo_dataset import package_root
@@ -244,8 +245,6 @@ async def _one(client, url: str, req: FimRequest, n_predict: int, timeout_s: flo
 
 async def _counters(client, url: str) -> dict[str, float | None]:
     """The server's SERVER_COUNTERS from ``GET /metrics`` (each None where it has no such sample)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
     values: dict[str, float] = {}
     try:
         response = await client.get(url + "/metrics", timeout=10.0)
