@@ -442,3 +442,30 @@ def test_tests_in_another_format_are_generated_for_the_same_answers(tmp_path, ti
     assert isinstance(other.exception, UserError) and "other max_tokens" in str(other.exception)
     with GenerationStore(tmp_path / "other" / "store.sqlite") as refused:
         assert refused.meta("run_config") is None  # nothing written by a refused run
+
+
+def test_problems_back_to_back_give_what_each_gives_alone(tiny_gguf):
+    """generate_problems: the next prompt group joins as sequences free up (4 sequences, groups of 3, three
+    problems of 9 sequences each); every problem is handed over once, with what it gets decoded alone."""
+    from codeaccel.cascade.run import RunConfig, generate_problem, generate_problems
+    from codeaccel.engines import load_engine, open_sequences
+
+    engine = load_engine(tiny_gguf, "llama.cpp", n_ctx=4096)
+    config = RunConfig(models=("tiny",), dataset="humaneval", max_tokens=16, n_samples=2, n_seq_max=4, n_ctx=4096)
+    problems = load_cascade_problems("humaneval", 3)
+    try:
+        with open_sequences(engine, n_seq_max=4, n_ctx=4096) as seqs:
+            alone = {cp.task_id: generate_problem(engine, seqs, cp, config) for cp in problems}
+            handed: list[tuple[str, list]] = []
+            generate_problems(engine, seqs, problems, config, lambda cp, rows: handed.append((cp.task_id, rows)))
+    finally:
+        engine.close()
+
+    def key(row):  # sampled rows by their place only: this random tiny model's flat logits let the float noise
+        # of other batch shapes flip a sampled draw (the same seed's distribution is pinned in test_sequences)
+        return (row.kind, row.l, row.sample) + ((row.text, row.tokens, row.finish_reason) if row.sample < 0 else ())
+
+    assert sorted(task for task, _ in handed) == sorted(alone)  # each problem once
+    for task, rows in handed:
+        assert len(rows) == 9 and sorted(map(key, rows)) == sorted(map(key, alone[task]))
+        assert all(0 < row.batch_size <= 4 and row.tokens > 0 for row in rows)

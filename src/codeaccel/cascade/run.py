@@ -1,9 +1,11 @@
 """``codeaccel cascade run``: generate every answer and test a sweep can use, execute them, store it all.
 
-Per model and problem, one batched run (:class:`~codeaccel.decoding.batched.BatchDecoder`)
-decodes the greedy answer, a greedy test per l, ``N_SAMPLES`` sampled answers and
-``N_SAMPLES`` sampled tests per l (temperature 0.8, top-p 0.95, seed = sample index),
-so every (k, l) of the sweep reads a prefix of what is stored: k = 3 uses samples 0..2.
+Per model, one batched decoder (:class:`~codeaccel.decoding.batched.BatchDecoder`) runs
+the problems back to back (:func:`generate_problems`; the next problem's sequences join as
+the last ones' finish), decoding per problem the greedy answer, a greedy test per l,
+``N_SAMPLES`` sampled answers and ``N_SAMPLES`` sampled tests per l (temperature 0.8,
+top-p 0.95, seed = sample index), so every (k, l) of the sweep reads a prefix of what is
+stored: k = 3 uses samples 0..2.
 Then, in the sandbox (one execution per answer: every distinct test line of its model
 and problem, each reported on its own):
 
@@ -21,7 +23,9 @@ compare within one (``remeasure_costs`` measures them all again, here).
 
 from __future__ import annotations
 
+import itertools
 import logging
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -34,8 +38,8 @@ from codeaccel.cascade.endpoint import EndpointStage, parse_endpoint, stage_name
 from codeaccel.cascade.problems import CascadeProblem, load_cascade_problems
 from codeaccel.cascade.self_tests import SelfTestFormat, extract_test_lines, self_test_prompt
 from codeaccel.cascade.store import GenerationStore, StoredGeneration
-from codeaccel.decoding.batched import BatchDecoder
-from codeaccel.decoding.generation import Request
+from codeaccel.decoding.batched import BatchDecoder, BatchStats
+from codeaccel.decoding.generation import Generation, Request
 from codeaccel.decoding.sampling import SamplingParams
 from codeaccel.engines import Engine, load_engine, open_sequences
 from codeaccel.errors import UserError
@@ -147,16 +151,23 @@ def _measure_local_costs(config: RunConfig, store: GenerationStore, cp: CascadeP
 
 def _generate_locally(spec: str, config: RunConfig, store: GenerationStore, problems, todo,
                       source: GenerationStore | None, report) -> None:  # fmt: skip
-    """A local model's generations (its costs are measured already), problem by problem in one batch each."""
+    """A local model's generations (its costs are measured already): the problems back to back through
+    one decoder, each stored as soon as all its sequences are done."""
     engine = load_engine(spec, config.engine, n_ctx=4096)
     name = engine.model_name
+    stored = 0
+
+    def keep(cp: CascadeProblem, rows: list[StoredGeneration]) -> None:
+        nonlocal stored
+        copied = _copied_answers(source, name, cp) if source is not None else []
+        store.add_generations(copied + rows)
+        stored += 1
+        report(RunProgress(name, "generate", stored, len(todo)))
+
     try:
         with open_sequences(engine, n_seq_max=config.n_seq_max, n_ctx=config.n_ctx) as seqs:
-            for i, cp in enumerate(todo):
-                report(RunProgress(name, "generate", i, len(todo)))
-                copied = _copied_answers(source, name, cp) if source is not None else []
-                store.add_generations(copied + generate_problem(engine, seqs, cp, config, answers=source is None))
-            report(RunProgress(name, "generate", len(todo), len(todo)))
+            report(RunProgress(name, "generate", 0, len(todo)))
+            generate_problems(engine, seqs, todo, config, keep, answers=source is None)
     finally:
         engine.close()
 
@@ -215,55 +226,134 @@ def _generate_with_endpoint(stage: EndpointStage, config: RunConfig, store: Gene
         stage.close(aborted)  # after an error or Ctrl-C: requests in flight are not waited for
 
 
-def generate_problem(
-    engine: Engine, seqs, cp: CascadeProblem, config: RunConfig, answers: bool = True
-) -> list[StoredGeneration]:
-    """Every answer (unless not ``answers``) and test of one problem for one model, decoded in one batch."""
+@dataclass
+class _Planned:
+    """One sequence a problem needs: what it is, its request, and its generation once done."""
+
+    kind: str  # "answer" | "test"
+    l: int  # noqa: E741 (the paper's name: test lines asked)
+    sample: int  # -1 greedy, else the seed
+    reply_prefix: str  # tests: the started "assert f(" belongs to the first line
+    request: Request
+    generation: Generation | None = None
+
+
+@dataclass
+class _Flight:
+    """A problem whose sequences are being decoded (per-problem state of :func:`generate_problems`)."""
+
+    cp: CascadeProblem
+    plan: list[_Planned]
+    steps0: int  # the decoder's counters when it was planned: its mean batch is over its own steps
+    sequences0: int
+    left: int = 0
+
+    def __post_init__(self) -> None:
+        self.left = len(self.plan)
+
+
+def _plan(engine: Engine, cp: CascadeProblem, config: RunConfig, answers: bool) -> list[_Planned]:
+    """Every answer (unless not ``answers``) and test of one problem: the greedy one and ``n_samples`` sampled."""
     answer_prompt = build_prompt(engine, cp.problem)
-    plan: list[tuple[str, int, int, str, Request]] = []  # (kind, l, sample, reply prefix, request)
     greedy = SamplingParams()
 
     def sampled(i: int) -> SamplingParams:
         return SamplingParams(temperature=SAMPLE_TEMPERATURE, top_p=TOP_P, seed=i)
 
-    answer_stop = cp.problem.stop
-    if answers:
-        plan.append(("answer", 0, -1, "", Request(answer_prompt, greedy, config.max_tokens, answer_stop)))
-        plan += [("answer", 0, i, "", Request(answer_prompt, sampled(i), config.max_tokens, answer_stop))
-                 for i in range(config.n_samples)]  # fmt: skip
+    def group(kind: str, n_lines: int, prefix: str, prompt: list[int], max_tokens: int, stop) -> list[_Planned]:
+        return [_Planned(kind, n_lines, i, prefix, Request(prompt, greedy if i < 0 else sampled(i), max_tokens, stop))
+                for i in range(-1, config.n_samples)]  # fmt: skip
+
+    plan = group("answer", 0, "", answer_prompt, config.max_tokens, cp.problem.stop) if answers else []
     for n_lines in TEST_LS:
         tp = self_test_prompt(cp, n_lines, config.test_format)
         text = tp.raw if tp.raw is not None else engine.apply_chat_template(tp.messages) + tp.response_prefix
-        prompt = engine.tokenize(text)
-        plan.append(("test", n_lines, -1, tp.response_prefix, Request(prompt, greedy, tp.max_tokens, tp.stop)))
-        plan += [("test", n_lines, i, tp.response_prefix, Request(prompt, sampled(i), tp.max_tokens, tp.stop))
-                 for i in range(config.n_samples)]  # fmt: skip
-    decoder = BatchDecoder(seqs, prefill_chunk=None)  # all prompts at once: nothing runs beside them to gain
-    generations = decoder.run([request for *_, request in plan])
-    batch = decoder.stats.mean_batch
-    rows = []
-    for (kind, n_lines, sample, prefix, request), gen in zip(plan, generations):
-        rows.append(
-            StoredGeneration(
-                model=engine.model_name,
-                dataset=cp.dataset,
-                task_id=cp.task_id,
-                kind=kind,
-                l=n_lines,
-                sample=sample,
-                temperature=request.params.temperature,
-                top_p=request.params.top_p,
-                prompt_tokens=len(request.prompt_tokens),
-                tokens=gen.n_generated,
-                text=prefix + gen.text,  # tests: the started "assert f(" belongs to the first line
-                finish_reason=gen.finish_reason,
-                cost_s=round(gen.cost_s or 0.0, 6),
-                decode_s=round(gen.decode_s, 6),
-                prefill_s=round(gen.prefill_s, 6),
-                batch_size=round(batch, 3),
-            )
-        )
+        plan += group("test", n_lines, tp.response_prefix, engine.tokenize(text), tp.max_tokens, tp.stop)
+    return plan
+
+
+Done = Callable[[CascadeProblem, list[StoredGeneration]], None]  # a problem's rows, when all are generated
+
+
+def generate_problems(engine: Engine, seqs, problems, config: RunConfig, done: Done, answers: bool = True) -> None:
+    """Every answer (unless not ``answers``) and test of ``problems`` for one model, through one decoder.
+
+    A problem's sequences come in groups sharing a prompt (its answers; its tests per l), each
+    submitted whole, so it is prefilled once and copied. The next group, the next problem's
+    included, joins the batch as soon as the batch has sequences for all of it: a problem's
+    long tail (a few answers still running after the rest stopped) no longer decodes alone.
+    Each problem is handed to ``done`` as soon as all its sequences are done (the caller stores
+    it in one transaction: Ctrl-C loses at most the problems in flight). A sequence's tokens
+    are what it gets alone (greedy) or drawn with its own seed (sampling), whatever else runs
+    beside it (:mod:`codeaccel.decoding.batched`).
+    """
+    decoder = BatchDecoder(seqs, prefill_chunk=None)  # whole prompts: they are few, and nothing waits on them
+    upcoming = iter(problems)
+    groups: deque[tuple[_Flight, list[_Planned]]] = deque()  # prompt groups still to submit, in order
+    owner: dict[int, tuple[_Flight, _Planned]] = {}  # handle -> its problem and place
+
+    def plan_next() -> None:
+        cp = next(upcoming, None)
+        if cp is None:
+            return
+        flight = _Flight(cp, _plan(engine, cp, config, answers), decoder.stats.steps, decoder.stats.batched_sequences)
+        if not flight.plan:
+            done(cp, [])
+        for _, same_prompt in itertools.groupby(flight.plan, key=lambda p: tuple(p.request.prompt_tokens)):
+            groups.append((flight, list(same_prompt)))
+
+    plan_next()
+    while groups or not decoder.idle:
+        room = config.n_seq_max - decoder.n_active - decoder.n_prefilling - decoder.n_waiting
+        while groups and (len(groups[0][1]) <= room or decoder.idle):
+            flight, group = groups.popleft()
+            for planned in group:
+                owner[decoder.submit(planned.request)] = (flight, planned)
+            room -= len(group)
+            if not groups:
+                plan_next()  # the next problem is planned while this one's last group runs
+        for handle, generation in decoder.step():
+            flight, planned = owner.pop(handle)
+            planned.generation = generation
+            flight.left -= 1
+            if flight.left == 0:
+                done(flight.cp, _rows(engine, flight, decoder.stats))
+
+
+def generate_problem(
+    engine: Engine, seqs, cp: CascadeProblem, config: RunConfig, answers: bool = True
+) -> list[StoredGeneration]:
+    """Every answer (unless not ``answers``) and test of one problem for one model, decoded in one batch."""
+    rows: list[StoredGeneration] = []
+    generate_problems(engine, seqs, [cp], config, lambda _, got: rows.extend(got), answers)
     return rows
+
+
+def _rows(engine: Engine, flight: _Flight, stats: BatchStats) -> list[StoredGeneration]:
+    steps = stats.steps - flight.steps0
+    batch = (stats.batched_sequences - flight.sequences0) / steps if steps else 0.0  # over its own steps
+    cp = flight.cp
+    return [
+        StoredGeneration(
+            model=engine.model_name,
+            dataset=cp.dataset,
+            task_id=cp.task_id,
+            kind=p.kind,
+            l=p.l,
+            sample=p.sample,
+            temperature=p.request.params.temperature,
+            top_p=p.request.params.top_p,
+            prompt_tokens=len(p.request.prompt_tokens),
+            tokens=p.generation.n_generated,
+            text=p.reply_prefix + p.generation.text,
+            finish_reason=p.generation.finish_reason,
+            cost_s=round(p.generation.cost_s or 0.0, 6),
+            decode_s=round(p.generation.decode_s, 6),
+            prefill_s=round(p.generation.prefill_s, 6),
+            batch_size=round(batch, 3),
+        )
+        for p in flight.plan
+    ]
 
 
 def execute_stored(config: RunConfig, store: GenerationStore, model: str, problems, report) -> None:
