@@ -11,6 +11,7 @@ from scipy import stats as scipy_stats
 
 from codeaccel.decoding.autoregressive import generate
 from codeaccel.decoding.batched import BatchDecoder
+from codeaccel.decoding.costs import LearnedCosts
 from codeaccel.decoding.generation import Request
 from codeaccel.decoding.sampling import SamplingParams, logits_to_probs
 from codeaccel.engines import load_engine, open_sequences
@@ -241,9 +242,14 @@ def test_a_batch_on_a_linear_curve_drafts_nothing(engine, seqs):
     prompts = [engine.tokenize(p) for p in PROMPTS[:2]]
     alone = [_alone(engine, p, max_tokens=40).tokens for p in prompts]
     requests = [Request(p, max_tokens=40, prediction_tokens=a) for p, a in zip(prompts, alone)]
-    got = BatchDecoder(seqs, RetrievalDrafter([], context=True), linear).run(requests)
+    fixed = BatchDecoder(seqs, RetrievalDrafter([], context=True), linear, learn_costs=False)
+    got = fixed.run(requests)
     assert [g.tokens for g in got] == alone
     assert all(g.stats.speculation.drafted_tokens == 0 for g in got)
+    # learning (the default), the decoder measures what its batches cost on this tiny model (about one step
+    # for a few tokens, far below the linear profile) and may draft: the tokens stay the same
+    learning = BatchDecoder(seqs, RetrievalDrafter([], context=True), linear)
+    assert [g.tokens for g in learning.run(requests)] == alone
 
 
 def test_a_drafter_needs_a_cost_curve(seqs):
@@ -359,6 +365,28 @@ def test_cancel_while_the_prompt_is_evaluated_frees_everything(engine, seqs):
     decoder.step()  # its first chunk
     assert decoder.n_prefilling == 1 and decoder.cancel(late)
     assert seqs.open_sequences == [] and decoder.idle and decoder._reserved == 0
+
+
+def test_a_too_steep_profile_gets_a_trial_and_then_drafts(engine, seqs):
+    """A profile where n tokens cost n steps: no draft ever pays on it, even a request's own predicted
+    output. Learning, the decoder verifies one trial draft after 64 steps without one, which measures
+    what a batch really costs on this tiny model (about one step), and drafts from then on; with the
+    profile fixed it never drafts. Both keep every token."""
+    linear = CostCurve("m", "e", None, 0, 1, list(range(1, 33)), [0.01] * 32, [float(k) for k in range(1, 33)])
+    prompt = engine.tokenize(PROMPTS[0])
+    alone = _alone(engine, prompt, max_tokens=120).tokens
+    assert len(alone) >= 90  # room for 64 plain steps, the trial, and drafts after it
+    request = Request(prompt, max_tokens=120, prediction_tokens=alone)
+    drafter = RetrievalDrafter([], timing=RetrievalTiming(linear), context=True)
+    fixed = BatchDecoder(seqs, drafter, linear, learn_costs=False).run([request])[0]
+    assert fixed.tokens == alone and fixed.stats.speculation.drafted_tokens == 0
+    costs = LearnedCosts(linear)  # shared by the drafter's timing and the batch, as the server wires them
+    drafter = RetrievalDrafter([], timing=RetrievalTiming(linear, costs=costs), context=True)
+    learning = BatchDecoder(seqs, drafter, linear, costs=costs)
+    got = learning.run([request])[0]
+    assert got.tokens == alone
+    assert got.stats.speculation.drafted_tokens > 4  # the trial (4 tokens at most) and drafts after it
+    assert learning.costs.snapshot().batch_scale < 1.0
 
 
 def test_a_batch_believes_a_drafters_estimate_of_its_own_draft(engine, seqs):

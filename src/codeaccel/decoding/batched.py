@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from codeaccel.decoding.batch_draft_lengths import acceptance_estimate, choose_draft_lengths
+from codeaccel.decoding.costs import TRIAL_MAX, TRIAL_MIN_ALPHA, LearnedCosts
 from codeaccel.decoding.drafter import BatchDrafter, Draft, Drafter, DraftSession, StepTiming
 from codeaccel.decoding.generation import Generation, Request, StopChecker
 from codeaccel.decoding.stats import DecodingStats, SpecStats
@@ -160,19 +161,25 @@ class BatchDecoder:
 
     drafter: proposes drafts for every request (None: autoregressive); curve: the target's
     cost of evaluating n tokens together, from which the batch's draft lengths are chosen
-    (required with a drafter); k_max: longest draft asked of a session; joint_lengths: choose
+    (required with a drafter; its scale is learned from every decode step without prompt
+    chunks, :class:`~codeaccel.decoding.costs.LearnedCosts`, and a step that would draft
+    nothing may claim one of its rare trials, so a profile measured on a busy machine cannot
+    switch drafting off for good); k_max: longest draft asked of a session; joint_lengths: choose
     all requests' lengths together (False: each as if it ran alone, the baseline the joint
     choice is measured against); prefill_chunk: most prompt tokens one step evaluates beside
     the running requests' tokens (None: every admitted prompt whole, in the next step);
     reuse_prefixes: keep finished sequences' caches for later prompts that share a prefix
-    (needs a cache per sequence: a pooled set's kept cells would crowd out running requests).
+    (needs a cache per sequence: a pooled set's kept cells would crowd out running requests);
+    learn_costs: False keeps the curve as profiled, without trials (a policy measured on a fixed curve);
+    costs: the learned costs, shared with a drafter that reads them too (default: the decoder's own).
     """
 
     PRIOR_DRAFTED = 4.0  # weight, in draft tokens, of the drafter's running acceptance in a request's estimate
 
     def __init__(self, seqs: SequenceSet, drafter: Drafter | None = None, curve: CostCurve | None = None,
                  k_max: int = 16, joint_lengths: bool = True, prefill_chunk: int | None = PREFILL_CHUNK,
-                 reuse_prefixes: bool = False):  # fmt: skip
+                 reuse_prefixes: bool = False, learn_costs: bool = True,
+                 costs: LearnedCosts | None = None):  # fmt: skip
         if drafter is not None and curve is None:
             raise InternalError("a batch decoder with a drafter needs the target's cost curve")
         if prefill_chunk is not None and prefill_chunk < 1:
@@ -182,6 +189,11 @@ class BatchDecoder:
         self.seqs = seqs
         self.drafter = drafter
         self.curve = curve
+        # what a batch costs now (owned by this decoder, shared by its requests): the curve's scale, learned
+        if costs is None and drafter is not None:
+            costs = LearnedCosts(curve)
+        self.costs = costs
+        self.learn_costs = learn_costs  # False: the curve as profiled, no trials (a policy measured on a fixed curve)
         self.k_max = k_max
         self.joint_lengths = joint_lengths
         self.prefill_chunk = prefill_chunk
@@ -289,6 +301,9 @@ class BatchDecoder:
         decode_elapsed = elapsed * n_decode / n_evaluated if n_evaluated else 0.0  # the decode rows' share
         if n_decode:
             self.stats.record_step(len(batch) - len(chunks), decode_elapsed)
+        # a step with prompt chunks is not learned from: a chunk's tokens cost other than C(n) says
+        if self.costs is not None and self.learn_costs and n_decode and not chunks:
+            self.costs.record_verification(sum(len(d.tokens) for d in drafts.values()), elapsed, n_decode)
         finished: list[tuple[int, Generation]] = []
         for a in active:
             draft = drafts[a.handle]
@@ -378,14 +393,27 @@ class BatchDecoder:
         alphas = [alpha if d.acceptance is None else d.acceptance
                   for alpha, d in zip(alphas, (proposed[a.handle] for a in active))]  # fmt: skip
         caps = [len(proposed[a.handle].tokens) for a in active]
-        lengths = self._lengths(alphas, caps, base)
+        lengths = self._with_trial(self._lengths(alphas, caps, base), alphas, caps)
         return {a.handle: _cut(proposed[a.handle], k) for a, k in zip(active, lengths)}
 
     def _lengths(self, alphas: list[float], caps: list[int], base: int, position_cost=None) -> list[int]:
         """The batch's draft lengths: together (base: a pending token per request), or each as if alone."""
+        cost = self.costs.snapshot().steps
         if self.joint_lengths:
-            return choose_draft_lengths(alphas, caps, base, self.curve.cost, position_cost)
-        return [choose_draft_lengths([a], [c], 1, self.curve.cost, position_cost)[0] for a, c in zip(alphas, caps)]
+            return choose_draft_lengths(alphas, caps, base, cost, position_cost)
+        return [choose_draft_lengths([a], [c], 1, cost, position_cost)[0] for a, c in zip(alphas, caps)]
+
+    def _with_trial(self, lengths: list[int], alphas: list[float], caps: list[int]) -> list[int]:
+        """Where nothing is drafted, the likeliest draft is verified (``TRIAL_MAX`` tokens at most) if the
+        learned costs grant a trial: it measures what verification costs now."""
+        if any(lengths) or not caps or not self.learn_costs:
+            return lengths
+        i = max(range(len(caps)), key=lambda j: (caps[j] > 0, alphas[j]))
+        if caps[i] == 0 or alphas[i] < TRIAL_MIN_ALPHA:
+            return lengths
+        if not (self.costs.trial_open() or self.costs.claim_trial()):  # a drafter sharing the costs may hold it
+            return lengths
+        return [min(caps[i], TRIAL_MAX) if j == i else 0 for j in range(len(caps))]
 
     def run(self, requests: list[Request]) -> list[Generation]:
         """Decode ``requests`` together; their generations in the same order."""

@@ -45,6 +45,8 @@ MIN_EXCESS = 0.05  # batches the profile calls (nearly) one step measure the ste
 SCALE_BOUNDS = (0.1, 10.0)  # one noisy timing cannot move s further than this
 EXPLORE_AFTER = 64  # steps in a row without a verified draft before a trial may be claimed
 EXPLORE_MAX = 4096  # the longest interval between trials (it doubles after each)
+TRIAL_MAX = 4  # the longest trial draft (on llama.cpp's Q4_K kernels 3 drafts + 1 fill one tile of 4 rows)
+TRIAL_MIN_ALPHA = 0.5  # a trial only where the draft is likelier accepted than not
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,7 @@ class LearnedCosts:
         self._batch_scale = batch_scale
         self._plain_steps = 0  # steps in a row without a verified draft (any request)
         self._explore_after = explore_after  # plain steps before the next trial may be claimed
+        self._trial_open = False  # a trial was granted and the step it was granted for is not recorded yet
 
     def snapshot(self) -> Costs:
         with self._lock:
@@ -97,6 +100,7 @@ class LearnedCosts:
         """
         n = k + 1 if n_evaluated is None else n_evaluated
         with self._lock:
+            self._trial_open = False  # the step a trial was granted for is over
             if k == 0:  # no verification measured s: it relaxes toward the profile, so a stale s gets re-tried
                 self._batch_scale = ema(self._batch_scale, 1.0, weight=self.scale_relax)
                 self._plain_steps += 1
@@ -123,7 +127,13 @@ class LearnedCosts:
                 return False
             self._plain_steps = 0
             self._explore_after = min(2 * self._explore_after, self.explore_max)
+            self._trial_open = True
             return True
+
+    def trial_open(self) -> bool:
+        """Whether a trial was granted for the step in progress (a batch honours its drafter's trial)."""
+        with self._lock:
+            return self._trial_open
 
     def record_draft(self, k: int, draft_s: float) -> None:
         """The draft model drafted k tokens in draft_s seconds."""

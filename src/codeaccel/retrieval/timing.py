@@ -54,7 +54,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from codeaccel.decoding.costs import LearnedCosts
+from codeaccel.decoding.costs import TRIAL_MAX, TRIAL_MIN_ALPHA, LearnedCosts
 from codeaccel.decoding.draft_length import expected_tokens
 from codeaccel.engines.cost_curve import CostCurve
 
@@ -63,8 +63,6 @@ BUCKETS = (1, 2, 4, 8, 16)  # lower edges of the match-length buckets
 # every bucket where drafting can pay on a steep CPU cost curve gets tried and learned.
 PRIOR_ALPHA = (0.3, 0.6, 0.75, 0.85, 0.9)
 TREE_COST_TOLERANCE = 0.1  # a token tree may cost at most 10% more to verify than its main path
-TRIAL_MAX = 4  # the longest trial draft (on llama.cpp's Q4_K kernels 3 drafts + 1 fill one tile of 4 rows)
-TRIAL_MIN_ALPHA = 0.5  # a trial only where the draft is likelier accepted than not
 
 
 def bucket(match_len: int) -> int:

@@ -23,12 +23,13 @@ from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from codeaccel.decoding.batch_draft_model import BatchDraftModel
+from codeaccel.decoding.costs import LearnedCosts
 from codeaccel.decoding.drafter import BatchDrafter, Drafter
 from codeaccel.decoding.generation import Generation, GivenDraft
 from codeaccel.decoding.generation import Request as GenRequest
 from codeaccel.decoding.sampling import SamplingParams
 from codeaccel.engines import Engine, load_engine, open_sequences
-from codeaccel.engines.cost_curve import CostCurve, cost_curve_for
+from codeaccel.engines.cost_curve import cost_curve_for
 from codeaccel.engines.sequences import SequenceSet
 from codeaccel.engines.tokenizer import check_same_tokenizer
 from codeaccel.errors import UserError
@@ -117,8 +118,8 @@ class ServerState:
             engine = load_engine(s.model, s.engine, n_ctx=s.ctx_size, n_threads=s.n_threads)
             # a cache stream per request (they share nothing): each attends over its own cells only
             seqs = open_sequences(engine, n_seq_max=s.parallel, n_ctx=s.ctx_size * s.parallel, unified=False)
-            drafter, curve, draft_engine = _drafter(s, engine)
-            scheduler = Scheduler(seqs, s.max_queue, self.metrics, drafter, curve,
+            drafter, costs, draft_engine = _drafter(s, engine)
+            scheduler = Scheduler(seqs, s.max_queue, self.metrics, drafter, costs,
                                   joint_lengths=s.draft_lengths == "joint", prefill_chunk=s.prefill_chunk,
                                   reuse_prefixes=s.prefix_cache)  # fmt: skip
             follower = None
@@ -150,11 +151,14 @@ class ServerState:
         return self.runtime
 
 
-def _drafter(s: ServeSettings, engine: Engine) -> tuple[Drafter | BatchDrafter | None, CostCurve | None, Engine | None]:
-    """The method's drafter, the target's cost curve its lengths read, and the draft model's engine if any."""
+def _drafter(s: ServeSettings, engine: Engine) -> tuple[Drafter | BatchDrafter | None, LearnedCosts | None,
+                                                      Engine | None]:  # fmt: skip
+    """The method's drafter, the target's costs its lengths read (the profiled curve, at the scale the
+    decoder learns; shared with the retrieval timing), and the draft model's engine if any."""
     if s.method == "autoregressive":
         return None, None, None
     curve = cost_curve_for(engine)  # profiled on first use on this machine, then cached
+    costs = LearnedCosts(curve)
     if s.method == "draft-model":
         draft = load_engine(s.draft_model, s.engine, n_ctx=s.ctx_size, n_threads=s.n_threads)
         try:
@@ -165,10 +169,10 @@ def _drafter(s: ServeSettings, engine: Engine) -> tuple[Drafter | BatchDrafter |
             draft.close()
             raise
         relative_speed = draft_curve.seconds[0] / curve.seconds[0]  # one-token steps, both measured here
-        return BatchDraftModel(draft_seqs, draft_curve, relative_speed), curve, draft
+        return BatchDraftModel(draft_seqs, draft_curve, relative_speed), costs, draft
     stores = open_datastores(engine, tuple(str(p) for p in s.datastores)) if s.method == "retrieval" else []
-    timing = RetrievalTiming(curve, k_max=RETRIEVAL_K_MAX)
-    return RetrievalDrafter(stores, timing=timing, cache=AcceptanceCache(), context=True), curve, None
+    timing = RetrievalTiming(curve, k_max=RETRIEVAL_K_MAX, costs=costs)
+    return RetrievalDrafter(stores, timing=timing, cache=AcceptanceCache(), context=True), costs, None
 
 
 def _ready(request: Request) -> Runtime:

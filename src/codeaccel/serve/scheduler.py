@@ -23,9 +23,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from codeaccel.decoding.batched import PREFILL_CHUNK, BatchDecoder
+from codeaccel.decoding.costs import LearnedCosts
 from codeaccel.decoding.drafter import Drafter
 from codeaccel.decoding.generation import Generation, Request
-from codeaccel.engines.cost_curve import CostCurve
 from codeaccel.engines.sequences import SequenceSet
 from codeaccel.errors import CodeaccelError, InternalError, UserError
 from codeaccel.serve.metrics import ServerMetrics
@@ -85,18 +85,19 @@ class Scheduler:
         max_queue: int,
         metrics: ServerMetrics,
         drafter: Drafter | None = None,
-        curve: CostCurve | None = None,
+        costs: LearnedCosts | None = None,
         idle_wait_s: float = 0.05,
         joint_lengths: bool = True,
         prefill_chunk: int | None = PREFILL_CHUNK,
         reuse_prefixes: bool = False,
     ):
-        """drafter, curve: drafts verified in the batch, their lengths chosen from the target's cost curve,
-        for all requests together (joint_lengths) or each as if alone; prefill_chunk, reuse_prefixes: as
+        """drafter, costs: drafts verified in the batch, their lengths chosen from the target's cost curve
+        at the scale the decoder learns (costs shared with the drafter's own timing), for all requests
+        together (joint_lengths) or each as if alone; prefill_chunk, reuse_prefixes: as
         :class:`BatchDecoder` takes them (prompt chunks per step; finished requests' caches kept)."""
         self.seqs = seqs
         self.drafter = drafter
-        self.curve = curve
+        self.costs = costs
         self.joint_lengths = joint_lengths
         self.prefill_chunk = prefill_chunk
         self.reuse_prefixes = reuse_prefixes
@@ -207,8 +208,10 @@ class Scheduler:
         decoder.clear_kept()
 
     def _decoder(self) -> BatchDecoder:
-        return BatchDecoder(self.seqs, self.drafter, self.curve, joint_lengths=self.joint_lengths,
-                            prefill_chunk=self.prefill_chunk, reuse_prefixes=self.reuse_prefixes)  # fmt: skip
+        curve = self.costs.curve if self.costs is not None else None
+        return BatchDecoder(self.seqs, self.drafter, curve, joint_lengths=self.joint_lengths,
+                            prefill_chunk=self.prefill_chunk, reuse_prefixes=self.reuse_prefixes,
+                            costs=self.costs)  # fmt: skip
 
     def _on_tokens(self, job: Job, progress: tuple[list[int], str], now: float) -> None:
         tokens, text = progress
