@@ -444,28 +444,52 @@ def test_tests_in_another_format_are_generated_for_the_same_answers(tmp_path, ti
         assert refused.meta("run_config") is None  # nothing written by a refused run
 
 
-def test_problems_back_to_back_give_what_each_gives_alone(tiny_gguf):
-    """generate_problems: the next prompt group joins as sequences free up (4 sequences, groups of 3, three
-    problems of 9 sequences each); every problem is handed over once, with what it gets decoded alone."""
-    from codeaccel.cascade.run import RunConfig, generate_problem, generate_problems
+def test_problems_back_to_back_give_what_each_gives_alone(tiny_gguf, monkeypatch):
+    """generate_problems: the next prompt group joins as sequences free up (7 sequences, groups of 3,
+    three problems of 9 sequences each): problems overlap in the batch, every problem is handed over
+    once, with what it gets decoded alone; a group larger than the batch is admitted in parts."""
+    from codeaccel.cascade import generation
+    from codeaccel.cascade.generation import GenerationSettings, generate_problems
     from codeaccel.engines import load_engine, open_sequences
 
+    steps: list[set[int]] = []  # per decode step, the problems with a sequence in it
+
+    class Watched(generation.BatchDecoder):
+        def step(self):
+            steps.append({problem_of[tuple(a.request.prompt_tokens)] for a in self._active.values()})
+            return super().step()
+
     engine = load_engine(tiny_gguf, "llama.cpp", n_ctx=4096)
-    config = RunConfig(models=("tiny",), dataset="humaneval", max_tokens=16, n_samples=2, n_seq_max=4, n_ctx=4096)
     problems = load_cascade_problems("humaneval", 3)
+    settings = GenerationSettings(n_samples=2, max_tokens=8, test_format="chat", n_seq_max=7)
+    problem_of = {tuple(p.request.prompt_tokens): i for i, cp in enumerate(problems)
+                  for p in generation._plan(engine, cp, settings, True)}  # fmt: skip
+
+    def run(problems, settings) -> dict[str, list]:
+        handed: list[tuple[str, list]] = []
+        with open_sequences(engine, n_seq_max=settings.n_seq_max, n_ctx=4096) as seqs:
+            generate_problems(engine, seqs, problems, settings, lambda cp, rows: handed.append((cp.task_id, rows)))
+        assert len(handed) == len({task for task, _ in handed})  # each problem once
+        return dict(handed)
+
     try:
-        with open_sequences(engine, n_seq_max=4, n_ctx=4096) as seqs:
-            alone = {cp.task_id: generate_problem(engine, seqs, cp, config) for cp in problems}
-            handed: list[tuple[str, list]] = []
-            generate_problems(engine, seqs, problems, config, lambda cp, rows: handed.append((cp.task_id, rows)))
+        alone = {task: rows for cp in problems for task, rows in run([cp], settings).items()}
+        monkeypatch.setattr(generation, "BatchDecoder", Watched)
+        together = run(problems, settings)
+        narrow = run(problems[:1], GenerationSettings(2, 8, "chat", n_seq_max=2))  # groups of 3 on 2 sequences
     finally:
         engine.close()
 
-    def key(row):  # sampled rows by their place only: this random tiny model's flat logits let the float noise
-        # of other batch shapes flip a sampled draw (the same seed's distribution is pinned in test_sequences)
-        return (row.kind, row.l, row.sample) + ((row.text, row.tokens, row.finish_reason) if row.sample < 0 else ())
+    def key(row):  # the short greedy answers whole; the rest by their place only: over a long sequence this
+        # random tiny model's flat logits let the float noise of other batch shapes flip a token (decoding
+        # in a batch is pinned equal to decoding alone in test_sequences)
+        exact = row.kind == "answer" and row.sample < 0
+        return (row.kind, row.l, row.sample) + ((row.text, row.tokens, row.finish_reason) if exact else ())
 
-    assert sorted(task for task, _ in handed) == sorted(alone)  # each problem once
-    for task, rows in handed:
+    assert sorted(together) == sorted(alone)
+    for task, rows in together.items():
         assert len(rows) == 9 and sorted(map(key, rows)) == sorted(map(key, alone[task]))
-        assert all(0 < row.batch_size <= 4 and row.tokens > 0 for row in rows)
+        assert all(0 < row.batch_size <= 7 and row.tokens > 0 for row in rows)
+    assert any(len(active) > 1 for active in steps)  # a problem's sequences ran beside the next one's
+    (task,) = narrow
+    assert sorted(map(key, narrow[task])) == sorted(map(key, alone[task]))

@@ -155,23 +155,49 @@ def test_learned_costs_grant_rare_trials_after_plain_steps():
     from test_draft_length import LINEAR
 
     costs = LearnedCosts(LINEAR, explore_after=4, explore_max=16)
-    for _ in range(3):
-        costs.record_verification(0, 0.01)
+
+    def plain(n):
+        for _ in range(n):
+            costs.record_verification(0, 0.01)
+
+    plain(3)
     assert not costs.claim_trial()  # 3 plain steps: not yet
-    costs.record_verification(0, 0.01)
-    assert costs.claim_trial() and not costs.claim_trial()  # one per interval
-    for _ in range(7):
-        costs.record_verification(0, 0.01)
+    plain(1)
+    assert costs.claim_trial() and costs.claim_trial()  # granted for this step (a batch and its drafter share it)
+    costs.record_verification(2, 0.012)  # the trial's step is over
+    plain(7)
     assert not costs.claim_trial()  # the interval doubled to 8
-    costs.record_verification(3, 0.012)  # a verified draft (any request's) restarts the count
-    for _ in range(7):
-        costs.record_verification(0, 0.01)
-    assert not costs.claim_trial()
-    costs.record_verification(0, 0.01)
+    plain(1)
     assert costs.claim_trial()
-    for _ in range(16):
-        costs.record_verification(0, 0.01)
-    assert costs.claim_trial()  # capped at explore_max (16), not 32
+    costs.skip_step()  # a step not learned from (prompt chunks): the trial is given back
+    assert costs.claim_trial()  # claimable again at once
+    costs.record_verification(1, 0.012)
+    for interval in (16, 16):  # 8 → 16, then capped at explore_max (16), not 32
+        plain(interval - 1)
+        assert not costs.claim_trial()
+        plain(1)
+        assert costs.claim_trial()
+        costs.record_verification(1, 0.012)
+    costs.record_verification(3, 0.012)  # a draft verified on a policy's own account: back to the first interval
+    plain(4)
+    assert costs.claim_trial()
+
+
+def test_plain_batches_measure_the_step_time_and_only_drafts_measure_the_scale():
+    """A batch of several requests' plain tokens is not a verification: it prices the step at the believed
+    S(n) (here 1.3 steps for 2 tokens), so a machine uniformly slower than its profile slows every step
+    and leaves the scale alone."""
+    from codeaccel.decoding.costs import LearnedCosts
+    from test_draft_length import LINEAR
+
+    costs = LearnedCosts(LINEAR, t_target_s=0.01)
+    for _ in range(40):
+        costs.record_verification(0, 0.026, n_evaluated=2)  # 2 tokens in 2 × 1.3 × 0.01 s: twice as slow
+    snap = costs.snapshot()
+    assert snap.t_target_s == pytest.approx(0.02, rel=0.01) and snap.batch_scale == pytest.approx(1.0)
+    for _ in range(40):
+        costs.record_verification(3, 0.02 * 1.45, n_evaluated=4)  # 4 tokens at half the profile's excess
+    assert costs.snapshot().batch_scale == pytest.approx(0.5, rel=0.05)
 
 
 def test_timing_reads_learned_costs_and_a_too_steep_profile_cannot_stop_drafting_for_good():
@@ -185,12 +211,12 @@ def test_timing_reads_learned_costs_and_a_too_steep_profile_cannot_stop_drafting
     timing = RetrievalTiming(steep, costs=costs).start()
     static = RetrievalTiming(steep).start()  # the profile alone, as before
     for _ in range(8):  # eight steps decoded plainly: nothing verified
+        assert timing.draft_length(match_len=1, confidence=1.0, available=16) == 0  # α 0.3: never a trial
         assert timing.draft_length(match_len=16, confidence=1.0, available=16) == 0
         costs.record_verification(0, 0.1)
+    assert timing.draft_length(match_len=1, confidence=1.0, available=16) == 0  # α 0.3: no trial even when due
     trial = timing.draft_length(match_len=16, confidence=1.0, available=16)
     assert 1 <= trial <= 4  # a short trial draft
-    assert timing.draft_length(16, 1.0, 16) == 0  # one trial, not one per step
-    assert timing.draft_length(match_len=1, confidence=1.0, available=16) == 0  # α 0.3: never a trial
     costs.record_verification(trial, 0.1)  # the trial's k + 1 tokens cost one step: batches are cheap here
     assert costs.snapshot().batch_scale < 0.9
     for _ in range(5):

@@ -367,11 +367,28 @@ def test_cancel_while_the_prompt_is_evaluated_frees_everything(engine, seqs):
     assert seqs.open_sequences == [] and decoder.idle and decoder._reserved == 0
 
 
-def test_a_too_steep_profile_gets_a_trial_and_then_drafts(engine, seqs):
+def test_a_too_steep_profile_gets_a_trial_and_then_drafts(engine, seqs, monkeypatch):
     """A profile where n tokens cost n steps: no draft ever pays on it, even a request's own predicted
     output. Learning, the decoder verifies one trial draft after 64 steps without one, which measures
-    what a batch really costs on this tiny model (about one step), and drafts from then on; with the
-    profile fixed it never drafts. Both keep every token."""
+    what a batch really costs (on a clock where n tokens cost 1 + 0.02 (n - 1) steps, as on a tiny model,
+    so no other job on the machine can change the outcome), and drafts from then on; with the profile
+    fixed it never drafts. Both keep every token."""
+    from codeaccel.decoding import batched
+
+    class Clock:
+        now = 0.0
+
+        def perf_counter(self) -> float:
+            return self.now
+
+    clock, evaluate = Clock(), seqs.eval
+
+    def timed_eval(batch, **kwargs):
+        clock.now += 0.01 * (1 + 0.02 * (sum(len(t) for t in batch.values()) - 1))
+        return evaluate(batch, **kwargs)
+
+    monkeypatch.setattr(batched, "time", clock)
+    monkeypatch.setattr(seqs, "eval", timed_eval)
     linear = CostCurve("m", "e", None, 0, 1, list(range(1, 33)), [0.01] * 32, [float(k) for k in range(1, 33)])
     prompt = engine.tokenize(PROMPTS[0])
     alone = _alone(engine, prompt, max_tokens=120).tokens

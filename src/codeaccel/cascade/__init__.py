@@ -7,7 +7,8 @@
 - :mod:`~codeaccel.cascade.store`: every generation and execution in SQLite, so sweeps replay
 - :mod:`~codeaccel.cascade.cost`: measured seconds per token at each batch size; prices
 - :mod:`~codeaccel.cascade.endpoint`: an OpenAI-compatible chat endpoint as a black-box stage
-- :mod:`~codeaccel.cascade.run`: batched generation and sandboxed execution into the store, resumable
+- :mod:`~codeaccel.cascade.generation`: one model's answers and self-tests, problems back to back in one batch
+- :mod:`~codeaccel.cascade.run`: generation and sandboxed execution into the store, resumable
 - :mod:`~codeaccel.cascade.replay`: one configuration over the store: per problem the answer taken, passed, cost
 - :mod:`~codeaccel.cascade.tuner`: 30/70 split, Pareto fronts, the savings compared with single models
 - :mod:`~codeaccel.cascade.report`: results rows, Markdown, the cost–accuracy PNG

@@ -11,7 +11,8 @@ one generating), for b in ``BATCH_SIZES``; a stage's generation is priced as
 (at most n_seq_max at once; step_s interpolated linearly between measured sizes), plus its prompts' prefill
 (prompt tokens × seconds per prompt token; reported apart as well). That prices every
 k as if it ran on its own, as a deployed cascade would run it; the run's own batched
-spend (all 33 sequences of a problem together) is stored per generation too (``cost_s``).
+spend (its share of the batches it ran in, beside its problem's other sequences and its
+neighbours') is stored per generation too (``cost_s``).
 
 Money: seconds × price per hour / 3600. The default, ``CPU_USD_PER_HOUR`` = $0.085, is the
 on-demand price of 2 of the 8 vCPUs of a c5.2xlarge in us-east-1 ($0.34 per hour in AWS's

@@ -88,7 +88,8 @@ class Replay:
                 del self._costs[model]
                 raise UserError(f"{self.store.path}: the local models' batch costs were measured on different CPUs "
                                 f"({'; '.join(sorted(cpus))}), and costs compare only within one machine: run "
-                                "`cascade run` with the same settings and --remeasure-costs on one")  # fmt: skip
+                                "`cascade run` with the same settings and --remeasure-costs on one (for a store "
+                                "made with --answers-from: on its source, then copy again)")  # fmt: skip
         return self._costs[model]
 
     @functools.lru_cache(maxsize=None)  # noqa: B019 (the replay lives as long as its caches should)

@@ -1,11 +1,10 @@
 """``codeaccel cascade run``: generate every answer and test a sweep can use, execute them, store it all.
 
-Per model, one batched decoder (:class:`~codeaccel.decoding.batched.BatchDecoder`) runs
-the problems back to back (:func:`generate_problems`; the next problem's sequences join as
-the last ones' finish), decoding per problem the greedy answer, a greedy test per l,
-``N_SAMPLES`` sampled answers and ``N_SAMPLES`` sampled tests per l (temperature 0.8,
-top-p 0.95, seed = sample index), so every (k, l) of the sweep reads a prefix of what is
-stored: k = 3 uses samples 0..2.
+Per model, one batched decoder runs the problems back to back
+(:func:`~codeaccel.cascade.generation.generate_problems`), decoding per problem the greedy
+answer, a greedy test per l, ``N_SAMPLES`` sampled answers and ``N_SAMPLES`` sampled tests
+per l (temperature 0.8, top-p 0.95, seed = sample index), so every (k, l) of the sweep reads
+a prefix of what is stored: k = 3 uses samples 0..2.
 Then, in the sandbox (one execution per answer: every distinct test line of its model
 and problem, each reported on its own):
 
@@ -14,7 +13,7 @@ and problem, each reported on its own):
 * the dataset's reference solution against the test lines (their validity).
 
 A problem's generations for one model are written in one transaction, its executions in
-another, so Ctrl-C loses at most the problem in progress and a rerun skips what is
+another, so Ctrl-C loses at most the problems in progress and a rerun skips what is
 stored. Batch costs (seconds per token at each batch size) are measured once per model
 and stored (:mod:`codeaccel.cascade.cost`), every local model's before any generation: a
 sweep that outlives a session may resume on another machine, and its costs must still
@@ -23,32 +22,24 @@ compare within one (``remeasure_costs`` measures them all again, here).
 
 from __future__ import annotations
 
-import itertools
 import logging
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from codeaccel import machine
-from codeaccel.bench.harness import build_prompt
 from codeaccel.cascade.config import N_SAMPLES, SAMPLE_TEMPERATURE
 from codeaccel.cascade.cost import measure_batch_costs
 from codeaccel.cascade.endpoint import EndpointStage, parse_endpoint, stage_name
+from codeaccel.cascade.generation import TEST_LS, TOP_P, GenerationSettings, generate_problems
 from codeaccel.cascade.problems import CascadeProblem, load_cascade_problems
-from codeaccel.cascade.self_tests import SelfTestFormat, extract_test_lines, self_test_prompt
+from codeaccel.cascade.self_tests import SelfTestFormat, extract_test_lines
 from codeaccel.cascade.store import GenerationStore, StoredGeneration
-from codeaccel.decoding.batched import BatchDecoder, BatchStats
-from codeaccel.decoding.generation import Generation, Request
-from codeaccel.decoding.sampling import SamplingParams
-from codeaccel.engines import Engine, load_engine, open_sequences
+from codeaccel.engines import load_engine, open_sequences
 from codeaccel.errors import UserError
 from codeaccel.sandbox import Job, Limits, SandboxPool
 
 log = logging.getLogger(__name__)
-
-TEST_LS = (2, 4)
-TOP_P = 0.95
 
 
 @dataclass(frozen=True)
@@ -69,6 +60,10 @@ class RunConfig:
     # so two self-test formats are compared on the very same answers
     answers_from: str | None = None
     remeasure_costs: bool = False  # measure every local model's batch costs again, on this machine
+
+    @property
+    def generation(self) -> GenerationSettings:
+        return GenerationSettings(self.n_samples, self.max_tokens, self.test_format, self.n_seq_max)
 
     def to_record(self) -> dict:
         return {
@@ -123,7 +118,7 @@ def run_cascade_generation(
                     store.set_batch_cost(cost)
             if endpoint and (todo or not store.batch_costs(name)):
                 _generate_with_endpoint(EndpointStage(endpoint), config, store, problems, todo, report)
-            elif todo or not store.batch_costs(name):
+            elif todo:  # a local model's costs are measured (or copied) already
                 _generate_locally(spec, config, store, problems, todo, source, report)
             execute_stored(config, store, name, problems, report)
     finally:
@@ -167,7 +162,7 @@ def _generate_locally(spec: str, config: RunConfig, store: GenerationStore, prob
     try:
         with open_sequences(engine, n_seq_max=config.n_seq_max, n_ctx=config.n_ctx) as seqs:
             report(RunProgress(name, "generate", 0, len(todo)))
-            generate_problems(engine, seqs, todo, config, keep, answers=source is None)
+            generate_problems(engine, seqs, todo, config.generation, keep, answers=source is None)
     finally:
         engine.close()
 
@@ -224,136 +219,6 @@ def _generate_with_endpoint(stage: EndpointStage, config: RunConfig, store: Gene
         aborted = False
     finally:
         stage.close(aborted)  # after an error or Ctrl-C: requests in flight are not waited for
-
-
-@dataclass
-class _Planned:
-    """One sequence a problem needs: what it is, its request, and its generation once done."""
-
-    kind: str  # "answer" | "test"
-    l: int  # noqa: E741 (the paper's name: test lines asked)
-    sample: int  # -1 greedy, else the seed
-    reply_prefix: str  # tests: the started "assert f(" belongs to the first line
-    request: Request
-    generation: Generation | None = None
-
-
-@dataclass
-class _Flight:
-    """A problem whose sequences are being decoded (per-problem state of :func:`generate_problems`)."""
-
-    cp: CascadeProblem
-    plan: list[_Planned]
-    steps0: int  # the decoder's counters when it was planned: its mean batch is over its own steps
-    sequences0: int
-    left: int = 0
-
-    def __post_init__(self) -> None:
-        self.left = len(self.plan)
-
-
-def _plan(engine: Engine, cp: CascadeProblem, config: RunConfig, answers: bool) -> list[_Planned]:
-    """Every answer (unless not ``answers``) and test of one problem: the greedy one and ``n_samples`` sampled."""
-    answer_prompt = build_prompt(engine, cp.problem)
-    greedy = SamplingParams()
-
-    def sampled(i: int) -> SamplingParams:
-        return SamplingParams(temperature=SAMPLE_TEMPERATURE, top_p=TOP_P, seed=i)
-
-    def group(kind: str, n_lines: int, prefix: str, prompt: list[int], max_tokens: int, stop) -> list[_Planned]:
-        return [_Planned(kind, n_lines, i, prefix, Request(prompt, greedy if i < 0 else sampled(i), max_tokens, stop))
-                for i in range(-1, config.n_samples)]  # fmt: skip
-
-    plan = group("answer", 0, "", answer_prompt, config.max_tokens, cp.problem.stop) if answers else []
-    for n_lines in TEST_LS:
-        tp = self_test_prompt(cp, n_lines, config.test_format)
-        text = tp.raw if tp.raw is not None else engine.apply_chat_template(tp.messages) + tp.response_prefix
-        plan += group("test", n_lines, tp.response_prefix, engine.tokenize(text), tp.max_tokens, tp.stop)
-    return plan
-
-
-Done = Callable[[CascadeProblem, list[StoredGeneration]], None]  # a problem's rows, when all are generated
-
-
-def generate_problems(engine: Engine, seqs, problems, config: RunConfig, done: Done, answers: bool = True) -> None:
-    """Every answer (unless not ``answers``) and test of ``problems`` for one model, through one decoder.
-
-    A problem's sequences come in groups sharing a prompt (its answers; its tests per l), each
-    submitted whole, so it is prefilled once and copied. The next group, the next problem's
-    included, joins the batch as soon as the batch has sequences for all of it: a problem's
-    long tail (a few answers still running after the rest stopped) no longer decodes alone.
-    Each problem is handed to ``done`` as soon as all its sequences are done (the caller stores
-    it in one transaction: Ctrl-C loses at most the problems in flight). A sequence's tokens
-    are what it gets alone (greedy) or drawn with its own seed (sampling), whatever else runs
-    beside it (:mod:`codeaccel.decoding.batched`).
-    """
-    decoder = BatchDecoder(seqs, prefill_chunk=None)  # whole prompts: they are few, and nothing waits on them
-    upcoming = iter(problems)
-    groups: deque[tuple[_Flight, list[_Planned]]] = deque()  # prompt groups still to submit, in order
-    owner: dict[int, tuple[_Flight, _Planned]] = {}  # handle -> its problem and place
-
-    def plan_next() -> None:
-        cp = next(upcoming, None)
-        if cp is None:
-            return
-        flight = _Flight(cp, _plan(engine, cp, config, answers), decoder.stats.steps, decoder.stats.batched_sequences)
-        if not flight.plan:
-            done(cp, [])
-        for _, same_prompt in itertools.groupby(flight.plan, key=lambda p: tuple(p.request.prompt_tokens)):
-            groups.append((flight, list(same_prompt)))
-
-    plan_next()
-    while groups or not decoder.idle:
-        room = config.n_seq_max - decoder.n_active - decoder.n_prefilling - decoder.n_waiting
-        while groups and (len(groups[0][1]) <= room or decoder.idle):
-            flight, group = groups.popleft()
-            for planned in group:
-                owner[decoder.submit(planned.request)] = (flight, planned)
-            room -= len(group)
-            if not groups:
-                plan_next()  # the next problem is planned while this one's last group runs
-        for handle, generation in decoder.step():
-            flight, planned = owner.pop(handle)
-            planned.generation = generation
-            flight.left -= 1
-            if flight.left == 0:
-                done(flight.cp, _rows(engine, flight, decoder.stats))
-
-
-def generate_problem(
-    engine: Engine, seqs, cp: CascadeProblem, config: RunConfig, answers: bool = True
-) -> list[StoredGeneration]:
-    """Every answer (unless not ``answers``) and test of one problem for one model, decoded in one batch."""
-    rows: list[StoredGeneration] = []
-    generate_problems(engine, seqs, [cp], config, lambda _, got: rows.extend(got), answers)
-    return rows
-
-
-def _rows(engine: Engine, flight: _Flight, stats: BatchStats) -> list[StoredGeneration]:
-    steps = stats.steps - flight.steps0
-    batch = (stats.batched_sequences - flight.sequences0) / steps if steps else 0.0  # over its own steps
-    cp = flight.cp
-    return [
-        StoredGeneration(
-            model=engine.model_name,
-            dataset=cp.dataset,
-            task_id=cp.task_id,
-            kind=p.kind,
-            l=p.l,
-            sample=p.sample,
-            temperature=p.request.params.temperature,
-            top_p=p.request.params.top_p,
-            prompt_tokens=len(p.request.prompt_tokens),
-            tokens=p.generation.n_generated,
-            text=p.reply_prefix + p.generation.text,
-            finish_reason=p.generation.finish_reason,
-            cost_s=round(p.generation.cost_s or 0.0, 6),
-            decode_s=round(p.generation.decode_s, 6),
-            prefill_s=round(p.generation.prefill_s, 6),
-            batch_size=round(batch, 3),
-        )
-        for p in flight.plan
-    ]
 
 
 def execute_stored(config: RunConfig, store: GenerationStore, model: str, problems, report) -> None:

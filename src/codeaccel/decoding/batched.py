@@ -162,16 +162,18 @@ class BatchDecoder:
     drafter: proposes drafts for every request (None: autoregressive); curve: the target's
     cost of evaluating n tokens together, from which the batch's draft lengths are chosen
     (required with a drafter; its scale is learned from every decode step without prompt
-    chunks, :class:`~codeaccel.decoding.costs.LearnedCosts`, and a step that would draft
-    nothing may claim one of its rare trials, so a profile measured on a busy machine cannot
-    switch drafting off for good); k_max: longest draft asked of a session; joint_lengths: choose
-    all requests' lengths together (False: each as if it ran alone, the baseline the joint
-    choice is measured against); prefill_chunk: most prompt tokens one step evaluates beside
-    the running requests' tokens (None: every admitted prompt whole, in the next step);
+    chunks, :class:`~codeaccel.decoding.costs.LearnedCosts`, and with drafts of its requests'
+    own (not a batch drafter's), a step that would draft nothing may claim one of its rare
+    trials, so a profile measured on a busy machine cannot switch drafting off for good);
+    k_max: longest draft asked of a session; joint_lengths: choose all requests' lengths
+    together (False: each as if it ran alone, the baseline the joint choice is measured
+    against); prefill_chunk: most prompt tokens one step evaluates beside the running
+    requests' tokens (None: every admitted prompt whole, in the next step);
     reuse_prefixes: keep finished sequences' caches for later prompts that share a prefix
     (needs a cache per sequence: a pooled set's kept cells would crowd out running requests);
     learn_costs: False keeps the curve as profiled, without trials (a policy measured on a fixed curve);
-    costs: the learned costs, shared with a drafter that reads them too (default: the decoder's own).
+    costs: the learned costs over ``curve``, shared with a drafter that reads them too (default: the
+    decoder's own).
     """
 
     PRIOR_DRAFTED = 4.0  # weight, in draft tokens, of the drafter's running acceptance in a request's estimate
@@ -190,9 +192,9 @@ class BatchDecoder:
         self.drafter = drafter
         self.curve = curve
         # what a batch costs now (owned by this decoder, shared by its requests): the curve's scale, learned
-        if costs is None and drafter is not None:
-            costs = LearnedCosts(curve)
-        self.costs = costs
+        if costs is not None and (not learn_costs or costs.curve is not curve):
+            raise InternalError("shared costs must be learned, over the decoder's own curve")
+        self.costs = costs if costs is not None or drafter is None else LearnedCosts(curve)
         self.learn_costs = learn_costs  # False: the curve as profiled, no trials (a policy measured on a fixed curve)
         self.k_max = k_max
         self.joint_lengths = joint_lengths
@@ -283,7 +285,7 @@ class BatchDecoder:
         t_draft = time.perf_counter()
         # tokens the step evaluates without drafts: a pending one per request (a first step's was the
         # prefill's: counted all the same, as the token the next step evaluates), and the prompt chunks
-        drafts = self._propose(active, len(active) + n_chunk_tokens)
+        drafts = self._propose(active, len(active) + n_chunk_tokens, learnable=not chunks)
         draft_s = time.perf_counter() - t_draft
         self.stats.draft_s += draft_s
         batch = {a.seq: a.pending + drafts[a.handle].tokens for a in active if a.pending or drafts[a.handle].tokens}
@@ -301,9 +303,11 @@ class BatchDecoder:
         decode_elapsed = elapsed * n_decode / n_evaluated if n_evaluated else 0.0  # the decode rows' share
         if n_decode:
             self.stats.record_step(len(batch) - len(chunks), decode_elapsed)
-        # a step with prompt chunks is not learned from: a chunk's tokens cost other than C(n) says
-        if self.costs is not None and self.learn_costs and n_decode and not chunks:
-            self.costs.record_verification(sum(len(d.tokens) for d in drafts.values()), elapsed, n_decode)
+        if self.costs is not None and self.learn_costs:
+            if n_decode and not chunks:
+                self.costs.record_verification(sum(len(d.tokens) for d in drafts.values()), elapsed, n_decode)
+            else:  # a prompt chunk's tokens cost other than C(n) says: nothing learned, a trial given back
+                self.costs.skip_step()
         finished: list[tuple[int, Generation]] = []
         for a in active:
             draft = drafts[a.handle]
@@ -364,10 +368,11 @@ class BatchDecoder:
             budget -= n
         return chunks
 
-    def _propose(self, active: list[_Active], base: int) -> dict[int, Draft]:
+    def _propose(self, active: list[_Active], base: int, learnable: bool) -> dict[int, Draft]:
         """Each request's draft, cut to the lengths chosen for the whole batch (empty without a drafter).
 
-        base: tokens the step evaluates without any draft (pending tokens and prompt chunks)."""
+        base: tokens the step evaluates without any draft (pending tokens and prompt chunks);
+        learnable: whether the step's timing will be learned from (no prompt chunks: a trial may run)."""
         empty = Draft(tokens=[])
         if self.drafter is None:
             return {a.handle: empty for a in active}
@@ -393,7 +398,8 @@ class BatchDecoder:
         alphas = [alpha if d.acceptance is None else d.acceptance
                   for alpha, d in zip(alphas, (proposed[a.handle] for a in active))]  # fmt: skip
         caps = [len(proposed[a.handle].tokens) for a in active]
-        lengths = self._with_trial(self._lengths(alphas, caps, base), alphas, caps)
+        lengths = self._lengths(alphas, caps, base)
+        lengths = self._with_trial(lengths, alphas, caps) if learnable else lengths
         return {a.handle: _cut(proposed[a.handle], k) for a, k in zip(active, lengths)}
 
     def _lengths(self, alphas: list[float], caps: list[int], base: int, position_cost=None) -> list[int]:
@@ -411,7 +417,7 @@ class BatchDecoder:
         i = max(range(len(caps)), key=lambda j: (caps[j] > 0, alphas[j]))
         if caps[i] == 0 or alphas[i] < TRIAL_MIN_ALPHA:
             return lengths
-        if not (self.costs.trial_open() or self.costs.claim_trial()):  # a drafter sharing the costs may hold it
+        if not self.costs.claim_trial():  # granted now, or already to a drafter sharing the costs this step
             return lengths
         return [min(caps[i], TRIAL_MAX) if j == i else 0 for j in range(len(caps))]
 

@@ -14,7 +14,8 @@ Three estimates, each an exponential moving average:
 * ``t_target_s``: seconds per target decode step (C(1)), from plain one-token steps
   and from verifications that the profile prices at about one step;
 * ``batch_scale`` s: the measured excess cost of a batch over one step, relative to
-  the profile's, from every other verification: s = (T/t_target − 1) / (C(n) − 1),
+  the profile's, from every other verification (a step that verified drafts; a plain
+  batch of several requests' tokens measures the step time at the believed S(n)): s = (T/t_target − 1) / (C(n) − 1),
   clipped to ``SCALE_BOUNDS``; S(n) = 1 + s·(C(n) − 1) is what n tokens cost now.
   Only verifications measure s, so while none is made s relaxes back toward the
   profile (``scale_relax`` per plain step): otherwise an s learned in a slow
@@ -85,7 +86,9 @@ class LearnedCosts:
         self._t_draft_s = t_draft_s
         self._batch_scale = batch_scale
         self._plain_steps = 0  # steps in a row without a verified draft (any request)
+        self._explore_base = explore_after
         self._explore_after = explore_after  # plain steps before the next trial may be claimed
+        self._explore_before_trial = explore_after  # the interval before the last trial doubled it
         self._trial_open = False  # a trial was granted and the step it was granted for is not recorded yet
 
     def snapshot(self) -> Costs:
@@ -96,44 +99,57 @@ class LearnedCosts:
         """One step of the decode loop: k drafted tokens verified (0: a plain step) in target_s seconds.
 
         n_evaluated: tokens the target evaluated (default k + 1; the first step of a
-        request evaluates only the drafts, the prefill gave the row before them).
+        request evaluates only the drafts, the prefill gave the row before them; a batch's
+        step evaluates every request's pending token too). A plain step, one token or a
+        batch of requests' tokens, measures the step time (its seconds over S(n) as it is
+        believed now); only a step that verified drafts measures s.
         """
         n = k + 1 if n_evaluated is None else n_evaluated
         with self._lock:
-            self._trial_open = False  # the step a trial was granted for is over
+            trial, self._trial_open = self._trial_open, False  # the step a trial was granted for is over
             if k == 0:  # no verification measured s: it relaxes toward the profile, so a stale s gets re-tried
                 self._batch_scale = ema(self._batch_scale, 1.0, weight=self.scale_relax)
                 self._plain_steps += 1
             else:
                 self._plain_steps = 0
+                if not trial:  # drafting pays again on its own: the next trial need not wait long
+                    self._explore_after = self._explore_base
             if target_s <= 0 or n < 1:
                 return  # nothing was evaluated: no timing to learn from
             excess = self.curve.cost(n) - 1.0
-            if excess <= MIN_EXCESS:  # one token, or a batch the profile says costs (about) one step
-                self._t_target_s = ema(self._t_target_s, target_s)
+            if k == 0 or excess <= MIN_EXCESS:  # plain, or a batch the profile says costs (about) one step
+                self._t_target_s = ema(self._t_target_s, target_s / (1.0 + self._batch_scale * max(excess, 0.0)))
             else:
                 observed = (target_s / self._t_target_s - 1.0) / excess
                 self._batch_scale = ema(self._batch_scale, min(max(observed, SCALE_BOUNDS[0]), SCALE_BOUNDS[1]))
+
+    def skip_step(self) -> None:
+        """A step whose timing is not learned from (a batch that also evaluated prompt chunks): a trial
+        granted for it measured nothing, so it is given back (claimable at the next step)."""
+        with self._lock:
+            if self._trial_open:
+                self._trial_open = False
+                self._explore_after = self._explore_before_trial
+                self._plain_steps = self._explore_after
 
     def claim_trial(self) -> bool:
         """Whether a policy that would decode plainly this step should verify a short draft anyway.
 
         True at most once per ``explore_after`` steps in a row without a verified draft (the
-        interval doubling after each trial, up to ``explore_max``): a too-steep profile cannot
-        switch drafting off for good, and a machine where drafts truly do not pay spends a
-        vanishing share of its steps on trials."""
+        interval doubling after each trial, up to ``explore_max``, and back to its start once a
+        draft is verified on the policy's own account): a too-steep profile cannot switch
+        drafting off for good, and a machine where drafts truly do not pay spends a vanishing
+        share of its steps on trials. The trial lasts until the step is recorded (or skipped)."""
         with self._lock:
+            if self._trial_open:
+                return True  # already granted for this step (a batch and its drafter share it)
             if self._plain_steps < self._explore_after:
                 return False
             self._plain_steps = 0
+            self._explore_before_trial = self._explore_after
             self._explore_after = min(2 * self._explore_after, self.explore_max)
             self._trial_open = True
             return True
-
-    def trial_open(self) -> bool:
-        """Whether a trial was granted for the step in progress (a batch honours its drafter's trial)."""
-        with self._lock:
-            return self._trial_open
 
     def record_draft(self, k: int, draft_s: float) -> None:
         """The draft model drafted k tokens in draft_s seconds."""

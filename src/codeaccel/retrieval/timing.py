@@ -36,7 +36,7 @@ steps without a verified draft, the interval doubling) and verifies a short draf
 (``TRIAL_MAX`` tokens at most, where α is at least ``TRIAL_MIN_ALPHA``), which measures
 what verification costs.
 
-The policy (:class:`RetrievalTiming`, settings only) is shared by every request;
+The policy (:class:`RetrievalTiming`: settings, and the learned costs it reads) is shared by every request;
 what one request learns (the per-bucket acceptance, the backoff) lives in its own
 :class:`TimingState`, which starts from the priors.
 
