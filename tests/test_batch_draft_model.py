@@ -96,6 +96,29 @@ def test_an_expensive_draft_drafts_nothing(pair):
     assert all(g.stats.speculation.drafted_tokens == 0 for g in got)
 
 
+def test_a_too_steep_profile_gets_a_trial_and_then_draft_model_drafts(pair, monkeypatch):
+    """The target's profile prices n tokens at n steps: no draft pays on it. Learning (on a clock where
+    batches are nearly free), the decoder verifies a trial draft after 64 steps without one and then
+    drafts; with the profile fixed it never does. Every token is kept."""
+    from test_sequences import cheap_batches_clock
+
+    kind, target, draft = pair
+    linear = _curve([float(k) for k in range(1, 33)])
+    prompt = max((target.tokenize(p) for p in PROMPTS), key=lambda p: len(_alone(target, p, SamplingParams(), 100)))
+    alone = _alone(target, prompt, SamplingParams(), 100)
+    assert len(alone) >= 80  # room for 64 plain steps, the trial, and drafts after it
+    with open_sequences(target, n_seq_max=1, n_ctx=1024) as seqs, open_sequences(draft, 1, 1024) as dseqs:
+        cheap_batches_clock(monkeypatch, seqs)
+        fixed = BatchDecoder(seqs, BatchDraftModel(dseqs, linear, 0.05), linear, learn_costs=False)
+        (got,) = fixed.run([Request(prompt, max_tokens=100)])
+        assert got.tokens == alone and got.stats.speculation.drafted_tokens == 0
+        learning = BatchDecoder(seqs, BatchDraftModel(dseqs, linear, 0.05), linear)
+        (got,) = learning.run([Request(prompt, max_tokens=100)])
+    assert got.tokens == alone and got.stats.speculation.drafted_tokens > 0
+    if kind == "same":  # every draft accepted: the trial shows batches cheap, and drafting goes on after it
+        assert got.stats.speculation.drafted_tokens > 4 and learning.costs.snapshot().batch_scale < 1.0
+
+
 def test_draft_cost_counts_one_batched_evaluation_per_position():
     drafter = BatchDraftModel(None, _curve([1.0, 1.5, 2.0, 2.5]), relative_speed=0.5)
     assert drafter.position_cost(2) == pytest.approx(0.75)

@@ -367,12 +367,10 @@ def test_cancel_while_the_prompt_is_evaluated_frees_everything(engine, seqs):
     assert seqs.open_sequences == [] and decoder.idle and decoder._reserved == 0
 
 
-def test_a_too_steep_profile_gets_a_trial_and_then_drafts(engine, seqs, monkeypatch):
-    """A profile where n tokens cost n steps: no draft ever pays on it, even a request's own predicted
-    output. Learning, the decoder verifies one trial draft after 64 steps without one, which measures
-    what a batch really costs (on a clock where n tokens cost 1 + 0.02 (n - 1) steps, as on a tiny model,
-    so no other job on the machine can change the outcome), and drafts from then on; with the profile
-    fixed it never drafts. Both keep every token."""
+def cheap_batches_clock(monkeypatch, seqs) -> None:
+    """The batch decoder's clock made a counter that only ``seqs``' evaluations advance, by 0.01 s ×
+    (1 + 0.02 (n - 1)) for n tokens (batches nearly free, as on a tiny model): what a decoder learns
+    from its timings then depends on nothing else running on the machine."""
     from codeaccel.decoding import batched
 
     class Clock:
@@ -389,6 +387,15 @@ def test_a_too_steep_profile_gets_a_trial_and_then_drafts(engine, seqs, monkeypa
 
     monkeypatch.setattr(batched, "time", clock)
     monkeypatch.setattr(seqs, "eval", timed_eval)
+
+
+def test_a_too_steep_profile_gets_a_trial_and_then_drafts(engine, seqs, monkeypatch):
+    """A profile where n tokens cost n steps: no draft ever pays on it, even a request's own predicted
+    output. Learning, the decoder verifies one trial draft after 64 steps without one, which measures
+    what a batch really costs (on a clock where n tokens cost 1 + 0.02 (n - 1) steps, as on a tiny model,
+    so no other job on the machine can change the outcome), and drafts from then on; with the profile
+    fixed it never drafts. Both keep every token."""
+    cheap_batches_clock(monkeypatch, seqs)
     linear = CostCurve("m", "e", None, 0, 1, list(range(1, 33)), [0.01] * 32, [float(k) for k in range(1, 33)])
     prompt = engine.tokenize(PROMPTS[0])
     alone = _alone(engine, prompt, max_tokens=120).tokens

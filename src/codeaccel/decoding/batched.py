@@ -162,9 +162,9 @@ class BatchDecoder:
     drafter: proposes drafts for every request (None: autoregressive); curve: the target's
     cost of evaluating n tokens together, from which the batch's draft lengths are chosen
     (required with a drafter; its scale is learned from every decode step without prompt
-    chunks, :class:`~codeaccel.decoding.costs.LearnedCosts`, and with drafts of its requests'
-    own (not a batch drafter's), a step that would draft nothing may claim one of its rare
-    trials, so a profile measured on a busy machine cannot switch drafting off for good);
+    chunks, :class:`~codeaccel.decoding.costs.LearnedCosts`, and a step that would draft
+    nothing may claim one of its rare trials, so a profile measured on a busy machine cannot
+    switch drafting off for good);
     k_max: longest draft asked of a session; joint_lengths: choose all requests' lengths
     together (False: each as if it ran alone, the baseline the joint choice is measured
     against); prefill_chunk: most prompt tokens one step evaluates beside the running
@@ -382,6 +382,7 @@ class BatchDecoder:
         if self._batch_drafter is not None:  # lengths first, then one draft evaluation per position
             caps = [max(min(self.k_max, a.checker.remaining - 1), 0) for a in active]
             lengths = self._lengths(alphas, caps, base, self._batch_drafter.position_cost)
+            lengths = self._with_trial(lengths, alphas, caps) if learnable else lengths
             drafts = self._batch_drafter.propose_batch(
                 [a.session for a in active], [a.context for a in active], lengths
             )
