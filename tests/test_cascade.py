@@ -224,8 +224,7 @@ def _fill(store, task, answers_pass, lines_pass, n_samples=3):
         answer_results={aid: (ok, "passed" if ok else "failed") for aid, ok in zip(answer_ids, answers_pass)},
         line_results={aid: dict(zip(lines, row)) for aid, row in zip(answer_ids, lines_pass)},
     )  # fmt: skip
-    for b in (1, 2, 4, 8):
-        store.set_batch_cost(BatchCost("m", b, 0.1 / b, 0.001, 100, "cpu"))
+    store.replace_batch_costs("m", [BatchCost("m", b, 0.1 / b, 0.001, 100, "cpu") for b in (1, 2, 4, 8)])
 
 
 def test_store_is_durable_and_refuses_duplicates(tmp_path):

@@ -114,8 +114,7 @@ def run_cascade_generation(
                 raise UserError("--answers-from takes local models' answers; an endpoint stage generates its own")
             if source is not None:
                 _check_answers(source, name, todo)
-                for cost in source.batch_costs(name).values():  # the answers' costs are the source's
-                    store.set_batch_cost(cost)
+                store.replace_batch_costs(name, list(source.batch_costs(name).values()))  # the answers' costs
             if endpoint and (todo or not store.batch_costs(name)):
                 _generate_with_endpoint(EndpointStage(endpoint), config, store, problems, todo, report)
             elif todo:  # a local model's costs are measured (or copied) already
@@ -210,8 +209,7 @@ def _generate_with_endpoint(stage: EndpointStage, config: RunConfig, store: Gene
         stage.check()
         if not store.batch_costs(stage.model_name):
             report(RunProgress(stage.model_name, "costs", 0, 1))
-            for cost in stage.measure_costs(problems[0]):
-                store.set_batch_cost(cost)
+            store.replace_batch_costs(stage.model_name, stage.measure_costs(problems[0]))
         for i, cp in enumerate(todo):
             report(RunProgress(stage.model_name, "generate", i, len(todo)))
             store.add_generations(stage.generate(cp, config.n_samples, TEST_LS, config.max_tokens, TOP_P))

@@ -250,10 +250,6 @@ class GenerationStore:
         ]  # fmt: skip
 
     # ---- costs ---------------------------------------------------------------------
-    def set_batch_cost(self, cost: BatchCost) -> None:
-        with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO batch_costs VALUES (?, ?, ?, ?, ?, ?)", astuple(cost))
-
     def replace_batch_costs(self, model: str, costs: Sequence[BatchCost]) -> None:
         """``model``'s batch costs are ``costs`` alone (one transaction: none lost if interrupted)."""
         with self._lock, self._transaction():

@@ -57,6 +57,7 @@ from dataclasses import dataclass, field
 from codeaccel.decoding.costs import TRIAL_MAX, TRIAL_MIN_ALPHA, LearnedCosts
 from codeaccel.decoding.draft_length import expected_tokens
 from codeaccel.engines.cost_curve import CostCurve
+from codeaccel.errors import InternalError
 
 BUCKETS = (1, 2, 4, 8, 16)  # lower edges of the match-length buckets
 # Prior acceptance per bucket: a longer match is more specific. Optimistic enough that
@@ -79,8 +80,12 @@ class RetrievalTiming:
     decay: float = 0.98
     backoff: int = 3  # consecutive idle steps before skipping lookups
     # what verifications cost now, learned by the decode loop that records every step in it (shared with the
-    # method); None: the profile as it is (a batch decoder sizes the batch's drafts from its own curve)
+    # method, or the server's batch decoder); None: the profile as it is
     costs: LearnedCosts | None = None
+
+    def __post_init__(self) -> None:
+        if self.costs is not None and self.costs.curve is not self.curve:
+            raise InternalError("a timing's learned costs must be over its own curve")
 
     def start(self) -> TimingState:
         return TimingState(self)
