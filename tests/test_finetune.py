@@ -16,7 +16,8 @@ from codeaccel.decoding.sampling import SamplingParams
 from codeaccel.engines import load_engine
 from codeaccel.errors import CodeaccelError
 from codeaccel.personalization.acceptance import AcceptanceStats, Continuation, measure_acceptance, replay
-from codeaccel.personalization.finetune import TrainingExample, TuneConfig, finetune
+from codeaccel.personalization.distill import TeacherTop, check_teach, teacher_top_k, top_k_of
+from codeaccel.personalization.finetune import TrainingExample, TuneConfig, finetune, soft_cross_entropy
 
 PROMPTS = ["def add(a, b):\n", "import json\n", "class Decoder:\n", "    for i in range(", "x = [1, 2]\n",
            "def parse(text):\n", "    return ", "if __name__ == "]  # fmt: skip
@@ -114,3 +115,67 @@ def test_acceptance_by_k_replays_one_evaluation_per_example(pair):
     for k in (1, 4, 8):
         assert by_k[k].to_record() == measure_acceptance(draft, held, k=k).to_record()
     assert by_k[1].drafted_tokens == by_k[1].verifications  # one token a draft
+
+
+def test_top_k_keeps_the_most_probable_tokens_with_their_true_probabilities():
+    logits = np.log(np.array([[0.1, 0.5, 0.15, 0.25], [0.7, 0.1, 0.1, 0.1]]))
+    top = top_k_of(logits, 2)
+    assert top.ids[0].tolist() == [1, 3] and top.ids[1, 0] == 0 and top.ids[1, 1] in (1, 2, 3)  # a three-way tie
+    np.testing.assert_allclose(top.probs[0], [0.5, 0.25], rtol=1e-6)
+    np.testing.assert_allclose(top.probs[1], [0.7, 0.1], rtol=1e-6)
+    assert top_k_of(logits, 99).ids.shape == (2, 4)  # k capped at the vocabulary
+    record = top.to_record()
+    assert TeacherTop.from_record(record).ids.tolist() == top.ids.tolist()
+    with pytest.raises(CodeaccelError):
+        TeacherTop(np.zeros((2, 3), dtype=np.int64), np.zeros((2, 2), dtype=np.float32))
+    with pytest.raises(CodeaccelError):  # a distribution per completion token
+        TrainingExample((1, 2), (3, 4, 5), TeacherTop(np.zeros((2, 1), dtype=np.int64), np.ones((2, 1), np.float32)))
+    assert check_teach("distill") == "distill"
+    with pytest.raises(CodeaccelError, match="distill"):
+        check_teach("guess")
+
+
+def test_soft_cross_entropy_is_cross_entropy_for_a_certain_teacher_and_renormalises():
+    import torch
+
+    logits = torch.tensor([[2.0, 0.5, -1.0, 0.0], [0.0, 0.0, 3.0, 1.0]])
+    tokens = torch.tensor([0, 3])
+    hard = torch.nn.functional.cross_entropy(logits, tokens)
+    one_hot = soft_cross_entropy(logits, tokens[:, None], torch.tensor([[0.3], [0.9]]), torch)  # renormalised to 1
+    assert float(one_hot) == pytest.approx(float(hard), rel=1e-6)
+    p = torch.tensor([[0.6, 0.2], [0.5, 0.5]])
+    ids = torch.tensor([[0, 1], [2, 3]])
+    log_q = torch.log_softmax(logits, dim=-1)
+    expected = -(0.75 * log_q[0, 0] + 0.25 * log_q[0, 1] + 0.5 * log_q[1, 2] + 0.5 * log_q[1, 3]) / 2
+    assert float(soft_cross_entropy(logits, ids, p, torch)) == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_the_teachers_distribution_is_what_the_target_computes_and_its_argmax_the_continuation(pair):
+    target, _ = pair
+    prompt = target.tokenize(PROMPTS[0])
+    target.reset()
+    tokens = generate(target, prompt, SamplingParams(), 12).tokens
+    cached = teacher_top_k(target, prompt, tokens, k=8)  # the prompt still cached from generating
+    target.reset()
+    fresh = teacher_top_k(target, prompt, tokens, k=8)
+    target.reset()
+    assert cached.ids.shape == (len(tokens), 8) and cached.ids[:, 0].tolist() == list(tokens)  # greedy = top 1
+    np.testing.assert_allclose(cached.probs, fresh.probs, atol=1e-5)
+    assert np.all(np.diff(cached.probs, axis=-1) <= 1e-7) and np.all(cached.probs.sum(-1) <= 1 + 1e-5)
+
+
+def test_distilling_the_targets_distributions_raises_acceptance(pair, tmp_path):
+    target, draft = pair
+    held = _continuations(target)
+    before = measure_acceptance(draft, held, k=4)
+    examples = [TrainingExample(c.prompt_tokens, c.target_tokens, teacher_top_k(target, c.prompt_tokens,
+                                                                               c.target_tokens, k=16))
+                for c in held]  # fmt: skip
+    target.reset()
+    config = TuneConfig(rank=8, alpha=16, learning_rate=1e-2, epochs=12, max_seconds=120, permute_qk=False)
+    report = finetune(draft.model, examples, config, tmp_path)
+    assert np.mean(report.losses[-8:]) < 0.5 * np.mean(report.losses[:8])
+    draft.set_lora(report.adapter_dir)
+    after = measure_acceptance(draft, held, k=4)
+    draft.set_lora(None)
+    assert after.mean_accepted_len > before.mean_accepted_len + 0.5

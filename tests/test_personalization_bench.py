@@ -54,6 +54,22 @@ def test_rows_before_and_after_tuning_and_a_resumed_rerun(config, tmp_path):
     doc2 = run_personalization_bench(config, tmp_path / "work", lambda s, d, n: again.append(s.split(" (")[0]))
     assert "tuning on target" not in again and not any(s.startswith("end to end") for s in again)
     assert [r["mean_accepted_len"] for r in doc2["rows"][1:]] == [r["mean_accepted_len"] for r in doc["rows"][1:]]
+    # distillation added to the same work folder: the target's distributions computed for the
+    # continuations already there (none regenerated), one tuning more, the other rows kept
+    from dataclasses import replace
+
+    doc3 = run_personalization_bench(replace(config, teach=("target", "distill")), tmp_path / "work",
+                                     lambda s, d, n: None)  # fmt: skip
+    assert len((tmp_path / "work" / "examples.jsonl").read_text().splitlines()) == 12
+    teachers = [json.loads(line) for line in (tmp_path / "work" / "teachers.jsonl").read_text().splitlines()]
+    by_task = {e["task_id"]: e for e in examples}
+    assert len(teachers) == 12 and all(len(t["ids"]) == len(by_task[t["task_id"]]["target"]) for t in teachers)
+    rows3 = {r["method"]: r for r in doc3["rows"]}
+    assert list(rows3) == ["autoregressive", "draft-model-untuned", "draft-model-tuned-target",
+                           "draft-model-tuned-distill"]  # fmt: skip
+    distilled, kept = rows3["draft-model-tuned-distill"], rows3["draft-model-tuned-target"]
+    assert distilled["tune"]["steps"] > 0 and distilled["verifications"] > 0
+    assert kept["mean_accepted_len"] == rows["draft-model-tuned-target"]["mean_accepted_len"]
 
 
 def test_a_work_folder_refuses_other_settings(config, tmp_path):

@@ -99,9 +99,10 @@ def accepted(tmp_path):
     store.close()
 
 
-def test_a_tuning_turn_is_validated_and_promoted_only_if_better(accepted, tiny_gguf, tiny_gguf_draft, tmp_path):
+@pytest.mark.parametrize("teach", ["target", "distill"])
+def test_a_tuning_turn_is_validated_and_promoted_only_if_better(accepted, tiny_gguf, tiny_gguf_draft, tmp_path, teach):
     versions = DraftVersions(tmp_path / "drafts")
-    config = LoopConfig(threshold=20, continuation_tokens=16,
+    config = LoopConfig(threshold=20, continuation_tokens=16, teach=teach,
                         tune=TuneConfig(epochs=8, learning_rate=2e-2, max_seconds=120))  # fmt: skip
     stages = set()
     result = run_tuning(accepted, versions, tiny_gguf_draft, tiny_gguf, config, lambda s, d, n: stages.add(s[:8]))
@@ -112,6 +113,7 @@ def test_a_tuning_turn_is_validated_and_promoted_only_if_better(accepted, tiny_g
     assert versions.live().name == result.version.name == "v1"
     record = versions.live().record
     assert record["n_train"] == 24 and record["last_accepted_id"] == 30 and record["tune"]["steps"] > 0
+    assert record["teach"] == teach
     assert run_tuning(accepted, versions, tiny_gguf_draft, tiny_gguf, config) is None  # nothing new since
 
 

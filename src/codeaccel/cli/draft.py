@@ -12,8 +12,8 @@ from rich.table import Table
 from codeaccel.cli.display import err, out, save_results, stage_bars
 from codeaccel.cli.feedback import StoreOpt
 from codeaccel.cli.options import command_line
-from codeaccel.errors import UserError
 from codeaccel.personalization.bench import PersonalizationBenchConfig, run_personalization_bench, to_markdown
+from codeaccel.personalization.distill import check_teach
 from codeaccel.personalization.finetune import TuneConfig
 from codeaccel.personalization.loop import LoopConfig, run_tuning
 from codeaccel.personalization.store import default_location, open_store
@@ -37,9 +37,9 @@ def draft_train(
     draft_model: DraftOpt = DEFAULT_DRAFT,
     target_model: Annotated[str, typer.Option(help="The target the draft must match.")] = "qwen2.5-coder-1.5b-instruct",
     threshold: Annotated[int, typer.Option(help="New accepted completions needed to tune.")] = 50,
-    teach: Annotated[str, typer.Option(help="Learn the 'target' model's continuations or the 'accepted' text.")] = (
-        "target"
-    ),
+    teach: Annotated[
+        str, typer.Option(help="Learn the target's tokens ('target') or distributions ('distill'), or 'accepted' text.")
+    ] = "target",
     epochs: Annotated[int, typer.Option(help="Passes over the training completions.")] = 2,
     max_seconds: Annotated[float, typer.Option(help="Training time budget.")] = 900.0,
     force: Annotated[bool, typer.Option(help="Tune even below the threshold.")] = False,
@@ -47,7 +47,7 @@ def draft_train(
     versions: VersionsOpt = None,
 ) -> None:
     """Tune a copy of the draft with LoRA, validate it against the live one, promote it only if better."""
-    _check_teach(teach)
+    check_teach(teach)
     config = LoopConfig(threshold=threshold, teach=teach, tune=TuneConfig(epochs=epochs, max_seconds=max_seconds))
     registry = _versions(versions, draft_model)
     with open_store(store or default_location()) as accepted, stage_bars() as progress:
@@ -101,11 +101,6 @@ def draft_rollback(draft_model: DraftOpt = DEFAULT_DRAFT, versions: VersionsOpt 
     out.print(f"live: {back.name if back else 'base'}")
 
 
-def _check_teach(value: str) -> None:
-    if value not in ("target", "accepted"):
-        raise UserError(f"--teach is 'target' or 'accepted', got {value!r}")
-
-
 @app.command("bench")
 def draft_bench(
     package: Annotated[str, typer.Option(help="The installed Python project the simulated user works on.")] = "click",
@@ -113,7 +108,7 @@ def draft_bench(
     held_out_every: Annotated[int, typer.Option(help="Every n-th file (sorted) is held out.")] = 3,
     draft_model: DraftOpt = DEFAULT_DRAFT,
     target_model: Annotated[str, typer.Option(help="The target.")] = "qwen2.5-coder-1.5b-instruct",
-    teach: Annotated[str, typer.Option(help="What the tuned drafts learn: target, accepted, or both (comma).")] = (
+    teach: Annotated[str, typer.Option(help="What the tuned drafts learn: target, distill, accepted (comma).")] = (
         "target,accepted"
     ),
     epochs: Annotated[int, typer.Option(help="Passes over the training completions.")] = 2,
@@ -127,7 +122,7 @@ def draft_bench(
     """Tune the draft on part of a project's code, measure acceptance and speed on the rest, before and after."""
     teaching = tuple(t.strip() for t in teach.split(",") if t.strip())
     for t in teaching:
-        _check_teach(t)
+        check_teach(t)
     tune = TuneConfig(epochs=epochs, max_seconds=max_seconds, max_tokens=432)
     config = PersonalizationBenchConfig(package=package, n_problems=problems, held_out_every=held_out_every,
                                         draft_model=draft_model, target_model=target_model, teach=teaching, e2e=e2e,

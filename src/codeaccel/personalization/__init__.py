@@ -6,6 +6,8 @@
 * ``completion_cache``: SpeCoder's LRU of completions (prompt → completion), thread-safe, shared by
   a client's or a server's requests;
 * ``acceptance``: a draft's mean accepted length against the target's continuations;
+* ``distill``: what a tuned draft learns from: the accepted text, the target's greedy tokens, or
+  its distributions (the teacher's top k at each position);
 * ``finetune``: LoRA fine-tuning of the draft with peft, bounded in time and tokens;
 * ``lora_gguf``: the adapter as a GGUF file llama.cpp applies to the quantised base;
 * ``versions``: the tuned versions, one live, promote and rollback;

@@ -4,14 +4,15 @@ From a real Python project's code (a repository-level set, :mod:`codeaccel.bench
 each problem is a file's text up to a function's body, and the body), the functions of most
 files are the completions the user accepted; those of every ``held_out_every``-th file (sorted
 by path) are held out. The draft is tuned with LoRA on the accepted ones, learning either the
-project's own text (``accepted``) or the target's greedy continuation of each prompt
-(``target``), and measured on the held-out ones: mean accepted length and acceptance rate of
+project's own text (``accepted``), the target's greedy continuation of each prompt
+(``target``), or that continuation with the target's distribution at each position (``distill``),
+and measured on the held-out ones: mean accepted length and acceptance rate of
 greedy speculative decoding with k-token drafts (:mod:`codeaccel.personalization.acceptance`),
 and end-to-end tokens/s of speculative decoding with that draft (k fixed), beside the target
 decoding alone. Rows: ``autoregressive``, ``draft-model-untuned``, ``draft-model-tuned-<teach>``.
 
-The target's continuations are generated once and kept in the work folder, as are the adapters
-and each finished row, so an interrupted run resumes where it stopped.
+The target's continuations (and its distributions, where ``distill`` is run) are generated once
+and kept in the work folder, as are the adapters and each finished row, so an interrupted run resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from codeaccel.engines import Engine, load_engine
 from codeaccel.engines.cost_curve import cost_curve_for
 from codeaccel.errors import UserError
 from codeaccel.personalization.acceptance import Continuation, measure_acceptance_by_k
+from codeaccel.personalization.distill import TeacherTop, check_teach, teacher_top_k
 from codeaccel.personalization.finetune import TrainingExample, TuneConfig, finetune
 
 Progress = Callable[[str, int, int], None]
@@ -54,8 +56,8 @@ class PersonalizationBenchConfig:
     tune: TuneConfig = field(default_factory=lambda: TuneConfig(epochs=2, max_seconds=600.0, max_tokens=432))
 
     def __post_init__(self) -> None:
-        if set(self.teach) - {"target", "accepted"}:
-            raise UserError(f"teach is 'target' and/or 'accepted', got {self.teach}")
+        for teach in self.teach:
+            check_teach(teach)
         if self.n_problems < 8 or self.held_out_every < 2:
             raise UserError("at least 8 problems, and held_out_every >= 2")
 
@@ -71,38 +73,61 @@ class Example:
 
 def _examples(
     config: PersonalizationBenchConfig, work: Path, progress: Progress
-) -> tuple[list[Example], list[Example]]:
-    """(train, held out), the target's continuations generated once and cached in ``work``."""
-    cache = work / "examples.jsonl"
-    done = {}
+) -> tuple[list[Example], list[Example], dict[str, TeacherTop]]:
+    """(train, held out, the target's distributions by task), generated once and cached in ``work``.
+
+    The distributions are computed only where ``distill`` is taught, right after each
+    continuation (the prompt still in the target's cache), or for a work folder's older
+    continuations that lack them."""
+    cache, teacher_cache = work / "examples.jsonl", work / "teachers.jsonl"
+    done: dict[str, Example] = {}
     if cache.is_file():
         for line in cache.read_text().splitlines():
             e = json.loads(line)
             done[e["task_id"]] = Example(e["task_id"], e["file"], tuple(e["prompt"]), tuple(e["accepted"]),
                                          tuple(e["target"]))  # fmt: skip
+    teachers: dict[str, TeacherTop] = {}
+    if teacher_cache.is_file():
+        for line in teacher_cache.read_text().splitlines():
+            t = json.loads(line)
+            teachers[t["task_id"]] = TeacherTop.from_record(t)
     problems = load_repository_problems(config.package, config.n_problems)
-    todo = [p for p in problems if p.task_id not in done]
+    distill = "distill" in config.teach
+    todo = [p for p in problems if p.task_id not in done or (distill and p.task_id not in teachers)]
     if todo:
         target = load_engine(config.target_model)
         try:
-            with cache.open("a") as out:
-                for p in todo:
-                    progress("target continuations", len(done), len(problems))
-                    prompt = target.tokenize(p.raw_prompt)[-config.prompt_tokens :]
-                    target.reset()
-                    cont = generate(target, prompt, SamplingParams(), config.continuation_tokens).tokens
-                    e = Example(p.task_id, p.exclude_files[0], tuple(prompt),
-                                tuple(target.tokenize(p.reference or "", special=False)), tuple(cont))  # fmt: skip
-                    out.write(json.dumps(asdict(e)) + "\n")
-                    out.flush()
-                    done[p.task_id] = e
+            with cache.open("a") as out, teacher_cache.open("a") as teacher_out:
+                for i, p in enumerate(todo):
+                    progress("target continuations", i, len(todo))
+                    if p.task_id not in done:
+                        prompt = target.tokenize(p.raw_prompt)[-config.prompt_tokens :]
+                        target.reset()
+                        cont = generate(target, prompt, SamplingParams(), config.continuation_tokens).tokens
+                        e = Example(p.task_id, p.exclude_files[0], tuple(prompt),
+                                    tuple(target.tokenize(p.reference or "", special=False)), tuple(cont))  # fmt: skip
+                        out.write(json.dumps(asdict(e)) + "\n")
+                        out.flush()
+                        done[p.task_id] = e
+                    e = done[p.task_id]
+                    if distill and p.task_id not in teachers and e.target:
+                        teachers[p.task_id] = teacher_top_k(target, e.prompt, e.target)
+                        teacher_out.write(json.dumps({"task_id": p.task_id, **teachers[p.task_id].to_record()}) + "\n")
+                        teacher_out.flush()
         finally:
             target.close()
-    progress("target continuations", len(problems), len(problems))
+    progress("target continuations", len(todo), len(todo))
     examples = [done[p.task_id] for p in problems]
     files = sorted({e.file for e in examples})
     held_files = set(files[config.held_out_every - 1 :: config.held_out_every])
-    return [e for e in examples if e.file not in held_files], [e for e in examples if e.file in held_files]
+    train = [e for e in examples if e.file not in held_files]
+    return train, [e for e in examples if e.file in held_files], teachers
+
+
+def _training_example(e: Example, teach: str, teachers: dict[str, TeacherTop]) -> TrainingExample:
+    if teach == "accepted":
+        return TrainingExample(e.prompt, e.accepted)
+    return TrainingExample(e.prompt, e.target, teachers.get(e.task_id) if teach == "distill" else None)
 
 
 def _e2e(target: Engine, draft: Engine | None, held: list[Example], config: PersonalizationBenchConfig,
@@ -131,7 +156,7 @@ def run_personalization_bench(config: PersonalizationBenchConfig, work: Path, pr
     _check_settings(config, work)
     rows_file = work / "rows.jsonl"
     rows = {r["method"]: r for r in map(json.loads, rows_file.read_text().splitlines())} if rows_file.is_file() else {}
-    train, held = _examples(config, work, progress)
+    train, held, teachers = _examples(config, work, progress)
     held_cont = [Continuation(e.prompt, e.target) for e in held if e.target]
     base = {
         "dataset": f"repo:{config.package}",
@@ -161,7 +186,7 @@ def run_personalization_bench(config: PersonalizationBenchConfig, work: Path, pr
                 tune = json.loads((folder / "tune.json").read_text())
                 rows[name] = {**base, "method": name, "teach": teach, "tune": tune, "pending": True}
             continue
-        examples = [TrainingExample(e.prompt, e.target if teach == "target" else e.accepted) for e in train]
+        examples = [_training_example(e, teach, teachers) for e in train]
         hf = load_engine(config.draft_model, "hf", dtype="float32")
         try:
             report = finetune(

@@ -2,12 +2,15 @@
 
 Each example is a prompt and the completion the draft should learn to propose: the text the
 user accepted, or the target's own greedy continuation of the prompt (what a draft must imitate
-to be accepted; the benchmark measures which teaches acceptance better). The loss is on the
-completion's tokens only, and only they are trained through (the prompt is read without
-gradients, see :func:`_loss`). Bounded: ``max_tokens`` per example (the prompt cut from the left),
-batch 1, and a wall-clock budget (``max_seconds``) and step limit, whichever comes first; peak
-memory (RSS) is measured and reported. The adapter is written twice: peft's directory (for the
-hf engine) and a GGUF LoRA (for llama.cpp, :mod:`codeaccel.personalization.lora_gguf`).
+to be accepted), optionally with the target's distribution at each position (distillation,
+:mod:`codeaccel.personalization.distill`; the benchmark measures which teaches acceptance
+better). The loss is on the completion's tokens only (cross-entropy against the token, or
+against the target's distribution where the example carries it), and only they are trained
+through (the prompt is read without gradients, see :func:`_loss`). Bounded: ``max_tokens`` per
+example (the prompt cut from the left), batch 1, and a wall-clock budget (``max_seconds``) and
+step limit, whichever comes first; peak memory (RSS) is measured and reported. The adapter is
+written twice: peft's directory (for the hf engine) and a GGUF LoRA (for llama.cpp,
+:mod:`codeaccel.personalization.lora_gguf`).
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from typing import Literal
 
 import numpy as np
 
-from codeaccel.errors import UserError
+from codeaccel.errors import InternalError, UserError
+from codeaccel.personalization.distill import TeacherTop
 from codeaccel.personalization.lora_gguf import MODULE_TENSORS, from_peft_state, write_gguf_lora
 
 log = logging.getLogger(__name__)
@@ -34,6 +38,12 @@ TARGET_MODULES = tuple(m.split(".")[-1] for m in MODULE_TENSORS)  # q_proj ... d
 class TrainingExample:
     prompt_tokens: tuple[int, ...]
     completion_tokens: tuple[int, ...]
+    teacher: TeacherTop | None = None  # the target's distribution at each completion position (distillation)
+
+    def __post_init__(self) -> None:
+        if self.teacher is not None and len(self.teacher) != len(self.completion_tokens):
+            raise InternalError(f"a teacher distribution for {len(self.teacher)} positions, "
+                                f"a completion of {len(self.completion_tokens)} tokens")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -133,7 +143,8 @@ def finetune(model, examples: Sequence[TrainingExample], config: TuneConfig, out
 
 
 def _loss(model, example: TrainingExample, max_tokens: int, torch):
-    """Mean cross-entropy of the completion's tokens given the prompt.
+    """Mean loss over the completion's tokens given the prompt: cross-entropy against each token,
+    or against the target's distribution where the example carries it (:func:`soft_cross_entropy`).
 
     The prompt is read without gradients (its keys and values are computed with the adapter, as
     the draft will read prompts, but not trained through) and only the completion's positions are
@@ -147,4 +158,19 @@ def _loss(model, example: TrainingExample, max_tokens: int, torch):
             cache = model(input_ids=torch.tensor([prompt[:-1]]), use_cache=True).cache
     logits = model(input_ids=torch.tensor([prompt[-1:] + completion[:-1]]), cache=cache,
                    use_cache=cache is not None).logits[0]  # [len(completion), vocab]  # fmt: skip
+    if example.teacher is not None:
+        n = len(completion)
+        return soft_cross_entropy(logits, torch.from_numpy(example.teacher.ids[:n]),
+                                  torch.from_numpy(example.teacher.probs[:n]), torch)  # fmt: skip
     return torch.nn.functional.cross_entropy(logits.float(), torch.tensor(completion))
+
+
+def soft_cross_entropy(logits, teacher_ids, teacher_probs, torch):
+    """Cross-entropy of the draft against the target's top-k distribution, renormalised to 1.
+
+    logits # [n, vocab], teacher_ids # [n, k], teacher_probs # [n, k] → a scalar: the mean over
+    positions of -sum_j p_j log q(id_j), the forward KL(p || q) on the teacher's top k plus p's
+    entropy (constant). Where the teacher is certain it is the ordinary cross-entropy."""
+    log_q = torch.log_softmax(logits.float(), dim=-1).gather(-1, teacher_ids)  # [n, k]
+    p = teacher_probs / teacher_probs.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+    return -(p * log_q).sum(dim=-1).mean()

@@ -2,8 +2,9 @@
 
 Once at least ``threshold`` accepted completions are newer than the last tuning's, a copy of the
 draft is fine-tuned with LoRA on the training part of all accepted completions (every
-``held_out_every``-th one, by id, is held out), on the text the user accepted or on the target's
-own greedy continuation of each prompt (``teach``). The candidate is validated against the live
+``held_out_every``-th one, by id, is held out), on the text the user accepted, on the target's
+own greedy continuation of each prompt, or on that continuation with the target's distribution
+at each position (``teach``, :mod:`codeaccel.personalization.distill`). The candidate is validated against the live
 draft (the last promoted version, or the base model) on the held-out completions: mean accepted
 length of greedy speculative decoding with k-token drafts against the target's continuations,
 both drafts on llama.cpp, the engine that serves them. It is promoted only if it is strictly
@@ -15,20 +16,18 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
 from codeaccel.decoding.autoregressive import generate
 from codeaccel.decoding.sampling import SamplingParams
 from codeaccel.engines import Engine, load_engine
 from codeaccel.errors import UserError
 from codeaccel.personalization.acceptance import AcceptanceStats, Continuation, measure_acceptance
+from codeaccel.personalization.distill import TEACHER_TOP_K, Teach, check_teach, teacher_top_k
 from codeaccel.personalization.finetune import TrainingExample, TuneConfig, TuneReport, finetune
 from codeaccel.personalization.store import AcceptedStore, StoredAccepted
 from codeaccel.personalization.versions import DraftVersion, DraftVersions
 
 log = logging.getLogger(__name__)
-
-Teach = Literal["target", "accepted"]
 
 
 def should_promote(candidate: AcceptanceStats, live: AcceptanceStats) -> bool:
@@ -48,8 +47,7 @@ class LoopConfig:
     def __post_init__(self) -> None:
         if self.threshold < 1 or self.held_out_every < 2 or self.continuation_tokens < 1 or self.k < 1:
             raise UserError("loop settings: threshold >= 1, held out every >= 2, continuation tokens >= 1, k >= 1")
-        if self.teach not in ("target", "accepted"):
-            raise UserError(f"teach is 'target' or 'accepted', got {self.teach!r}")
+        check_teach(self.teach)
 
 
 @dataclass
@@ -67,13 +65,18 @@ class LoopResult:
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 
-def target_continuations(target: Engine, prompts: Sequence[list[int]], n_tokens: int,
-                         progress: Progress | None = None) -> list[tuple[int, ...]]:  # fmt: skip
-    """The target's greedy continuation of each prompt (EOS kept: the draft must predict it too)."""
+def target_continuations(target: Engine, prompts: Sequence[list[int]], n_tokens: int, progress: Progress | None = None,
+                         teacher_k: int = 0) -> list[TrainingExample]:  # fmt: skip
+    """The target's greedy continuation of each prompt (EOS kept: the draft must predict it too),
+    as training examples; with ``teacher_k`` > 0 each carries the target's top-k distribution at
+    every position (evaluated right after the continuation, the prompt still cached)."""
     out = []
     for i, prompt in enumerate(prompts):
         target.reset()
-        out.append(tuple(generate(target, prompt[-(target.n_ctx - n_tokens - 1) :], SamplingParams(), n_tokens).tokens))
+        prompt = list(prompt)[-(target.n_ctx - n_tokens - 1) :]
+        tokens = tuple(generate(target, prompt, SamplingParams(), n_tokens).tokens)
+        teacher = teacher_top_k(target, prompt, tokens, teacher_k) if teacher_k > 0 and tokens else None
+        out.append(TrainingExample(tuple(prompt), tokens, teacher))
         if progress is not None:
             progress("target continuations", i + 1, len(prompts))
     target.reset()
@@ -100,15 +103,17 @@ def run_tuning(store: AcceptedStore, versions: DraftVersions, draft_model: str, 
     try:
         held_prompts = [target.tokenize(s.item.prompt) for s in held_items]
         train_prompts = [target.tokenize(s.item.prompt) for s in train_items]
-        held_targets = target_continuations(target, held_prompts, config.continuation_tokens, report)
-        if config.teach == "target":
-            completions = target_continuations(target, train_prompts, config.continuation_tokens, report)
+        held = [Continuation(e.prompt_tokens, e.completion_tokens)
+                for e in target_continuations(target, held_prompts, config.continuation_tokens, report)
+                if e.completion_tokens]  # fmt: skip
+        if config.teach == "accepted":
+            examples = [TrainingExample(tuple(p), tuple(target.tokenize(s.item.completion, special=False)))
+                        for p, s in zip(train_prompts, train_items)]  # fmt: skip
         else:
-            completions = [tuple(target.tokenize(s.item.completion, special=False)) for s in train_items]
+            examples = target_continuations(target, train_prompts, config.continuation_tokens, report,
+                                            teacher_k=TEACHER_TOP_K if config.teach == "distill" else 0)  # fmt: skip
     finally:
         target.close()
-    examples = [TrainingExample(tuple(p), c) for p, c in zip(train_prompts, completions)]
-    held = [Continuation(tuple(p), t) for p, t in zip(held_prompts, held_targets) if t]
     version = versions.create()
     hf_draft = load_engine(draft_model, "hf", dtype="float32")
     try:
