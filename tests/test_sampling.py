@@ -29,6 +29,15 @@ def test_temperature_softmax_exact():
     )
 
 
+@pytest.mark.parametrize("top_k", [0, 2])
+def test_a_vanishing_temperature_is_the_argmax_never_nan(top_k):
+    """logits / 1e-310 overflowed to inf and inf - inf to NaN: the sampler then took the last token."""
+    logits = np.array([[1.0, 3.0, 2.0], [5.0, 0.0, 5.0]])
+    probs = logits_to_probs(logits, SamplingParams(temperature=1e-310, top_k=top_k))
+    np.testing.assert_array_equal(probs, [[0, 1, 0], [0.5, 0, 0.5]])  # exact ties share the mass
+    assert next_token(logits[0], SamplingParams(temperature=1e-310), np.random.default_rng(3)) == 1
+
+
 def test_top_k_keeps_k_largest():
     logits = np.log(np.array([0.1, 0.4, 0.3, 0.2]))
     probs = logits_to_probs(logits, SamplingParams(temperature=1.0, top_k=2))

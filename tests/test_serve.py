@@ -25,7 +25,7 @@ from codeaccel.serve.events import EventStore
 from codeaccel.serve.metrics import ServerMetrics
 from codeaccel.serve.prompts import chat_prompt, fim_prompt
 from codeaccel.serve.scheduler import Failed, Finished, Job, Progress, QueueFull, Scheduler
-from codeaccel.serve.schemas import EventRequest
+from codeaccel.serve.schemas import CompletionRequest, EventRequest
 from codeaccel.serve.settings import ServeSettings, load_settings
 from codeaccel.serve.streaming import StreamCursor, safe_prefix
 from live_server import LiveServer, pin_flat_cost_curve
@@ -556,3 +556,123 @@ def test_a_prompt_that_extends_a_finished_one_starts_from_its_cache(server, alon
     assert warm["timings"]["prompt_n"] + warm["timings"]["cache_n"] == warm["tokens_evaluated"]
     real = httpx.post(server.url + "/infill", json={**warm_body, "n_predict": 6}).json()
     assert real["timings"]["cache_n"] == real["tokens_evaluated"] - 1
+
+
+# ---- bad input: each a defect found by probing the server (a 500, a misleading answer, seconds of work) ----
+def _error(r: httpx.Response, status: int) -> dict:
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    return error
+
+
+def _counting(monkeypatch, engine, name: str) -> list:
+    """Calls of ``engine.<name>`` from now on (the method still runs)."""
+    calls: list = []
+    real = getattr(engine, name)
+
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, name, counted)
+    return calls
+
+
+def test_deeply_nested_json_is_a_4xx_never_a_500(server):
+    """An ignored field nested as deep as the JSON parser allows: the check for lone surrogates walked it
+    recursively and raised RecursionError (a 500) a few levels short of the parser's own limit."""
+    for depth in range(900, 1001, 4):
+        body = b'{"prompt": "a", "max_tokens": 1, "x": ' + b"[" * depth + b"]" * depth + b"}"
+        r = httpx.post(server.url + "/v1/completions", content=body, headers={"content-type": "application/json"})
+        assert r.status_code in (200, 400), (depth, r.text)
+        if r.status_code == 400:
+            _error(r, 400)
+    deep: list = ["a\ud800"]
+    for _ in range(5000):
+        deep = [deep]
+    with pytest.raises(ValueError, match="lone surrogate"):
+        CompletionRequest.model_validate({"prompt": "a", "x": deep})
+
+
+def test_a_body_not_sent_as_json_is_a_415_that_says_so(server):
+    """curl -d sends a form's Content-Type: the JSON was never read, and the answer was a 400 saying the body
+    "should be a valid dictionary". Refused with 415 and the header to send (a text/plain body is not
+    read as JSON: a web page may post one to a local server without asking)."""
+    body = json.dumps({"prompt": "a", "max_tokens": 1}).encode()
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", ""):
+        r = httpx.post(server.url + "/v1/completions", content=body, headers={"content-type": content_type})
+        error = _error(r, 415)
+        assert error["code"] == "unsupported_media_type" and "application/json" in error["message"]
+    r = httpx.post(server.url + "/v1/events", content=b'{"type": "view", "completion_id": "x"}',
+                   headers={"content-type": "text/plain"})  # fmt: skip
+    assert _error(r, 415)["code"] == "unsupported_media_type"
+    r = httpx.post(server.url + "/v1/completions", content=body,
+                   headers={"content-type": "application/json; charset=utf-8"})  # fmt: skip
+    assert r.status_code == 200
+
+
+def test_a_validation_error_names_the_nested_field(server):
+    r = httpx.post(server.url + "/v1/chat/completions", json={"messages": [{"content": "hi"}]})
+    error = _error(r, 400)
+    assert error["message"] == "messages[0].role: Field required" and error["param"] == "messages"
+    r = httpx.post(server.url + "/v1/verify", json={"context": []})
+    assert _error(r, 400)["message"] == "context must not be empty"  # no pydantic "Value error, " prefix
+
+
+def test_verify_names_the_list_that_holds_a_bad_token(server):
+    """Out-of-vocabulary ids in /v1/verify were all reported as param "prompt", a field it does not have."""
+    cases = [
+        ({"context": [1, -2]}, "context"),
+        ({"context": [1, 2], "append": [999]}, "append"),
+        ({"context": [1, 2], "draft": [400]}, "draft"),
+        ({"context": [1, 2], "draft": [4], "draft_probs": [{"4": 1.0, "-1": 0.0}], "temperature": 1}, "draft_probs"),
+    ]
+    for body, param in cases:
+        error = _error(httpx.post(server.url + "/v1/verify", json=body), 400)
+        assert error["param"] == param and error["message"].startswith(f"{param}: token ids out of range")
+
+
+def test_too_many_choices_are_refused_before_any_prompt_is_tokenized(server, monkeypatch):
+    """100,000 prompts in one body were all tokenized (seconds of work) before the scheduler refused them."""
+    calls = _counting(monkeypatch, server.app.state.codeaccel.runtime.engine, "tokenize")
+    r = httpx.post(server.url + "/v1/completions", json={"prompt": ["def f(x): return x"] * 5000, "max_tokens": 2})
+    assert "5000 choices" in _error(r, 400)["message"]
+    r = httpx.post(server.url + "/v1/completions", json={"prompt": ["a", "b"], "n": 16, "max_tokens": 2})
+    assert "32 choices" in _error(r, 400)["message"]
+    assert calls == []
+
+
+def test_more_chat_messages_than_the_context_holds_are_refused_before_the_template(server, monkeypatch):
+    """60,000 messages (2.4 MB) kept the template and the tokenizer busy for over 30 seconds before the
+    prompt was found too long: each message renders as a token at least, so they cannot fit."""
+    calls = _counting(monkeypatch, server.app.state.codeaccel.runtime.engine, "apply_chat_template")
+    r = httpx.post(server.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}] * CTX})
+    error = _error(r, 400)
+    assert error["code"] == "context_length_exceeded" and error["param"] == "messages"
+    assert calls == []
+
+
+def test_infill_tokenizes_only_the_extra_files_that_fit(server, alone, monkeypatch):
+    """/infill tokenized every input_extra file (60,000 took 17 s) though only the newest ones fit: the
+    prompt is the same as with just those, and the files are tokenized newest first, as far as fits."""
+    extra = [(f"f{i}.py", f"x{i} = {i}\n") for i in range(3000)]
+    calls = _counting(monkeypatch, alone.engine, "tokenize")
+    many = fim_prompt(alone.engine, "def f(x):\n    ", "\n", 64, extra, repo_head=True)
+    assert 0 < len(calls) < 60
+    assert many == fim_prompt(alone.engine, "def f(x):\n    ", "\n", 64, extra[-30:], repo_head=True)
+    body = {"input_prefix": "def f(x):\n    ", "input_suffix": "\n", "n_predict": 2, "temperature": 0,
+            "input_extra": [{"filename": f, "text": t} for f, t in extra]}  # fmt: skip
+    server_calls = _counting(monkeypatch, server.app.state.codeaccel.runtime.engine, "tokenize")
+    r = httpx.post(server.url + "/infill", json=body)
+    assert r.status_code == 200 and r.json()["tokens_evaluated"] <= CTX - 2
+    assert len(server_calls) < 2 * CTX  # not 2 per file
+
+
+def test_a_vanishing_temperature_samples_as_greedy(server):
+    """temperature 1e-310 passed validation (>= 0) and divided the logits into inf: every probability NaN,
+    and the sampler took the vocabulary's last token at each step."""
+    kw = {"prompt": PROMPTS[0], "max_tokens": 8}
+    greedy = httpx.post(server.url + "/v1/completions", json={**kw, "temperature": 0}).json()
+    tiny = httpx.post(server.url + "/v1/completions", json={**kw, "temperature": 1e-310, "seed": 1}).json()
+    assert tiny["choices"][0]["text"] == greedy["choices"][0]["text"]

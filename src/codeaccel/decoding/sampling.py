@@ -60,7 +60,9 @@ def logits_to_probs(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
         probs = np.zeros_like(logits)
         np.put_along_axis(probs, logits.argmax(axis=-1)[..., None], 1.0, axis=-1)
         return probs
-    scaled = logits / params.temperature
+    # shifted first: every value <= 0, so a tiny temperature gives -inf (probability 0) below the row's
+    # maximum and 0 at it, never inf - inf = NaN
+    scaled = (logits - logits.max(axis=-1, keepdims=True)) / params.temperature
     if params.top_k and params.top_k < scaled.shape[-1]:
         # kth largest value per row; ties with it are kept (as in HF's TopKLogitsWarper).
         kth = -np.partition(-scaled, params.top_k - 1, axis=-1)[..., params.top_k - 1 : params.top_k]

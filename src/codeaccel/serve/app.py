@@ -276,6 +276,7 @@ def create_app(settings: ServeSettings, load_in_background: bool = True, replica
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, http: Request, rt: ReadyRuntime):
         check_model(body.model, rt)
+        _check_choices(_n_prompts(body) * body.n, rt.scheduler.capacity)  # before tokenizing what never runs
         prompts = await run_in_threadpool(_completion_prompts, rt, body, settings.ctx_size, settings.default_max_tokens)
         prediction = await run_in_threadpool(_prediction, rt, body)
         requests = _requests(body, prompts, settings, prediction)
@@ -292,6 +293,7 @@ def create_app(settings: ServeSettings, load_in_background: bool = True, replica
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, http: Request, rt: ReadyRuntime):
         check_model(body.model, rt)
+        _check_messages(len(body.messages), settings.ctx_size)
         try:
             messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         except ValueError as exc:
@@ -331,6 +333,7 @@ def create_app(settings: ServeSettings, load_in_background: bool = True, replica
     @app.post("/v1/verify")
     async def verify(body: VerifyRequest, http: Request, rt: ReadyRuntime):
         check_model(body.model, rt)
+        _check_verify_tokens(body, rt.engine.n_vocab)
         if body.session_id is None:
             return await _verify(rt, body, list(body.context) + body.append, http)
         with state.sessions.call(body.session_id, body.context, body.append) as context:
@@ -343,9 +346,6 @@ def create_app(settings: ServeSettings, load_in_background: bool = True, replica
         return {"session_id": session_id, "deleted": state.sessions.end(session_id)}
 
     async def _verify(rt: Runtime, body: VerifyRequest, context: list[int], http: Request) -> dict:
-        _check_tokens(context + body.draft, rt.engine.n_vocab)
-        for row in body.draft_probs or ():  # a probability of a token the model does not have
-            _check_tokens(list(row), rt.engine.n_vocab)
         _check_fits(context + body.draft, settings.ctx_size)
         seed = None if body.seed is None else call_seed(body.seed, len(context))
         params = _params(body.temperature, body.top_p, body.top_k, seed)
@@ -409,10 +409,38 @@ def _check_fits(prompt: list[int], ctx_size: int) -> None:
                        param="prompt", code="context_length_exceeded")  # fmt: skip
 
 
-def _check_tokens(prompt: list[int], n_vocab: int) -> None:
+def _check_tokens(prompt: list[int], n_vocab: int, param: str = "prompt") -> None:
     bad = [t for t in prompt if not 0 <= t < n_vocab]
     if bad:
-        raise APIError(400, f"token ids out of range [0, {n_vocab}): {bad[:3]}", param="prompt")
+        raise APIError(400, f"{param}: token ids out of range [0, {n_vocab}): {bad[:3]}", param=param)
+
+
+def _check_verify_tokens(body: VerifyRequest, n_vocab: int) -> None:
+    """A verification's token ids, each list under the name the client gave it."""
+    for param in ("context", "append", "draft"):
+        _check_tokens(list(getattr(body, param) or ()), n_vocab, param)
+    for row in body.draft_probs or ():  # a probability of a token the model does not have
+        _check_tokens(list(row), n_vocab, "draft_probs")
+
+
+def _n_prompts(body: CompletionRequest) -> int:
+    """How many prompts a completion request holds (text, token ids: one; a list of texts: each)."""
+    if isinstance(body.prompt, str) or all(isinstance(t, int) for t in body.prompt):
+        return 1
+    return len(body.prompt)
+
+
+def _check_choices(n_choices: int, capacity: int) -> None:
+    if n_choices > capacity:  # as the scheduler would refuse them, before any prompt is tokenized
+        raise APIError(400, f"{n_choices} choices in one request; this server holds {capacity} at once")
+
+
+def _check_messages(n_messages: int, ctx_size: int) -> None:
+    """Every message renders as one token at least: more than the context holds never fit (refused before
+    the template and the tokenizer spend seconds on them)."""
+    if n_messages >= ctx_size:
+        raise APIError(400, f"{n_messages} messages; this model's context holds {ctx_size} tokens",
+                       param="messages", code="context_length_exceeded")  # fmt: skip
 
 
 def _completion_prompts(

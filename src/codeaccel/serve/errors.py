@@ -1,8 +1,8 @@
 """Every error the server answers, mapped in one place to an OpenAI-style body:
 ``{"error": {"message", "type", "param", "code"}}``.
 
-Bad input (unparsable JSON, bad UTF-8, wrong types, values out of range, a prompt too long,
-an unknown model, an oversized body) is a 4xx; a full queue or a model still loading a 503
+Bad input (unparsable JSON, a body not sent as JSON (415), bad UTF-8, wrong types, values out of range,
+a prompt too long, an unknown model, an oversized body) is a 4xx; a full queue or a model still loading a 503
 (with ``Retry-After`` when full); only a bug is a 500.
 """
 
@@ -60,18 +60,44 @@ def to_api_error(exc: Exception) -> APIError:
     return APIError(500, f"internal error: {type(exc).__name__}", "server_error")
 
 
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict"})  # a union member's name in a location
+
+
+def _path(loc: list) -> str:
+    """Where in the body, as a client writes it: ``messages[0].role`` (a union's member types dropped)."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif not ("[" in part or "(" in part or part in _TYPE_TAGS):
+            out += f".{part}" if out else part
+    return out
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     first = exc.errors()[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    loc = [p for p in first.get("loc", ()) if p != "body"]
     if first.get("type") == "json_invalid":
         return f"the body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}", None
-    param = loc[0] if loc else None  # the top-level field, as OpenAI names it (a union's member types dropped)
-    return (f"{param}: {first['msg']}" if param else first["msg"]), param
+    param = str(loc[0]) if loc else None  # the top-level field, as OpenAI names it
+    message = first["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's ValueError
+    path = _path(loc)
+    return (f"{path}: {message}" if path else message), param
+
+
+def _not_json(exc: RequestValidationError) -> bool:
+    """FastAPI hands the raw bytes to validation when the body's Content-Type is not JSON (form, text, none):
+    the body was never read as JSON, so "not a valid dictionary" would be the wrong complaint."""
+    return isinstance(exc.body, bytes | bytearray)
 
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
+        if _not_json(exc):
+            given = request.headers.get("content-type") or "none"
+            return _response(APIError(415, f"the body must be JSON, sent with Content-Type: application/json (got "
+                                           f"{given})", code="unsupported_media_type"))  # fmt: skip
         message, param = _validation_message(exc)
         return _response(APIError(400, message, param=param))
 

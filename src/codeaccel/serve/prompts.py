@@ -14,8 +14,9 @@ first), then the suffix's tail, then the prefix's head, as llama-server trims.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import chain
 
 from codeaccel.engines.base import Engine
 from codeaccel.errors import UserError
@@ -71,20 +72,12 @@ def fim_prompt(
     def tok(text: str) -> list[int]:
         return engine.tokenize(text, special=special)
 
-    head: list[int] = []
-    if (extra or repo_head) and fim.repo_name is not None and fim.file_sep is not None:
-        head = [fim.repo_name, *tok(PROJECT + "\n")]
-        for filename, text in extra:
-            head += [fim.file_sep, *tok(filename + "\n"), *tok(text)]
-        head += [fim.file_sep, *tok(CURRENT_FILE + "\n")]
-    elif extra:  # no repository tokens: the files as plain text before the prefix
-        for filename, text in extra:
-            head += tok(f"# {filename}\n{text}\n\n")
     before = tok(prefix + prompt) if prefix + prompt else []
     after = tok(suffix) if suffix else []
     fixed = 3  # the three FIM tokens
     if budget < fixed + 1:
         raise UserError(f"no room for a fill-in-the-middle prompt in {budget} tokens")
+    head = _head(fim, tok, extra, repo_head, budget - fixed - len(before) - len(after))
     over = len(head) + len(before) + len(after) + fixed - budget
     if over > 0:  # drop the extra files' oldest tokens first
         cut = min(over, len(head))
@@ -97,6 +90,33 @@ def fim_prompt(
     if over > 0:  # then the prefix's head
         before = before[over:]
     return [*head, fim.prefix, *before, fim.suffix, *after, fim.middle]
+
+
+def _head(fim: FimTokens, tok: Callable[[str], list[int]], extra: Sequence[tuple[str, str]], repo_head: bool,
+          room: int) -> list[int]:  # fmt: skip
+    """The repository context before the prefix, at most its last ``room`` tokens: the oldest files are
+    dropped first, so it is tokenized from the newest file back, and no further than ``room`` reaches
+    (a request with thousands of extra files costs what fits, not seconds of tokenizing)."""
+    if room <= 0:
+        return []
+    if (extra or repo_head) and fim.repo_name is not None and fim.file_sep is not None:
+        closing = [[fim.file_sep, *tok(CURRENT_FILE + "\n")]]
+        files = ([fim.file_sep, *tok(filename + "\n"), *tok(text)] for filename, text in reversed(extra))
+        opening = [[fim.repo_name, *tok(PROJECT + "\n")]]
+    elif extra:  # no repository tokens: the files as plain text before the prefix
+        closing, opening = [], []
+        files = (tok(f"# {filename}\n{text}\n\n") for filename, text in reversed(extra))
+    else:
+        return []
+    kept: list[list[int]] = []
+    n = 0
+    for piece in chain(closing, files, opening):  # newest first
+        if n >= room:
+            break
+        kept.append(piece)
+        n += len(piece)
+    head = [t for piece in reversed(kept) for t in piece]
+    return head[len(head) - room :] if len(head) > room else head
 
 
 def chat_prompt(engine: Engine, messages: list[dict[str, str]]) -> list[int]:

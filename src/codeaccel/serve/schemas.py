@@ -45,18 +45,22 @@ def _check_stops(value):
 
 
 def _check_text(value, where: str = "body") -> None:
-    """Strings must be encodable text: JSON lets a lone surrogate (\\ud800) through, UTF-8 does not."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ValueError(f"{where} is not valid Unicode text (a lone surrogate)") from None
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            _check_text(v, str(k))
-    elif isinstance(value, list):
-        for v in value:
-            _check_text(v, where)
+    """Strings must be encodable text: JSON lets a lone surrogate (\\ud800) through, UTF-8 does not.
+
+    A walk with its own stack, not recursion: JSON nested as deep as the parser allows (an ignored
+    field of ~1000 nested lists) would otherwise raise RecursionError, a 500."""
+    pending = [(value, where)]
+    while pending:
+        item, name = pending.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"{name} is not valid Unicode text (a lone surrogate)") from None
+        elif isinstance(item, dict):
+            pending.extend(reversed([(v, str(k)) for k, v in item.items()]))  # in document order
+        elif isinstance(item, list):
+            pending.extend((v, name) for v in reversed(item))
 
 
 class StreamOptions(_Body):
