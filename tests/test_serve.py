@@ -73,6 +73,7 @@ def alone(fim_gguf):
 
 def test_health_and_models(server):
     assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+    assert httpx.head(server.url + "/health").status_code == 200
     models = server.client().models.list().data
     assert len(models) == 1 and models[0].id == "tiny-fim"
     assert models[0].model_extra["max_model_len"] == CTX
@@ -317,6 +318,7 @@ def test_health_is_503_until_the_model_loads(tmp_path):
     with TestClient(create_app(settings, load_in_background=False)) as client:
         r = client.get("/health")
         assert r.status_code == 503 and "missing.gguf" in r.json()["error"]["message"]
+        assert client.head("/health").status_code == 503
         assert client.post("/v1/completions", json={"prompt": "x"}).status_code == 503
 
 

@@ -233,7 +233,7 @@ def create_app(settings: ServeSettings, load_in_background: bool = True, replica
                            param="model", code="model_not_found")  # fmt: skip
 
     # ---- health, models, metrics, events ---------------------------------------------
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: load balancers' and uptime checks' probe
     def health():
         state.ready()
         return {"status": "ok"}
