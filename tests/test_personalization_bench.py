@@ -58,8 +58,8 @@ def test_rows_before_and_after_tuning_and_a_resumed_rerun(config, tmp_path):
     # continuations already there (none regenerated), one tuning more, the other rows kept
     from dataclasses import replace
 
-    doc3 = run_personalization_bench(replace(config, teach=("target", "distill")), tmp_path / "work",
-                                     lambda s, d, n: None)  # fmt: skip
+    doc3 = run_personalization_bench(replace(config, teach=("target", "distill"), train_acceptance=True),
+                                     tmp_path / "work", lambda s, d, n: None)  # fmt: skip
     assert len((tmp_path / "work" / "examples.jsonl").read_text().splitlines()) == 12
     teachers = [json.loads(line) for line in (tmp_path / "work" / "teachers.jsonl").read_text().splitlines()]
     by_task = {e["task_id"]: e for e in examples}
@@ -70,6 +70,11 @@ def test_rows_before_and_after_tuning_and_a_resumed_rerun(config, tmp_path):
     distilled, kept = rows3["draft-model-tuned-distill"], rows3["draft-model-tuned-target"]
     assert distilled["tune"]["steps"] > 0 and distilled["verifications"] > 0
     assert kept["mean_accepted_len"] == rows["draft-model-tuned-target"]["mean_accepted_len"]
+    n_train = rows["draft-model-untuned"]["n_train"]
+    for r in doc3["rows"][1:]:  # every draft also measured on the training examples (the held-out rows kept)
+        assert r["train_acceptance"]["examples"] == n_train == 12 - r["n_problems"]
+        assert 1.0 <= r["train_acceptance"]["mean_accepted_len"] <= config.k + 1
+    assert "On the training examples" in to_markdown(doc3)
 
 
 def test_a_work_folder_refuses_other_settings(config, tmp_path):

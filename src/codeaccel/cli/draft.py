@@ -9,14 +9,15 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
+from codeaccel.bench.repo_dataset import package_root
 from codeaccel.cli.display import err, out, save_results, stage_bars
-from codeaccel.cli.feedback import StoreOpt
-from codeaccel.cli.options import command_line
+from codeaccel.cli.feedback import StoreOpt, store_location
+from codeaccel.cli.options import check_folder, check_json_file, check_model, comma_list, command_line
 from codeaccel.personalization.bench import PersonalizationBenchConfig, run_personalization_bench, to_markdown
 from codeaccel.personalization.distill import check_teach
 from codeaccel.personalization.finetune import TuneConfig
 from codeaccel.personalization.loop import LoopConfig, run_tuning
-from codeaccel.personalization.store import default_location, open_store
+from codeaccel.personalization.store import open_store
 from codeaccel.personalization.versions import DraftVersions, default_versions_dir
 
 app = typer.Typer(help="The draft tuned on accepted completions: train, list, promote, rollback.", no_args_is_help=True)
@@ -29,7 +30,10 @@ DEFAULT_DRAFT = "qwen2.5-coder-0.5b-instruct"
 
 
 def _versions(folder: Path | None, draft_model: str) -> DraftVersions:
-    return DraftVersions(folder or default_versions_dir(draft_model))
+    root = folder or default_versions_dir(draft_model)
+    check_folder(root, "--versions")
+    check_json_file(root / "versions.json", "the versions registry")
+    return DraftVersions(root)
 
 
 @app.command("train")
@@ -49,8 +53,11 @@ def draft_train(
     """Tune a copy of the draft with LoRA, validate it against the live one, promote it only if better."""
     check_teach(teach)
     config = LoopConfig(threshold=threshold, teach=teach, tune=TuneConfig(epochs=epochs, max_seconds=max_seconds))
+    check_model(draft_model)
+    check_model(target_model)
+    location = store_location(store, must_exist=True)
     registry = _versions(versions, draft_model)
-    with open_store(store or default_location()) as accepted, stage_bars() as progress:
+    with open_store(location) as accepted, stage_bars() as progress:
         result = run_tuning(accepted, registry, draft_model, target_model, config, progress, force)
     if result is None:
         out.print(f"fewer than {threshold} new accepted completions since the last tuning: nothing to do (--force)")
@@ -114,19 +121,28 @@ def draft_bench(
     epochs: Annotated[int, typer.Option(help="Passes over the training completions.")] = 2,
     max_seconds: Annotated[float, typer.Option(help="Training time budget per tuning.")] = 600.0,
     e2e: Annotated[bool, typer.Option("--e2e/--no-e2e", help="Also time speculative decoding end to end.")] = True,
+    train_acceptance: Annotated[
+        bool, typer.Option(help="Also measure each draft on the training examples (how well tuning fits them).")
+    ] = False,
     work: Annotated[Path, typer.Option(help="Continuations, adapters and finished rows (resumable).")] = Path(
         "runs/personalization"
     ),
     out_dir: Annotated[Path, typer.Option("--out", help="Where the results go.")] = Path("runs/personalization"),
 ) -> None:
     """Tune the draft on part of a project's code, measure acceptance and speed on the rest, before and after."""
-    teaching = tuple(t.strip() for t in teach.split(",") if t.strip())
+    teaching = comma_list(teach, "--teach")
     for t in teaching:
         check_teach(t)
+    package_root(package)  # all refused before the work folder records these settings
+    check_model(draft_model)
+    check_model(target_model)
+    check_folder(work, "--work")
+    check_folder(out_dir)
+    check_json_file(work / "settings.json", "the work folder's settings")
     tune = TuneConfig(epochs=epochs, max_seconds=max_seconds, max_tokens=432)
     config = PersonalizationBenchConfig(package=package, n_problems=problems, held_out_every=held_out_every,
                                         draft_model=draft_model, target_model=target_model, teach=teaching, e2e=e2e,
-                                        tune=tune)  # fmt: skip
+                                        train_acceptance=train_acceptance, tune=tune)  # fmt: skip
     with stage_bars() as progress:
         doc = run_personalization_bench(config, work, progress)
     save_results(doc, out_dir, "personalization", to_markdown, command_line())

@@ -33,7 +33,7 @@ from codeaccel.decoding.speculative import speculative_generate
 from codeaccel.engines import Engine, load_engine
 from codeaccel.engines.cost_curve import cost_curve_for
 from codeaccel.errors import UserError
-from codeaccel.personalization.acceptance import Continuation, measure_acceptance_by_k
+from codeaccel.personalization.acceptance import Continuation, measure_acceptance, measure_acceptance_by_k
 from codeaccel.personalization.distill import TeacherTop, check_teach, teacher_top_k
 from codeaccel.personalization.finetune import TrainingExample, TuneConfig, finetune
 
@@ -53,6 +53,7 @@ class PersonalizationBenchConfig:
     other_ks: tuple[int, ...] = (1, 8, 16)  # acceptance replayed at these lengths too (acceptance_by_k)
     teach: tuple[str, ...] = ("target", "accepted")
     e2e: bool = True
+    train_acceptance: bool = False  # also measure on the training examples: how well the tuning fits what it saw
     tune: TuneConfig = field(default_factory=lambda: TuneConfig(epochs=2, max_seconds=600.0, max_tokens=432))
 
     def __post_init__(self) -> None:
@@ -158,6 +159,7 @@ def run_personalization_bench(config: PersonalizationBenchConfig, work: Path, pr
     rows = {r["method"]: r for r in map(json.loads, rows_file.read_text().splitlines())} if rows_file.is_file() else {}
     train, held, teachers = _examples(config, work, progress)
     held_cont = [Continuation(e.prompt, e.target) for e in held if e.target]
+    train_cont = [Continuation(e.prompt, e.target) for e in train if e.target]
     base = {
         "dataset": f"repo:{config.package}",
         "model": config.target_model,
@@ -210,18 +212,25 @@ def run_personalization_bench(config: PersonalizationBenchConfig, work: Path, pr
         for name, adapter in [("draft-model-untuned", None)] + [(f"draft-model-tuned-{t}", adapters[t])
                                                                   for t in config.teach]:  # fmt: skip
             measured = name in rows and not rows[name].get("pending")
-            if measured and "acceptance_by_k" in rows[name]:
+            held_done = measured and "acceptance_by_k" in rows[name]
+            train_done = not config.train_acceptance or "train_acceptance" in rows.get(name, {})
+            if held_done and train_done:
                 continue
             draft.set_lora(adapter)
-            progress(f"acceptance: {name}", 0, 1)
-            t0 = time.perf_counter()
-            by_k = measure_acceptance_by_k(draft, held_cont, sorted({config.k, *config.other_ks}))
-            row = {**base, **rows.get(name, {}), "method": name, **by_k[config.k].to_record(),
-                   "acceptance_by_k": {str(k): s.to_record() for k, s in by_k.items()},
-                   "measure_s": round(time.perf_counter() - t0, 1)}  # fmt: skip
-            row.pop("pending", None)
-            if config.e2e and not measured:  # a row measured before its other lengths keeps its timing
-                row.update(_e2e(target, draft, held, config, progress, name))
+            row = {**base, **rows.get(name, {}), "method": name}
+            if not held_done:
+                progress(f"acceptance: {name}", 0, 1)
+                t0 = time.perf_counter()
+                by_k = measure_acceptance_by_k(draft, held_cont, sorted({config.k, *config.other_ks}))
+                row.update({**by_k[config.k].to_record(),
+                            "acceptance_by_k": {str(k): s.to_record() for k, s in by_k.items()},
+                            "measure_s": round(time.perf_counter() - t0, 1)})  # fmt: skip
+                row.pop("pending", None)
+                if config.e2e and not measured:  # a row measured before its other lengths keeps its timing
+                    row.update(_e2e(target, draft, held, config, progress, name))
+            if not train_done:  # the target's continuations of the training prompts, whatever was taught
+                progress(f"acceptance on the training examples: {name}", 0, 1)
+                row["train_acceptance"] = measure_acceptance(draft, train_cont, config.k).to_record()
             keep(row)
     finally:
         draft.close()
@@ -244,7 +253,7 @@ def run_personalization_bench(config: PersonalizationBenchConfig, work: Path, pr
 
 def _check_settings(config: PersonalizationBenchConfig, work: Path) -> None:
     """A work folder serves one set of examples: refuse another's (what ``teach`` and ``e2e`` choose may vary)."""
-    fixed = {k: v for k, v in asdict(config).items() if k not in ("teach", "e2e", "other_ks")}
+    fixed = {k: v for k, v in asdict(config).items() if k not in ("teach", "e2e", "other_ks", "train_acceptance")}
     fixed["tune"] = asdict(config.tune)
     path = work / "settings.json"
     if path.is_file():
@@ -276,4 +285,11 @@ def to_markdown(doc: dict) -> str:
             ratio = r.get("accepted_len_vs_untuned_by_k", {})
             cells = [f"{r['acceptance_by_k'][k]['mean_accepted_len']} ({ratio.get(k, '')}×)" for k in ks]
             lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
+    fitted = [r for r in doc["rows"] if "train_acceptance" in r]
+    if fitted:
+        lines.append(f"\nOn the training examples (how well each draft fits what it was tuned on), k={k}:\n")
+        lines.append("| method | mean accepted length | acceptance rate | examples |\n|---|---|---|---|")
+        for r in fitted:
+            t = r["train_acceptance"]
+            lines.append(f"| {r['method']} | {t['mean_accepted_len']} | {t['acceptance_rate']} | {t['examples']} |")
     return f"# Personalization: {doc['rows'][0]['dataset'] if doc['rows'] else ''}\n\n" + head + "\n".join(lines) + "\n"
