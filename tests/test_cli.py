@@ -247,10 +247,11 @@ def test_generate_with_speculative_method_logs_drafts(tiny_gguf, tmp_path):
 
 def test_retrieval_without_a_datastore_is_a_clear_error(tiny_gguf, tmp_path):
     env = {"CODEACCEL_CACHE_DIR": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"}
-    result = run_cli("bench", "humaneval", "-m", tiny_gguf, "--method", "retrieval", "--limit", "1", env=env)
+    args = ["bench", "humaneval", "-m", tiny_gguf, "--method", "retrieval"]
+    result = run_cli(*args, "--limit", "1", env=env, cwd=tmp_path)  # its default results folder: under tmp_path
     assert result.returncode == 2 and "no datastore" in result.stderr and "codeaccel index build" in result.stderr
     assert "Traceback" not in result.stderr
-    result = run_cli("bench", "humaneval", "-m", tiny_gguf, "--method", "retrieval", "--ablate", "magic", env=env)
+    result = run_cli(*args, "--ablate", "magic", env=env, cwd=tmp_path)
     assert result.returncode == 2 and "unknown ablation 'magic'" in result.stderr
 
 
@@ -267,3 +268,116 @@ def test_sandbox_check_and_bench(tmp_path):
     assert results["sandbox_pool"]["executions_per_s"] > 0 and (tmp_path / "sandbox.md").exists()
     bad = run_cli("sandbox", "bench", "--n", "0")
     assert bad.returncode == 2 and "--n must be >= 1" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["bench", "humaneval,humaneval", "-m", "{tiny}"], "names 'humaneval' twice"),
+        (["bench", ",", "-m", "{tiny}"], "empty item"),
+        (["bench", "humaneval", "-m", "{tiny}", "--method", "autoregressive,,prompt-lookup"], "empty item"),
+        (["bench", "humaneval", "-m", "{tiny}", "--dtype", "float8"], "--dtype"),
+        (["bench", "humaneval", "-m", "{tiny}", "--name", "../elsewhere"], "--name"),
+        (["bench", "humaneval", "-m", "{tiny}", "--rescore", "--report-only"], "exclude each other"),
+        (["bench", "humaneval", "-m", "{tiny}", "--out", "{file}"], "not a folder"),
+        (["bench", "humaneval", "-m", "{tiny}", "--method", "speculative", "--draft-engine", "vllm"], "--draft-engine"),
+        (["bench", "humaneval", "-m", "{tiny}", "--method", "retrieval", "--datastore", "{tmp}/no"], "no datastore"),
+        (["generate", "hi", "-m", "{tiny}", "--method", "autoregressive,prompt-lookup"], "runs one method"),
+        (["generate", "hi", "-m", "{tiny}", "--dtype", "float8"], "--dtype"),
+        (["generate", "hi", "-m", "{tiny}", "--stop", ""], "--stop is empty"),
+        (["profile", "{tiny}", "--draft-vocab", "10"], "at least 256"),
+        (["profile", "{tiny}", "--out", "{file}/sub"], "not a folder"),
+        (["cascade", "run", "humaneval", "--models", "{tiny},{tiny}", "--out", "{tmp}/c"], "twice"),
+        (["cascade", "run", "humaneval", "--models", "{tiny}", "--out", "{file}"], "not a folder"),
+        (["cascade", "tune", "humaneval", "--models", "{tiny}", "--usd-per-hour", "inf"], "finite"),
+        (["index", "build", "general", "--root", "{tmp}/no", "-m", "{tiny}"], "not a directory"),
+        (["index", "build", "repository", "--root", "{tmp}", "-m", "{tiny}", "--out", "{file}"], "not a folder"),
+        (["sandbox", "bench", "--workers", "0"], "--workers"),
+        (["sandbox", "bench", "--n", "1", "--out", "{file}"], "not a folder"),
+        (["dataset", "build-edits", "--git-dir", "{tmp}", "--out", "{tmp}/e.jsonl.gz", "--glob", ""], "--glob"),
+        (["feedback", "list", "--store", "{tmp}/missing.sqlite"], "no accepted-completion store"),
+        (["feedback", "list", "--store", "{tmp}/missing.sqlite", "--after", "-1"], "--after"),
+        (["feedback", "list", "--store", "{file}"], "not an SQLite database"),
+        (["feedback", "add", "--prompt", "p", "--completion", "c", "--store", "{tmp}"], "is a folder"),
+        (["draft", "list", "--draft-model", "{tiny}", "--versions", "{file}"], "not a folder"),
+        (["draft", "train", "--draft-model", "{tmp}/x.gguf", "--versions", "{tmp}/v", "--store", "{tmp}/s"], "unknown"),
+        (["draft", "bench", "--teach", "target,target", "--work", "{tmp}/w", "--out", "{tmp}/w"], "twice"),
+        (["serve", "--model", "{tmp}/no.gguf"], "unknown model"),
+        (["serve", "--model", "{tiny}", "--engine", "vllm"], "unknown engine"),
+        (["serve", "--model", "{tiny}", "--events-db", "{file}"], "not an SQLite database"),
+        (["loadtest", "--url", "http://127.0.0.1:9", "--concurrency", "4,4"], "names '4' twice"),
+        (["loadtest", "--servers", ",", "--out", "{tmp}/lt"], "empty item"),
+        (["loadtest", "--url", "http://127.0.0.1:9", "--seed", "-1"], "--seed"),
+        (["loadtest", "--url", "notaurl", "--out", "{tmp}/lt"], "http:// or https://"),
+        (["loadtest", "--url", "http://127.0.0.1:9", "--servers", "llama-server"], "give one"),
+        (["loadtest", "--url", "http://127.0.0.1:9", "--out", "{file}"], "not a folder"),
+        (["client", "hi", "--draft-model", "{tiny}", "--server", "http://[::1"], "not a valid URL"),
+        (["client", "hi", "--draft-model", "{tiny}", "--draft-versions", "{tmp}/v"], "no versions folder"),
+        (["split-bench", "--clients", "1,1"], "twice"),
+        (["split-bench", "--draft-tokens", "0"], "--draft-tokens"),
+        (["split-bench", "--target-model", "{tmp}/no.gguf", "--out", "{tmp}/sp"], "unknown model"),
+    ],
+)
+def test_bad_input_is_refused_before_any_work(args, message, tiny_gguf, tmp_path):
+    file = tmp_path / "file.txt"
+    file.write_text("not a folder, nor a database\n")
+    values = {"{tiny}": tiny_gguf, "{tmp}": str(tmp_path), "{file}": str(file)}
+    for key, value in values.items():
+        args = [a.replace(key, value) for a in args]
+    result = run_cli(*args, cwd=tmp_path)  # a default results folder would land here
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]  # nothing was written
+
+
+def test_refused_cascade_run_leaves_no_store_and_keeps_the_recorded_command(tiny_gguf, tmp_path):
+    from codeaccel.cascade.store import GenerationStore
+
+    missing = run_cli(
+        "cascade", "run", "humaneval", "--models", str(tmp_path / "no.gguf"), "--out", str(tmp_path / "a")
+    )
+    assert missing.returncode == 2 and "unknown model" in missing.stderr and not (tmp_path / "a").exists()
+    with GenerationStore(tmp_path / "b" / "store.sqlite") as store:
+        store.set_meta("run_config", {"models": [], "dataset": "mbpp"})
+        store.set_meta("command_run", "codeaccel cascade run mbpp")
+    other = run_cli("cascade", "run", "humaneval", "--models", tiny_gguf, "--out", str(tmp_path / "b"))
+    assert other.returncode == 2 and "other settings" in other.stderr
+    with GenerationStore(tmp_path / "b" / "store.sqlite") as store:
+        assert store.meta("command_run") == "codeaccel cascade run mbpp"
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "CREATE TABLE meta(a, b, c)",
+        "CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT); INSERT INTO meta VALUES ('schema_version', '\"x\"')",
+    ],
+)
+def test_a_foreign_sqlite_file_as_the_cascade_store_is_a_one_line_error(sql, tiny_gguf, tmp_path):
+    import sqlite3
+
+    db = sqlite3.connect(tmp_path / "store.sqlite")
+    db.executescript(sql)
+    db.close()
+    result = run_cli("cascade", "report", "humaneval", "--models", tiny_gguf, "--out", str(tmp_path))
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    assert "not a cascade store" in lines[0] or "store schema 'x'" in lines[0]
+
+
+def test_rescore_with_nothing_to_rescore_changes_no_file(tiny_gguf, tmp_path):
+    results = tmp_path / "run" / "results.jsonl"
+    results.parent.mkdir()
+    results.write_text('{"not": "a record of this run"\n')
+    for out in (results.parent, tmp_path / "none"):
+        result = run_cli("bench", "humaneval", "-m", tiny_gguf, "--limit", "1", "--rescore", "--out", str(out))
+        assert result.returncode == 2 and "no stored results" in result.stderr and "Traceback" not in result.stderr
+    assert results.read_text() == '{"not": "a record of this run"\n' and not (tmp_path / "none").exists()
+
+
+def test_draft_bench_refused_for_an_unknown_package_records_no_settings(tiny_gguf, tmp_path):
+    args = ["--draft-model", tiny_gguf, "--target-model", tiny_gguf, "--work", str(tmp_path / "w")]
+    result = run_cli("draft", "bench", "--package", "no_such_package_here", *args, "--out", str(tmp_path / "w"))
+    assert result.returncode == 2 and "not installed" in result.stderr
+    assert not (tmp_path / "w").exists()  # a later run with the right package is not refused as "other settings"

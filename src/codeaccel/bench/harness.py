@@ -261,7 +261,8 @@ def rescore(config: BenchConfig, store: ResultStore, progress: ProgressCallback 
         for done, (record, result) in enumerate(zip(todo, pool.map(jobs)), 1):
             record.update(scores_of(result))
             report(BenchProgress(done, len(todo), None, "rescore"))
-    store.rewrite()
+    if todo:  # nothing rescored: the file is left as it is (lines it could not read included)
+        store.rewrite()
     return todo
 
 

@@ -114,14 +114,14 @@ class GenerationStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
-        except sqlite3.DatabaseError as exc:
+            self._lock = threading.Lock()
+            version = self.meta("schema_version")
+        except (sqlite3.DatabaseError, ValueError) as exc:  # another SQLite file, a damaged one
             raise UserError(f"{self.path} is not a cascade store: {exc}") from None
-        self._lock = threading.Lock()
-        version = self.meta("schema_version")
         if version is None:
             self.set_meta("schema_version", SCHEMA_VERSION)
-        elif int(version) != SCHEMA_VERSION:
-            raise UserError(f"{self.path} has store schema {version}; this codeaccel reads {SCHEMA_VERSION}")
+        elif version != SCHEMA_VERSION:
+            raise UserError(f"{self.path} has store schema {version!r}; this codeaccel reads {SCHEMA_VERSION}")
 
     def close(self) -> None:
         self._db.close()

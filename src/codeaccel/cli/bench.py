@@ -66,13 +66,19 @@ def bench(
     The summary table covers every method stored in the results folder for the same
     problems and settings, so variants run one after another share one table.
     """
-    names = parse_datasets(datasets, limit)  # before any model loads
+    names = parse_datasets(",".join(opt.comma_list(datasets, "datasets")), limit)  # before any model loads
     if max_tokens < 1:
         raise UserError(f"--max-tokens must be >= 1, got {max_tokens}")
+    if rescore and report_only:
+        raise UserError("--rescore and --report-only exclude each other: give one")
+    if not name or Path(name).name != name or name in (".", ".."):
+        raise UserError(f"--name is a file name stem (no folder), got {name!r}")
+    opt.check_folder(out_dir)
+    opt.check_dtype(dtype)
     config = BenchConfig(
         model=model,
         engine=engine,
-        methods=tuple(parse_methods(method)),
+        methods=tuple(parse_methods(",".join(opt.comma_list(method, "--method")))),
         datasets=names,
         limit=limit,
         max_tokens=max_tokens,

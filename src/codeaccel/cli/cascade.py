@@ -20,7 +20,7 @@ from codeaccel.cascade.self_tests import TEST_FORMATS
 from codeaccel.cascade.store import GenerationStore
 from codeaccel.cascade.tuner import tune
 from codeaccel.cli.display import LoggedProgress, err, out
-from codeaccel.cli.options import command_line
+from codeaccel.cli.options import check_finite, check_folder, check_model, comma_list, command_line
 from codeaccel.engines import ENGINES
 from codeaccel.errors import UserError
 
@@ -39,11 +39,12 @@ Out = Annotated[Path, typer.Option("--out", help="Folder of the store (store.sql
 
 
 def _models(spec: str) -> tuple[str, ...]:
-    models = tuple(m.strip() for m in spec.split(",") if m.strip())
-    if not models:
+    if not spec.strip():
         raise UserError("--models names no model")
-    for spec in models:
-        parse_endpoint(spec)  # a malformed endpoint is refused before anything runs
+    models = comma_list(spec, "--models")
+    for model in models:
+        if not parse_endpoint(model):  # a malformed endpoint is refused before anything runs
+            check_model(model)  # so is a local model that does not exist
     return models
 
 
@@ -79,6 +80,7 @@ def run(
     if not 1 <= n_seq_max <= 64:
         raise UserError(f"--n-seq-max must be in 1..64, got {n_seq_max}")
     family = _models(models)  # refused before the store is opened
+    check_folder(out_dir)
     if answers_from is not None and not answers_from.is_file():
         raise UserError(f"--answers-from: no cascade store at {answers_from}")
     if answers_from is not None and answers_from.resolve() == (out_dir / "store.sqlite").resolve():
@@ -104,12 +106,13 @@ def run(
         tasks: dict[tuple[str, str], int] = {}
 
         def show(p: RunProgress) -> None:
+            if not tasks:  # the first progress: the run passed its checks, the store is this command's
+                store.set_meta("command_run", command_line())
             key = (p.model, p.stage)
             if key not in tasks:
                 tasks[key] = progress.add_task(f"{p.stage} {p.model}", total=p.total)
             progress.update(tasks[key], completed=p.done, total=p.total)
 
-        store.set_meta("command_run", command_line())
         run_cascade_generation(config, store, show)
     out.print(f"stored in {out_dir / 'store.sqlite'}")
 
@@ -127,8 +130,7 @@ def tune_command(
     """Replay every valid (k, l, θ) over the store, pick the Pareto front on 30%, validate on 70%, report."""
     if scorer not in SCORERS:
         raise UserError(f"--scorer must be one of {', '.join(SCORERS)}, got {scorer!r}")
-    if not usd_per_hour > 0:
-        raise UserError(f"--usd-per-hour must be > 0, got {usd_per_hour}")
+    check_finite(usd_per_hour, "--usd-per-hour")
     store_path = out_dir / "store.sqlite"
     if not store_path.is_file():
         raise UserError(f"no cascade store at {store_path}: run `codeaccel cascade run {dataset} --out {out_dir}`")

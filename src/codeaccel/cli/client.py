@@ -45,9 +45,16 @@ def client(
         raise UserError("the prompt is empty")
     if max_tokens < 1:
         raise UserError(f"--max-tokens must be >= 1, got {max_tokens}")
+    if stop and not all(stop):
+        raise UserError("--stop is empty: give the text to stop at")
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     if not 0 <= draft_tokens <= MAX_DRAFT_TOKENS:
         raise UserError(f"--draft-tokens must be in 0..{MAX_DRAFT_TOKENS} (the server's limit), got {draft_tokens}")
+    opt.check_url(server, "--server")
+    opt.check_engine(engine)
+    opt.check_model(draft_model)
+    if draft_versions is not None and not draft_versions.is_dir():
+        raise UserError(f"--draft-versions {draft_versions} is no versions folder (codeaccel draft train makes one)")
     info = server_info(server, api_key)  # before the draft loads: a wrong address fails at once
     with load_engine(draft_model, engine) as draft:
         text = draft.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt

@@ -10,7 +10,7 @@ import typer
 
 from codeaccel.bench.edit_dataset import MAX_FILE_CHARS, N_CTX, build_edit_set, resolve_git_dir, write_records
 from codeaccel.cli.display import err, out
-from codeaccel.cli.options import EngineOpt
+from codeaccel.cli.options import EngineOpt, check_folder
 from codeaccel.engines import load_engine
 from codeaccel.errors import UserError
 
@@ -42,6 +42,13 @@ def build_edits(
     """Build an edit set: functions as real commits changed them, with the file before and the message."""
     if not name.replace("-", "").replace("_", "").isalnum():
         raise UserError(f"--name must be letters, digits, - or _, got {name!r}")
+    if glob is not None and not all(g.strip() for g in glob):
+        raise UserError("--glob is empty: give a pattern of Python files, e.g. 'src/click/*.py'")
+    if max_file_chars < 1:
+        raise UserError(f"--max-file-chars must be >= 1, got {max_file_chars}")
+    if out_path.is_dir():
+        raise UserError(f"--out {out_path} is a folder: give the .jsonl.gz file to write")
+    check_folder(out_path.parent)
     resolved = resolve_git_dir(git_dir)  # before any model loads
     globs = glob or ["src/click/*.py"]
     with ExitStack() as stack:

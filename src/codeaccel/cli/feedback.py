@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from codeaccel.cli.display import out
+from codeaccel.cli.options import check_sqlite_file
 from codeaccel.errors import UserError
 from codeaccel.personalization.store import Accepted, default_location, open_store
 
@@ -18,6 +19,20 @@ StoreOpt = Annotated[
     Optional[str],
     typer.Option("--store", help="sqlite:///PATH, a path, or postgresql://... (default: the server's events file)."),
 ]
+
+
+def store_location(store: str | None, must_exist: bool = False, flag: str = "--store") -> str | Path:
+    """The accepted-completion store to open (default: the events file), checked first where it is an SQLite
+    file: a folder or another kind of file in its place is refused, and with ``must_exist`` a missing one."""
+    if store is not None and not store.removeprefix("sqlite:///").strip():
+        raise UserError(f"{flag} {store!r} names no file: give sqlite:///PATH, a path or postgresql://...")
+    if store is not None and "://" in store and not store.startswith("sqlite:///"):
+        return store  # PostgreSQL, or a scheme open_store refuses
+    path = Path(store.removeprefix("sqlite:///")) if store is not None else default_location()
+    check_sqlite_file(path, "the accepted-completion store")
+    if must_exist and store is not None and not path.exists():
+        raise UserError(f"no accepted-completion store at {path}")
+    return path
 
 
 def _text(value: str, what: str) -> str:
@@ -42,7 +57,7 @@ def feedback_add(
 ) -> None:
     """Store one accepted completion; prints its id once it is on disk."""
     item = Accepted(_text(prompt, "prompt"), _text(completion, "completion"), repository)
-    with open_store(store or default_location()) as accepted:
+    with open_store(store_location(store)) as accepted:
         out.print(accepted.add(item))
 
 
@@ -55,7 +70,9 @@ def feedback_list(
     """Accepted completions, oldest first, with their total."""
     if limit < 1:
         raise UserError(f"--limit must be >= 1, got {limit}")
-    with open_store(store or default_location()) as accepted:
+    if after < 0:
+        raise UserError(f"--after must be >= 0, got {after}")
+    with open_store(store_location(store, must_exist=True)) as accepted:
         rows, total = accepted.items(after, limit), accepted.count()
     table = Table(title=f"{total} accepted completions")
     for column in ("id", "source", "repository", "prompt (end)", "completion"):

@@ -50,7 +50,13 @@ def generate(
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     if max_tokens < 1:
         raise UserError(f"--max-tokens must be >= 1, got {max_tokens}")
-    (method,) = parse_methods(method)[:1]
+    if stop and not all(stop):
+        raise UserError("--stop is empty: give the text to stop at")
+    methods = parse_methods(",".join(opt.comma_list(method, "--method")))
+    if len(methods) != 1:
+        raise UserError(f"--method: generate runs one method, got {method!r} (compare several with codeaccel bench)")
+    (method,) = methods
+    opt.check_dtype(dtype)
     expected = _read_prediction(prediction)
     with load_engine(model, engine, dtype=dtype) as eng, EnginePool() as pool:
         text = eng.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt

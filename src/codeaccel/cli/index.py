@@ -11,7 +11,14 @@ import typer
 from codeaccel.bench.lookup_bench import humaneval_queries, run_lookup_bench
 from codeaccel.bench.lookup_bench import markdown as lookup_markdown
 from codeaccel.cli.display import counting_bar, err, file_bar, out, print_datastore_stats, save_results
-from codeaccel.cli.options import DEFAULT_MODEL, EngineOpt, ModelOpt, command_line
+from codeaccel.cli.options import (
+    DEFAULT_MODEL,
+    EngineOpt,
+    ModelOpt,
+    check_datastores,
+    check_folder,
+    command_line,
+)
 from codeaccel.engines import load_engine
 from codeaccel.engines.base import Engine
 from codeaccel.engines.tokenizer import engine_fingerprint
@@ -54,6 +61,12 @@ def index_build(
     roots = list(root or [])
     if kind == "repository" and len(roots) != 1:
         raise UserError("a repository datastore needs exactly one --root")
+    for r in roots:  # before the model loads
+        if not r.is_dir():
+            raise UserError(f"--root {r} is not a directory")
+    if len({r.resolve() for r in roots}) < len(roots):
+        raise UserError("--root names a directory twice")
+    check_folder(out_dir)
     eng, fingerprint = _tokenizer(model, engine)
     with eng:
         name = "general" if kind == "general" else f"repo-{roots[0].resolve().name}"
@@ -108,6 +121,8 @@ def index_bench(
     """Lookup latency per datastore and over all of them in parallel (median, p90, p99)."""
     if n < 1:
         raise UserError(f"--n must be >= 1, got {n}")
+    check_datastores(datastore)
+    check_folder(out_dir)
     eng, _ = _tokenizer(model, engine)
     with eng:
         stores = open_datastores(eng, [str(d) for d in datastore])

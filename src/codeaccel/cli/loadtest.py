@@ -11,24 +11,19 @@ from codeaccel import machine
 from codeaccel.bench.load_servers import SERVERS, launched, server_spec
 from codeaccel.bench.load_test import LoadLevel, fim_requests, run_load_test, write_report
 from codeaccel.cli.display import out
-from codeaccel.cli.options import command_line
+from codeaccel.cli.options import check_folder, check_model, check_url, comma_list, command_line, positive_ints
 from codeaccel.errors import UserError
 
-
-def _ints(spec: str, flag: str) -> list[int]:
-    try:
-        values = [int(v) for v in spec.split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"{flag} takes comma-separated integers, got {spec!r}") from None
-    if not values or any(v < 1 for v in values):
-        raise UserError(f"{flag} needs integers >= 1, got {spec!r}")
-    return values
+DEFAULT_SERVERS = (
+    "codeaccel-autoregressive,codeaccel-context,codeaccel-context-per-request,llama-server,llama-server-draft"
+)
 
 
 def loadtest(
-    servers: Annotated[str, typer.Option(help=f"Servers to start in turn: {', '.join(SERVERS)}.")] = (
-        "codeaccel-autoregressive,codeaccel-context,codeaccel-context-per-request,llama-server,llama-server-draft"
-    ),
+    servers: Annotated[
+        Optional[str],
+        typer.Option(help=f"Servers to start in turn: {', '.join(SERVERS)} (default: {DEFAULT_SERVERS})."),
+    ] = None,
     url: Annotated[Optional[str], typer.Option(help="Test a running server instead (named by --name).")] = None,
     name: Annotated[str, typer.Option(help="The running server's name in the results.")] = "server",
     model: Annotated[str, typer.Option(help="The target every server serves.")] = "qwen2.5-coder-1.5b-instruct",
@@ -55,10 +50,21 @@ def loadtest(
     ),
 ) -> None:
     """Time to first token, latency p50/p99, tokens/s and errors at each concurrency, per server."""
-    levels = _ints(concurrency, "--concurrency")
-    if requests < 1 or n_predict < 1 or time_limit <= 0 or session_steps < 1:
+    levels = list(positive_ints(concurrency, "--concurrency"))
+    if requests < 1 or n_predict < 1 or not time_limit > 0 or session_steps < 1:
         raise UserError("--requests, --n-predict, --time-limit and --session-steps must be positive")
-    names = [s.strip() for s in servers.split(",") if s.strip()]
+    if seed < 0:
+        raise UserError(f"--seed must be >= 0, got {seed}")
+    if url is not None and servers is not None:
+        raise UserError("--url tests a running server: --servers names servers to start instead; give one")
+    if url is not None:
+        check_url(url, "--url")
+    names = list(comma_list(servers or DEFAULT_SERVERS, "--servers")) if url is None else []
+    if names and (parallel < 1 or ctx_size < 1):
+        raise UserError("--parallel and --ctx-size must be >= 1")
+    if names:
+        check_model(model)
+    check_folder(out_dir)
     if predicted_outputs and url is None and any(not n.startswith("codeaccel-") for n in names):
         raise UserError("--predicted-outputs needs servers that take OpenAI's prediction: codeaccel-* only")
     specs = [server_spec(n, model, parallel, ctx_size) for n in names] if url is None else []

@@ -8,11 +8,11 @@ from typing import Annotated, Optional
 import typer
 
 from codeaccel.cli.display import out, print_cost_curve
-from codeaccel.cli.options import DtypeOpt, EngineOpt, command_line
+from codeaccel.cli.options import DtypeOpt, EngineOpt, check_dtype, check_folder, command_line
 from codeaccel.engines import load_engine
 from codeaccel.engines.cost_curve import measure_cost_curve, save_cost_curve
 from codeaccel.errors import UserError
-from codeaccel.methods.registry import ranked_draft_vocabulary
+from codeaccel.methods.registry import MIN_DRAFT_VOCAB, ranked_draft_vocabulary
 
 
 def profile(
@@ -34,10 +34,14 @@ def profile(
     """Measure the cost of evaluating k tokens at once, relative to one decode step."""
     if k_max < 1 or repeats < 1 or context < 1:
         raise UserError("--k-max, --repeats and --context must be >= 1")
+    check_dtype(dtype)
+    check_folder(out_dir)
     vocabulary = None
     if draft_vocab is not None:
         if engine != "llama.cpp":
             raise UserError("--draft-vocab needs the llama.cpp engine")
+        if draft_vocab < MIN_DRAFT_VOCAB:
+            raise UserError(f"--draft-vocab needs at least {MIN_DRAFT_VOCAB} tokens, got {draft_vocab}")
         with load_engine(model, engine, dtype=dtype) as full:  # its tokenizer finds the general datastore
             vocabulary = ranked_draft_vocabulary(full, model, draft_vocab, engine)
     with load_engine(model, engine, dtype=dtype, vocabulary=vocabulary) as eng:

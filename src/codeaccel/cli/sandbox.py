@@ -11,7 +11,7 @@ import typer
 from codeaccel.bench.sandbox_bench import markdown as sandbox_markdown
 from codeaccel.bench.sandbox_bench import run_sandbox_bench
 from codeaccel.cli.display import counting_bar, err, out, print_layers, save_results
-from codeaccel.cli.options import command_line
+from codeaccel.cli.options import check_folder, command_line
 from codeaccel.errors import UserError
 from codeaccel.sandbox import execute, probe
 
@@ -39,9 +39,10 @@ def sandbox_bench(
     """Executions per second and the per-execution overhead against a bare `python -c`."""
     if n < 1:
         raise UserError(f"--n must be >= 1, got {n}")
-    workers = workers or os.cpu_count() or 1
-    if workers < 1:
+    if workers is not None and workers < 1:
         raise UserError(f"--workers must be >= 1, got {workers}")
+    workers = workers or os.cpu_count() or 1
+    check_folder(out_dir)
     with counting_bar("sandbox bench", 3 * n) as advance:  # on stdout, as rich's own console
         doc = run_sandbox_bench(n, workers, advance=advance)
     save_results(doc, out_dir, "sandbox", sandbox_markdown, command_line())

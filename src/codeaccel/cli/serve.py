@@ -7,8 +7,11 @@ from typing import Annotated, Optional
 
 import typer
 
+from codeaccel.cli.feedback import store_location
+from codeaccel.cli.options import check_datastores, check_engine, check_folder, check_model, check_sqlite_file
 from codeaccel.errors import UserError
-from codeaccel.serve.settings import load_settings
+from codeaccel.personalization.store import default_location
+from codeaccel.serve.settings import ServeSettings, load_settings
 
 
 def serve(
@@ -91,13 +94,29 @@ def serve(
         accepted_store=accepted_store,
         draft_versions=draft_versions,
     )
+    if replicas is not None and settings.port == 0:
+        raise UserError("--replicas needs a fixed --port (Ray's proxy listens on it)")
+    if replicas is None and cpus_per_replica is not None:
+        raise UserError("--cpus-per-replica needs --replicas")
+    _check(settings)
     if replicas is not None:
         from codeaccel.serve.replicas import serve_replicas
 
-        if settings.port == 0:
-            raise UserError("--replicas needs a fixed --port (Ray's proxy listens on it)")
         serve_replicas(settings, replicas, cpus_per_replica)
         return
-    if cpus_per_replica is not None:
-        raise UserError("--cpus-per-replica needs --replicas")
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning")
+
+
+def _check(settings: ServeSettings) -> None:
+    """What the settings name, refused before the server starts (it would only log a failed load and stay up)."""
+    check_engine(settings.engine)
+    check_model(settings.model)
+    if settings.method == "draft-model":
+        check_model(settings.draft_model)
+    if settings.method == "retrieval":
+        check_datastores(settings.datastores)
+    if settings.draft_versions is not None:
+        check_folder(settings.draft_versions, "--draft-versions")
+    check_sqlite_file(settings.events_db or default_location(), "--events-db")  # the accepted store's default too
+    if settings.accepted_store is not None:
+        store_location(settings.accepted_store, flag="--accepted-store")

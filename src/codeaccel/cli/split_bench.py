@@ -8,8 +8,9 @@ from typing import Annotated
 import typer
 
 from codeaccel.cli.display import save_results, stage_bars
-from codeaccel.cli.options import command_line
+from codeaccel.cli.options import check_folder, check_model, command_line, positive_ints
 from codeaccel.errors import UserError
+from codeaccel.remote.client import MAX_DRAFT_TOKENS
 from codeaccel.remote.split_bench import SplitBenchConfig, run_split_bench, to_markdown
 
 
@@ -23,10 +24,12 @@ def split_bench(
     out_dir: Annotated[Path, typer.Option("--out", help="Where the results go.")] = Path("runs/split"),
 ) -> None:
     """The client/server split (SpeCoder) on loopback: latency, tokens/s and the target's seconds per token."""
-    try:
-        levels = tuple(int(c) for c in clients.split(","))
-    except ValueError:
-        raise UserError(f"--clients is a comma-separated list of numbers, got {clients!r}") from None
+    levels = positive_ints(clients, "--clients")
+    if not 1 <= draft_tokens <= MAX_DRAFT_TOKENS:
+        raise UserError(f"--draft-tokens must be in 1..{MAX_DRAFT_TOKENS} (the server's limit), got {draft_tokens}")
+    check_model(target_model)
+    check_model(draft_model)
+    check_folder(out_dir)
     config = SplitBenchConfig(target_model=target_model, draft_model=draft_model, clients=levels, requests=requests,
                               n_predict=n_predict, draft_tokens=draft_tokens, parallel=max(levels))  # fmt: skip
     with stage_bars() as progress:
