@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from codeaccel.errors import CodeaccelError
+from codeaccel.errors import CodeaccelError, UserError
 from codeaccel.personalization.store import Accepted, open_store
 from postgres_server import PostgresServer, pg_bin
 
@@ -200,3 +200,46 @@ def test_a_store_from_before_choice_indexes_is_migrated(tmp_path):
         assert store.count() == 1
         store.record_served("cmpl-1", [(0, "p", "c")], "m")
         assert store.accept_served("cmpl-1", 0) == store.accept_served("cmpl-1", 0) == 2
+
+
+def test_an_sqlite_file_of_another_schema_is_refused_and_left_as_it_is(tmp_path):
+    """A cascade store named as the accepted store: refused, no table added; `feedback list` says so in one line."""
+    from codeaccel.cascade.store import GenerationStore
+    from codeaccel.serve.events import EventStore
+
+    cascade = tmp_path / "store.sqlite"
+    GenerationStore(cascade).close()
+    before = cascade.read_bytes()
+    with pytest.raises(UserError, match="not an accepted-completion store"):
+        open_store(cascade)
+    assert cascade.read_bytes() == before
+    listed = subprocess.run([sys.executable, "-m", "codeaccel", "feedback", "list", "--store", str(cascade)],
+                            capture_output=True, text=True)  # fmt: skip
+    lines = listed.stderr.strip().splitlines()
+    assert listed.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), listed.stderr
+    assert cascade.read_bytes() == before
+    EventStore(tmp_path / "events.sqlite")  # the server's events file holds the accepted store too
+    with open_store(tmp_path / "events.sqlite") as store:
+        assert store.add(Accepted("p", "c")) == 1
+
+
+def test_damaged_pages_are_a_user_error(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "a.sqlite"
+    with open_store(path) as store:
+        for i in range(200):
+            store.add(Accepted("p" * 200, f"completion {i} " * 20))
+    with sqlite3.connect(path) as db:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    db.close()
+    pages = bytearray(path.read_bytes())
+    for start in range(2 * 4096, len(pages), 4096):  # every page after the schema's: the rows unreadable
+        pages[start : start + 16] = b"\xde" * 16
+    path.write_bytes(pages)
+    with open_store(path) as store, pytest.raises(UserError, match="is damaged"):
+        store.items()
+    pages[:100] = b"\xde" * 100  # the header too: refused at open
+    path.write_bytes(pages)
+    with pytest.raises(UserError, match="cannot open the accepted-completion store"):
+        open_store(path)

@@ -492,3 +492,39 @@ def test_problems_back_to_back_give_what_each_gives_alone(tiny_gguf, monkeypatch
     assert any(len(active) > 1 for active in steps)  # a problem's sequences ran beside the next one's
     (task,) = narrow
     assert sorted(map(key, narrow[task])) == sorted(map(key, alone[task]))
+
+
+def test_a_meta_value_that_is_not_json_is_a_user_error_naming_the_key_and_the_store(tmp_path):
+    path = tmp_path / "store.sqlite"
+    with GenerationStore(path) as store:
+        store.set_meta("run_config", {"dataset": "mbpp"})
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE meta SET value = '{\"dataset\": ' WHERE key = 'run_config'")
+    db.close()
+    with GenerationStore(path) as store:
+        with pytest.raises(UserError, match="'run_config'") as refused:
+            store.meta("run_config")
+        assert str(path) in str(refused.value) and "\n" not in str(refused.value)
+        assert store.meta("schema_version") == 1  # the other values still read
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "CREATE TABLE completions (id INTEGER PRIMARY KEY, text TEXT)",  # another program's tables, even empty
+        "CREATE TABLE generations (id INTEGER); INSERT INTO generations VALUES (1)",  # data, no schema version
+    ],
+)
+def test_a_foreign_sqlite_file_is_refused_before_any_table_is_added(sql, tmp_path):
+    path = tmp_path / "other.sqlite"
+    with sqlite3.connect(path) as db:
+        db.executescript(sql)
+    db.close()
+    before = path.read_bytes()
+    with pytest.raises(UserError, match="not a cascade store"):
+        GenerationStore(path)
+    assert path.read_bytes() == before  # no table, no journal mode written
+    with GenerationStore(tmp_path / "new.sqlite") as store:  # a new file still opens, and again once made
+        store.set_meta("k", 1)
+    with GenerationStore(tmp_path / "new.sqlite") as store:
+        assert store.meta("k") == 1

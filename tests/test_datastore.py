@@ -233,3 +233,36 @@ def test_open_brings_a_repository_datastore_up_to_date(project, tmp_path):
     assert (
         open_datastore(tmp_path / "ds", char_tokens, "chars", update=False).stats()["files"] == store.stats()["files"]
     )
+
+
+def _without(key: str):
+    return lambda manifest: {k: v for k, v in manifest.items() if k != key}
+
+
+def _entry_without_tokens(manifest: dict) -> dict:
+    files = {n: {k: v for k, v in f.items() if k != "tokens"} for n, f in manifest["files"].items()}
+    return {**manifest, "files": files}
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [lambda m: [m], lambda m: "manifest", _without("files"), _without("name"), _without("dead"), _entry_without_tokens],
+)
+def test_a_manifest_of_another_shape_is_refused_naming_it_and_rebuilt_from_its_source(damage, project, tmp_path):
+    import json
+
+    from codeaccel.errors import CodeaccelError
+    from codeaccel.retrieval.datastore import open_datastore
+
+    path = tmp_path / "ds"
+    build_datastore(path, "proj", "repository", [project], char_tokens, "chars")
+    manifest = json.loads((path / "manifest.json").read_text())
+    (path / "manifest.json").write_text(json.dumps(damage(manifest)))
+    with pytest.raises(StaleIndexError, match="manifest.json") as refused:
+        Datastore(path, tokenizer="chars")
+    assert "\n" not in str(refused.value)
+    assert open_datastore(path, char_tokens, "chars").stats()["files"] == len(manifest["files"])  # rebuilt
+    (path / "manifest.json").write_text(json.dumps(damage(manifest)))
+    (path / "source.json").unlink()  # nothing to rebuild from: a one-line error, no traceback
+    with pytest.raises(CodeaccelError, match="manifest.json"):
+        open_datastore(path, char_tokens, "chars")

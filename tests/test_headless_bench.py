@@ -185,3 +185,17 @@ def test_progress_writes_plain_lines_where_its_console_is_no_terminal(monkeypatc
     with LoggedProgress(TextColumn("{task.description}"), console=terminal_console, log_console=Console(file=log)) as p:
         p.update(p.add_task("generate m", total=1), completed=1)
     assert log.getvalue() == ""  # a terminal gets the bar alone
+
+
+def test_run_bench_refuses_a_method_before_measuring_the_logit_noise(tiny_gguf, tmp_path):
+    """No datastore for retrieval: the refusal comes before the (slow) logit-noise measurement writes its file."""
+    from codeaccel.bench.harness import BenchConfig, run_bench
+    from codeaccel.bench.store import ResultStore
+    from codeaccel.methods.registry import MethodOptions
+
+    options = MethodOptions(datastores=(str(tmp_path / "no-datastore"),))
+    config = BenchConfig(model=tiny_gguf, methods=("autoregressive", "retrieval"), limit=1, options=options)
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match="no datastore"):
+        run_bench(config, ResultStore(out / "results.jsonl"))
+    assert not out.exists() or list(out.iterdir()) == []  # no logit_noise-*.json, no record

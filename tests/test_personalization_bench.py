@@ -87,3 +87,27 @@ def test_a_work_folder_refuses_other_settings(config, tmp_path):
     _check_settings(replace(config, teach=("target",), e2e=False), tmp_path)  # what to run may change
     with pytest.raises(CodeaccelError, match="other settings"):
         _check_settings(replace(config, continuation_tokens=99), tmp_path)
+
+
+@pytest.mark.parametrize("line", [b'{"method": "autoregressive", "tok', b"[1, 2]", b'{"n": 1}', b"\xff\xfe"])
+def test_a_rows_line_that_is_not_a_row_is_refused_naming_it_and_kept(line, config, tmp_path):
+    from codeaccel.errors import UserError
+
+    rows = tmp_path / "work" / "rows.jsonl"
+    rows.parent.mkdir()
+    rows.write_bytes(b'{"method": "autoregressive", "tokens_per_s": 9.0}\n\n' + line + b"\n")
+    before = rows.read_bytes()
+    with pytest.raises(UserError, match=r"rows\.jsonl:3 is not a row") as refused:
+        run_personalization_bench(config, rows.parent, lambda *_: None)
+    assert "\n" not in str(refused.value) and rows.read_bytes() == before
+
+
+@pytest.mark.parametrize("text", [b"[]", b"{bad", b"\xff"])
+def test_settings_that_are_not_a_json_object_are_a_user_error(text, config, tmp_path):
+    from codeaccel.errors import UserError
+    from codeaccel.personalization.bench import _check_settings
+
+    (tmp_path / "settings.json").write_bytes(text)
+    with pytest.raises(UserError, match="settings.json"):
+        _check_settings(config, tmp_path)
+    assert (tmp_path / "settings.json").read_bytes() == text

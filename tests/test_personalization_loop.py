@@ -152,3 +152,27 @@ def test_draft_commands_train_list_promote_and_rollback(accepted, tiny_gguf, tin
     assert refused.returncode == 2 and refused.stderr.startswith("error:")
     assert cli("promote", "v7", *common).returncode == 2
     assert cli("train", *common, "--teach", "guess").returncode == 2
+
+
+@pytest.mark.parametrize(
+    "registry",
+    [
+        "[]",
+        "{bad json",
+        "{}",
+        '{"live": null, "history": [], "versions": []}',
+        '{"live": "v1", "history": [], "versions": {}}',
+        '{"live": null, "history": ["v2"], "versions": {"v1": {}}}',
+        '{"live": null, "history": [], "versions": {"x": {}}}',
+        '{"live": null, "history": [], "versions": {"v1": {"last_accepted_id": "7"}}}',
+    ],
+)
+def test_a_versions_registry_of_another_shape_is_a_user_error_and_kept(registry, tmp_path):
+    from codeaccel.errors import UserError
+
+    (tmp_path / "versions.json").write_text(registry)
+    versions = DraftVersions(tmp_path)
+    for read in (versions.list, versions.live, versions.last_trained_id, versions.create, versions.rollback):
+        with pytest.raises(UserError, match="versions.json"):
+            read()
+    assert (tmp_path / "versions.json").read_text() == registry  # nothing written over it

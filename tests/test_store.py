@@ -74,3 +74,18 @@ def test_target_cost_curves_lists_each_curve_a_resumed_run_drafted_with():
         {"curve": epyc, "problems": 1},
     ]
     assert target_cost_curves(records[:1]) == []
+
+
+def test_rewrite_keeps_lines_it_could_not_read(tmp_path):
+    """A rescore rewrites the file: unreadable lines (not JSON, not UTF-8, no record, torn) come back verbatim."""
+    path = tmp_path / "r.jsonl"
+    ResultStore(path).add(_rec("a", passed=False))
+    unreadable = [b"{not json\n", b"\xff\xfe not utf-8\n", b'{"dataset": "d"}\n', b'{"dataset": "d", "task_']
+    with open(path, "ab") as f:
+        f.write(b"".join(unreadable))
+    store = ResultStore(path)
+    store.get(_rec("a"))["passed"] = True  # a rescore changes a record in place
+    store.rewrite()
+    lines = path.read_bytes().splitlines(keepends=True)
+    assert lines[1:] == unreadable[:3] + [unreadable[3] + b"\n"]
+    assert ResultStore(path).get(_rec("a"))["passed"] is True

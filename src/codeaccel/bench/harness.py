@@ -118,6 +118,9 @@ def run_bench(
     cpu = machine_info()["cpu_model"]  # per record: a resumed run can span machines of one kind but another CPU
     pool = EnginePool()
     try:
+        # every method first: a refused one (no datastore, a wrong option) is said before any measurement
+        for name in config.methods:
+            methods.append(build_method(name, engine, config.options, pool))
         if config.sampling.greedy and any(m != "autoregressive" for m in config.methods):
             # one measurement per results folder; the report reads it to classify divergences
             # code the target reads: the raw prompt, the started code and its tests, or (an edit set) the file
@@ -127,8 +130,6 @@ def run_bench(
                 for p in ps[:4]
             ]
             load_or_measure(engine, texts, store.path.parent)
-        for name in config.methods:
-            methods.append(build_method(name, engine, config.options, pool))
         # per record, like the CPU: the curve the methods just loaded (profiled, or measured on first use)
         curve = saved_curve_provenance(engine.kind, engine.model_name, engine.dtype)
         total = sum(len(p) for p in problems.values()) * len(methods)

@@ -3,7 +3,9 @@
 A benchmark run can be stopped at any point and resumed: a record is keyed by
 (dataset, task_id, model, engine, method, config, method settings), and a rerun skips keys that are
 already stored. A half-written last line (a run killed mid-write) is ignored, and
-the next append starts on a fresh line.
+the next append starts on a fresh line. A line that cannot be read (torn, not JSON,
+not UTF-8, no record) is never dropped: :meth:`ResultStore.rewrite` writes it back
+verbatim.
 """
 
 from __future__ import annotations
@@ -29,19 +31,21 @@ class ResultStore:
     def __init__(self, path: Path):
         self.path = Path(path)
         self._records: dict[str, dict] = {}
+        self._unreadable: list[bytes] = []  # lines kept as read, so that a rewrite loses none of them
         if self.path.exists():
             self._load()
 
     def _load(self) -> None:
-        with open(self.path) as f:
+        with open(self.path, "rb") as f:
             for n, line in enumerate(f, 1):
                 if not line.strip():
                     continue
                 try:
-                    record = json.loads(line)
+                    record = json.loads(line)  # bytes: a line that is not UTF-8 is unreadable, not a crash
                     self._records[record_key(record)] = record
                 except (ValueError, KeyError, TypeError):
                     log.warning("%s:%d: skipping an unreadable record (an interrupted write?)", self.path, n)
+                    self._unreadable.append(line if line.endswith(b"\n") else line + b"\n")
 
     def get(self, key_record: dict) -> dict | None:
         return self._records.get(record_key(key_record))
@@ -60,9 +64,14 @@ class ResultStore:
         self._records[record_key(record)] = record
 
     def rewrite(self) -> None:
-        """Write the file anew from the records held (after records were changed in place); atomic."""
+        """Write the file anew from the records held (after records were changed in place); atomic.
+
+        Lines that could not be read when the file was loaded are kept, byte for byte, after
+        the records (a torn last line gets its newline): a rewrite drops no stored data.
+        """
         tmp = self.path.with_name(self.path.name + ".partial-rewrite")
-        tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in self._records.values()))
+        records = b"".join(json.dumps(r, sort_keys=True).encode() + b"\n" for r in self._records.values())
+        tmp.write_bytes(records + b"".join(self._unreadable))
         os.replace(tmp, self.path)
 
     def records(self) -> list[dict]:

@@ -25,6 +25,7 @@ Tables (one file, WAL journal, every write a transaction):
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import threading
 from collections.abc import Iterable, Sequence
@@ -69,6 +70,28 @@ CREATE TABLE IF NOT EXISTS executed (
 """
 
 
+_TABLES = frozenset(re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)", _SCHEMA))  # every table of a cascade store
+
+
+def _foreign_schema(db: sqlite3.Connection) -> str | None:
+    """Why an SQLite file is not a cascade store (read only, before anything is created); None where it is one.
+
+    A cascade store has the cascade's tables alone, and once it holds anything, a schema
+    version in ``meta``. Tables of its own that are all empty (a new store interrupted
+    before its version was written) are not refused.
+    """
+    tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    tables = {name for name in tables if not name.startswith("sqlite_")}  # SQLite's own (sqlite_sequence, ...)
+    other = sorted(tables - _TABLES)
+    if other:
+        return f"it has tables a cascade store has not ({', '.join(other)})"
+    if "meta" in tables and db.execute("SELECT 1 FROM meta WHERE key = 'schema_version'").fetchone():
+        return None
+    if any(db.execute(f"SELECT EXISTS (SELECT 1 FROM {name})").fetchone()[0] for name in sorted(tables)):
+        return "it holds data but no store schema version"
+    return None
+
+
 @dataclass(frozen=True)
 class StoredGeneration:
     model: str
@@ -107,21 +130,41 @@ class GenerationStore:
     """One SQLite file; safe to share between threads (one connection, a lock)."""
 
     def __init__(self, path: str | Path):
+        """Open the store at ``path``, a new one where the file is new or empty.
+
+        Another SQLite file (tables a cascade store has not, or data without a schema
+        version), a damaged one or a store of another schema is refused with a
+        :class:`UserError` before anything is written to it.
+        """
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
         try:
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        except sqlite3.DatabaseError as exc:  # a folder, a file it may not open
+            raise UserError(f"{self.path} is not a cascade store: {exc}") from None
+        try:
+            version = self._open()
+            if version is None:
+                self.set_meta("schema_version", SCHEMA_VERSION)
+            elif version != SCHEMA_VERSION:
+                raise UserError(f"{self.path} has store schema {version!r}; this codeaccel reads {SCHEMA_VERSION}")
+        except BaseException:
+            self._db.close()
+            raise
+
+    def _open(self):
+        """Check the file is (the beginning of) a cascade store, create the tables it lacks; its schema version."""
+        try:
+            foreign = _foreign_schema(self._db)
+            if foreign:
+                raise UserError(f"{self.path} is not a cascade store: {foreign}")
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
-            self._lock = threading.Lock()
-            version = self.meta("schema_version")
-        except (sqlite3.DatabaseError, ValueError) as exc:  # another SQLite file, a damaged one
+            return self.meta("schema_version")
+        except sqlite3.DatabaseError as exc:  # not an SQLite file, a damaged one, a meta table of other columns
             raise UserError(f"{self.path} is not a cascade store: {exc}") from None
-        if version is None:
-            self.set_meta("schema_version", SCHEMA_VERSION)
-        elif version != SCHEMA_VERSION:
-            raise UserError(f"{self.path} has store schema {version!r}; this codeaccel reads {SCHEMA_VERSION}")
 
     def close(self) -> None:
         self._db.close()
@@ -134,8 +177,14 @@ class GenerationStore:
 
     # ---- meta ----------------------------------------------------------------------
     def meta(self, key: str):
+        """The value stored under ``key`` (None if none); a value that is not JSON is a :class:`UserError`."""
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return None if row is None else json.loads(row[0])
+        if row is None:
+            return None
+        try:
+            return json.loads(row[0])
+        except (ValueError, TypeError):
+            raise UserError(f"{self.path}: the stored {key!r} (table meta) is not JSON: a damaged store") from None
 
     def set_meta(self, key: str, value) -> None:
         with self._lock:

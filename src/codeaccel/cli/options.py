@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Optional
 
+import httpx
 import typer
 
 from codeaccel.engines import ENGINES
@@ -163,8 +164,6 @@ def check_json_file(path: Path, what: str) -> None:
 
 def check_url(url: str, flag: str) -> str:
     """An http(s) URL, refused at once where it cannot be one."""
-    import httpx
-
     try:
         parsed = httpx.URL(url)
     except httpx.InvalidURL as exc:

@@ -156,7 +156,7 @@ def run_personalization_bench(config: PersonalizationBenchConfig, work: Path, pr
     work.mkdir(parents=True, exist_ok=True)
     _check_settings(config, work)
     rows_file = work / "rows.jsonl"
-    rows = {r["method"]: r for r in map(json.loads, rows_file.read_text().splitlines())} if rows_file.is_file() else {}
+    rows = _read_rows(rows_file) if rows_file.is_file() else {}
     train, held, teachers = _examples(config, work, progress)
     held_cont = [Continuation(e.prompt, e.target) for e in held if e.target]
     train_cont = [Continuation(e.prompt, e.target) for e in train if e.target]
@@ -251,13 +251,39 @@ def run_personalization_bench(config: PersonalizationBenchConfig, work: Path, pr
             "rows": [{**base, **rows[m]} for m in order if m in rows]}  # fmt: skip
 
 
+def _read_rows(path: Path) -> dict[str, dict]:
+    """The finished rows kept in ``rows.jsonl``, by method (a later line wins); a line that is not a row is a
+    :class:`UserError` naming it (nothing is dropped: the line is the user's to repair or remove)."""
+    try:
+        lines = path.read_bytes().splitlines()
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc}") from None
+    rows: dict[str, dict] = {}
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:  # not JSON, not UTF-8: a write cut short
+            row = None
+        if not isinstance(row, dict) or not isinstance(row.get("method"), str):
+            raise UserError(f"{path}:{n} is not a row (a JSON object with a method): repair or remove that line")
+        rows[row["method"]] = row
+    return rows
+
+
 def _check_settings(config: PersonalizationBenchConfig, work: Path) -> None:
     """A work folder serves one set of examples: refuse another's (what ``teach`` and ``e2e`` choose may vary)."""
     fixed = {k: v for k, v in asdict(config).items() if k not in ("teach", "e2e", "other_ks", "train_acceptance")}
     fixed["tune"] = asdict(config.tune)
     path = work / "settings.json"
     if path.is_file():
-        stored = json.loads(path.read_text())
+        try:
+            stored = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise UserError(f"the work folder's settings {path} are unreadable or not JSON ({exc})") from None
+        if not isinstance(stored, dict):
+            raise UserError(f"the work folder's settings {path} are not a JSON object; use another --work")
         if stored != json.loads(json.dumps(fixed)):
             raise UserError(f"{work} holds a run with other settings ({path}); use another --work")
     else:

@@ -188,32 +188,79 @@ class AcceptedStore(abc.ABC):
         return self._add(Accepted(prompt, completion, repository, "event", completion_id, model), choice_index)
 
 
+# The tables an accepted store's SQLite file may hold, with the columns each has had from its first schema
+# on: its own, and the server's /v1/events (codeaccel.serve.events: one file holds the whole feedback loop).
+_SQLITE_TABLES: dict[str, frozenset[str]] = {
+    "served": frozenset({"completion_id", "choice_index", "prompt", "completion", "model", "created_at"}),
+    "accepted": frozenset(
+        {"id", "created_at", "prompt", "completion", "repository", "source", "completion_id", "model"}
+    ),
+    "events": frozenset(),  # the event store's own (not read here)
+}
+
+
 class SQLiteAcceptedStore(AcceptedStore):
     id_column = "INTEGER PRIMARY KEY AUTOINCREMENT"
 
     def __init__(self, path: Path):
+        """Open (or create) the store; a file that is not one (another schema, not SQLite, damaged) is a
+        :class:`UserError`, raised before anything is written to it."""
         self.path = Path(path)
         self.url = f"sqlite:///{self.path}"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, timeout=30, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")  # a commit is on disk when it returns
-        super().__init__()
+        try:
+            self._db = sqlite3.connect(self.path, timeout=30, check_same_thread=False, isolation_level=None)
+        except sqlite3.DatabaseError as exc:
+            raise UserError(f"cannot open the accepted-completion store {self.path}: {exc}") from None
+        try:
+            self._check_tables()
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")  # a commit is on disk when it returns
+            super().__init__()
+        except sqlite3.DatabaseError as exc:  # not an SQLite file, damaged pages
+            self._db.close()
+            raise UserError(f"cannot open the accepted-completion store {self.path}: {exc}") from None
+        except BaseException:
+            self._db.close()
+            raise
+
+    def _check_tables(self) -> None:
+        """Refuse a file of another schema (a cascade store, another program's database), read only."""
+        rows = self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+        for (table,) in rows:
+            if table.startswith("sqlite_"):  # SQLite's own (AUTOINCREMENT's sqlite_sequence)
+                continue
+            if table not in _SQLITE_TABLES:
+                raise UserError(f"{self.path} is not an accepted-completion store: it has a table {table!r}")
+            columns = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            missing = sorted(_SQLITE_TABLES[table] - columns)
+            if missing:
+                raise UserError(f"{self.path} is not an accepted-completion store: its {table} table lacks {missing}")
 
     def _columns(self, table: str) -> set[str]:
         return {row[1] for row in self._run(f"PRAGMA table_info({table})", fetch=True)}
 
     def _transaction(self, statements: Sequence[tuple[str, Sequence]], fetch: bool = False) -> list[tuple]:
+        """One transaction; damaged pages found on the way are a :class:`UserError` naming the file."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
             try:
-                for sql, params in statements:
-                    cursor = self._db.execute(sql, tuple(params))
-                rows = cursor.fetchall() if fetch else []
-                self._db.execute("COMMIT")
-            except BaseException:
+                return self._run_locked(statements, fetch)
+            except sqlite3.DatabaseError as exc:
+                if getattr(exc, "sqlite_errorcode", 0) & 0xFF not in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+                    raise  # locked, a constraint: not the file's fault
+                raise UserError(f"the accepted-completion store {self.path} is damaged: {exc}") from None
+
+    def _run_locked(self, statements: Sequence[tuple[str, Sequence]], fetch: bool) -> list[tuple]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            for sql, params in statements:
+                cursor = self._db.execute(sql, tuple(params))
+            rows = cursor.fetchall() if fetch else []
+            self._db.execute("COMMIT")
+        except BaseException:
+            if self._db.in_transaction:  # an error can end the transaction itself
                 self._db.execute("ROLLBACK")
-                raise
+            raise
         return rows
 
     def close(self) -> None:

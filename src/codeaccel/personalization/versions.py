@@ -13,6 +13,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,6 +22,8 @@ from pathlib import Path
 
 from codeaccel.errors import UserError
 from codeaccel.models.registry import cache_dir, resolve_model
+
+_VERSION_NAME = re.compile(r"v[0-9]+")
 
 
 def default_versions_dir(draft_model: str) -> Path:
@@ -64,9 +67,17 @@ class DraftVersions:
             os.replace(tmp, self._file)
 
     def _read(self) -> dict:
+        """The registry; a file that is not one (not JSON, another shape) is a :class:`UserError` naming it."""
         if not self._file.is_file():
             return {"live": None, "history": [], "versions": {}}
-        return json.loads(self._file.read_text())
+        try:
+            state = json.loads(self._file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise UserError(f"the versions registry {self._file} is not JSON ({exc}): repair it") from None
+        problem = _shape_problem(state)
+        if problem:
+            raise UserError(f"the versions registry {self._file} is not one: {problem}; repair it")
+        return state
 
     def _version(self, state: dict, name: str) -> DraftVersion:
         return DraftVersion(name, self.root / name, state["versions"][name])
@@ -129,3 +140,26 @@ class DraftVersions:
         if name not in state["versions"]:
             known = ", ".join(sorted(state["versions"])) or "none"
             raise UserError(f"no draft version {name!r} (versions: {known})")
+
+
+def _shape_problem(state: object) -> str | None:
+    """What makes a ``versions.json`` value other than a registry (None: nothing)."""
+    if not isinstance(state, dict):
+        return "not a JSON object"
+    versions = state.get("versions")
+    if not isinstance(versions, dict):
+        return '"versions" is not an object'
+    for name, record in versions.items():
+        if not _VERSION_NAME.fullmatch(name) or not isinstance(record, dict):
+            return f"version {name!r} is not v<number> with a record object"
+        if not isinstance(record.get("last_accepted_id", 0), int):
+            return f"version {name!r} has a last_accepted_id that is not a number"
+    if "live" not in state:
+        return '"live" is missing'
+    live = state["live"]
+    if live is not None and (not isinstance(live, str) or live not in versions):
+        return '"live" names no version'
+    history = state.get("history")
+    if not isinstance(history, list) or not all(isinstance(n, str) and n in versions for n in history):
+        return '"history" is not a list of versions'
+    return None

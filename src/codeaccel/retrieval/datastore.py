@@ -70,6 +70,39 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+# what every manifest holds (build_datastore writes them all), and the type each is read as
+_MANIFEST_KEYS: dict[str, type] = {
+    "name": str,
+    "kind": str,
+    "tokenizer": str,
+    "roots": list,
+    "files": dict,
+    "dead": dict,
+    "skipped": dict,
+}
+_ENTRY_KEYS = frozenset({"sha256", "size", "mtime_ns", "shard", "doc", "tokens"})  # per indexed file
+
+
+def _manifest_problem(manifest: object) -> str | None:
+    """What makes a ``manifest.json`` value no manifest (None: nothing); its format is checked apart."""
+    if not isinstance(manifest, dict):
+        return "is not a JSON object"
+    if manifest.get("format") != FORMAT:
+        return None  # another format: refused as such
+    wrong = [key for key, kind in _MANIFEST_KEYS.items() if not isinstance(manifest.get(key), kind)]
+    if wrong:
+        return f"lacks {', '.join(wrong)} (or they are of another type)"
+    if manifest["kind"] not in ("general", "repository"):
+        return f"has an unknown kind {manifest['kind']!r}"
+    if not all(isinstance(entry, dict) and _ENTRY_KEYS <= entry.keys() for entry in manifest["files"].values()):
+        return f"has a file entry without {', '.join(sorted(_ENTRY_KEYS))}"
+    if not all(isinstance(docs, list) for docs in manifest["dead"].values()):
+        return "has dead documents that are not lists"
+    if not isinstance(manifest.get("build_s"), (int, float)):
+        return "lacks build_s"
+    return None
+
+
 class Datastore:
     """An opened datastore (read side: ``lookup``, ``stats``); ``build`` / ``update`` write one."""
 
@@ -79,6 +112,9 @@ class Datastore:
             self.manifest = json.loads((self.path / "manifest.json").read_text())
         except (OSError, ValueError) as exc:
             raise StaleIndexError(f"datastore {self.path} is missing or unreadable: {exc}") from None
+        problem = _manifest_problem(self.manifest)
+        if problem:  # damaged like an unreadable one: open_datastore rebuilds it from its source
+            raise StaleIndexError(f"datastore {self.path}: {self.path / 'manifest.json'} {problem}")
         if self.manifest.get("format") != FORMAT:
             raise StaleIndexError(f"datastore {self.path} has an unknown format; rebuild it")
         if tokenizer is not None and self.manifest["tokenizer"] != tokenizer:
