@@ -58,7 +58,7 @@ def test_rows_before_and_after_tuning_and_a_resumed_rerun(config, tmp_path):
     # continuations already there (none regenerated), one tuning more, the other rows kept
     from dataclasses import replace
 
-    doc3 = run_personalization_bench(replace(config, teach=("target", "distill"), train_acceptance=True),
+    doc3 = run_personalization_bench(replace(config, teach=("target", "distill"), train_acceptance=True, e2e=False),
                                      tmp_path / "work", lambda s, d, n: None)  # fmt: skip
     assert len((tmp_path / "work" / "examples.jsonl").read_text().splitlines()) == 12
     teachers = [json.loads(line) for line in (tmp_path / "work" / "teachers.jsonl").read_text().splitlines()]
@@ -75,6 +75,8 @@ def test_rows_before_and_after_tuning_and_a_resumed_rerun(config, tmp_path):
         assert r["train_acceptance"]["examples"] == n_train == 12 - r["n_problems"]
         assert 1.0 <= r["train_acceptance"]["mean_accepted_len"] <= config.k + 1
     assert "On the training examples" in to_markdown(doc3)
+    assert all(fields <= set(r) for r in doc3["rows"])  # the results format without end-to-end timing too
+    assert distilled["tokens_per_s"] is None and "| None |" not in to_markdown(doc3)
 
 
 def test_a_work_folder_refuses_other_settings(config, tmp_path):
