@@ -13,6 +13,44 @@ def run_cli(*args, cwd=None, env=None):
     )
 
 
+def test_sigterm_unwinds_like_an_error_and_leaves_no_sandbox_behind(tmp_path):
+    """A terminated run (kill, a process manager's stop) used to vanish mid-execution, leaving its sandboxes'
+    run folders and cgroups behind; now it unwinds (exit 143) and every sandbox is cleaned up."""
+    import signal
+    import tempfile
+    import time
+    from pathlib import Path
+
+    from codeaccel.sandbox import probe
+
+    def run_folders() -> set[Path]:
+        return set(Path(tempfile.gettempdir()).glob("codeaccel-run-*"))
+
+    def leftovers() -> set[str]:
+        cgroups = {
+            f"{c.parent}/{p.name}" for c in probe().cgroups for p in c.parent.iterdir() if p.name.startswith("run-")
+        }
+        return {str(p) for p in run_folders()} | cgroups
+
+    before = leftovers()
+    cmd = [sys.executable, "-m", "codeaccel", "sandbox", "bench", "--n", "100", "--workers", "2"]
+    proc = subprocess.Popen(
+        [*cmd, "--out", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while len(run_folders()) < 2 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.02)  # until the pool runs two sandboxes at once (the phase that left them behind)
+        assert len(run_folders()) >= 2, "the pool never ran two sandboxes at once"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        proc.kill()
+        proc.wait()
+    assert "Traceback" not in proc.stderr.read()
+    assert leftovers() - before == set()
+
+
 @pytest.mark.parametrize(
     "args,message",
     [

@@ -9,6 +9,7 @@ report it)`` and exits with 1.
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from typing import Annotated
 
@@ -65,7 +66,15 @@ def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log de
     )
 
 
+def _terminated(signum: int, frame) -> None:
+    """SIGTERM (``kill``, a process manager's stop) unwinds like an error: every ``finally`` and context
+    manager runs, so sandboxes, stores and engines close as they do on Ctrl-C, instead of the process
+    vanishing with its sandboxes' folders and cgroups left behind. (``serve`` installs uvicorn's own.)"""
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         app()
     except InternalError as exc:
