@@ -1,5 +1,6 @@
 """The command line as a package: its entry points, its commands, and its errors mapped in one place."""
 
+import signal
 import subprocess
 import sys
 import tomllib
@@ -69,8 +70,10 @@ def test_main_maps_each_kind_of_error_to_one_line_and_its_exit_code(monkeypatch,
 
     monkeypatch.setattr(models_cli, "is_assembled", fail)
     monkeypatch.setattr(sys, "argv", ["codeaccel", "models", "list"])
+    before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(SystemExit) as exit_info:
         main()
     assert exit_info.value.code == code
+    assert signal.getsignal(signal.SIGTERM) is before  # main's SIGTERM handler is its own, not the caller's
     lines = [text for text in capsys.readouterr().err.splitlines() if text.strip()]
     assert lines == [line]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+import threading
 from typing import Annotated
 
 import typer
@@ -74,7 +75,16 @@ def _terminated(signum: int, frame) -> None:
 
 
 def main() -> None:
-    signal.signal(signal.SIGTERM, _terminated)
+    on_main_thread = threading.current_thread() is threading.main_thread()  # where signal handlers can be set
+    previous = signal.signal(signal.SIGTERM, _terminated) if on_main_thread else None
+    try:
+        _run()
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous)  # a caller's own handler back (main() called in-process)
+
+
+def _run() -> None:
     try:
         app()
     except InternalError as exc:
