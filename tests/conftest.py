@@ -30,6 +30,12 @@ def tiny_gguf(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def fim_gguf(tmp_path_factory) -> str:
+    """tiny_gguf with Qwen2.5-Coder's fill-in-the-middle and repository tokens."""
+    return str(tiny_models.build_gguf_model(tmp_path_factory.mktemp("fim") / "tiny-fim.gguf", fim=True))
+
+
+@pytest.fixture(scope="session")
 def tiny_hf(tmp_path_factory) -> str:
     return str(tiny_models.build_hf_model(tmp_path_factory.mktemp("hf") / "tiny-hf"))
 

@@ -9,17 +9,11 @@ import sys
 import httpx
 import pytest
 
-import tiny_models
 from codeaccel.bench.load_servers import server_spec
 from codeaccel.bench.load_test import SOURCES, fim_requests, run_load_test, typing_session
 from codeaccel.errors import UserError
 from codeaccel.serve.settings import ServeSettings
 from live_server import LiveServer, pin_flat_cost_curve
-
-
-@pytest.fixture(scope="module")
-def fim_gguf(tmp_path_factory) -> str:
-    return str(tiny_models.build_gguf_model(tmp_path_factory.mktemp("fim") / "tiny-fim.gguf", fim=True))
 
 
 def test_requests_are_real_code_cut_at_a_body_line_and_reproducible():

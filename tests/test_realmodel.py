@@ -163,6 +163,21 @@ def test_long_whitespace_tokens_detokenize_whole():
         assert eng.detokenize(tokens) == text and eng.tokenize(eng.detokenize(tokens)) == tokens
 
 
+@pytest.mark.parametrize("special", [True, False])
+def test_a_long_text_of_qwens_markup_tokenizes_in_pieces_as_a_whole(special):
+    """Qwen's control tokens, and its user-defined ones (``<tool_call>``, parsed even with special off)."""
+    import random
+
+    from codeaccel.engines.markup_split import PIECE_CHARS, split_at_markup
+
+    with load_engine(SMALL, n_ctx=512) as eng:
+        rng = random.Random(1)
+        units = ["<|fim_prefix|>", "<|im_end|>", "<tool_call>", "</tool_call>", "def f(x):\n", " " * 9, "é", "<|"]
+        text = "".join(rng.choice(units) for _ in range(3 * PIECE_CHARS // 5))
+        assert len(split_at_markup(text, eng._markup(special))) > 1
+        assert eng.tokenize(text, special=special) == eng.llm.tokenize(text.encode(), add_bos=False, special=special)
+
+
 def test_reduced_draft_vocabulary_gives_the_full_models_logits_on_a_real_prompt(tmp_path, monkeypatch):
     """The bundled 0.5B's quantized rows (Q8_0 output, Q5_0 embeddings) cut to 32,768 tokens: exact where kept."""
     import numpy as np

@@ -36,11 +36,6 @@ LONG_PROMPT = "import"  # the tiny model's greedy continuation runs past 400 tok
 
 
 @pytest.fixture(scope="module")
-def fim_gguf(tmp_path_factory) -> str:
-    return str(tiny_models.build_gguf_model(tmp_path_factory.mktemp("fim") / "tiny-fim.gguf", fim=True))
-
-
-@pytest.fixture(scope="module")
 def server(fim_gguf, tmp_path_factory):
     settings = ServeSettings(
         model=fim_gguf,

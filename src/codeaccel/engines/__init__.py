@@ -5,7 +5,8 @@ The contract (``base``: evaluate tokens, rewind, token trees), its llama.cpp
 several sequences evaluated in one batch (``sequences``: the contract and a sequential
 fallback; ``llamacpp_sequences``, ``hf_sequences``; :func:`open_sequences` here),
 draft engines loaded once per run (``pool``), the measured cost of evaluating k
-tokens at once (``cost_curve``) and what "the same tokenizer" means (``tokenizer``).
+tokens at once (``cost_curve``), what "the same tokenizer" means (``tokenizer``) and
+where a long text may be cut for llama.cpp to tokenize it in linear time (``markup_split``).
 """
 
 from __future__ import annotations

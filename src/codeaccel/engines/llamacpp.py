@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from codeaccel.engines.base import Engine, leaves, path_to
+from codeaccel.engines.markup_split import PIECE_CHARS, Markup, split_at_markup
 from codeaccel.errors import InternalError, SetupError, UserError
 from codeaccel.models.draft_vocab import DraftVocabulary, TokenEmbeddings
 
@@ -98,6 +99,7 @@ class LlamaCppEngine(Engine):
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         vocab = self._vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
         self._pieces: dict[int, bytes] = {}  # token -> its bytes (the vocabulary never changes)
+        self._markups: dict[bool, Markup] = {}  # special on/off -> the markup parsed (read once)
         n_vocab = self.llm.n_vocab()
         eog = frozenset(t for t in range(n_vocab) if llama_cpp.llama_vocab_is_eog(vocab, t))
         n_ctx_real = llama_cpp.llama_n_ctx(self._ctx)
@@ -170,7 +172,32 @@ class LlamaCppEngine(Engine):
 
     # ---- text ---------------------------------------------------------------------
     def tokenize(self, text: str, special: bool = True) -> list[int]:
-        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=special)
+        """Token ids of ``text``; a long one in pieces cut after markup (:mod:`.markup_split`: llama.cpp
+        finds markup in quadratic time, and the pieces tokenize to the whole's ids)."""
+        pieces = split_at_markup(text, self._markup(special)) if len(text) > PIECE_CHARS else [text]
+        return [t for piece in pieces for t in self.llm.tokenize(piece.encode("utf-8"), add_bos=False, special=special)]
+
+    def _markup(self, special: bool) -> Markup:
+        """The texts llama.cpp parses as special tokens with ``special`` on or off (its
+        ``tokenizer_st_partition``: control, unknown and user-defined tokens; off, only user-defined ones)."""
+        if special not in self._markups:
+            lc = self._llama_cpp
+            parsed = lc.LLAMA_TOKEN_ATTR_USER_DEFINED
+            if special:
+                parsed |= lc.LLAMA_TOKEN_ATTR_CONTROL | lc.LLAMA_TOKEN_ATTR_UNKNOWN
+            texts: dict[str, bool] = {}  # text -> a cut after it is safe
+            for token in range(self.n_vocab):
+                attr = lc.llama_vocab_get_attr(self._vocab, token)
+                if not attr & parsed:
+                    continue
+                try:
+                    text = lc.llama_vocab_get_text(self._vocab, token).decode("utf-8")
+                except UnicodeDecodeError:  # markup we cannot find in a str: cut nowhere
+                    return self._markups.setdefault(special, Markup((), frozenset()))
+                if text:
+                    texts[text] = texts.get(text, True) and not attr & lc.LLAMA_TOKEN_ATTR_RSTRIP
+            self._markups[special] = Markup(tuple(texts), frozenset(t for t, safe in texts.items() if safe))
+        return self._markups[special]
 
     def detokenize(self, tokens: Sequence[int]) -> str:
         return b"".join(self._piece(int(t)) for t in tokens).decode("utf-8", errors="replace")
