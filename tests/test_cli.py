@@ -340,6 +340,8 @@ def test_sandbox_check_and_bench(tmp_path):
         (["draft", "list", "--draft-model", "{tiny}", "--versions", "{file}"], "not a folder"),
         (["draft", "train", "--draft-model", "{tmp}/x.gguf", "--versions", "{tmp}/v", "--store", "{tmp}/s"], "unknown"),
         (["draft", "bench", "--teach", "target,target", "--work", "{tmp}/w", "--out", "{tmp}/w"], "twice"),
+        (["draft", "bench", "--teach", "target,mimic", "--work", "{tmp}/w", "--out", "{tmp}/w"], "teach is one of"),
+        (["draft", "train", "--teach", "mimic", "--versions", "{tmp}/v", "--store", "{tmp}/s"], "teach is one of"),
         (["serve", "--model", "{tmp}/no.gguf"], "unknown model"),
         (["serve", "--model", "{tiny}", "--engine", "vllm"], "unknown engine"),
         (["serve", "--model", "{tiny}", "--events-db", "{file}"], "not an SQLite database"),

@@ -14,7 +14,6 @@ from codeaccel.cli.display import err, out, save_results, stage_bars
 from codeaccel.cli.feedback import StoreOpt, store_location
 from codeaccel.cli.options import check_folder, check_json_file, check_model, comma_list, command_line
 from codeaccel.personalization.bench import PersonalizationBenchConfig, run_personalization_bench, to_markdown
-from codeaccel.personalization.distill import check_teach
 from codeaccel.personalization.finetune import TuneConfig
 from codeaccel.personalization.loop import LoopConfig, run_tuning
 from codeaccel.personalization.store import open_store
@@ -51,7 +50,6 @@ def draft_train(
     versions: VersionsOpt = None,
 ) -> None:
     """Tune a copy of the draft with LoRA, validate it against the live one, promote it only if better."""
-    check_teach(teach)
     config = LoopConfig(threshold=threshold, teach=teach, tune=TuneConfig(epochs=epochs, max_seconds=max_seconds))
     check_model(draft_model)
     check_model(target_model)
@@ -131,8 +129,6 @@ def draft_bench(
 ) -> None:
     """Tune the draft on part of a project's code, measure acceptance and speed on the rest, before and after."""
     teaching = comma_list(teach, "--teach")
-    for t in teaching:
-        check_teach(t)
     package_root(package)  # all refused before the work folder records these settings
     check_model(draft_model)
     check_model(target_model)

@@ -34,8 +34,9 @@ from codeaccel.engines import Engine, load_engine
 from codeaccel.engines.cost_curve import cost_curve_for
 from codeaccel.errors import UserError
 from codeaccel.personalization.acceptance import Continuation, measure_acceptance, measure_acceptance_by_k
-from codeaccel.personalization.distill import TeacherTop, check_teach, teacher_top_k
+from codeaccel.personalization.distill import TEACHER_TOP_K, TeacherTop, check_teach, teacher_top_k
 from codeaccel.personalization.finetune import TrainingExample, TuneConfig, finetune
+from codeaccel.personalization.loop import target_continuation
 
 Progress = Callable[[str, int, int], None]
 
@@ -101,19 +102,23 @@ def _examples(
             with cache.open("a") as out, teacher_cache.open("a") as teacher_out:
                 for i, p in enumerate(todo):
                     progress("target continuations", i, len(todo))
+                    teacher = None
                     if p.task_id not in done:
                         prompt = target.tokenize(p.raw_prompt)[-config.prompt_tokens :]
-                        target.reset()
-                        cont = generate(target, prompt, SamplingParams(), config.continuation_tokens).tokens
-                        e = Example(p.task_id, p.exclude_files[0], tuple(prompt),
-                                    tuple(target.tokenize(p.reference or "", special=False)), tuple(cont))  # fmt: skip
+                        made = target_continuation(target, prompt, config.continuation_tokens,
+                                                   teacher_k=TEACHER_TOP_K if distill else 0)  # fmt: skip
+                        accepted = tuple(target.tokenize(p.reference or "", special=False))
+                        e = Example(p.task_id, p.exclude_files[0], made.prompt_tokens, accepted, made.completion_tokens)
                         out.write(json.dumps(asdict(e)) + "\n")
                         out.flush()
                         done[p.task_id] = e
+                        teacher = made.teacher
                     e = done[p.task_id]
-                    if distill and p.task_id not in teachers and e.target:
-                        teachers[p.task_id] = teacher_top_k(target, e.prompt, e.target)
-                        teacher_out.write(json.dumps({"task_id": p.task_id, **teachers[p.task_id].to_record()}) + "\n")
+                    if distill and teacher is None and p.task_id not in teachers and e.target:  # cached without one
+                        teacher = teacher_top_k(target, e.prompt, e.target)
+                    if teacher is not None:
+                        teachers[p.task_id] = teacher
+                        teacher_out.write(json.dumps({"task_id": p.task_id, **teacher.to_record()}) + "\n")
                         teacher_out.flush()
         finally:
             target.close()

@@ -72,15 +72,21 @@ def target_continuations(target: Engine, prompts: Sequence[list[int]], n_tokens:
     every position (evaluated right after the continuation, the prompt still cached)."""
     out = []
     for i, prompt in enumerate(prompts):
-        target.reset()
-        prompt = list(prompt)[-(target.n_ctx - n_tokens - 1) :]
-        tokens = tuple(generate(target, prompt, SamplingParams(), n_tokens).tokens)
-        teacher = teacher_top_k(target, prompt, tokens, teacher_k) if teacher_k > 0 and tokens else None
-        out.append(TrainingExample(tuple(prompt), tokens, teacher))
+        out.append(target_continuation(target, prompt, n_tokens, teacher_k))
         if progress is not None:
             progress("target continuations", i + 1, len(prompts))
     target.reset()
     return out
+
+
+def target_continuation(target: Engine, prompt: Sequence[int], n_tokens: int, teacher_k: int = 0) -> TrainingExample:
+    """One prompt's greedy continuation by the target (the prompt cut to fit its context), with its
+    top-``teacher_k`` distributions where ``teacher_k`` > 0; the target's cache is left in use."""
+    target.reset()
+    prompt = list(prompt)[-(target.n_ctx - n_tokens - 1) :]
+    tokens = tuple(generate(target, prompt, SamplingParams(), n_tokens).tokens)
+    teacher = teacher_top_k(target, prompt, tokens, teacher_k) if teacher_k > 0 and tokens else None
+    return TrainingExample(tuple(prompt), tokens, teacher)
 
 
 def split(items: Sequence[StoredAccepted], every: int) -> tuple[list[StoredAccepted], list[StoredAccepted]]:
