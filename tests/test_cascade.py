@@ -7,7 +7,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from codeaccel.cascade.config import Stage, enumerate_configs, make_config
+from codeaccel.cascade.config import Stage, enumerate_configs, generations, make_config
 from codeaccel.cascade.cost import generation_seconds, step_seconds, usd
 from codeaccel.cascade.problems import load_cascade_problems, mbpp_entry_point
 from codeaccel.cascade.replay import Evaluation, ProblemOutcome, Replay
@@ -131,6 +131,32 @@ def test_enumeration_counts_two_models():
     per_model = list(enumerate_configs(["a", "b", "c"], per_model_theta=True))
     shared = list(enumerate_configs(["a", "b", "c"]))
     assert len(per_model) > len(shared)
+
+
+def test_a_model_may_follow_itself_when_it_adds_something_and_never_come_back():
+    assert generations(Stage("a", 3, 4)) == {("answer", 0, s) for s in range(3)} | {("test", 4, s) for s in range(3)}
+    assert generations(Stage("a", 0, 0)) == {("answer", 0, -1)} and generations(Stage("a", -1, 0)) == set()
+    make_config([Stage("a", 1, 2), Stage("a", 10, 2)], 0.5)  # greedy first, ten samples on doubt
+    make_config([Stage("a", 3, 2), Stage("a", 3, 4)], 0.5)  # the same answers, longer tests
+    make_config([Stage("a", 3, 2), Stage("a", 0, 0)], 0.5)  # samples, then the greedy answer
+    with pytest.raises(UserError, match="generates nothing new"):
+        make_config([Stage("a", 10, 2), Stage("a", 3, 2)], 0.5)
+    with pytest.raises(UserError, match="generates nothing new"):
+        make_config([Stage("a", 1, 2), Stage("a", 0, 0)], 0.5)  # k=0's greedy answer is the k=1 stage's
+    with pytest.raises(UserError, match="comes back after another model"):
+        make_config([Stage("a", 1, 2), Stage("b", 1, 2), Stage("a", 3, 2)], 0.5)
+    with pytest.raises(UserError, match="comes back"):  # even when the stage between is skipped
+        make_config([Stage("a", 1, 2), Stage("b", -1, 0), Stage("a", 3, 2)], 0.5)
+
+
+def test_enumeration_writes_each_configuration_of_a_repeated_model_once():
+    two = list(enumerate_configs(["a", "b"]))
+    three = list(enumerate_configs(["a", "b", "b"]))
+    assert len(three) > len(two) and len(set(three)) == len(three)
+    # a model's single stage is written one way (its skipped stages last): single-model points do not repeat
+    assert sum(c.single_model for c in three) == sum(c.single_model for c in two) == 18
+    assert not any(c.stages[1].skipped and not c.stages[2].skipped for c in three)
+    assert all(len({(c.stages[i].k, c.stages[i].l) for i in (1, 2)}) == 2 for c in three if c.running[-2:] == [1, 2])
 
 
 # ---- self-tests --------------------------------------------------------------------
@@ -272,6 +298,25 @@ def test_cascade_escalates_when_the_small_model_is_unsure(tmp_path):
         first = replay.stage_run(Stage("m", 3, 2), "T/0")
         second = replay.stage_run(Stage("m", 0, 0), "T/0")
         assert out.cost_s == pytest.approx(first.gen_s + first.prompt_s + second.gen_s + second.prompt_s)
+
+
+def test_a_model_following_itself_pays_only_for_what_it_adds(tmp_path):
+    with GenerationStore(tmp_path / "s.sqlite") as store:
+        # every answer fails every line: the first stage is unsure and escalates at θ > 0
+        _fill(store, "T/0", [False] * 3 + [True] * 3, [[False, False]] * 6, n_samples=5)
+        replay = Replay(store, "humaneval", ["T/0"])
+        first, second = Stage("m", 3, 2), Stage("m", 5, 2)
+        out = replay.outcome(make_config([first, second], 0.5), "T/0")
+        assert out.stopped_at == 1
+        a, b = replay.stage_run(first, "T/0"), replay.stage_run(second, "T/0")
+        # added: samples 3 and 4, answer and test each, 10 tokens, decoded together (every step costs 0.1 s)
+        assert out.gen_tokens == a.gen_tokens + 40 and b.gen_tokens == 100
+        assert out.cost_s == pytest.approx(a.gen_s + a.prompt_s + 10 * 0.1 + b.prompt_s)
+        assert b.gen_s == pytest.approx(10 * 0.1 * 10 / 8)  # the same stage alone: 10 sequences, 8 per batch
+        # nothing shared (the greedy answer and test, then samples): the later stage pays in full
+        greedy_first = replay.outcome(make_config([Stage("m", 1, 2), second], 0.5), "T/0")
+        g = replay.stage_run(Stage("m", 1, 2), "T/0")
+        assert greedy_first.cost_s == pytest.approx(g.gen_s + g.prompt_s + b.gen_s + b.prompt_s)
 
 
 def test_local_costs_from_different_cpus_are_refused_and_an_endpoints_are_not(tmp_path):

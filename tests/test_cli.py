@@ -328,6 +328,7 @@ def test_sandbox_check_and_bench(tmp_path):
         (["cascade", "run", "humaneval", "--models", "{tiny},{tiny}", "--out", "{tmp}/c"], "twice"),
         (["cascade", "run", "humaneval", "--models", "{tiny}", "--out", "{file}"], "not a folder"),
         (["cascade", "tune", "humaneval", "--models", "{tiny}", "--usd-per-hour", "inf"], "finite"),
+        (["cascade", "tune", "humaneval", "--models", "{tiny},qwen2.5-coder-0.5b-instruct,{tiny}"], "follow itself"),
         (["index", "build", "general", "--root", "{tmp}/no", "-m", "{tiny}"], "not a directory"),
         (["index", "build", "repository", "--root", "{tmp}", "-m", "{tiny}", "--out", "{file}"], "not a folder"),
         (["sandbox", "bench", "--workers", "0"], "--workers"),

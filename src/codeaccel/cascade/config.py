@@ -13,6 +13,12 @@ Per model, in cascade order (smallest first):
 θ ∈ {0, 0.1, ..., 1}: one for the whole cascade (the paper) or one per model (``thetas``
 per stage: our extension). The last model that runs is taken without the check, so its
 θ is irrelevant: it is stored as 0.
+
+Beyond the paper, a model may follow itself (family ``0.5B, 1.5B, 1.5B``): escalation within
+one model, e.g. one greedy answer and test first, ten sampled ones only when that does not
+pass. The later stage extends the earlier: what they share (the same sampled answers, tests of
+the same l) is generated once, so it costs only what it adds (:func:`generations`), and it is
+refused when it adds nothing. A model may not come back after another one.
 """
 
 from __future__ import annotations
@@ -52,6 +58,18 @@ class Stage:
         return f"{self.model}(k={self.k},l={self.l})" if not self.skipped else f"{self.model}(skip)"
 
 
+Generation = tuple[str, int, int]  # (kind "answer" or "test", l (0 for answers), sample (-1 greedy))
+
+
+def generations(stage: Stage) -> frozenset[Generation]:
+    """What ``stage`` reads from its model's generations: a later stage of the same model pays only the rest."""
+    if stage.skipped:
+        return frozenset()
+    samples = [-1] if stage.k in (0, 1) else list(range(stage.k))
+    tests = [("test", stage.l, s) for s in samples] if stage.tested else []
+    return frozenset([("answer", 0, s) for s in samples] + tests)
+
+
 @dataclass(frozen=True)
 class CascadeConfig:
     stages: tuple[Stage, ...]
@@ -64,7 +82,12 @@ class CascadeConfig:
 
     @property
     def single_model(self) -> bool:
+        """One stage runs: the paper's single-model point (a model escalating within itself is not one)."""
         return len(self.running) == 1
+
+    def earlier_of_same_model(self, i: int) -> tuple[Stage, ...]:
+        """The running stages before stage ``i`` of its model, whose generations stage ``i`` reuses."""
+        return tuple(self.stages[j] for j in self.running if j < i and self.stages[j].model == self.stages[i].model)
 
     def label(self) -> str:
         parts = []
@@ -103,11 +126,19 @@ def make_config(stages: Sequence[Stage], thetas: Sequence[float] | float) -> Cas
     running = [i for i, s in enumerate(stages) if not s.skipped]
     if not running:
         raise UserError("every model is skipped (k=-1): at least one must answer")
+    models = [s.model for s in stages]
+    for i, model in enumerate(models):
+        if model in models[:i] and models[i - 1] != model:
+            raise UserError(f"{model} comes back after another model: a model may only follow itself")
     for i in running[:-1]:
         if stages[i].k == 0:
             raise UserError(
                 f"{stages[i].model} has k=0 (answer and stop), so the models after it never run: drop them (k=-1)"
             )
+    for i in running:
+        before = [s for j, s in enumerate(stages) if j in running and j < i and s.model == stages[i].model]
+        if before and generations(stages[i]) <= frozenset().union(*map(generations, before)):
+            raise UserError(f"{stages[i].label()} after {before[-1].label()} generates nothing new: drop it (k=-1)")
     thetas = tuple([float(thetas)] * len(stages)) if isinstance(thetas, int | float) else tuple(map(float, thetas))
     if len(thetas) != len(stages):
         raise UserError(f"{len(thetas)} θ values for {len(stages)} models")
@@ -128,6 +159,8 @@ def enumerate_configs(models: Sequence[str], *, per_model_theta: bool = False) -
     per_stage = [[Stage(m, k, n) for k in KS for n in LS if _valid(k, n)] for m in models]
     seen: set[CascadeConfig] = set()
     for stages in itertools.product(*per_stage):
+        if any(a.model == b.model and a.skipped and not b.skipped for a, b in itertools.pairwise(stages)):
+            continue  # a model's skipped stages after its running ones: one configuration, one way to write it
         try:
             base = make_config(stages, 0.0)
         except UserError:

@@ -11,7 +11,10 @@ pass matrix comes from the stored line results, and :func:`codeaccel.cascade.sco
 picks the best answer and decides. Stages run in order until one accepts; the last
 that runs is taken without the check. A problem's cost is the sum over the stages that
 ran of their generation (each decode step at the measured cost of the batch still running,
-:mod:`codeaccel.cascade.cost`) and their prompts' prefill, which is also kept apart.
+:mod:`codeaccel.cascade.cost`) and their prompts' prefill, which is also kept apart. A stage
+that follows a stage of its own model pays only for the generations that one did not make
+(:func:`codeaccel.cascade.config.generations`; they decode together as one batch); its
+prompts' prefill is counted again (conservative: a server might still hold them in its cache).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from codeaccel.cascade.config import CascadeConfig, Stage
+from codeaccel.cascade.config import CascadeConfig, Stage, generations
 from codeaccel.cascade.cost import generation_seconds
 from codeaccel.cascade.endpoint import is_endpoint_name
 from codeaccel.cascade.scoring import Scorer, Verdict, accept
@@ -147,6 +150,21 @@ class Replay:
             prompt_s=prompt_tokens * s_prompt,
         )
 
+    @functools.lru_cache(maxsize=None)  # noqa: B019
+    def added(self, stage: Stage, earlier: tuple[Stage, ...], task_id: str) -> tuple[float, int]:
+        """(generation seconds, generated tokens) of ``stage`` after the ``earlier`` stages of its model:
+        only the generations they did not make, decoded together."""
+        if not earlier:
+            run = self.stage_run(stage, task_id)
+            return run.gen_s, run.gen_tokens
+        d = self.data(stage.model, task_id)
+        made = frozenset().union(*map(generations, earlier))
+        new = [d.answers[s] if kind == "answer" else d.tests[(n_lines, s)]
+               for kind, n_lines, s in sorted(generations(stage) - made)]  # fmt: skip
+        lengths = [g.tokens for g in new]
+        return generation_seconds(self.costs(stage.model), lengths, self.n_seq_max), sum(lengths)
+
+    @functools.lru_cache(maxsize=None)  # noqa: B019
     def verdict(self, stage: Stage, task_id: str, theta: float, scorer: Scorer) -> Verdict:
         return accept(self.stage_run(stage, task_id).passes, theta, scorer)
 
@@ -157,9 +175,10 @@ class Replay:
         for i in running:
             stage = config.stages[i]
             run = self.stage_run(stage, task_id)
-            cost += run.gen_s + run.prompt_s
+            gen_s, tokens = self.added(stage, config.earlier_of_same_model(i), task_id)
+            cost += gen_s + run.prompt_s
             prompt += run.prompt_s
-            gen_tokens += run.gen_tokens
+            gen_tokens += tokens
             prompt_tokens += run.prompt_tokens
             last = i == running[-1]
             if last or stage.k == 0 or self.verdict(stage, task_id, config.thetas[i], scorer).accepted:

@@ -1,7 +1,7 @@
 """The cascade's report: results rows (the committed results format), a Markdown table, a cost–accuracy PNG.
 
 Rows: one per configuration on the Pareto fronts and per single-model configuration,
-per split, with ``method`` = ``cascade`` (two or more models run) or ``single-model``,
+per split, with ``method`` = ``cascade`` (two or more stages run) or ``single-model``,
 ``split`` (``tune`` | ``validate``), ``pass_at_1``, ``cost_usd`` (mean per problem, at
 the configured price per hour: generation and prefill), ``prompt_cost_usd`` (the prefill
 part), ``cost_usd_paper`` (the same seconds at the paper's $0.44/h), ``gen_tokens`` (mean
@@ -12,6 +12,7 @@ second of generation), the configuration, and where problems stopped.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from codeaccel import machine
@@ -39,7 +40,7 @@ def row(e: Evaluation, *, dataset: str, engine: str, split: str, usd_per_hour: f
         "cost_s": round(e.cost_s, 4),
         "gen_tokens": round(e.gen_tokens, 1),
         "tokens_per_s": round(e.gen_tokens / gen_s, 3) if gen_s > 0 else None,
-        "stopped_at": {config.stages[i].model: n for i, n in sorted(e.stopped_at().items())},
+        "stopped_at": {config.stages[i].label(): n for i, n in sorted(e.stopped_at().items())},  # a model may repeat
         "config": config.to_record(),
     }
 
@@ -55,8 +56,11 @@ def write_report(
     validity: list[dict],
     greedy: list[tuple[Evaluation, float]],
     command: str,
+    stages_per_model: Sequence[int] = (),
 ) -> list[Path]:
-    """``greedy``: each model's greedy answer alone over every problem, with its seconds per token (one sequence)."""
+    """``greedy``: each model's greedy answer alone over every problem, with its seconds per token (one sequence).
+    ``stages_per_model``: where a model follows itself, its number of stages, model by model; the files are
+    then named for it (``cascade-humaneval-cascade-stages-1-2.md``), apart from the plain family's."""
     out_dir.mkdir(parents=True, exist_ok=True)
     kw = {"dataset": dataset, "engine": engine, "usd_per_hour": usd_per_hour}
     rows = [row(e, split="tune", **kw) for e in result.tune_front]
@@ -88,6 +92,8 @@ def write_report(
         "rows": rows,
     }
     stem = f"cascade-{dataset}-{result.scorer}"
+    if any(n > 1 for n in stages_per_model):
+        stem += "-stages-" + "-".join(map(str, stages_per_model))
     json_path, md_path, png_path = (out_dir / f"{stem}.{ext}" for ext in ("json", "md", "png"))
     json_path.write_text(json.dumps(doc, indent=2) + "\n")
     md_path.write_text(_markdown(doc, command))

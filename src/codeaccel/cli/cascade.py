@@ -32,17 +32,24 @@ Models = Annotated[
     typer.Option(
         "--models",
         help="The family, smallest first, comma-separated: bundled names, GGUF paths, or openai:MODEL@BASE_URL "
-        "(an OpenAI-compatible chat endpoint; key from OPENAI_API_KEY).",
+        "(an OpenAI-compatible chat endpoint; key from OPENAI_API_KEY). In tune and report a model may follow "
+        "itself (escalation within the model: the later stage extends the earlier).",
     ),
 ]
 Out = Annotated[Path, typer.Option("--out", help="Folder of the store (store.sqlite) and the report.")]
 
 
-def _models(spec: str) -> tuple[str, ...]:
+def _models(spec: str, *, may_follow_itself: bool = False) -> tuple[str, ...]:
+    """The family; with ``may_follow_itself`` (tune) a model may be named again right after itself."""
     if not spec.strip():
         raise UserError("--models names no model")
-    models = comma_list(spec, "--models")
-    for model in models:
+    if may_follow_itself:
+        models = tuple(m.strip() for m in spec.split(","))
+        distinct = tuple(m for i, m in enumerate(models) if i == 0 or m != models[i - 1])
+        comma_list(",".join(distinct), "--models (a model may only follow itself)")  # empty or come back: refused
+    else:
+        models = comma_list(spec, "--models")
+    for model in dict.fromkeys(models):
         if not parse_endpoint(model):  # a malformed endpoint is refused before anything runs
             check_model(model)  # so is a local model that does not exist
     return models
@@ -131,14 +138,15 @@ def tune_command(
     if scorer not in SCORERS:
         raise UserError(f"--scorer must be one of {', '.join(SCORERS)}, got {scorer!r}")
     check_finite(usd_per_hour, "--usd-per-hour")
+    names = [stage_name(m) for m in _models(models, may_follow_itself=True)]
+    distinct = list(dict.fromkeys(names))
     store_path = out_dir / "store.sqlite"
     if not store_path.is_file():
         raise UserError(f"no cascade store at {store_path}: run `codeaccel cascade run {dataset} --out {out_dir}`")
-    names = [stage_name(m) for m in _models(models)]
     with GenerationStore(store_path) as store:
         run_config = store.meta("run_config") or {}
         problems = load_cascade_problems(dataset, limit)
-        done = set.intersection(*(store.executed_tasks(m, problems[0].dataset) for m in names))
+        done = set.intersection(*(store.executed_tasks(m, problems[0].dataset) for m in distinct))
         task_ids = [p.task_id for p in problems if p.task_id in done]
         if len(task_ids) < 10:
             raise UserError(f"only {len(task_ids)} problems are generated and executed for every model: need 10")
@@ -148,9 +156,10 @@ def tune_command(
         result = tune(replay, configs, task_ids, scorer)  # type: ignore[arg-type]
         stages = [Stage(m, -1, 0) for m in names[:-1]] + [Stage(names[-1], 0, 0)]
         reference = replay.evaluate(make_config(stages, 0.0), result.validate_ids, scorer)  # type: ignore[arg-type]
-        validity = [v for m in names for v in store.line_validity(m, problems[0].dataset)]
+        validity = [v for m in distinct for v in store.line_validity(m, problems[0].dataset)]
         greedy = []
-        for i, name in enumerate(names):  # each model's greedy answer alone, every problem
+        for name in distinct:  # each model's greedy answer alone, every problem
+            i = names.index(name)
             alone = make_config([Stage(m, 0 if j == i else -1, 0) for j, m in enumerate(names)], 0.0)
             one_sequence = replay.costs(name)[min(replay.costs(name))]  # the smallest batch measured: b = 1
             greedy.append((replay.evaluate(alone, task_ids, scorer), one_sequence.s_per_token))  # type: ignore[arg-type]
@@ -164,6 +173,7 @@ def tune_command(
             validity=validity,
             greedy=greedy,
             command=command_line(),
+            stages_per_model=[names.count(m) for m in distinct],
         )
     for path in paths:
         out.print(f"wrote {path}")
@@ -182,7 +192,7 @@ def report(
         raise UserError(f"no cascade store at {store_path}")
     key = check_dataset(dataset)
     with GenerationStore(store_path) as store:
-        for name in (stage_name(m) for m in _models(models)):
+        for name in dict.fromkeys(stage_name(m) for m in _models(models, may_follow_itself=True)):
             generated, executed = store.generated_tasks(name, key), store.executed_tasks(name, key)
             out.print(f"{name}: {len(generated)} problems generated, {len(executed)} executed")
             for v in store.line_validity(name, key):
