@@ -412,6 +412,17 @@ def test_run_then_tune_through_the_cli(tmp_path, tiny_gguf, tiny_gguf_draft):
         (["cascade", "run", "humaneval", "--models", " , ", "--out", "{tmp}"], "--models"),
         (["cascade", "tune", "humaneval", "--out", "{tmp}/nothing"], "no cascade store"),
         (["cascade", "tune", "humaneval", "--scorer", "vote", "--out", "{tmp}"], "--scorer"),
+        (["cascade", "solve", "--stages", "m:0:0"], "give a function"),
+        (["cascade", "solve", "{tmp}/f.py", "--task", "HumanEval/0", "--stages", "m:0:0"], "give a function"),
+        (["cascade", "solve", "--task", "HumanEval/0"], "give --stages or --tuned"),
+        (["cascade", "solve", "--task", "HumanEval/0", "--stages", "m:1"], "MODEL:K:L"),
+        (["cascade", "solve", "--task", "HumanEval/0", "--stages", "m:1:2", "--theta", "2"], "θ must be in"),
+        (["cascade", "solve", "--task", "HumanEval/0", "--stages", "m:0:0", "--budget", "1"], "--budget picks"),
+        (["cascade", "solve", "--task", "HumanEval/0", "--tuned", "{tmp}/none.json"], "no such report"),
+        (["cascade", "solve", "--task", "HumanEval/0", "--stages", "{tmp}/no.gguf:0:0"], "no.gguf"),
+        (["cascade", "solve", "--task", "HumanEval/999", "--stages", "qwen2.5-coder-0.5b-instruct:0:0"], "no problem"),
+        (["cascade", "solve", "{tmp}/no.py", "--stages", "qwen2.5-coder-0.5b-instruct:0:0"], "no such file"),
+        (["cascade", "solve", "-", "--stages", "qwen2.5-coder-0.5b-instruct:0:0", "--scorer", "x"], "--scorer"),
     ],
 )
 def test_bad_cascade_input_is_one_line_exit_2(args, message, tmp_path):

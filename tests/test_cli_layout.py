@@ -42,7 +42,7 @@ def test_every_command_is_registered_in_its_order():
         "feedback",
         "draft",
     ]
-    assert list(group.commands["cascade"].commands) == ["run", "tune", "report"]
+    assert list(group.commands["cascade"].commands) == ["run", "tune", "report", "solve"]
     assert list(group.commands["dataset"].commands) == ["build-edits"]
     assert list(group.commands["models"].commands) == ["list", "fetch", "path"]
     assert list(group.commands["index"].commands) == ["build", "update", "stats", "bench"]

@@ -234,3 +234,24 @@ def test_the_server_fills_in_the_middle_and_batches_losslessly(tmp_path, monkeyp
                 tokens = fim_prompt(engine, r.prefix, r.suffix, 2048 - 32, repo_head=True)
                 expected.append(generate(alone, tokens, SamplingParams(), 32, ()).text)
     assert got == expected
+
+
+def test_cascade_solve_answers_a_humaneval_problem_live_with_the_bundled_models():
+    """0.5B's greedy answer and test (θ = 1: accepted only if it passes every line it wrote), else the 1.5B's
+    greedy answer: HumanEval/0 is solved either way, and the 0.5B's answer is the sweep's stored one."""
+    from codeaccel.cascade.config import Stage, make_config
+    from codeaccel.cascade.problems import load_cascade_problems
+    from codeaccel.cascade.solve import CascadeSolver
+    from codeaccel.cascade.store import GenerationStore
+
+    cp = load_cascade_problems("humaneval", 1)[0]
+    config = make_config([Stage(SMALL, 1, 2), Stage(LARGE, 0, 0)], 1.0)
+    with CascadeSolver(config) as solver:
+        solution = solver.solve(cp)
+    first = solution.stages[0]
+    assert first.n_lines >= 1 and first.verdict is not None and first.decided in ("accepted", "escalated")
+    assert solution.official_passed is True
+    with GenerationStore(DOCS / "cascade" / "humaneval" / "store.sqlite") as store:
+        stored = {g.sample: g.text for g in store.generations(SMALL, "humaneval", cp.task_id) if g.kind == "answer"}
+    if solution.answered_by == 0:  # greedy, 2 sequences here against 33 in the sweep: equal up to near ties
+        assert solution.completion == stored[-1]

@@ -12,4 +12,5 @@
 - :mod:`~codeaccel.cascade.replay`: one configuration over the store: per problem the answer taken, passed, cost
 - :mod:`~codeaccel.cascade.tuner`: 30/70 split, Pareto fronts, the savings compared with single models
 - :mod:`~codeaccel.cascade.report`: results rows, Markdown, the cost–accuracy PNG
+- :mod:`~codeaccel.cascade.solve`: a chosen configuration answering one problem live, stage by stage
 """

@@ -58,10 +58,10 @@ class Stage:
         return f"{self.model}(k={self.k},l={self.l})" if not self.skipped else f"{self.model}(skip)"
 
 
-Generation = tuple[str, int, int]  # (kind "answer" or "test", l (0 for answers), sample (-1 greedy))
+GenerationKey = tuple[str, int, int]  # (kind "answer" or "test", l (0 for answers), sample (-1 greedy))
 
 
-def generations(stage: Stage) -> frozenset[Generation]:
+def generations(stage: Stage) -> frozenset[GenerationKey]:
     """What ``stage`` reads from its model's generations: a later stage of the same model pays only the rest."""
     if stage.skipped:
         return frozenset()

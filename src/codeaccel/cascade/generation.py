@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from codeaccel.bench.harness import build_prompt
-from codeaccel.cascade.config import SAMPLE_TEMPERATURE
+from codeaccel.cascade.config import SAMPLE_TEMPERATURE, GenerationKey
 from codeaccel.cascade.problems import CascadeProblem
 from codeaccel.cascade.self_tests import SelfTestFormat, self_test_prompt
 from codeaccel.cascade.store import StoredGeneration
@@ -75,9 +75,10 @@ Done = Callable[[CascadeProblem, list[StoredGeneration]], None]  # a problem's r
 
 
 def generate_problems(engine: Engine, seqs: SequenceSet, problems: Iterable[CascadeProblem],
-                      settings: GenerationSettings, done: Done, answers: bool = True) -> None:  # fmt: skip
+                      settings: GenerationSettings, done: Done, answers: bool = True,
+                      only: frozenset[GenerationKey] | None = None) -> None:  # fmt: skip
     """Every answer (unless not ``answers``) and test of ``problems`` for one model, handed to ``done``
-    problem by problem as each completes (see the module)."""
+    problem by problem as each completes (see the module); ``only``: just these (kind, l, sample)."""
     decoder = BatchDecoder(seqs, prefill_chunk=None)  # whole prompts: they are few, and nothing waits on them
     upcoming = iter(problems)
     groups: deque[tuple[_Flight, list[_Planned]]] = deque()  # prompt groups still to submit, in order
@@ -86,7 +87,8 @@ def generate_problems(engine: Engine, seqs: SequenceSet, problems: Iterable[Casc
     def plan_next() -> None:
         """The next problem with anything to generate: its groups queued (nothing left: none)."""
         for cp in upcoming:
-            flight = _Flight(cp, _plan(engine, cp, settings, answers))
+            plan = _plan(engine, cp, settings, answers)
+            flight = _Flight(cp, plan if only is None else [p for p in plan if (p.kind, p.l, p.sample) in only])
             if not flight.plan:
                 done(cp, [])
                 continue

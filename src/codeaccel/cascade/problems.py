@@ -10,12 +10,13 @@ the dataset's reference solution (to measure how many generated test lines are v
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 from dataclasses import dataclass
 from importlib import resources
 
-from codeaccel.bench.datasets import humaneval_rows, load_problems
+from codeaccel.bench.datasets import FENCE, humaneval_rows, load_problems
 from codeaccel.bench.problem import Problem
 from codeaccel.errors import UserError
 
@@ -37,6 +38,11 @@ class CascadeProblem:
     @property
     def dataset(self) -> str:
         return self.problem.dataset
+
+    @property
+    def spec_is_code(self) -> bool:
+        """The spec is the function's signature and docstring (HumanEval, a user's function), not a task text."""
+        return self.dataset != "mbpp"
 
 
 def check_dataset(dataset: str) -> str:
@@ -77,6 +83,30 @@ def load_cascade_problems(dataset: str, limit: int | None = None) -> list[Cascad
             )
         )
     return out
+
+
+def function_problem(spec: str, name: str = "function") -> CascadeProblem:
+    """A user's function to complete, given as HumanEval gives one: imports, the signature and a docstring.
+
+    The entry point the self-tests call is the last function the text defines; there are no
+    official tests and no reference (nothing to score against: the cascade's own tests decide)."""
+    try:
+        tree = ast.parse(spec)
+    except SyntaxError as exc:
+        why = f"{exc.msg}, line {exc.lineno}"
+        raise UserError(f"{name}: not Python ({why}): give the function's signature and docstring") from None
+    defined = [node.name for node in tree.body if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)]
+    if not defined:
+        raise UserError(f"{name}: defines no function: give the signature and docstring of the one to write")
+    prompt = spec.rstrip("\n") + "\n"
+    problem = Problem(
+        dataset="function",
+        task_id=name,
+        user_message=f"Complete the following Python function.\n{FENCE}{prompt}```",
+        response_prefix=FENCE + prompt,
+        code_prefix=prompt,
+    )
+    return CascadeProblem(problem=problem, entry_point=defined[-1], spec=prompt, reference="")
 
 
 def mbpp_entry_point(test_list: list[str], code: str) -> str:

@@ -44,10 +44,10 @@ def self_test_prompt(cp: CascadeProblem, l: int, fmt: SelfTestFormat) -> SelfTes
     start = f"assert {cp.entry_point}("
     max_tokens = TOKENS_PER_LINE * l + 16
     if fmt == "completion":
-        body = cp.spec if cp.dataset == "humaneval" else f'def {cp.entry_point}(*args):\n    """{cp.spec}"""\n'
+        body = cp.spec if cp.spec_is_code else f'def {cp.entry_point}(*args):\n    """{cp.spec}"""\n'
         raw = f"{body.rstrip()}\n    pass\n\n\n{PAPER_INSTRUCTION.format(l=l)}\n{start}"
         return SelfTestPrompt(None, raw, start, ("\n\n", "\ndef ", "\nclass ", "\nif __name__", "\n```"), max_tokens)
-    if cp.dataset == "humaneval":
+    if cp.spec_is_code:
         shown = f"{FENCE}{cp.spec.rstrip()}\n```"
     else:
         shown = cp.problem.user_message

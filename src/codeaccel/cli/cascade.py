@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -11,12 +13,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsed
 from codeaccel.cascade.config import Stage, enumerate_configs, make_config
 from codeaccel.cascade.cost import CPU_USD_PER_HOUR
 from codeaccel.cascade.endpoint import parse_endpoint, stage_name
-from codeaccel.cascade.problems import check_dataset, load_cascade_problems
+from codeaccel.cascade.problems import check_dataset, function_problem, load_cascade_problems
 from codeaccel.cascade.replay import Replay
 from codeaccel.cascade.report import write_report
 from codeaccel.cascade.run import RunConfig, RunProgress, run_cascade_generation
 from codeaccel.cascade.scoring import SCORERS
 from codeaccel.cascade.self_tests import TEST_FORMATS
+from codeaccel.cascade.solve import CascadeSolver, choose_tuned, parse_stages
 from codeaccel.cascade.store import GenerationStore
 from codeaccel.cascade.tuner import tune
 from codeaccel.cli.display import LoggedProgress, err, out
@@ -200,3 +203,73 @@ def report(
                           f"{v['validity']} valid (the reference passes them)")  # fmt: skip
     for md in sorted(out_dir.glob(f"cascade-{key}-*.md")):
         out.print(md.read_text())
+
+
+@app.command("solve")
+def solve(
+    spec: Annotated[
+        str | None,
+        typer.Argument(help="A file with the function's imports, signature and docstring ('-': stdin)."),
+    ] = None,
+    task: Annotated[str | None, typer.Option(help="A benchmark problem instead: HumanEval/0, Mbpp/2, ...")] = None,
+    stages: Annotated[
+        str | None, typer.Option(help="MODEL:K:L per stage, comma-separated, smallest first (or --tuned).")
+    ] = None,
+    theta: Annotated[str, typer.Option(help="θ for --stages: one, or one per stage (comma-separated).")] = "0.5",
+    tuned: Annotated[Path | None, typer.Option(help="A `cascade tune` JSON report: use the point it chose.")] = None,
+    budget: Annotated[
+        float | None, typer.Option(help="With --tuned: dollars per problem; the most accurate point within it.")
+    ] = None,
+    scorer: Annotated[str, typer.Option(help=f"{' or '.join(SCORERS)}.")] = "cascade",
+    engine: Annotated[str, typer.Option(help=f"One of {', '.join(ENGINES)}.")] = "llama.cpp",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the outcome as JSON, not just the code.")] = False,
+) -> None:
+    """Answer one function with a cascade configuration, live: stage by stage, self-tests in the sandbox."""
+    if scorer not in SCORERS:
+        raise UserError(f"--scorer must be one of {', '.join(SCORERS)}, got {scorer!r}")
+    if engine not in ENGINES:
+        raise UserError(f"unknown engine {engine!r}: choose one of {', '.join(ENGINES)}")
+    if (spec is None) == (task is None):
+        raise UserError("give a function (a file, or '-' for stdin) or --task, one of them")
+    if (stages is None) == (tuned is None):
+        raise UserError("give --stages or --tuned, one of them")
+    if budget is not None and tuned is None:
+        raise UserError("--budget picks among a --tuned report's points: give --tuned")
+    if budget is not None:
+        check_finite(budget, "--budget")
+    if tuned is not None:
+        config, chosen = choose_tuned(tuned, budget)
+        err.print(f"chosen: {config.label()} (validation pass@1 {chosen['pass_at_1']}, ${chosen['cost_usd']:.3g})")
+    else:
+        config = parse_stages(stages or "", theta)
+    for i in config.running:
+        if not parse_endpoint(config.stages[i].model):
+            check_model(config.stages[i].model)
+    if task is not None:
+        dataset = "humaneval" if task.lower().startswith("humaneval/") else "mbpp"
+        matches = [p for p in load_cascade_problems(dataset) if p.task_id.lower() == task.strip().lower()]
+        if not matches:
+            raise UserError(f"--task: no problem {task!r} (HumanEval/0..163, Mbpp/<id> of MBPP-sanitized)")
+        problem = matches[0]
+    elif spec == "-":
+        problem = function_problem(sys.stdin.read(), "stdin")
+    else:
+        path = Path(spec or "")
+        if not path.is_file():
+            raise UserError(f"no such file {path}: give the function's signature and docstring in a file, or '-'")
+        try:
+            problem = function_problem(path.read_text(), path.name)
+        except UnicodeDecodeError:
+            raise UserError(f"{path} is not UTF-8 text") from None
+    with CascadeSolver(config, engine=engine, scorer=scorer) as solver:  # type: ignore[arg-type]
+        solution = solver.solve(problem, progress=lambda line: err.print(line))
+    for o in solution.stages:
+        score = "" if o.verdict is None else f", score {o.verdict.score}/{o.verdict.max_score}"
+        err.print(f"{o.stage.label()}: {o.decided}{score} ({o.n_answers} answers, {o.n_lines} test lines, "
+                  f"{o.generated_tokens} tokens, {o.seconds:.1f} s)")  # fmt: skip
+    if solution.official_passed is not None:
+        err.print(f"the benchmark's own tests: {'passed' if solution.official_passed else 'failed'}")
+    if as_json:
+        out.print_json(json.dumps(solution.to_record()))
+    else:
+        sys.stdout.write(solution.code)

@@ -1,0 +1,248 @@
+"""A chosen configuration put to work: one problem answered live, stage by stage.
+
+``cascade tune`` chooses (k, l, θ) per budget from stored generations; this runs one. Each
+running stage generates only what it reads and its model has not generated yet for the
+problem (:func:`codeaccel.cascade.config.generations`: a model that follows itself extends
+its earlier stage), batched on the model's sequence set with the sweep's own prompts,
+sampling and seeds (:func:`codeaccel.cascade.generation.generate_problems`), so a live
+answer is the one the replay counted. Its answers run against its test lines in the
+sandbox, :func:`codeaccel.cascade.scoring.accept` picks the best and decides, and the last
+stage that runs answers without the check.
+
+:func:`choose_tuned` reads a ``cascade tune`` report and picks the configuration for a budget:
+of the points chosen on the tuning split, the most accurate on validation whose validated cost
+per problem is within it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from codeaccel.cascade.config import N_SAMPLES, CascadeConfig, GenerationKey, Stage, generations, make_config
+from codeaccel.cascade.endpoint import parse_endpoint
+from codeaccel.cascade.generation import GenerationSettings, generate_problems
+from codeaccel.cascade.problems import CascadeProblem
+from codeaccel.cascade.scoring import Scorer, Verdict, accept
+from codeaccel.cascade.self_tests import extract_test_lines
+from codeaccel.cascade.store import StoredGeneration
+from codeaccel.engines import Engine, SequenceSet, load_engine, open_sequences
+from codeaccel.errors import InternalError, UserError
+from codeaccel.sandbox import Job, Limits, SandboxPool
+
+Progress = Callable[[str], None]
+CACHE_CELLS = 24576  # all sequences together: a stage's prompts and 20 sequences of 512 tokens fit with room
+
+
+@dataclass(frozen=True)
+class StageOutcome:
+    stage: Stage
+    verdict: Verdict | None  # None where nothing is checked: k = 0
+    n_answers: int
+    n_lines: int  # N_t: the distinct test lines its tests gave
+    generated_tokens: int  # what it generated (not what an earlier stage of its model did)
+    seconds: float  # wall: generation and execution
+    decided: str  # "accepted", "escalated", "k=0" or "last"
+
+
+@dataclass(frozen=True)
+class Solution:
+    task_id: str
+    completion: str  # the chosen answer as the model wrote it after the started code
+    code: str  # the started code and the completion: the whole function
+    answered_by: int  # the stage index whose answer this is
+    stages: tuple[StageOutcome, ...]
+    seconds: float
+    official_passed: bool | None  # the benchmark's own tests, where the problem has them
+
+    def to_record(self) -> dict:
+        return {
+            "task_id": self.task_id,
+            "code": self.code,
+            "answered_by": self.stages[-1].stage.label(),
+            "official_passed": self.official_passed,
+            "seconds": round(self.seconds, 3),
+            "stages": [
+                {
+                    "stage": o.stage.label(),
+                    "decided": o.decided,
+                    "score": None if o.verdict is None else o.verdict.score,
+                    "max_score": None if o.verdict is None else o.verdict.max_score,
+                    "answers": o.n_answers,
+                    "test_lines": o.n_lines,
+                    "generated_tokens": o.generated_tokens,
+                    "seconds": round(o.seconds, 3),
+                }
+                for o in self.stages
+            ],
+        }
+
+
+class CascadeSolver:
+    """Answers problems with one configuration: each model loaded once (on first use), one sandbox pool."""
+
+    def __init__(self, config: CascadeConfig, *, engine: str = "llama.cpp", scorer: Scorer = "cascade",
+                 n_seq_max: int = 24, max_tokens: int = 512, limits: Limits | None = None):  # fmt: skip
+        for i in config.running:
+            if parse_endpoint(config.stages[i].model):
+                raise UserError(f"{config.stages[i].model}: solve runs local models; an endpoint stage is sweep-only")
+        self.config = config
+        self.engine_kind = engine
+        self.scorer: Scorer = scorer
+        self.settings = GenerationSettings(N_SAMPLES, max_tokens, "chat", n_seq_max)
+        self.limits = limits or Limits(timeout_s=10.0, line_timeout_s=2.0)
+        self._models: dict[str, tuple[Engine, SequenceSet]] = {}
+        self._pool = SandboxPool()
+
+    def __enter__(self) -> CascadeSolver:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for engine, seqs in self._models.values():
+            seqs.free()
+            engine.close()
+        self._models.clear()
+        self._pool.close()
+
+    def _model(self, name: str) -> tuple[Engine, SequenceSet]:
+        if name not in self._models:
+            engine = load_engine(name, self.engine_kind, n_ctx=4096)
+            try:
+                seqs = open_sequences(engine, n_seq_max=self.settings.n_seq_max, n_ctx=CACHE_CELLS)
+            except BaseException:
+                engine.close()
+                raise
+            self._models[name] = (engine, seqs)
+        return self._models[name]
+
+    def solve(self, cp: CascadeProblem, progress: Progress | None = None) -> Solution:
+        say = progress or (lambda _: None)
+        t_start = time.perf_counter()
+        made: dict[str, dict[GenerationKey, StoredGeneration]] = {}  # model -> what it generated here
+        line_passed: dict[tuple[str, int], dict[str, bool]] = {}  # (model, answer sample) -> line -> passes
+        outcomes: list[StageOutcome] = []
+        running = self.config.running
+        for i in running:
+            stage = self.config.stages[i]
+            have = made.setdefault(stage.model, {})
+            want = generations(stage) - have.keys()
+            if want:
+                self._model(stage.model)  # loaded once, outside the stage's time
+            t0 = time.perf_counter()
+            say(f"{stage.label()}: generating {len(want)} sequences")
+            new = self._generate(stage.model, cp, frozenset(want))
+            have.update(new)
+            samples = sorted(s for kind, _, s in generations(stage) if kind == "answer")
+            answers = [have[("answer", 0, s)] for s in samples]
+            tests = [have[("test", stage.l, s)] for s in samples] if stage.tested else []
+            lines = list(dict.fromkeys(line for t in tests for line in extract_test_lines(t.text, cp.entry_point, t.l)))
+            if lines:
+                say(f"{stage.label()}: running {len(answers)} answers against {len(lines)} test lines")
+            self._execute(cp, stage.model, samples, answers, lines, line_passed)
+            passes = np.array([[line_passed[(stage.model, s)][line] for line in lines] for s in samples], dtype=bool)
+            passes = passes.reshape(len(samples), len(lines))
+            last = i == running[-1]
+            verdict = accept(passes, self.config.thetas[i], self.scorer) if stage.tested else None
+            if stage.k == 0:
+                decided = "k=0"
+            elif last:
+                decided = "last"
+            else:
+                decided = "accepted" if verdict is not None and verdict.accepted else "escalated"
+            outcomes.append(StageOutcome(stage, verdict, len(answers), len(lines), sum(g.tokens for g in new.values()),
+                                         time.perf_counter() - t0, decided))  # fmt: skip
+            if decided != "escalated":
+                chosen = answers[verdict.best if verdict is not None else 0]
+                return Solution(
+                    task_id=cp.task_id,
+                    completion=chosen.text,
+                    code=cp.problem.code_prefix + chosen.text + "\n",
+                    answered_by=i,
+                    stages=tuple(outcomes),
+                    seconds=time.perf_counter() - t_start,
+                    official_passed=self._official(cp, chosen.text),
+                )
+        raise InternalError(f"{self.config.label()}: no stage answered (the last running stage always does)")
+
+    def _generate(self, model: str, cp: CascadeProblem, want: frozenset[GenerationKey]) -> dict:
+        if not want:
+            return {}
+        engine, seqs = self._model(model)
+        rows: list[StoredGeneration] = []
+        generate_problems(engine, seqs, [cp], self.settings, lambda _, got: rows.extend(got), only=want)
+        got = {(g.kind, g.l, g.sample): g for g in rows}
+        if got.keys() != want:
+            raise InternalError(f"{model} generated {sorted(got)} for {cp.task_id}, asked {sorted(want)}")
+        return got
+
+    def _execute(self, cp: CascadeProblem, model: str, samples: list[int], answers: list[StoredGeneration],
+                 lines: list[str], line_passed: dict[tuple[str, int], dict[str, bool]]) -> None:  # fmt: skip
+        """Every answer against the lines it has not run yet (an earlier stage of its model ran the rest)."""
+        jobs, owners = [], []
+        for s, a in zip(samples, answers):
+            known = line_passed.setdefault((model, s), {})
+            todo = [line for line in lines if line not in known]
+            if todo:
+                jobs.append(Job(cp.problem.code_prefix + a.text + "\n", todo, self.limits))
+                owners.append((known, todo))
+        for (known, todo), result in zip(owners, self._pool.map(jobs)):
+            known.update({line: t.status == "passed" for line, t in zip(todo, result.tests)})
+
+    def _official(self, cp: CascadeProblem, completion: str) -> bool | None:
+        if not cp.problem.tests:
+            return None
+        (result,) = self._pool.map([Job(cp.problem.solution(completion), cp.problem.tests, self.limits)])
+        return result.passed
+
+
+def parse_stages(spec: str, thetas: str) -> CascadeConfig:
+    """``model:k:l`` stages, comma-separated, smallest first, and θ (one, or one per stage)."""
+    stages = []
+    for item in spec.split(","):
+        parts = item.strip().rsplit(":", 2)
+        if len(parts) != 3 or not parts[0]:
+            raise UserError(f"--stages: each stage is MODEL:K:L (e.g. qwen2.5-coder-0.5b-instruct:3:2), got {item!r}")
+        try:
+            stages.append(Stage(parts[0], int(parts[1]), int(parts[2])))
+        except ValueError:
+            raise UserError(f"--stages: k and l are integers, got {item!r}") from None
+    try:
+        values = [float(t) for t in thetas.split(",")]
+    except ValueError:
+        raise UserError(f"--theta takes one number or one per stage, comma-separated, got {thetas!r}") from None
+    return make_config(stages, values[0] if len(values) == 1 else values)
+
+
+def choose_tuned(report: Path, budget_usd: float | None) -> tuple[CascadeConfig, dict]:
+    """The configuration a ``cascade tune`` report chose for ``budget_usd`` per problem (None: the most
+    accurate), with its validation row."""
+    try:
+        doc = json.loads(report.read_text())
+        rows = doc["rows"]
+        chosen = {r["config"]["label"] for r in rows if r["split"] == "tune"}
+        validated = [r for r in rows if r["split"] == "validate" and r["config"]["label"] in chosen]
+    except FileNotFoundError:
+        raise UserError(f"--tuned: no such report {report}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise UserError(f"--tuned: {report} is not a `cascade tune` JSON report ({type(exc).__name__})") from None
+    within = [r for r in validated if budget_usd is None or r["cost_usd"] <= budget_usd]
+    if not within:
+        cheapest = min((r["cost_usd"] for r in validated), default=None)
+        raise UserError(
+            f"--budget {budget_usd}: no chosen point costs that little (the cheapest: ${cheapest} per problem)"
+        )
+    best = max(within, key=lambda r: (r["pass_at_1"], -r["cost_usd"]))
+    record = best["config"]
+    try:
+        stages = [Stage(s["model"], int(s["k"]), int(s["l"])) for s in record["stages"]]
+        return make_config(stages, [float(t) for t in record["thetas"]]), best
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UserError(f"--tuned: {report} holds a configuration this version cannot read ({exc})") from None

@@ -1,0 +1,113 @@
+"""A cascade configuration answering one problem live: what each stage generates, decides and returns."""
+
+import json
+
+import pytest
+
+from codeaccel.cascade import solve as solve_module
+from codeaccel.cascade.config import Stage, generations, make_config
+from codeaccel.cascade.generation import GenerationSettings, generate_problems
+from codeaccel.cascade.problems import function_problem, load_cascade_problems
+from codeaccel.cascade.solve import CascadeSolver, choose_tuned, parse_stages
+from codeaccel.engines import load_engine, open_sequences
+from codeaccel.errors import UserError
+
+SPEC = 'import math\n\ndef helper(x):\n    return x\n\ndef area(r: float) -> float:\n    """Circle area."""\n'
+
+
+def test_a_users_function_is_a_problem_for_its_last_function():
+    cp = function_problem(SPEC, "area.py")
+    assert cp.entry_point == "area" and cp.spec_is_code and cp.problem.tests == ()
+    assert cp.problem.response_prefix.endswith('"""Circle area."""\n') and cp.task_id == "area.py"
+    with pytest.raises(UserError, match="not Python"):
+        function_problem("def broken(:\n", "x.py")
+    with pytest.raises(UserError, match="defines no function"):
+        function_problem("x = 1\n", "x.py")
+
+
+def test_stages_are_parsed_and_checked():
+    config = parse_stages("a:3:2, b:10:4", "0.6")
+    assert [(s.model, s.k, s.l) for s in config.stages] == [("a", 3, 2), ("b", 10, 4)]
+    assert config.thetas == (0.6, 0.0)
+    assert parse_stages("C:\\models\\x.gguf:1:2,b:0:0", "0.2,0.4").stages[0].model == "C:\\models\\x.gguf"
+    for spec, theta, message in [("a:3", "0.5", "MODEL:K:L"), ("a:x:2", "0.5", "integers"),
+                                 ("a:3:2", "half", "--theta"), ("a:2:2", "0.5", "k must be one of")]:  # fmt: skip
+        with pytest.raises(UserError, match=message):
+            parse_stages(spec, theta)
+
+
+def _report(tmp_path):
+    def row(split, label, pass_at_1, cost, stages, thetas):
+        return {"split": split, "pass_at_1": pass_at_1, "cost_usd": cost,
+                "config": {"label": label, "stages": stages, "thetas": thetas}}  # fmt: skip
+
+    cheap = ([{"model": "a", "k": 0, "l": 0}], [0.0])
+    mid = ([{"model": "a", "k": 1, "l": 2}, {"model": "b", "k": 0, "l": 0}], [0.5, 0.0])
+    top = ([{"model": "b", "k": 10, "l": 2}], [0.0])
+    rows = [row("tune", "cheap", 0.5, 0.001, *cheap), row("tune", "mid", 0.7, 0.002, *mid),
+            row("validate", "cheap", 0.55, 0.0011, *cheap), row("validate", "mid", 0.72, 0.0019, *mid),
+            row("validate", "top", 0.9, 0.005, *top)]  # fmt: skip  # top was not chosen on the tuning split
+    path = tmp_path / "cascade-humaneval-cascade.json"
+    path.write_text(json.dumps({"rows": rows}))
+    return path
+
+
+def test_a_tuned_report_gives_the_most_accurate_chosen_point_within_the_budget(tmp_path):
+    path = _report(tmp_path)
+    config, row = choose_tuned(path, None)
+    assert row["config"]["label"] == "mid" and config.stages[1] == Stage("b", 0, 0) and config.thetas[0] == 0.5
+    assert choose_tuned(path, 0.0015)[1]["config"]["label"] == "cheap"  # validated costs decide
+    with pytest.raises(UserError, match="no chosen point costs that little"):
+        choose_tuned(path, 0.0001)
+    with pytest.raises(UserError, match="no such report"):
+        choose_tuned(tmp_path / "missing.json", None)
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(UserError, match="not a `cascade tune` JSON report"):
+        choose_tuned(tmp_path / "bad.json", None)
+
+
+@pytest.fixture(scope="module")
+def humaneval_0():
+    return load_cascade_problems("humaneval", 1)[0]
+
+
+def test_a_k0_stage_answers_with_the_sweeps_greedy_answer(tiny_gguf, humaneval_0):
+    settings = GenerationSettings(n_samples=0, max_tokens=16, test_format="chat", n_seq_max=4)
+    engine = load_engine(tiny_gguf, "llama.cpp", n_ctx=4096)
+    rows = []
+    try:
+        with open_sequences(engine, n_seq_max=4, n_ctx=4096) as seqs:
+            generate_problems(engine, seqs, [humaneval_0], settings, lambda _, got: rows.extend(got))
+    finally:
+        engine.close()
+    greedy = next(r for r in rows if r.kind == "answer" and r.sample == -1)
+    with CascadeSolver(make_config([Stage(tiny_gguf, 0, 0)], 0.0), max_tokens=16) as solver:
+        solution = solver.solve(humaneval_0)
+    assert solution.completion == greedy.text and solution.code.startswith(humaneval_0.problem.code_prefix)
+    assert [o.decided for o in solution.stages] == ["k=0"] and solution.answered_by == 0
+    assert solution.official_passed is False  # the tiny model's text is no solution: HumanEval's tests say so
+    assert solution.to_record()["stages"][0]["generated_tokens"] == greedy.tokens
+
+
+def test_a_model_following_itself_generates_only_what_it_adds(tiny_gguf, humaneval_0, monkeypatch):
+    asked = []
+
+    def spy(*args, only=None, **kwargs):
+        asked.append(only)
+        return generate_problems(*args, only=only, **kwargs)
+
+    monkeypatch.setattr(solve_module, "generate_problems", spy)
+    first, second = Stage(tiny_gguf, 3, 2), Stage(tiny_gguf, 5, 2)
+    # θ = 1: only answers that pass every test line all agree; the tiny model's do not, so it escalates
+    with CascadeSolver(make_config([first, second], 1.0), max_tokens=12) as solver:
+        solution = solver.solve(humaneval_0)
+    assert [o.decided for o in solution.stages] == ["escalated", "last"] and solution.answered_by == 1
+    assert asked == [generations(first), generations(second) - generations(first)]
+    assert len(asked[1]) == 4  # samples 3 and 4: an answer and a test each
+    assert solution.stages[1].n_answers == 5  # yet the second stage chooses among all five
+    assert solution.official_passed is False
+
+
+def test_an_endpoint_stage_is_refused():
+    with pytest.raises(UserError, match="solve runs local models"):
+        CascadeSolver(make_config([Stage("openai:m@http://127.0.0.1:9/v1", 0, 0)], 0.0))
