@@ -237,11 +237,12 @@ def _gen(task, kind, sample, l=0, text="", tokens=10):  # noqa: E741
                             else 0.95, 50, tokens, text, "stop", 0.1, 0.5, 0.2, 2.0)  # fmt: skip
 
 
-def _fill(store, task, answers_pass, lines_pass, n_samples=3):
-    """answers_pass[i]: official result of answer i (index 0 greedy, then samples); lines_pass[i]: per line."""
+def _fill(store, task, answers_pass, lines_pass, n_samples=3, ls=(2,)):
+    """answers_pass[i]: official result of answer i (index 0 greedy, then samples); lines_pass[i]: per line;
+    ``ls``: the l of the stored tests (each test gives the first two lines)."""
     lines = [f"assert f({i}) == {i}" for i in range(len(lines_pass[0]))]
     rows = [_gen(task, "answer", s) for s in [-1] + list(range(n_samples))]
-    rows += [_gen(task, "test", s, 2, "\n".join(lines[:2])) for s in [-1] + list(range(n_samples))]
+    rows += [_gen(task, "test", s, n, "\n".join(lines[:2])) for n in ls for s in [-1] + list(range(n_samples))]
     ids = store.add_generations(rows)
     answer_ids, test_ids = ids[: n_samples + 1], ids[n_samples + 1 :]
     store.add_executions(
@@ -319,6 +320,23 @@ def test_a_model_following_itself_pays_only_for_what_it_adds(tmp_path):
         assert greedy_first.cost_s == pytest.approx(g.gen_s + g.prompt_s + b.gen_s + b.prompt_s)
 
 
+def test_a_model_following_itself_with_only_new_tests_pays_no_answer_prompt(tmp_path):
+    """The same answers tested again with longer tests: only the l=4 tests are generated (as ``cascade solve``
+    does), so only their prompt is evaluated; the answers' prompt, generated from by nobody, costs nothing."""
+    with GenerationStore(tmp_path / "s.sqlite") as store:
+        _fill(store, "T/0", [False] * 4, [[False, False]] * 4, ls=(2, 4))
+        replay = Replay(store, "humaneval", ["T/0"])
+        first, second = Stage("m", 3, 2), Stage("m", 3, 4)
+        out = replay.outcome(make_config([first, second], 0.5), "T/0")
+        assert out.stopped_at == 1
+        a, b = replay.stage_run(first, "T/0"), replay.stage_run(second, "T/0")
+        assert b.prompt_tokens == 100  # alone: the answers' prompt and the tests' (50 tokens each)
+        assert out.prompt_tokens == a.prompt_tokens + 50  # after the first: the l=4 tests' prompt only
+        assert out.gen_tokens == a.gen_tokens + 30  # three tests of 10 tokens
+        assert out.prompt_s == pytest.approx(a.prompt_s + 50 * 0.001)
+        assert out.cost_s == pytest.approx(a.gen_s + a.prompt_s + 10 * 0.1 + 50 * 0.001)
+
+
 def test_local_costs_from_different_cpus_are_refused_and_an_endpoints_are_not(tmp_path):
     """A sweep resumed on another machine kind must not price one model on one CPU and the next on another."""
     with GenerationStore(tmp_path / "s.sqlite") as store:
@@ -388,6 +406,7 @@ def test_run_then_tune_through_the_cli(tmp_path, tiny_gguf, tiny_gguf_draft):
     assert tuned.exit_code == 0, tuned.output
     doc = json.loads((tmp_path / "cascade-humaneval-cascade.json").read_text())
     assert doc["n_tune"] == 3 and doc["n_validate"] == 7 and doc["n_configs"] == 72 * 11 + 18
+    assert doc["generation"] == {"test_format": "chat", "max_tokens": 24, "engine": "llama.cpp"}  # for solve
     for row in doc["rows"]:
         for field in ("dataset", "engine", "method", "model", "n_problems", "pass_at_1", "tokens_per_s",
                       "split", "cost_usd", "config"):  # fmt: skip

@@ -38,7 +38,7 @@ def test_stages_are_parsed_and_checked():
 
 def _report(tmp_path):
     def row(split, label, pass_at_1, cost, stages, thetas):
-        return {"split": split, "pass_at_1": pass_at_1, "cost_usd": cost,
+        return {"split": split, "scorer": "cascade", "pass_at_1": pass_at_1, "cost_usd": cost,
                 "config": {"label": label, "stages": stages, "thetas": thetas}}  # fmt: skip
 
     cheap = ([{"model": "a", "k": 0, "l": 0}], [0.0])
@@ -54,9 +54,20 @@ def _report(tmp_path):
 
 def test_a_tuned_report_gives_the_most_accurate_chosen_point_within_the_budget(tmp_path):
     path = _report(tmp_path)
-    config, row = choose_tuned(path, None)
+    point = choose_tuned(path, None)
+    config, row = point.config, point.row
     assert row["config"]["label"] == "mid" and config.stages[1] == Stage("b", 0, 0) and config.thetas[0] == 0.5
-    assert choose_tuned(path, 0.0015)[1]["config"]["label"] == "cheap"  # validated costs decide
+    assert (point.test_format, point.max_tokens, point.engine) == ("chat", 512, "llama.cpp")  # an older report
+    assert choose_tuned(path, 0.0015).row["config"]["label"] == "cheap"  # validated costs decide
+    doc = json.loads(path.read_text())
+    doc["generation"] = {"test_format": "completion", "max_tokens": 256, "engine": "hf"}
+    (tmp_path / "new.json").write_text(json.dumps(doc))
+    point = choose_tuned(tmp_path / "new.json", None)
+    assert (point.test_format, point.max_tokens, point.engine) == ("completion", 256, "hf")  # as the sweep asked
+    doc["generation"]["test_format"] = "xml"
+    (tmp_path / "new.json").write_text(json.dumps(doc))
+    with pytest.raises(UserError, match="not a `cascade tune` JSON report"):
+        choose_tuned(tmp_path / "new.json", None)
     with pytest.raises(UserError, match="no chosen point costs that little"):
         choose_tuned(path, 0.0001)
     with pytest.raises(UserError, match="no such report"):
@@ -64,6 +75,63 @@ def test_a_tuned_report_gives_the_most_accurate_chosen_point_within_the_budget(t
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(UserError, match="not a `cascade tune` JSON report"):
         choose_tuned(tmp_path / "bad.json", None)
+
+
+@pytest.mark.parametrize("field,value", [("cost_usd", None), ("cost_usd", "cheap"), ("pass_at_1", None)])
+def test_a_report_whose_points_lack_a_number_is_refused_in_one_line(tmp_path, field, value):
+    doc = json.loads(_report(tmp_path).read_text())
+    for r in doc["rows"]:
+        r[field] = value
+    (tmp_path / "odd.json").write_text(json.dumps(doc))
+    for budget in (None, 0.01):
+        with pytest.raises(UserError, match="not a `cascade tune` JSON report"):
+            choose_tuned(tmp_path / "odd.json", budget)
+    (tmp_path / "odd.json").write_text(json.dumps({"rows": [r for r in doc["rows"] if r["split"] == "tune"]}))
+    with pytest.raises(UserError, match="no chosen point validated"):  # not "--budget None: ... costs that little"
+        choose_tuned(tmp_path / "odd.json", None)
+
+
+def test_solve_with_a_tuned_report_scores_as_the_report_was_tuned(tmp_path, tiny_gguf, tiny_gguf_draft, monkeypatch):
+    """A dual-agreement report's θ means nothing to the cascade scorer: the report's scorer answers, and a
+    --scorer or --theta against the report's point is refused."""
+    from typer.testing import CliRunner
+
+    from codeaccel.cascade.solve import Solution
+    from codeaccel.cli import app
+    from codeaccel.cli import cascade as cli_cascade
+
+    doc = json.loads(_report(tmp_path).read_text())
+    doc["generation"] = {"test_format": "completion", "max_tokens": 64, "engine": "llama.cpp"}
+    for r in doc["rows"]:
+        r["scorer"] = "dual-agreement"
+        for stage in r["config"]["stages"]:
+            stage["model"] = {"a": tiny_gguf, "b": tiny_gguf_draft}[stage["model"]]
+    (tmp_path / "da.json").write_text(json.dumps(doc))
+    seen = {}
+
+    class Solver:
+        def __init__(self, config, *, engine, scorer, **settings):
+            seen.update(config=config, scorer=scorer, engine=engine, **settings)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
+        def solve(self, cp, progress=None):
+            return Solution(cp.task_id, "pass\n", "pass\n", 0, (), 0.0, None)
+
+    monkeypatch.setattr(cli_cascade, "CascadeSolver", Solver)
+    runner = CliRunner()
+    base = ["cascade", "solve", "--task", "HumanEval/0", "--tuned", str(tmp_path / "da.json")]
+    result = runner.invoke(app, base)
+    assert result.exit_code == 0, result.output
+    assert seen["scorer"] == "dual-agreement" and seen["config"].thetas[0] == 0.5
+    assert (seen["test_format"], seen["max_tokens"], seen["engine"]) == ("completion", 64, "llama.cpp")
+    for extra, message in [(["--scorer", "cascade"], "--scorer"), (["--theta", "0.9"], "--theta")]:
+        result = runner.invoke(app, base + extra)
+        assert isinstance(result.exception, UserError) and message in str(result.exception)
 
 
 @pytest.fixture(scope="module")
@@ -111,3 +179,33 @@ def test_a_model_following_itself_generates_only_what_it_adds(tiny_gguf, humanev
 def test_an_endpoint_stage_is_refused():
     with pytest.raises(UserError, match="solve runs local models"):
         CascadeSolver(make_config([Stage("openai:m@http://127.0.0.1:9/v1", 0, 0)], 0.0))
+
+
+def test_a_function_on_stdin_that_is_not_utf8_is_one_line_exit_2():
+    import subprocess
+    import sys
+
+    args = ["cascade", "solve", "-", "--stages", "qwen2.5-coder-0.5b-instruct:0:0"]
+    result = subprocess.run([sys.executable, "-m", "codeaccel", *args], input=b"def f():\n    '\xff'\n",
+                            capture_output=True, timeout=300)  # fmt: skip
+    stderr = result.stderr.decode(errors="replace")
+    assert result.returncode == 2, stderr
+    assert "not UTF-8" in stderr and len(stderr.strip().splitlines()) == 1
+
+
+def test_a_problem_interrupted_mid_generation_leaves_no_sequence_open_for_the_next(tiny_gguf, humaneval_0):
+    """Ctrl-C (or any error) while a stage decodes: its sequences are closed, so the solver's next problem
+    starts on an empty sequence set, not beside the interrupted one's cache."""
+    with CascadeSolver(make_config([Stage(tiny_gguf, 0, 0)], 0.0), max_tokens=16) as solver:
+        _, seqs = solver._model(tiny_gguf)
+
+        def interrupted(*args, **kwargs):
+            raise KeyboardInterrupt
+
+        seqs.eval = interrupted  # the first evaluation: the prompt's, after its sequence was opened
+        with pytest.raises(KeyboardInterrupt):
+            solver.solve(humaneval_0)
+        del seqs.eval
+        assert seqs.open_sequences == []
+        assert [o.decided for o in solver.solve(humaneval_0).stages] == ["k=0"]
+        assert seqs.open_sequences == []

@@ -13,8 +13,9 @@ that runs is taken without the check. A problem's cost is the sum over the stage
 ran of their generation (each decode step at the measured cost of the batch still running,
 :mod:`codeaccel.cascade.cost`) and their prompts' prefill, which is also kept apart. A stage
 that follows a stage of its own model pays only for the generations that one did not make
-(:func:`codeaccel.cascade.config.generations`; they decode together as one batch); its
-prompts' prefill is counted again (conservative: a server might still hold them in its cache).
+(:func:`codeaccel.cascade.config.generations`; they decode together as one batch); the prompts
+it generates from are counted again (conservative: a server might still hold them in its cache),
+a prompt it generates nothing from (its answers', where it only adds tests) is not evaluated at all.
 """
 
 from __future__ import annotations
@@ -57,6 +58,16 @@ class StageRun:
     n_sequences: int
     gen_s: float
     prompt_s: float
+
+
+@dataclass(frozen=True)
+class Added:
+    """What a stage pays on one problem: its generations and prompts that an earlier stage of its model did not."""
+
+    gen_s: float
+    gen_tokens: int
+    prompt_s: float
+    prompt_tokens: int
 
 
 @dataclass(frozen=True)
@@ -151,18 +162,21 @@ class Replay:
         )
 
     @functools.lru_cache(maxsize=None)  # noqa: B019
-    def added(self, stage: Stage, earlier: tuple[Stage, ...], task_id: str) -> tuple[float, int]:
-        """(generation seconds, generated tokens) of ``stage`` after the ``earlier`` stages of its model:
-        only the generations they did not make, decoded together."""
+    def added(self, stage: Stage, earlier: tuple[Stage, ...], task_id: str) -> Added:
+        """What ``stage`` costs after the ``earlier`` stages of its model: only the generations they did not
+        make, decoded together, and the prompts of those (one per kind: its answers', its tests')."""
+        run = self.stage_run(stage, task_id)
         if not earlier:
-            run = self.stage_run(stage, task_id)
-            return run.gen_s, run.gen_tokens
+            return Added(run.gen_s, run.gen_tokens, run.prompt_s, run.prompt_tokens)
         d = self.data(stage.model, task_id)
         made = frozenset().union(*map(generations, earlier))
         new = [d.answers[s] if kind == "answer" else d.tests[(n_lines, s)]
                for kind, n_lines, s in sorted(generations(stage) - made)]  # fmt: skip
         lengths = [g.tokens for g in new]
-        return generation_seconds(self.costs(stage.model), lengths, self.n_seq_max), sum(lengths)
+        prompt_tokens = sum({g.kind: g.prompt_tokens for g in new}.values())  # a kind's copies share one prompt
+        s_prompt = min(c.s_per_prompt_token for c in self.costs(stage.model).values())
+        gen_s = generation_seconds(self.costs(stage.model), lengths, self.n_seq_max)
+        return Added(gen_s, sum(lengths), prompt_tokens * s_prompt, prompt_tokens)
 
     @functools.lru_cache(maxsize=None)  # noqa: B019
     def verdict(self, stage: Stage, task_id: str, theta: float, scorer: Scorer) -> Verdict:
@@ -175,11 +189,11 @@ class Replay:
         for i in running:
             stage = config.stages[i]
             run = self.stage_run(stage, task_id)
-            gen_s, tokens = self.added(stage, config.earlier_of_same_model(i), task_id)
-            cost += gen_s + run.prompt_s
-            prompt += run.prompt_s
-            gen_tokens += tokens
-            prompt_tokens += run.prompt_tokens
+            paid = self.added(stage, config.earlier_of_same_model(i), task_id)
+            cost += paid.gen_s + paid.prompt_s
+            prompt += paid.prompt_s
+            gen_tokens += paid.gen_tokens
+            prompt_tokens += paid.prompt_tokens
             last = i == running[-1]
             if last or stage.k == 0 or self.verdict(stage, task_id, config.thetas[i], scorer).accepted:
                 _, passed = run.chosen_passed_at[scorer]

@@ -57,10 +57,12 @@ def write_report(
     greedy: list[tuple[Evaluation, float]],
     command: str,
     stages_per_model: Sequence[int] = (),
+    generation: dict | None = None,
 ) -> list[Path]:
     """``greedy``: each model's greedy answer alone over every problem, with its seconds per token (one sequence).
     ``stages_per_model``: where a model follows itself, its number of stages, model by model; the files are
-    then named for it (``cascade-humaneval-cascade-stages-1-2.md``), apart from the plain family's."""
+    then named for it (``cascade-humaneval-cascade-stages-1-2.md``), apart from the plain family's.
+    ``generation``: the sweep's test format, answer token limit and engine, for ``cascade solve``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     kw = {"dataset": dataset, "engine": engine, "usd_per_hour": usd_per_hour}
     rows = [row(e, split="tune", **kw) for e in result.tune_front]
@@ -90,6 +92,7 @@ def write_report(
         "test_validity": validity,
         "greedy_alone": [_greedy_row(e, s_per_token, usd_per_hour) for e, s_per_token in greedy],
         "rows": rows,
+        **({"generation": generation} if generation else {}),
     }
     stem = f"cascade-{dataset}-{result.scorer}"
     if any(n > 1 for n in stages_per_model):

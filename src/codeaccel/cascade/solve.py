@@ -28,10 +28,10 @@ from codeaccel.cascade.config import N_SAMPLES, CascadeConfig, GenerationKey, St
 from codeaccel.cascade.endpoint import parse_endpoint
 from codeaccel.cascade.generation import GenerationSettings, generate_problems
 from codeaccel.cascade.problems import CascadeProblem
-from codeaccel.cascade.scoring import Scorer, Verdict, accept
-from codeaccel.cascade.self_tests import extract_test_lines
+from codeaccel.cascade.scoring import SCORERS, Scorer, Verdict, accept
+from codeaccel.cascade.self_tests import TEST_FORMATS, SelfTestFormat, extract_test_lines
 from codeaccel.cascade.store import StoredGeneration
-from codeaccel.engines import Engine, SequenceSet, load_engine, open_sequences
+from codeaccel.engines import ENGINES, Engine, SequenceSet, load_engine, open_sequences
 from codeaccel.errors import InternalError, UserError
 from codeaccel.sandbox import Job, Limits, SandboxPool
 
@@ -87,14 +87,15 @@ class CascadeSolver:
     """Answers problems with one configuration: each model loaded once (on first use), one sandbox pool."""
 
     def __init__(self, config: CascadeConfig, *, engine: str = "llama.cpp", scorer: Scorer = "cascade",
-                 n_seq_max: int = 24, max_tokens: int = 512, limits: Limits | None = None):  # fmt: skip
+                 n_seq_max: int = 24, max_tokens: int = 512, test_format: SelfTestFormat = "chat",
+                 limits: Limits | None = None):  # fmt: skip
         for i in config.running:
             if parse_endpoint(config.stages[i].model):
                 raise UserError(f"{config.stages[i].model}: solve runs local models; an endpoint stage is sweep-only")
         self.config = config
         self.engine_kind = engine
         self.scorer: Scorer = scorer
-        self.settings = GenerationSettings(N_SAMPLES, max_tokens, "chat", n_seq_max)
+        self.settings = GenerationSettings(N_SAMPLES, max_tokens, test_format, n_seq_max)
         self.limits = limits or Limits(timeout_s=10.0, line_timeout_s=2.0)
         self._models: dict[str, tuple[Engine, SequenceSet]] = {}
         self._pool = SandboxPool()
@@ -177,7 +178,11 @@ class CascadeSolver:
             return {}
         engine, seqs = self._model(model)
         rows: list[StoredGeneration] = []
-        generate_problems(engine, seqs, [cp], self.settings, lambda _, got: rows.extend(got), only=want)
+        try:
+            generate_problems(engine, seqs, [cp], self.settings, lambda _, got: rows.extend(got), only=want)
+        except BaseException:  # an error or Ctrl-C mid-decode: the next problem starts on no open sequence
+            seqs.close_all()
+            raise
         got = {(g.kind, g.l, g.sample): g for g in rows}
         if got.keys() != want:
             raise InternalError(f"{model} generated {sorted(got)} for {cp.task_id}, asked {sorted(want)}")
@@ -221,28 +226,58 @@ def parse_stages(spec: str, thetas: str) -> CascadeConfig:
     return make_config(stages, values[0] if len(values) == 1 else values)
 
 
-def choose_tuned(report: Path, budget_usd: float | None) -> tuple[CascadeConfig, dict]:
+@dataclass(frozen=True)
+class TunedPoint:
+    """A report's chosen configuration, with what the replay counted it under."""
+
+    config: CascadeConfig
+    row: dict  # its validation row; ``scorer`` is the one θ was tuned for
+    test_format: SelfTestFormat  # how the sweep asked for tests, and the answers' token limit
+    max_tokens: int
+    engine: str
+
+
+def choose_tuned(report: Path, budget_usd: float | None) -> TunedPoint:
     """The configuration a ``cascade tune`` report chose for ``budget_usd`` per problem (None: the most
-    accurate), with its validation row."""
+    accurate), with its validation row and the sweep's generation settings (a report written before they
+    were recorded: the defaults of ``cascade run``, chat tests and 512 tokens on llama.cpp)."""
     try:
         doc = json.loads(report.read_text())
+        generation = doc.get("generation", {"test_format": "chat", "max_tokens": 512, "engine": "llama.cpp"})
+        test_format, engine = generation["test_format"], generation["engine"]
+        max_tokens = int(_number(generation["max_tokens"]))
+        if test_format not in TEST_FORMATS or engine not in ENGINES or max_tokens < 1:
+            raise ValueError(f"generation settings {generation}")
         rows = doc["rows"]
         chosen = {r["config"]["label"] for r in rows if r["split"] == "tune"}
         validated = [r for r in rows if r["split"] == "validate" and r["config"]["label"] in chosen]
+        points = [(_number(r["pass_at_1"]), _number(r["cost_usd"]), r) for r in validated]
+        if any(r["scorer"] not in SCORERS for r in validated):
+            raise ValueError("an unknown scorer")
     except FileNotFoundError:
         raise UserError(f"--tuned: no such report {report}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise UserError(f"--tuned: {report} is not a `cascade tune` JSON report ({type(exc).__name__})") from None
-    within = [r for r in validated if budget_usd is None or r["cost_usd"] <= budget_usd]
+    if not points:
+        raise UserError(f"--tuned: {report} holds no chosen point validated: run `cascade tune` again")
+    within = [p for p in points if budget_usd is None or p[1] <= budget_usd]
     if not within:
-        cheapest = min((r["cost_usd"] for r in validated), default=None)
+        cheapest = min(cost for _, cost, _ in points)
         raise UserError(
             f"--budget {budget_usd}: no chosen point costs that little (the cheapest: ${cheapest} per problem)"
         )
-    best = max(within, key=lambda r: (r["pass_at_1"], -r["cost_usd"]))
+    best = max(within, key=lambda p: (p[0], -p[1]))[2]
     record = best["config"]
     try:
         stages = [Stage(s["model"], int(s["k"]), int(s["l"])) for s in record["stages"]]
-        return make_config(stages, [float(t) for t in record["thetas"]]), best
+        config = make_config(stages, [float(t) for t in record["thetas"]])
     except (KeyError, TypeError, ValueError) as exc:
         raise UserError(f"--tuned: {report} holds a configuration this version cannot read ({exc})") from None
+    return TunedPoint(config, best, test_format, max_tokens, engine)
+
+
+def _number(value: object) -> float:
+    """A report's number (a bool, None or text is no number: the report is not one ``cascade tune`` wrote)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{value!r} is not a number")
+    return float(value)

@@ -177,6 +177,7 @@ def tune_command(
             greedy=greedy,
             command=command_line(),
             stages_per_model=[names.count(m) for m in distinct],
+            generation={key: run_config[key] for key in ("test_format", "max_tokens", "engine") if key in run_config},
         )
     for path in paths:
         out.print(f"wrote {path}")
@@ -215,19 +216,25 @@ def solve(
     stages: Annotated[
         str | None, typer.Option(help="MODEL:K:L per stage, comma-separated, smallest first (or --tuned).")
     ] = None,
-    theta: Annotated[str, typer.Option(help="θ for --stages: one, or one per stage (comma-separated).")] = "0.5",
+    theta: Annotated[
+        str | None, typer.Option(help="θ for --stages: one, or one per stage (comma-separated); default 0.5.")
+    ] = None,
     tuned: Annotated[Path | None, typer.Option(help="A `cascade tune` JSON report: use the point it chose.")] = None,
     budget: Annotated[
         float | None, typer.Option(help="With --tuned: dollars per problem; the most accurate point within it.")
     ] = None,
-    scorer: Annotated[str, typer.Option(help=f"{' or '.join(SCORERS)}.")] = "cascade",
-    engine: Annotated[str, typer.Option(help=f"One of {', '.join(ENGINES)}.")] = "llama.cpp",
+    scorer: Annotated[
+        str | None, typer.Option(help=f"{' or '.join(SCORERS)}; default cascade, with --tuned the report's.")
+    ] = None,
+    engine: Annotated[
+        str | None, typer.Option(help=f"One of {', '.join(ENGINES)}; default llama.cpp, with --tuned the sweep's.")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the outcome as JSON, not just the code.")] = False,
 ) -> None:
     """Answer one function with a cascade configuration, live: stage by stage, self-tests in the sandbox."""
-    if scorer not in SCORERS:
+    if scorer is not None and scorer not in SCORERS:
         raise UserError(f"--scorer must be one of {', '.join(SCORERS)}, got {scorer!r}")
-    if engine not in ENGINES:
+    if engine is not None and engine not in ENGINES:
         raise UserError(f"unknown engine {engine!r}: choose one of {', '.join(ENGINES)}")
     if (spec is None) == (task is None):
         raise UserError("give a function (a file, or '-' for stdin) or --task, one of them")
@@ -238,10 +245,19 @@ def solve(
     if budget is not None:
         check_finite(budget, "--budget")
     if tuned is not None:
-        config, chosen = choose_tuned(tuned, budget)
+        if theta is not None:
+            raise UserError("--theta is for --stages: the --tuned report's point has its own θ")
+        point = choose_tuned(tuned, budget)
+        config, chosen = point.config, point.row
+        if scorer is not None and scorer != chosen["scorer"]:
+            raise UserError(f"--scorer {scorer}: {tuned} tuned θ for {chosen['scorer']}: drop --scorer")
+        scorer = chosen["scorer"]
+        settings = {"max_tokens": point.max_tokens, "test_format": point.test_format}
+        engine = engine or point.engine
         err.print(f"chosen: {config.label()} (validation pass@1 {chosen['pass_at_1']}, ${chosen['cost_usd']:.3g})")
     else:
-        config = parse_stages(stages or "", theta)
+        config = parse_stages(stages or "", "0.5" if theta is None else theta)
+        settings = {}
     for i in config.running:
         if not parse_endpoint(config.stages[i].model):
             check_model(config.stages[i].model)
@@ -252,16 +268,19 @@ def solve(
             raise UserError(f"--task: no problem {task!r} (HumanEval/0..163, Mbpp/<id> of MBPP-sanitized)")
         problem = matches[0]
     elif spec == "-":
-        problem = function_problem(sys.stdin.read(), "stdin")
+        try:
+            problem = function_problem(sys.stdin.buffer.read().decode("utf-8"), "stdin")
+        except UnicodeDecodeError:
+            raise UserError("stdin is not UTF-8 text") from None
     else:
         path = Path(spec or "")
         if not path.is_file():
             raise UserError(f"no such file {path}: give the function's signature and docstring in a file, or '-'")
         try:
-            problem = function_problem(path.read_text(), path.name)
+            problem = function_problem(path.read_text(encoding="utf-8"), path.name)
         except UnicodeDecodeError:
             raise UserError(f"{path} is not UTF-8 text") from None
-    with CascadeSolver(config, engine=engine, scorer=scorer) as solver:  # type: ignore[arg-type]
+    with CascadeSolver(config, engine=engine or "llama.cpp", scorer=scorer or "cascade", **settings) as solver:  # type: ignore[arg-type]
         solution = solver.solve(problem, progress=lambda line: err.print(line))
     for o in solution.stages:
         score = "" if o.verdict is None else f", score {o.verdict.score}/{o.verdict.max_score}"
