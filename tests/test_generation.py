@@ -81,3 +81,48 @@ def test_timings_are_recorded(scripted):
     assert gen.prefill_s > 0 and gen.decode_s > 0
     assert gen.n_prompt_tokens == 1
     assert gen.tokens_per_s == pytest.approx(3 / gen.decode_s)
+
+
+class _BytesEngine:
+    """Tokens that are byte strings (UTF-8 characters cut anywhere, invalid bytes too), as llama.cpp's are."""
+
+    eog_token_ids = frozenset({0})
+
+    def __init__(self, pieces):
+        self.pieces = pieces
+        self.whole_decodes = 0
+
+    def token_bytes(self, token):
+        return self.pieces[token]
+
+    def detokenize(self, tokens):
+        self.whole_decodes += 1
+        return b"".join(self.pieces[t] for t in tokens).decode("utf-8", errors="replace")
+
+
+def test_text_grown_token_by_token_is_the_whole_decoding_at_every_token():
+    import random
+
+    from codeaccel.decoding.generation import StopChecker
+
+    rng = random.Random(0)
+    raw = "def f(ü):\n    return '✓ 𝄞 日本'  # é\n".encode() + b"\xff\xfe" + "ok".encode()
+    pieces = [b""]  # token 0: EOS
+    for _ in range(40):  # cut the bytes at random places: multi-byte characters split across tokens
+        cuts = sorted(rng.sample(range(1, len(raw)), 6))
+        pieces += [raw[a:b] for a, b in zip([0, *cuts], [*cuts, len(raw)])]
+    engine = _BytesEngine(pieces)
+    for start in range(1, len(pieces), 7):
+        tokens = list(range(start, min(start + 7, len(pieces)))) * 3
+        checker = StopChecker(engine, ["\x00never"], max_tokens=1000)
+        for i, token in enumerate(tokens):
+            checker.push(token)
+            assert checker.text == engine.detokenize(tokens[: i + 1])
+    grown = StopChecker(engine, ["return '✓"], max_tokens=1000)  # a stop string across split characters
+    for token in range(1, 8):
+        if grown.push(token):
+            break
+    assert grown.finish_reason == "stop" and grown.text == "def f(ü):\n    "
+    engine.whole_decodes = 0
+    StopChecker(engine, [], max_tokens=10).push(3)
+    assert engine.whole_decodes == 0  # grown from the token's bytes, never decoded whole

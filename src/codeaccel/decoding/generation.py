@@ -7,6 +7,7 @@ where autoregressive decoding would have ended it.
 
 from __future__ import annotations
 
+import codecs
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -16,6 +17,7 @@ import numpy as np
 from codeaccel.decoding.sampling import SamplingParams
 from codeaccel.decoding.stats import DecodingStats
 from codeaccel.engines.base import Engine
+from codeaccel.engines.sequences import SequenceSet
 from codeaccel.errors import UserError
 
 FinishReason = Literal["stop", "eos", "length"]
@@ -109,10 +111,17 @@ class StopChecker:
     ``push(token)`` returns the finish reason once the token ends generation:
     ``"eos"`` for an end-of-generation token, ``"stop"`` when the text now contains a
     stop string (the text is cut before it), ``"length"`` at max_tokens.
+
+    The text grows by each token's bytes through an incremental UTF-8 decoder where the
+    engine gives them (:meth:`Engine.token_bytes`; the same text as decoding the tokens
+    whole, a character cut between tokens shown as U+FFFD until its last byte comes), so
+    a long generation does not decode all its tokens again at every token.
     """
 
-    def __init__(self, engine: Engine, stop: Sequence[str], max_tokens: int):
+    def __init__(self, engine: Engine | SequenceSet, stop: Sequence[str], max_tokens: int):
         self._engine = engine
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._settled = ""  # the text of every byte the decoder has settled (no character left open)
         self._stop = [s for s in stop if s]
         self._longest_stop = max((len(s) for s in self._stop), default=0)
         self._max_tokens = max_tokens
@@ -134,7 +143,13 @@ class StopChecker:
             self.finish_reason = "eos"
             return self.finish_reason
         previous = len(self.text)
-        self.text = self._engine.detokenize(self.tokens)
+        piece = self._engine.token_bytes(token)
+        if piece is None:
+            self.text = self._engine.detokenize(self.tokens)
+        else:
+            self._settled += self._decoder.decode(piece)
+            open_bytes = self._decoder.getstate()[0]  # a character's first bytes, its last still to come
+            self.text = self._settled + open_bytes.decode("utf-8", errors="replace") if open_bytes else self._settled
         if self._stop:
             # A stop string can only end in the new text; start a little before it.
             start = max(0, previous - self._longest_stop)

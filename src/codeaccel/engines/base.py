@@ -200,6 +200,11 @@ class Engine(abc.ABC):
     def detokenize(self, tokens: Sequence[int]) -> str:
         """Token ids to text (special tokens rendered as text)."""
 
+    def token_bytes(self, token: int) -> bytes | None:
+        """A token's bytes, where :meth:`detokenize` is its tokens' bytes joined and decoded as UTF-8 with
+        replacement, so a text grows token by token without decoding it whole again; None where it is not."""
+        return None
+
     @abc.abstractmethod
     def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
         """Render chat messages with the model's own template, ending with the assistant's turn opener."""

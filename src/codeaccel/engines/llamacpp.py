@@ -202,6 +202,9 @@ class LlamaCppEngine(Engine):
     def detokenize(self, tokens: Sequence[int]) -> str:
         return b"".join(self._piece(int(t)) for t in tokens).decode("utf-8", errors="replace")
 
+    def token_bytes(self, token: int) -> bytes:
+        return self._piece(int(token))
+
     def _piece(self, token: int) -> bytes:
         """A token's bytes, special tokens rendered as text.
 

@@ -75,6 +75,9 @@ class SequenceSet(abc.ABC):
     def detokenize(self, tokens: Sequence[int]) -> str:
         return self.engine.detokenize(tokens)
 
+    def token_bytes(self, token: int) -> bytes | None:
+        return self.engine.token_bytes(token)
+
     @property
     def open_sequences(self) -> list[int]:
         return sorted(self._seqs)
