@@ -232,6 +232,10 @@ def test_native_completion_and_infill(server, alone):
         (json.dumps({"prompt": ["x"] * 10, "n": 3}).encode(), 400, None),  # 30 choices > 4 sequences + 16 queued
         (json.dumps({"prompt": "x", "seed": -2}).encode(), 400, "seed"),
         (json.dumps({"prompt": "x", "max_tokens": None, "temperature": None}).encode(), 200, None),  # null: default
+        (json.dumps({"prompt": [True]}).encode(), 400, "prompt"),  # strict types: a boolean is no token id
+        (json.dumps({"prompt": "x", "stream": "yes"}).encode(), 400, "stream"),
+        (json.dumps({"prompt": "x", "max_tokens": "5"}).encode(), 400, "max_tokens"),
+        (json.dumps({"prompt": "x", "max_tokens": 2, "temperature": 0}).encode(), 200, None),  # an int for a float
     ],
 )
 def test_bad_input_is_a_4xx_with_an_openai_error(server, body, status, param):

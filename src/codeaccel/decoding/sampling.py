@@ -62,7 +62,8 @@ def logits_to_probs(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
         return probs
     # shifted first: every value <= 0, so a tiny temperature gives -inf (probability 0) below the row's
     # maximum and 0 at it, never inf - inf = NaN
-    scaled = (logits - logits.max(axis=-1, keepdims=True)) / params.temperature
+    with np.errstate(over="ignore"):  # the overflow to -inf is the intended probability 0
+        scaled = (logits - logits.max(axis=-1, keepdims=True)) / params.temperature
     if params.top_k and params.top_k < scaled.shape[-1]:
         # kth largest value per row; ties with it are kept (as in HF's TopKLogitsWarper).
         kth = -np.partition(-scaled, params.top_k - 1, axis=-1)[..., params.top_k - 1 : params.top_k]

@@ -1,5 +1,8 @@
 """Request bodies of every endpoint, validated at the boundary (pydantic); unknown fields are ignored,
 as OpenAI's and llama.cpp's servers ignore options they do not implement, and a null option is its default.
+Types are strict, as OpenAI's API checks them: ``"stream": "yes"``, ``"max_tokens": "5"`` or a token id
+sent as ``true`` is a 400 naming the field, not a guess (an integer for a float is fine; JSON object keys,
+always strings, are read as the token ids they name).
 
 Sampling defaults follow each API: the OpenAI endpoints OpenAI's (temperature 1, top-p 1),
 llama.cpp's native ones llama-server's (temperature 0.8, top-k 40, top-p 0.95).
@@ -7,13 +10,13 @@ llama.cpp's native ones llama-server's (temperature 0.8, top-k 40, top-p 0.95).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     @model_validator(mode="before")
     @classmethod
@@ -198,7 +201,7 @@ class VerifyRequest(_Body):
     context: list[int] | None = None  # (re)starts the session where one is named
     append: list[int] = Field(default_factory=list)  # with session_id: tokens the client added
     draft: list[int] = Field(default_factory=list, max_length=MAX_VERIFY_DRAFT)
-    draft_probs: list[dict[int, float]] | None = None
+    draft_probs: list[dict[Annotated[int, Strict(False)], float]] | None = None  # JSON keys: token ids as text
     max_tokens: int | None = Field(None, ge=1)  # most tokens to return (default: the draft's length + 1)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
