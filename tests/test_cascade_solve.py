@@ -30,6 +30,9 @@ def test_stages_are_parsed_and_checked():
     assert [(s.model, s.k, s.l) for s in config.stages] == [("a", 3, 2), ("b", 10, 4)]
     assert config.thetas == (0.6, 0.0)
     assert parse_stages("C:\\models\\x.gguf:1:2,b:0:0", "0.2,0.4").stages[0].model == "C:\\models\\x.gguf"
+    itself = parse_stages("1.5b:3:2,qwen2.5-coder-1.5b-instruct:10:2", "0.5")  # an alias, then the name
+    assert {s.model for s in itself.stages} == {"qwen2.5-coder-1.5b-instruct"}
+    assert itself.earlier_of_same_model(1) == (itself.stages[0],)
     for spec, theta, message in [("a:3", "0.5", "MODEL:K:L"), ("a:x:2", "0.5", "integers"),
                                  ("a:3:2", "half", "--theta"), ("a:2:2", "0.5", "k must be one of")]:  # fmt: skip
         with pytest.raises(UserError, match=message):

@@ -33,6 +33,7 @@ from codeaccel.cascade.self_tests import TEST_FORMATS, SelfTestFormat, extract_t
 from codeaccel.cascade.store import StoredGeneration
 from codeaccel.engines import ENGINES, Engine, SequenceSet, load_engine, open_sequences
 from codeaccel.errors import InternalError, UserError
+from codeaccel.models.registry import ALIASES
 from codeaccel.sandbox import Job, Limits, SandboxPool
 
 Progress = Callable[[str], None]
@@ -216,7 +217,8 @@ def parse_stages(spec: str, thetas: str) -> CascadeConfig:
         if len(parts) != 3 or not parts[0]:
             raise UserError(f"--stages: each stage is MODEL:K:L (e.g. qwen2.5-coder-0.5b-instruct:3:2), got {item!r}")
         try:
-            stages.append(Stage(parts[0], int(parts[1]), int(parts[2])))
+            # an alias is its model's name: "1.5b" then "qwen2.5-coder-1.5b-instruct" is one model following itself
+            stages.append(Stage(ALIASES.get(parts[0].strip(), parts[0].strip()), int(parts[1]), int(parts[2])))
         except ValueError:
             raise UserError(f"--stages: k and l are integers, got {item!r}") from None
     try:
