@@ -212,3 +212,34 @@ def test_a_problem_interrupted_mid_generation_leaves_no_sequence_open_for_the_ne
         assert seqs.open_sequences == []
         assert [o.decided for o in solver.solve(humaneval_0).stages] == ["k=0"]
         assert seqs.open_sequences == []
+
+
+def test_close_frees_everything_even_where_freeing_one_model_fails():
+    """A model whose sequences fail to free still has its engine closed, and so have the other models
+    and the sandbox pool; the failure is raised after."""
+    closed: list[str] = []
+
+    class Seqs:
+        def __init__(self, name, fails):
+            self.name, self.fails = name, fails
+
+        def free(self):
+            closed.append(f"{self.name} seqs")
+            if self.fails:
+                raise RuntimeError("free failed")
+
+    class Engine:
+        def __init__(self, name):
+            self.name = name
+
+        def close(self):
+            closed.append(f"{self.name} engine")
+
+    solver = CascadeSolver(make_config([Stage("a", 1, 2), Stage("b", 0, 0)], 0.5))
+    solver._models = {"a": (Engine("a"), Seqs("a", True)), "b": (Engine("b"), Seqs("b", False))}
+    pool_close = solver._pool.close
+    solver._pool.close = lambda: (closed.append("pool"), pool_close())
+    with pytest.raises(RuntimeError, match="free failed"):
+        solver.close()
+    assert sorted(closed) == ["a engine", "a seqs", "b engine", "b seqs", "pool"]
+    assert closed[-1] == "pool" and solver._models == {}

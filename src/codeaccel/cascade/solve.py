@@ -16,6 +16,7 @@ per problem is within it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable
@@ -108,11 +109,13 @@ class CascadeSolver:
         self.close()
 
     def close(self) -> None:
-        for engine, seqs in self._models.values():
-            seqs.free()
-            engine.close()
-        self._models.clear()
-        self._pool.close()
+        """Frees every model and the sandbox pool, each even where freeing another failed."""
+        models, self._models = list(self._models.values()), {}
+        with contextlib.ExitStack() as stack:  # unwinds in reverse: the models' sequences first, the pool last
+            stack.callback(self._pool.close)
+            for engine, seqs in models:
+                stack.callback(engine.close)
+                stack.callback(seqs.free)
 
     def _model(self, name: str) -> tuple[Engine, SequenceSet]:
         if name not in self._models:
