@@ -423,7 +423,8 @@ def test_a_chunked_body_over_the_limit_is_refused(server):
 
 def test_native_endpoints_follow_llama_server_on_edge_cases(server, alone):
     """n_predict 0 is a warm-up (nothing generated); /infill keeps the prefix when n_predict is huge and
-    reads markup in the user's code as text, as llama-server does; an event's index is bounded."""
+    reads markup in the user's code as text, as llama-server does; an event's index is bounded; a whole
+    number sent as a float is that integer (llama-server's reading), a fraction is refused."""
     r = httpx.post(server.url + "/completion", json={"prompt": PROMPTS[0], "n_predict": 0})
     assert r.status_code == 200 and r.json()["content"] == "" and r.json()["tokens_predicted"] == 0
     assert r.json()["tokens_evaluated"] == len(alone.engine.tokenize(PROMPTS[0]))
@@ -440,6 +441,11 @@ def test_native_endpoints_follow_llama_server_on_edge_cases(server, alone):
     assert r.status_code == 200 and r.json()["tokens_evaluated"] == len(text_prompt)  # nothing of it dropped
     r = httpx.post(server.url + "/v1/events", json={"type": "view", "completion_id": "x", "choice_index": 10**20})
     assert r.status_code == 400 and r.json()["error"]["param"] == "choice_index"
+    whole = {"prompt": PROMPTS[0], "n_predict": 4.0, "top_k": 40.0, "seed": -1.0, "temperature": 0}
+    r = httpx.post(server.url + "/completion", json=whole)  # whole numbers as floats, read as llama-server does
+    assert r.status_code == 200 and r.json()["tokens_predicted"] == 4
+    r = httpx.post(server.url + "/completion", json={**whole, "n_predict": 4.5})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n_predict"
 
 
 def test_usage_chunk_carries_the_streams_id(server):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, field_validator, model_validator
 
 
 class _Body(BaseModel):
@@ -142,12 +142,20 @@ class ExtraChunk(_Body):
     filename: str = "tmp"
 
 
+def _integral(value):
+    """A whole number sent as a float (``128.0``) is that integer, as llama-server reads it; ``"5"`` is not."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+NativeInt = Annotated[int, BeforeValidator(_integral)]  # llama.cpp's native endpoints' integers
+
+
 class _NativeSampling(_Body):
-    n_predict: int = Field(-1, ge=-1)  # -1: until the context is full (llama-server's default)
+    n_predict: NativeInt = Field(-1, ge=-1)  # -1: until the context is full (llama-server's default)
     temperature: float = Field(0.8, ge=0.0, le=2.0)
-    top_k: int = Field(40, ge=0)
+    top_k: NativeInt = Field(40, ge=0)
     top_p: float = Field(0.95, gt=0.0, le=1.0)
-    seed: int | None = Field(None, ge=-1)  # -1: random (llama-server's default)
+    seed: NativeInt | None = Field(None, ge=-1)  # -1: random (llama-server's default)
     stop: list[str] = Field(default_factory=list)
     stream: bool = False
     cache_prompt: bool = True  # start from a kept cache holding a prefix of the prompt (llama-server's default)
