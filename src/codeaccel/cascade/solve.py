@@ -34,7 +34,7 @@ from codeaccel.cascade.self_tests import TEST_FORMATS, SelfTestFormat, extract_t
 from codeaccel.cascade.store import StoredGeneration
 from codeaccel.engines import ENGINES, Engine, SequenceSet, load_engine, open_sequences
 from codeaccel.errors import InternalError, UserError
-from codeaccel.models.registry import ALIASES
+from codeaccel.models.registry import canonical_name
 from codeaccel.sandbox import Job, Limits, SandboxPool
 
 Progress = Callable[[str], None]
@@ -221,7 +221,7 @@ def parse_stages(spec: str, thetas: str) -> CascadeConfig:
             raise UserError(f"--stages: each stage is MODEL:K:L (e.g. qwen2.5-coder-0.5b-instruct:3:2), got {item!r}")
         try:
             # an alias is its model's name: "1.5b" then "qwen2.5-coder-1.5b-instruct" is one model following itself
-            stages.append(Stage(ALIASES.get(parts[0].strip(), parts[0].strip()), int(parts[1]), int(parts[2])))
+            stages.append(Stage(canonical_name(parts[0].strip()), int(parts[1]), int(parts[2])))
         except ValueError:
             raise UserError(f"--stages: k and l are integers, got {item!r}") from None
     try:

@@ -94,11 +94,16 @@ def cache_dir() -> Path:
     return Path(env) if env else Path(platformdirs.user_cache_dir("codeaccel"))
 
 
+def canonical_name(spec: str) -> str:
+    """A bundled model's full name for its alias ("1.5b"); any other spec as given."""
+    return ALIASES.get(spec, spec)
+
+
 def resolve_model(spec: str) -> ModelSource:
     """Turn a model name or path into a :class:`ModelSource`, assembling bundled models on first use."""
     if not spec or not spec.strip():
         raise UserError("no model given: name a bundled model (codeaccel models list) or a path")
-    name = ALIASES.get(spec, spec)
+    name = canonical_name(spec)
     if name in BUNDLED:
         return ModelSource(name=name, kind="gguf", path=ensure_assembled(BUNDLED[name]))
     path = Path(spec).expanduser()
