@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 
 from codeaccel.cascade.config import Stage, enumerate_configs, generations, make_config
-from codeaccel.cascade.cost import generation_seconds, step_seconds, usd
+from codeaccel.cascade.cost import generation_seconds, scaled, spent_scale, step_seconds, usd
 from codeaccel.cascade.problems import load_cascade_problems, mbpp_entry_point
 from codeaccel.cascade.replay import Evaluation, ProblemOutcome, Replay
 from codeaccel.cascade.scoring import accept, cascade_scores, dual_agreement_scores
-from codeaccel.cascade.self_tests import extract_test_lines, self_test_prompt
+from codeaccel.cascade.self_tests import extract_test_lines, own_test_filter, repeats_shown_test, self_test_prompt
 from codeaccel.cascade.store import BatchCost, GenerationStore, StoredGeneration
-from codeaccel.cascade.tuner import pareto_front, split
+from codeaccel.cascade.tuner import TuneResult, pareto_front, split
 from codeaccel.errors import UserError
 
 # ---- scoring -----------------------------------------------------------------------
@@ -182,6 +182,37 @@ def test_extraction_keeps_distinct_compiling_asserts_on_the_entry_point():
     ]
 
 
+def test_a_line_that_parses_but_cannot_run_alone_is_no_test_line():
+    assert extract_test_lines("assert (yield add(1))\nassert await add(2)\nassert add(3) == 3", "add", 4) == [
+        "assert add(3) == 3"
+    ]
+
+
+def test_a_self_test_on_the_arguments_of_a_shown_official_test_repeats_it():
+    cp = next(p for p in load_cascade_problems("mbpp", 3))
+    assert cp.shown_tests == cp.problem.tests and all(t in cp.problem.user_message for t in cp.shown_tests)
+    shown = cp.shown_tests[0]
+    call = shown[shown.index(cp.entry_point) :]
+    assert repeats_shown_test(shown, cp)  # a copy
+    args = call[call.index("(") : _matching_paren(call) + 1]
+    assert repeats_shown_test(f"assert {cp.entry_point}{args} == 'anything else'", cp)  # the same inputs, re-spaced
+    assert repeats_shown_test(f"assert   {cp.entry_point} {args.replace(', ', ',')} is not None", cp)
+    assert not repeats_shown_test(f"assert {cp.entry_point}(123456789) == 0", cp)  # new inputs are its own
+    he = load_cascade_problems("humaneval", 1)[0]
+    assert he.shown_tests == () and not repeats_shown_test(f"assert {he.entry_point}([1.0, 2.0], 0.5) == False", he)
+    keep = own_test_filter([cp, he])
+    assert not keep(cp.task_id, shown) and keep(he.task_id, shown)
+
+
+def _matching_paren(text: str) -> int:
+    depth = 0
+    for i, ch in enumerate(text):
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if ch == ")" and depth == 0:
+            return i
+    raise AssertionError(text)
+
+
 def test_prompts_start_the_reply_with_an_assert_on_the_entry_point():
     he = load_cascade_problems("humaneval", 1)[0]
     chat = self_test_prompt(he, 4, "chat")
@@ -227,6 +258,17 @@ def test_batched_generation_is_priced_from_the_measured_step_cost():
         10 * 0.12 + 10 * 0.12 + 30 * 0.12 + 70 * 0.1
     )
     assert usd(3600, 0.44) == pytest.approx(0.44)
+
+
+def test_measured_costs_are_scaled_to_what_the_sweep_spent_by_the_median_ratio():
+    costs = _costs()  # b=2: 0.06 s per token
+    spend = [(10, 1.2, 2.0), (20, 2.4, 2.0), (10, 0.6, 2.0), (10, 600.0, 2.0), (4, 9.0, 2.0), (10, 0.0, 2.0)]
+    # ratios 2, 2, 1, 1000 (a step stretched by a pause); too short and unmeasured ones do not count
+    assert spent_scale(costs, spend) == pytest.approx(2.0)
+    assert spent_scale(costs, []) == 1.0
+    doubled = scaled(costs, 2.0)
+    assert step_seconds(doubled, 3) == pytest.approx(2 * step_seconds(costs, 3))
+    assert doubled[1].s_per_prompt_token == pytest.approx(2 * costs[1].s_per_prompt_token)
 
 
 # ---- store and replay --------------------------------------------------------------
@@ -286,6 +328,28 @@ def test_replay_takes_the_answer_the_stage_accepts(tmp_path):
         assert run.gen_s == pytest.approx(60 * 0.1 / 6)  # every measured step costs 0.1 s: 6 sequences per step
         with pytest.raises(UserError, match="no stored answer sample"):
             replay.stage_run(Stage("m", 5, 2), "T/0")
+        # each stored generation spent 0.1 s on 10 tokens at a mean batch of 2 (0.05 s per token measured): 0.2x
+        calibrated = Replay(store, "humaneval", ["T/0"], calibrate=True)
+        assert calibrated.stage_run(Stage("m", 3, 2), "T/0").gen_s == pytest.approx(0.2 * run.gen_s)
+        assert calibrated.scales == {"m": pytest.approx(0.2)}
+
+
+def test_a_replay_counts_only_the_lines_it_keeps_and_validity_says_how_many_it_left_out(tmp_path):
+    with GenerationStore(tmp_path / "s.sqlite") as store:
+        # every answer passes line 0 ("assert f(0) == 0"); only sample 1 passes line 1, and the official tests
+        _fill(store, "T/0", [False, False, True, False], [[True, False], [True, False], [True, True], [True, False]])
+        stage = Stage("m", 3, 2)
+        every = Replay(store, "humaneval", ["T/0"])
+        assert every.stage_run(stage, "T/0").lines == ("assert f(0) == 0", "assert f(1) == 1")
+        assert every.outcome(make_config([stage], 0.0), "T/0").passed is True  # line 1 singles out sample 1
+        dropped = Replay(store, "humaneval", ["T/0"], keep_line=lambda task, line: line != "assert f(1) == 1")
+        run = dropped.stage_run(stage, "T/0")
+        assert run.lines == ("assert f(0) == 0",) and run.passes.shape == (3, 1)
+        assert dropped.outcome(make_config([stage], 0.0), "T/0").passed is False  # now a tie: sample 0 is taken
+        (v,) = store.line_validity("m", "humaneval", lambda task, line: line != "assert f(1) == 1")
+        assert (v["lines"], v["left_out"], v["tests"]) == (4, 4, 4)
+        (every_v,) = store.line_validity("m", "humaneval")
+        assert (every_v["lines"], every_v["left_out"]) == (8, 0)
 
 
 def test_cascade_escalates_when_the_small_model_is_unsure(tmp_path):
@@ -368,6 +432,19 @@ def test_pareto_front_keeps_only_undominated_points():
     assert [p.config.stages[0].model for p in front] == ["e", "a", "c"]
 
 
+def test_the_saving_compares_a_cascade_never_a_single_model_point_with_the_best_single_model():
+    def at(config, cost, passed):
+        return Evaluation(config, "cascade", [ProblemOutcome("T/0", passed, 0, cost, 0.0, 10, 5)])
+
+    best_single = at(make_config([Stage("a", -1, 0), Stage("b", 10, 2)], 0.0), 3.0, True)  # on the front too
+    cascade = at(make_config([Stage("a", 3, 2), Stage("b", 10, 2)], 0.5), 3.6, True)
+    result = TuneResult("cascade", [], ["T/0"], [], [], [], [best_single, cascade], [best_single], [])
+    saving = result.saving_at_best_single()
+    assert saving["cascade"] is cascade and saving["saving"] == pytest.approx(1 - 3.6 / 3.0)  # dearer: negative
+    alone = TuneResult("cascade", [], ["T/0"], [], [], [], [best_single], [best_single], [])
+    assert alone.saving_at_best_single()["cascade"] is None  # the best single model is no saving over itself
+
+
 def test_split_is_seeded_and_30_70():
     ids = [f"T/{i}" for i in range(100)]
     tune_ids, validate_ids = split(ids)
@@ -407,6 +484,9 @@ def test_run_then_tune_through_the_cli(tmp_path, tiny_gguf, tiny_gguf_draft):
     doc = json.loads((tmp_path / "cascade-humaneval-cascade.json").read_text())
     assert doc["n_tune"] == 3 and doc["n_validate"] == 7 and doc["n_configs"] == 72 * 11 + 18
     assert doc["generation"] == {"test_format": "chat", "max_tokens": 24, "engine": "llama.cpp"}  # for solve
+    assert doc["config"]["shown_tests"] == "exclude" and doc["config"]["scorer"] == "cascade"
+    assert set(doc["cost_scales"]) == {"tiny", "tiny-draft"} and all(f > 0 for f in doc["cost_scales"].values())
+    assert all(row["prompt_tokens"] > 0 for row in doc["rows"])  # counted apart from the generated tokens
     for row in doc["rows"]:
         for field in ("dataset", "engine", "method", "model", "n_problems", "pass_at_1", "tokens_per_s",
                       "split", "cost_usd", "config"):  # fmt: skip

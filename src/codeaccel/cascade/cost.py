@@ -14,6 +14,13 @@ k as if it ran on its own, as a deployed cascade would run it; the run's own bat
 spend (its share of the batches it ran in, beside its problem's other sequences and its
 neighbours') is stored per generation too (``cost_s``).
 
+The measurement takes a minute at the start of a sweep that runs for hours, and this VM's
+speed drifts (the same step 1.6x dearer an hour later, ``docs/benchmarks/README.md``), so
+:func:`spent_scale` compares it with what the sweep actually spent: per generation, seconds
+per token spent over the measured cost at that generation's mean batch size; the median
+over a model's generations scales its measured costs (``cascade tune`` does by default), so
+each model is priced at the speed it actually ran at, in the shape the measurement gives.
+
 Money: seconds × price per hour / 3600. The default, ``CPU_USD_PER_HOUR`` = $0.085, is the
 on-demand price of 2 of the 8 vCPUs of a c5.2xlarge in us-east-1 ($0.34 per hour in AWS's
 EC2 Auto Scaling user guide, "Spot price per unit hour example"; our measurements use 2
@@ -25,6 +32,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 
@@ -78,8 +86,9 @@ def measure_batch_costs(engine: Engine, cp: CascadeProblem, sizes: Sequence[int]
     return out
 
 
-def step_seconds(costs: dict[int, BatchCost], b: int) -> float:
-    """Seconds of one decode step with b sequences, interpolated between measured batch sizes."""
+def step_seconds(costs: dict[int, BatchCost], b: float) -> float:
+    """Seconds of one decode step with b sequences (a mean batch size may be fractional), interpolated between
+    measured batch sizes."""
     sizes = sorted(costs)
     steps = [costs[s].s_per_token * s for s in sizes]
     if b >= sizes[-1]:  # more sequences than measured: whole batches of the largest size
@@ -106,6 +115,29 @@ def generation_seconds(costs: dict[int, BatchCost], lengths: Sequence[int], n_se
         while waiting and len(active) < n_seq_max:
             active.append(waiting.pop(0))
     return seconds
+
+
+MIN_TOKENS_TO_CALIBRATE = 8  # shorter generations' seconds per token are mostly their first step's overhead
+
+
+def spent_scale(costs: dict[int, BatchCost], spend: Sequence[tuple[int, float, float]]) -> float:
+    """The median over generations (``spend``: tokens, seconds spent, mean batch size) of seconds spent per
+    token over the measured cost per token at that batch size; 1.0 where nothing was spent (a median: a
+    step stretched by the sweep's being paused moves it little)."""
+    ratios = [
+        spent / tokens / (step_seconds(costs, max(1.0, b)) / max(1.0, b))
+        for tokens, spent, b in spend
+        if tokens >= MIN_TOKENS_TO_CALIBRATE and spent > 0
+    ]
+    return float(np.median(ratios)) if ratios else 1.0
+
+
+def scaled(costs: dict[int, BatchCost], scale: float) -> dict[int, BatchCost]:
+    """The same costs ``scale`` times dearer (decode and prefill alike)."""
+    return {
+        b: replace(c, s_per_token=c.s_per_token * scale, s_per_prompt_token=c.s_per_prompt_token * scale)
+        for b, c in costs.items()
+    }
 
 
 def usd(seconds: float, usd_per_hour: float = CPU_USD_PER_HOUR) -> float:

@@ -30,6 +30,9 @@ class CascadeProblem:
     entry_point: str  # the function the self-tests call
     spec: str  # what the tests are written against: signature + docstring (HumanEval) or the task text (MBPP)
     reference: str  # the dataset's reference solution, a complete program
+    #: official test lines the answer prompt shows (MBPP's asserts; HumanEval's tests are hidden): a self-test
+    #: repeating one is the grader's own test, so replays leave such lines out (``self_tests.repeats_shown_test``)
+    shown_tests: tuple[str, ...] = ()
 
     @property
     def task_id(self) -> str:
@@ -80,6 +83,7 @@ def load_cascade_problems(dataset: str, limit: int | None = None) -> list[Cascad
                 entry_point=entry,
                 spec=r["prompt"],
                 reference=f"{imports}\n{r['code']}" if imports else r["code"],
+                shown_tests=tuple(r["test_list"]),
             )
         )
     return out

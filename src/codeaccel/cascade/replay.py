@@ -6,7 +6,8 @@ Nothing is generated here. For each model and problem a stage (k, l) reads:
 * k = 1: the greedy answer and the greedy test asked for l lines;
 * k ≥ 3: sampled answers 0..k-1 and sampled tests 0..k-1 asked for l lines.
 
-Its test lines are the distinct lines extracted from those tests (N_t of them), its
+Its test lines are the distinct lines extracted from those tests (N_t of them; a replay may
+leave some out, e.g. the lines repeating an official test the prompt showed: ``keep_line``), its
 pass matrix comes from the stored line results, and :func:`codeaccel.cascade.scoring.accept`
 picks the best answer and decides. Stages run in order until one accepts; the last
 that runs is taken without the check. A problem's cost is the sum over the stages that
@@ -21,13 +22,13 @@ a prompt it generates nothing from (its answers', where it only adds tests) is n
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from codeaccel.cascade.config import CascadeConfig, Stage, generations
-from codeaccel.cascade.cost import generation_seconds
+from codeaccel.cascade.cost import generation_seconds, scaled, spent_scale
 from codeaccel.cascade.endpoint import is_endpoint_name
 from codeaccel.cascade.scoring import Scorer, Verdict, accept
 from codeaccel.cascade.store import BatchCost, GenerationStore, StoredGeneration
@@ -84,11 +85,17 @@ class ProblemOutcome:
 class Replay:
     """Replays configurations over one dataset of a store; stage runs are cached across configurations."""
 
-    def __init__(self, store: GenerationStore, dataset: str, task_ids: Sequence[str], n_seq_max: int = 16):
+    def __init__(self, store: GenerationStore, dataset: str, task_ids: Sequence[str], n_seq_max: int = 16,
+                 keep_line: Callable[[str, str], bool] | None = None, calibrate: bool = False):  # fmt: skip
+        """``keep_line(task_id, line)``: whether a stored test line counts as the model's own test (None: all do).
+        ``calibrate``: each local model's measured costs scaled to what the sweep spent (``cost.spent_scale``)."""
         self.store = store
         self.dataset = dataset
         self.task_ids = list(task_ids)
         self.n_seq_max = n_seq_max
+        self.keep_line = keep_line
+        self.calibrate = calibrate
+        self.scales: dict[str, float] = {}  # model -> the factor its measured costs were scaled by
         self._costs: dict[str, dict[int, BatchCost]] = {}
 
     def costs(self, model: str) -> dict[int, BatchCost]:
@@ -96,10 +103,15 @@ class Replay:
             costs = self.store.batch_costs(model)
             if not costs:
                 raise UserError(f"{self.store.path} has no measured batch costs for {model}: run `cascade run` first")
-            self._costs[model] = costs
+            scale = 1.0  # an endpoint's costs are measured as a client sees them, its whole answer at a time
+            if self.calibrate and not is_endpoint_name(model):
+                scale = spent_scale(costs, self.store.spend(model, self.dataset))
+            self.scales[model] = scale
+            self._costs[model] = scaled(costs, scale) if scale != 1.0 else costs
             cpus = {c.cpu for m, cs in self._costs.items() if not is_endpoint_name(m) for c in cs.values()}
             if len(cpus) > 1:  # an endpoint's cost is its own machine's by design; local models' must share one
                 del self._costs[model]
+                self.scales.pop(model, None)
                 raise UserError(f"{self.store.path}: the local models' batch costs were measured on different CPUs "
                                 f"({'; '.join(sorted(cpus))}), and costs compare only within one machine: run "
                                 "`cascade run` with the same settings and --remeasure-costs on one (for a store "
@@ -136,7 +148,8 @@ class Replay:
         if stage.tested and any((stage.l, s) not in d.tests for s in samples):
             raise UserError(f"{stage.model} / {task_id} lacks stored tests for l={stage.l}, k={stage.k}")
         tests = [d.tests[(stage.l, s)] for s in samples] if stage.tested else []
-        lines = tuple(dict.fromkeys(line for t in tests for line, _ in d.test_lines[t.id]))
+        lines = tuple(dict.fromkeys(line for t in tests for line, _ in d.test_lines[t.id]
+                                    if self.keep_line is None or self.keep_line(task_id, line)))  # fmt: skip
         passes = np.array(
             [[d.line_passed[a.id].get(line, False) for line in lines] for a in answers], dtype=bool
         ).reshape(len(answers), len(lines))
@@ -235,6 +248,11 @@ class Evaluation:
     @property
     def gen_tokens(self) -> float:
         return self._mean("gen_tokens")
+
+    @property
+    def prompt_tokens(self) -> float:
+        """Mean prompt tokens evaluated per problem (prefill, apart from the generated tokens)."""
+        return self._mean("prompt_tokens")
 
     def stopped_at(self) -> dict[int, int]:
         out: dict[int, int] = {}

@@ -5,8 +5,11 @@ per split, with ``method`` = ``cascade`` (two or more stages run) or ``single-mo
 ``split`` (``tune`` | ``validate``), ``pass_at_1``, ``cost_usd`` (mean per problem, at
 the configured price per hour: generation and prefill), ``prompt_cost_usd`` (the prefill
 part), ``cost_usd_paper`` (the same seconds at the paper's $0.44/h), ``gen_tokens`` (mean
-generated tokens per problem: answers and tests), ``tokens_per_s`` (generated tokens per
-second of generation), the configuration, and where problems stopped.
+generated tokens per problem: answers and tests), ``prompt_tokens`` (mean prompt tokens
+evaluated per problem, counted apart), ``tokens_per_s`` (generated tokens per second of
+generation), the configuration, and where problems stopped. The top-level ``config`` holds
+what the replay was run with (scorer, price, split, whether self-test lines repeating a
+shown official test were left out).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from pathlib import Path
 from codeaccel import machine
 from codeaccel.cascade.cost import PAPER_USD_PER_HOUR, usd
 from codeaccel.cascade.replay import Evaluation
-from codeaccel.cascade.tuner import TuneResult, pareto_front
+from codeaccel.cascade.tuner import SPLIT_SEED, TUNE_FRACTION, TuneResult, pareto_front
 
 
 def row(e: Evaluation, *, dataset: str, engine: str, split: str, usd_per_hour: float) -> dict:
@@ -39,6 +42,7 @@ def row(e: Evaluation, *, dataset: str, engine: str, split: str, usd_per_hour: f
         "cost_usd_paper": usd(e.cost_s, PAPER_USD_PER_HOUR),
         "cost_s": round(e.cost_s, 4),
         "gen_tokens": round(e.gen_tokens, 1),
+        "prompt_tokens": round(e.prompt_tokens, 1),
         "tokens_per_s": round(e.gen_tokens / gen_s, 3) if gen_s > 0 else None,
         "stopped_at": {config.stages[i].label(): n for i, n in sorted(e.stopped_at().items())},  # a model may repeat
         "config": config.to_record(),
@@ -58,11 +62,16 @@ def write_report(
     command: str,
     stages_per_model: Sequence[int] = (),
     generation: dict | None = None,
+    shown_tests: str = "exclude",
+    cost_scales: dict[str, float] | None = None,
 ) -> list[Path]:
     """``greedy``: each model's greedy answer alone over every problem, with its seconds per token (one sequence).
     ``stages_per_model``: where a model follows itself, its number of stages, model by model; the files are
     then named for it (``cascade-humaneval-cascade-stages-1-2.md``), apart from the plain family's.
-    ``generation``: the sweep's test format, answer token limit and engine, for ``cascade solve``."""
+    ``generation``: the sweep's test format, answer token limit and engine, for ``cascade solve``.
+    ``shown_tests``: ``exclude`` where self-test lines repeating an official test the prompt showed were
+    left out of the replay, ``keep`` where they counted. ``cost_scales``: per model, the factor its measured
+    costs were scaled by to the speed the sweep ran at (None: the measured costs as they are)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     kw = {"dataset": dataset, "engine": engine, "usd_per_hour": usd_per_hour}
     rows = [row(e, split="tune", **kw) for e in result.tune_front]
@@ -82,6 +91,18 @@ def write_report(
     }
     doc = {
         **machine.provenance(command),
+        "config": {
+            "dataset": dataset,
+            "engine": engine,
+            "scorer": result.scorer,
+            "usd_per_hour": usd_per_hour,
+            "split_seed": SPLIT_SEED,
+            "tune_fraction": TUNE_FRACTION,
+            "shown_tests": shown_tests,
+            "costs": "measured" if cost_scales is None else "scaled to the sweep's spend",
+            **(generation or {}),
+        },
+        "cost_scales": {m: round(f, 4) for m, f in (cost_scales or {}).items()},  # fmt: skip
         "scorer": result.scorer,
         "usd_per_hour": usd_per_hour,
         "paper_usd_per_hour": PAPER_USD_PER_HOUR,
@@ -134,6 +155,30 @@ def _greedy_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
+def _shown_tests_note(doc: dict) -> str:
+    if doc.get("config", {}).get("shown_tests") == "keep":
+        return (
+            "Self-test lines that repeat an official test shown in the prompt (MBPP shows all it is graded by) "
+            "were kept: the selection may read the grader's own tests.\n\n"
+        )
+    return (
+        "Self-test lines that call the function with the arguments of an official test shown in the prompt "
+        "(MBPP shows all three it is graded by) were left out: answers are chosen by the models' own tests, "
+        "never by the grader's.\n\n"
+    )
+
+
+def _cost_scale_note(doc: dict) -> str:
+    scales = doc.get("cost_scales") or {}
+    if not scales:
+        return "Costs as measured at the start of the sweep.\n\n"
+    each = ", ".join(f"{m} × {f:.2f}" for m, f in scales.items())
+    return (
+        "Each model's measured costs scaled to the speed the sweep actually ran at (the median over its "
+        f"generations of seconds spent per token over the measured cost at the same batch size): {each}.\n\n"
+    )
+
+
 def _markdown(doc: dict, command: str) -> str:
     s = doc["summary"]
     head = (
@@ -144,6 +189,8 @@ def _markdown(doc: dict, command: str) -> str:
         f"their prompts' prefill; every decode step priced at the cost measured for the batch of the stage's "
         f"sequences still running) at "
         f"${doc['usd_per_hour']}/h; the paper's ${doc['paper_usd_per_hour']}/h in `cost_usd_paper`.\n\n"
+        + _shown_tests_note(doc)
+        + _cost_scale_note(doc)
     )
     lines = ["## On the validation split", ""]
     bs = s["best_single_model"]
@@ -164,10 +211,10 @@ def _markdown(doc: dict, command: str) -> str:
                      f"{w['pass_at_1']:.3f}, ${w['cost_usd']:.3g}")  # fmt: skip
     lines += _greedy_lines(doc.get("greedy_alone", []))
     lines += ["", "## Test validity (share of extracted lines the reference solution passes)", "",
-              "| model | l | tests | tests with a kept line | lines kept | valid |",
-              "|---|---|---|---|---|---|"]  # fmt: skip
+              "| model | l | tests | tests with a kept line | lines kept | valid | left out (repeat a shown test) |",
+              "|---|---|---|---|---|---|---|"]  # fmt: skip
     lines += [f"| {v['model']} | {v['l']} | {v['tests']} | {v['tests_with_lines']} | {v['lines']} | "
-              f"{v['validity']} |" for v in doc["test_validity"]]  # fmt: skip
+              f"{v['validity']} | {v.get('left_out', 0)} |" for v in doc["test_validity"]]  # fmt: skip
     lines += ["", "## Points", "",
               "| split | method | configuration | pass@1 | cost $/problem | prompt $ | gen tokens | stopped at |",
               "|---|---|---|---|---|---|---|---|"]  # fmt: skip

@@ -14,11 +14,19 @@ Two prompt formats, measured against each other (``docs/benchmarks/cascade/``):
 :func:`extract_test_lines` keeps, in order, the reply's lines that are one ``assert``
 statement calling the entry point and compile on their own (CodeT keeps only such
 pieces), without duplicates, at most l of them.
+
+Where the answer prompt shows official tests (MBPP shows all three it is graded by), a
+model's "own" test may be a copy of one: :func:`repeats_shown_test` finds the lines that
+call the entry point with the arguments of a shown test, which replays leave out, so
+that an answer is chosen by the model's tests and never by the grader's.
 """
 
 from __future__ import annotations
 
 import ast
+import functools
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -77,11 +85,50 @@ def extract_test_lines(reply: str, entry_point: str, l: int) -> list[str]:  # no
     return kept
 
 
+def repeats_shown_test(line: str, cp: CascadeProblem) -> bool:
+    """The line calls ``cp``'s entry point with the same arguments as an official test the prompt showed."""
+    if not cp.shown_tests:
+        return False
+    return bool(_call_arguments(line, cp.entry_point) & _shown_arguments(cp.shown_tests, cp.entry_point))
+
+
+SHOWN_TESTS = ("exclude", "keep")  # what a replay does with self-test lines repeating a shown official test
+
+
+def own_test_filter(problems: Sequence[CascadeProblem]) -> Callable[[str, str], bool]:
+    """A replay's ``keep_line(task_id, line)``: the line is no repeat of an official test its prompt showed."""
+    by_id = {p.task_id: p for p in problems}
+    return lambda task_id, line: not repeats_shown_test(line, by_id[task_id])
+
+
+@functools.cache
+def _shown_arguments(tests: tuple[str, ...], entry_point: str) -> frozenset[str]:
+    return frozenset().union(*(_call_arguments(t, entry_point) for t in tests))
+
+
+def _call_arguments(code: str, entry_point: str) -> frozenset[str]:
+    """Each call of ``entry_point`` in ``code``, its positional and keyword arguments as one AST dump."""
+    try:
+        tree = ast.parse(code.strip())
+    except (SyntaxError, ValueError):
+        return frozenset()
+    calls = (n for n in ast.walk(tree) if isinstance(n, ast.Call))
+    return frozenset(
+        ast.dump(ast.Tuple(elts=[*c.args, *(k.value for k in c.keywords)], ctx=ast.Load()))
+        + repr([k.arg for k in c.keywords])
+        for c in calls
+        if isinstance(c.func, ast.Name) and c.func.id == entry_point
+    )
+
+
 def _is_test_line(line: str, entry_point: str) -> bool:
     if not line.startswith("assert"):
         return False
     try:
         tree = ast.parse(line)
+        with warnings.catch_warnings():  # the model's code, not ours: its SyntaxWarnings are not for the log
+            warnings.simplefilter("ignore")
+            compile(tree, "<test line>", "exec")  # what parses but cannot run alone (await, yield, return) is no test
     except (SyntaxError, ValueError):
         return False
     if len(tree.body) != 1 or not isinstance(tree.body[0], ast.Assert):

@@ -4,8 +4,8 @@
 running stage generates only what it reads and its model has not generated yet for the
 problem (:func:`codeaccel.cascade.config.generations`: a model that follows itself extends
 its earlier stage), batched on the model's sequence set with the sweep's own prompts,
-sampling and seeds (:func:`codeaccel.cascade.generation.generate_problems`), so a live
-answer is the one the replay counted. Its answers run against its test lines in the
+sampling and seeds (:func:`codeaccel.cascade.generation.generate_problems`): a live answer
+is the stored one up to the float noise of another batch shape. Its answers run against its test lines in the
 sandbox, :func:`codeaccel.cascade.scoring.accept` picks the best and decides, and the last
 stage that runs answers without the check.
 
@@ -30,7 +30,13 @@ from codeaccel.cascade.endpoint import parse_endpoint
 from codeaccel.cascade.generation import GenerationSettings, generate_problems
 from codeaccel.cascade.problems import CascadeProblem
 from codeaccel.cascade.scoring import SCORERS, Scorer, Verdict, accept
-from codeaccel.cascade.self_tests import TEST_FORMATS, SelfTestFormat, extract_test_lines
+from codeaccel.cascade.self_tests import (
+    SHOWN_TESTS,
+    TEST_FORMATS,
+    SelfTestFormat,
+    extract_test_lines,
+    repeats_shown_test,
+)
 from codeaccel.cascade.store import StoredGeneration
 from codeaccel.engines import ENGINES, Engine, SequenceSet, load_engine, open_sequences
 from codeaccel.errors import InternalError, UserError
@@ -90,13 +96,16 @@ class CascadeSolver:
 
     def __init__(self, config: CascadeConfig, *, engine: str = "llama.cpp", scorer: Scorer = "cascade",
                  n_seq_max: int = 24, max_tokens: int = 512, test_format: SelfTestFormat = "chat",
-                 limits: Limits | None = None):  # fmt: skip
+                 limits: Limits | None = None, shown_tests: str = "exclude"):  # fmt: skip
+        """``shown_tests``: ``exclude`` leaves out test lines repeating an official test the prompt showed
+        (only a benchmark's problem has any), as ``cascade tune`` does by default; ``keep`` counts them."""
         for i in config.running:
             if parse_endpoint(config.stages[i].model):
                 raise UserError(f"{config.stages[i].model}: solve runs local models; an endpoint stage is sweep-only")
         self.config = config
         self.engine_kind = engine
         self.scorer: Scorer = scorer
+        self.shown_tests = shown_tests
         self.settings = GenerationSettings(N_SAMPLES, max_tokens, test_format, n_seq_max)
         self.limits = limits or Limits(timeout_s=10.0, line_timeout_s=2.0)
         self._models: dict[str, tuple[Engine, SequenceSet]] = {}
@@ -148,7 +157,8 @@ class CascadeSolver:
             samples = sorted(s for kind, _, s in generations(stage) if kind == "answer")
             answers = [have[("answer", 0, s)] for s in samples]
             tests = [have[("test", stage.l, s)] for s in samples] if stage.tested else []
-            lines = list(dict.fromkeys(line for t in tests for line in extract_test_lines(t.text, cp.entry_point, t.l)))
+            lines = list(dict.fromkeys(line for t in tests for line in extract_test_lines(t.text, cp.entry_point, t.l)
+                                       if self.shown_tests == "keep" or not repeats_shown_test(line, cp)))  # fmt: skip
             if lines:
                 say(f"{stage.label()}: running {len(answers)} answers against {len(lines)} test lines")
             self._execute(cp, stage.model, samples, answers, lines, line_passed)
@@ -240,6 +250,7 @@ class TunedPoint:
     test_format: SelfTestFormat  # how the sweep asked for tests, and the answers' token limit
     max_tokens: int
     engine: str
+    shown_tests: str  # whether the replay left out test lines repeating a shown official test
 
 
 def choose_tuned(report: Path, budget_usd: float | None) -> TunedPoint:
@@ -253,6 +264,9 @@ def choose_tuned(report: Path, budget_usd: float | None) -> TunedPoint:
         max_tokens = int(_number(generation["max_tokens"]))
         if test_format not in TEST_FORMATS or engine not in ENGINES or max_tokens < 1:
             raise ValueError(f"generation settings {generation}")
+        shown_tests = doc.get("config", {}).get("shown_tests", "keep")  # reports before the setting kept them all
+        if shown_tests not in SHOWN_TESTS:
+            raise ValueError(f"shown_tests {shown_tests!r}")
         rows = doc["rows"]
         chosen = {r["config"]["label"] for r in rows if r["split"] == "tune"}
         validated = [r for r in rows if r["split"] == "validate" and r["config"]["label"] in chosen]
@@ -278,7 +292,7 @@ def choose_tuned(report: Path, budget_usd: float | None) -> TunedPoint:
         config = make_config(stages, [float(t) for t in record["thetas"]])
     except (KeyError, TypeError, ValueError) as exc:
         raise UserError(f"--tuned: {report} holds a configuration this version cannot read ({exc})") from None
-    return TunedPoint(config, best, test_format, max_tokens, engine)
+    return TunedPoint(config, best, test_format, max_tokens, engine, shown_tests)
 
 
 def _number(value: object) -> float:

@@ -28,7 +28,7 @@ import json
 import re
 import sqlite3
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 
@@ -209,6 +209,12 @@ class GenerationStore:
         )
         return [StoredGeneration(*row) for row in cur]
 
+    def spend(self, model: str, dataset: str) -> list[tuple[int, float, float]]:
+        """Per stored generation of ``model``: (tokens, seconds the sweep spent on it, its mean batch size)."""
+        cur = self._db.execute("SELECT tokens, cost_s, batch_size FROM generations WHERE model = ? AND dataset = ?",
+                               (model, dataset))  # fmt: skip
+        return [(int(n), float(s), float(b)) for n, s, b in cur]
+
     def generated_tasks(self, model: str, dataset: str) -> set[str]:
         cur = self._db.execute("SELECT DISTINCT task_id FROM generations WHERE model = ? AND dataset = ?",
                                (model, dataset))  # fmt: skip
@@ -281,22 +287,30 @@ class GenerationStore:
                 out[answer_id][line] = bool(ok)
         return out
 
-    def line_validity(self, model: str, dataset: str) -> list[dict]:
-        """Per l: extracted test lines, how many the reference solution passes, and from how many tests."""
-        cur = self._db.execute(
-            "SELECT g.l, COUNT(*), SUM(t.reference_passed), COUNT(DISTINCT g.id) FROM test_lines t "
-            "JOIN generations g ON g.id = t.generation_id WHERE g.model = ? AND g.dataset = ? GROUP BY g.l",
+    def line_validity(self, model: str, dataset: str,
+                      keep_line: Callable[[str, str], bool] | None = None) -> list[dict]:  # fmt: skip
+        """Per l: extracted test lines, how many the reference solution passes, and from how many tests.
+
+        ``keep_line(task_id, line)``: the lines that count (as a replay's); ``left_out`` counts the others."""
+        rows = self._db.execute(
+            "SELECT g.l, g.id, g.task_id, t.line, t.reference_passed FROM test_lines t "
+            "JOIN generations g ON g.id = t.generation_id WHERE g.model = ? AND g.dataset = ? ORDER BY g.l",
             (model, dataset),
-        )
+        ).fetchall()
         n_tests = dict(self._db.execute(
             "SELECT l, COUNT(*) FROM generations WHERE model = ? AND dataset = ? AND kind = 'test' GROUP BY l",
             (model, dataset),
         ).fetchall())  # fmt: skip
-        return [
-            {"model": model, "l": n_lines, "tests": n_tests.get(n_lines, 0), "tests_with_lines": with_lines,
-             "lines": count, "valid": valid, "validity": round(valid / count, 4) if count else None}
-            for n_lines, count, valid, with_lines in cur
-        ]  # fmt: skip
+        out = []
+        for n_lines in sorted({r[0] for r in rows}):
+            of_l = [r for r in rows if r[0] == n_lines]
+            kept = [r for r in of_l if keep_line is None or keep_line(r[2], r[3])]
+            valid = sum(r[4] for r in kept)
+            out.append({"model": model, "l": n_lines, "tests": n_tests.get(n_lines, 0),
+                        "tests_with_lines": len({r[1] for r in kept}), "lines": len(kept), "valid": valid,
+                        "validity": round(valid / len(kept), 4) if kept else None,
+                        "left_out": len(of_l) - len(kept)})  # fmt: skip
+        return out
 
     # ---- costs ---------------------------------------------------------------------
     def replace_batch_costs(self, model: str, costs: Sequence[BatchCost]) -> None:

@@ -18,7 +18,7 @@ from codeaccel.cascade.replay import Replay
 from codeaccel.cascade.report import write_report
 from codeaccel.cascade.run import RunConfig, RunProgress, run_cascade_generation
 from codeaccel.cascade.scoring import SCORERS
-from codeaccel.cascade.self_tests import TEST_FORMATS
+from codeaccel.cascade.self_tests import SHOWN_TESTS, TEST_FORMATS, own_test_filter
 from codeaccel.cascade.solve import CascadeSolver, choose_tuned, parse_stages
 from codeaccel.cascade.store import GenerationStore
 from codeaccel.cascade.tuner import tune
@@ -40,6 +40,19 @@ Models = Annotated[
     ),
 ]
 Out = Annotated[Path, typer.Option("--out", help="Folder of the store (store.sqlite) and the report.")]
+ShownTests = Annotated[
+    str,
+    typer.Option(
+        "--shown-tests",
+        help="exclude: self-test lines calling the function with the arguments of an official test the prompt "
+        "shows (MBPP shows all it is graded by) do not count; keep: they do (the grader's tests then choose).",
+    ),
+]
+
+
+def _check_shown_tests(value: str) -> None:
+    if value not in SHOWN_TESTS:
+        raise UserError(f"--shown-tests must be one of {', '.join(SHOWN_TESTS)}, got {value!r}")
 
 
 def _models(spec: str, *, may_follow_itself: bool = False) -> tuple[str, ...]:
@@ -135,11 +148,17 @@ def tune_command(
     scorer: Annotated[str, typer.Option(help=f"{' or '.join(SCORERS)}.")] = "cascade",
     per_model_theta: Annotated[bool, typer.Option(help="A θ per model (beyond the paper).")] = False,
     usd_per_hour: Annotated[float, typer.Option(help="Price of the machine per hour.")] = CPU_USD_PER_HOUR,
+    shown_tests: ShownTests = "exclude",
+    calibrate_costs: Annotated[
+        bool,
+        typer.Option(help="Scale each model's measured costs to the speed the sweep actually ran at (median)."),
+    ] = True,
     out_dir: Out = Path("runs/cascade"),
 ) -> None:
     """Replay every valid (k, l, θ) over the store, pick the Pareto front on 30%, validate on 70%, report."""
     if scorer not in SCORERS:
         raise UserError(f"--scorer must be one of {', '.join(SCORERS)}, got {scorer!r}")
+    _check_shown_tests(shown_tests)
     check_finite(usd_per_hour, "--usd-per-hour")
     names = [stage_name(m) for m in _models(models, may_follow_itself=True)]
     distinct = list(dict.fromkeys(names))
@@ -153,13 +172,14 @@ def tune_command(
         task_ids = [p.task_id for p in problems if p.task_id in done]
         if len(task_ids) < 10:
             raise UserError(f"only {len(task_ids)} problems are generated and executed for every model: need 10")
-        replay = Replay(store, problems[0].dataset, task_ids)
+        keep_line = own_test_filter(problems) if shown_tests == "exclude" else None
+        replay = Replay(store, problems[0].dataset, task_ids, keep_line=keep_line, calibrate=calibrate_costs)
         configs = list(enumerate_configs(names, per_model_theta=per_model_theta))
         err.print(f"{len(configs)} configurations over {len(task_ids)} problems")
         result = tune(replay, configs, task_ids, scorer)  # type: ignore[arg-type]
         stages = [Stage(m, -1, 0) for m in names[:-1]] + [Stage(names[-1], 0, 0)]
         reference = replay.evaluate(make_config(stages, 0.0), result.validate_ids, scorer)  # type: ignore[arg-type]
-        validity = [v for m in distinct for v in store.line_validity(m, problems[0].dataset)]
+        validity = [v for m in distinct for v in store.line_validity(m, problems[0].dataset, keep_line)]
         greedy = []
         for name in distinct:  # each model's greedy answer alone, every problem
             i = names.index(name)
@@ -178,6 +198,8 @@ def tune_command(
             command=command_line(),
             stages_per_model=[names.count(m) for m in distinct],
             generation={key: run_config[key] for key in ("test_format", "max_tokens", "engine") if key in run_config},
+            shown_tests=shown_tests,
+            cost_scales=replay.scales if calibrate_costs else None,
         )
     for path in paths:
         out.print(f"wrote {path}")
@@ -188,20 +210,24 @@ def tune_command(
 def report(
     dataset: Annotated[str, typer.Argument(help="humaneval or mbpp.")],
     models: Models = DEFAULT_MODELS,
+    shown_tests: ShownTests = "exclude",
     out_dir: Out = Path("runs/cascade"),
 ) -> None:
     """What the store holds (generated, executed, test validity per model) and the last tune's tables."""
+    _check_shown_tests(shown_tests)
     store_path = out_dir / "store.sqlite"
     if not store_path.is_file():
         raise UserError(f"no cascade store at {store_path}")
     key = check_dataset(dataset)
+    keep_line = own_test_filter(load_cascade_problems(key)) if shown_tests == "exclude" else None
     with GenerationStore(store_path) as store:
         for name in dict.fromkeys(stage_name(m) for m in _models(models, may_follow_itself=True)):
             generated, executed = store.generated_tasks(name, key), store.executed_tasks(name, key)
             out.print(f"{name}: {len(generated)} problems generated, {len(executed)} executed")
-            for v in store.line_validity(name, key):
+            for v in store.line_validity(name, key, keep_line):
+                left_out = f"; {v['left_out']} left out (they repeat a shown official test)" if v["left_out"] else ""
                 out.print(f"  l={v['l']}: {v['lines']} test lines kept from {v['tests']} tests, "
-                          f"{v['validity']} valid (the reference passes them)")  # fmt: skip
+                          f"{v['validity']} valid (the reference passes them){left_out}")  # fmt: skip
     for md in sorted(out_dir.glob(f"cascade-{key}-*.md")):
         out.print(md.read_text())
 
@@ -252,7 +278,7 @@ def solve(
         if scorer is not None and scorer != chosen["scorer"]:
             raise UserError(f"--scorer {scorer}: {tuned} tuned θ for {chosen['scorer']}: drop --scorer")
         scorer = chosen["scorer"]
-        settings = {"max_tokens": point.max_tokens, "test_format": point.test_format}
+        settings = {"max_tokens": point.max_tokens, "test_format": point.test_format, "shown_tests": point.shown_tests}
         engine = engine or point.engine
         err.print(f"chosen: {config.label()} (validation pass@1 {chosen['pass_at_1']}, ${chosen['cost_usd']:.3g})")
     else:
