@@ -102,20 +102,27 @@ WRITER = textwrap.dedent(
 )
 
 
+def _acknowledged_until_killed(url: str, n: int, kill) -> list[int]:
+    """The rows a WRITER process acknowledged before ``kill(writer)`` struck, once it had acknowledged ``n``
+    (it never pauses between rows, so the kill lands mid-write)."""
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, url], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                              text=True)  # fmt: skip
+    acknowledged = []
+    deadline = time.time() + 60
+    while len(acknowledged) < n and time.time() < deadline:
+        line = writer.stdout.readline()
+        if line:
+            acknowledged.append(int(line))
+    kill(writer)
+    writer.wait()
+    return acknowledged + [int(line) for line in writer.stdout.read().split()]  # acknowledged before the kill
+
+
 def test_kill_9_during_writes_loses_no_acknowledged_row(store_url):
     """The writer is killed between two rows or inside one: every row it acknowledged is there. (A killed
     process's committed writes survive in the page cache even unsynced; that the commit also reaches the
     disk is the store's setting, checked below: SQLite synchronous=FULL, PostgreSQL synchronous_commit on.)"""
-    writer = subprocess.Popen([sys.executable, "-c", WRITER, store_url], stdout=subprocess.PIPE, text=True)
-    acknowledged = []
-    deadline = time.time() + 30
-    while len(acknowledged) < 40 and time.time() < deadline:
-        line = writer.stdout.readline()
-        if line:
-            acknowledged.append(int(line))
-    os.kill(writer.pid, signal.SIGKILL)  # mid-write: it never stops between rows
-    writer.wait()
-    acknowledged += [int(line) for line in writer.stdout.read().split()]  # acknowledged before the kill
+    acknowledged = _acknowledged_until_killed(store_url, 40, lambda writer: os.kill(writer.pid, signal.SIGKILL))
     assert len(acknowledged) >= 40
     with open_store(store_url) as store:
         stored = {s.id for s in store.items()}
@@ -125,6 +132,19 @@ def test_kill_9_during_writes_loses_no_acknowledged_row(store_url):
             assert store._run("SHOW synchronous_commit", fetch=True)[0][0] == "on"
             assert store._run("SHOW fsync", fetch=True)[0][0] == "on"
     assert set(acknowledged) <= stored
+
+
+def test_a_postgres_server_killed_9_during_writes_loses_no_acknowledged_row():
+    """The server itself crashes (SIGKILL to the postmaster and its backends: WAL buffers not yet written are
+    lost) while a client writes: every row the client acknowledged is there after recovery, even on a server
+    whose default is asynchronous commit (the store asks for synchronous commit on its own connection)."""
+    if pg_bin() is None:
+        pytest.skip("PostgreSQL's server binaries are missing (make install adds Debian's postgresql)")
+    with PostgresServer(port=54331, synchronous_commit="off") as server:
+        acknowledged = _acknowledged_until_killed(server.url, 200, lambda writer: (server.kill9(), writer.kill()))
+        assert len(acknowledged) >= 200
+        with open_store(server.url) as store:
+            assert set(acknowledged) <= {s.id for s in store.items()}
 
 
 @pytest.mark.parametrize("url", ["mysql://x", "http://host/db"])

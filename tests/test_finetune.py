@@ -94,6 +94,44 @@ def test_the_gguf_adapter_of_a_tuning_loads_in_llama_cpp(pair, tiny_gguf_draft, 
         engine.close()
 
 
+def test_a_versions_adapter_is_applied_in_each_engines_form_by_a_sequence_set_and_the_follower(pair, tmp_path):
+    from codeaccel.engines import open_sequences
+    from codeaccel.personalization.versions import DraftVersions
+    from codeaccel.serve.draft_follow import DraftFollower
+
+    _, draft = pair
+    versions = DraftVersions(tmp_path / "versions")
+    version = versions.create()
+    examples = [TrainingExample(tuple(draft.tokenize(p)), tuple(draft.tokenize(" pass\n"))) for p in PROMPTS]
+    finetune(draft.model, examples, TuneConfig(epochs=2, learning_rate=5e-2, permute_qk=False), version.path)
+    versions.promote(version.name)
+    assert version.adapter_for("hf") == version.adapter_dir and version.adapter_for("llama.cpp") == version.gguf
+    assert (version.adapter_dir / "adapter_config.json").is_file() and version.gguf.is_file()
+    probe = draft.tokenize(PROMPTS[1])
+
+    def last_row(seqs):
+        seq = seqs.open()
+        try:
+            return seqs.eval({seq: probe}, all_logits=False)[seq][-1]
+        finally:
+            seqs.close(seq)
+
+    with open_sequences(draft, n_seq_max=2, n_ctx=256) as seqs:  # the server's draft sequences on hf
+        base = last_row(seqs)
+        applied = []
+        follower = DraftFollower(versions, lambda path: (applied.append(path), seqs.set_lora(path)), seqs.engine.kind,
+                                 scheduler=None, metrics=None, poll_s=60)  # fmt: skip
+        follower.apply_now()  # what the server does before serving: peft's folder on hf, not the GGUF file
+        assert applied == [version.adapter_dir] and follower.live == version.name
+        tuned = last_row(seqs)
+        assert np.abs(tuned - base).max() > 1e-3
+        draft.reset()
+        np.testing.assert_allclose(tuned, draft.eval(probe)[-1], atol=1e-4)  # the engine's own view agrees
+        seqs.set_lora(None)
+        np.testing.assert_allclose(last_row(seqs), base, atol=1e-5)
+    draft.set_lora(None)
+
+
 def test_limits_stop_the_training(pair, tmp_path):
     _, draft = pair
     examples = [TrainingExample(tuple(draft.tokenize(p)), tuple(draft.tokenize(" pass"))) for p in PROMPTS]

@@ -142,3 +142,9 @@ def test_bad_options_are_one_line_errors(tmp_path):
     assert run.returncode == 2 and run.stderr.count("\n") == 1 and "--concurrency" in run.stderr
     with pytest.raises(UserError):
         server_spec("vllm", "m", 1, 512)
+
+
+def test_a_server_without_kept_caches_is_started_so():
+    kept = server_spec("codeaccel-autoregressive", "m", 2, 512, 1).command(8080)
+    cold = server_spec("codeaccel-autoregressive", "m", 2, 512, 1, prefix_cache=False).command(8080)
+    assert "--no-prefix-cache" not in kept and cold == [*kept, "--no-prefix-cache"]

@@ -204,7 +204,7 @@ def test_a_selected_choice_becomes_an_accepted_completion(server, target):
     assert row.item.prompt == PROMPTS[0] and row.item.source == "event"
 
 
-def test_the_client_command_prints_the_targets_text(server, target, tiny_gguf_draft):
+def test_the_client_command_prints_the_targets_text(server, target, tiny_gguf_draft, tmp_path):
     prompt = PROMPTS[1]
     tokens = _alone(target, target.tokenize(prompt), 12)
     tokens = [t for t in tokens[: next((i for i, t in enumerate(tokens) if t in target.eog_token_ids), 12)]]
@@ -216,6 +216,38 @@ def test_the_client_command_prints_the_targets_text(server, target, tiny_gguf_dr
     printable = lambda text: "".join(c for c in text if c.isprintable() or c == "\n").strip()  # noqa: E731
     assert printable(run.stdout) == printable(want) != ""
     assert "verifications" in run.stderr
+    cached = tmp_path / "completions.json"
+    for attempt in ("first", "again"):  # the second run answers from the file, without the server's target
+        again = subprocess.run([sys.executable, "-m", "codeaccel", "client", prompt, "--raw", "--server", server.url,
+                                "--draft-model", tiny_gguf_draft, "--max-tokens", "12", "--cache", str(cached)],
+                               capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert again.returncode == 0, again.stderr
+        assert printable(again.stdout) == printable(want)
+        assert ("answered from the completion cache" in again.stderr) == (attempt == "again")
+
+
+def test_a_client_cache_file_keeps_completions_for_the_model_that_wrote_them(tmp_path):
+    from codeaccel.errors import UserError
+    from codeaccel.personalization.completion_cache import (
+        CachedCompletion,
+        CacheKey,
+        load_completions,
+        save_completions,
+    )
+
+    path = tmp_path / "cache.json"
+    cache = load_completions(path, 2, "target-a")  # no file yet: empty
+    keys = [CacheKey.of([1, 2, i], SamplingParams(), 8, ("\n",)) for i in range(3)]
+    for i, key in enumerate(keys):
+        cache.put(key, CachedCompletion((5, i), f"text {i}", "stop"))
+    save_completions(cache, path, "target-a")
+    back = load_completions(path, 2, "target-a")
+    assert [k for k, _ in back.items()] == keys[1:]  # the capacity kept the two most recent, in order
+    assert back.get(keys[2]) == CachedCompletion((5, 2), "text 2", "stop") and back.get(keys[0]) is None
+    assert len(load_completions(path, 2, "target-b")) == 0  # another model's completions are not its
+    path.write_text("{not json")
+    with pytest.raises(UserError, match="not a completion cache file"):
+        load_completions(path, 2, "target-a")
 
 
 # ---- hot swap of the tuned draft -----------------------------------------------------------------

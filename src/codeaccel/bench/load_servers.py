@@ -45,6 +45,7 @@ class ServerSpec:
     parallel: int
     ctx_size: int  # tokens per sequence / slot
     threads: int
+    prefix_cache: bool = True  # ours keeps finished requests' caches for later prompts sharing a prefix
 
     def command(self, port: int) -> list[str]:
         if self.name.startswith("codeaccel-"):  # no completion cache: levels repeat requests, all decoded
@@ -53,7 +54,7 @@ class ServerSpec:
             return [sys.executable, "-m", "codeaccel", "serve", "--model", self.model, "--method", method,
                     "--draft-lengths", lengths, "--parallel", str(self.parallel), "--ctx-size", str(self.ctx_size),
                     "--port", str(port), "--threads", str(self.threads),
-                    "--completion-cache", "0"]  # fmt: skip
+                    "--completion-cache", "0", *([] if self.prefix_cache else ["--no-prefix-cache"])]  # fmt: skip
         command = [str(tool_path("llama-server")), "-m", str(resolve_model(self.model).path), "--port", str(port),
                    "--host", "127.0.0.1", "-np", str(self.parallel), "-c", str(self.ctx_size * self.parallel),
                    "-t", str(self.threads), "-tb", str(self.threads), "--no-webui"]  # fmt: skip
@@ -62,10 +63,11 @@ class ServerSpec:
         return command
 
 
-def server_spec(name: str, model: str, parallel: int, ctx_size: int, threads: int | None = None) -> ServerSpec:
+def server_spec(name: str, model: str, parallel: int, ctx_size: int, threads: int | None = None,
+                prefix_cache: bool = True) -> ServerSpec:  # fmt: skip
     if name not in SERVERS:
         raise UserError(f"unknown server {name!r}: choose from {', '.join(SERVERS)}")
-    return ServerSpec(name, model, parallel, ctx_size, threads or os.cpu_count() or 1)
+    return ServerSpec(name, model, parallel, ctx_size, threads or os.cpu_count() or 1, prefix_cache)
 
 
 def free_port() -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -13,7 +14,7 @@ from codeaccel.cli.display import err, out
 from codeaccel.decoding.sampling import SamplingParams
 from codeaccel.engines import load_engine
 from codeaccel.errors import UserError
-from codeaccel.personalization.completion_cache import CompletionCache
+from codeaccel.personalization.completion_cache import CompletionCache, load_completions, save_completions
 from codeaccel.personalization.versions import DraftVersions
 from codeaccel.remote.client import MAX_DRAFT_TOKENS, RemoteDraftClient, server_info
 
@@ -37,6 +38,14 @@ def client(
     draft_versions: Annotated[
         Optional[Path], typer.Option(help="Draft with this folder's live tuned version (codeaccel draft).")
     ] = None,
+    cache: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="Keep completions in this file between runs: a repeated greedy or seeded request is "
+            "answered from it without the server."
+        ),
+    ] = None,
+    cache_size: Annotated[int, typer.Option(help="With --cache: completions kept (least recently used go).")] = 256,
 ) -> None:
     """Generate with a local draft model, each draft verified by the server's target (SpeCoder's split)."""
     if prompt == "-":
@@ -55,17 +64,30 @@ def client(
     opt.check_model(draft_model)
     if draft_versions is not None and not draft_versions.is_dir():
         raise UserError(f"--draft-versions {draft_versions} is no versions folder (codeaccel draft train makes one)")
+    if cache_size < 1:
+        raise UserError(f"--cache-size must be >= 1, got {cache_size}")
+    if cache is not None and cache.is_dir():
+        raise UserError(f"--cache {cache} is a folder: name a file")
     info = server_info(server, api_key)  # before the draft loads: a wrong address fails at once
+    live = DraftVersions(draft_versions).live() if draft_versions is not None else None
+    # a greedy completion is the target's alone; a seeded sample also depends on the draft that proposed it
+    owner = json.dumps([info.model, draft_model, engine, draft_tokens, live.name if live else None])
+    completions = load_completions(cache, cache_size, owner) if cache is not None else CompletionCache(0)
     with load_engine(draft_model, engine) as draft:
         text = draft.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
-        with RemoteDraftClient(draft, server, draft_tokens, CompletionCache(0), api_key,
+        with RemoteDraftClient(draft, server, draft_tokens, completions, api_key,
                                server_ctx=info.max_model_len) as remote:  # fmt: skip
-            live = DraftVersions(draft_versions).live() if draft_versions is not None else None
             if live is not None:
-                remote.set_draft_lora(live.gguf)
+                remote.set_draft_lora(live.adapter_for(draft.kind))
             gen = remote.generate(draft.tokenize(text), params, max_tokens, tuple(stop or ()))
+    if cache is not None:
+        save_completions(completions, cache, owner)
     out.print(gen.text, markup=False, highlight=False, soft_wrap=True)
     s = gen.stats
+    if s.cache_hit:
+        err.print(f"[dim]answered from the completion cache {cache} ({len(completions)} kept); finish: "
+                  f"{gen.finish_reason}[/dim]")  # fmt: skip
+        return
     mean_len = "-" if s.mean_accepted_len is None else f"{s.mean_accepted_len:.2f}"
     err.print(
         f"[dim]{len(gen.tokens)} tokens in {gen.wall_s:.2f} s = {len(gen.tokens) / max(gen.wall_s, 1e-9):.1f} tok/s; "

@@ -13,8 +13,9 @@ from codeaccel.bench.repo_dataset import package_root
 from codeaccel.cli.display import err, out, save_results, stage_bars
 from codeaccel.cli.feedback import StoreOpt, store_location
 from codeaccel.cli.options import check_folder, check_json_file, check_model, comma_list, command_line
+from codeaccel.errors import UserError
 from codeaccel.personalization.bench import PersonalizationBenchConfig, run_personalization_bench, to_markdown
-from codeaccel.personalization.finetune import TuneConfig
+from codeaccel.personalization.finetune import TuneConfig, bound_memory
 from codeaccel.personalization.loop import LoopConfig, run_tuning
 from codeaccel.personalization.store import open_store
 from codeaccel.personalization.versions import DraftVersions, default_versions_dir
@@ -46,6 +47,9 @@ def draft_train(
     epochs: Annotated[int, typer.Option(help="Passes over the training completions.")] = 2,
     max_seconds: Annotated[float, typer.Option(help="Training time budget.")] = 900.0,
     force: Annotated[bool, typer.Option(help="Tune even below the threshold.")] = False,
+    max_memory_mb: Annotated[
+        Optional[int], typer.Option(help="Bound this process's memory (data segment, MB); past it the tuning fails.")
+    ] = None,
     store: StoreOpt = None,
     versions: VersionsOpt = None,
 ) -> None:
@@ -55,8 +59,13 @@ def draft_train(
     check_model(target_model)
     location = store_location(store, must_exist=True)
     registry = _versions(versions, draft_model)
-    with open_store(location) as accepted, stage_bars() as progress:
-        result = run_tuning(accepted, registry, draft_model, target_model, config, progress, force)
+    if max_memory_mb is not None:
+        bound_memory(max_memory_mb)
+    try:
+        with open_store(location) as accepted, stage_bars() as progress:
+            result = run_tuning(accepted, registry, draft_model, target_model, config, progress, force)
+    except MemoryError:
+        raise UserError(f"the tuning needed more memory than --max-memory-mb {max_memory_mb}") from None
     if result is None:
         out.print(f"fewer than {threshold} new accepted completions since the last tuning: nothing to do (--force)")
         return

@@ -56,6 +56,12 @@ def serve(
         Optional[str],
         typer.Option(help="Accepted completions: sqlite:///PATH, a path or postgresql://... (default: events file)."),
     ] = None,
+    auto_tune: Annotated[
+        Optional[int],
+        typer.Option(help="With --draft-versions: tune the draft by itself at this many new accepted completions."),
+    ] = None,
+    auto_tune_max_seconds: Annotated[Optional[float], typer.Option(help="The auto tuning's training time.")] = None,
+    auto_tune_memory_mb: Annotated[Optional[int], typer.Option(help="The auto tuning process's memory (MB).")] = None,
     config: Annotated[Optional[Path], typer.Option(help="A JSON or TOML file of settings.")] = None,
     replicas: Annotated[
         Optional[int], typer.Option(help="Run this many copies on Ray Serve behind one port (pip extra 'replicas').")
@@ -93,6 +99,9 @@ def serve(
         events_db=events_db,
         accepted_store=accepted_store,
         draft_versions=draft_versions,
+        auto_tune=auto_tune,
+        auto_tune_max_seconds=auto_tune_max_seconds,
+        auto_tune_memory_mb=auto_tune_memory_mb,
     )
     if replicas is not None and settings.port == 0:
         raise UserError("--replicas needs a fixed --port (Ray's proxy listens on it)")

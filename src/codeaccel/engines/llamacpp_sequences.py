@@ -101,10 +101,8 @@ class LlamaCppSequences(SequenceSet):
         return {seq: np.stack(r) if r else empty for seq, r in out.items()}
 
     def set_lora(self, path, scale: float = 1.0) -> None:
-        """Evaluate with the LoRA adapter in GGUF file ``path`` from now on (None: the base model).
-
-        The caches already held were made with the other weights: a draft model's sequences stay
-        usable (drafts are verified anyway), a target's must be cleared by the caller."""
+        """Evaluate with the LoRA adapter in GGUF file ``path`` from now on (None: the base model), on
+        this set's own context (see :meth:`SequenceSet.set_lora`)."""
         self.engine.apply_lora(self._ctx, path, scale)
 
     def free(self) -> None:

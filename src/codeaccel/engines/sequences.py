@@ -27,11 +27,12 @@ import abc
 import functools
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 
 from codeaccel.engines.base import Engine
-from codeaccel.errors import InternalError
+from codeaccel.errors import InternalError, UserError
 
 
 class ContextFull(InternalError):
@@ -166,6 +167,17 @@ class SequenceSet(abc.ABC):
     def close_all(self) -> None:
         for seq in self.open_sequences:
             self.close(seq)
+
+    def set_lora(self, path: Path | None) -> None:
+        """Evaluate with a LoRA adapter from now on (None: the base model), in the form the engine applies
+        (llama.cpp: a GGUF file; transformers: peft's adapter folder; see ``DraftVersion.adapter_for``).
+
+        The caches already held were made with the other weights: a draft model's sequences stay
+        usable (drafts are verified anyway), a target's must be cleared by the caller."""
+        set_lora = getattr(self.engine, "set_lora", None)
+        if set_lora is None:
+            raise UserError(f"the {self.engine.kind or type(self.engine).__name__} engine applies no LoRA adapters")
+        set_lora(path)
 
     def free(self) -> None:
         """Release the cache itself (optional)."""

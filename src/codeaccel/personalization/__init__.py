@@ -8,9 +8,10 @@
 * ``acceptance``: a draft's mean accepted length against the target's continuations;
 * ``distill``: what a tuned draft learns from: the accepted text, the target's greedy tokens, or
   its distributions (the teacher's top k at each position);
-* ``finetune``: LoRA fine-tuning of the draft with peft, bounded in time and tokens;
+* ``finetune``: LoRA fine-tuning of the draft with peft, bounded in time, tokens and memory;
 * ``lora_gguf``: the adapter as a GGUF file llama.cpp applies to the quantised base;
-* ``versions``: the tuned versions, one live, promote and rollback;
+* ``versions``: the tuned versions, one live, promote and rollback; one tuning at a time;
 * ``loop``: tune, validate against the live draft, promote only if strictly better;
+* ``auto_tune``: the loop started by itself at a threshold, as a bounded child process;
 * ``bench``: the benchmark of a simulated user: tuned on part of a project, measured on the rest.
 """

@@ -89,6 +89,19 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
 
 
+def bound_memory(max_mb: int) -> None:
+    """Bound this process's data segment (heap and private writable mappings: what training allocates; a
+    model file llama.cpp maps read-only does not count) to ``max_mb``: past it, allocations fail
+    (MemoryError) instead of the machine swapping or the kernel killing a neighbour."""
+    if max_mb < 1:
+        raise UserError(f"a memory bound must be at least 1 MB, got {max_mb}")
+    limit = max_mb * 1024 * 1024
+    _, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+
+
 def finetune(model, examples: Sequence[TrainingExample], config: TuneConfig, out_dir: Path,
              progress: Callable[[int, int, float], None] | None = None) -> TuneReport:  # fmt: skip
     """Train a LoRA adapter on ``model`` (a transformers causal LM, left unchanged) and write it to ``out_dir``.

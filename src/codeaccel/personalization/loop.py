@@ -96,11 +96,17 @@ def split(items: Sequence[StoredAccepted], every: int) -> tuple[list[StoredAccep
 
 def run_tuning(store: AcceptedStore, versions: DraftVersions, draft_model: str, target_model: str, config: LoopConfig,
                progress: Progress | None = None, force: bool = False) -> LoopResult | None:  # fmt: skip
-    """One turn of the loop; None when fewer than ``threshold`` new accepted completions (unless ``force``)."""
-    report = progress or (lambda *_: None)
-    newest = versions.last_trained_id()
-    if not force and store.count(after_id=newest) < config.threshold:
-        return None
+    """One turn of the loop; None when fewer than ``threshold`` new accepted completions (unless ``force``).
+    Refused while another tuning of ``versions`` runs (:meth:`DraftVersions.training`)."""
+    with versions.training():
+        newest = versions.last_trained_id()
+        if not force and store.count(after_id=newest) < config.threshold:
+            return None
+        return _tune(store, versions, draft_model, target_model, config, progress or (lambda *_: None))
+
+
+def _tune(store: AcceptedStore, versions: DraftVersions, draft_model: str, target_model: str, config: LoopConfig,
+          report: Progress) -> LoopResult:  # fmt: skip
     items = store.items()
     train_items, held_items = split(items, config.held_out_every)
     if not train_items or not held_items:

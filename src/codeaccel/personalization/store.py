@@ -281,7 +281,10 @@ class PostgresAcceptedStore(AcceptedStore):
 
     def _connect(self):
         try:
-            return self._psycopg.connect(self.url, autocommit=True)  # each transaction() block: BEGIN ... COMMIT
+            db = self._psycopg.connect(self.url, autocommit=True)  # each transaction() block: BEGIN ... COMMIT
+            # a commit returns once its WAL is on disk, whatever the server's default: acknowledged means durable
+            db.execute("SET synchronous_commit = on")
+            return db
         except self._psycopg.OperationalError as exc:
             raise SetupError(f"cannot connect to the accepted-completion store {_redact(self.url)}: {exc}") from None
 

@@ -45,6 +45,10 @@ class DraftVersion:
     def adapter_dir(self) -> Path:
         return self.path / "adapter"
 
+    def adapter_for(self, engine_kind: str) -> Path:
+        """The form an engine of ``engine_kind`` applies: peft's folder on hf, the GGUF file on llama.cpp."""
+        return self.adapter_dir if engine_kind == "hf" else self.gguf
+
 
 class DraftVersions:
     def __init__(self, root: Path):
@@ -94,6 +98,16 @@ class DraftVersions:
     def last_trained_id(self) -> int:
         """The newest accepted completion any version was trained on (0: none)."""
         return max((v.record.get("last_accepted_id", 0) for v in self.list()), default=0)
+
+    @contextmanager
+    def training(self) -> Iterator[None]:
+        """Held while a tuning of this folder runs (across processes): a second one is refused, not queued."""
+        with open(self.root / "train.lock", "w") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise UserError(f"a tuning of {self.root} is already running") from None
+            yield
 
     # ---- writing ---------------------------------------------------------------------
     def create(self) -> DraftVersion:

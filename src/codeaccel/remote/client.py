@@ -87,10 +87,11 @@ class RemoteDraftClient:
         self.server_ctx = server_ctx if server_ctx is not None else server_info(server_url, api_key).max_model_len
         self._draft_lock = threading.Lock()  # a generation, or a swap of the draft's adapter
 
-    def set_draft_lora(self, gguf_adapter: Path | None) -> None:
-        """Draft with a tuned adapter from now on (None: the base draft); waits for a generation in progress."""
+    def set_draft_lora(self, adapter: Path | None) -> None:
+        """Draft with a tuned adapter from now on (None: the base draft), in the form the draft's engine
+        applies (``DraftVersion.adapter_for``); waits for a generation in progress."""
         with self._draft_lock:
-            self.draft.set_lora(gguf_adapter)
+            self.draft.set_lora(adapter)
 
     def close(self) -> None:
         self.http.close()

@@ -152,8 +152,9 @@ def run_split_bench(config: SplitBenchConfig, log_dir: Path, progress: Progress)
         prompts = [fim_prompt(tokenizer, r.prefix, r.suffix, budget) for r in fim_requests(config.requests)]
     finally:
         tokenizer.close()
+    # no kept caches: each level sends the same prompts, and a later level must not find them evaluated
     spec = server_spec("codeaccel-autoregressive", config.target_model, config.parallel, config.ctx_size,
-                       config.threads)  # fmt: skip
+                       config.threads, prefix_cache=False)  # fmt: skip
     rows = []
     with launched(spec, log_dir / "split-server.log") as url:
 

@@ -15,6 +15,7 @@ import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, Request
@@ -34,8 +35,9 @@ from codeaccel.engines.sequences import SequenceSet
 from codeaccel.engines.tokenizer import check_same_tokenizer
 from codeaccel.errors import UserError
 from codeaccel.methods.registry import RETRIEVAL_K_MAX
+from codeaccel.personalization.auto_tune import AutoTuneConfig, AutoTuner
 from codeaccel.personalization.completion_cache import CompletionCache
-from codeaccel.personalization.store import default_location, open_store
+from codeaccel.personalization.store import AcceptedStore, default_location, open_store
 from codeaccel.personalization.versions import DraftVersions
 from codeaccel.retrieval.acceptance_cache import AcceptanceCache
 from codeaccel.retrieval.datastore import open_datastores
@@ -108,12 +110,29 @@ class ServerState:
         self.metrics.watch_completion_cache(self.completion_cache)
         # by default in the events' SQLite file: one file holds the whole feedback loop
         self.accepted = open_store(settings.accepted_store or self.events.path)
+        self.auto_tuner = _auto_tuner(settings, self.accepted, self.events.path)  # None: off
         self.runtime: Runtime | None = None
         self.load_error: str | None = None
         self.loaded = threading.Event()
 
+    def reconcile_selects(self) -> int:
+        """Every stored select event's choice in the accepted store (idempotent): one whose storing failed
+        when it arrived, or that arrived before its choice was recorded as served, joins now; how many."""
+        joined = 0
+        for event in self.events.events("select"):
+            try:
+                if self.accepted.accept_served(event["completion_id"], event["choice_index"], event.get("repository")):
+                    joined += 1
+            except Exception:  # the store is unreachable now: the next start reconciles again
+                log.exception("reconciling the select events with the accepted store failed")
+                break
+        return joined
+
     def load(self) -> None:
         s = self.settings
+        if self.auto_tuner is not None:
+            self.reconcile_selects()
+            self.auto_tuner.check()  # accepted completions may have reached the threshold while it was down
         try:
             engine = load_engine(s.model, s.engine, n_ctx=s.ctx_size, n_threads=s.n_threads)
             # a cache stream per request (they share nothing): each attends over its own cells only
@@ -126,8 +145,8 @@ class ServerState:
             if s.draft_versions is not None:
                 if not isinstance(drafter, BatchDraftModel):
                     raise UserError("--draft-versions needs --method draft-model")
-                follower = DraftFollower(DraftVersions(s.draft_versions), drafter.seqs.set_lora, scheduler,
-                                         self.metrics, s.draft_poll_s)  # fmt: skip
+                follower = DraftFollower(DraftVersions(s.draft_versions), drafter.seqs.set_lora,
+                                         drafter.seqs.engine.kind, scheduler, self.metrics, s.draft_poll_s)  # fmt: skip
                 follower.apply_now()
             scheduler.start()
             if follower is not None:
@@ -186,6 +205,17 @@ def _default_events_db():
     return default_location()
 
 
+def _auto_tuner(s: ServeSettings, accepted: AcceptedStore, events_path: Path) -> AutoTuner | None:
+    """The draft's tuning started by itself at ``auto_tune`` new accepted completions (None: off)."""
+    if not s.auto_tune or s.draft_versions is None:
+        return None
+    versions = DraftVersions(s.draft_versions)
+    config = AutoTuneConfig(draft_model=s.draft_model, target_model=s.model, store=s.accepted_store or str(events_path),
+                            versions=versions.root, threshold=s.auto_tune, max_seconds=s.auto_tune_max_seconds,
+                            max_memory_mb=s.auto_tune_memory_mb)  # fmt: skip
+    return AutoTuner(config, lambda: accepted.count(after_id=versions.last_trained_id()))
+
+
 def create_app(settings: ServeSettings, load_in_background: bool = True, replica: str | None = None) -> FastAPI:
     """The server's app; ``replica``: this copy's name among several (Ray Serve), sent in every response."""
     state = ServerState(settings)
@@ -200,6 +230,8 @@ def create_app(settings: ServeSettings, load_in_background: bool = True, replica
         await asyncio.to_thread(state.loaded.wait)
         if state.runtime is not None:
             state.runtime.close()
+        if state.auto_tuner is not None:
+            state.auto_tuner.close()  # a tuning cut short promotes nothing
         state.accepted.close()
 
     app = FastAPI(title="codeaccel", lifespan=lifespan)
@@ -255,9 +287,11 @@ def create_app(settings: ServeSettings, load_in_background: bool = True, replica
             try:
                 answer["accepted_id"] = await run_in_threadpool(state.accepted.accept_served, body.completion_id,
                                                                 body.choice_index, body.repository)  # fmt: skip
-            except Exception:  # the event is stored; the store of accepted completions failed: say so, no 500
+            except Exception:  # the event is stored (the next start reconciles it); say so, no 500
                 log.exception("storing the selected choice of %s failed", body.completion_id)
                 answer["accepted_id"] = None
+            if answer["accepted_id"] is not None and state.auto_tuner is not None:
+                await run_in_threadpool(state.auto_tuner.check)  # enough new ones: a tuning starts
         return answer
 
     def served(rt: Runtime, prefix: str, prompts: list[list[int]]):

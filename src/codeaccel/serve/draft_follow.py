@@ -23,11 +23,14 @@ log = logging.getLogger(__name__)
 
 
 class DraftFollower:
-    def __init__(self, versions: DraftVersions, apply: Callable[[Path | None], None], scheduler: Scheduler,
-                 metrics: ServerMetrics, poll_s: float):  # fmt: skip
-        """apply(gguf adapter or None): sets the draft's adapter; called on the scheduler thread."""
+    def __init__(self, versions: DraftVersions, apply: Callable[[Path | None], None], engine_kind: str,
+                 scheduler: Scheduler, metrics: ServerMetrics, poll_s: float):  # fmt: skip
+        """apply(adapter or None): sets the draft's adapter, in the form its ``engine_kind`` applies
+        (``DraftVersion.adapter_for``: a GGUF file on llama.cpp, peft's folder on hf); called on the
+        scheduler thread."""
         self.versions = versions
         self._apply = apply
+        self.engine_kind = engine_kind
         self.scheduler = scheduler
         self.metrics = metrics
         self.poll_s = poll_s
@@ -43,7 +46,7 @@ class DraftFollower:
             return
         self._asked = live.name  # not asked again: a version that fails stays failed until another is live
         try:
-            self._apply(live.gguf)
+            self._apply(live.adapter_for(self.engine_kind))
         except Exception:
             log.exception("draft version %s could not be applied; serving with the base draft", live.name)
             return
@@ -67,7 +70,7 @@ class DraftFollower:
         if name == self._asked:
             return
         self._asked = name
-        path = live.gguf if live is not None else None
+        path = live.adapter_for(self.engine_kind) if live is not None else None
 
         def swap() -> None:
             try:

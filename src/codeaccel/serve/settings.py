@@ -52,11 +52,18 @@ class ServeSettings(BaseSettings):
     # accepted completions (select events of served choices): sqlite:///PATH, a path, or postgresql://...
     # (default: the events' SQLite file)
     accepted_store: str | None = None
+    # tune the draft by itself once this many new accepted completions arrived (0: off; `codeaccel draft train`
+    # as a niced child process with its time and memory bounded; needs draft_versions, which it promotes into)
+    auto_tune: int = Field(0, ge=0)
+    auto_tune_max_seconds: float = Field(900.0, gt=0)  # its training time
+    auto_tune_memory_mb: int = Field(8192, ge=256)  # its memory (data segment)
 
     @model_validator(mode="after")
     def _draft_versions_need_a_draft(self):
         if self.draft_versions is not None and self.method != "draft-model":
             raise ValueError("draft_versions (a tuned draft to follow) needs method draft-model")
+        if self.auto_tune and self.draft_versions is None:
+            raise ValueError("auto_tune (tuning the draft by itself) needs draft_versions (where it promotes to)")
         return self
 
 
