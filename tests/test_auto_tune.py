@@ -51,8 +51,20 @@ def test_a_failing_tuning_is_reaped_and_a_running_one_is_stopped_on_close(tmp_pa
     sleeper = AutoTuner(_config(tmp_path, threshold=1), lambda: 5,
                         command=[sys.executable, "-c", "import time; time.sleep(60)"])  # fmt: skip
     assert sleeper.check() and sleeper.running
+    child = sleeper._child
     sleeper.close(grace_s=5)
-    assert not sleeper.running
+    assert child.poll() is not None and not sleeper.running  # the process itself is gone
+
+
+def test_after_a_failed_tuning_the_next_waits_for_as_many_new_accepted_completions(tmp_path):
+    new = [3]
+    tuner = AutoTuner(_config(tmp_path, threshold=3), lambda: new[0], command=[sys.executable, "-c", "exit(1)"])
+    assert tuner.check() and tuner.wait(30) == 1
+    new[0] = 5
+    assert tuner.check() is False  # no retry loop on every accepted completion
+    new[0] = 6
+    assert tuner.check() is True and tuner.started == 2
+    tuner.wait(30)
 
 
 def test_an_unreachable_store_starts_nothing_and_is_asked_again(tmp_path):

@@ -13,7 +13,7 @@ from codeaccel.cascade.problems import load_cascade_problems, mbpp_entry_point
 from codeaccel.cascade.replay import Evaluation, ProblemOutcome, Replay
 from codeaccel.cascade.scoring import accept, cascade_scores, dual_agreement_scores
 from codeaccel.cascade.self_tests import extract_test_lines, own_test_filter, repeats_shown_test, self_test_prompt
-from codeaccel.cascade.store import BatchCost, GenerationStore, StoredGeneration
+from codeaccel.cascade.store import BatchCost, GenerationStore, Spend, StoredGeneration
 from codeaccel.cascade.tuner import TuneResult, pareto_front, split
 from codeaccel.errors import UserError
 
@@ -261,8 +261,10 @@ def test_batched_generation_is_priced_from_the_measured_step_cost():
 
 
 def test_measured_costs_are_scaled_to_what_the_sweep_spent_by_the_median_ratio():
-    costs = _costs()  # b=2: 0.06 s per token
-    spend = [(10, 1.2, 2.0), (20, 2.4, 2.0), (10, 0.6, 2.0), (10, 600.0, 2.0), (4, 9.0, 2.0), (10, 0.0, 2.0)]
+    costs = _costs()  # b=2: 0.06 s per token; 0.001 s per prompt token
+    # priced: 10 tokens at b=2 (0.6 s) + a tenth of a 100-token prompt's prefill (0.01 s) = 0.61 s
+    spend = [Spend(10, 1.22, 2.0, 100, 10), Spend(20, 2.42, 2.0, 100, 10), Spend(10, 0.61, 2.0, 100, 10),
+             Spend(10, 610.0, 2.0, 100, 10), Spend(4, 9.0, 2.0, 100, 10), Spend(10, 0.0, 2.0, 100, 10)]  # fmt: skip
     # ratios 2, 2, 1, 1000 (a step stretched by a pause); too short and unmeasured ones do not count
     assert spent_scale(costs, spend) == pytest.approx(2.0)
     assert spent_scale(costs, []) == 1.0
@@ -328,10 +330,11 @@ def test_replay_takes_the_answer_the_stage_accepts(tmp_path):
         assert run.gen_s == pytest.approx(60 * 0.1 / 6)  # every measured step costs 0.1 s: 6 sequences per step
         with pytest.raises(UserError, match="no stored answer sample"):
             replay.stage_run(Stage("m", 5, 2), "T/0")
-        # each stored generation spent 0.1 s on 10 tokens at a mean batch of 2 (0.05 s per token measured): 0.2x
+        # each stored generation spent 0.1 s on 10 tokens at a mean batch of 2 (0.05 s per token measured) and
+        # shared a 50-token prompt with 3 others (50 * 0.001 / 4 s): 0.1 / 0.5125 of the measured costs
         calibrated = Replay(store, "humaneval", ["T/0"], calibrate=True)
-        assert calibrated.stage_run(Stage("m", 3, 2), "T/0").gen_s == pytest.approx(0.2 * run.gen_s)
-        assert calibrated.scales == {"m": pytest.approx(0.2)}
+        assert calibrated.stage_run(Stage("m", 3, 2), "T/0").gen_s == pytest.approx(0.1 / 0.5125 * run.gen_s)
+        assert calibrated.scales == {"m": pytest.approx(0.1 / 0.5125)}
 
 
 def test_a_replay_counts_only_the_lines_it_keeps_and_validity_says_how_many_it_left_out(tmp_path):

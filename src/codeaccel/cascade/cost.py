@@ -16,8 +16,9 @@ neighbours') is stored per generation too (``cost_s``).
 
 The measurement takes a minute at the start of a sweep that runs for hours, and this VM's
 speed drifts (the same step 1.6x dearer an hour later, ``docs/benchmarks/README.md``), so
-:func:`spent_scale` compares it with what the sweep actually spent: per generation, seconds
-per token spent over the measured cost at that generation's mean batch size; the median
+:func:`spent_scale` compares it with what the sweep actually spent: per generation, the seconds
+spent over what the measured costs price it at (its tokens at its mean batch size, its share of
+its prompt's prefill); the median
 over a model's generations scales its measured costs (``cascade tune`` does by default), so
 each model is priced at the speed it actually ran at, in the shape the measurement gives.
 
@@ -39,7 +40,7 @@ import numpy as np
 from codeaccel import machine
 from codeaccel.bench.harness import build_prompt
 from codeaccel.cascade.problems import CascadeProblem
-from codeaccel.cascade.store import BatchCost
+from codeaccel.cascade.store import BatchCost, Spend
 from codeaccel.decoding.sampling import SamplingParams, next_token
 from codeaccel.engines import Engine, open_sequences
 from codeaccel.errors import InternalError
@@ -120,15 +121,18 @@ def generation_seconds(costs: dict[int, BatchCost], lengths: Sequence[int], n_se
 MIN_TOKENS_TO_CALIBRATE = 8  # shorter generations' seconds per token are mostly their first step's overhead
 
 
-def spent_scale(costs: dict[int, BatchCost], spend: Sequence[tuple[int, float, float]]) -> float:
-    """The median over generations (``spend``: tokens, seconds spent, mean batch size) of seconds spent per
-    token over the measured cost per token at that batch size; 1.0 where nothing was spent (a median: a
-    step stretched by the sweep's being paused moves it little)."""
-    ratios = [
-        spent / tokens / (step_seconds(costs, max(1.0, b)) / max(1.0, b))
-        for tokens, spent, b in spend
-        if tokens >= MIN_TOKENS_TO_CALIBRATE and spent > 0
-    ]
+def spent_scale(costs: dict[int, BatchCost], spend: Sequence[Spend]) -> float:
+    """The median over generations of the seconds the sweep spent on each over what the measured costs
+    price it at (its tokens at its mean batch size, plus its share of its prompt's prefill); 1.0 where
+    nothing was spent (a median: a step stretched by the sweep's being paused moves it little)."""
+    s_prompt = min(c.s_per_prompt_token for c in costs.values())
+    ratios = []
+    for g in spend:
+        if g.tokens < MIN_TOKENS_TO_CALIBRATE or g.seconds <= 0:
+            continue
+        b = max(1.0, g.batch_size)
+        priced = g.tokens * step_seconds(costs, b) / b + g.prompt_tokens * s_prompt / max(1, g.sharing)
+        ratios.append(g.seconds / priced)
     return float(np.median(ratios)) if ratios else 1.0
 
 

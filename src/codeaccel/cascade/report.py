@@ -175,7 +175,8 @@ def _cost_scale_note(doc: dict) -> str:
     each = ", ".join(f"{m} × {f:.2f}" for m, f in scales.items())
     return (
         "Each model's measured costs scaled to the speed the sweep actually ran at (the median over its "
-        f"generations of seconds spent per token over the measured cost at the same batch size): {each}.\n\n"
+        "generations of the seconds spent on each over what the measured costs price it at: its tokens at its "
+        f"mean batch size and its share of its prompt's prefill): {each}.\n\n"
     )
 
 

@@ -96,9 +96,10 @@ SHOWN_TESTS = ("exclude", "keep")  # what a replay does with self-test lines rep
 
 
 def own_test_filter(problems: Sequence[CascadeProblem]) -> Callable[[str, str], bool]:
-    """A replay's ``keep_line(task_id, line)``: the line is no repeat of an official test its prompt showed."""
+    """A replay's ``keep_line(task_id, line)``: the line is no repeat of an official test its prompt showed (a
+    task not among ``problems`` shows none)."""
     by_id = {p.task_id: p for p in problems}
-    return lambda task_id, line: not repeats_shown_test(line, by_id[task_id])
+    return lambda task_id, line: task_id not in by_id or not repeats_shown_test(line, by_id[task_id])
 
 
 @functools.cache
@@ -107,18 +108,20 @@ def _shown_arguments(tests: tuple[str, ...], entry_point: str) -> frozenset[str]
 
 
 def _call_arguments(code: str, entry_point: str) -> frozenset[str]:
-    """Each call of ``entry_point`` in ``code``, its positional and keyword arguments as one AST dump."""
+    """Each call of ``entry_point`` in ``code``, its positional and keyword arguments (these by name) as one
+    AST dump. (A call naming an argument that another passes by position is not matched: no signature here.)"""
     try:
         tree = ast.parse(code.strip())
     except (SyntaxError, ValueError):
         return frozenset()
     calls = (n for n in ast.walk(tree) if isinstance(n, ast.Call))
-    return frozenset(
-        ast.dump(ast.Tuple(elts=[*c.args, *(k.value for k in c.keywords)], ctx=ast.Load()))
-        + repr([k.arg for k in c.keywords])
-        for c in calls
-        if isinstance(c.func, ast.Name) and c.func.id == entry_point
-    )
+    out = set()
+    for c in calls:
+        if isinstance(c.func, ast.Name) and c.func.id == entry_point:
+            keywords = sorted(c.keywords, key=lambda k: k.arg or "")
+            elts = [*c.args, *(k.value for k in keywords)]
+            out.add(ast.dump(ast.Tuple(elts=elts, ctx=ast.Load())) + repr([k.arg for k in keywords]))
+    return frozenset(out)
 
 
 def _is_test_line(line: str, entry_point: str) -> bool:

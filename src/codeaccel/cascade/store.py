@@ -93,6 +93,17 @@ def _foreign_schema(db: sqlite3.Connection) -> str | None:
 
 
 @dataclass(frozen=True)
+class Spend:
+    """What a sweep spent on one stored generation."""
+
+    tokens: int  # generated
+    seconds: float  # its share of the steps it decoded in and of its prompt's prefill
+    batch_size: float  # mean sequences per decode step it ran in
+    prompt_tokens: int
+    sharing: int  # generations that shared its prompt's prefill
+
+
+@dataclass(frozen=True)
 class StoredGeneration:
     model: str
     dataset: str
@@ -209,11 +220,16 @@ class GenerationStore:
         )
         return [StoredGeneration(*row) for row in cur]
 
-    def spend(self, model: str, dataset: str) -> list[tuple[int, float, float]]:
-        """Per stored generation of ``model``: (tokens, seconds the sweep spent on it, its mean batch size)."""
-        cur = self._db.execute("SELECT tokens, cost_s, batch_size FROM generations WHERE model = ? AND dataset = ?",
-                               (model, dataset))  # fmt: skip
-        return [(int(n), float(s), float(b)) for n, s, b in cur]
+    def spend(self, model: str, dataset: str) -> list[Spend]:
+        """Per stored generation of ``model``: what the sweep spent on it (``cost_s``: its share of the decode
+        steps it ran in and of its prompt's prefill, which the generations of one kind and l of a problem
+        share: ``sharing``)."""
+        cur = self._db.execute(
+            "SELECT tokens, cost_s, batch_size, prompt_tokens, COUNT(*) OVER (PARTITION BY task_id, kind, l) "
+            "FROM generations WHERE model = ? AND dataset = ?",
+            (model, dataset),
+        )
+        return [Spend(int(n), float(s), float(b), int(p), int(k)) for n, s, b, p, k in cur]
 
     def generated_tasks(self, model: str, dataset: str) -> set[str]:
         cur = self._db.execute("SELECT DISTINCT task_id FROM generations WHERE model = ? AND dataset = ?",

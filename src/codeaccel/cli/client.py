@@ -80,9 +80,12 @@ def client(
             if live is not None:
                 remote.set_draft_lora(live.adapter_for(draft.kind))
             gen = remote.generate(draft.tokenize(text), params, max_tokens, tuple(stop or ()))
-    if cache is not None:
-        save_completions(completions, cache, owner)
     out.print(gen.text, markup=False, highlight=False, soft_wrap=True)
+    if cache is not None:
+        try:
+            save_completions(completions, cache, owner)
+        except OSError as exc:  # the completion is printed; only the cache misses it
+            err.print(f"[yellow]the completion cache {cache} was not saved: {exc}[/yellow]")
     s = gen.stats
     if s.cache_hit:
         err.print(f"[dim]answered from the completion cache {cache} ({len(completions)} kept); finish: "

@@ -66,6 +66,10 @@ def draft_train(
             result = run_tuning(accepted, registry, draft_model, target_model, config, progress, force)
     except MemoryError:
         raise UserError(f"the tuning needed more memory than --max-memory-mb {max_memory_mb}") from None
+    except (RuntimeError, ValueError) as exc:  # torch's and llama.cpp's allocators say it their own way
+        if max_memory_mb is None or not _out_of_memory(exc):
+            raise
+        raise UserError(f"the tuning needed more memory than --max-memory-mb {max_memory_mb} ({exc})") from None
     if result is None:
         out.print(f"fewer than {threshold} new accepted completions since the last tuning: nothing to do (--force)")
         return
@@ -80,6 +84,12 @@ def draft_train(
     t = result.tune
     err.print(f"[dim]{result.n_train} training completions, {t.steps} steps in {t.seconds:.0f} s "
               f"({t.stopped_by}), peak memory {t.peak_rss_mb:.0f} MB[/dim]")  # fmt: skip
+
+
+def _out_of_memory(exc: Exception) -> bool:
+    text = str(exc).lower()
+    return any(sign in text for sign in ("not enough memory", "failed to allocate", "cannot allocate memory",
+                                         "out of memory", "failed to create context"))  # fmt: skip
 
 
 @app.command("list")

@@ -14,6 +14,8 @@ never tune one versions folder at once: ``draft train`` holds the folder's train
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -64,6 +66,8 @@ class AutoTuner:
         self._command = command or config.command()
         self._lock = threading.Lock()
         self._child: subprocess.Popen | None = None
+        self._started_at_new = 0  # new accepted completions when the running (or last) tuning started
+        self._wait_for = 0  # after a failed tuning: new accepted completions needed before another (no retry loop)
         self.started = 0  # tunings started by this process
         self.last_log: Path | None = None
         self.last_returncode: int | None = None
@@ -74,7 +78,9 @@ class AutoTuner:
             return self._child is not None and self._child.poll() is None
 
     def check(self) -> bool:
-        """Start a tuning if the threshold is reached and none of ours runs; whether one was started."""
+        """Start a tuning if the threshold is reached and none of ours runs; whether one was started. Never
+        raises: a store or a folder that fails now is logged, and the next accepted completion checks again.
+        After a failed tuning another starts only once ``threshold`` more accepted completions arrived."""
         with self._lock:
             if self._child is not None:
                 if self._child.poll() is None:
@@ -82,15 +88,21 @@ class AutoTuner:
                 self._reap()
             try:
                 new = self._new_accepted()
-            except Exception:  # the store is unreachable now: the next accepted completion checks again
+            except Exception:
                 log.exception("counting new accepted completions failed")
                 return False
-            if new < self.config.threshold:
+            if new < max(self.config.threshold, self._wait_for):
                 return False
-            self.last_log = self.config.versions / f"train-{time.strftime('%Y%m%d-%H%M%S')}-{self.started + 1}.log"
-            with open(self.last_log, "ab") as out:
-                self._child = subprocess.Popen(self._command, stdin=subprocess.DEVNULL, stdout=out,
-                                               stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+            name = f"train-{time.strftime('%Y%m%d-%H%M%S')}-{self.started + 1}.log"
+            try:
+                with open(self.config.versions / name, "ab") as out:
+                    self._child = subprocess.Popen(self._command, stdin=subprocess.DEVNULL, stdout=out,
+                                                   stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+            except OSError:
+                log.exception("starting the draft tuning failed")
+                return False
+            self.last_log = self.config.versions / name
+            self._started_at_new = new
             self.started += 1
             log.warning("%d new accepted completions: tuning the draft (pid %d, log %s)", new, self._child.pid,
                         self.last_log)  # fmt: skip
@@ -117,18 +129,28 @@ class AutoTuner:
             child, self._child = self._child, None
         if child is None or child.poll() is not None:
             return
-        child.terminate()
+        _signal_group(child, signal.SIGTERM)  # its own session: whatever it started goes too
         try:
             child.wait(grace_s)
         except subprocess.TimeoutExpired:
-            child.kill()
+            _signal_group(child, signal.SIGKILL)
             child.wait()
 
     def _reap(self) -> None:
         """The finished child's status, logged (under the lock)."""
         self.last_returncode = self._child.returncode
         if self.last_returncode:
-            log.error("the draft tuning failed (exit %d): see %s", self.last_returncode, self.last_log)
+            self._wait_for = self._started_at_new + self.config.threshold
+            log.error("the draft tuning failed (exit %d): see %s; the next one waits for %d more accepted "
+                      "completions", self.last_returncode, self.last_log, self.config.threshold)  # fmt: skip
         else:
+            self._wait_for = 0
             log.warning("the draft tuning finished: see %s", self.last_log)
         self._child = None
+
+
+def _signal_group(child: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(child.pid, sig)
+    except ProcessLookupError:  # already gone
+        pass

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -123,6 +124,11 @@ def save_completions(cache: CompletionCache[CachedCompletion], path: Path, model
     entries = [{"prompt_tokens": list(k.prompt_tokens), "params": asdict(k.params), "max_tokens": k.max_tokens,
                 "stop": list(k.stop), "tokens": list(v.tokens), "text": v.text, "finish": v.finish_reason}
                for k, v in cache.items()]  # fmt: skip
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"version": CACHE_FILE_VERSION, "model": model, "entries": entries}), encoding="utf-8")
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")  # one per writer
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump({"version": CACHE_FILE_VERSION, "model": model, "entries": entries}, f)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise

@@ -117,23 +117,24 @@ class ServerState:
 
     def reconcile_selects(self) -> int:
         """Every stored select event's choice in the accepted store (idempotent): one whose storing failed
-        when it arrived, or that arrived before its choice was recorded as served, joins now; how many."""
-        joined = 0
-        for event in self.events.events("select"):
-            try:
-                if self.accepted.accept_served(event["completion_id"], event["choice_index"], event.get("repository")):
-                    joined += 1
-            except Exception:  # the store is unreachable now: the next start reconciles again
-                log.exception("reconciling the select events with the accepted store failed")
-                break
-        return joined
+        when it arrived, or that arrived before its choice was recorded as served, joins now; how many did."""
+        try:
+            before = self.accepted.count()
+            for event in self.events.events("select"):
+                self.accepted.accept_served(event["completion_id"], event["choice_index"], event.get("repository"))
+            return self.accepted.count() - before
+        except Exception:  # a store unreachable now: the next start reconciles again
+            log.exception("reconciling the select events with the accepted store failed")
+            return 0
 
     def load(self) -> None:
         s = self.settings
-        if self.auto_tuner is not None:
-            self.reconcile_selects()
-            self.auto_tuner.check()  # accepted completions may have reached the threshold while it was down
         try:
+            joined = self.reconcile_selects()
+            if joined:
+                log.warning("%d selected choices joined the accepted completions (their events were stored)", joined)
+            if self.auto_tuner is not None:
+                self.auto_tuner.check()  # accepted completions may have reached the threshold while it was down
             engine = load_engine(s.model, s.engine, n_ctx=s.ctx_size, n_threads=s.n_threads)
             # a cache stream per request (they share nothing): each attends over its own cells only
             seqs = open_sequences(engine, n_seq_max=s.parallel, n_ctx=s.ctx_size * s.parallel, unified=False)
@@ -231,7 +232,7 @@ def create_app(settings: ServeSettings, load_in_background: bool = True, replica
         if state.runtime is not None:
             state.runtime.close()
         if state.auto_tuner is not None:
-            state.auto_tuner.close()  # a tuning cut short promotes nothing
+            await asyncio.to_thread(state.auto_tuner.close)  # a tuning cut short promotes nothing
         state.accepted.close()
 
     app = FastAPI(title="codeaccel", lifespan=lifespan)
@@ -287,7 +288,7 @@ def create_app(settings: ServeSettings, load_in_background: bool = True, replica
             try:
                 answer["accepted_id"] = await run_in_threadpool(state.accepted.accept_served, body.completion_id,
                                                                 body.choice_index, body.repository)  # fmt: skip
-            except Exception:  # the event is stored (the next start reconciles it); say so, no 500
+            except Exception:  # the event is stored (the server's next start reconciles it); say so, no 500
                 log.exception("storing the selected choice of %s failed", body.completion_id)
                 answer["accepted_id"] = None
             if answer["accepted_id"] is not None and state.auto_tuner is not None:
