@@ -500,6 +500,12 @@ def test_run_then_tune_through_the_cli(tmp_path, tiny_gguf, tiny_gguf_draft):
     assert [r["model"] for r in alone] == ["tiny", "tiny-draft"]
     assert all(r["n_problems"] == 10 and r["s_per_token"] > 0 and r["cost_s"] > 0 for r in alone)
     assert "per token and per problem" in (tmp_path / "cascade-humaneval-cascade.md").read_text()
+    one = tmp_path / "one"
+    elsewhere = runner.invoke(app, ["cascade", "tune", "humaneval", "--models", tiny_gguf, "--limit", "10",
+                                    "--store", str(tmp_path / "store.sqlite"), "--out", str(one)])  # fmt: skip
+    assert elsewhere.exit_code == 0, elsewhere.output  # another store's replay, its reports in their own folder
+    assert json.loads((one / "cascade-humaneval-cascade.json").read_text())["n_configs"] == 9  # one model's (k, l)
+    assert not (one / "store.sqlite").exists()
     bad = runner.invoke(app, ["cascade", "run", "humaneval", "--models", models, "--limit", "10",
                               "--max-tokens", "30", "--out", str(tmp_path)])  # fmt: skip
     assert bad.exit_code != 0  # other settings into the same store are refused

@@ -153,6 +153,9 @@ def tune_command(
         bool,
         typer.Option(help="Scale each model's measured costs to the speed the sweep actually ran at (median)."),
     ] = True,
+    store_file: Annotated[
+        Path | None, typer.Option("--store", help="Replay this store (default: OUT/store.sqlite); reports go to OUT.")
+    ] = None,
     out_dir: Out = Path("runs/cascade"),
 ) -> None:
     """Replay every valid (k, l, θ) over the store, pick the Pareto front on 30%, validate on 70%, report."""
@@ -162,9 +165,10 @@ def tune_command(
     check_finite(usd_per_hour, "--usd-per-hour")
     names = [stage_name(m) for m in _models(models, may_follow_itself=True)]
     distinct = list(dict.fromkeys(names))
-    store_path = out_dir / "store.sqlite"
+    store_path = store_file if store_file is not None else out_dir / "store.sqlite"
     if not store_path.is_file():
         raise UserError(f"no cascade store at {store_path}: run `codeaccel cascade run {dataset} --out {out_dir}`")
+    check_folder(out_dir, "--out")
     with GenerationStore(store_path) as store:
         run_config = store.meta("run_config") or {}
         problems = load_cascade_problems(dataset, limit)
