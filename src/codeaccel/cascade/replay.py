@@ -107,7 +107,7 @@ class Replay:
             if self.calibrate and not is_endpoint_name(model):
                 scale = spent_scale(costs, self.store.spend(model, self.dataset))
             self.scales[model] = scale
-            self._costs[model] = scaled(costs, scale) if scale != 1.0 else costs
+            self._costs[model] = scaled(costs, scale)
             cpus = {c.cpu for m, cs in self._costs.items() if not is_endpoint_name(m) for c in cs.values()}
             if len(cpus) > 1:  # an endpoint's cost is its own machine's by design; local models' must share one
                 del self._costs[model]
