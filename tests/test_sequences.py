@@ -529,3 +529,36 @@ def test_a_warm_up_evaluates_the_prompt_only_and_keeps_it(engine):
         with pytest.raises(UserError):
             BatchDecoder(per_seq).submit(Request(prompt, max_tokens=0))
         decoder.clear_kept()
+
+
+def test_hf_pads_sequences_of_different_lengths_into_one_forward_pass(tiny_hf):
+    with load_engine(tiny_hf, "hf", n_ctx=512, dtype="float32") as engine, open_sequences(engine, n_seq_max=4) as seqs:
+        prompts = [engine.tokenize(p) for p in PROMPTS[:3]]
+        opened = [seqs.open() for _ in prompts]
+        for seq, toks in zip(opened, prompts):
+            seqs.eval({seq: toks})  # caches of different lengths
+        extra = [[5], [6, 7, 8, 9], [10, 11]]  # steps of different lengths, as drafts being verified are
+        before = seqs.n_forward
+        got = seqs.eval(dict(zip(opened, extra)), rows={opened[0]: 1, opened[1]: 4, opened[2]: 0})
+        assert seqs.n_forward == before + 1  # one padded batch, not one pass per sequence
+        for seq, toks, more in zip(opened, prompts, extra):
+            engine.reset()
+            want = engine.eval(toks + more)[len(toks) :]
+            n_rows = {opened[0]: 1, opened[1]: 4, opened[2]: 0}[seq]
+            assert got[seq].shape == (n_rows, engine.n_vocab)
+            np.testing.assert_allclose(got[seq], want[len(want) - n_rows :], atol=2e-3, rtol=1e-3)
+            assert seqs.tokens(seq) == toks + more
+        # the caches kept after the padded pass hold only each sequence's own positions
+        step = seqs.eval({seq: [12] for seq in opened}, all_logits=False)
+        for seq, toks, more in zip(opened, prompts, extra):
+            engine.reset()
+            np.testing.assert_allclose(step[seq][-1], engine.eval(toks + more + [12])[-1], atol=2e-3, rtol=1e-3)
+
+
+def test_hf_batches_pad_only_where_padding_is_cheap():
+    from codeaccel.engines.hf_sequences import plan_batches
+
+    assert plan_batches([(0, 1), (1, 4), (2, 3), (3, 8)]) == [[0, 2, 1, 3]]  # short steps: one batch
+    assert plan_batches([(0, 1), (1, 1), (2, 300)]) == [[0, 1], [2]]  # a prompt chunk runs on its own
+    assert plan_batches([(0, 200), (1, 300)]) == [[0, 1]]  # 600 evaluated for 500 real: within 2x
+    assert plan_batches([(0, 20), (1, 20), (2, 100)]) == [[0, 1], [2]]  # 300 for 140: more than 2x

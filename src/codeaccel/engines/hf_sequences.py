@@ -1,24 +1,62 @@
-"""Several sequences on a transformers model: sequences of equal length evaluated as one batch.
+"""Several sequences on a transformers model: one padded batch per evaluation.
 
 Each sequence keeps its own keys and values per layer (``[1, heads, length, head_dim]``
 tensors; a copy shares the source's tensors, which are never written in place). One
-``eval`` groups the sequences by (cached length, new tokens) and runs each group as
-one forward pass over a batched ``DynamicCache`` built from their tensors, so no
-padding or mask is needed: the cascade's k samples of one prompt stay one group for
-their whole generation. Sequences at different lengths (a server's requests that
-started at different steps) run as separate groups: correct, batched only within a
-group.
+``eval`` runs the sequences as padded batches over a batched ``DynamicCache`` built
+from their tensors: row i's cache is left-padded to the longest cache P in the batch,
+its new tokens start at P and are right-padded to the longest step N, a 2-D attention
+mask hides both pads and explicit position ids keep every token at its own position,
+so each row computes what it computes alone (up to the float noise of another batch
+shape). Pads are never fully masked queries (the new tokens come first in their block),
+so no row's keys are NaN. After the pass each sequence keeps only its real positions.
+
+Padding costs evaluated tokens: sequences are sorted by step length and a batch takes the
+next one only while its padded tokens stay within ``MAX_PADDING`` times the real ones or
+its step is at most ``CHEAP_STEP`` tokens (decode and verify steps: on a CPU a batch of a
+few tokens per row costs little more than one). A long prefill chunk next to one-token
+steps runs as a batch of its own. Sequences of equal cache and step lengths (the
+cascade's k samples of one prompt) need no padding at all.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+from dataclasses import dataclass
 
 import numpy as np
 
 from codeaccel.engines.sequences import SequenceSet
 
 KV = list[tuple[object, object]]  # per layer: (keys, values), each torch.Tensor [1, heads, length, head_dim]
+
+MAX_PADDING = 2.0  # a batch evaluates at most this many times its real new tokens (pads included)
+CHEAP_STEP = 8  # steps of at most this many tokens always share one batch
+
+
+@dataclass(frozen=True)
+class _Row:
+    seq: int
+    tokens: list[int]  # the new tokens
+    n_past: int  # tokens its cache holds
+    wanted: int  # logits rows asked for (the last ones)
+
+
+def plan_batches(rows: list[tuple[int, int]], *, max_padding: float = MAX_PADDING, cheap_step: int = CHEAP_STEP):
+    """Split rows ``(seq, n_new)`` into batches: sorted by n_new, a batch takes the next row while
+    ``len(batch) * longest <= max_padding * real`` or the longest step is ``<= cheap_step``."""
+    batches: list[list[int]] = []
+    current: list[int] = []
+    real = longest = 0
+    for seq, n_new in sorted(rows, key=lambda r: (r[1], r[0])):
+        grown_real, grown_longest = real + n_new, max(longest, n_new)
+        if current and grown_longest > cheap_step and (len(current) + 1) * grown_longest > max_padding * grown_real:
+            batches.append(current)
+            current, real, longest = [], 0, 0
+            grown_real, grown_longest = n_new, n_new
+        current.append(seq)
+        real, longest = grown_real, grown_longest
+    if current:
+        batches.append(current)
+    return batches
 
 
 class HFSequences(SequenceSet):
@@ -33,6 +71,7 @@ class HFSequences(SequenceSet):
         self._torch = torch
         self._cache_cls = transformers.DynamicCache
         self._kv: dict[int, KV | None] = {}  # sequence -> its cache (None: empty)
+        self.n_forward = 0  # forward passes run so far (batches, not sequences)
 
     def _open(self, seq: int, copy_of: int | None) -> None:
         self._kv[seq] = None if copy_of is None else self._kv[copy_of]
@@ -48,35 +87,64 @@ class HFSequences(SequenceSet):
             self._kv[seq] = [(k[..., :n_tokens, :], v[..., :n_tokens, :]) for k, v in kv]
 
     def _forward(self, batch: dict[int, list[int]], wanted: dict[int, int]) -> dict[int, np.ndarray]:
-        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
-        for seq, tokens in batch.items():
-            groups[(len(self._seqs[seq]), len(tokens))].append(seq)
         out: dict[int, np.ndarray] = {}
-        for (n_past, n_new), seqs in groups.items():
-            keep = max(1, *(wanted[s] for s in seqs))  # rows computed for the group: the most any member wants
-            logits = self._forward_group(seqs, [batch[s] for s in seqs], n_past, 0 if keep == n_new else keep)
-            out.update({s: logits[s][logits[s].shape[0] - wanted[s] :] for s in seqs})
+        for seqs in plan_batches([(seq, len(tokens)) for seq, tokens in batch.items()]):
+            rows = [_Row(s, batch[s], len(self._seqs[s]), wanted[s]) for s in seqs]
+            out.update(self._forward_batch(rows))
         return out
 
-    def _forward_group(self, seqs: list[int], tokens: list[list[int]], n_past: int, keep: int) -> dict:
+    def _forward_batch(self, rows: list[_Row]) -> dict[int, np.ndarray]:
         torch = self._torch
         model = self.engine.model
-        if n_past:
-            layers = zip(*(self._kv[s] for s in seqs))  # per layer: one (k, v) per sequence
-            cache = self._cache_cls(
-                ddp_cache_data=[(torch.cat([k for k, _ in kv]), torch.cat([v for _, v in kv])) for kv in layers],
-                config=model.config,
-            )
-        else:
-            cache = self._cache_cls(config=model.config)
+        past = max(r.n_past for r in rows)  # P: cache positions of the padded batch
+        step = max(len(r.tokens) for r in rows)  # N: new positions of the padded batch
+        padded = any(r.n_past != past or len(r.tokens) != step for r in rows)
+        # logits rows computed: new positions [first, step) cover every row's wanted tail
+        first = min(len(r.tokens) - r.wanted for r in rows)
+        first = min(first, step - 1)  # at least one row (a wanted of 0 still runs the pass)
+        cache = self._cache_cls(config=model.config)
+        if past:
+            cache = self._cache_cls(ddp_cache_data=self._padded_cache(rows, past), config=model.config)
+        inputs = {
+            "input_ids": torch.tensor([r.tokens + [0] * (step - len(r.tokens)) for r in rows], dtype=torch.long),
+            "logits_to_keep": 0 if first == 0 else step - first,  # the last step - first positions
+        }
+        if padded:
+            mask = torch.zeros((len(rows), past + step), dtype=torch.long)  # [batch, P + N]; 1 = attend
+            for i, r in enumerate(rows):
+                mask[i, past - r.n_past : past + len(r.tokens)] = 1
+            inputs["attention_mask"] = mask
+            inputs["position_ids"] = torch.stack([torch.arange(r.n_past, r.n_past + step) for r in rows])  # [batch, N]
         with torch.inference_mode():
-            result = model(
-                input_ids=torch.tensor(tokens, dtype=torch.long),  # [group, n]
-                cache=cache,
-                use_cache=True,
-                logits_to_keep=keep,  # 0: every row
-            )
-        logits = result.logits.float().numpy()  # [group, n or 1, vocab]
-        for i, seq in enumerate(seqs):
-            self._kv[seq] = [(layer.keys[i : i + 1], layer.values[i : i + 1]) for layer in cache.layers]
-        return {seq: logits[i] for i, seq in enumerate(seqs)}
+            result = model(**inputs, cache=cache, use_cache=True)
+        self.n_forward += 1
+        logits = result.logits.float().numpy()  # [batch, step - first, vocab]
+        out = {}
+        for i, r in enumerate(rows):
+            end = len(r.tokens) - first  # this row's last real position, in the kept rows
+            out[r.seq] = logits[i, end - r.wanted : end]
+            self._kv[r.seq] = self._unpad(cache, i, r, past)
+        return out
+
+    def _padded_cache(self, rows: list[_Row], past: int) -> list:
+        """Per layer (keys, values) # [batch, heads, P, head_dim], row i left-padded with zeros."""
+        torch = self._torch
+        some = next(self._kv[r.seq] for r in rows if r.n_past)
+        layers = []
+        for layer, (k0, v0) in enumerate(some):
+            ks, vs = [], []
+            for r in rows:
+                kv = self._kv[r.seq]
+                k, v = kv[layer] if kv is not None else (k0[..., :0, :], v0[..., :0, :])
+                if r.n_past < past:
+                    pad = (0, 0, past - r.n_past, 0)  # left-pad the length dimension
+                    k, v = torch.nn.functional.pad(k, pad), torch.nn.functional.pad(v, pad)
+                ks.append(k)
+                vs.append(v)
+            layers.append((torch.cat(ks), torch.cat(vs)))
+        return layers
+
+    def _unpad(self, cache, i: int, r: _Row, past: int) -> KV:
+        """Row i's real positions of the cache after a pass: its cache, then its new tokens (views)."""
+        start, end = past - r.n_past, past + len(r.tokens)  # left pads before, right pads after
+        return [(layer.keys[i : i + 1, :, start:end], layer.values[i : i + 1, :, start:end]) for layer in cache.layers]
