@@ -68,6 +68,33 @@ def test_a_promotion_supersedes_the_live_version(tmp_path):
     assert [v.record["status"] for v in versions.list()] == ["superseded", "live"]
 
 
+def test_a_version_left_training_by_a_killed_tuning_reads_interrupted(tmp_path):
+    versions = DraftVersions(tmp_path)
+    versions.create()
+    with versions.training():  # a tuning running now: its version is training
+        assert versions.tuning_running() and versions.list()[0].record["status"] == "training"
+    assert not versions.tuning_running()
+    assert versions.list()[0].record["status"] == "interrupted"  # nobody trains it any more
+
+
+def test_a_failed_tuning_records_why_and_keeps_no_half_written_version(accepted, tiny_gguf, tmp_path, monkeypatch):
+    import codeaccel.personalization.loop as loop
+
+    def broken(model, examples, config, folder, progress):
+        (folder / "adapter.gguf").write_bytes(b"half")  # what a tuning wrote before it failed
+        raise MemoryError("out of memory")
+
+    monkeypatch.setattr(loop, "finetune", broken)
+    versions = DraftVersions(tmp_path / "drafts")
+    config = LoopConfig(threshold=1, continuation_tokens=4, teach="accepted")
+    with pytest.raises(MemoryError):
+        run_tuning(accepted, versions, tiny_gguf, tiny_gguf, config)
+    (failed,) = versions.list()
+    assert failed.record["status"] == "failed" and failed.record["error"] == "MemoryError: out of memory"
+    assert not failed.path.exists() and versions.live() is None
+    assert versions.create().name == "v2"  # the failed number is not reused
+
+
 def test_the_gguf_adapter_computes_what_peft_computes(tiny_gguf, tmp_path):
     """transformers reads the tiny llama GGUF (its q/k rows un-permuted); the adapter is permuted back."""
     hf = load_engine(tiny_gguf, "hf", dtype="float32", n_ctx=256)

@@ -105,7 +105,8 @@ def draft_list(draft_model: DraftOpt = DEFAULT_DRAFT, versions: VersionsOpt = No
         acceptance = (r.get("acceptance") or {}).get("mean_accepted_len")
         before = (r.get("live_acceptance") or {}).get("mean_accepted_len")
         tune = r.get("tune") or {}
-        table.add_row(v.name, r.get("status", ""), str(r.get("n_train", "")), str(acceptance or ""),
+        status = f"failed ({r['error']})" if r.get("status") == "failed" and r.get("error") else r.get("status", "")
+        table.add_row(v.name, status, str(r.get("n_train", "")), str(acceptance or ""),
                       f"{r.get('live') or 'base'} {before}" if before is not None else "",
                       f"{tune.get('seconds', '')} s, {tune.get('peak_rss_mb', '')} MB" if tune else "")  # fmt: skip
     out.print(table)

@@ -127,6 +127,28 @@ def _tune(store: AcceptedStore, versions: DraftVersions, draft_model: str, targe
     finally:
         target.close()
     version = versions.create()
+    try:
+        tuned, live_version, live, candidate = _train_and_validate(version, versions, draft_model, examples, held,
+                                                                   config, report)  # fmt: skip
+    except BaseException as exc:  # a failure (or Ctrl-C) leaves a record that says so, not a version "training"
+        versions.fail(version.name, f"{type(exc).__name__}: {exc}".splitlines()[0])
+        raise
+    promoted = should_promote(candidate, live)
+    versions.record(version.name, status="validated", last_accepted_id=max(s.id for s in items),
+                    n_train=len(examples), n_held_out=len(held), teach=config.teach, tune=tuned.to_record(),
+                    live=live_version.name if live_version else None, live_acceptance=live.to_record(),
+                    acceptance=candidate.to_record(), draft_model=draft_model, target_model=target_model)  # fmt: skip
+    if promoted:
+        version = versions.promote(version.name)
+    log.info("draft %s: mean accepted length %.3f vs live %.3f: %s", version.name, candidate.mean_accepted_len,
+             live.mean_accepted_len, "promoted" if promoted else "kept, not promoted")  # fmt: skip
+    return LoopResult(version, promoted, live_version.name if live_version else None, live, candidate, tuned,
+                      len(examples), len(held))  # fmt: skip
+
+
+def _train_and_validate(version: DraftVersion, versions: DraftVersions, draft_model: str, examples: list, held: list,
+                        config: LoopConfig, report: Progress):  # fmt: skip
+    """Fine-tune into ``version``'s folder, then measure the live draft and the candidate on ``held``."""
     hf_draft = load_engine(draft_model, "hf", dtype="float32")
     try:
         tuned = finetune(hf_draft.model, examples, config.tune, version.path,
@@ -145,14 +167,4 @@ def _tune(store: AcceptedStore, versions: DraftVersions, draft_model: str, targe
         report("validating", 2, 2)
     finally:
         draft.close()
-    promoted = should_promote(candidate, live)
-    versions.record(version.name, status="validated", last_accepted_id=max(s.id for s in items),
-                    n_train=len(examples), n_held_out=len(held), teach=config.teach, tune=tuned.to_record(),
-                    live=live_version.name if live_version else None, live_acceptance=live.to_record(),
-                    acceptance=candidate.to_record(), draft_model=draft_model, target_model=target_model)  # fmt: skip
-    if promoted:
-        version = versions.promote(version.name)
-    log.info("draft %s: mean accepted length %.3f vs live %.3f: %s", version.name, candidate.mean_accepted_len,
-             live.mean_accepted_len, "promoted" if promoted else "kept, not promoted")  # fmt: skip
-    return LoopResult(version, promoted, live_version.name if live_version else None, live, candidate, tuned,
-                      len(examples), len(held))  # fmt: skip
+    return tuned, live_version, live, candidate

@@ -14,6 +14,7 @@ import fcntl
 import json
 import os
 import re
+import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -88,8 +89,18 @@ class DraftVersions:
 
     # ---- reading ---------------------------------------------------------------------
     def list(self) -> list[DraftVersion]:
+        """Every version, oldest first; one still marked training while no tuning runs is shown
+        ``interrupted`` (its process was killed before it could record a failure)."""
         state = self._read()
-        return [self._version(state, n) for n in sorted(state["versions"], key=lambda n: int(n[1:]))]
+        versions = [self._version(state, n) for n in sorted(state["versions"], key=lambda n: int(n[1:]))]
+        if any(v.record.get("status") == "training" for v in versions) and not self.tuning_running():
+            versions = [
+                DraftVersion(v.name, v.path, {**v.record, "status": "interrupted"})
+                if v.record.get("status") == "training"
+                else v
+                for v in versions
+            ]
+        return versions
 
     def live(self) -> DraftVersion | None:
         state = self._read()
@@ -109,6 +120,16 @@ class DraftVersions:
                 raise UserError(f"a tuning of {self.root} is already running") from None
             yield
 
+    def tuning_running(self) -> bool:
+        """Whether a tuning of this folder holds :meth:`training` now (in any process, this one included)."""
+        with open(self.root / "train.lock", "w") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            return False
+
     # ---- writing ---------------------------------------------------------------------
     def create(self) -> DraftVersion:
         """A new, empty version folder (not live)."""
@@ -125,6 +146,13 @@ class DraftVersions:
         with self._locked() as state:
             self._known(state, name)
             state["versions"][name].update(fields)
+
+    def fail(self, name: str, reason: str) -> None:
+        """Mark a version whose tuning failed, and remove what it wrote (its record stays, with the reason)."""
+        with self._locked() as state:
+            self._known(state, name)
+            state["versions"][name].update(status="failed", error=reason, failed_at=time.time())
+        shutil.rmtree(self.root / name, ignore_errors=True)
 
     def promote(self, name: str) -> DraftVersion:
         """Make ``name`` the live draft (the one before it is kept for rollback)."""
