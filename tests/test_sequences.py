@@ -548,7 +548,10 @@ def test_hf_pads_sequences_of_different_lengths_into_one_forward_pass(tiny_hf):
             assert got[seq].shape == (n_rows, engine.n_vocab)
             np.testing.assert_allclose(got[seq], want[len(want) - n_rows :], atol=2e-3, rtol=1e-3)
             assert seqs.tokens(seq) == toks + more
-        # the caches kept after the padded pass hold only each sequence's own positions
+        # the caches kept after the padded pass hold only each sequence's own positions, in tensors of their own
+        keys = seqs._kv[opened[0]][0][0]  # first layer's keys  # [1, heads, length, head_dim]
+        assert keys.shape[2] == len(prompts[0]) + 1
+        assert keys.untyped_storage().nbytes() == keys.numel() * keys.element_size()  # not a view of the batch
         step = seqs.eval({seq: [12] for seq in opened}, all_logits=False)
         for seq, toks, more in zip(opened, prompts, extra):
             engine.reset()
@@ -558,7 +561,9 @@ def test_hf_pads_sequences_of_different_lengths_into_one_forward_pass(tiny_hf):
 def test_hf_batches_pad_only_where_padding_is_cheap():
     from codeaccel.engines.hf_sequences import plan_batches
 
-    assert plan_batches([(0, 1), (1, 4), (2, 3), (3, 8)]) == [[0, 2, 1, 3]]  # short steps: one batch
+    assert plan_batches([(0, 1), (1, 2), (2, 3), (3, 4)]) == [[0, 1, 2, 3]]  # 16 padded tokens: one pass
+    assert plan_batches([(s, 1) for s in range(15)] + [(15, 8)]) == [list(range(15)), [15]]  # not 128 for 23
     assert plan_batches([(0, 1), (1, 1), (2, 300)]) == [[0, 1], [2]]  # a prompt chunk runs on its own
     assert plan_batches([(0, 200), (1, 300)]) == [[0, 1]]  # 600 evaluated for 500 real: within 2x
     assert plan_batches([(0, 20), (1, 20), (2, 100)]) == [[0, 1], [2]]  # 300 for 140: more than 2x
+    assert sorted(s for b in plan_batches([(s, s % 7 + 1) for s in range(40)]) for s in b) == list(range(40))

@@ -30,7 +30,9 @@ request's pending token and draft, plus up to ``prefill_chunk`` prompt tokens of
 requests being admitted, oldest first. On a CPU a decode row added to a prompt chunk costs
 a fraction of what a decode step of its own costs (the chunk is matrix-matrix work the
 weights are read for anyway), so running requests keep generating while prompts arrive
-instead of stalling behind them. Requests admitted together whose prompts are identical
+instead of stalling behind them (on llama.cpp, which evaluates a batch's rows unpadded; the hf
+engine pads a batch's rows to its longest, so it runs a long chunk as a pass of its own beside
+the decode rows' pass: `engines/hf_sequences.py`). Requests admitted together whose prompts are identical
 are prefilled once: the others start as copies of the first one's sequence when its
 prompt is done (the cascade's k samples of one prompt).
 Each request's tokens are what autoregressive decoding alone gives it (greedy), or are

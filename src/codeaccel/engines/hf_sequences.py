@@ -11,11 +11,15 @@ shape). Pads are never fully masked queries (the new tokens come first in their 
 so no row's keys are NaN. After the pass each sequence keeps only its real positions.
 
 Padding costs evaluated tokens: sequences are sorted by step length and a batch takes the
-next one only while its padded tokens stay within ``MAX_PADDING`` times the real ones or
-its step is at most ``CHEAP_STEP`` tokens (decode and verify steps: on a CPU a batch of a
-few tokens per row costs little more than one). A long prefill chunk next to one-token
-steps runs as a batch of its own. Sequences of equal cache and step lengths (the
-cascade's k samples of one prompt) need no padding at all.
+next one only while its padded tokens (rows × longest step) stay within ``CHEAP_TOKENS`` (on a
+CPU a pass of a few tokens costs about one decode step, see the hf cost curves) or within
+``MAX_PADDING`` times its real tokens. One-token decode steps always share a pass; a long
+prompt chunk, or one long draft beside many one-token rows, runs as a pass of its own.
+Sequences of equal cache and step lengths (the cascade's k samples of one prompt) need no
+padding at all. (The batch's draft-length choice, ``decoding/batch_draft_lengths.py``, prices
+a step by its real tokens, as llama.cpp evaluates them; on this engine that understates a
+step whose drafts are uneven.) After a padded pass each sequence keeps a copy of its own
+positions, so a sequence that stops (a kept cache) does not pin the batch's padded tensors.
 """
 
 from __future__ import annotations
@@ -28,8 +32,8 @@ from codeaccel.engines.sequences import SequenceSet
 
 KV = list[tuple[object, object]]  # per layer: (keys, values), each torch.Tensor [1, heads, length, head_dim]
 
-MAX_PADDING = 2.0  # a batch evaluates at most this many times its real new tokens (pads included)
-CHEAP_STEP = 8  # steps of at most this many tokens always share one batch
+MAX_PADDING = 2.0  # a batch evaluates at most this many times its real new tokens (pads included)...
+CHEAP_TOKENS = 16  # ...or at most this many tokens in all (rows × longest step), whatever it pads
 
 
 @dataclass(frozen=True)
@@ -40,20 +44,19 @@ class _Row:
     wanted: int  # logits rows asked for (the last ones)
 
 
-def plan_batches(rows: list[tuple[int, int]], *, max_padding: float = MAX_PADDING, cheap_step: int = CHEAP_STEP):
-    """Split rows ``(seq, n_new)`` into batches: sorted by n_new, a batch takes the next row while
-    ``len(batch) * longest <= max_padding * real`` or the longest step is ``<= cheap_step``."""
+def plan_batches(rows: list[tuple[int, int]], *, max_padding: float = MAX_PADDING, cheap_tokens: int = CHEAP_TOKENS):
+    """Split rows ``(seq, n_new)`` into batches: sorted by n_new, a batch takes the next row while its
+    padded tokens ``len(batch) * longest <= max(cheap_tokens, max_padding * real)``."""
     batches: list[list[int]] = []
     current: list[int] = []
-    real = longest = 0
-    for seq, n_new in sorted(rows, key=lambda r: (r[1], r[0])):
-        grown_real, grown_longest = real + n_new, max(longest, n_new)
-        if current and grown_longest > cheap_step and (len(current) + 1) * grown_longest > max_padding * grown_real:
+    real = 0
+    for seq, n_new in sorted(rows, key=lambda r: (r[1], r[0])):  # ascending: the new row is the longest
+        padded = (len(current) + 1) * n_new
+        if current and padded > max(cheap_tokens, max_padding * (real + n_new)):
             batches.append(current)
-            current, real, longest = [], 0, 0
-            grown_real, grown_longest = n_new, n_new
+            current, real = [], 0
         current.append(seq)
-        real, longest = grown_real, grown_longest
+        real += n_new
     if current:
         batches.append(current)
     return batches
@@ -99,17 +102,18 @@ class HFSequences(SequenceSet):
         past = max(r.n_past for r in rows)  # P: cache positions of the padded batch
         step = max(len(r.tokens) for r in rows)  # N: new positions of the padded batch
         padded = any(r.n_past != past or len(r.tokens) != step for r in rows)
-        # logits rows computed: new positions [first, step) cover every row's wanted tail
-        first = min(len(r.tokens) - r.wanted for r in rows)
-        first = min(first, step - 1)  # at least one row (a wanted of 0 still runs the pass)
+        keep = max(1, max(r.wanted for r in rows))  # logits rows computed per row, ending at its last real token
         cache = self._cache_cls(config=model.config)
         if past:
             cache = self._cache_cls(ddp_cache_data=self._padded_cache(rows, past), config=model.config)
-        inputs = {
-            "input_ids": torch.tensor([r.tokens + [0] * (step - len(r.tokens)) for r in rows], dtype=torch.long),
-            "logits_to_keep": 0 if first == 0 else step - first,  # the last step - first positions
-        }
-        if padded:
+        inputs = {"input_ids": torch.tensor([r.tokens + [0] * (step - len(r.tokens)) for r in rows], dtype=torch.long)}
+        if not padded:
+            inputs["logits_to_keep"] = 0 if keep == step else keep  # the last keep positions (0: all)
+        else:
+            # positions per row  # [batch, keep], ending at its last real token (clipped to 0 where it has fewer)
+            inputs["logits_to_keep"] = torch.tensor(
+                [[max(0, len(r.tokens) - keep + j) for j in range(keep)] for r in rows], dtype=torch.long
+            )
             mask = torch.zeros((len(rows), past + step), dtype=torch.long)  # [batch, P + N]; 1 = attend
             for i, r in enumerate(rows):
                 mask[i, past - r.n_past : past + len(r.tokens)] = 1
@@ -118,12 +122,11 @@ class HFSequences(SequenceSet):
         with torch.inference_mode():
             result = model(**inputs, cache=cache, use_cache=True)
         self.n_forward += 1
-        logits = result.logits.float().numpy()  # [batch, step - first, vocab]
+        logits = result.logits.float().numpy()  # [batch, keep, vocab]
         out = {}
         for i, r in enumerate(rows):
-            end = len(r.tokens) - first  # this row's last real position, in the kept rows
-            out[r.seq] = logits[i, end - r.wanted : end]
-            self._kv[r.seq] = self._unpad(cache, i, r, past)
+            out[r.seq] = logits[i, keep - r.wanted : keep]
+            self._kv[r.seq] = self._unpad(cache, i, r, past, copy=padded)
         return out
 
     def _padded_cache(self, rows: list[_Row], past: int) -> list:
@@ -144,7 +147,9 @@ class HFSequences(SequenceSet):
             layers.append((torch.cat(ks), torch.cat(vs)))
         return layers
 
-    def _unpad(self, cache, i: int, r: _Row, past: int) -> KV:
-        """Row i's real positions of the cache after a pass: its cache, then its new tokens (views)."""
+    def _unpad(self, cache, i: int, r: _Row, past: int, copy: bool) -> KV:
+        """Row i's real positions of the cache after a pass: its cache, then its new tokens; views of the
+        batch's tensors, or copies (``copy``: after a padded pass, not to pin its pads and other rows)."""
         start, end = past - r.n_past, past + len(r.tokens)  # left pads before, right pads after
-        return [(layer.keys[i : i + 1, :, start:end], layer.values[i : i + 1, :, start:end]) for layer in cache.layers]
+        kv = [(layer.keys[i : i + 1, :, start:end], layer.values[i : i + 1, :, start:end]) for layer in cache.layers]
+        return [(k.clone(), v.clone()) for k, v in kv] if copy else kv
