@@ -48,7 +48,7 @@ DatastoreOpt = Annotated[
     Optional[list[Path]], typer.Option("--datastore", help="Datastore for retrieval (repeatable; default: general).")
 ]
 AblateOpt = Annotated[
-    Optional[str], typer.Option(help="Retrieval parts to switch off, comma-separated: multi-source,timing,cache,tree.")
+    Optional[str], typer.Option(help="Retrieval parts to switch off, comma-separated: multi-source,timing,cache,tree,context.")
 ]
 DraftVocabOpt = Annotated[
     Optional[int],

@@ -92,7 +92,7 @@ class Isolation:
             Layer("memory bound", memory is not None, mem),
             Layer("network", self.netns is not None, net),
             Layer("filesystem", self.bwrap is not None, fs),
-            Layer("environment", True, "scrubbed: PATH, LANG, HOME, TMPDIR only"),
+            Layer("environment", True, "scrubbed: PATH, LANG, HOME, TMPDIR, PYTHONHASHSEED only"),
             Layer("output", True, "stdout/stderr to files capped by RLIMIT_FSIZE"),
         ]
 
