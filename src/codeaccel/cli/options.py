@@ -48,7 +48,8 @@ DatastoreOpt = Annotated[
     Optional[list[Path]], typer.Option("--datastore", help="Datastore for retrieval (repeatable; default: general).")
 ]
 AblateOpt = Annotated[
-    Optional[str], typer.Option(help="Retrieval parts to switch off, comma-separated: multi-source,timing,cache,tree,context.")
+    Optional[str],
+    typer.Option(help="Retrieval parts to switch off, comma-separated: multi-source,timing,cache,tree,context."),
 ]
 DraftVocabOpt = Annotated[
     Optional[int],
