@@ -113,3 +113,33 @@ def test_settings_that_are_not_a_json_object_are_a_user_error(text, config, tmp_
     with pytest.raises(UserError, match="settings.json"):
         _check_settings(config, tmp_path)
     assert (tmp_path / "settings.json").read_bytes() == text
+
+
+def test_a_function_split_holds_out_functions_beside_trained_ones_and_a_file_split_whole_files():
+    from codeaccel.personalization.bench import Example, split_examples
+
+    examples = [Example(f"p/{f}:{n}", f, (1,), (2,), (3,)) for f in ("a.py", "b.py", "c.py") for n in range(3)]
+    train, held = split_examples(examples, "function", 3)
+    assert [e.task_id for e in held] == ["p/a.py:2", "p/b.py:2", "p/c.py:2"]
+    assert {e.file for e in held} <= {e.file for e in train} and len(train) == 6
+    train, held = split_examples(examples, "file", 3)
+    assert {e.file for e in held} == {"c.py"} and not {e.file for e in train} & {"c.py"}
+
+
+def test_a_work_folder_from_before_the_split_setting_is_a_file_split(config, tmp_path):
+    import dataclasses
+
+    from codeaccel.errors import UserError
+    from codeaccel.personalization.bench import _check_settings
+
+    work = tmp_path / "work"
+    work.mkdir()
+    _check_settings(config, work)
+    stored = json.loads((work / "settings.json").read_text())
+    del stored["split"]  # as written before the setting existed
+    (work / "settings.json").write_text(json.dumps(stored))
+    _check_settings(config, work)  # the default (file) matches it
+    with pytest.raises(UserError, match="other settings"):
+        _check_settings(dataclasses.replace(config, split="function"), work)
+    with pytest.raises(UserError, match="split"):
+        dataclasses.replace(config, split="commit")

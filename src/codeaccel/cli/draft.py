@@ -130,7 +130,10 @@ def draft_rollback(draft_model: DraftOpt = DEFAULT_DRAFT, versions: VersionsOpt 
 def draft_bench(
     package: Annotated[str, typer.Option(help="The installed Python project the simulated user works on.")] = "click",
     problems: Annotated[int, typer.Option(help="Functions taken from it.")] = 120,
-    held_out_every: Annotated[int, typer.Option(help="Every n-th file (sorted) is held out.")] = 3,
+    held_out_every: Annotated[int, typer.Option(help="Every n-th file (sorted), or function, is held out.")] = 3,
+    split: Annotated[
+        str, typer.Option(help="Hold out whole files (file) or functions among the trained ones (function).")
+    ] = "file",
     draft_model: DraftOpt = DEFAULT_DRAFT,
     target_model: Annotated[str, typer.Option(help="The target.")] = "qwen2.5-coder-1.5b-instruct",
     teach: Annotated[str, typer.Option(help="What the tuned drafts learn: target, distill, accepted (comma).")] = (
@@ -157,8 +160,9 @@ def draft_bench(
     check_json_file(work / "settings.json", "the work folder's settings")
     tune = TuneConfig(epochs=epochs, max_seconds=max_seconds, max_tokens=432)
     config = PersonalizationBenchConfig(package=package, n_problems=problems, held_out_every=held_out_every,
-                                        draft_model=draft_model, target_model=target_model, teach=teaching, e2e=e2e,
-                                        train_acceptance=train_acceptance, tune=tune)  # fmt: skip
+                                        split=split, draft_model=draft_model, target_model=target_model,
+                                        teach=teaching, e2e=e2e, train_acceptance=train_acceptance,
+                                        tune=tune)  # fmt: skip
     with stage_bars() as progress:
         doc = run_personalization_bench(config, work, progress)
     save_results(doc, out_dir, "personalization", to_markdown, command_line())

@@ -3,7 +3,10 @@
 From a real Python project's code (a repository-level set, :mod:`codeaccel.bench.repo_dataset`:
 each problem is a file's text up to a function's body, and the body), the functions of most
 files are the completions the user accepted; those of every ``held_out_every``-th file (sorted
-by path) are held out. The draft is tuned with LoRA on the accepted ones, learning either the
+by path) are held out (``split="file"``: the draft must carry what it learnt to files it never
+saw), or every ``held_out_every``-th function in the set's order (``split="function"``: a user
+who goes on working in the same files, held-out functions beside trained ones).
+The draft is tuned with LoRA on the accepted ones, learning either the
 project's own text (``accepted``), the target's greedy continuation of each prompt
 (``target``), or that continuation with the target's distribution at each position (``distill``),
 and measured on the held-out ones: mean accepted length and acceptance rate of
@@ -39,13 +42,15 @@ from codeaccel.personalization.finetune import TrainingExample, TuneConfig, fine
 from codeaccel.personalization.loop import target_continuation
 
 Progress = Callable[[str, int, int], None]
+SPLITS = ("file", "function")  # what the held-out completions are: other files, or other functions
 
 
 @dataclass(frozen=True)
 class PersonalizationBenchConfig:
     package: str = "click"
     n_problems: int = 120
-    held_out_every: int = 3  # every 3rd file (sorted) is held out
+    held_out_every: int = 3  # every 3rd file (sorted) is held out, or every 3rd function (split)
+    split: str = "file"  # what is held out: whole files ("file") or functions among the trained ones ("function")
     draft_model: str = "qwen2.5-coder-0.5b-instruct"
     target_model: str = "qwen2.5-coder-1.5b-instruct"
     prompt_tokens: int = 384  # each prompt's last tokens
@@ -62,6 +67,8 @@ class PersonalizationBenchConfig:
             check_teach(teach)
         if self.n_problems < 8 or self.held_out_every < 2:
             raise UserError("at least 8 problems, and held_out_every >= 2")
+        if self.split not in SPLITS:
+            raise UserError(f"split must be one of {', '.join(SPLITS)}, got {self.split!r}")
 
 
 @dataclass(frozen=True)
@@ -124,10 +131,18 @@ def _examples(
             target.close()
     progress("target continuations", len(todo), len(todo))
     examples = [done[p.task_id] for p in problems]
-    files = sorted({e.file for e in examples})
-    held_files = set(files[config.held_out_every - 1 :: config.held_out_every])
-    train = [e for e in examples if e.file not in held_files]
-    return train, [e for e in examples if e.file in held_files], teachers
+    return *split_examples(examples, config.split, config.held_out_every), teachers
+
+
+def split_examples(examples: list[Example], split: str, every: int) -> tuple[list[Example], list[Example]]:
+    """(train, held out): every ``every``-th file (sorted by path), or every ``every``-th function in order."""
+    if split == "function":
+        held_ids = {e.task_id for e in examples[every - 1 :: every]}
+    else:
+        files = sorted({e.file for e in examples})
+        held_files = set(files[every - 1 :: every])
+        held_ids = {e.task_id for e in examples if e.file in held_files}
+    return [e for e in examples if e.task_id not in held_ids], [e for e in examples if e.task_id in held_ids]
 
 
 def _training_example(e: Example, teach: str, teachers: dict[str, TeacherTop]) -> TrainingExample:
@@ -172,6 +187,7 @@ def run_personalization_bench(config: PersonalizationBenchConfig, work: Path, pr
         "engine": "llama.cpp",
         "n_problems": len(held_cont),
         "n_train": len(train),
+        "split": config.split,
         "k": config.k,
         "pass_at_1": None,
         "tokens_per_s": None,  # measured end to end only (e2e)
@@ -290,6 +306,7 @@ def _check_settings(config: PersonalizationBenchConfig, work: Path) -> None:
             raise UserError(f"the work folder's settings {path} are unreadable or not JSON ({exc})") from None
         if not isinstance(stored, dict):
             raise UserError(f"the work folder's settings {path} are not a JSON object; use another --work")
+        stored.setdefault("split", "file")  # folders from before the setting held out files
         if stored != json.loads(json.dumps(fixed)):
             raise UserError(f"{work} holds a run with other settings ({path}); use another --work")
     else:
@@ -325,4 +342,11 @@ def to_markdown(doc: dict) -> str:
         for r in fitted:
             t = r["train_acceptance"]
             lines.append(f"| {r['method']} | {t['mean_accepted_len']} | {t['acceptance_rate']} | {t['examples']} |")
-    return f"# Personalization: {doc['rows'][0]['dataset'] if doc['rows'] else ''}\n\n" + head + "\n".join(lines) + "\n"
+    held = {"file": "files", "function": "functions"}[doc["config"].get("split", "file")]
+    title = f"# Personalization: {doc['rows'][0]['dataset'] if doc['rows'] else ''}"
+    return (
+        f"{title} (one in {doc['config']['held_out_every']} of its {held} held out)\n\n"
+        + head
+        + "\n".join(lines)
+        + "\n"
+    )
