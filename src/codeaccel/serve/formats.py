@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 from codeaccel.serve.completions import Call, ChoiceDelta, ChoiceResult, openai_finish_reason
 from codeaccel.serve.scheduler import Finished
@@ -44,24 +45,21 @@ def _timings_all(results: list[ChoiceResult]) -> dict:
     return timings(max((r.finished for r in results), key=lambda f: f.total_s))
 
 
+def _body(call: Call, model: str, kind: tuple[str, str], results: list[ChoiceResult], prompt_tokens: int,
+          content: Callable[[ChoiceResult], dict]) -> dict:  # fmt: skip
+    """The final object of a completion or chat call: ``kind`` = (id prefix, object), ``content(r)`` the
+    choice's own fields (``text`` or ``message``)."""
+    prefix, obj = kind
+    choices = [{"index": r.index, **content(r), "logprobs": None,
+                "finish_reason": openai_finish_reason(r.finished.generation.finish_reason)}
+               for r in results]  # fmt: skip
+    return {"id": f"{prefix}-{call.id}", "object": obj, "created": call.created, "model": model, "choices": choices,
+            "usage": usage([r.finished for r in results], prompt_tokens), "timings": _timings_all(results)}  # fmt: skip
+
+
 def completion_body(call: Call, model: str, results: list[ChoiceResult], prompt_tokens: int, echo: list[str]) -> dict:
-    return {
-        "id": f"cmpl-{call.id}",
-        "object": "text_completion",
-        "created": call.created,
-        "model": model,
-        "choices": [
-            {
-                "index": r.index,
-                "text": echo[r.index] + r.finished.generation.text,
-                "logprobs": None,
-                "finish_reason": openai_finish_reason(r.finished.generation.finish_reason),
-            }
-            for r in results
-        ],  # fmt: skip
-        "usage": usage([r.finished for r in results], prompt_tokens),
-        "timings": _timings_all(results),
-    }
+    return _body(call, model, ("cmpl", "text_completion"), results, prompt_tokens,
+                 lambda r: {"text": echo[r.index] + r.finished.generation.text})  # fmt: skip
 
 
 def completion_chunk(call: Call, model: str, d: ChoiceDelta) -> dict:
@@ -71,23 +69,8 @@ def completion_chunk(call: Call, model: str, d: ChoiceDelta) -> dict:
 
 
 def chat_body(call: Call, model: str, results: list[ChoiceResult], prompt_tokens: int) -> dict:
-    return {
-        "id": f"chatcmpl-{call.id}",
-        "object": "chat.completion",
-        "created": call.created,
-        "model": model,
-        "choices": [
-            {
-                "index": r.index,
-                "message": {"role": "assistant", "content": r.finished.generation.text},
-                "logprobs": None,
-                "finish_reason": openai_finish_reason(r.finished.generation.finish_reason),
-            }
-            for r in results
-        ],  # fmt: skip
-        "usage": usage([r.finished for r in results], prompt_tokens),
-        "timings": _timings_all(results),
-    }
+    return _body(call, model, ("chatcmpl", "chat.completion"), results, prompt_tokens,
+                 lambda r: {"message": {"role": "assistant", "content": r.finished.generation.text}})  # fmt: skip
 
 
 def chat_chunk(call: Call, model: str, index: int, delta: dict, finish_reason: str | None) -> dict:
