@@ -57,6 +57,41 @@ def test_the_choice_is_optimal_against_exhaustive_search(seed):
     assert throughput(alphas, got, base, cost) == pytest.approx(best, rel=1e-12)
 
 
+def flat_to_8(m: int) -> float:
+    return 1.0 if m <= 8 else m / 8
+
+
+def test_a_padded_engine_drafts_evenly_where_an_unpadded_one_drafts_unevenly():
+    # unpadded: 6 draft tokens fit the 8-token tile, the likelier request takes 4 of them
+    assert choose_draft_lengths([0.9, 0.1], [4, 4], 2, flat_to_8) == [4, 2]
+    # padded: 2 rows x (1 + 4) = 10 tokens cost 1.25, 2 x (1 + 3) = 8 cost 1: both draft 3, the second for free
+    assert choose_draft_lengths([0.9, 0.1], [4, 4], 2, flat_to_8, padded=True) == [3, 3]
+    assert choose_draft_lengths([0.8] * 8, [8] * 8, 8, flat_to_8, padded=True) == [0] * 8  # a full tile: none
+
+
+def padded_throughput(alphas, lengths, base, cost) -> float:
+    expected = sum(sum(a**j for j in range(k + 1)) for a, k in zip(alphas, lengths))
+    return expected / cost(max(base + len(alphas) * max(lengths, default=0), 1))
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_the_padded_choice_is_optimal_against_exhaustive_search(seed):
+    rng = np.random.default_rng(100 + seed)
+    n = int(rng.integers(1, 4))
+    alphas = list(rng.uniform(0, 0.95, n))
+    caps = list(rng.integers(0, 5, n))
+    base = int(rng.integers(1, n + 1))
+    slope = float(rng.uniform(0.05, 1.2))
+
+    def cost(m: int) -> float:
+        return 1.0 if m <= 4 else 1.0 + slope * (m - 4)
+
+    got = choose_draft_lengths(alphas, caps, base, cost, padded=True)
+    assert all(0 <= k <= c for k, c in zip(got, caps))
+    best = max(padded_throughput(alphas, ks, base, cost) for ks in itertools.product(*(range(c + 1) for c in caps)))
+    assert padded_throughput(alphas, got, base, cost) == pytest.approx(best, rel=1e-12)
+
+
 def test_acceptance_estimate_mixes_a_request_with_the_prior():
     assert acceptance_estimate(0, 0, 2.0, 4.0) == pytest.approx(0.5)
     assert acceptance_estimate(9, 10, 2.0, 4.0) == pytest.approx(11 / 14)

@@ -17,6 +17,12 @@ so a step's expected throughput, in tokens per decode step, is
 so for every total D the best allocation takes the D largest gains; scanning D picks the
 best total. One request on a flat curve drafts long; sixteen requests on a rising curve
 draft little or nothing, because every extra token then delays all of them.
+
+An engine that pads a batch's rows to the longest (``padded``: the hf engine) evaluates
+``base + n·K`` tokens for n requests whose longest draft is K, whatever the others draft:
+the step's cost depends on K alone, so K is scanned and, for each, the best drafts capped at K
+are taken at that cost (every request then drafts up to K where its gains pay for any draft
+cost of its own).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ def choose_draft_lengths(
     base_tokens: int,
     cost: Callable[[int], float],
     position_cost: Callable[[int], float] | None = None,
+    padded: bool = False,
 ) -> list[int]:
     """k_i in 0..caps[i] per request maximising Σ E_i(k_i) / step cost.
 
@@ -45,14 +52,21 @@ def choose_draft_lengths(
     cost in target decode steps; the step then costs cost(base + Σk) + Σ_j position_cost(m_j).
     The longest draft K is scanned (each K: the best lengths capped at K); exact when the
     draft's cost depends only on K, a close bound otherwise.
+
+    padded: the engine pads every row to the longest draft K (the step costs ``cost(base + n·K)``).
     """
     if len(alphas) != len(caps):
         raise ValueError(f"{len(alphas)} acceptance estimates for {len(caps)} requests")
-    if position_cost is None:
+    if position_cost is None and not padded:
         return _best_by_gains(alphas, caps, base_tokens, cost, None)[0]
-    best, best_value = [0] * len(alphas), -1.0
+    n = len(alphas)
+    best, best_value = [0] * n, -1.0
     for depth in range(0, max(caps, default=0) + 1):
-        lengths, value = _best_by_gains(alphas, [min(c, depth) for c in caps], base_tokens, cost, position_cost)
+        step_cost = cost
+        if padded:  # every row evaluated at 1 + depth tokens (no draft at all: the base alone)
+            step_cost = (lambda _m, d=depth: cost(base_tokens + n * d)) if depth else (lambda _m: cost(base_tokens))
+        capped = [min(c, depth) for c in caps]
+        lengths, value = _best_by_gains(alphas, capped, base_tokens, step_cost, position_cost)
         if value > best_value:
             best, best_value = lengths, value
     return best

@@ -409,7 +409,7 @@ class BatchDecoder:
         """The batch's draft lengths: together (base: a pending token per request), or each as if alone."""
         cost = self.costs.snapshot().steps
         if self.joint_lengths:
-            return choose_draft_lengths(alphas, caps, base, cost, position_cost)
+            return choose_draft_lengths(alphas, caps, base, cost, position_cost, padded=self.seqs.pads_rows)
         return [choose_draft_lengths([a], [c], 1, cost, position_cost)[0] for a, c in zip(alphas, caps)]
 
     def _with_trial(self, lengths: list[int], alphas: list[float], caps: list[int]) -> list[int]:

@@ -16,9 +16,8 @@ CPU a pass of a few tokens costs about one decode step, see the hf cost curves) 
 ``MAX_PADDING`` times its real tokens. One-token decode steps always share a pass; a long
 prompt chunk, or one long draft beside many one-token rows, runs as a pass of its own.
 Sequences of equal cache and step lengths (the cascade's k samples of one prompt) need no
-padding at all. (The batch's draft-length choice, ``decoding/batch_draft_lengths.py``, prices
-a step by its real tokens, as llama.cpp evaluates them; on this engine that understates a
-step whose drafts are uneven.) After a padded pass each sequence keeps a copy of its own
+padding at all. (The batch's draft-length choice prices such a step by its longest draft:
+``choose_draft_lengths(padded=True)``.) After a padded pass each sequence keeps a copy of its own
 positions, so a sequence that stops (a kept cache) does not pin the batch's padded tensors.
 """
 
@@ -64,6 +63,7 @@ def plan_batches(rows: list[tuple[int, int]], *, max_padding: float = MAX_PADDIN
 
 class HFSequences(SequenceSet):
     kind = "hf"
+    pads_rows = True
 
     def __init__(self, engine, *, n_seq_max: int, n_ctx: int):
         """``engine``: the :class:`~codeaccel.engines.hf.HFEngine` whose model this evaluates."""

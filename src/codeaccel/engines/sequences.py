@@ -55,6 +55,7 @@ def _exclusive(method: Callable) -> Callable:
 class SequenceSet(abc.ABC):
     kind: str = ""
     pooled: bool = False  # sequences draw cells from one pool (a copy shares its source's cells)
+    pads_rows: bool = False  # a batch's rows are padded to its longest step (its cost follows the longest)
 
     def __init__(self, engine: Engine, n_ctx: int, n_seq_max: int, n_ctx_seq: int | None = None):
         """``engine``: the model's single-sequence engine; it owns the tokenizer (and the weights).
