@@ -104,6 +104,7 @@ def test_a_versions_adapter_is_applied_in_each_engines_form_by_a_sequence_set_an
     version = versions.create()
     examples = [TrainingExample(tuple(draft.tokenize(p)), tuple(draft.tokenize(" pass\n"))) for p in PROMPTS]
     finetune(draft.model, examples, TuneConfig(epochs=2, learning_rate=5e-2, permute_qk=False), version.path)
+    versions.record(version.name, status="validated")
     versions.promote(version.name)
     assert version.adapter_for("hf") == version.adapter_dir and version.adapter_for("llama.cpp") == version.gguf
     assert (version.adapter_dir / "adapter_config.json").is_file() and version.gguf.is_file()

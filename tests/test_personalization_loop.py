@@ -39,10 +39,16 @@ def test_versions_promote_rollback_and_refuse_what_is_not_ready(tmp_path):
     versions = DraftVersions(tmp_path)
     v1, v2 = versions.create(), versions.create()
     assert (v1.name, v2.name) == ("v1", "v2") and versions.live() is None
+    (v1.path / "adapter.gguf").write_bytes(b"x")  # written, but its tuning never validated it
+    with pytest.raises(CodeaccelError, match="not validated"):
+        versions.promote("v1")
+    versions.record("v1", status="validated")
+    (v1.path / "adapter.gguf").unlink()
     with pytest.raises(CodeaccelError, match="no adapter"):
         versions.promote("v1")
     for v in (v1, v2):
         (v.path / "adapter.gguf").write_bytes(b"x")
+        versions.record(v.name, status="validated")
     versions.promote("v1")
     versions.promote("v2")
     assert versions.live().name == "v2"
@@ -62,7 +68,9 @@ def test_versions_promote_rollback_and_refuse_what_is_not_ready(tmp_path):
 def test_a_promotion_supersedes_the_live_version(tmp_path):
     versions = DraftVersions(tmp_path)
     for _ in range(2):
-        (versions.create().path / "adapter.gguf").write_bytes(b"x")
+        v = versions.create()
+        (v.path / "adapter.gguf").write_bytes(b"x")
+        versions.record(v.name, status="validated")
     versions.promote("v1")
     versions.promote("v2")
     assert [v.record["status"] for v in versions.list()] == ["superseded", "live"]
@@ -75,6 +83,24 @@ def test_a_version_left_training_by_a_killed_tuning_reads_interrupted(tmp_path):
         assert versions.tuning_running() and versions.list()[0].record["status"] == "training"
     assert not versions.tuning_running()
     assert versions.list()[0].record["status"] == "interrupted"  # nobody trains it any more
+    with pytest.raises(CodeaccelError, match="not validated"):
+        versions.promote("v1")
+    (tmp_path / "train.lock").chmod(0o444)  # a reader that cannot write the folder still probes it
+    assert not versions.tuning_running()
+
+
+def test_a_readers_probe_is_waited_out_not_taken_for_a_running_tuning(tmp_path):
+    import fcntl
+    import threading
+
+    versions = DraftVersions(tmp_path)
+    with versions.training():
+        pass  # the lock file exists from now on
+    reader = open(tmp_path / "train.lock")
+    fcntl.flock(reader, fcntl.LOCK_SH)  # a list() probing at the instant the tuning starts
+    threading.Timer(0.3, reader.close).start()
+    with versions.training():  # waits the probe out instead of refusing
+        assert versions.tuning_running()
 
 
 def test_a_failed_tuning_records_why_and_keeps_no_half_written_version(accepted, tiny_gguf, tmp_path, monkeypatch):
@@ -91,6 +117,8 @@ def test_a_failed_tuning_records_why_and_keeps_no_half_written_version(accepted,
         run_tuning(accepted, versions, tiny_gguf, tiny_gguf, config)
     (failed,) = versions.list()
     assert failed.record["status"] == "failed" and failed.record["error"] == "MemoryError: out of memory"
+    with pytest.raises(CodeaccelError, match="failed"):
+        versions.promote(failed.name)
     assert not failed.path.exists() and versions.live() is None
     assert versions.create().name == "v2"  # the failed number is not reused
 

@@ -267,6 +267,7 @@ def _adapter_versions(root, seeds=(1, 2)):
                                           rng.standard_normal((tiny_models.N_FF, 4)).astype(np.float32))
                  for layer in range(tiny_models.N_LAYER)}  # fmt: skip
         write_gguf_lora(LoraWeights(pairs, 4.0), v.gguf, "llama", permute_qk=False)
+        versions.record(v.name, status="validated")
     return versions
 
 

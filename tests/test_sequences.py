@@ -541,6 +541,8 @@ def test_hf_pads_sequences_of_different_lengths_into_one_forward_pass(tiny_hf):
         before = seqs.n_forward
         got = seqs.eval(dict(zip(opened, extra)), rows={opened[0]: 1, opened[1]: 4, opened[2]: 0})
         assert seqs.n_forward == before + 1  # one padded batch, not one pass per sequence
+        assert seqs.evaluated_tokens([1, 4, 2]) == 12  # what that pass computed: 3 rows x 4
+        assert seqs.evaluated_tokens([1] * 15 + [8]) == 15 + 8  # two passes: 15 x 1 and 1 x 8
         for seq, toks, more in zip(opened, prompts, extra):
             engine.reset()
             want = engine.eval(toks + more)[len(toks) :]

@@ -307,7 +307,8 @@ class BatchDecoder:
             self.stats.record_step(len(batch) - len(chunks), decode_elapsed)
         if self.costs is not None and self.learn_costs:
             if n_decode and not chunks:
-                self.costs.record_verification(sum(len(d.tokens) for d in drafts.values()), elapsed, n_decode)
+                n_priced = self.seqs.evaluated_tokens([len(t) for t in batch.values()])  # pads included
+                self.costs.record_verification(sum(len(d.tokens) for d in drafts.values()), elapsed, n_priced)
             else:  # a prompt chunk's tokens cost other than C(n) says: nothing learned, a trial given back
                 self.costs.skip_step()
         finished: list[tuple[int, Generation]] = []

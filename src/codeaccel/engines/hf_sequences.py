@@ -23,6 +23,7 @@ positions, so a sequence that stops (a kept cache) does not pin the batch's padd
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -75,6 +76,11 @@ class HFSequences(SequenceSet):
         self._cache_cls = transformers.DynamicCache
         self._kv: dict[int, KV | None] = {}  # sequence -> its cache (None: empty)
         self.n_forward = 0  # forward passes run so far (batches, not sequences)
+
+    def evaluated_tokens(self, steps: Sequence[int]) -> int:
+        """Rows × longest step, summed over the passes :func:`plan_batches` makes of them."""
+        plans = plan_batches(list(enumerate(steps)))
+        return sum(len(b) * max(steps[i] for i in b) for b in plans)
 
     def _open(self, seq: int, copy_of: int | None) -> None:
         self._kv[seq] = None if copy_of is None else self._kv[copy_of]

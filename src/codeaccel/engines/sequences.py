@@ -165,6 +165,10 @@ class SequenceSet(abc.ABC):
             self._seqs[seq].extend(tokens)
         return out
 
+    def evaluated_tokens(self, steps: Sequence[int]) -> int:
+        """Tokens one ``eval`` of steps of these lengths computes (an engine that pads counts its pads)."""
+        return sum(steps)
+
     def close_all(self) -> None:
         for seq in self.open_sequences:
             self.close(seq)

@@ -91,16 +91,13 @@ class DraftVersions:
     def list(self) -> list[DraftVersion]:
         """Every version, oldest first; one still marked training while no tuning runs is shown
         ``interrupted`` (its process was killed before it could record a failure)."""
-        state = self._read()
+        with self._tuning_probe() as running:  # held while reading: a tuning cannot finish in between
+            state = self._read()
         versions = [self._version(state, n) for n in sorted(state["versions"], key=lambda n: int(n[1:]))]
-        if any(v.record.get("status") == "training" for v in versions) and not self.tuning_running():
-            versions = [
-                DraftVersion(v.name, v.path, {**v.record, "status": "interrupted"})
-                if v.record.get("status") == "training"
-                else v
-                for v in versions
-            ]
-        return versions
+        if running:
+            return versions
+        return [DraftVersion(v.name, v.path, {**v.record, "status": "interrupted"})
+                if v.record.get("status") == "training" else v for v in versions]  # fmt: skip
 
     def live(self) -> DraftVersion | None:
         state = self._read()
@@ -112,23 +109,43 @@ class DraftVersions:
 
     @contextmanager
     def training(self) -> Iterator[None]:
-        """Held while a tuning of this folder runs (across processes): a second one is refused, not queued."""
+        """Held while a tuning of this folder runs (across processes): a second one is refused, not queued.
+        (A reader's probe holds the lock shared for an instant: that is waited out, for a second at most.)"""
         with open(self.root / "train.lock", "w") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise UserError(f"a tuning of {self.root} is already running") from None
+            deadline = time.monotonic() + 1.0
+            while True:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise UserError(f"a tuning of {self.root} is already running") from None
+                    time.sleep(0.05)
             yield
 
     def tuning_running(self) -> bool:
         """Whether a tuning of this folder holds :meth:`training` now (in any process, this one included)."""
-        with open(self.root / "train.lock", "w") as lock:
+        with self._tuning_probe() as running:
+            return running
+
+    @contextmanager
+    def _tuning_probe(self) -> Iterator[bool]:
+        """Whether a tuning runs; while it does not, the train lock is held shared until the block ends
+        (read-only: a registry a reader cannot write is probed all the same; no lock file, no tuning)."""
+        try:
+            fd = os.open(self.root / "train.lock", os.O_RDONLY)
+        except FileNotFoundError:
+            yield False
+            return
+        try:
             try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
-                return True
-            fcntl.flock(lock, fcntl.LOCK_UN)
-            return False
+                yield True
+                return
+            yield False
+        finally:
+            os.close(fd)  # releases the shared lock
 
     # ---- writing ---------------------------------------------------------------------
     def create(self) -> DraftVersion:
@@ -155,9 +172,14 @@ class DraftVersions:
         shutil.rmtree(self.root / name, ignore_errors=True)
 
     def promote(self, name: str) -> DraftVersion:
-        """Make ``name`` the live draft (the one before it is kept for rollback)."""
+        """Make ``name`` the live draft (the one before it is kept for rollback); a version whose tuning
+        failed or never finished is refused (its adapter may be half written)."""
         with self._locked() as state:
             self._known(state, name)
+            status = state["versions"][name].get("status")
+            if status in ("training", "failed"):
+                raise UserError(f"draft version {name} is {status if status == 'failed' else 'not validated'}: "
+                                "only a tuned and validated version can be promoted")  # fmt: skip
             if not (self.root / name / "adapter.gguf").is_file():
                 raise UserError(f"draft version {name} has no adapter (its tuning did not finish)")
             if state["live"] is not None and state["live"] != name:
