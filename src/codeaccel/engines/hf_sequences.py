@@ -109,9 +109,8 @@ class HFSequences(SequenceSet):
         step = max(len(r.tokens) for r in rows)  # N: new positions of the padded batch
         padded = any(r.n_past != past or len(r.tokens) != step for r in rows)
         keep = max(1, max(r.wanted for r in rows))  # logits rows computed per row, ending at its last real token
-        cache = self._cache_cls(config=model.config)
-        if past:
-            cache = self._cache_cls(ddp_cache_data=self._padded_cache(rows, past), config=model.config)
+        cached = {"ddp_cache_data": self._padded_cache(rows, past)} if past else {}
+        cache = self._cache_cls(**cached, config=model.config)
         inputs = {"input_ids": torch.tensor([r.tokens + [0] * (step - len(r.tokens)) for r in rows], dtype=torch.long)}
         if not padded:
             inputs["logits_to_keep"] = 0 if keep == step else keep  # the last keep positions (0: all)
