@@ -511,6 +511,38 @@ def test_run_then_tune_through_the_cli(tmp_path, tiny_gguf, tiny_gguf_draft):
     assert bad.exit_code != 0  # other settings into the same store are refused
 
 
+def test_each_problem_is_executed_as_soon_as_stored_and_an_interrupted_run_resumes(tmp_path, tiny_gguf, monkeypatch):
+    """A sweep stopped mid-way can be replayed on what it generated: each problem is executed right after its
+    generations are stored (not after the model's last problem); a problem stored but not executed when the
+    run stopped is executed by the next run, and nothing is generated twice."""
+    import codeaccel.cascade.run as run
+
+    config = run.RunConfig(models=(tiny_gguf,), dataset="humaneval", limit=3, max_tokens=8)
+    real = run.execute_problem
+    calls: list[tuple[str, set[str]]] = []  # (task executed, tasks generated at that moment)
+
+    def execute_then_stop(store, pool, model, cp, limits):
+        calls.append((cp.task_id, store.generated_tasks(model, cp.dataset)))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real(store, pool, model, cp, limits)
+
+    monkeypatch.setattr(run, "execute_problem", execute_then_stop)
+    with GenerationStore(tmp_path / "store.sqlite") as store, pytest.raises(KeyboardInterrupt):
+        run.run_cascade_generation(config, store)
+    (first, generated_then), (second, _) = calls
+    assert first in generated_then and len(generated_then) < 3  # executed before the last problem was generated
+    with GenerationStore(tmp_path / "store.sqlite") as store:
+        assert store.executed_tasks("tiny", "humaneval") == {first}
+        assert second in store.generated_tasks("tiny", "humaneval")  # stored, not executed
+        before = {t: store.generations("tiny", "humaneval", t) for t in store.generated_tasks("tiny", "humaneval")}
+    monkeypatch.setattr(run, "execute_problem", real)
+    with GenerationStore(tmp_path / "store.sqlite") as store:
+        run.run_cascade_generation(config, store)
+        assert store.executed_tasks("tiny", "humaneval") == {f"HumanEval/{i}" for i in range(3)}
+        assert all(store.generations("tiny", "humaneval", t) == rows for t, rows in before.items())  # none again
+
+
 @pytest.mark.parametrize(
     "args,message",
     [

@@ -5,8 +5,9 @@ Per model, one batched decoder runs the problems back to back
 answer, a greedy test per l, ``N_SAMPLES`` sampled answers and ``N_SAMPLES`` sampled tests
 per l (temperature 0.8, top-p 0.95, seed = sample index), so every (k, l) of the sweep reads
 a prefix of what is stored: k = 3 uses samples 0..2.
-Then, in the sandbox (one execution per answer: every distinct test line of its model
-and problem, each reported on its own):
+Each problem is executed in the sandbox as soon as its generations are stored (one execution
+per answer: every distinct test line of its model and problem, each reported on its own), so
+an interrupted sweep can be replayed on every problem it generated:
 
 * each answer against the dataset's official tests (pass@1's ground truth);
 * each answer against the test lines (the pass matrix the scorers read);
@@ -25,6 +26,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 from codeaccel import machine
@@ -104,25 +106,36 @@ def run_cascade_generation(
     source = _answers_source(config)  # refused before this store is written to
     store.set_meta("run_config", config.to_record())
     store.set_meta("machine", machine.provenance("")["machine"])
+    limits = Limits(timeout_s=config.test_timeout_s, line_timeout_s=2.0)
     try:
         _measure_local_costs(config, store, problems[0], source, report)
-        for spec in config.models:
-            name = stage_name(spec)
-            todo = [p for p in problems if p.task_id not in store.generated_tasks(name, p.dataset)]
-            endpoint = parse_endpoint(spec)
-            if endpoint and source is not None:
-                raise UserError("--answers-from takes local models' answers; an endpoint stage generates its own")
-            if source is not None:
-                _check_answers(source, name, todo)
-                store.replace_batch_costs(name, list(source.batch_costs(name).values()))  # the answers' costs
-            if endpoint and (todo or not store.batch_costs(name)):
-                _generate_with_endpoint(EndpointStage(endpoint), config, store, problems, todo, report)
-            elif todo:  # a local model's costs are measured (or copied) already
-                _generate_locally(spec, config, store, problems, todo, source, report)
-            execute_stored(config, store, name, problems, report)
+        with SandboxPool() as pool:
+            _generate_and_execute(config, store, problems, source, pool, limits, report)
     finally:
         if source is not None:
             source.close()
+
+
+def _generate_and_execute(config: RunConfig, store: GenerationStore, problems: list[CascadeProblem],
+                          source: GenerationStore | None, pool: SandboxPool, limits: Limits,
+                          report) -> None:  # fmt: skip
+    """Model by model: first any problem generated but not executed (a run interrupted between the two),
+    then what the store lacks generated, each problem executed as soon as it is stored."""
+    for spec in config.models:
+        name = stage_name(spec)
+        todo = [p for p in problems if p.task_id not in store.generated_tasks(name, p.dataset)]
+        endpoint = parse_endpoint(spec)
+        if endpoint and source is not None:
+            raise UserError("--answers-from takes local models' answers; an endpoint stage generates its own")
+        if source is not None:
+            _check_answers(source, name, todo)
+            store.replace_batch_costs(name, list(source.batch_costs(name).values()))  # the answers' costs
+        execute_stored(store, pool, limits, name, problems, report)  # left by an interrupted run, first
+        execute_now = partial(execute_problem, store, pool, name, limits=limits)  # each problem once stored
+        if endpoint and (todo or not store.batch_costs(name)):
+            _generate_with_endpoint(EndpointStage(endpoint), config, store, problems, todo, execute_now, report)
+        elif todo:  # a local model's costs are measured (or copied) already
+            _generate_locally(spec, config, store, todo, source, execute_now, report)
 
 
 def _measure_local_costs(config: RunConfig, store: GenerationStore, cp: CascadeProblem,
@@ -143,10 +156,10 @@ def _measure_local_costs(config: RunConfig, store: GenerationStore, cp: CascadeP
             engine.close()
 
 
-def _generate_locally(spec: str, config: RunConfig, store: GenerationStore, problems, todo,
-                      source: GenerationStore | None, report) -> None:  # fmt: skip
+def _generate_locally(spec: str, config: RunConfig, store: GenerationStore, todo, source: GenerationStore | None,
+                      stored_hook: Callable[[CascadeProblem], None], report) -> None:  # fmt: skip
     """A local model's generations (its costs are measured already): the problems back to back through
-    one decoder, each stored as soon as all its sequences are done."""
+    one decoder, each stored as soon as all its sequences are done, then handed to ``stored_hook``."""
     engine = load_engine(spec, config.engine, n_ctx=4096)
     name = engine.model_name
     stored = 0
@@ -157,6 +170,7 @@ def _generate_locally(spec: str, config: RunConfig, store: GenerationStore, prob
         store.add_generations(copied + rows)
         stored += 1
         report(RunProgress(name, "generate", stored, len(todo)))
+        stored_hook(cp)
 
     try:
         with open_sequences(engine, n_seq_max=config.n_seq_max, n_ctx=config.n_ctx) as seqs:
@@ -202,7 +216,7 @@ def _copied_answers(source: GenerationStore, model: str, cp: CascadeProblem) -> 
 
 
 def _generate_with_endpoint(stage: EndpointStage, config: RunConfig, store: GenerationStore, problems, todo,
-                            report) -> None:  # fmt: skip
+                            stored_hook: Callable[[CascadeProblem], None], report) -> None:  # fmt: skip
     """An endpoint stage's generations: checked reachable first, costs measured once, then problem by problem."""
     aborted = True
     try:
@@ -213,22 +227,23 @@ def _generate_with_endpoint(stage: EndpointStage, config: RunConfig, store: Gene
         for i, cp in enumerate(todo):
             report(RunProgress(stage.model_name, "generate", i, len(todo)))
             store.add_generations(stage.generate(cp, config.n_samples, TEST_LS, config.max_tokens, TOP_P))
+            stored_hook(cp)
         report(RunProgress(stage.model_name, "generate", len(todo), len(todo)))
         aborted = False
     finally:
         stage.close(aborted)  # after an error or Ctrl-C: requests in flight are not waited for
 
 
-def execute_stored(config: RunConfig, store: GenerationStore, model: str, problems, report) -> None:
+def execute_stored(store: GenerationStore, pool: SandboxPool, limits: Limits, model: str, problems, report) -> None:
     """Run every stored, not yet executed problem of one model through the sandbox."""
-    done = store.executed_tasks(model, config.dataset)
-    todo = [p for p in problems if p.task_id not in done and p.task_id in store.generated_tasks(model, p.dataset)]
-    limits = Limits(timeout_s=config.test_timeout_s, line_timeout_s=2.0)
-    with SandboxPool() as pool:
-        for i, cp in enumerate(todo):
-            report(RunProgress(model, "execute", i, len(todo)))
-            execute_problem(store, pool, model, cp, limits)
-        report(RunProgress(model, "execute", len(todo), len(todo)))
+    todo = [p for p in problems if p.task_id not in store.executed_tasks(model, p.dataset)
+            and p.task_id in store.generated_tasks(model, p.dataset)]  # fmt: skip
+    if not todo:
+        return
+    for i, cp in enumerate(todo):
+        report(RunProgress(model, "execute", i, len(todo)))
+        execute_problem(store, pool, model, cp, limits)
+    report(RunProgress(model, "execute", len(todo), len(todo)))
 
 
 def execute_problem(store: GenerationStore, pool: SandboxPool, model: str, cp: CascadeProblem, limits: Limits) -> None:
