@@ -334,7 +334,7 @@ def test_replay_takes_the_answer_the_stage_accepts(tmp_path):
         # shared a 50-token prompt with 3 others (50 * 0.001 / 4 s): 0.1 / 0.5125 of the measured costs
         calibrated = Replay(store, "humaneval", ["T/0"], calibrate=True)
         assert calibrated.stage_run(Stage("m", 3, 2), "T/0").gen_s == pytest.approx(0.1 / 0.5125 * run.gen_s)
-        assert calibrated.scales == {"m": pytest.approx(0.1 / 0.5125)}
+        assert calibrated.cost_scale("m") == pytest.approx(0.1 / 0.5125)
 
 
 def test_a_replay_counts_only_the_lines_it_keeps_and_validity_says_how_many_it_left_out(tmp_path):
@@ -435,24 +435,61 @@ def test_pareto_front_keeps_only_undominated_points():
     assert [p.config.stages[0].model for p in front] == ["e", "a", "c"]
 
 
-def test_the_saving_compares_a_cascade_never_a_single_model_point_with_the_best_single_model():
-    def at(config, cost, passed):
-        return Evaluation(config, "cascade", [ProblemOutcome("T/0", passed, 0, cost, 0.0, 10, 5)])
-
-    best_single = at(make_config([Stage("a", -1, 0), Stage("b", 10, 2)], 0.0), 3.0, True)  # on the front too
-    cascade = at(make_config([Stage("a", 3, 2), Stage("b", 10, 2)], 0.5), 3.6, True)
-    result = TuneResult("cascade", [], ["T/0"], [], [], [], [best_single, cascade], [best_single], [])
-    saving = result.saving_at_best_single()
-    assert saving["cascade"] is cascade and saving["saving"] == pytest.approx(1 - 3.6 / 3.0)  # dearer: negative
-    alone = TuneResult("cascade", [], ["T/0"], [], [], [], [best_single], [best_single], [])
-    assert alone.saving_at_best_single()["cascade"] is None  # the best single model is no saving over itself
+def _result(tune_points, validate_points) -> TuneResult:
+    """A TuneResult over hand-made evaluations (tune and validate lists of the same configurations)."""
+    front = pareto_front(tune_points)
+    by_config = {e.config: e for e in validate_points}
+    return TuneResult("cascade", ["T/0"], ["T/1"], list(tune_points), front,
+                      pareto_front([e for e in tune_points if e.config.single_model]),
+                      [by_config[e.config] for e in front], [e for e in validate_points if e.config.single_model],
+                      list(validate_points))  # fmt: skip
 
 
-def test_split_is_seeded_and_30_70():
-    ids = [f"T/{i}" for i in range(100)]
+def _at(config, cost, passed, task="T/0"):
+    return Evaluation(config, "cascade", [ProblemOutcome(task, passed, 0, cost, 0.0, 10, 5)])
+
+
+def test_the_saving_compares_points_chosen_on_tune_and_reports_them_on_validation():
+    single = make_config([Stage("a", -1, 0), Stage("b", 10, 2)], 0.0)
+    other_single = make_config([Stage("a", -1, 0), Stage("b", 0, 0)], 0.0)
+    cascade = make_config([Stage("a", 3, 2), Stage("b", 10, 2)], 0.5)
+    dear = make_config([Stage("a", 5, 2), Stage("b", 10, 2)], 0.5)
+    tune_points = [_at(single, 3.0, True), _at(other_single, 1.0, False), _at(cascade, 2.0, True),
+                   _at(dear, 4.0, True)]  # fmt: skip
+    # on validation the other single model would look best and the cascade fails: neither decides
+    validate_points = [_at(single, 3.3, False, "T/1"), _at(other_single, 1.1, True, "T/1"),
+                       _at(cascade, 2.2, False, "T/1"), _at(dear, 4.4, True, "T/1")]  # fmt: skip
+    comparison = _result(tune_points, validate_points).comparison()
+    assert comparison.best_single.tune.config == single and comparison.best_single.validate.cost_s == 3.3
+    assert comparison.cascade.tune.config == cascade and not comparison.cascade.validate.pass_at_1
+    assert comparison.saving == pytest.approx(1 - 2.2 / 3.3)  # validation costs of the points chosen on tune
+    alone = _result(tune_points[:2], validate_points[:2]).comparison()
+    assert alone.cascade is None and alone.saving is None  # the best single model is no saving over itself
+
+
+def test_best_within_a_reference_cost_is_chosen_on_tune_ties_to_the_cheaper():
+    ref = make_config([Stage("a", -1, 0), Stage("b", 0, 0)], 0.0)
+    c1 = make_config([Stage("a", 1, 2), Stage("b", 0, 0)], 0.5)
+    c2 = make_config([Stage("a", 3, 2), Stage("b", 0, 0)], 0.5)
+    c3 = make_config([Stage("a", 10, 4), Stage("b", 0, 0)], 0.5)
+    tune_points = [_at(ref, 2.0, True), _at(c1, 1.0, True), _at(c2, 1.5, True), _at(c3, 2.5, True)]
+    validate_points = [_at(c, cost, True, "T/1") for c, cost in [(ref, 2.0), (c1, 3.0), (c2, 1.0), (c3, 1.0)]]
+    result = _result(tune_points, validate_points)
+    reference = result.chosen(tune_points[0])
+    within = result.best_within(reference)
+    assert within.tune.config == c1 and within.validate.cost_s == 3.0  # cheaper on tune, whatever validation says
+    assert result.best_within(result.chosen(_at(ref, 0.5, True))) is None
+
+
+def test_split_is_by_a_seeded_hash_of_the_id_about_30_70_and_stable_as_problems_are_added():
+    ids = [f"T/{i}" for i in range(1000)]
     tune_ids, validate_ids = split(ids)
-    assert len(tune_ids) == 30 and len(validate_ids) == 70 and not set(tune_ids) & set(validate_ids)
+    assert 250 <= len(tune_ids) <= 350 and len(tune_ids) + len(validate_ids) == 1000
+    assert not set(tune_ids) & set(validate_ids)
     assert split(ids) == (tune_ids, validate_ids)
+    part_tune, part_validate = split(ids[:300])  # a sweep still growing: no problem changes side
+    assert set(part_tune) <= set(tune_ids) and set(part_validate) <= set(validate_ids)
+    assert split(ids, seed=1)[0] != tune_ids
 
 
 # ---- end to end on tiny models -----------------------------------------------------
@@ -485,7 +522,9 @@ def test_run_then_tune_through_the_cli(tmp_path, tiny_gguf, tiny_gguf_draft):
                                 "--out", str(tmp_path)])  # fmt: skip
     assert tuned.exit_code == 0, tuned.output
     doc = json.loads((tmp_path / "cascade-humaneval-cascade.json").read_text())
-    assert doc["n_tune"] == 3 and doc["n_validate"] == 7 and doc["n_configs"] == 72 * 11 + 18
+    n_tune = len(split([f"HumanEval/{i}" for i in range(10)])[0])
+    assert doc["n_tune"] == n_tune and doc["n_validate"] == 10 - n_tune and doc["n_configs"] == 72 * 11 + 18
+    assert doc["summary"]["chosen_on"] == "tune" and "tune_pass_at_1" in doc["summary"]["best_single_model"]
     assert doc["generation"] == {"test_format": "chat", "max_tokens": 24, "engine": "llama.cpp"}  # for solve
     assert doc["config"]["shown_tests"] == "exclude" and doc["config"]["scorer"] == "cascade"
     assert set(doc["cost_scales"]) == {"tiny", "tiny-draft"} and all(f > 0 for f in doc["cost_scales"].values())
@@ -508,7 +547,7 @@ def test_run_then_tune_through_the_cli(tmp_path, tiny_gguf, tiny_gguf_draft):
     assert not (one / "store.sqlite").exists()
     bad = runner.invoke(app, ["cascade", "run", "humaneval", "--models", models, "--limit", "10",
                               "--max-tokens", "30", "--out", str(tmp_path)])  # fmt: skip
-    assert bad.exit_code != 0  # other settings into the same store are refused
+    assert isinstance(bad.exception, UserError) and "other settings" in str(bad.exception)  # refused
 
 
 def test_each_problem_is_executed_as_soon_as_stored_and_an_interrupted_run_resumes(tmp_path, tiny_gguf, monkeypatch):

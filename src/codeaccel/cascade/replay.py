@@ -95,7 +95,7 @@ class Replay:
         self.n_seq_max = n_seq_max
         self.keep_line = keep_line
         self.calibrate = calibrate
-        self.scales: dict[str, float] = {}  # model -> the factor its measured costs were scaled by
+        self._scales: dict[str, float] = {}  # model -> the factor its measured costs were scaled by
         self._costs: dict[str, dict[int, BatchCost]] = {}
 
     def costs(self, model: str) -> dict[int, BatchCost]:
@@ -106,17 +106,22 @@ class Replay:
             scale = 1.0  # an endpoint's costs are measured as a client sees them, its whole answer at a time
             if self.calibrate and not is_endpoint_name(model):
                 scale = spent_scale(costs, self.store.spend(model, self.dataset))
-            self.scales[model] = scale
+            self._scales[model] = scale
             self._costs[model] = scaled(costs, scale)
             cpus = {c.cpu for m, cs in self._costs.items() if not is_endpoint_name(m) for c in cs.values()}
             if len(cpus) > 1:  # an endpoint's cost is its own machine's by design; local models' must share one
                 del self._costs[model]
-                self.scales.pop(model, None)
+                self._scales.pop(model, None)
                 raise UserError(f"{self.store.path}: the local models' batch costs were measured on different CPUs "
                                 f"({'; '.join(sorted(cpus))}), and costs compare only within one machine: run "
                                 "`cascade run` with the same settings and --remeasure-costs on one (for a store "
                                 "made with --answers-from: on its source, then copy again)")  # fmt: skip
         return self._costs[model]
+
+    def cost_scale(self, model: str) -> float:
+        """The factor ``model``'s measured costs are scaled by in this replay (1: as measured)."""
+        self.costs(model)
+        return self._scales[model]
 
     @functools.lru_cache(maxsize=None)  # noqa: B019 (the replay lives as long as its caches should)
     def data(self, model: str, task_id: str) -> StageData:

@@ -9,7 +9,9 @@ generated tokens per problem: answers and tests), ``prompt_tokens`` (mean prompt
 evaluated per problem, counted apart), ``tokens_per_s`` (generated tokens per second of
 generation), the configuration, and where problems stopped. The top-level ``config`` holds
 what the replay was run with (scorer, price, split, whether self-test lines repeating a
-shown official test were left out).
+shown official test were left out). The ``summary`` compares points chosen on the tuning split
+(:meth:`~codeaccel.cascade.tuner.TuneResult.comparison`): their validation rows, each with its
+``tune_pass_at_1`` and ``tune_cost_usd``.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 from codeaccel import machine
 from codeaccel.cascade.cost import PAPER_USD_PER_HOUR, usd
 from codeaccel.cascade.replay import Evaluation
-from codeaccel.cascade.tuner import SPLIT_SEED, TUNE_FRACTION, TuneResult, pareto_front
+from codeaccel.cascade.tuner import SPLIT_SEED, TUNE_FRACTION, Chosen, TuneResult, pareto_front
 
 
 def row(e: Evaluation, *, dataset: str, engine: str, split: str, usd_per_hour: float) -> dict:
@@ -56,7 +58,7 @@ def write_report(
     dataset: str,
     engine: str,
     usd_per_hour: float,
-    reference: Evaluation,
+    reference: Chosen,
     validity: list[dict],
     greedy: list[tuple[Evaluation, float]],
     command: str,
@@ -64,6 +66,7 @@ def write_report(
     generation: dict | None = None,
     shown_tests: str = "exclude",
     cost_scales: dict[str, float] | None = None,
+    n_seq_max: int | None = None,
 ) -> list[Path]:
     """``greedy``: each model's greedy answer alone over every problem, with its seconds per token (one sequence).
     ``stages_per_model``: where a model follows itself, its number of stages, model by model; the files are
@@ -71,23 +74,31 @@ def write_report(
     ``generation``: the sweep's test format, answer token limit and engine, for ``cascade solve``.
     ``shown_tests``: ``exclude`` where self-test lines repeating an official test the prompt showed were
     left out of the replay, ``keep`` where they counted. ``cost_scales``: per model, the factor its measured
-    costs were scaled by to the speed the sweep ran at (None: the measured costs as they are)."""
+    costs were scaled by to the speed the sweep ran at (None: the measured costs as they are).
+    ``n_seq_max``: the most sequences of one problem the replay priced as decoding at once."""
     out_dir.mkdir(parents=True, exist_ok=True)
     kw = {"dataset": dataset, "engine": engine, "usd_per_hour": usd_per_hour}
     rows = [row(e, split="tune", **kw) for e in result.tune_front]
     rows += [row(e, split="validate", **kw) for e in result.validate_front]
     front_configs = {e.config for e in result.validate_front}
     rows += [row(e, split="validate", **kw) for e in result.validate_single if e.config not in front_configs]
-    saving = result.saving_at_best_single()
+    comparison = result.comparison()
     within = result.best_within(reference)
+
+    def chosen_row(c: Chosen | None) -> dict | None:
+        if c is None:
+            return None
+        return {**row(c.validate, split="validate", **kw), "tune_pass_at_1": round(c.tune.pass_at_1, 4),
+                "tune_cost_usd": usd(c.tune.cost_s, usd_per_hour)}  # fmt: skip
+
+    saving = comparison.saving
     summary = {
-        "best_single_model": row(saving["best_single"], split="validate", **kw),
-        "cascade_at_best_single_accuracy": row(saving["cascade"], split="validate", **kw)
-        if saving["cascade"]
-        else None,
-        "cost_saving_at_best_single_accuracy": None if saving["saving"] is None else round(saving["saving"], 4),
-        "reference": row(reference, split="validate", **kw),
-        "best_within_reference_cost": row(within, split="validate", **kw) if within else None,
+        "chosen_on": "tune",
+        "best_single_model": chosen_row(comparison.best_single),
+        "cascade_at_best_single_accuracy": chosen_row(comparison.cascade),
+        "cost_saving_at_best_single_accuracy": None if saving is None else round(saving, 4),
+        "reference": chosen_row(reference),
+        "best_within_reference_cost": chosen_row(within),
     }
     doc = {
         **machine.provenance(command),
@@ -96,8 +107,10 @@ def write_report(
             "engine": engine,
             "scorer": result.scorer,
             "usd_per_hour": usd_per_hour,
+            "split": "sha256(seed/task_id) < tune_fraction",
             "split_seed": SPLIT_SEED,
             "tune_fraction": TUNE_FRACTION,
+            "n_seq_max": n_seq_max,
             "shown_tests": shown_tests,
             "costs": "measured" if cost_scales is None else "scaled to the sweep's spend",
             **(generation or {}),
@@ -121,7 +134,7 @@ def write_report(
     json_path, md_path, png_path = (out_dir / f"{stem}.{ext}" for ext in ("json", "md", "png"))
     json_path.write_text(json.dumps(doc, indent=2) + "\n")
     md_path.write_text(_markdown(doc, command))
-    _plot(result, reference, png_path, usd_per_hour, dataset)
+    _plot(result, reference.validate, png_path, usd_per_hour, dataset)
     return [json_path, md_path, png_path]
 
 
@@ -186,30 +199,34 @@ def _markdown(doc: dict, command: str) -> str:
         f"# Cascade: {doc['rows'][0]['dataset'] if doc['rows'] else ''}, scorer {doc['scorer']}\n\n"
         f"Command: `{command}`\n\nMachine: {doc['machine']['cores']} cores, {doc['machine']['cpu_model']}; "
         f"{doc['date']}\n\n{doc['n_configs']} configurations; {doc['n_tune']} problems tune, "
-        f"{doc['n_validate']} validate (seed 0). Cost: mean engine seconds per problem (answers, tests and "
-        f"their prompts' prefill; every decode step priced at the cost measured for the batch of the stage's "
-        f"sequences still running) at "
+        f"{doc['n_validate']} validate (by a seeded hash of the task id). Cost: mean engine seconds per problem "
+        f"(answers, tests and their prompts' prefill; every decode step priced at the cost measured for the "
+        f"batch of the stage's sequences still running, at most {doc['config'].get('n_seq_max')} at once) at "
         f"${doc['usd_per_hour']}/h; the paper's ${doc['paper_usd_per_hour']}/h in `cost_usd_paper`.\n\n"
         + _shown_tests_note(doc)
         + _cost_scale_note(doc)
     )
-    lines = ["## On the validation split", ""]
-    bs = s["best_single_model"]
-    lines.append(f"- best single-model point: {bs['config']['label']}: pass@1 {bs['pass_at_1']:.3f}, "
-                 f"${bs['cost_usd']:.3g} per problem")  # fmt: skip
+    lines = ["## Chosen on the tuning split, measured on the validation split", "",
+             "| point | configuration | pass@1 tune | pass@1 validate | $/problem tune | $/problem validate |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+
+    def point(name: str, r: dict) -> str:
+        return (f"| {name} | {r['config']['label']} | {r['tune_pass_at_1']:.3f} | {r['pass_at_1']:.3f} | "
+                f"{r['tune_cost_usd']:.3g} | {r['cost_usd']:.3g} |")  # fmt: skip
+
+    lines.append(point("best single model (most accurate on tune)", s["best_single_model"]))
     if s["cascade_at_best_single_accuracy"]:
-        c = s["cascade_at_best_single_accuracy"]
-        lines.append(f"- cheapest chosen cascade point at least as accurate: {c['config']['label']}: pass@1 "
-                     f"{c['pass_at_1']:.3f}, ${c['cost_usd']:.3g}: saving "
-                     f"{100 * s['cost_saving_at_best_single_accuracy']:.1f}%")  # fmt: skip
-    else:
-        lines.append("- no chosen cascade point reaches the best single-model accuracy")
-    ref = s["reference"]
-    lines.append(f"- reference {ref['config']['label']}: pass@1 {ref['pass_at_1']:.3f}, ${ref['cost_usd']:.3g}")
+        lines.append(point("cheapest cascade at least as accurate on tune", s["cascade_at_best_single_accuracy"]))
+    lines.append(point("reference", s["reference"]))
     if s["best_within_reference_cost"]:
-        w = s["best_within_reference_cost"]
-        lines.append(f"- most accurate chosen point at or below its cost: {w['config']['label']}: pass@1 "
-                     f"{w['pass_at_1']:.3f}, ${w['cost_usd']:.3g}")  # fmt: skip
+        lines.append(point("most accurate at or below the reference's cost on tune", s["best_within_reference_cost"]))
+    lines.append("")
+    if s["cascade_at_best_single_accuracy"]:
+        c, bs = s["cascade_at_best_single_accuracy"], s["best_single_model"]
+        lines.append(f"Cost saving on validation: {100 * s['cost_saving_at_best_single_accuracy']:.1f}% "
+                     f"(pass@1 {c['pass_at_1']:.3f} against {bs['pass_at_1']:.3f}).")  # fmt: skip
+    else:
+        lines.append("No cascade point of the tuning front reaches the best single model's tuning accuracy.")
     lines += _greedy_lines(doc.get("greedy_alone", []))
     lines += ["", "## Test validity (share of extracted lines the reference solution passes)", "",
               "| model | l | tests | tests with a kept line | lines kept | valid | left out (repeat a shown test) |",

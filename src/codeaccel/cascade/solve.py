@@ -255,8 +255,10 @@ class TunedPoint:
 
 def choose_tuned(report: Path, budget_usd: float | None) -> TunedPoint:
     """The configuration a ``cascade tune`` report chose for ``budget_usd`` per problem (None: the most
-    accurate), with its validation row and the sweep's generation settings (a report written before they
-    were recorded: the defaults of ``cascade run``, chat tests and 512 tokens on llama.cpp)."""
+    accurate): among the points of its tuning front, the most accurate on the tuning split whose cost there
+    is within the budget (ties: the cheaper), as the tuner chooses; with its validation row and the sweep's
+    generation settings (a report written before they were recorded: the defaults of ``cascade run``, chat
+    tests and 512 tokens on llama.cpp)."""
     try:
         doc = json.loads(report.read_text())
         generation = doc.get("generation", {"test_format": "chat", "max_tokens": 512, "engine": "llama.cpp"})
@@ -268,10 +270,10 @@ def choose_tuned(report: Path, budget_usd: float | None) -> TunedPoint:
         if shown_tests not in SHOWN_TESTS:
             raise ValueError(f"shown_tests {shown_tests!r}")
         rows = doc["rows"]
-        chosen = {r["config"]["label"] for r in rows if r["split"] == "tune"}
-        validated = [r for r in rows if r["split"] == "validate" and r["config"]["label"] in chosen]
-        points = [(_number(r["pass_at_1"]), _number(r["cost_usd"]), r) for r in validated]
-        if any(r["scorer"] not in SCORERS for r in validated):
+        validated = {r["config"]["label"]: r for r in rows if r["split"] == "validate"}
+        points = [(_number(r["pass_at_1"]), _number(r["cost_usd"]), validated[r["config"]["label"]])
+                  for r in rows if r["split"] == "tune" and r["config"]["label"] in validated]  # fmt: skip
+        if any(r["scorer"] not in SCORERS for _, _, r in points):
             raise ValueError("an unknown scorer")
     except FileNotFoundError:
         raise UserError(f"--tuned: no such report {report}") from None
@@ -283,7 +285,8 @@ def choose_tuned(report: Path, budget_usd: float | None) -> TunedPoint:
     if not within:
         cheapest = min(cost for _, cost, _ in points)
         raise UserError(
-            f"--budget {budget_usd}: no chosen point costs that little (the cheapest: ${cheapest} per problem)"
+            f"--budget {budget_usd}: no chosen point costs that little (the cheapest: ${cheapest} per problem "
+            "on the tuning split)"
         )
     best = max(within, key=lambda p: (p[0], -p[1]))[2]
     record = best["config"]

@@ -28,7 +28,7 @@ import json
 import re
 import sqlite3
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 
@@ -303,20 +303,29 @@ class GenerationStore:
                 out[answer_id][line] = bool(ok)
         return out
 
-    def line_validity(self, model: str, dataset: str,
-                      keep_line: Callable[[str, str], bool] | None = None) -> list[dict]:  # fmt: skip
+    def line_validity(self, model: str, dataset: str, keep_line: Callable[[str, str], bool] | None = None,
+                      task_ids: Collection[str] | None = None) -> list[dict]:  # fmt: skip
         """Per l: extracted test lines, how many the reference solution passes, and from how many tests.
 
-        ``keep_line(task_id, line)``: the lines that count (as a replay's); ``left_out`` counts the others."""
+        ``keep_line(task_id, line)``: the lines that count (as a replay's); ``left_out`` counts the others.
+        ``task_ids``: only these problems (a replay's; None: every stored one)."""
         rows = self._db.execute(
             "SELECT g.l, g.id, g.task_id, t.line, t.reference_passed FROM test_lines t "
             "JOIN generations g ON g.id = t.generation_id WHERE g.model = ? AND g.dataset = ? ORDER BY g.l",
             (model, dataset),
         ).fetchall()
-        n_tests = dict(self._db.execute(
-            "SELECT l, COUNT(*) FROM generations WHERE model = ? AND dataset = ? AND kind = 'test' GROUP BY l",
+        tests = self._db.execute(
+            "SELECT l, task_id, COUNT(*) FROM generations WHERE model = ? AND dataset = ? AND kind = 'test' "
+            "GROUP BY l, task_id",
             (model, dataset),
-        ).fetchall())  # fmt: skip
+        ).fetchall()
+        if task_ids is not None:
+            wanted = set(task_ids)
+            rows = [r for r in rows if r[2] in wanted]
+            tests = [t for t in tests if t[1] in wanted]
+        n_tests: dict[int, int] = {}
+        for n_lines, _, count in tests:
+            n_tests[n_lines] = n_tests.get(n_lines, 0) + count
         out = []
         for n_lines in sorted({r[0] for r in rows}):
             of_l = [r for r in rows if r[0] == n_lines]

@@ -1,38 +1,47 @@
 """Choose cascade configurations per budget: a 30/70 split, the cost–pass@1 Pareto front, and the comparison.
 
-1. Split the problems 30/70 with a fixed seed (``split``): the 30% tunes, the 70% validates.
+1. Split the problems about 30/70 by a seeded hash of each task id (``split``): the 30% tunes, the
+   70% validates. A problem's side depends on its id alone, so a sweep that grows (a resumed
+   run, more models) never moves a problem from one side to the other.
 2. Evaluate every valid configuration (:func:`codeaccel.cascade.config.enumerate_configs`)
    on the tuning split; its Pareto front (no other point is at most as costly and
    strictly more accurate, or strictly cheaper and at least as accurate) is what θ
    and (k, l) are chosen from, one point per budget.
-3. Evaluate the front's configurations on the validation split, and the same for the
-   single-model configurations (one model, its own k, l and self-test selection).
-4. Report on validation: the cost saving at the accuracy of the best single-model
-   point, and the best accuracy at or below the cost of a reference point (the
-   largest model's greedy answer).
+3. Evaluate every configuration on the validation split too.
+4. Compare, choosing on the tuning split only and reporting what the choices do on validation: the
+   best single-model point (the most accurate on tune) against the cheapest cascade point of the
+   tuning front at least as accurate on tune (the cost saving), and the most accurate point of the
+   tuning front that costs at most a reference point on tune (the largest model's greedy answer).
+   Nothing is chosen by its validation result, so the validation figures are not selected on the
+   problems they are reported on.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-import numpy as np
 
 from codeaccel.cascade.config import CascadeConfig
 from codeaccel.cascade.replay import Evaluation, Replay
 from codeaccel.cascade.scoring import Scorer
+from codeaccel.errors import UserError
 
 SPLIT_SEED = 0
 TUNE_FRACTION = 0.3
+_EPS = 1e-12
+
+
+def in_tuning_split(task_id: str, seed: int = SPLIT_SEED, fraction: float = TUNE_FRACTION) -> bool:
+    """Whether ``task_id`` tunes: a uniform draw from the SHA-256 of the seed and the id, below ``fraction``."""
+    digest = hashlib.sha256(f"{seed}/{task_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
 
 def split(task_ids: Sequence[str], seed: int = SPLIT_SEED, fraction: float = TUNE_FRACTION) -> tuple[list, list]:
-    """(tuning, validation) task ids: a seeded permutation, the first ``fraction`` of it tunes."""
-    order = np.random.default_rng(seed).permutation(len(task_ids))
-    n_tune = round(fraction * len(task_ids))
-    tune = sorted(task_ids[i] for i in order[:n_tune])
-    validate = sorted(task_ids[i] for i in order[n_tune:])
+    """(tuning, validation) task ids, each sorted: :func:`in_tuning_split` per id."""
+    tune = sorted(t for t in task_ids if in_tuning_split(t, seed, fraction))
+    validate = sorted(t for t in task_ids if not in_tuning_split(t, seed, fraction))
     return tune, validate
 
 
@@ -53,6 +62,30 @@ def pareto_front(points: Sequence[Evaluation]) -> list[Evaluation]:
 
 
 @dataclass(frozen=True)
+class Chosen:
+    """A configuration chosen on the tuning split, with what it does there and on validation."""
+
+    tune: Evaluation
+    validate: Evaluation
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """The best single-model point against the cheapest cascade point at least as accurate, both chosen on
+    the tuning split (None: no cascade point of the front reaches the single model's tuning accuracy)."""
+
+    best_single: Chosen
+    cascade: Chosen | None
+
+    @property
+    def saving(self) -> float | None:
+        """1 - the cascade's validation cost over the single model's (negative: the cascade is dearer)."""
+        if self.cascade is None:
+            return None
+        return 1.0 - self.cascade.validate.cost_s / self.best_single.validate.cost_s
+
+
+@dataclass(frozen=True)
 class TuneResult:
     scorer: Scorer
     tune_ids: list[str]
@@ -64,26 +97,34 @@ class TuneResult:
     validate_single: list[Evaluation]  # every single-model configuration on validation
     validate_all: list[Evaluation]  # every configuration on validation (for the plot)
 
-    def saving_at_best_single(self) -> dict | None:
-        """On validation: the cheapest chosen cascade point (two or more stages run) at least as accurate as the
-        best single-model point (the most accurate on validation itself: the bar a cascade must clear is the
-        single model at its best, not as chosen on the tuning split)."""
-        best_single = max(self.validate_single, key=lambda e: (e.pass_at_1, -e.cost_s))
-        candidates = [e for e in self.validate_front
-                      if not e.config.single_model and e.pass_at_1 >= best_single.pass_at_1 - 1e-12]  # fmt: skip
-        if not candidates:
-            return {"best_single": best_single, "cascade": None, "saving": None}
-        cheapest = min(candidates, key=lambda e: e.cost_s)
-        return {"best_single": best_single, "cascade": cheapest, "saving": 1.0 - cheapest.cost_s / best_single.cost_s}
+    def chosen(self, on_tune: Evaluation) -> Chosen:
+        """``on_tune`` with the same configuration's validation evaluation."""
+        validated = next((e for e in self.validate_all if e.config == on_tune.config), None)
+        if validated is None:
+            raise KeyError(f"{on_tune.config.label()} was not evaluated on validation")
+        return Chosen(on_tune, validated)
 
-    def best_within(self, reference: Evaluation) -> Evaluation | None:
-        """On validation: the most accurate chosen cascade point costing at most ``reference``."""
-        within = [e for e in self.validate_front if e.cost_s <= reference.cost_s + 1e-12]
-        return max(within, key=lambda e: (e.pass_at_1, -e.cost_s)) if within else None
+    def comparison(self) -> Comparison:
+        """The most accurate single-model point on tune (ties: the cheaper), and the cheapest point of the
+        tuning front that runs two or more stages and is at least as accurate on tune."""
+        singles = [e for e in self.tune_all if e.config.single_model]
+        best_single = max(singles, key=lambda e: (e.pass_at_1, -e.cost_s))
+        candidates = [e for e in self.tune_front
+                      if not e.config.single_model and e.pass_at_1 >= best_single.pass_at_1 - _EPS]  # fmt: skip
+        cascade = min(candidates, key=lambda e: e.cost_s) if candidates else None
+        return Comparison(self.chosen(best_single), self.chosen(cascade) if cascade else None)
+
+    def best_within(self, reference: Chosen) -> Chosen | None:
+        """The most accurate point of the tuning front (ties: the cheaper) costing at most ``reference`` on tune."""
+        within = [e for e in self.tune_front if e.cost_s <= reference.tune.cost_s + _EPS]
+        return self.chosen(max(within, key=lambda e: (e.pass_at_1, -e.cost_s))) if within else None
 
 
 def tune(replay: Replay, configs: Sequence[CascadeConfig], task_ids: Sequence[str], scorer: Scorer) -> TuneResult:
     tune_ids, validate_ids = split(list(task_ids))
+    if not tune_ids or not validate_ids:
+        raise UserError(f"{len(task_ids)} problems leave the {'tuning' if not tune_ids else 'validation'} split "
+                        "empty: replay more problems")  # fmt: skip
     tune_all = [replay.evaluate(c, tune_ids, scorer) for c in configs]
     front = pareto_front(tune_all)
     single_front = pareto_front([e for e in tune_all if e.config.single_model])

@@ -17,11 +17,11 @@ from codeaccel.cascade.problems import check_dataset, function_problem, load_cas
 from codeaccel.cascade.replay import Replay
 from codeaccel.cascade.report import write_report
 from codeaccel.cascade.run import RunConfig, RunProgress, run_cascade_generation
-from codeaccel.cascade.scoring import SCORERS
+from codeaccel.cascade.scoring import SCORERS, Scorer
 from codeaccel.cascade.self_tests import SHOWN_TESTS, TEST_FORMATS, own_test_filter
 from codeaccel.cascade.solve import CascadeSolver, choose_tuned, parse_stages
 from codeaccel.cascade.store import GenerationStore
-from codeaccel.cascade.tuner import tune
+from codeaccel.cascade.tuner import Chosen, tune
 from codeaccel.cli.display import LoggedProgress, err, out
 from codeaccel.cli.options import check_finite, check_folder, check_model, comma_list, command_line
 from codeaccel.engines import ENGINES
@@ -48,6 +48,13 @@ ShownTests = Annotated[
         "shows (MBPP shows all it is graded by) do not count; keep: they do (the grader's tests then choose).",
     ),
 ]
+
+
+def _scorer(value: str) -> Scorer:
+    for known in SCORERS:
+        if value == known:
+            return known
+    raise UserError(f"--scorer must be one of {', '.join(SCORERS)}, got {value!r}")
 
 
 def _check_shown_tests(value: str) -> None:
@@ -158,9 +165,9 @@ def tune_command(
     ] = None,
     out_dir: Out = Path("runs/cascade"),
 ) -> None:
-    """Replay every valid (k, l, θ) over the store, pick the Pareto front on 30%, validate on 70%, report."""
-    if scorer not in SCORERS:
-        raise UserError(f"--scorer must be one of {', '.join(SCORERS)}, got {scorer!r}")
+    """Replay every valid (k, l, θ) over the store, choose per budget on ~30% of the problems, measure the
+    choices on the other ~70%, report."""
+    chosen_scorer = _scorer(scorer)
     _check_shown_tests(shown_tests)
     check_finite(usd_per_hour, "--usd-per-hour")
     names = [stage_name(m) for m in _models(models, may_follow_itself=True)]
@@ -180,16 +187,18 @@ def tune_command(
         replay = Replay(store, problems[0].dataset, task_ids, keep_line=keep_line, calibrate=calibrate_costs)
         configs = list(enumerate_configs(names, per_model_theta=per_model_theta))
         err.print(f"{len(configs)} configurations over {len(task_ids)} problems")
-        result = tune(replay, configs, task_ids, scorer)  # type: ignore[arg-type]
-        stages = [Stage(m, -1, 0) for m in names[:-1]] + [Stage(names[-1], 0, 0)]
-        reference = replay.evaluate(make_config(stages, 0.0), result.validate_ids, scorer)  # type: ignore[arg-type]
-        validity = [v for m in distinct for v in store.line_validity(m, problems[0].dataset, keep_line)]
+        result = tune(replay, configs, task_ids, chosen_scorer)
+        reference_config = make_config([Stage(m, -1, 0) for m in names[:-1]] + [Stage(names[-1], 0, 0)], 0.0)
+        reference = Chosen(replay.evaluate(reference_config, result.tune_ids, chosen_scorer),
+                           replay.evaluate(reference_config, result.validate_ids, chosen_scorer))  # fmt: skip
+        validity = [v for m in distinct
+                    for v in store.line_validity(m, problems[0].dataset, keep_line, task_ids)]  # fmt: skip
         greedy = []
         for name in distinct:  # each model's greedy answer alone, every problem
             i = names.index(name)
             alone = make_config([Stage(m, 0 if j == i else -1, 0) for j, m in enumerate(names)], 0.0)
             one_sequence = replay.costs(name)[min(replay.costs(name))]  # the smallest batch measured: b = 1
-            greedy.append((replay.evaluate(alone, task_ids, scorer), one_sequence.s_per_token))  # type: ignore[arg-type]
+            greedy.append((replay.evaluate(alone, task_ids, chosen_scorer), one_sequence.s_per_token))
         paths = write_report(
             result,
             out_dir,
@@ -203,7 +212,8 @@ def tune_command(
             stages_per_model=[names.count(m) for m in distinct],
             generation={key: run_config[key] for key in ("test_format", "max_tokens", "engine") if key in run_config},
             shown_tests=shown_tests,
-            cost_scales=replay.scales if calibrate_costs else None,
+            cost_scales={m: replay.cost_scale(m) for m in distinct} if calibrate_costs else None,
+            n_seq_max=replay.n_seq_max,
         )
     for path in paths:
         out.print(f"wrote {path}")
@@ -262,8 +272,8 @@ def solve(
     as_json: Annotated[bool, typer.Option("--json", help="Print the outcome as JSON, not just the code.")] = False,
 ) -> None:
     """Answer one function with a cascade configuration, live: stage by stage, self-tests in the sandbox."""
-    if scorer is not None and scorer not in SCORERS:
-        raise UserError(f"--scorer must be one of {', '.join(SCORERS)}, got {scorer!r}")
+    if scorer is not None:
+        _scorer(scorer)
     if engine is not None and engine not in ENGINES:
         raise UserError(f"unknown engine {engine!r}: choose one of {', '.join(ENGINES)}")
     if (spec is None) == (task is None):
