@@ -550,6 +550,19 @@ def test_run_then_tune_through_the_cli(tmp_path, tiny_gguf, tiny_gguf_draft):
     assert isinstance(bad.exception, UserError) and "other settings" in str(bad.exception)  # refused
 
 
+def test_a_second_run_on_a_store_being_written_is_refused_before_it_writes(tmp_path):
+    from codeaccel.cascade.run import RunConfig, run_cascade_generation
+
+    config = RunConfig(models=("qwen2.5-coder-0.5b-instruct",), dataset="humaneval", limit=1)
+    with GenerationStore(tmp_path / "store.sqlite") as first, first.writer():
+        with GenerationStore(tmp_path / "store.sqlite") as second:
+            with pytest.raises(UserError, match="being written by another `cascade run`"):
+                run_cascade_generation(config, second)
+            assert second.meta("run_config") is None  # nothing written
+    with GenerationStore(tmp_path / "store.sqlite") as store, store.writer():
+        pass  # released with the first run
+
+
 def test_each_problem_is_executed_as_soon_as_stored_and_an_interrupted_run_resumes(tmp_path, tiny_gguf, monkeypatch):
     """A sweep stopped mid-way can be replayed on what it generated: each problem is executed right after its
     generations are stored (not after the model's last problem); a problem stored but not executed when the
@@ -589,6 +602,20 @@ def test_each_problem_is_executed_as_soon_as_stored_and_an_interrupted_run_resum
         (["cascade", "run", "humaneval", "--test-format", "xml", "--out", "{tmp}"], "--test-format"),
         (["cascade", "run", "apps", "--out", "{tmp}"], "the cascade runs on humaneval, mbpp"),
         (["cascade", "run", "humaneval", "--models", " , ", "--out", "{tmp}"], "--models"),
+        (
+            [
+                "cascade",
+                "run",
+                "humaneval",
+                "--models",
+                "0.5b,openai:m@http://h:9/v1",
+                "--answers-from",
+                "{tmp}/o",
+                "--out",
+                "{tmp}",
+            ],
+            "an endpoint stage generates its own",
+        ),
         (["cascade", "tune", "humaneval", "--out", "{tmp}/nothing"], "no cascade store"),
         (["cascade", "tune", "humaneval", "--scorer", "vote", "--out", "{tmp}"], "--scorer"),
         (["cascade", "solve", "--stages", "m:0:0"], "give a function"),

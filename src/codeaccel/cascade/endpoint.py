@@ -41,7 +41,7 @@ from codeaccel.cascade.problems import CascadeProblem
 from codeaccel.cascade.self_tests import self_test_prompt
 from codeaccel.cascade.store import BatchCost, StoredGeneration
 from codeaccel.errors import SetupError, UserError
-from codeaccel.models.registry import resolve_model
+from codeaccel.models.registry import BUNDLED, canonical_name, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +81,13 @@ def is_endpoint_name(name: str) -> bool:
 
 
 def stage_name(spec: str) -> str:
-    """The name a stage's generations are stored under: the endpoint's, or the local model's."""
+    """The name a stage's generations are stored under: the endpoint's, or the local model's (a bundled
+    model's without assembling its weights: replaying a store needs no model)."""
     endpoint = parse_endpoint(spec)
-    return endpoint.name if endpoint else resolve_model(spec).name
+    if endpoint:
+        return endpoint.name
+    name = canonical_name(spec)
+    return name if name in BUNDLED else resolve_model(spec).name
 
 
 def first_code_block(reply: str) -> str:

@@ -98,11 +98,18 @@ def run_cascade_generation(
     if not config.models:
         raise UserError("name at least one model (--models)")
     problems = load_cascade_problems(config.dataset, config.limit)  # bad names refused before anything is stored
+    with store.writer():  # a second run on this store is refused before it writes anything
+        _run(config, store, problems, report)
+
+
+def _run(config: RunConfig, store: GenerationStore, problems: list[CascadeProblem], report) -> None:
     stored = store.meta("run_config")
     if stored is not None and {k: v for k, v in stored.items() if k != "models"} != {
         k: v for k, v in config.to_record().items() if k != "models"
     }:
         raise UserError(f"{store.path} was made with other settings ({stored}); use another --out")
+    if config.answers_from is not None and any(parse_endpoint(m) for m in config.models):
+        raise UserError("--answers-from takes local models' answers; an endpoint stage generates its own")
     source = _answers_source(config)  # refused before this store is written to
     store.set_meta("run_config", config.to_record())
     store.set_meta("machine", machine.provenance("")["machine"])
@@ -125,8 +132,6 @@ def _generate_and_execute(config: RunConfig, store: GenerationStore, problems: l
         name = stage_name(spec)
         todo = [p for p in problems if p.task_id not in store.generated_tasks(name, p.dataset)]
         endpoint = parse_endpoint(spec)
-        if endpoint and source is not None:
-            raise UserError("--answers-from takes local models' answers; an endpoint stage generates its own")
         if source is not None:
             _check_answers(source, name, todo)
             store.replace_batch_costs(name, list(source.batch_costs(name).values()))  # the answers' costs

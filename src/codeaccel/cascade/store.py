@@ -24,11 +24,14 @@ Tables (one file, WAL journal, every write a transaction):
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import re
 import sqlite3
 import threading
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import astuple, dataclass, fields
 from pathlib import Path
 
@@ -179,6 +182,23 @@ class GenerationStore:
 
     def close(self) -> None:
         self._db.close()
+
+    @contextmanager
+    def writer(self) -> Iterator[None]:
+        """Be the store's one writing run while inside: an exclusive ``flock`` on ``<store>.lock`` (a file of its
+        own: a lock on the database file would be released with SQLite's own locks when it closed), released
+        when the process ends however it ends. A second run on the same store is refused at once."""
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise UserError(f"{self.path} is being written by another `cascade run`: wait for it, or give "
+                                "another --out") from None  # fmt: skip
+            yield
+        finally:
+            os.close(fd)
 
     def __enter__(self) -> GenerationStore:
         return self

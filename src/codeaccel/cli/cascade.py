@@ -110,6 +110,8 @@ def run(
     if not 1 <= n_seq_max <= 64:
         raise UserError(f"--n-seq-max must be in 1..64, got {n_seq_max}")
     family = _models(models)  # refused before the store is opened
+    if answers_from is not None and any(parse_endpoint(m) for m in family):
+        raise UserError("--answers-from takes local models' answers; an endpoint stage generates its own")
     check_folder(out_dir)
     if answers_from is not None and not answers_from.is_file():
         raise UserError(f"--answers-from: no cascade store at {answers_from}")
