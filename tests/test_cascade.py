@@ -3,6 +3,7 @@ replay, the tuner; and an end-to-end run on tiny models through the CLI."""
 
 import sqlite3
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -526,6 +527,9 @@ def test_run_then_tune_through_the_cli(tmp_path, tiny_gguf, tiny_gguf_draft):
     assert doc["n_tune"] == n_tune and doc["n_validate"] == 10 - n_tune and doc["n_configs"] == 72 * 11 + 18
     assert doc["summary"]["chosen_on"] == "tune" and "tune_pass_at_1" in doc["summary"]["best_single_model"]
     assert doc["generation"] == {"test_format": "chat", "max_tokens": 24, "engine": "llama.cpp"}  # for solve
+    assert doc["models"] == {
+        name: str(Path(f).resolve()) for name, f in [("tiny", tiny_gguf), ("tiny-draft", tiny_gguf_draft)]
+    }
     assert doc["config"]["shown_tests"] == "exclude" and doc["config"]["scorer"] == "cascade"
     assert set(doc["cost_scales"]) == {"tiny", "tiny-draft"} and all(f > 0 for f in doc["cost_scales"].values())
     assert all(row["prompt_tokens"] > 0 for row in doc["rows"])  # counted apart from the generated tokens

@@ -107,10 +107,9 @@ def test_solve_with_a_tuned_report_scores_as_the_report_was_tuned(tmp_path, tiny
 
     doc = json.loads(_report(tmp_path).read_text())
     doc["generation"] = {"test_format": "completion", "max_tokens": 64, "engine": "llama.cpp"}
+    doc["models"] = {"a": tiny_gguf, "b": tiny_gguf_draft}  # what loads each stored name (a sweep of GGUF files)
     for r in doc["rows"]:
         r["scorer"] = "dual-agreement"
-        for stage in r["config"]["stages"]:
-            stage["model"] = {"a": tiny_gguf, "b": tiny_gguf_draft}[stage["model"]]
     (tmp_path / "da.json").write_text(json.dumps(doc))
     seen = {}
 
@@ -133,6 +132,7 @@ def test_solve_with_a_tuned_report_scores_as_the_report_was_tuned(tmp_path, tiny
     result = runner.invoke(app, base)
     assert result.exit_code == 0, result.output
     assert seen["scorer"] == "dual-agreement" and seen["config"].thetas[0] == 0.5
+    assert [st.model for st in seen["config"].stages] == [tiny_gguf, tiny_gguf_draft]  # loadable, not "a", "b"
     assert (seen["test_format"], seen["max_tokens"], seen["engine"]) == ("completion", 64, "llama.cpp")
     for extra, message in [(["--scorer", "cascade"], "--scorer"), (["--theta", "0.9"], "--theta")]:
         result = runner.invoke(app, base + extra)

@@ -67,6 +67,7 @@ def write_report(
     shown_tests: str = "exclude",
     cost_scales: dict[str, float] | None = None,
     n_seq_max: int | None = None,
+    model_specs: dict[str, str] | None = None,
 ) -> list[Path]:
     """``greedy``: each model's greedy answer alone over every problem, with its seconds per token (one sequence).
     ``stages_per_model``: where a model follows itself, its number of stages, model by model; the files are
@@ -75,7 +76,8 @@ def write_report(
     ``shown_tests``: ``exclude`` where self-test lines repeating an official test the prompt showed were
     left out of the replay, ``keep`` where they counted. ``cost_scales``: per model, the factor its measured
     costs were scaled by to the speed the sweep ran at (None: the measured costs as they are).
-    ``n_seq_max``: the most sequences of one problem the replay priced as decoding at once."""
+    ``n_seq_max``: the most sequences of one problem the replay priced as decoding at once. ``model_specs``:
+    each stored model name with what loads it (``cascade solve --tuned``)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     kw = {"dataset": dataset, "engine": engine, "usd_per_hour": usd_per_hour}
     rows = [row(e, split="tune", **kw) for e in result.tune_front]
@@ -127,6 +129,7 @@ def write_report(
         "greedy_alone": [_greedy_row(e, s_per_token, usd_per_hour) for e, s_per_token in greedy],
         "rows": rows,
         **({"generation": generation} if generation else {}),
+        **({"models": model_specs} if model_specs else {}),
     }
     stem = f"cascade-{dataset}-{result.scorer}"
     if any(n > 1 for n in stages_per_model):

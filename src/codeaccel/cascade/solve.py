@@ -290,12 +290,20 @@ def choose_tuned(report: Path, budget_usd: float | None) -> TunedPoint:
         )
     best = max(within, key=lambda p: (p[0], -p[1]))[2]
     record = best["config"]
+    specs = doc.get("models", {})  # stored name -> what to load (a GGUF's path; reports before it: the names)
     try:
-        stages = [Stage(s["model"], int(s["k"]), int(s["l"])) for s in record["stages"]]
+        stages = [Stage(_spec(specs, s["model"]), int(s["k"]), int(s["l"])) for s in record["stages"]]
         config = make_config(stages, [float(t) for t in record["thetas"]])
     except (KeyError, TypeError, ValueError) as exc:
         raise UserError(f"--tuned: {report} holds a configuration this version cannot read ({exc})") from None
     return TunedPoint(config, best, test_format, max_tokens, engine, shown_tests)
+
+
+def _spec(specs: object, name: str) -> str:
+    spec = specs.get(name, name) if isinstance(specs, dict) else name
+    if not isinstance(spec, str):
+        raise TypeError(f"model {name!r} recorded as {spec!r}")
+    return spec
 
 
 def _number(value: object) -> float:

@@ -26,6 +26,7 @@ from codeaccel.cli.display import LoggedProgress, err, out
 from codeaccel.cli.options import check_finite, check_folder, check_model, comma_list, command_line
 from codeaccel.engines import ENGINES
 from codeaccel.errors import UserError
+from codeaccel.models.registry import BUNDLED, canonical_name
 
 app = typer.Typer(help="Model cascading with self-generated tests.", no_args_is_help=True)
 
@@ -55,6 +56,15 @@ def _scorer(value: str) -> Scorer:
         if value == known:
             return known
     raise UserError(f"--scorer must be one of {', '.join(SCORERS)}, got {value!r}")
+
+
+def _loadable(spec: str) -> str:
+    """How a report names a model so that ``cascade solve`` loads it from anywhere: a bundled model's full
+    name, an endpoint as given, a file or directory by its absolute path."""
+    if parse_endpoint(spec):
+        return spec
+    name = canonical_name(spec)
+    return name if name in BUNDLED else str(Path(spec).expanduser().resolve())
 
 
 def _check_shown_tests(value: str) -> None:
@@ -172,8 +182,10 @@ def tune_command(
     chosen_scorer = _scorer(scorer)
     _check_shown_tests(shown_tests)
     check_finite(usd_per_hour, "--usd-per-hour")
-    names = [stage_name(m) for m in _models(models, may_follow_itself=True)]
+    family = _models(models, may_follow_itself=True)
+    names = [stage_name(m) for m in family]
     distinct = list(dict.fromkeys(names))
+    specs = {name: _loadable(m) for name, m in zip(names, family)}  # for `cascade solve --tuned`
     store_path = store_file if store_file is not None else out_dir / "store.sqlite"
     if not store_path.is_file():
         raise UserError(f"no cascade store at {store_path}: run `codeaccel cascade run {dataset} --out {out_dir}`")
@@ -216,6 +228,7 @@ def tune_command(
             shown_tests=shown_tests,
             cost_scales={m: replay.cost_scale(m) for m in distinct} if calibrate_costs else None,
             n_seq_max=replay.n_seq_max,
+            model_specs=specs,
         )
     for path in paths:
         out.print(f"wrote {path}")
