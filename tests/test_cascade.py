@@ -12,11 +12,11 @@ from codeaccel.cascade.config import Stage, enumerate_configs, generations, make
 from codeaccel.cascade.cost import generation_seconds, scaled, spent_scale, step_seconds, usd
 from codeaccel.cascade.problems import load_cascade_problems, mbpp_entry_point
 from codeaccel.cascade.replay import Evaluation, ProblemOutcome, Replay
-from codeaccel.cascade.scoring import accept, cascade_scores, dual_agreement_scores
+from codeaccel.cascade.scoring import accept, cascade_scores, decide, dual_agreement_scores
 from codeaccel.cascade.self_tests import extract_test_lines, own_test_filter, repeats_shown_test, self_test_prompt
 from codeaccel.cascade.store import BatchCost, GenerationStore, Spend, StoredGeneration
 from codeaccel.cascade.tuner import TuneResult, pareto_front, split
-from codeaccel.errors import UserError
+from codeaccel.errors import InternalError, UserError
 
 # ---- scoring -----------------------------------------------------------------------
 
@@ -99,6 +99,16 @@ def test_scorers_can_disagree_on_the_best():
 
 
 # ---- configurations ----------------------------------------------------------------
+
+
+def test_a_stage_answers_at_k0_when_last_or_when_its_verdict_accepts():
+    yes, no = accept(M, 0.0), accept(M, 1.0)
+    assert yes.accepted and not no.accepted
+    assert decide(0, False, None) == "k=0" and decide(0, True, None) == "k=0"
+    assert decide(3, True, no) == "last" and decide(3, True, None) == "last"  # the last model's best, unchecked
+    assert decide(3, False, yes) == "accepted" and decide(1, False, no) == "escalated"
+    with pytest.raises(InternalError):
+        decide(3, False, None)
 
 
 def test_invalid_stages_are_refused_with_the_reason():

@@ -61,11 +61,16 @@ class Stage:
 GenerationKey = tuple[str, int, int]  # (kind "answer" or "test", l (0 for answers), sample (-1 greedy))
 
 
+def answer_samples(stage: Stage) -> list[int]:
+    """The samples whose answers ``stage`` reads, in order: the greedy one (-1) for k = 0 and 1, else 0..k-1."""
+    if stage.skipped:
+        return []
+    return [-1] if stage.k in (0, 1) else list(range(stage.k))
+
+
 def generations(stage: Stage) -> frozenset[GenerationKey]:
     """What ``stage`` reads from its model's generations: a later stage of the same model pays only the rest."""
-    if stage.skipped:
-        return frozenset()
-    samples = [-1] if stage.k in (0, 1) else list(range(stage.k))
+    samples = answer_samples(stage)
     tests = [("test", stage.l, s) for s in samples] if stage.tested else []
     return frozenset([("answer", 0, s) for s in samples] + tests)
 

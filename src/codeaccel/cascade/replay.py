@@ -27,10 +27,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from codeaccel.cascade.config import CascadeConfig, Stage, generations
+from codeaccel.cascade.config import CascadeConfig, Stage, answer_samples, generations
 from codeaccel.cascade.cost import generation_seconds, scaled, spent_scale
 from codeaccel.cascade.endpoint import is_endpoint_name
-from codeaccel.cascade.scoring import Scorer, Verdict, accept
+from codeaccel.cascade.scoring import Scorer, Verdict, accept, decide
 from codeaccel.cascade.store import BatchCost, GenerationStore, StoredGeneration
 from codeaccel.errors import InternalError, UserError
 
@@ -145,7 +145,7 @@ class Replay:
     @functools.lru_cache(maxsize=None)  # noqa: B019
     def stage_run(self, stage: Stage, task_id: str) -> StageRun:
         d = self.data(stage.model, task_id)
-        samples = [-1] if stage.k in (0, 1) else list(range(stage.k))
+        samples = answer_samples(stage)
         missing = [s for s in samples if s not in d.answers]
         if missing:
             raise UserError(f"{stage.model} / {task_id} has no stored answer sample {missing[0]} (k={stage.k})")
@@ -213,7 +213,8 @@ class Replay:
             gen_tokens += paid.gen_tokens
             prompt_tokens += paid.prompt_tokens
             last = i == running[-1]
-            if last or stage.k == 0 or self.verdict(stage, task_id, config.thetas[i], scorer).accepted:
+            verdict = None if last or stage.k == 0 else self.verdict(stage, task_id, config.thetas[i], scorer)
+            if decide(stage.k, last, verdict) != "escalated":
                 _, passed = run.chosen_passed_at[scorer]
                 return ProblemOutcome(task_id, passed, i, cost, prompt, gen_tokens, prompt_tokens)
         raise InternalError(f"{config.label()}: no stage answered (the last running stage always does)")

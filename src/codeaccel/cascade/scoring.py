@@ -23,7 +23,7 @@ cases, defined here and pinned by tests:
   θ = 0 (θ = 0 means "always stop here"); the best is the first solution;
 * every solution fails every line: all scores are 0: accepted only when θ = 0;
 * k = 0 stages (one greedy answer, no tests) always accept; the last model's best is
-  taken without the check (the caller decides, :mod:`codeaccel.cascade.replay`).
+  taken without the check (:func:`decide`, the one rule the replay and a live cascade share).
 """
 
 from __future__ import annotations
@@ -102,3 +102,19 @@ def accept(passes: np.ndarray, theta: float, scorer: Scorer = "cascade") -> Verd
     else:
         accepted = bool(score[best] >= theta * max_score - 1e-9)  # 0.3 * 10 is 3.0000000000000004
     return Verdict(best=best, score=int(score[best]), max_score=max_score, accepted=accepted)
+
+
+Decision = Literal["k=0", "last", "accepted", "escalated"]
+
+
+def decide(k: int, last: bool, verdict: Verdict | None) -> Decision:
+    """Whether a running stage answers (paper §3.1): a k = 0 stage always does (its greedy answer, untested),
+    the last running stage always does (its best without the check), any other when its verdict accepts
+    (``verdict`` may be None only for those two, which need none)."""
+    if k == 0:
+        return "k=0"
+    if last:
+        return "last"
+    if verdict is None:
+        raise InternalError("a tested stage that is not the last needs its verdict")
+    return "accepted" if verdict.accepted else "escalated"

@@ -25,11 +25,19 @@ from pathlib import Path
 
 import numpy as np
 
-from codeaccel.cascade.config import N_SAMPLES, CascadeConfig, GenerationKey, Stage, generations, make_config
+from codeaccel.cascade.config import (
+    N_SAMPLES,
+    CascadeConfig,
+    GenerationKey,
+    Stage,
+    answer_samples,
+    generations,
+    make_config,
+)
 from codeaccel.cascade.endpoint import parse_endpoint
 from codeaccel.cascade.generation import GenerationSettings, generate_problems
 from codeaccel.cascade.problems import CascadeProblem
-from codeaccel.cascade.scoring import SCORERS, Scorer, Verdict, accept
+from codeaccel.cascade.scoring import SCORERS, Decision, Scorer, Verdict, accept, decide
 from codeaccel.cascade.self_tests import (
     SHOWN_TESTS,
     TEST_FORMATS,
@@ -55,7 +63,7 @@ class StageOutcome:
     n_lines: int  # N_t: the distinct test lines its tests gave
     generated_tokens: int  # what it generated (not what an earlier stage of its model did)
     seconds: float  # wall: generation and execution
-    decided: str  # "accepted", "escalated", "k=0" or "last"
+    decided: Decision  # "accepted", "escalated", "k=0" or "last"
 
 
 @dataclass(frozen=True)
@@ -154,7 +162,7 @@ class CascadeSolver:
             say(f"{stage.label()}: generating {len(want)} sequences")
             new = self._generate(stage.model, cp, frozenset(want))
             have.update(new)
-            samples = sorted(s for kind, _, s in generations(stage) if kind == "answer")
+            samples = answer_samples(stage)
             answers = [have[("answer", 0, s)] for s in samples]
             tests = [have[("test", stage.l, s)] for s in samples] if stage.tested else []
             lines = list(dict.fromkeys(line for t in tests for line in extract_test_lines(t.text, cp.entry_point, t.l)
@@ -166,12 +174,7 @@ class CascadeSolver:
             passes = passes.reshape(len(samples), len(lines))
             last = i == running[-1]
             verdict = accept(passes, self.config.thetas[i], self.scorer) if stage.tested else None
-            if stage.k == 0:
-                decided = "k=0"
-            elif last:
-                decided = "last"
-            else:
-                decided = "accepted" if verdict is not None and verdict.accepted else "escalated"
+            decided = decide(stage.k, last, verdict)
             outcomes.append(StageOutcome(stage, verdict, len(answers), len(lines), sum(g.tokens for g in new.values()),
                                          time.perf_counter() - t0, decided))  # fmt: skip
             if decided != "escalated":
