@@ -118,3 +118,27 @@ def test_an_unreachable_endpoint_is_one_line_and_keeps_what_is_stored(tiny_gguf,
         assert not store.generated_tasks("openai:m", "humaneval")
     completion_format = run_cli(*args[:-2], "--test-format", "completion", "--out", str(tmp_path / "other"))
     assert completion_format.returncode == 2 and "--test-format chat" in completion_format.stderr
+
+
+def test_an_endpoint_stage_answers_live_with_only_what_the_stage_reads(endpoint_server, monkeypatch):
+    from codeaccel.cascade.config import Stage, make_config
+    from codeaccel.cascade.endpoint import EndpointStage
+    from codeaccel.cascade.solve import CascadeSolver
+
+    asked = []
+    chat = EndpointStage._chat
+    monkeypatch.setattr(EndpointStage, "_chat", lambda self, messages, *a, **kw: asked.append(a[2]) or chat(
+        self, messages, *a, **kw))  # fmt: skip
+    stage = f"openai:tiny-endpoint@{endpoint_server.url}/v1"
+    cp = load_cascade_problems("humaneval", 1)[0]
+    with CascadeSolver(make_config([Stage(stage, 3, 2)], 0.0), max_tokens=8) as solver:
+        solution = solver.solve(cp)
+    (outcome,) = solution.stages
+    assert solution.answered_by == 0 and outcome.decided == "last" and outcome.n_answers == 3
+    assert sorted(asked) == [0, 0, 1, 1, 2, 2]  # seeds: 3 answers and 3 tests (l = 2), nothing else asked
+    assert outcome.generated_tokens > 0 and solution.code.startswith(cp.problem.code_prefix)
+    with pytest.raises(UserError, match="chat format"):
+        CascadeSolver(make_config([Stage(stage, 3, 2)], 0.0), test_format="completion")
+    unreachable = make_config([Stage("openai:m@http://127.0.0.1:9/v1", 0, 0)], 0.0)
+    with CascadeSolver(unreachable) as solver, pytest.raises(UserError, match="unreachable"):
+        solver.solve(cp)

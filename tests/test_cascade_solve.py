@@ -181,11 +181,6 @@ def test_a_model_following_itself_generates_only_what_it_adds(tiny_gguf, humanev
     assert solution.official_passed is False
 
 
-def test_an_endpoint_stage_is_refused():
-    with pytest.raises(UserError, match="solve runs local models"):
-        CascadeSolver(make_config([Stage("openai:m@http://127.0.0.1:9/v1", 0, 0)], 0.0))
-
-
 def test_a_function_on_stdin_that_is_not_utf8_is_one_line_exit_2():
     import subprocess
     import sys

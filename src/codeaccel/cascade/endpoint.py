@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 from codeaccel import machine
 from codeaccel.bench.datasets import FENCE
-from codeaccel.cascade.config import SAMPLE_TEMPERATURE
+from codeaccel.cascade.config import SAMPLE_TEMPERATURE, GenerationKey
 from codeaccel.cascade.problems import CascadeProblem
 from codeaccel.cascade.self_tests import self_test_prompt
 from codeaccel.cascade.store import BatchCost, StoredGeneration
@@ -217,8 +217,9 @@ class EndpointStage:
         return out
 
     def generate(self, cp: CascadeProblem, n_samples: int, test_ls: Sequence[int], max_tokens: int,
-                 top_p: float) -> list[StoredGeneration]:  # fmt: skip
-        """Every answer and test of one problem, the requests in flight ``concurrency`` at a time."""
+                 top_p: float, only: frozenset[GenerationKey] | None = None) -> list[StoredGeneration]:  # fmt: skip
+        """Every answer and test of one problem (``only``: just these (kind, l, sample)), the requests in
+        flight ``concurrency`` at a time."""
         plan: list[tuple[str, int, int, list[dict], int]] = []  # (kind, l, sample, messages, max tokens)
         answer = [{"role": "user", "content": cp.problem.user_message}]
         plan += [("answer", 0, s, answer, max_tokens) for s in range(-1, n_samples)]
@@ -227,6 +228,8 @@ class EndpointStage:
             messages = [{"role": "user", "content": tp.messages[0]["content"] + TEST_REPLY_FORM}]
             # a chat reply is not started for the model: room for a preamble and the opening fence
             plan += [("test", n_lines, s, messages, tp.max_tokens + TEST_EXTRA_TOKENS) for s in range(-1, n_samples)]
+        if only is not None:
+            plan = [item for item in plan if item[:3] in only]
 
         def request(item):
             _, _, sample, messages, limit = item

@@ -9,9 +9,12 @@ is the stored one up to the float noise of another batch shape. Its answers run 
 sandbox, :func:`codeaccel.cascade.scoring.accept` picks the best and decides, and the last
 stage that runs answers without the check.
 
+A stage may be an OpenAI-compatible endpoint (``openai:MODEL@URL``): it is asked, with the sweep's
+chat prompts, sampling and seeds, only the answers and tests the stage reads.
+
 :func:`choose_tuned` reads a ``cascade tune`` report and picks the configuration for a budget:
-of the points chosen on the tuning split, the most accurate on validation whose validated cost
-per problem is within it.
+of the points of the tuning front, the most accurate on the tuning split whose cost there is
+within it.
 """
 
 from __future__ import annotations
@@ -34,8 +37,8 @@ from codeaccel.cascade.config import (
     generations,
     make_config,
 )
-from codeaccel.cascade.endpoint import parse_endpoint
-from codeaccel.cascade.generation import GenerationSettings, generate_problems
+from codeaccel.cascade.endpoint import EndpointStage, parse_endpoint
+from codeaccel.cascade.generation import TEST_LS, TOP_P, GenerationSettings, generate_problems
 from codeaccel.cascade.problems import CascadeProblem
 from codeaccel.cascade.scoring import SCORERS, Decision, Scorer, Verdict, accept, decide
 from codeaccel.cascade.self_tests import (
@@ -107,9 +110,8 @@ class CascadeSolver:
                  limits: Limits | None = None, shown_tests: str = "exclude"):  # fmt: skip
         """``shown_tests``: ``exclude`` leaves out test lines repeating an official test the prompt showed
         (only a benchmark's problem has any), as ``cascade tune`` does by default; ``keep`` counts them."""
-        for i in config.running:
-            if parse_endpoint(config.stages[i].model):
-                raise UserError(f"{config.stages[i].model}: solve runs local models; an endpoint stage is sweep-only")
+        if test_format != "chat" and any(parse_endpoint(config.stages[i].model) for i in config.running):
+            raise UserError("an endpoint stage asks for its tests in the chat format: use test format chat")
         self.config = config
         self.engine_kind = engine
         self.scorer: Scorer = scorer
@@ -117,6 +119,7 @@ class CascadeSolver:
         self.settings = GenerationSettings(N_SAMPLES, max_tokens, test_format, n_seq_max)
         self.limits = limits or Limits(timeout_s=10.0, line_timeout_s=2.0)
         self._models: dict[str, tuple[Engine, SequenceSet]] = {}
+        self._endpoints: dict[str, EndpointStage] = {}  # a black-box stage's connection, checked once
         self._pool = SandboxPool()
 
     def __enter__(self) -> CascadeSolver:
@@ -128,11 +131,28 @@ class CascadeSolver:
     def close(self) -> None:
         """Frees every model and the sandbox pool, each even where freeing another failed."""
         models, self._models = list(self._models.values()), {}
+        endpoints, self._endpoints = list(self._endpoints.values()), {}
         with contextlib.ExitStack() as stack:  # unwinds in reverse: the models' sequences first, the pool last
             stack.callback(self._pool.close)
+            for stage in endpoints:
+                stack.callback(stage.close)
             for engine, seqs in models:
                 stack.callback(engine.close)
                 stack.callback(seqs.free)
+
+    def _endpoint(self, spec: str) -> EndpointStage:
+        if spec not in self._endpoints:
+            endpoint = parse_endpoint(spec)
+            if endpoint is None:
+                raise InternalError(f"{spec} is no endpoint")
+            stage = EndpointStage(endpoint)
+            try:
+                stage.check()  # unreachable, or not serving the model: refused before anything is asked
+            except BaseException:
+                stage.close(aborted=True)
+                raise
+            self._endpoints[spec] = stage
+        return self._endpoints[spec]
 
     def _model(self, name: str) -> tuple[Engine, SequenceSet]:
         if name not in self._models:
@@ -156,7 +176,9 @@ class CascadeSolver:
             stage = self.config.stages[i]
             have = made.setdefault(stage.model, {})
             want = generations(stage) - have.keys()
-            if want:
+            if want and parse_endpoint(stage.model):
+                self._endpoint(stage.model)  # connected and checked once, outside the stage's time
+            elif want:
                 self._model(stage.model)  # loaded once, outside the stage's time
             t0 = time.perf_counter()
             say(f"{stage.label()}: generating {len(want)} sequences")
@@ -193,13 +215,21 @@ class CascadeSolver:
     def _generate(self, model: str, cp: CascadeProblem, want: frozenset[GenerationKey]) -> dict:
         if not want:
             return {}
-        engine, seqs = self._model(model)
         rows: list[StoredGeneration] = []
+        if parse_endpoint(model):  # the sweep's chat requests, sampling and seeds, asked of the endpoint
+            settings = self.settings
+            rows = self._endpoint(model).generate(cp, settings.n_samples, TEST_LS, settings.max_tokens, TOP_P, want)
+            return self._keyed(model, cp, rows, want)
+        engine, seqs = self._model(model)
         try:
             generate_problems(engine, seqs, [cp], self.settings, lambda _, got: rows.extend(got), only=want)
         except BaseException:  # an error or Ctrl-C mid-decode: the next problem starts on no open sequence
             seqs.close_all()
             raise
+        return self._keyed(model, cp, rows, want)
+
+    @staticmethod
+    def _keyed(model: str, cp: CascadeProblem, rows: list[StoredGeneration], want: frozenset[GenerationKey]) -> dict:
         got = {(g.kind, g.l, g.sample): g for g in rows}
         if got.keys() != want:
             raise InternalError(f"{model} generated {sorted(got)} for {cp.task_id}, asked {sorted(want)}")
