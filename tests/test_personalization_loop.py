@@ -8,6 +8,8 @@ llama.cpp compute what transformers computes with the peft adapter.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -15,7 +17,7 @@ from codeaccel.engines import load_engine
 from codeaccel.errors import CodeaccelError
 from codeaccel.personalization.acceptance import AcceptanceStats
 from codeaccel.personalization.finetune import TrainingExample, TuneConfig, finetune
-from codeaccel.personalization.loop import LoopConfig, run_tuning, should_promote
+from codeaccel.personalization.loop import LoopConfig, run_tuning, should_promote, split
 from codeaccel.personalization.store import Accepted, open_store
 from codeaccel.personalization.versions import DraftVersions
 
@@ -53,6 +55,7 @@ def test_versions_promote_rollback_and_refuse_what_is_not_ready(tmp_path):
     versions.promote("v2")
     assert versions.live().name == "v2"
     assert versions.rollback().name == "v1" and versions.live().name == "v1"
+    assert versions.live().record["status"] == "live"  # live again, no longer superseded
     assert versions.rollback() is None and versions.live() is None  # the base model
     with pytest.raises(CodeaccelError):
         versions.rollback()
@@ -74,6 +77,31 @@ def test_a_promotion_supersedes_the_live_version(tmp_path):
     versions.promote("v1")
     versions.promote("v2")
     assert [v.record["status"] for v in versions.list()] == ["superseded", "live"]
+
+
+def test_a_candidate_is_not_promoted_over_a_draft_it_was_not_compared_with(tmp_path):
+    from codeaccel.personalization.versions import LiveChanged
+
+    versions = DraftVersions(tmp_path)
+    for _ in range(2):
+        v = versions.create()
+        (v.path / "adapter.gguf").write_bytes(b"x")
+        versions.record(v.name, status="validated")
+    versions.promote("v1")  # by hand, while v2 was being tuned and validated against the base model
+    with pytest.raises(LiveChanged, match="validated against the base model, but v1 is live"):
+        versions.promote("v2", expected_live=None)
+    assert versions.live().name == "v1"
+    assert versions.promote("v2", expected_live="v1").name == "v2"
+
+
+def test_the_same_prompt_is_never_both_trained_on_and_held_out(accepted):
+    from codeaccel.personalization.loop import held_out, split
+
+    train, held = split(accepted.items(), 5)
+    assert held and train and not {s.item.prompt for s in train} & {s.item.prompt for s in held}
+    assert len(held) == sum(held_out(s, 5) for s in accepted.items())
+    twice = [replace(s, id=s.id + 100) for s in held[:1] + train[:1]]  # the same prompts accepted again
+    assert split(twice, 5) == ([twice[1]], [twice[0]])
 
 
 def test_a_version_left_training_by_a_killed_tuning_reads_interrupted(tmp_path):
@@ -147,9 +175,9 @@ def test_the_gguf_adapter_computes_what_peft_computes(tiny_gguf, tmp_path):
 @pytest.fixture
 def accepted(tmp_path):
     store = open_store(tmp_path / "accepted.sqlite")
-    for _ in range(3):  # each prompt three times: held-out prompts were also trained on
+    for i in range(3):  # each prompt in three files: similar contexts, not the same prompt (those never straddle)
         for p in PROMPTS:
-            store.add(Accepted(p, " pass\n", repository="demo"))
+            store.add(Accepted(f"# file {i}\n{p}", " pass\n", repository="demo"))
     yield store
     store.close()
 
@@ -162,13 +190,14 @@ def test_a_tuning_turn_is_validated_and_promoted_only_if_better(accepted, tiny_g
     # (the epochs stop it, ~40 s alone: a time budget it could reach on a loaded machine makes the result vary)
     stages = set()
     result = run_tuning(accepted, versions, tiny_gguf_draft, tiny_gguf, config, lambda s, d, n: stages.add(s[:8]))
-    assert result is not None and result.n_held_out == 6 and result.n_train == 24
+    n_held = len(split(accepted.items(), config.held_out_every)[1])
+    assert result is not None and result.n_held_out == n_held and result.n_train == 30 - n_held
     assert {"target c", "fine-tun", "validati"} <= stages
     assert result.promoted == (result.candidate.mean_accepted_len > result.live.mean_accepted_len)
-    assert result.promoted  # trained on the target's own continuations of these very prompts
+    assert result.promoted  # trained on the target's own continuations of the other prompts
     assert versions.live().name == result.version.name == "v1"
     record = versions.live().record
-    assert record["n_train"] == 24 and record["last_accepted_id"] == 30 and record["tune"]["steps"] > 0
+    assert record["n_train"] == 30 - n_held and record["last_accepted_id"] == 30 and record["tune"]["steps"] > 0
     assert record["teach"] == teach
     assert run_tuning(accepted, versions, tiny_gguf_draft, tiny_gguf, config) is None  # nothing new since
 
@@ -179,6 +208,7 @@ def test_a_worse_draft_is_never_promoted(accepted, tiny_gguf, tiny_gguf_draft, t
                       tune=TuneConfig(epochs=4, learning_rate=1.0, max_seconds=60))  # fmt: skip
     result = run_tuning(accepted, versions, tiny_gguf, tiny_gguf, ruin)  # the draft is the target: live = perfect
     assert result.live.acceptance_rate == 1.0
+    assert result.candidate.mean_accepted_len < result.live.mean_accepted_len  # its own adapter was measured
     assert not result.promoted and versions.live() is None
     assert versions.list()[0].record["status"] == "validated"
 

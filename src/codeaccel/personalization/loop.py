@@ -1,18 +1,21 @@
 """Tune, validate, then promote: one turn of the personalization loop.
 
 Once at least ``threshold`` accepted completions are newer than the last tuning's, a copy of the
-draft is fine-tuned with LoRA on the training part of all accepted completions (every
-``held_out_every``-th one, by id, is held out), on the text the user accepted, on the target's
+draft is fine-tuned with LoRA on the training part of all accepted completions (one
+(repository, prompt) in ``held_out_every`` is held out, by a hash of both: the same prompt accepted
+twice is never on both sides), on the text the user accepted, on the target's
 own greedy continuation of each prompt, or on that continuation with the target's distribution
 at each position (``teach``, :mod:`codeaccel.personalization.distill`). The candidate is validated against the live
 draft (the last promoted version, or the base model) on the held-out completions: mean accepted
 length of greedy speculative decoding with k-token drafts against the target's continuations,
 both drafts on llama.cpp, the engine that serves them. It is promoted only if it is strictly
-better (:func:`should_promote`); either way the version and its measurements are kept.
+better (:func:`should_promote`) and the live draft is still the one it was compared with;
+either way the version and its measurements are kept.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,7 +28,7 @@ from codeaccel.personalization.acceptance import AcceptanceStats, Continuation, 
 from codeaccel.personalization.distill import TEACHER_TOP_K, Teach, check_teach, teacher_top_k
 from codeaccel.personalization.finetune import TrainingExample, TuneConfig, TuneReport, finetune
 from codeaccel.personalization.store import AcceptedStore, StoredAccepted
-from codeaccel.personalization.versions import DraftVersion, DraftVersions
+from codeaccel.personalization.versions import DraftVersion, DraftVersions, LiveChanged
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +41,7 @@ def should_promote(candidate: AcceptanceStats, live: AcceptanceStats) -> bool:
 @dataclass(frozen=True)
 class LoopConfig:
     threshold: int = 50  # new accepted completions that start a tuning
-    held_out_every: int = 5  # accepted completions whose id is a multiple of this validate, never train
+    held_out_every: int = 5  # one (repository, prompt) in this many validates, never trains
     teach: Teach = "target"
     continuation_tokens: int = 64  # the target's continuation of each prompt (teach and validation)
     k: int = 4  # draft tokens per verification in the acceptance measurement
@@ -89,9 +92,16 @@ def target_continuation(target: Engine, prompt: Sequence[int], n_tokens: int, te
     return TrainingExample(tuple(prompt), tokens, teacher)
 
 
+def held_out(item: StoredAccepted, every: int) -> bool:
+    """Whether an accepted completion validates: a hash of its repository and prompt, so every copy of a
+    prompt is on the same side, in every tuning alike."""
+    key = f"{item.item.repository or ''}\0{item.item.prompt}".encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:8], "big") % every == 0
+
+
 def split(items: Sequence[StoredAccepted], every: int) -> tuple[list[StoredAccepted], list[StoredAccepted]]:
-    """(train, held out): an id that is a multiple of ``every`` is held out, for every tuning alike."""
-    return [s for s in items if s.id % every], [s for s in items if not s.id % every]
+    """(train, held out) by :func:`held_out`."""
+    return [s for s in items if not held_out(s, every)], [s for s in items if held_out(s, every)]
 
 
 def run_tuning(store: AcceptedStore, versions: DraftVersions, draft_model: str, target_model: str, config: LoopConfig,
@@ -139,7 +149,11 @@ def _tune(store: AcceptedStore, versions: DraftVersions, draft_model: str, targe
                     live=live_version.name if live_version else None, live_acceptance=live.to_record(),
                     acceptance=candidate.to_record(), draft_model=draft_model, target_model=target_model)  # fmt: skip
     if promoted:
-        version = versions.promote(version.name)
+        try:
+            version = versions.promote(version.name, expected_live=live_version.name if live_version else None)
+        except LiveChanged as exc:  # promoted or rolled back by hand during the tuning: kept, validated
+            log.warning("%s", exc)
+            promoted = False
     log.info("draft %s: mean accepted length %.3f vs live %.3f: %s", version.name, candidate.mean_accepted_len,
              live.mean_accepted_len, "promoted" if promoted else "kept, not promoted")  # fmt: skip
     return LoopResult(version, promoted, live_version.name if live_version else None, live, candidate, tuned,

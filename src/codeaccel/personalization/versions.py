@@ -25,6 +25,11 @@ from codeaccel.errors import UserError
 from codeaccel.models.registry import cache_dir, resolve_model
 
 _VERSION_NAME = re.compile(r"v[0-9]+")
+_ANY = object()  # promote(): whatever is live
+
+
+class LiveChanged(UserError):
+    """The live draft is not the one a candidate was validated against (promoted or rolled back meanwhile)."""
 
 
 def default_versions_dir(draft_model: str) -> Path:
@@ -171,11 +176,18 @@ class DraftVersions:
             state["versions"][name].update(status="failed", error=reason, failed_at=time.time())
         shutil.rmtree(self.root / name, ignore_errors=True)
 
-    def promote(self, name: str) -> DraftVersion:
+    def promote(self, name: str, expected_live: object = _ANY) -> DraftVersion:
         """Make ``name`` the live draft (the one before it is kept for rollback); a version whose tuning
-        failed or never finished is refused (its adapter may be half written)."""
+        failed or never finished is refused (its adapter may be half written). ``expected_live``: the live
+        version's name (None: the base model) the candidate was validated against; :class:`LiveChanged`
+        where another is live now (checked under the registry's lock: a ``draft promote`` or ``rollback``
+        run during a tuning is never silently replaced by a candidate never compared with it)."""
         with self._locked() as state:
             self._known(state, name)
+            if expected_live is not _ANY and state["live"] != expected_live:
+                was, now = expected_live or "the base model", state["live"] or "the base model"
+                raise LiveChanged(f"draft version {name} was validated against {was}, but {now} is live now: "
+                                  "validate it again")  # fmt: skip
             status = state["versions"][name].get("status")
             if status in ("training", "failed"):
                 raise UserError(f"draft version {name} is {status if status == 'failed' else 'not validated'}: "
@@ -197,7 +209,10 @@ class DraftVersions:
                 raise UserError("no tuned draft is live: nothing to roll back")
             state["versions"][state["live"]]["status"] = "rolled back"
             state["live"] = state["history"].pop() if state["history"] else None
-            return None if state["live"] is None else self._version(state, state["live"])
+            if state["live"] is None:
+                return None
+            state["versions"][state["live"]]["status"] = "live"  # no longer superseded
+            return self._version(state, state["live"])
 
     @staticmethod
     def _known(state: dict, name: str) -> None:
