@@ -277,6 +277,22 @@ def test_disconnected_stream_frees_its_sequence(server, alone):
     assert _metric(server, "codeaccel_cancelled_total") == before + 1
 
 
+def test_a_client_that_gives_up_on_a_whole_response_frees_its_sequence(server, alone):
+    """Not streaming: an editor cancelling a completion on the next keystroke closes the connection; the
+    server notices while it waits for the result and cancels the generation (not at max_tokens)."""
+    assert len(alone.engine.tokenize(alone(alone.engine.tokenize(LONG_PROMPT), 400))) > 300  # still running when cut
+    state = server.app.state.codeaccel
+    before = _metric(server, "codeaccel_cancelled_total")
+    body = {"prompt": LONG_PROMPT, "max_tokens": 400, "temperature": 0}
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(server.url + "/v1/completions", json=body, timeout=httpx.Timeout(5.0, read=0.5))
+    deadline = time.time() + 10
+    while state.runtime.scheduler.in_system and time.time() < deadline:
+        time.sleep(0.05)
+    assert state.runtime.scheduler.in_system == 0
+    assert _metric(server, "codeaccel_cancelled_total") == before + 1
+
+
 def test_events_are_stored(server):
     r = httpx.post(server.url + "/v1/events", json={"type": "select", "completion_id": "cmpl-1", "choice_index": 0})
     assert r.status_code == 200

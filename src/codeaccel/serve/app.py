@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import hmac
 import logging
 import threading
 from collections.abc import AsyncIterator
@@ -19,7 +18,7 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
@@ -44,6 +43,7 @@ from codeaccel.retrieval.datastore import open_datastores
 from codeaccel.retrieval.drafter import RetrievalDrafter
 from codeaccel.retrieval.timing import RetrievalTiming
 from codeaccel.serve import formats
+from codeaccel.serve.access import AccessAndCount
 from codeaccel.serve.body_limit import BodyLimit
 from codeaccel.serve.completions import Call
 from codeaccel.serve.draft_follow import DraftFollower
@@ -240,25 +240,13 @@ def create_app(settings: ServeSettings, load_in_background: bool = True, replica
     install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
 
-    @app.middleware("http")
-    async def auth_and_count(request: Request, call_next):
-        if settings.api_key and request.url.path not in ("/health", "/metrics"):
-            given = request.headers.get("authorization", "").encode()
-            if not hmac.compare_digest(given, f"Bearer {settings.api_key}".encode()):
-                body = error_body("a valid API key is required (Authorization: Bearer ...)", "authentication_error",
-                                  code="invalid_api_key")  # fmt: skip
-                state.metrics.requests.labels(request.url.path if request.url.path in ROUTES else "other", "401").inc()
-                return JSONResponse(body, status_code=401)
-        status = 500  # counted even when an exception escapes
-        try:
-            response = await call_next(request)
-            status = response.status_code
-        finally:
-            path = request.url.path if request.url.path in ROUTES else "other"  # bounded label values
-            state.metrics.requests.labels(path, str(status)).inc()
-        if replica is not None:
-            response.headers[REPLICA_HEADER] = replica
-        return response
+    app.add_middleware(
+        AccessAndCount,
+        api_key=settings.api_key,
+        count=lambda path, status: state.metrics.requests.labels(path, str(status)).inc(),
+        routes=ROUTES,
+        replica_header=(REPLICA_HEADER, replica) if replica is not None else None,
+    )
 
     def check_model(name: str | None, rt: ReadyRuntime) -> None:
         if name is not None and name not in (rt.model_id, rt.engine.model_name):
