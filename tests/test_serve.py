@@ -513,6 +513,74 @@ def test_the_scheduler_survives_an_unexpected_error_in_a_step(fim_gguf, monkeypa
         engine.close()
 
 
+def test_an_error_after_a_stream_started_is_an_error_event_then_done():
+    import asyncio
+
+    from codeaccel.serve.app import _sse
+
+    async def chunks():
+        yield "data: {}\n\n"
+        raise ValueError("a bug mid-stream")
+
+    async def read(response) -> list[str]:
+        return [c if isinstance(c, str) else c.decode() async for c in response.body_iterator]
+
+    sent = asyncio.run(read(_sse(chunks(), None)))
+    error = json.loads(sent[1][len("data: ") :])["error"]
+    assert error["type"] == "server_error" and "ValueError" in error["message"] and sent[2] == "data: [DONE]\n\n"
+    native = asyncio.run(read(_sse(chunks(), None, done_marker=False)))
+    assert len(native) == 2 and "error" in native[1]  # llama-server's streams end without [DONE]
+
+
+def test_the_scheduler_survives_errors_around_a_step_and_health_reports_a_dead_thread(fim_gguf, monkeypatch):
+    """A bug when a job is submitted, or in the bookkeeping after a step, fails those jobs, never the thread."""
+    from codeaccel.serve.metrics import ServerMetrics as Metrics
+
+    engine = load_engine(fim_gguf, n_ctx=256)
+    broken = {"submit": True, "after": False}
+    real_submit, real_observe = BatchDecoder.submit, Metrics.observe_step
+
+    def submit(self, request):
+        if broken["submit"]:
+            broken["submit"] = False
+            raise KeyError("submit bug")
+        return real_submit(self, request)
+
+    def observe_step(self, *args):
+        if broken["after"]:
+            broken["after"] = False
+            raise ZeroDivisionError("metrics bug")
+        return real_observe(self, *args)
+
+    monkeypatch.setattr(BatchDecoder, "submit", submit)
+    monkeypatch.setattr(Metrics, "observe_step", observe_step)
+    try:
+        with open_sequences(engine, n_seq_max=2, n_ctx=256) as seqs:
+            scheduler = Scheduler(seqs, max_queue=2, metrics=Metrics())
+            scheduler.start()
+            events: list = []
+            done = threading.Event()
+
+            def sink(event):
+                if not isinstance(event, Progress):
+                    events.append(event)
+                    done.set()
+
+            def run() -> object:
+                done.clear()
+                scheduler.submit([Job(Request(engine.tokenize(PROMPTS[0]), max_tokens=8), sink=sink)])
+                assert done.wait(30)
+                return events[-1]
+
+            assert isinstance(run(), Failed) and "submit bug" in str(events[-1].error)
+            broken["after"] = True
+            assert isinstance(run(), Failed) and "metrics bug" in str(events[-1].error)
+            assert isinstance(run(), Finished) and scheduler.alive and scheduler.in_system == 0
+            assert scheduler.stop() and not scheduler.alive
+    finally:
+        engine.close()
+
+
 def test_draft_model_drafts_are_verified_in_the_batch(fim_gguf, tmp_path, monkeypatch, alone):
     """--method draft-model: the draft model (here the target's own weights: every draft token is
     accepted) drafts for all concurrent requests at once; every answer equals decoding alone."""

@@ -47,7 +47,7 @@ from codeaccel.serve.access import AccessAndCount
 from codeaccel.serve.body_limit import BodyLimit
 from codeaccel.serve.completions import Call
 from codeaccel.serve.draft_follow import DraftFollower
-from codeaccel.serve.errors import APIError, error_body, install_error_handlers
+from codeaccel.serve.errors import APIError, error_body, install_error_handlers, to_api_error
 from codeaccel.serve.events import EventStore
 from codeaccel.serve.metrics import ServerMetrics
 from codeaccel.serve.prompts import chat_prompt, fim_prompt
@@ -168,6 +168,8 @@ class ServerState:
             if self.load_error is not None:  # retrying will not help: the operator must fix the settings
                 raise APIError(503, message, "server_error", code="load_failed")
             raise APIError(503, message, "server_error", code="loading", headers={"Retry-After": "5"})
+        if not self.runtime.scheduler.alive:  # nothing would answer: not healthy (a restart is needed)
+            raise APIError(503, "the decoding thread has stopped", "server_error", code="scheduler_stopped")
         return self.runtime
 
 
@@ -389,7 +391,7 @@ def create_app(settings: ServeSettings, load_in_background: bool = True, replica
         if body.n_predict == 0 and not (settings.prefix_cache and body.cache_prompt):
             # llama.vim's cache warm-up, with no cache to warm: the prompt only, nothing generated or evaluated
             empty = formats.native_empty_body(rt.model_id, len(prompt), prompt_text)
-            return _sse(_once(formats.sse(empty)), None) if body.stream else empty
+            return _sse(_once(formats.sse(empty)), None, done_marker=False) if body.stream else empty
         room = settings.ctx_size - len(prompt)
         request = GenRequest(
             prompt,
@@ -400,7 +402,7 @@ def create_app(settings: ServeSettings, load_in_background: bool = True, replica
         )
         call = Call(rt.scheduler, [request], body.stream, body.stop, cache=state.completion_cache)
         if body.stream:
-            return _sse(_native_stream(call, rt.model_id, http, prompt_text), call)
+            return _sse(_native_stream(call, rt.model_id, http, prompt_text), call, done_marker=False)
         results = await call.results(http)
         return formats.native_body(rt.model_id, results[0].finished, prompt_text)
 
@@ -519,8 +521,9 @@ async def _once(chunk: str) -> AsyncIterator[str]:
     yield chunk
 
 
-def _sse(chunks: AsyncIterator[str], call: Call | None) -> StreamingResponse:
-    """A server-sent event stream; an error after the stream started is sent as an OpenAI error event.
+def _sse(chunks: AsyncIterator[str], call: Call | None, done_marker: bool = True) -> StreamingResponse:
+    """A server-sent event stream; an error after the stream started is sent as an OpenAI error event,
+    then ``[DONE]`` (``done_marker``: OpenAI's streams; llama-server's native ones end without it).
 
     ``call``: cancelled when the response ends, also if the client left before the first chunk
     (the stream's own cleanup never runs then)."""
@@ -529,8 +532,11 @@ def _sse(chunks: AsyncIterator[str], call: Call | None) -> StreamingResponse:
         try:
             async for chunk in chunks:
                 yield chunk
-        except APIError as exc:
-            yield formats.sse(error_body(exc.message, exc.type, exc.param, exc.code))
+        except Exception as exc:  # after the 200: the error as an event, then the end marker clients wait for
+            error = to_api_error(exc)
+            yield formats.sse(error_body(error.message, error.type, error.param, error.code))
+            if done_marker:
+                yield formats.sse("[DONE]")
 
     background = None if call is None else BackgroundTask(call.cancel)
     return StreamingResponse(guarded(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"},

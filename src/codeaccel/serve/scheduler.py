@@ -27,7 +27,7 @@ from codeaccel.decoding.costs import LearnedCosts
 from codeaccel.decoding.drafter import Drafter
 from codeaccel.decoding.generation import Generation, Request
 from codeaccel.engines.sequences import SequenceSet
-from codeaccel.errors import CodeaccelError, InternalError, UserError
+from codeaccel.errors import CodeaccelError, InternalError, SetupError, UserError
 from codeaccel.serve.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
@@ -122,6 +122,11 @@ class Scheduler:
         return not self._thread.is_alive()
 
     @property
+    def alive(self) -> bool:
+        """Whether the scheduler thread runs (a server whose thread died answers nothing: not healthy)."""
+        return self._thread.is_alive()
+
+    @property
     def in_system(self) -> int:
         with self._lock:
             return self._in_system
@@ -164,6 +169,7 @@ class Scheduler:
                 steps = decoder.stats.steps
                 spent = decoder.stats.decode_s + decoder.stats.prefill_s
                 finished = decoder.step()
+                self._after_step(decoder, jobs, by_handle, finished, steps, spent)
             except Exception as exc:  # a bug or a broken engine: fail what is running, keep serving
                 log.exception("decode step failed")
                 error = exc if isinstance(exc, CodeaccelError) else InternalError(f"decoding failed: {exc}")
@@ -176,36 +182,39 @@ class Scheduler:
                     log.error("sequences %s left open after a failure: closing them", self.seqs.open_sequences)
                     self.seqs.close_all()
                     decoder = self._decoder()
-                continue
-            now = time.perf_counter()
-            self.metrics.engine_seconds.inc(decoder.stats.decode_s + decoder.stats.prefill_s - spent)
-            if decoder.stats.steps > steps:  # an evaluation ran (a first step may use the prefill's row only)
-                self.metrics.observe_step(decoder.stats.last_batch, self.seqs.n_seq_max, decoder.n_waiting)
-            for job in list(jobs.values()):
-                if job.admitted is None and decoder.progress(job.handle) is not None:
-                    job.admitted = now
-                progress = decoder.progress(job.handle)
-                if progress is not None and progress[0]:
-                    self._on_tokens(job, progress, now)
-            for handle, generation in finished:
-                job = by_handle[handle]
-                job.admitted = job.admitted or now
-                if job.first_token is None and generation.tokens:
-                    job.first_token = now
-                    self.metrics.time_to_first_token.observe(now - job.submitted)
-                if job.stream:
-                    _deliver(job, Progress(len(generation.tokens), generation.text))
-                event = Finished(
-                    generation,
-                    queued_s=job.admitted - job.submitted,
-                    first_token_s=None if job.first_token is None else job.first_token - job.submitted,
-                    total_s=now - job.submitted,
-                )
-                self.metrics.observe_finished(generation, event.total_s, job.counts_prompt)
-                self._end(job, jobs, by_handle, event)
-        for job in list(jobs.values()):  # shutting down
-            self._end(job, jobs, by_handle, Failed(RuntimeError("the server is shutting down")))
+        for job in list(jobs.values()):  # shutting down: 503, the client may try another replica
+            self._end(job, jobs, by_handle, Failed(SetupError("the server is shutting down")))
         decoder.clear_kept()
+
+    def _after_step(self, decoder: BatchDecoder, jobs: dict, by_handle: dict, finished, steps: int,
+                    spent: float) -> None:  # fmt: skip
+        """What one step did: metrics, first tokens, stream progress, finished jobs' events."""
+        now = time.perf_counter()
+        self.metrics.engine_seconds.inc(decoder.stats.decode_s + decoder.stats.prefill_s - spent)
+        if decoder.stats.steps > steps:  # an evaluation ran (a first step may use the prefill's row only)
+            self.metrics.observe_step(decoder.stats.last_batch, self.seqs.n_seq_max, decoder.n_waiting)
+        for job in list(jobs.values()):
+            if job.admitted is None and decoder.progress(job.handle) is not None:
+                job.admitted = now
+            progress = decoder.progress(job.handle)
+            if progress is not None and progress[0]:
+                self._on_tokens(job, progress, now)
+        for handle, generation in finished:
+            job = by_handle[handle]
+            job.admitted = job.admitted or now
+            if job.first_token is None and generation.tokens:
+                job.first_token = now
+                self.metrics.time_to_first_token.observe(now - job.submitted)
+            if job.stream:
+                _deliver(job, Progress(len(generation.tokens), generation.text))
+            event = Finished(
+                generation,
+                queued_s=job.admitted - job.submitted,
+                first_token_s=None if job.first_token is None else job.first_token - job.submitted,
+                total_s=now - job.submitted,
+            )
+            self.metrics.observe_finished(generation, event.total_s, job.counts_prompt)
+            self._end(job, jobs, by_handle, event)
 
     def _decoder(self) -> BatchDecoder:
         curve = self.costs.curve if self.costs is not None else None
@@ -233,7 +242,10 @@ class Scheduler:
                 for job in payload:
                     try:
                         job.handle = decoder.submit(job.request)
-                    except CodeaccelError as exc:
+                    except Exception as exc:  # refused (a prompt too long), or a bug: that job fails, not the thread
+                        if not isinstance(exc, CodeaccelError):
+                            log.exception("job %d: submitting it failed", job.id)
+                            exc = InternalError(f"submitting the request failed: {exc}")
                         self._release(1)
                         _deliver(job, Failed(exc))
                         continue
