@@ -227,6 +227,8 @@ def test_native_completion_and_infill(server, alone):
         (json.dumps({"prompt": "x", "model": "gpt-4"}).encode(), 404, "model"),
         (json.dumps({"prompt": []}).encode(), 400, "prompt"),
         (json.dumps({"prompt": "a\ud800"}).encode(), 400, None),  # a lone surrogate: valid JSON, not text
+        (json.dumps({"prompt": "x", "\ud800": "\ud800"}).encode(), 400, None),  # in a key too (an unknown field)
+        (json.dumps({"prompt": "x", "extra": {"\udc00k": 1}}).encode(), 400, None),  # nested
         (json.dumps({"prompt": "x", "stop": ["a"] * 17}).encode(), 400, "stop"),
         (json.dumps({"prompt": "x", "stop": "y" * 600}).encode(), 400, "stop"),
         (json.dumps({"prompt": ["x"] * 10, "n": 3}).encode(), 400, None),  # 30 choices > 4 sequences + 16 queued

@@ -61,7 +61,13 @@ def _check_text(value, where: str = "body") -> None:
             except UnicodeEncodeError:
                 raise ValueError(f"{name} is not valid Unicode text (a lone surrogate)") from None
         elif isinstance(item, dict):
-            pending.extend(reversed([(v, str(k)) for k, v in item.items()]))  # in document order
+            for key in item:  # a key is text too; named in the message by ascii(): encodable whatever it holds
+                pending_key = str(key)
+                try:
+                    pending_key.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise ValueError(f"the key {ascii(pending_key)} in {name} is not valid Unicode text") from None
+            pending.extend(reversed([(v, ascii(str(k))[1:-1]) for k, v in item.items()]))  # in document order
         elif isinstance(item, list):
             pending.extend((v, name) for v in reversed(item))
 
