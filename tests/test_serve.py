@@ -125,10 +125,19 @@ def test_chat_completion_and_its_stream(server):
 def test_n_seeded_choices_are_reproducible(server):
     client = server.client()
     kw = dict(model="tiny-fim", prompt=PROMPTS[2], max_tokens=12, temperature=1.0, seed=7, n=3)
-    first = [c.text for c in client.completions.create(**kw).choices]
+    before = _metric(server, "codeaccel_prompt_tokens_total")
+    response = client.completions.create(**kw)
+    first = [c.text for c in response.choices]
+    assert _metric(server, "codeaccel_prompt_tokens_total") - before == response.usage.prompt_tokens  # once, not n
     again = [c.text for c in client.completions.create(**kw).choices]
     assert len(first) == 3 and first == again
     assert len(set(first)) > 1  # three seeds, three samples (peaked tiny model, still different)
+    with ThreadPoolExecutor(2) as pool:  # beside another request (other batch shapes): the same samples
+        beside = pool.submit(client.completions.create, model="tiny-fim", prompt=PROMPTS[0], max_tokens=24,
+                             temperature=0)  # fmt: skip
+        crowded = [c.text for c in pool.submit(client.completions.create, **kw).result().choices]
+        beside.result()
+    assert crowded == first
 
 
 def test_fim_suffix_equals_a_raw_fim_prompt(server, alone):
@@ -286,6 +295,7 @@ def test_a_client_that_gives_up_on_a_whole_response_frees_its_sequence(server, a
     state = server.app.state.codeaccel
     before = _metric(server, "codeaccel_cancelled_total")
     body = {"prompt": LONG_PROMPT, "max_tokens": 400, "temperature": 0}
+    state.runtime.scheduler.between_steps(lambda: time.sleep(1.5))  # still queued when the client gives up
     with pytest.raises(httpx.TimeoutException):
         httpx.post(server.url + "/v1/completions", json=body, timeout=httpx.Timeout(5.0, read=0.5))
     deadline = time.time() + 10

@@ -72,6 +72,11 @@ class Call:
         hits = {i: g for i, key in enumerate(self._keys) if key is not None and (g := cache.get(key)) is not None}
         decoded = [i for i in range(len(requests)) if i not in hits]
         self.jobs = [Job(requests[i], self._sink(i), stream=stream) for i in decoded]
+        prompts: set[tuple[int, ...]] = set()
+        for job in self.jobs:  # n > 1: the choices of one prompt count its tokens once
+            key = tuple(job.request.prompt_tokens)
+            job.counts_prompt = key not in prompts
+            prompts.add(key)
         self.cursors = [StreamCursor(stops) for _ in requests]
         self.open = set(range(len(requests)))
         self.ids = dict(zip(decoded, scheduler.submit(self.jobs) if self.jobs else []))  # QueueFull: none queued
