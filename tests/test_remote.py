@@ -442,3 +442,45 @@ def test_a_client_ends_its_session_and_stops_at_the_servers_context(server, targ
         engine.close()
     assert short.finish_reason in ("length", "eos") and len(prompt) + len(short.tokens) <= len(prompt) + 6
     assert short.tokens == _alone(target, prompt, 30)[: len(short.tokens)]
+
+
+def test_a_draft_that_tokenizes_otherwise_than_the_servers_target_is_refused(server, target):
+    from codeaccel.engines.tokenizer import engine_fingerprint
+    from codeaccel.errors import UserError
+    from codeaccel.remote.client import ServerInfo, server_info
+
+    info = server_info(server.url)
+    assert info.tokenizer_fingerprint == engine_fingerprint(target)  # published in /v1/models
+    with pytest.raises(UserError, match="tokenizes text otherwise"):
+        RemoteDraftClient(target, server.url, server=ServerInfo(info.model, info.max_model_len, "another"))
+    RemoteDraftClient(target, server.url, server=ServerInfo(info.model, info.max_model_len, None)).close()  # unsaid
+
+
+def test_a_server_that_is_not_codeaccel_is_one_setup_error(monkeypatch):
+    from codeaccel.errors import SetupError
+    from codeaccel.remote import client as remote_client
+
+    for body in ({"object": "list", "data": []}, {"data": [{"id": "llama"}]}, ["not", "an", "object"]):
+        monkeypatch.setattr(remote_client.httpx, "get", lambda *a, body=body, **kw: httpx.Response(200, json=body))
+        with pytest.raises(SetupError, match="no codeaccel server"):
+            remote_client.server_info("http://127.0.0.1:9")
+
+
+def test_the_targets_end_of_text_ends_the_text_whatever_the_drafts_end_ids(target, monkeypatch):
+    """The server says "eos" for its last token: the text ends there with "eos", the token's text not shown,
+    even where that id is not one of the draft's own end-of-generation ids (another model's template)."""
+    from codeaccel.remote.client import ServerInfo
+
+    other_end = next(t for t in range(target.n_vocab) if t not in target.eog_token_ids and target.token_bytes(t))
+    first = target.tokenize(" x")[0]
+    answers = iter([{"tokens": [first], "finish_reason": None}, {"tokens": [first, other_end], "finish_reason": "eos"}])
+
+    def verify(self, *args):
+        return {"n_drafted": 0, "n_accepted": 0, **next(answers)}
+
+    monkeypatch.setattr(RemoteDraftClient, "_verify", verify)
+    monkeypatch.setattr(RemoteDraftClient, "_end_session", lambda self, session_id: None)
+    with RemoteDraftClient(target, "http://127.0.0.1:9", draft_tokens=0, server=ServerInfo("m", 512)) as client:
+        got = client.generate(target.tokenize("x ="), max_tokens=10)
+    assert got.finish_reason == "eos" and got.tokens == [first, first, other_end]
+    assert got.text == target.detokenize([first, first])

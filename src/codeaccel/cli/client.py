@@ -76,7 +76,7 @@ def client(
     with load_engine(draft_model, engine) as draft:
         text = draft.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
         with RemoteDraftClient(draft, server, draft_tokens, completions, api_key,
-                               server_ctx=info.max_model_len) as remote:  # fmt: skip
+                               server=info) as remote:  # fmt: skip
             if live is not None:
                 remote.set_draft_lora(live.adapter_for(draft.kind))
             gen = remote.generate(draft.tokenize(text), params, max_tokens, tuple(stop or ()))

@@ -135,6 +135,15 @@ class StopChecker:
         """Tokens it may still take before max tokens ends generation."""
         return self._max_tokens - len(self.tokens)
 
+    def push_end_of_text(self, token: int) -> FinishReason:
+        """Another engine (a remote target) ended the text with ``token``: its end-of-generation id, which may
+        not be one of this engine's; the text stays as it is."""
+        if self.finish_reason is not None:
+            raise RuntimeError("generation already finished")
+        self.tokens.append(token)
+        self.finish_reason = "eos"
+        return self.finish_reason
+
     def push(self, token: int) -> FinishReason | None:
         if self.finish_reason is not None:
             raise RuntimeError("generation already finished")

@@ -28,6 +28,7 @@ from codeaccel.decoding.drafter import Draft
 from codeaccel.decoding.generation import FinishReason, StopChecker
 from codeaccel.decoding.sampling import SamplingParams
 from codeaccel.engines.base import Engine
+from codeaccel.engines.tokenizer import engine_fingerprint
 from codeaccel.errors import SetupError, UserError
 from codeaccel.personalization.completion_cache import CachedCompletion, CacheKey, CompletionCache
 
@@ -75,8 +76,9 @@ class RemoteDraftClient:
     sequence); the completion cache may be shared with other clients of the process."""
 
     def __init__(self, draft: Engine, server_url: str, draft_tokens: int = 4, cache: CompletionCache | None = None,
-                 api_key: str | None = None, timeout_s: float = 600.0, server_ctx: int | None = None):  # fmt: skip
-        """server_ctx: most tokens the server's context holds (its /v1/models max_model_len; None: read it)."""
+                 api_key: str | None = None, timeout_s: float = 600.0, server: ServerInfo | None = None):  # fmt: skip
+        """server: what the server's /v1/models says (None: read it); a draft that tokenizes otherwise than the
+        server's target is refused (its ids would mean other tokens there)."""
         if not 0 <= draft_tokens <= MAX_DRAFT_TOKENS:
             raise UserError(f"--draft-tokens must be in 0..{MAX_DRAFT_TOKENS} (the server's limit), got {draft_tokens}")
         self.draft = draft
@@ -84,7 +86,11 @@ class RemoteDraftClient:
         self.draft_tokens = draft_tokens
         self.cache = cache if cache is not None else CompletionCache(0)
         self.http = httpx.Client(base_url=server_url.rstrip("/"), headers=_auth(api_key), timeout=timeout_s)
-        self.server_ctx = server_ctx if server_ctx is not None else server_info(server_url, api_key).max_model_len
+        info = server if server is not None else server_info(server_url, api_key)
+        if info.tokenizer_fingerprint is not None and info.tokenizer_fingerprint != engine_fingerprint(draft):
+            raise UserError(f"the draft {draft.model_name} tokenizes text otherwise than the server's target "
+                            f"{info.model}: remote drafts need the same tokenizer")  # fmt: skip
+        self.server_ctx = info.max_model_len
         self._draft_lock = threading.Lock()  # a generation, or a swap of the draft's adapter
 
     def set_draft_lora(self, adapter: Path | None) -> None:
@@ -133,11 +139,13 @@ class RemoteDraftClient:
         try:
             while finish is None:
                 # the server holds context + draft below its context size; nothing fits: the text ends here
-                room = min(self.draft.n_ctx, self.server_ctx) - len(context) - 1
+                room = self.server_ctx - len(context) - 1
                 if room < 0:
                     finish = "length"
                     break
-                k = min(self.draft_tokens, checker.remaining - 1, room)
+                # past the draft's own context the server decodes alone (k = 0), as the target alone would
+                draft_room = max(0, self.draft.n_ctx - len(context) - 1)
+                k = min(self.draft_tokens, checker.remaining - 1, room, draft_room)
                 finish = self._round(session, session_id, context, send_context, k, params, draft_rng, checker, stats)
                 send_context = False
         finally:
@@ -152,13 +160,16 @@ class RemoteDraftClient:
         draft = session.propose(context, k, params, draft_rng) if k > 0 else Draft(tokens=[])
         stats.draft_s += time.perf_counter() - t
         answer = self._verify(session_id, context, send_context, draft, params, checker.remaining, stats)
-        context += answer["tokens"]
-        for token in answer["tokens"]:
+        tokens = answer["tokens"]
+        context += tokens
+        for i, token in enumerate(tokens):
             stats.committed_tokens += 1
+            if answer["finish_reason"] == "eos" and i == len(tokens) - 1:  # the target's end of text, whatever
+                return checker.push_end_of_text(token)  # the draft's own end-of-generation ids are
             finish = checker.push(token)
             if finish is not None:
                 return finish
-        return "length" if answer["finish_reason"] is not None else None  # the server's context is full
+        return "length" if answer["finish_reason"] == "length" else None  # the server's context is full
 
     def _end_session(self, session_id: str) -> None:
         """The server may forget the session (its context); a failure here only leaves it to expire."""
@@ -206,6 +217,7 @@ class RemoteDraftClient:
 class ServerInfo:
     model: str  # its /v1/models id
     max_model_len: int  # most tokens a request's context may hold there
+    tokenizer_fingerprint: str | None = None  # its target's (None: a server that does not say)
 
 
 def server_info(server_url: str, api_key: str | None = None, timeout_s: float = 10.0) -> ServerInfo:
@@ -216,8 +228,14 @@ def server_info(server_url: str, api_key: str | None = None, timeout_s: float = 
         raise SetupError(f"cannot reach the server at {server_url}: {exc}") from None
     if response.status_code != 200:
         raise SetupError(f"the server at {server_url} answered {response.status_code}: {_message(response)}")
-    model = response.json()["data"][0]
-    return ServerInfo(model["id"], int(model["max_model_len"]))
+    try:
+        model = response.json()["data"][0]
+        fingerprint = model.get("tokenizer_fingerprint")
+        return ServerInfo(str(model["id"]), int(model["max_model_len"]),
+                          fingerprint if isinstance(fingerprint, str) else None)  # fmt: skip
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        raise SetupError(f"the server at {server_url} is no codeaccel server: its /v1/models names no model with "
+                         "a max_model_len") from None  # fmt: skip
 
 
 def _auth(api_key: str | None) -> dict[str, str]:

@@ -8,6 +8,7 @@ build the prompt, submit a :class:`~codeaccel.serve.completions.Call`, format.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import threading
@@ -31,7 +32,7 @@ from codeaccel.decoding.sampling import SamplingParams
 from codeaccel.engines import Engine, load_engine, open_sequences
 from codeaccel.engines.cost_curve import cost_curve_for
 from codeaccel.engines.sequences import SequenceSet
-from codeaccel.engines.tokenizer import check_same_tokenizer
+from codeaccel.engines.tokenizer import check_same_tokenizer, engine_fingerprint
 from codeaccel.errors import UserError
 from codeaccel.methods.registry import RETRIEVAL_K_MAX
 from codeaccel.personalization.auto_tune import AutoTuneConfig, AutoTuner
@@ -82,6 +83,11 @@ class Runtime:
     drafter: Drafter | BatchDrafter | None = None
     draft_engine: Engine | None = None  # the draft model's (method draft-model)
     follower: DraftFollower | None = None  # the tuned draft's live version, followed
+
+    @functools.cached_property
+    def tokenizer_fingerprint(self) -> str:
+        """The target's (in /v1/models): a remote draft client refuses a draft that tokenizes otherwise."""
+        return engine_fingerprint(self.engine)
 
     def close(self) -> None:
         if self.follower is not None:
@@ -264,7 +270,8 @@ def create_app(settings: ServeSettings, load_in_background: bool = True, replica
     @app.get("/v1/models")
     def models(rt: ReadyRuntime):
         return {"object": "list", "data": [{"id": rt.model_id, "object": "model", "created": 0, "owned_by": "codeaccel",
-                                            "max_model_len": settings.ctx_size}]}  # fmt: skip
+                                            "max_model_len": settings.ctx_size,
+                                            "tokenizer_fingerprint": rt.tokenizer_fingerprint}]}  # fmt: skip
 
     @app.get("/metrics")
     def metrics():
