@@ -159,6 +159,12 @@ def test_an_unreachable_postgres_is_a_setup_error(tmp_path):
     assert "secret" not in str(refused.value)
 
 
+def test_a_postgres_url_psycopg_cannot_read_is_a_user_error():
+    with pytest.raises(UserError, match="not a PostgreSQL URL") as refused:
+        open_store("postgresql://nobody:secret@/db?no_such_option=1")
+    assert "secret" not in str(refused.value)
+
+
 def test_an_accepted_completion_needs_text():
     with pytest.raises(CodeaccelError):
         Accepted("", "x")

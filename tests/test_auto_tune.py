@@ -9,6 +9,7 @@ store missed, and refuses auto tuning without a versions folder to promote into.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -79,16 +80,27 @@ def test_an_unreachable_store_starts_nothing_and_is_asked_again(tmp_path):
 
 
 def test_the_child_is_draft_train_niced_with_its_bounds():
-    config = AutoTuneConfig("0.5b", "1.5b", "postgresql://db/x", Path("/v"), threshold=7,
+    config = AutoTuneConfig("0.5b", "1.5b", "postgresql://u:secret@db/x", Path("/v"), threshold=7,
                             max_seconds=120, max_memory_mb=3000)  # fmt: skip
     cmd = config.command()
     assert cmd[:3] == ["nice", "-n", "10"] and cmd[4:8] == ["-m", "codeaccel", "draft", "train"]
     flags = dict(zip(cmd[8::2], cmd[9::2]))
-    assert flags == {"--draft-model": "0.5b", "--target-model": "1.5b", "--store": "postgresql://db/x",
+    assert flags == {"--draft-model": "0.5b", "--target-model": "1.5b",
                      "--versions": "/v", "--threshold": "7", "--max-seconds": "120",
                      "--max-memory-mb": "3000"}  # fmt: skip
+    assert "secret" not in " ".join(cmd)  # the store's URL goes in the environment, not where ps shows it
+    assert config.environment() == {"CODEACCEL_ACCEPTED_STORE": "postgresql://u:secret@db/x"}
     with pytest.raises(UserError):
         AutoTuneConfig("a", "b", "s", Path("/v"), threshold=0)
+
+
+def test_draft_train_reads_its_store_from_the_environment(tmp_path):
+    from test_cli import run_cli
+
+    missing = tmp_path / "nowhere.sqlite"
+    result = run_cli("draft", "train", "--draft-model", "0.5b", "--target-model", "1.5b",
+                     env={**os.environ, "CODEACCEL_ACCEPTED_STORE": str(missing)})  # fmt: skip
+    assert result.returncode == 2 and str(missing) in result.stderr
 
 
 def test_two_tunings_of_one_versions_folder_never_run_at_once(tmp_path):

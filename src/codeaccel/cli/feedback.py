@@ -11,13 +11,17 @@ from rich.table import Table
 from codeaccel.cli.display import out
 from codeaccel.cli.options import check_sqlite_file
 from codeaccel.errors import UserError
-from codeaccel.personalization.store import Accepted, default_location, open_store
+from codeaccel.personalization.store import STORE_ENV, Accepted, default_location, open_store
 
 app = typer.Typer(help="Accepted completions: add, list.", no_args_is_help=True)
 
 StoreOpt = Annotated[
     Optional[str],
-    typer.Option("--store", help="sqlite:///PATH, a path, or postgresql://... (default: the server's events file)."),
+    typer.Option(
+        "--store",
+        envvar=STORE_ENV,
+        help="sqlite:///PATH, a path, or postgresql://... (default: the server's events file).",
+    ),
 ]
 
 

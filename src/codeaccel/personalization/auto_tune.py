@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from codeaccel.errors import UserError
+from codeaccel.personalization.store import STORE_ENV
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +46,18 @@ class AutoTuneConfig:
             raise UserError("auto tuning: threshold >= 1, max seconds > 0, max memory >= 1 MB, nice in 0..19")
 
     def command(self) -> list[str]:
-        """The child's command line: ``codeaccel draft train`` with this configuration."""
+        """The child's command line: ``codeaccel draft train`` with this configuration (the store goes in
+        :meth:`environment`: a PostgreSQL URL's password is no business of ``ps``)."""
         return [
             "nice", "-n", str(self.nice), sys.executable, "-m", "codeaccel", "draft", "train",
             "--draft-model", self.draft_model, "--target-model", self.target_model,
-            "--store", self.store, "--versions", str(self.versions), "--threshold", str(self.threshold),
+            "--versions", str(self.versions), "--threshold", str(self.threshold),
             "--max-seconds", str(self.max_seconds), "--max-memory-mb", str(self.max_memory_mb),
         ]  # fmt: skip
+
+    def environment(self) -> dict[str, str]:
+        """What the child reads from its environment: the store (``draft train``'s ``--store``)."""
+        return {STORE_ENV: self.store}
 
 
 class AutoTuner:
@@ -97,7 +103,8 @@ class AutoTuner:
             try:
                 with open(self.config.versions / name, "ab") as out:
                     self._child = subprocess.Popen(self._command, stdin=subprocess.DEVNULL, stdout=out,
-                                                   stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+                                                   stderr=subprocess.STDOUT, start_new_session=True,
+                                                   env={**os.environ, **self.config.environment()})  # fmt: skip
             except OSError:
                 log.exception("starting the draft tuning failed")
                 return False

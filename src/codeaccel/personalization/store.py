@@ -268,11 +268,17 @@ class SQLiteAcceptedStore(AcceptedStore):
             self._db.close()
 
 
+CONNECT_TIMEOUT_S = 10  # a PostgreSQL server that does not answer: refused, not waited on for minutes
+
+
 class PostgresAcceptedStore(AcceptedStore):
     id_column = "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY"
 
     def __init__(self, url: str):
-        import psycopg  # optional: the personalization extra
+        try:
+            import psycopg  # optional: the personalization extra
+        except ImportError:
+            raise SetupError("a PostgreSQL store needs psycopg: pip install 'codeaccel[personalization]'") from None
 
         self.url = url
         self._psycopg = psycopg
@@ -280,13 +286,16 @@ class PostgresAcceptedStore(AcceptedStore):
         super().__init__()
 
     def _connect(self):
+        timeout = {} if "connect_timeout" in self.url else {"connect_timeout": CONNECT_TIMEOUT_S}
         try:
-            db = self._psycopg.connect(self.url, autocommit=True)  # each transaction() block: BEGIN ... COMMIT
+            db = self._psycopg.connect(self.url, autocommit=True, **timeout)  # each transaction(): BEGIN ... COMMIT
             # a commit returns once its WAL is on disk, whatever the server's default: acknowledged means durable
             db.execute("SET synchronous_commit = on")
             return db
         except self._psycopg.OperationalError as exc:
             raise SetupError(f"cannot connect to the accepted-completion store {_redact(self.url)}: {exc}") from None
+        except self._psycopg.ProgrammingError as exc:  # a URL psycopg cannot read
+            raise UserError(f"{_redact(self.url)} is not a PostgreSQL URL psycopg reads: {exc}") from None
 
     def _columns(self, table: str) -> set[str]:
         rows = self._run("SELECT column_name FROM information_schema.columns WHERE table_name = ?", (table,), True)
@@ -309,6 +318,9 @@ class PostgresAcceptedStore(AcceptedStore):
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+STORE_ENV = "CODEACCEL_ACCEPTED_STORE"  # the store, where a flag would show a URL's password to ps
 
 
 def default_location() -> Path:
