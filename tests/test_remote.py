@@ -374,6 +374,8 @@ def test_the_split_bench_measures_both_modes_on_loopback(tmp_path):
         assert r["errors"] == 0 and r["tokens_per_s"] > 0 and r["target_s_per_token"] > 0
         if mode == "remote-draft":
             assert r["identical"] == 4 and r["mean_accepted_len"] > 2  # the draft is the target: 5 a call at best
+            # a session's context stays in the server's cache: after its first call only the draft is evaluated
+            assert r["context_cached"] > 0.5 > rows[("server-alone", r["clients"])]["context_cached"]
     assert "| remote-draft | 2 |" in to_markdown(doc)
 
 

@@ -68,6 +68,7 @@ class SplitRow:
     target_s_per_token: float  # the server's evaluation seconds per token it committed
     mean_accepted_len: float | None  # remote: tokens committed per verification
     identical: int | None  # remote: outputs equal to the server-alone ones
+    context_cached: float | None = None  # share of the prompt tokens the server found in its kept caches
 
 
 def _metric(url: str, name: str) -> float:
@@ -76,6 +77,7 @@ def _metric(url: str, name: str) -> float:
 
 
 SECONDS, TOKENS = "codeaccel_engine_seconds_total", "codeaccel_generation_tokens_total"
+HITS, QUERIES = "vllm:prefix_cache_hits_total", "vllm:prefix_cache_queries_total"  # prompt tokens found cached, asked
 
 
 def _level(
@@ -87,7 +89,7 @@ def _level(
     make_client: Callable[[], RemoteDraftClient] | None,
     progress: Progress,
 ) -> tuple[SplitRow, list]:
-    seconds0, tokens0 = _metric(url, SECONDS), _metric(url, TOKENS)
+    seconds0, tokens0, hits0, queries0 = (_metric(url, name) for name in (SECONDS, TOKENS, HITS, QUERIES))
     queue = list(enumerate(prompts))
     lock = threading.Lock()
     outputs: dict[int, str] = {}  # request -> completion text
@@ -137,11 +139,13 @@ def _level(
             f.result()
     wall = time.perf_counter() - t0
     seconds, tokens = _metric(url, SECONDS) - seconds0, _metric(url, TOKENS) - tokens0
+    hits, queries = _metric(url, HITS) - hits0, _metric(url, QUERIES) - queries0
     row = SplitRow(mode, clients, len(prompts), errors,
                    round(float(np.percentile(latencies, 50)), 3) if latencies else 0.0,
                    round(float(np.percentile(latencies, 99)), 3) if latencies else 0.0,
                    round(tokens / wall, 3), round(seconds / tokens, 5) if tokens else 0.0,
-                   round(committed / calls, 3) if calls else None, None)  # fmt: skip
+                   round(committed / calls, 3) if calls else None, None,
+                   round(hits / queries, 4) if queries else None)  # fmt: skip
     return row, [outputs.get(i) for i in range(len(prompts))]
 
 
@@ -152,21 +156,23 @@ def run_split_bench(config: SplitBenchConfig, log_dir: Path, progress: Progress)
         prompts = [fim_prompt(tokenizer, r.prefix, r.suffix, budget) for r in fim_requests(config.requests)]
     finally:
         tokenizer.close()
-    # no kept caches: each level sends the same prompts, and a later level must not find them evaluated
+    # A server of its own per level and mode: each sends the same prompts, and none may find them evaluated by
+    # another; the prefix cache stays on, since a verify session's context is the sequence it keeps.
     spec = server_spec("codeaccel-autoregressive", config.target_model, config.parallel, config.ctx_size,
-                       config.threads, prefix_cache=False)  # fmt: skip
+                       config.threads)  # fmt: skip
     rows = []
-    with launched(spec, log_dir / "split-server.log") as url:
-
-        def make_client() -> RemoteDraftClient:
-            draft: Engine = load_engine(config.draft_model, n_ctx=config.ctx_size, n_threads=config.draft_threads)
-            return RemoteDraftClient(draft, url, config.draft_tokens)
-
-        for clients in config.clients:
+    for clients in config.clients:
+        with launched(spec, log_dir / f"split-server-alone-{clients}.log") as url:
             alone, alone_out = _level(url, "server-alone", prompts, clients, config, None, progress)
+        with launched(spec, log_dir / f"split-server-remote-{clients}.log") as url:
+
+            def make_client(url: str = url) -> RemoteDraftClient:
+                draft: Engine = load_engine(config.draft_model, n_ctx=config.ctx_size, n_threads=config.draft_threads)
+                return RemoteDraftClient(draft, url, config.draft_tokens)
+
             remote, remote_out = _level(url, "remote-draft", prompts, clients, config, make_client, progress)
-            remote.identical = sum(r is not None and r == a for r, a in zip(remote_out, alone_out))
-            rows += [alone, remote]
+        remote.identical = sum(r is not None and r == a for r, a in zip(remote_out, alone_out))
+        rows += [alone, remote]
     common = {"dataset": "fim:humaneval+mbpp+repo:click", "model": config.target_model, "engine": "llama.cpp",
               "draft_model": config.draft_model, "pass_at_1": None, "cpu": machine.cpu_model()}  # fmt: skip
     return {"config": asdict(config), "rows": [{**common, **asdict(r), "n_problems": r.requests} for r in rows]}
@@ -175,10 +181,15 @@ def run_split_bench(config: SplitBenchConfig, log_dir: Path, progress: Progress)
 def to_markdown(doc: dict) -> str:
     head = (
         "| mode | clients | requests | errors | latency p50 (s) | p99 (s) | tokens/s | target s/token | "
-        "mean accepted length | identical to server alone |\n" + "|---" * 10 + "|\n"
+        "mean accepted length | identical to server alone | context found cached |\n" + "|---" * 11 + "|\n"
     )
     lines = [f"| {r['method']} | {r['clients']} | {r['requests']} | {r['errors']} | {r['latency_p50_s']} | "
              f"{r['latency_p99_s']} | {r['tokens_per_s']} | {r['target_s_per_token']} | "
              f"{r['mean_accepted_len'] if r['mean_accepted_len'] is not None else ''} | "
-             f"{r['identical'] if r['identical'] is not None else ''} |" for r in doc["rows"]]  # fmt: skip
+             f"{r['identical'] if r['identical'] is not None else ''} | "
+             f"{_blank(r.get('context_cached'))} |" for r in doc["rows"]]  # fmt: skip
     return "# Client/server split (remote drafts) on loopback\n\n" + head + "\n".join(lines) + "\n"
+
+
+def _blank(value) -> str:
+    return "" if value is None else str(value)

@@ -2,7 +2,8 @@
 
 Shared on purpose (every handler reads and writes it), owned by the server's state, thread-safe.
 A session holds its token ids; the target's cache for them is the sequence the batch decoder kept
-(its prefix cache finds it by the tokens), so a session costs memory only for its ids. Bounded:
+(its prefix cache finds it by the tokens), so a session costs memory only for its ids; a server
+started with ``--no-prefix-cache`` keeps none, and each call evaluates its whole context again. Bounded:
 a client ends its session when its text is done (``DELETE /v1/verify/{id}``), one idle for
 ``ttl_s`` is forgotten, and beyond ``max_sessions`` the least recently used one is (its client
 then resends its context). A
