@@ -305,6 +305,15 @@ def test_a_client_that_gives_up_on_a_whole_response_frees_its_sequence(server, a
     assert _metric(server, "codeaccel_cancelled_total") == before + 1
 
 
+def test_queue_time_ends_when_a_request_gets_its_sequence_not_after_its_prompt(server):
+    """A request alone waits for nothing: its queue time ends when it gets its sequence, far below its prompt's
+    evaluation (it used to end after the prompt, counting the prefill twice)."""
+    body = {"prompt": LONG_PROMPT + " unique " * 50, "max_tokens": 2, "temperature": 0, "cache_prompt": False}
+    alone = httpx.post(server.url + "/completion", json=body, timeout=60).json()["timings"]
+    assert alone["prompt_ms"] > 0 and alone["queue_ms"] < 0.5 * alone["prompt_ms"]
+    assert alone["total_ms"] >= alone["queue_ms"] + alone["prompt_ms"] - 1
+
+
 def test_events_are_stored(server):
     r = httpx.post(server.url + "/v1/events", json={"type": "select", "completion_id": "cmpl-1", "choice_index": 0})
     assert r.status_code == 200

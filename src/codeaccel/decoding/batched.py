@@ -208,6 +208,7 @@ class BatchDecoder:
         self._accepted = 0
         self.stats = BatchStats()
         self._waiting: deque[tuple[int, Request]] = deque()
+        self._admitted_at: dict[int, float] = {}  # handle -> when it got its sequence, until it is done
         self._prefilling: list[_Prefill] = []  # admitted, prompt not yet evaluated in full; oldest first
         self._active: dict[int, _Active] = {}
         self._kept: OrderedDict[int, None] = OrderedDict()  # finished sequences kept for their caches, oldest first
@@ -230,6 +231,11 @@ class BatchDecoder:
     @property
     def idle(self) -> bool:
         return not self._active and not self._waiting and not self._prefilling
+
+    def admitted_at(self, handle: int) -> float | None:
+        """When a request got its sequence (``time.perf_counter()``; its prompt is evaluated from then on);
+        None while it waits for one, and once it is finished or cancelled."""
+        return self._admitted_at.get(handle)
 
     def progress(self, handle: int) -> tuple[list[int], str] | None:
         """A running request's tokens and text so far (a stream's source); None if it is waiting or gone."""
@@ -255,6 +261,7 @@ class BatchDecoder:
 
     def cancel(self, handle: int) -> bool:
         """Drop a waiting or running request (a client that went away); its sequence is freed."""
+        self._admitted_at.pop(handle, None)
         for i, (h, _) in enumerate(self._waiting):
             if h == handle:
                 del self._waiting[i]
@@ -453,6 +460,7 @@ class BatchDecoder:
             if reserved + need > self.seqs.n_ctx and (reserved or groups):
                 break  # wait for running requests to free cells (one request alone always fits)
             self._waiting.popleft()
+            self._admitted_at[handle] = time.perf_counter()
             groups.setdefault(key, []).append((handle, request))
             free -= 1
             reserved += need
@@ -586,6 +594,7 @@ class BatchDecoder:
 
     def _retire(self, active: _Active) -> Generation:
         self._active.pop(active.handle)
+        self._admitted_at.pop(active.handle, None)
         self._release(active)
         checker = active.checker
         return Generation(

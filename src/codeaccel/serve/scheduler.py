@@ -194,14 +194,15 @@ class Scheduler:
         if decoder.stats.steps > steps:  # an evaluation ran (a first step may use the prefill's row only)
             self.metrics.observe_step(decoder.stats.last_batch, self.seqs.n_seq_max, decoder.n_waiting)
         for job in list(jobs.values()):
-            if job.admitted is None and decoder.progress(job.handle) is not None:
-                job.admitted = now
+            if job.admitted is None:
+                job.admitted = decoder.admitted_at(job.handle)  # when it got its sequence (None: still waiting)
             progress = decoder.progress(job.handle)
             if progress is not None and progress[0]:
                 self._on_tokens(job, progress, now)
         for handle, generation in finished:
             job = by_handle[handle]
-            job.admitted = job.admitted or now
+            if job.admitted is None:  # admitted and finished in one step: it ran for its prefill and decoding
+                job.admitted = max(job.submitted, now - generation.prefill_s - generation.decode_s)
             if job.first_token is None and generation.tokens:
                 job.first_token = now
                 self.metrics.time_to_first_token.observe(now - job.submitted)
