@@ -399,6 +399,16 @@ def test_settings_precedence_flags_env_file(tmp_path, monkeypatch):
     bad.write_text("{")
     with pytest.raises(UserError, match="not valid JSON"):
         load_settings(bad)
+    draft = tmp_path / "draft.toml"  # a setting that needs others from the file, given as a flag
+    draft.write_text(f'method = "draft-model"\ndraft_versions = "{tmp_path / "v"}"\n')
+    s = load_settings(draft, auto_tune=50)
+    assert (s.method, s.auto_tune, s.draft_versions) == ("draft-model", 50, tmp_path / "v")
+    with pytest.raises(UserError, match="needs draft_versions"):
+        load_settings(None, auto_tune=50)
+    unknown = tmp_path / "unknown.toml"
+    unknown.write_text("paralel = 3\n")
+    with pytest.raises(UserError, match="paralel"):
+        load_settings(unknown)
 
 
 def test_event_store_survives_reopen(tmp_path):

@@ -5,15 +5,28 @@ from __future__ import annotations
 
 import json
 import tomllib
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from codeaccel.errors import UserError
 
 DEFAULT_MODEL = "qwen2.5-coder-1.5b-instruct"
+# the config file's values while load_settings validates (a source below the environment and the flags)
+_FILE_VALUES: ContextVar[dict | None] = ContextVar("codeaccel_serve_config_file", default=None)
+
+
+class _ConfigFile(PydanticBaseSettingsSource):
+    """The config file's values (set by :func:`load_settings`), below the environment and the flags."""
+
+    def get_field_value(self, field, field_name: str) -> tuple[Any, str, bool]:
+        return (_FILE_VALUES.get() or {}).get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(_FILE_VALUES.get() or {})
 
 
 class ServeSettings(BaseSettings):
@@ -58,6 +71,12 @@ class ServeSettings(BaseSettings):
     auto_tune_max_seconds: float = Field(900.0, gt=0)  # its training time
     auto_tune_memory_mb: int = Field(8192, ge=256)  # its memory (data segment)
 
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings):  # fmt: skip
+        """Flags (init), then the environment, then the config file: validated once, on the merged values."""
+        return init_settings, env_settings, _ConfigFile(settings_cls)
+
     @model_validator(mode="after")
     def _draft_versions_need_a_draft(self):
         if self.draft_versions is not None and self.method != "draft-model":
@@ -82,12 +101,12 @@ def load_settings(config_file: Path | None = None, **flags) -> ServeSettings:
         if not isinstance(values, dict):
             raise UserError(f"config file {config_file} must hold a table of settings")
     given = {k: v for k, v in flags.items() if v is not None}
+    token = _FILE_VALUES.set(values)
     try:
-        from_env = ServeSettings(**given)  # flags over the environment
-        explicit = from_env.model_fields_set
-        merged = {**values, **{k: getattr(from_env, k) for k in explicit}}
-        return ServeSettings.model_validate({**merged}) if values else from_env
+        return ServeSettings(**given)  # flags over the environment over the file, checked together
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "settings"
         raise UserError(f"bad setting {where}: {first['msg']}") from None
+    finally:
+        _FILE_VALUES.reset(token)
