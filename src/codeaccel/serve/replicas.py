@@ -63,6 +63,8 @@ def deployment(settings: ServeSettings, replicas: int, cpus_per_replica: float):
         num_replicas=replicas,
         ray_actor_options={"num_cpus": cpus_per_replica},
         max_ongoing_requests=settings.parallel + settings.max_queue,
+        # beyond what the replicas hold, Ray's proxy answers 503 too instead of queueing without bound
+        max_queued_requests=max(1, settings.max_queue),
         health_check_period_s=10,
     )
     return replica.bind()
