@@ -358,6 +358,47 @@ def test_health_is_503_until_the_model_loads(tmp_path):
         assert client.post("/v1/completions", json={"prompt": "x"}).status_code == 503
 
 
+def test_health_is_503_with_retry_after_while_loading_then_200(fim_gguf, tmp_path, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    import codeaccel.serve.app as app_module
+
+    release = threading.Event()
+    real_load = app_module.load_engine
+
+    def slow_load(*args, **kwargs):
+        release.wait(30)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(app_module, "load_engine", slow_load)
+    settings = ServeSettings(model=fim_gguf, ctx_size=CTX, parallel=2, events_db=tmp_path / "e.db", completion_cache=0)
+    with TestClient(create_app(settings)) as client:
+        loading = client.get("/health")
+        assert loading.status_code == 503 and loading.json()["error"]["code"] == "loading"
+        assert loading.headers["retry-after"] == "5"
+        release.set()
+        deadline = time.time() + 30
+        while client.get("/health").status_code != 200 and time.time() < deadline:
+            time.sleep(0.05)
+        assert client.get("/health").status_code == 200
+
+
+def test_a_full_server_answers_503_with_retry_after(server):
+    """4 sequences and 16 queued: with the scheduler held, 20 requests fill it and the next gets a 503."""
+    state = server.app.state.codeaccel
+    state.runtime.scheduler.between_steps(lambda: time.sleep(2.0))
+    body = {"prompt": PROMPTS[0], "max_tokens": 2, "temperature": 0}
+    with ThreadPoolExecutor(20) as pool:
+        held = [pool.submit(httpx.post, server.url + "/v1/completions", json=body, timeout=60) for _ in range(20)]
+        deadline = time.time() + 10
+        while state.runtime.scheduler.in_system < 20 and time.time() < deadline:
+            time.sleep(0.02)
+        full = httpx.post(server.url + "/v1/completions", json=body, timeout=60)
+        assert full.status_code == 503 and full.headers["retry-after"] == "1"
+        assert full.json()["error"]["code"] == "queue_full"
+        assert all(f.result().status_code == 200 for f in held)
+
+
 def test_full_queue_refuses_and_counts_nothing(fim_gguf):
     engine = load_engine(fim_gguf, n_ctx=128)
     try:
