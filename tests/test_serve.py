@@ -108,6 +108,8 @@ def test_stream_equals_the_whole_completion(server):
     assert text == whole.text
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.finish_reason
     assert chunks[-1].usage.completion_tokens >= 1  # the usage chunk comes last
+    last = [c for c in chunks if c.choices][-1].model_extra["timings"]  # the choice's last chunk: its timings
+    assert last["predicted_n"] == chunks[-1].usage.completion_tokens and last["total_ms"] > 0
 
 
 def test_chat_completion_and_its_stream(server):
@@ -120,6 +122,7 @@ def test_chat_completion_and_its_stream(server):
     )
     assert parts[0].choices[0].delta.role == "assistant"
     assert "".join(p.choices[0].delta.content or "" for p in parts) == whole.choices[0].message.content
+    assert parts[-1].choices[0].finish_reason is not None and parts[-1].model_extra["timings"]["total_ms"] > 0
 
 
 def test_n_seeded_choices_are_reproducible(server):

@@ -573,7 +573,7 @@ async def _chat_stream(call: Call, model: str, http: Request, body: ChatCompleti
             yield formats.sse(formats.chat_chunk(call, model, d.index, {"content": d.text}, None))
         if d.finished is not None:
             finished.append(d.finished)
-            yield formats.sse(formats.chat_chunk(call, model, d.index, {}, d.finish_reason))
+            yield formats.sse(formats.chat_chunk(call, model, d.index, {}, d.finish_reason, d.finished))
     if body.stream_options and body.stream_options.include_usage:
         yield formats.sse(formats.usage_chunk(call, model, "chat.completion.chunk", finished, n_prompt))
     await call.after_done()

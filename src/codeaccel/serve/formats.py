@@ -63,9 +63,11 @@ def completion_body(call: Call, model: str, results: list[ChoiceResult], prompt_
 
 
 def completion_chunk(call: Call, model: str, d: ChoiceDelta) -> dict:
+    """A stream's chunk; a choice's last one carries its ``timings``, as llama-server's streams do."""
     choice = {"index": d.index, "text": d.text, "logprobs": None, "finish_reason": d.finish_reason}
-    return {"id": f"cmpl-{call.id}", "object": "text_completion", "created": call.created, "model": model,
-            "choices": [choice]}  # fmt: skip
+    chunk = {"id": f"cmpl-{call.id}", "object": "text_completion", "created": call.created, "model": model,
+             "choices": [choice]}  # fmt: skip
+    return chunk if d.finished is None else {**chunk, "timings": timings(d.finished)}
 
 
 def chat_body(call: Call, model: str, results: list[ChoiceResult], prompt_tokens: int) -> dict:
@@ -73,10 +75,13 @@ def chat_body(call: Call, model: str, results: list[ChoiceResult], prompt_tokens
                  lambda r: {"message": {"role": "assistant", "content": r.finished.generation.text}})  # fmt: skip
 
 
-def chat_chunk(call: Call, model: str, index: int, delta: dict, finish_reason: str | None) -> dict:
-    return {"id": f"chatcmpl-{call.id}", "object": "chat.completion.chunk", "created": call.created,
-            "model": model, "choices": [{"index": index, "delta": delta, "logprobs": None,
+def chat_chunk(call: Call, model: str, index: int, delta: dict, finish_reason: str | None,
+               finished: Finished | None = None) -> dict:  # fmt: skip
+    """A stream's chunk; a choice's last one (``finished``) carries its ``timings``."""
+    chunk = {"id": f"chatcmpl-{call.id}", "object": "chat.completion.chunk", "created": call.created,
+             "model": model, "choices": [{"index": index, "delta": delta, "logprobs": None,
                                           "finish_reason": finish_reason}]}  # fmt: skip
+    return chunk if finished is None else {**chunk, "timings": timings(finished)}
 
 
 def usage_chunk(call: Call, model: str, obj: str, finished: list[Finished], prompt_tokens: int) -> dict:
@@ -115,7 +120,9 @@ def native_empty_body(model: str, n_prompt: int, prompt: str) -> dict:
     """llama-server's answer to ``n_predict: 0`` (a cache warm-up): no tokens, the prompt counted."""
     return {"index": 0, "content": "", "tokens": [], "id_slot": 0, "stop": True, "model": model,
             "tokens_predicted": 0, "tokens_evaluated": n_prompt, "prompt": prompt, "has_new_line": False,
-            "truncated": False, "stop_type": "limit", "stopping_word": "", "tokens_cached": n_prompt}  # fmt: skip
+            "truncated": False, "stop_type": "limit", "stopping_word": "", "tokens_cached": n_prompt,
+            "timings": {"cache_n": n_prompt, "prompt_n": 0, "prompt_ms": 0.0, "predicted_n": 0,
+                        "predicted_ms": 0.0}}  # fmt: skip
 
 
 def verify_body(call: Call, model: str, session_id: str | None, f: Finished, n_context: int, full: bool) -> dict:
