@@ -338,6 +338,9 @@ def test_metrics_name_the_counters_as_vllm_and_llama_cpp(server):
     ):
         assert name in text
     assert _metric(server, "codeaccel_generation_tokens_total") > 0
+    assert _metric(server, "llamacpp:tokens_predicted_total") == _metric(server, "codeaccel_generation_tokens_total")
+    assert 0 < _metric(server, "llamacpp:prompt_tokens_total") <= _metric(server, "codeaccel_prompt_tokens_total")
+    assert "llamacpp:requests_processing " in text and "llamacpp:requests_deferred " in text
 
 
 def test_api_key_is_required_when_set(fim_gguf, tmp_path):

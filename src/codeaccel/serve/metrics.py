@@ -49,6 +49,11 @@ class ServerMetrics:
         self.engine_seconds = Counter("codeaccel_engine_seconds", "Seconds the target spent evaluating (decode and "
                                       "prompt tokens, drafts verified)", registry=r)  # fmt: skip
         self.draft_swaps = Counter("codeaccel_draft_swaps", "Tuned draft versions swapped in (or back out)", registry=r)
+        # llama-server's own names, for dashboards built on it (it counts evaluated prompt tokens, as here)
+        self.llama_prompt_tokens = Counter("llamacpp:prompt_tokens", "Prompt tokens evaluated", registry=r)
+        self.llama_tokens_predicted = Counter("llamacpp:tokens_predicted", "Generated tokens", registry=r)
+        self.llama_processing = Gauge("llamacpp:requests_processing", "Requests decoding", registry=r)
+        self.llama_deferred = Gauge("llamacpp:requests_deferred", "Requests waiting for a slot", registry=r)
         self.spec = {}
         for prefix in ("vllm:", "llamacpp:"):
             self.spec[prefix] = (
@@ -76,22 +81,28 @@ class ServerMetrics:
         self.running.set(batch)
         self.batch_occupancy.set(batch / n_seq_max)
         self.queue_length.set(waiting)
+        self.llama_processing.set(batch)
+        self.llama_deferred.set(waiting)
 
     def observe_idle(self) -> None:
         """Nothing running or waiting: the gauges say so (they are set after every step otherwise)."""
         self.running.set(0)
         self.batch_occupancy.set(0)
         self.queue_length.set(0)
+        self.llama_processing.set(0)
+        self.llama_deferred.set(0)
 
     def observe_finished(self, generation: Generation, latency_s: float, counts_prompt: bool = True) -> None:
         """A finished choice; its prompt's tokens only for the first choice of a prompt (n > 1 shares it)."""
         self.request_latency.observe(latency_s)
         if counts_prompt:
             self.prompt_tokens.inc(generation.n_prompt_tokens)
+            self.llama_prompt_tokens.inc(generation.n_prompt_tokens - generation.n_cached_prompt_tokens)
             self.prompt_tokens_cached.inc(generation.n_cached_prompt_tokens)
             self.prefix_cache_queries.inc(generation.n_prompt_tokens)
             self.prefix_cache_hits.inc(generation.n_cached_prompt_tokens)
         self.generation_tokens.inc(generation.n_generated)
+        self.llama_tokens_predicted.inc(generation.n_generated)
         spec = generation.stats.speculation if generation.stats is not None else None
         if spec is None:
             return
