@@ -123,6 +123,8 @@ def test_chat_completion_and_its_stream(server):
     assert parts[0].choices[0].delta.role == "assistant"
     assert "".join(p.choices[0].delta.content or "" for p in parts) == whole.choices[0].message.content
     assert parts[-1].choices[0].finish_reason is not None and parts[-1].model_extra["timings"]["total_ms"] > 0
+    asked = httpx.post(server.url + "/v1/chat/completions", json={"messages": messages, "logprobs": True})
+    assert asked.status_code == 400 and asked.json()["error"]["param"] == "logprobs"
 
 
 def test_n_seeded_choices_are_reproducible(server):
@@ -250,6 +252,10 @@ def test_native_completion_and_infill(server, alone):
         (json.dumps({"prompt": "x", "stream": "yes"}).encode(), 400, "stream"),
         (json.dumps({"prompt": "x", "max_tokens": "5"}).encode(), 400, "max_tokens"),
         (json.dumps({"prompt": "x", "max_tokens": 2, "temperature": 0}).encode(), 200, None),  # an int for a float
+        (json.dumps({"prompt": "x", "logprobs": 2}).encode(), 400, "logprobs"),  # not returned: said so
+        (json.dumps({"prompt": "x", "logprobs": 0, "max_tokens": 2}).encode(), 200, None),
+        (json.dumps({"prompt": [1, 2], "suffix": "y"}).encode(), 400, None),  # a suffix it could not place
+        (json.dumps({"prompt": "x", "echo": True, "stream": True}).encode(), 400, None),
     ],
 )
 def test_bad_input_is_a_4xx_with_an_openai_error(server, body, status, param):

@@ -109,6 +109,7 @@ class CompletionRequest(_OpenAISampling):
     prompt: str | list[str] | list[int]
     suffix: str | None = None  # fill-in-the-middle: the text after the gap
     echo: bool = False
+    logprobs: int = Field(0, ge=0, le=0)  # asked for (> 0): a 400, not a silent null
 
     @field_validator("prompt")
     @classmethod
@@ -116,6 +117,17 @@ class CompletionRequest(_OpenAISampling):
         if isinstance(value, list) and not value:
             raise ValueError("prompt must not be an empty list")
         return value
+
+    @model_validator(mode="after")
+    def _options_it_can_honour(self):
+        """Options that would be silently dropped are refused instead: the client learns at once."""
+        token_ids = isinstance(self.prompt, list) and bool(self.prompt) and isinstance(self.prompt[0], int)
+        if self.suffix is not None and token_ids:
+            raise ValueError("suffix needs a text prompt (token ids are a prompt already built: put the FIM "
+                             "tokens in them)")  # fmt: skip
+        if self.echo and self.stream:
+            raise ValueError("echo is not supported with stream")
+        return self
 
 
 class ChatMessage(_Body):
@@ -139,6 +151,7 @@ class ChatMessage(_Body):
 class ChatCompletionRequest(_OpenAISampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: Literal[False] = False  # asked for (true): a 400, not a silent null
 
 
 class ExtraChunk(_Body):
