@@ -2,7 +2,8 @@
 as OpenAI's and llama.cpp's servers ignore options they do not implement, and a null option is its default.
 Types are strict, as OpenAI's API checks them: ``"stream": "yes"``, ``"max_tokens": "5"`` or a token id
 sent as ``true`` is a 400 naming the field, not a guess (an integer for a float is fine; JSON object keys,
-always strings, are read as the token ids they name).
+always strings, are read as the token ids they name). A known option this server cannot honour (``logprobs``
+asked for, a ``suffix`` beside token ids, ``echo`` with ``stream``) is a 400, never silently dropped.
 
 Sampling defaults follow each API: the OpenAI endpoints OpenAI's (temperature 1, top-p 1),
 llama.cpp's native ones llama-server's (temperature 0.8, top-k 40, top-p 0.95).
