@@ -557,20 +557,27 @@ def test_usage_chunk_carries_the_streams_id(server):
     assert chunks[-1]["usage"]["completion_tokens"] >= 1
 
 
-def test_the_scheduler_survives_an_unexpected_error_in_a_step(fim_gguf, monkeypatch):
-    """A bug in a step (not a codeaccel error) fails the running jobs with a 500-type error and the thread
-    keeps serving: the next job completes, and nothing is left in the system."""
+def test_the_scheduler_survives_bugs_in_a_step_a_submit_or_the_bookkeeping_after(fim_gguf, monkeypatch):
+    """A bug (not a codeaccel error) in a step, in submitting a job or in the metrics after a step fails the jobs
+    concerned with a 500-type error and the thread keeps serving: the next job completes, nothing is left in
+    the system; once stopped the thread reads not alive (/health says 503)."""
     engine = load_engine(fim_gguf, n_ctx=256)
-    real_step = BatchDecoder.step
-    calls = {"n": 0}
+    broken: set[str] = set()
+    real_step, real_submit, real_observe = BatchDecoder.step, BatchDecoder.submit, ServerMetrics.observe_step
 
-    def flaky(self):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise ValueError("boom")
-        return real_step(self)
+    def fail_once(name: str, error: Exception, real):
+        def patched(self, *args):
+            if name in broken:
+                broken.discard(name)
+                raise error
+            return real(self, *args)
 
-    monkeypatch.setattr(BatchDecoder, "step", flaky)
+        return patched
+
+    monkeypatch.setattr(BatchDecoder, "step", fail_once("step", ValueError("step bug"), real_step))
+    monkeypatch.setattr(BatchDecoder, "submit", fail_once("submit", KeyError("submit bug"), real_submit))
+    monkeypatch.setattr(ServerMetrics, "observe_step", fail_once("after", ZeroDivisionError("metrics bug"),
+                                                                 real_observe))  # fmt: skip
     try:
         with open_sequences(engine, n_seq_max=2, n_ctx=256) as seqs:
             scheduler = Scheduler(seqs, max_queue=2, metrics=ServerMetrics())
@@ -579,19 +586,23 @@ def test_the_scheduler_survives_an_unexpected_error_in_a_step(fim_gguf, monkeypa
             done = threading.Event()
 
             def sink(event):
-                events.append(event)
                 if not isinstance(event, Progress):
+                    events.append(event)
                     done.set()
 
-            scheduler.submit([Job(Request(engine.tokenize(PROMPTS[0]), max_tokens=8), sink=sink)])
-            assert done.wait(30)
-            assert isinstance(events[-1], Failed) and "boom" in str(events[-1].error)
-            done.clear()
-            scheduler.submit([Job(Request(engine.tokenize(PROMPTS[1]), max_tokens=8), sink=sink)])
-            assert done.wait(30)
-            assert isinstance(events[-1], Finished) and events[-1].generation.tokens
-            assert scheduler.in_system == 0
-            assert scheduler.stop()
+            def run(prompt: str) -> object:
+                done.clear()
+                scheduler.submit([Job(Request(engine.tokenize(prompt), max_tokens=8), sink=sink)])
+                assert done.wait(30)
+                return events[-1]
+
+            for name, message in [("step", "step bug"), ("submit", "submit bug"), ("after", "metrics bug")]:
+                broken.add(name)
+                assert isinstance(run(PROMPTS[0]), Failed) and message in str(events[-1].error)
+                finished = run(PROMPTS[1])
+                assert isinstance(finished, Finished) and finished.generation.tokens
+                assert scheduler.alive and scheduler.in_system == 0
+            assert scheduler.stop() and not scheduler.alive
             assert seqs.open_sequences == []
     finally:
         engine.close()
@@ -614,55 +625,6 @@ def test_an_error_after_a_stream_started_is_an_error_event_then_done():
     assert error["type"] == "server_error" and "ValueError" in error["message"] and sent[2] == "data: [DONE]\n\n"
     native = asyncio.run(read(_sse(chunks(), None, done_marker=False)))
     assert len(native) == 2 and "error" in native[1]  # llama-server's streams end without [DONE]
-
-
-def test_the_scheduler_survives_errors_around_a_step_and_health_reports_a_dead_thread(fim_gguf, monkeypatch):
-    """A bug when a job is submitted, or in the bookkeeping after a step, fails those jobs, never the thread."""
-    from codeaccel.serve.metrics import ServerMetrics as Metrics
-
-    engine = load_engine(fim_gguf, n_ctx=256)
-    broken = {"submit": True, "after": False}
-    real_submit, real_observe = BatchDecoder.submit, Metrics.observe_step
-
-    def submit(self, request):
-        if broken["submit"]:
-            broken["submit"] = False
-            raise KeyError("submit bug")
-        return real_submit(self, request)
-
-    def observe_step(self, *args):
-        if broken["after"]:
-            broken["after"] = False
-            raise ZeroDivisionError("metrics bug")
-        return real_observe(self, *args)
-
-    monkeypatch.setattr(BatchDecoder, "submit", submit)
-    monkeypatch.setattr(Metrics, "observe_step", observe_step)
-    try:
-        with open_sequences(engine, n_seq_max=2, n_ctx=256) as seqs:
-            scheduler = Scheduler(seqs, max_queue=2, metrics=Metrics())
-            scheduler.start()
-            events: list = []
-            done = threading.Event()
-
-            def sink(event):
-                if not isinstance(event, Progress):
-                    events.append(event)
-                    done.set()
-
-            def run() -> object:
-                done.clear()
-                scheduler.submit([Job(Request(engine.tokenize(PROMPTS[0]), max_tokens=8), sink=sink)])
-                assert done.wait(30)
-                return events[-1]
-
-            assert isinstance(run(), Failed) and "submit bug" in str(events[-1].error)
-            broken["after"] = True
-            assert isinstance(run(), Failed) and "metrics bug" in str(events[-1].error)
-            assert isinstance(run(), Finished) and scheduler.alive and scheduler.in_system == 0
-            assert scheduler.stop() and not scheduler.alive
-    finally:
-        engine.close()
 
 
 def test_draft_model_drafts_are_verified_in_the_batch(fim_gguf, tmp_path, monkeypatch, alone):
