@@ -217,7 +217,11 @@ def test_methods_search_the_request_first(target, tiny_gguf_draft, tmp_path, mon
         ablated = build_method("retrieval-without-context", target, options, pool)
         spec = build_method("speculative", target, options, pool)
         fixed = build_method("speculative", target, MethodOptions(draft_model=tiny_gguf_draft, draft_k=3), pool)
+        capped = build_method("retrieval", target, MethodOptions(datastores=(str(store.path),), draft_k=4), pool)
         try:
+            # a fixed k is a setting of its own: records of two ks never share a key or a report row
+            assert fixed.settings["draft_k"] == 3 and capped.settings["draft_k"] == 4
+            assert "draft_k" not in retrieval.settings and spec.settings["draft_k"] == "auto"
             assert context.drafter.datastores == [] and context.drafter.context
             assert context.settings == {"datastores": [], "context": True}
             assert retrieval.drafter.context and len(retrieval.drafter.datastores) == 1
@@ -232,7 +236,7 @@ def test_methods_search_the_request_first(target, tiny_gguf_draft, tmp_path, mon
             for method in (context, retrieval, ablated, spec):
                 assert method.generate(Request(prompt, SamplingParams(), 24)).tokens == ar.tokens
         finally:
-            for m in (context, retrieval, ablated, spec, fixed):
+            for m in (context, retrieval, ablated, spec, fixed, capped):
                 m.close()
 
 

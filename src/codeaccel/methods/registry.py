@@ -142,6 +142,8 @@ def _model_drafting(
         settings["draft_dtype"] = draft.dtype
     if adaptive:
         settings["draft_stop"] = "confidence"
+    else:  # a fixed k is a setting of its own (records of k = 4 and k = 8 are not one row)
+        settings["draft_k"] = options.draft_k
     pricing = DraftPricing(length, costs) if adaptive else None
     return ModelDrafting(DraftModelDrafter(draft, pricing=pricing), length, costs, settings)
 
@@ -203,7 +205,8 @@ def _retrieval(
         retrieval = _retrieval_drafting(target, options, costs, rest, datastores)
         k = options.draft_k or RETRIEVAL_K_MAX  # the drafter's timing control picks within it
         length = DraftLength(costs.curve, fixed_k=k)
-        return SpeculativeMethod(name, target, retrieval.drafter, length, retrieval.settings, costs)
+        settings = retrieval.settings if options.draft_k is None else {**retrieval.settings, "draft_k": k}
+        return SpeculativeMethod(name, target, retrieval.drafter, length, settings, costs)
 
     return build
 
