@@ -162,6 +162,12 @@ def test_small_edit_to_a_large_base_does_not_rebuild_it(tmp_path):
     assert (tmp_path / "ds" / "base" / "sa.npy").stat().st_mtime_ns == base_mtime
     assert store.stats()["shards"]["delta"] > 0 and store.stats()["dead_documents"] == 1
     assert store.lookup(char_tokens("def edite"), max_len=16).match_len == 9
+    (root / "m5.py").write_text("def edited_again():\n    return 'newer'\n")  # a second update, no compaction
+    store, summary = update_datastore(tmp_path / "ds", char_tokens, "chars")
+    assert summary == {"changed": 1, "added": 0, "removed": 0} and store.stats()["dead_documents"] == 2
+    for old in ("return a + b * 3\n", "return a + b * 5\n"):  # neither old version comes back
+        hit = store.lookup(char_tokens("def function_3(a, b):\n    " + old), max_len=64)
+        assert hit is None or hit.match_len < len("def function_3(a, b):\n    " + old)
 
 
 def test_stale_datastore_is_detected(project, tmp_path):

@@ -369,9 +369,10 @@ def update_datastore(
         base_docs = {n: old.doc_tokens("base", previous[n]["doc"]) for n in base_live}
         shard_docs = {"base": {**base_docs, **delta_docs}, "delta": {}}
         dead: dict[str, list[int]] = {}
-    else:  # keep the base; its superseded and deleted documents become dead
+    else:  # keep the base; its superseded and deleted documents become dead, and those dead before stay dead
         shard_docs = {"base": None, "delta": delta_docs}
-        dead = {"base": sorted(f["doc"] for n, f in previous.items() if f["shard"] == "base" and n not in base_live)}
+        newly_dead = {f["doc"] for n, f in previous.items() if f["shard"] == "base" and n not in base_live}
+        dead = {"base": sorted(newly_dead | set(old.manifest["dead"].get("base", [])))}
     old.close()
     manifest["last_update_s"] = round(time.perf_counter() - t0, 3)
     return _write(path, manifest, entries, shard_docs, dead), summary
