@@ -81,3 +81,22 @@ def test_acceptance_estimate_mixes_a_request_with_the_prior():
     assert acceptance_estimate(9, 10, 2.0, 4.0) == pytest.approx(11 / 14)
     assert acceptance_estimate(100, 100, 0.0, 0.0) == 0.99  # never certain
     assert acceptance_estimate(0, 0, 0.0, 0.0) == 0.0
+
+
+def test_acceptance_counted_over_tested_tokens_recovers_the_per_token_rate():
+    """Each draft token is accepted with probability α until the first rejection; tokens after it are never
+    judged. accepted / tested recovers α; accepted / drafted (the old count) is biased low."""
+    import numpy as np
+
+    from codeaccel.decoding.stats import SpecStats, tested
+
+    assert (tested(4, 4), tested(4, 2), tested(4, 0), tested(0, 0)) == (4, 3, 1, 0)
+    rng = np.random.default_rng(0)
+    stats = SpecStats()
+    for _ in range(4000):
+        n = 0
+        while n < 4 and rng.random() < 0.8:
+            n += 1
+        stats.record(4, n)
+    assert acceptance_estimate(stats.accepted_tokens, stats.tested_tokens, 0, 0) == pytest.approx(0.8, abs=0.02)
+    assert stats.accepted_tokens / stats.drafted_tokens < 0.65  # what counting untested tokens gave

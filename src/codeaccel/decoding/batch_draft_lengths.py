@@ -120,8 +120,12 @@ def expected_tokens(alpha: float, k: int) -> float:
     return sum(alpha**j for j in range(k + 1))
 
 
-def acceptance_estimate(accepted: int, drafted: int, prior_accepted: float, prior_drafted: float) -> float:
-    """A request's per-token acceptance: its own counts over a prior (the drafter's recent average)."""
-    if drafted + prior_drafted <= 0:
+def acceptance_estimate(accepted: int, tested: int, prior_accepted: float, prior_tested: float) -> float:
+    """A request's per-token acceptance α: its own counts over a prior (the drafter's recent average).
+
+    ``tested``: draft tokens the target judged (accepted ones, and each draft's first rejected one:
+    :func:`codeaccel.decoding.stats.tested`), the maximum-likelihood α of the geometric model; tokens after
+    a rejection were never judged, and counting them would bias α low (0.59 for a true 0.8 at k = 4)."""
+    if tested + prior_tested <= 0:
         return 0.0
-    return min(max((accepted + prior_accepted) / (drafted + prior_drafted), 0.0), 0.99)
+    return min(max((accepted + prior_accepted) / (tested + prior_tested), 0.0), 0.99)

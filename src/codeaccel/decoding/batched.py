@@ -53,7 +53,7 @@ from codeaccel.decoding.batch_draft_lengths import acceptance_estimate, choose_d
 from codeaccel.decoding.costs import TRIAL_MAX, TRIAL_MIN_ALPHA, LearnedCosts
 from codeaccel.decoding.drafter import BatchDrafter, Draft, Drafter, DraftSession, StepTiming
 from codeaccel.decoding.generation import Generation, Request, StopChecker
-from codeaccel.decoding.stats import DecodingStats, SpecStats
+from codeaccel.decoding.stats import DecodingStats, SpecStats, tested
 from codeaccel.decoding.verification import verify
 from codeaccel.engines.base import common_prefix_len
 from codeaccel.engines.cost_curve import CostCurve
@@ -204,7 +204,7 @@ class BatchDecoder:
         self.reuse_prefixes = reuse_prefixes
         # a drafter that drafts for the whole batch (a draft model), told apart once, not every step
         self._batch_drafter = drafter if isinstance(drafter, BatchDrafter) else None
-        self._drafted = 0  # over every request so far: the prior of a new request's acceptance
+        self._tested = 0  # over every request so far: the prior of a new request's acceptance (accepted / tested)
         self._accepted = 0
         self.stats = BatchStats()
         self._waiting: deque[tuple[int, Request]] = deque()
@@ -336,7 +336,7 @@ class BatchDecoder:
                 a.session.observe(a.context, draft, verdict, StepTiming(elapsed, draft_s, n_evaluated))
                 a.spec.record(len(draft.tokens), verdict.n_accepted)
                 a.spec.draft_s += draft_s
-                self._drafted += len(draft.tokens)
+                self._tested += tested(len(draft.tokens), verdict.n_accepted)
                 self._accepted += verdict.n_accepted
             done = False
             for token in verdict.tokens:
@@ -386,8 +386,8 @@ class BatchDecoder:
         empty = Draft(tokens=[])
         if self.drafter is None:
             return {a.handle: empty for a in active}
-        prior = self._accepted / self._drafted if self._drafted else 0.5
-        alphas = [acceptance_estimate(a.spec.accepted_tokens, a.spec.drafted_tokens, prior * self.PRIOR_DRAFTED,
+        prior = self._accepted / self._tested if self._tested else 0.5
+        alphas = [acceptance_estimate(a.spec.accepted_tokens, a.spec.tested_tokens, prior * self.PRIOR_DRAFTED,
                                       self.PRIOR_DRAFTED) for a in active]  # fmt: skip
         if self._batch_drafter is not None:  # lengths first, then one draft evaluation per position
             caps = [max(min(self.k_max, a.checker.remaining - 1), 0) for a in active]
@@ -586,7 +586,7 @@ class BatchDecoder:
         accepted = min(verdict.n_accepted, committed)  # a token limit may cut the accepted prefix
         active.spec = SpecStats()
         active.spec.record(k, accepted)
-        self._drafted += k
+        self._tested += tested(k, accepted)
         self._accepted += accepted
         rejected = k - verdict.n_accepted
         if rejected:  # the sequence holds the prompt and the accepted draft (a kept cache for the next call)

@@ -18,6 +18,11 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 
 
+def tested(draft_len: int, n_accepted: int) -> int:
+    """Draft tokens a verification judged: the accepted ones and the first rejected one, if any."""
+    return n_accepted + (1 if n_accepted < draft_len else 0)
+
+
 @dataclass
 class SpecStats:
     """What was drafted and accepted, per request."""
@@ -25,6 +30,9 @@ class SpecStats:
     drafts: int = 0  # steps that verified a non-empty draft
     drafted_tokens: int = 0
     accepted_tokens: int = 0
+    # draft tokens the target judged: the accepted ones and each draft's first rejected one (the tokens after it
+    # were never tested): the per-token acceptance α of the geometric model is accepted / tested
+    tested_tokens: int = 0
     accepted_at: list[int] = field(default_factory=list)  # [position] drafts whose token at position was accepted
     proposed_at: list[int] = field(default_factory=list)  # [position] drafts that had a token at position
     chosen_k: Counter = field(default_factory=Counter)  # k -> steps
@@ -47,6 +55,7 @@ class SpecStats:
         self.drafts += 1
         self.drafted_tokens += draft_len
         self.accepted_tokens += n_accepted
+        self.tested_tokens += tested(draft_len, n_accepted)
         for arr, n in ((self.proposed_at, draft_len), (self.accepted_at, n_accepted)):
             arr.extend([0] * (n - len(arr)))
             for i in range(n):
