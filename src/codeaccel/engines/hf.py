@@ -90,14 +90,30 @@ class HFEngine(Engine):
         torch = self._torch
         if self._cache is None:
             self._cache = self._cache_cls(config=self.model.config)
-        with torch.inference_mode():
-            out = self.model(
-                input_ids=torch.tensor([tokens], dtype=torch.long),
-                cache=self._cache,
-                use_cache=True,
-                logits_to_keep=0 if all_logits else 1,
-            )
+        try:
+            with torch.inference_mode():
+                out = self.model(
+                    input_ids=torch.tensor([tokens], dtype=torch.long),
+                    cache=self._cache,
+                    use_cache=True,
+                    logits_to_keep=0 if all_logits else 1,
+                )
+        except BaseException:
+            self._restore_cache()
+            raise
         return out.logits[0].float().numpy()  # [n or 1, vocab]
+
+    def _restore_cache(self) -> None:
+        """After a forward pass that failed (memory, Ctrl-C): the cache back to the tokens the engine holds
+        (the layers it reached had grown in place; the next pass would read their stale keys)."""
+        n_past = len(self._tokens)
+        if n_past == 0 or self._cache is None:
+            self._cache = None
+            return
+        for layer in self._cache.layers:
+            if getattr(layer, "keys", None) is not None and layer.keys.dim() == 4:
+                layer.keys = layer.keys[..., :n_past, :]
+                layer.values = layer.values[..., :n_past, :]
 
     def _forward_tree(self, tokens: list[int], parents: list[int], depth: list[int]) -> np.ndarray:
         torch = self._torch
@@ -114,14 +130,18 @@ class HFEngine(Engine):
         dtype = self.model.dtype
         mask = torch.zeros((1, 1, n, n_past + n), dtype=dtype)  # additive: 0 attend, min block
         mask.masked_fill_(~allowed[None, None], torch.finfo(dtype).min)
-        with torch.inference_mode():
-            out = self.model(
-                input_ids=torch.tensor([tokens], dtype=torch.long),
-                position_ids=torch.tensor([[n_past + d for d in depth]], dtype=torch.long),
-                attention_mask=mask,
-                cache=self._cache,
-                use_cache=True,
-            )
+        try:
+            with torch.inference_mode():
+                out = self.model(
+                    input_ids=torch.tensor([tokens], dtype=torch.long),
+                    position_ids=torch.tensor([[n_past + d for d in depth]], dtype=torch.long),
+                    attention_mask=mask,
+                    cache=self._cache,
+                    use_cache=True,
+                )
+        except BaseException:
+            self._restore_cache()
+            raise
         return out.logits[0].float().numpy()  # [n, vocab]
 
     def _keep_path(self, tokens: list[int], parents: list[int], path: list[int]) -> None:

@@ -17,7 +17,7 @@ CPU a pass of a few tokens costs about one decode step, see the hf cost curves) 
 prompt chunk, or one long draft beside many one-token rows, runs as a pass of its own.
 Sequences of equal cache and step lengths (the cascade's k samples of one prompt) need no
 padding at all. (The batch's draft-length choice prices such a step by its longest draft:
-``choose_draft_lengths(padded=True)``.) After a padded pass each sequence keeps a copy of its own
+``choose_draft_lengths(padded=True)``.) After a pass of several rows each sequence keeps a copy of its own
 positions, so a sequence that stops (a kept cache) does not pin the batch's padded tensors.
 """
 
@@ -97,12 +97,17 @@ class HFSequences(SequenceSet):
 
     def _forward(self, batch: dict[int, list[int]], wanted: dict[int, int]) -> dict[int, np.ndarray]:
         out: dict[int, np.ndarray] = {}
+        grown: dict[int, KV] = {}  # every sequence's new cache, kept only once every pass succeeded
         for seqs in plan_batches([(seq, len(tokens)) for seq, tokens in batch.items()]):
             rows = [_Row(s, batch[s], len(self._seqs[s]), wanted[s]) for s in seqs]
-            out.update(self._forward_batch(rows))
+            logits, caches = self._forward_batch(rows)
+            out.update(logits)
+            grown.update(caches)
+        self._kv.update(grown)  # a pass that failed left every cache as its tokens say (the eval records none)
         return out
 
-    def _forward_batch(self, rows: list[_Row]) -> dict[int, np.ndarray]:
+    def _forward_batch(self, rows: list[_Row]) -> tuple[dict[int, np.ndarray], dict[int, KV]]:
+        """One pass: each row's logits and its cache after it (not yet the sequence's)."""
         torch = self._torch
         model = self.engine.model
         past = max(r.n_past for r in rows)  # P: cache positions of the padded batch
@@ -128,11 +133,12 @@ class HFSequences(SequenceSet):
             result = model(**inputs, cache=cache, use_cache=True)
         self.n_forward += 1
         logits = result.logits.float().numpy()  # [batch, keep, vocab]
-        out = {}
+        out, caches = {}, {}
         for i, r in enumerate(rows):
             out[r.seq] = logits[i, keep - r.wanted : keep]
-            self._kv[r.seq] = self._unpad(cache, i, r, past, copy=padded)
-        return out
+            # copies after any pass of several rows: a view would pin the whole batch's tensors (a kept cache)
+            caches[r.seq] = self._unpad(cache, i, r, past, copy=padded or len(rows) > 1)
+        return out, caches
 
     def _padded_cache(self, rows: list[_Row], past: int) -> list:
         """Per layer (keys, values) # [batch, heads, P, head_dim], row i left-padded with zeros."""
@@ -154,7 +160,7 @@ class HFSequences(SequenceSet):
 
     def _unpad(self, cache, i: int, r: _Row, past: int, copy: bool) -> KV:
         """Row i's real positions of the cache after a pass: its cache, then its new tokens; views of the
-        batch's tensors, or copies (``copy``: after a padded pass, not to pin its pads and other rows)."""
+        batch's tensors, or copies (``copy``: after a pass of several rows, not to pin its pads and other rows)."""
         start, end = past - r.n_past, past + len(r.tokens)  # left pads before, right pads after
         kv = [(layer.keys[i : i + 1, :, start:end], layer.values[i : i + 1, :, start:end]) for layer in cache.layers]
         return [(k.clone(), v.clone()) for k, v in kv] if copy else kv
