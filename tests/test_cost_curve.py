@@ -23,6 +23,10 @@ def test_cost_interpolates_and_extrapolates():
     assert curve.cost(5) == pytest.approx(3.0)
     with pytest.raises(ValueError):
         curve.cost(0)
+    noisy = CostCurve("m", "e", None, 8, 1, [1, 2, 3, 4], [0.1] * 4, [1.0, 2.0, 4.1, 4.0])  # a noisy last point
+    assert noisy.cost(64) >= noisy.cost(4) and noisy.cost(64) > 4.0 * 4  # the tail's trend, not 4.1 -> 4.0
+    flat = CostCurve("m", "e", None, 8, 1, [1, 2, 3], [0.1] * 3, [1.0, 3.0, 2.0])
+    assert flat.cost(40) >= 2.0  # never below the last measured point
 
 
 def test_context_too_small_is_refused(tiny_gguf):

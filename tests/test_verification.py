@@ -187,9 +187,11 @@ def test_tree_walk_follows_the_targets_choices():
     logits = one_hot_logits([1, 5, 5, 7, 5])  # row 0: roots; row i+1: after node i
     v = verify_tree(tokens, parents, logits, SamplingParams(), np.random.default_rng(0))
     assert v.path == [0] and v.tokens == [1, 5]  # after "a" the target wants 5: no child holds it
+    assert not v.bonus and v.judged == 2  # "a" accepted, then one rejection
     logits = one_hot_logits([1, 3, 5, 7, 5])  # now the target picks c (node 2) after a, then 7
     v = verify_tree(tokens, parents, logits, SamplingParams(), np.random.default_rng(0))
     assert v.path == [0, 2] and v.tokens == [1, 3, 7] and v.n_accepted == 2
+    assert v.bonus and v.judged == 2  # branch a-c accepted whole: 2 judged of 4 nodes, no rejection
     logits = one_hot_logits([6, 3, 5, 7, 5])  # the target rejects every root
     assert verify_tree(tokens, parents, logits, SamplingParams(), np.random.default_rng(0)).tokens == [6]
 

@@ -84,10 +84,10 @@ def speculative_generate(
         # 3. accept
         verdict = verify(draft.tokens, draft.probs, target_logits, params, rng, draft.parents)
         n_evaluated = len(pending) + len(draft.tokens)  # 0 on a first step without a draft: no evaluation
-        lengths.record(len(draft.tokens), verdict.n_accepted)
+        lengths.record(verdict.judged if draft.tokens else 0, verdict.n_accepted)  # a tree: its accepted path
         costs.record_verification(len(draft.tokens), target_s, n_evaluated)
         session.observe(context, draft, verdict, StepTiming(target_s, draft_s, n_evaluated))
-        spec.record(len(draft.tokens), verdict.n_accepted)
+        spec.record(len(draft.tokens), verdict.n_accepted, judged=verdict.judged if draft.tokens else 0)
         stats.steps += 1
         stats.target_s += target_s
         spec.draft_s += draft_s

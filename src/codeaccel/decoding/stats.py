@@ -48,14 +48,16 @@ class SpecStats:
     def acceptance_rate(self) -> float | None:
         return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else None
 
-    def record(self, draft_len: int, n_accepted: int) -> None:
+    def record(self, draft_len: int, n_accepted: int, judged: int | None = None) -> None:
+        """One verification of a draft of ``draft_len`` tokens (a tree: its nodes); ``judged``: the tokens the
+        target judged (``Verdict.judged``; None: a chain's, :func:`tested`)."""
         self.chosen_k[draft_len] += 1
         if draft_len == 0:
             return
         self.drafts += 1
         self.drafted_tokens += draft_len
         self.accepted_tokens += n_accepted
-        self.tested_tokens += tested(draft_len, n_accepted)
+        self.tested_tokens += tested(draft_len, n_accepted) if judged is None else judged
         for arr, n in ((self.proposed_at, draft_len), (self.accepted_at, n_accepted)):
             arr.extend([0] * (n - len(arr)))
             for i in range(n):

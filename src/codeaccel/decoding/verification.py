@@ -49,6 +49,13 @@ class Verdict:
     bonus: bool  # the last token is the target's own after a fully accepted chain or tree branch (not a recovery)
     path: list[int] | None = None  # tree drafts: the accepted nodes, root to leaf
 
+    @property
+    def judged(self) -> int:
+        """Draft tokens the target judged along the path it took: the accepted ones and, unless the chain or
+        branch was accepted whole, the first rejected one (a tree's other branches are not its draft's
+        failures). What a per-token acceptance rate counts over."""
+        return self.n_accepted + (0 if self.bonus else 1)
+
 
 def _check(draft_tokens: Sequence[int], target_logits: np.ndarray) -> int:
     k = len(draft_tokens)

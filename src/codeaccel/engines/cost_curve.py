@@ -67,8 +67,19 @@ class CostCurve:
             raise ValueError("k must be >= 1")
         if k <= len(self.relative):
             return max(self.relative[k - 1], 1.0)
-        slope = self.relative[-1] - self.relative[-2] if len(self.relative) > 1 else 1.0
-        return max(self.relative[-1] + slope * (k - len(self.relative)), 1.0)
+        return max(self.relative[-1] + self._tail_slope() * (k - len(self.relative)), self.relative[-1], 1.0)
+
+    def _tail_slope(self) -> float:
+        """Steps per extra token past the profile: a least-squares line through its last points (up to 8), never
+        negative (two noisy last points, 4.1 then 4.0, would otherwise price huge batches as free)."""
+        n = min(8, len(self.relative))
+        if n < 2:
+            return 1.0
+        xs = list(range(len(self.relative) - n + 1, len(self.relative) + 1))
+        ys = self.relative[-n:]
+        mx, my = sum(xs) / n, sum(ys) / n
+        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+        return max(slope, 0.0)
 
     def tiles(self, k_max: int, tolerance: float = TILE_TOLERANCE) -> list[int]:
         """The draft lengths k in 1..k_max worth verifying: no longer draft costs (nearly) as little.

@@ -158,7 +158,7 @@ class RetrievalSession:
     def observe(self, context: Sequence[int], draft: Draft, verdict: Verdict, timing: StepTiming) -> None:
         if self.timing is not None:
             lookup = draft.lookup or Lookup(searched=False)
-            n = len(draft.tokens)
+            n = verdict.judged if draft.tokens else 0  # a tree: the path the target took, not its every node
             self.timing.update(lookup.match_len, n, verdict.n_accepted, searched=lookup.searched, local=lookup.local)
         if self.drafter.cache is not None:
             self.drafter.cache.record(context, verdict.tokens)
