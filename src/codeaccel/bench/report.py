@@ -4,8 +4,8 @@ The JSON results format (stable; later issues add keys, none renames these):
 top-level ``command`` (the exact command line), ``machine``, ``date``, ``config``
 and ``rows``, one row per (dataset, model, engine, method) with at least
 ``dataset, model, engine, method, n_problems, tokens_per_s, pass_at_1`` and, where
-an autoregressive row of the same run exists, ``speedup_vs_autoregressive`` and
-``identical_to_autoregressive``.
+an autoregressive row of the same run exists, ``speedup_vs_autoregressive`` (over the problems both
+rows decoded, ``speedup_problems`` of them) and ``identical_to_autoregressive``.
 
 ``tokens_per_s`` is generated tokens over decode seconds, summed over problems
 (prefill excluded; ``end_to_end_tokens_per_s`` includes it).
@@ -63,6 +63,13 @@ def summarize(records: list[dict], noise: dict | None = None) -> list[dict]:
     return rows
 
 
+def _decode_speed(rs: list[dict], task_ids: set[str]) -> float | None:
+    """Generated tokens per second of decoding over the records of ``task_ids``."""
+    chosen = [r for r in rs if r["task_id"] in task_ids]
+    decode_s = sum(r["decode_s"] for r in chosen)
+    return sum(r["n_generated"] for r in chosen) / decode_s if decode_s else None
+
+
 def _pass_at_1(rs: list[dict]) -> float | None:
     """Share of problems whose tests passed; None for a dataset without tests."""
     tested = [r for r in rs if r["passed"] is not None]
@@ -118,10 +125,12 @@ def _compare_to_autoregressive(rows: list[dict], groups: dict[tuple, list[dict]]
         ar_key = (row["dataset"], row["model"], row["engine"], "autoregressive", "")
         if ar_key not in groups or row["method"] == "autoregressive":
             continue
-        ar_row = next(r for r in rows if _group(r) == ar_key)
-        if ar_row["tokens_per_s"]:
-            row["speedup_vs_autoregressive"] = round(row["tokens_per_s"] / ar_row["tokens_per_s"], 3)
         mine = groups[_group(row)]
+        shared = {r["task_id"] for r in mine} & {r["task_id"] for r in groups[ar_key]}
+        ours, theirs = _decode_speed(mine, shared), _decode_speed(groups[ar_key], shared)
+        if ours and theirs:  # over the problems both decoded: a row with fewer problems is no other set's ratio
+            row["speedup_vs_autoregressive"] = round(ours / theirs, 3)
+            row["speedup_problems"] = len(shared)
         if any(r["config"]["temperature"] > 0 for r in mine):
             continue  # sampled outputs are compared by distribution, not token by token
         ar_tokens = {r["task_id"]: r["tokens"] for r in groups[ar_key]}
