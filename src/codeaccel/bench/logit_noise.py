@@ -65,12 +65,24 @@ def load_or_measure(engine: Engine, texts: Sequence[str], out_dir: Path) -> dict
     """The noise of this engine and model, measured once per results folder."""
     suffix = f"-{engine.dtype}" if engine.dtype else ""
     path = Path(out_dir) / f"logit_noise-{engine.kind}-{engine.model_name}{suffix}.json"
-    if path.is_file():
-        return json.loads(path.read_text())
+    stored = _read(path) if path.is_file() else None
+    if stored is not None:
+        return stored
     noise = measure_logit_noise(engine, texts)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(noise, indent=2) + "\n")
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(noise, indent=2) + "\n")
+    tmp.replace(path)  # whole or not at all: an interrupted write leaves no torn file
     return noise
+
+
+def _read(path: Path) -> dict | None:
+    """A stored measurement; None for one that cannot be read (measured again)."""
+    try:
+        noise = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return noise if isinstance(noise, dict) and isinstance(noise.get("tolerance"), int | float) else None
 
 
 def first_divergence(engine: Engine, prompt: Sequence[int], reference: Sequence[int], other: Sequence[int]) -> dict:
@@ -92,10 +104,12 @@ def first_divergence(engine: Engine, prompt: Sequence[int], reference: Sequence[
     return out
 
 
-def find_noise(out_dir: Path, engine: str, model: str) -> dict | None:
-    """The noise measured for (engine, model) in a results folder, if any."""
+def find_noise(out_dir: Path, engine: str, model: str, dtype: str | None = None) -> dict | None:
+    """The noise measured for (engine, model, dtype) in a results folder, if any (a file that cannot be read
+    is none): a bf16 run's tolerance never serves a float32 run of the same model."""
     for path in sorted(Path(out_dir).glob("logit_noise-*.json")):
-        noise = json.loads(path.read_text())
-        if noise.get("engine") == engine and noise.get("model") == model:
+        noise = _read(path)
+        key = None if noise is None else (noise.get("engine"), noise.get("model"), noise.get("dtype"))
+        if key == (engine, model, dtype):
             return noise
     return None

@@ -93,7 +93,8 @@ def run_benchmark(
         if not stored:
             raise UserError(f"no stored results in {out_dir} for these settings: run the benchmark first")
         records = comparable_records(store, stored)
-    noise = find_noise(out_dir, records[0]["engine"], records[0]["model"]) if records else None
+    noise = (find_noise(out_dir, records[0]["engine"], records[0]["model"], records[0]["config"].get("dtype"))
+             if records else None)  # fmt: skip
     rows = summarize(records, noise)
     report_config = bench_config_dict(config)
     report_config["sandbox_layers"] = list(probe_sandbox().active_layers)
