@@ -65,7 +65,11 @@ def test_sigterm_unwinds_like_an_error_and_leaves_no_sandbox_behind(tmp_path):
         (["bench", "humaneval", "--method", "magic"], "unknown method"),
         (["models", "fetch", "gpt-5"], "unknown bundled model"),
         (["profile", "{tiny}", "--k-max", "0"], "must be >= 1"),
-        (["feedback", "add", "--prompt", "@/no/such/file", "--completion", "x"], "cannot read the prompt file"),
+        (["feedback", "add", "--prompt", "@/no/such/file", "--completion", "x"], "the prompt file /no/such/file"),
+        (["feedback", "add", "--prompt", "@/", "--completion", "x"], "is a folder"),
+        (["cascade", "solve", "/", "--stages", "qwen2.5-coder-0.5b-instruct:0:0"], "is a folder"),
+        (["bench", "repo:no_such_pkg.sub"], "is not installed"),
+        (["bench", "repo:.relative"], "is not installed"),
         (["feedback", "add", "--prompt", "p", "--completion", ""], "completion is empty"),
         (["feedback", "list", "--store", "mysql://x"], "sqlite:///PATH"),
         (["client", "hi", "--draft-model", "{tiny}", "--server", "http://127.0.0.1:9"], "cannot reach the server"),
@@ -78,6 +82,16 @@ def test_bad_input_gives_one_line_error(args, message, tiny_gguf):
     assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.stderr
+
+
+def test_a_prompt_on_stdin_that_is_not_utf8_is_one_line_exit_2(tiny_gguf):
+    import subprocess
+
+    for command in (["generate", "-", "-m", tiny_gguf], ["client", "-", "--draft-model", tiny_gguf]):
+        result = subprocess.run([sys.executable, "-m", "codeaccel", *command], input=b"\xff\xfe def",
+                                capture_output=True, timeout=120)  # fmt: skip
+        stderr = result.stderr.decode()
+        assert result.returncode == 2 and "stdin is not UTF-8 text" in stderr and "Traceback" not in stderr
 
 
 def test_corrupt_model_file(tmp_path):

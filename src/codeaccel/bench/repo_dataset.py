@@ -31,7 +31,10 @@ DEFAULT_PROBLEMS = 60
 
 
 def package_root(package: str) -> Path:
-    spec = importlib.util.find_spec(package)
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError, TypeError):  # a parent package that is missing, a relative or empty name
+        spec = None
     if spec is None or not spec.submodule_search_locations:
         raise UserError(f"repository dataset: package {package!r} is not installed (pip install {package})")
     return Path(next(iter(spec.submodule_search_locations))).resolve()

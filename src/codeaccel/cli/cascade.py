@@ -23,7 +23,15 @@ from codeaccel.cascade.solve import CascadeSolver, choose_tuned, parse_stages
 from codeaccel.cascade.store import GenerationStore
 from codeaccel.cascade.tuner import Chosen, tune
 from codeaccel.cli.display import LoggedProgress, err, out
-from codeaccel.cli.options import check_finite, check_folder, check_model, comma_list, command_line
+from codeaccel.cli.options import (
+    check_finite,
+    check_folder,
+    check_model,
+    comma_list,
+    command_line,
+    read_stdin_text,
+    read_text_file,
+)
 from codeaccel.engines import ENGINES
 from codeaccel.errors import UserError
 from codeaccel.models.registry import BUNDLED, canonical_name
@@ -323,18 +331,12 @@ def solve(
             raise UserError(f"--task: no problem {task!r} (HumanEval/0..163, Mbpp/<id> of MBPP-sanitized)")
         problem = matches[0]
     elif spec == "-":
-        try:
-            problem = function_problem(sys.stdin.buffer.read().decode("utf-8"), "stdin")
-        except UnicodeDecodeError:
-            raise UserError("stdin is not UTF-8 text") from None
+        problem = function_problem(read_stdin_text(), "stdin")
     else:
         path = Path(spec or "")
-        if not path.is_file():
+        if not path.exists():
             raise UserError(f"no such file {path}: give the function's signature and docstring in a file, or '-'")
-        try:
-            problem = function_problem(path.read_text(encoding="utf-8"), path.name)
-        except UnicodeDecodeError:
-            raise UserError(f"{path} is not UTF-8 text") from None
+        problem = function_problem(read_text_file(path, "the function file"), path.name)
     with CascadeSolver(config, engine=engine or "llama.cpp", scorer=scorer or "cascade", **settings) as solver:  # type: ignore[arg-type]
         solution = solver.solve(problem, progress=lambda line: err.print(line))
     for o in solution.stages:

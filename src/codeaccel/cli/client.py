@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -49,7 +48,7 @@ def client(
 ) -> None:
     """Generate with a local draft model, each draft verified by the server's target (SpeCoder's split)."""
     if prompt == "-":
-        prompt = sys.stdin.read()
+        prompt = opt.read_stdin_text()
     if not prompt.strip():
         raise UserError("the prompt is empty")
     if max_tokens < 1:

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from codeaccel.cli.display import out
-from codeaccel.cli.options import check_sqlite_file
+from codeaccel.cli.options import check_sqlite_file, read_text_file
 from codeaccel.errors import UserError
 from codeaccel.personalization.store import STORE_ENV, Accepted, default_location, open_store
 
@@ -42,11 +42,7 @@ def store_location(store: str | None, must_exist: bool = False, flag: str = "--s
 def _text(value: str, what: str) -> str:
     """A flag's text, or a file's when it starts with @."""
     if value.startswith("@"):
-        path = Path(value[1:])
-        try:
-            value = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise UserError(f"cannot read the {what} file {path}: {exc}") from None
+        value = read_text_file(Path(value[1:]), f"the {what} file")
     if not value:
         raise UserError(f"the {what} is empty")
     return value

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -44,7 +43,7 @@ def generate(
 ) -> None:
     """Generate a completion and print it, with its timing."""
     if prompt == "-":
-        prompt = sys.stdin.read()
+        prompt = opt.read_stdin_text()
     if not prompt.strip():
         raise UserError("the prompt is empty")
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
@@ -90,8 +89,4 @@ def _read_prediction(prediction: str | None) -> str | None:
         return prediction
     if prediction.startswith("@@"):  # a decorator, say: "@@property" is the text "@property"
         return prediction[1:]
-    path = Path(prediction[1:])
-    try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read the prediction file {path}: {e}") from None
+    return opt.read_text_file(Path(prediction[1:]), "the prediction file")

@@ -91,6 +91,30 @@ def positive_ints(spec: str, flag: str) -> tuple[int, ...]:
     return values
 
 
+def read_stdin_text() -> str:
+    """Standard input as UTF-8 text; other bytes are a one-line error, not a traceback."""
+    try:
+        return sys.stdin.buffer.read().decode("utf-8")
+    except UnicodeDecodeError:
+        raise UserError("stdin is not UTF-8 text") from None
+
+
+def read_text_file(path: Path, what: str = "the file") -> str:
+    """A file's UTF-8 text; a missing, unreadable or non-text file is a one-line error naming it."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{what} {path} does not exist") from None
+    except IsADirectoryError:
+        raise UserError(f"{what} {path} is a folder, not a file") from None
+    except PermissionError:
+        raise UserError(f"{what} {path} cannot be read (permission denied)") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{what} {path} is not UTF-8 text") from None
+    except OSError as exc:
+        raise UserError(f"{what} {path} cannot be read: {exc.strerror or exc}") from None
+
+
 def check_finite(value: float, flag: str) -> float:
     """A float flag that must be a finite number > 0."""
     if not (math.isfinite(value) and value > 0):
