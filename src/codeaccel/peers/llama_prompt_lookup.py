@@ -47,6 +47,7 @@ class LlamaPromptLookupMethod:
         checker = StopChecker(self.target, stop, max_tokens)
         if params.seed is not None:
             self.llm.set_seed(params.seed)
+        self.llm.reset()  # generate(reset=True) alone keeps the longest common prefix: another problem's cache
         t0 = time.perf_counter()
         t1 = None
         tokens = self.llm.generate(

@@ -25,7 +25,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Sequence
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -181,6 +181,11 @@ def _run(tmp: Path, job: dict, limits: Limits, iso: Isolation) -> ExecutionResul
             timer.start()
             try:
                 _, wait_status, rusage = os.wait4(proc.pid, 0)  # rusage: this child's whole reaped tree
+            except BaseException:  # Ctrl-C or SIGTERM while it runs: its whole tree killed and reaped, not orphaned
+                _kill(proc.pid, cgroup)
+                with suppress(ChildProcessError):
+                    os.waitpid(proc.pid, 0)
+                raise
             finally:
                 timer.cancel()
             wall = time.perf_counter() - start
