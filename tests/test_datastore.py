@@ -186,6 +186,22 @@ def test_lookup_can_exclude_a_file(project, tmp_path):
     assert hit is None or hit.match_len <= 4  # only "def " (from util.py) is left to match
 
 
+def test_a_name_with_a_folder_excludes_that_file_under_any_root(tmp_path):
+    """A general store names files by their whole path: "pkg/core.py" excludes ".../site/pkg/core.py", and a
+    bare name only itself (it would match too much)."""
+    site = tmp_path / "site"
+    (site / "pkg").mkdir(parents=True)
+    (site / "pkg" / "core.py").write_text("def unique_answer_here():\n    return 1\n")
+    (site / "other.py").write_text("x = 2\n")
+    store = build_datastore(tmp_path / "ds", "general", "general", [site], char_tokens, "chars")
+    query = char_tokens("def unique_answer_h")
+    assert store.lookup(query, max_len=32).match_len == len("def unique_answer_h")
+    hidden = store.lookup(query, max_len=32, exclude_files=frozenset({"core.py", "pkg/core.py"}))
+    assert hidden is None or hidden.match_len <= len("def ")
+    bare = store.lookup(query, max_len=32, exclude_files=frozenset({"core.py"}))  # the repository store's name
+    assert bare.match_len == len("def unique_answer_h")
+
+
 def test_general_scan_excludes_globs_and_nested_site_packages(tmp_path):
     from codeaccel.retrieval.sources import scan_general
 

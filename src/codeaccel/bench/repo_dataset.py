@@ -108,7 +108,8 @@ def load_repository_problems(package: str, n: int = DEFAULT_PROBLEMS) -> list[Pr
             raw_prompt=c["prompt"],
             stop=_stops(c["indent"]),
             reference=c["reference"],
-            exclude_files=(c["file"],),
+            # the repository store names it from the package root, a general store by its whole path
+            exclude_files=(c["file"], f"{package.replace('.', '/')}/{c['file']}"),
         )
         for c in chosen
     ]

@@ -126,6 +126,24 @@ class Datastore:
             if (self.path / shard).is_dir():
                 self.shards[shard] = SuffixIndex(self.path / shard, tokenizer=self.manifest["tokenizer"], verify=verify)
         self.dead = {shard: frozenset(self.manifest["dead"].get(shard, [])) for shard in self.shards}
+        self._skips: dict[frozenset[str], dict[str, frozenset[int]]] = {}  # excluded names -> documents skipped
+
+    def _skip(self, exclude_files: frozenset[str]) -> dict[str, frozenset[int]]:
+        """Per shard, the documents a lookup skips: the dead ones, and those of ``exclude_files``. A name
+        with a folder in it also matches every manifest name that ends with it ("rich/console.py": a general
+        store's ".../site-packages/rich/console.py"), so a repository problem's own file never drafts its
+        answer from a general store that indexed the package; a bare name matches itself only."""
+        if not exclude_files:
+            return self.dead
+        if exclude_files not in self._skips:
+            files = self.manifest["files"]
+            suffixes = tuple("/" + n for n in exclude_files if "/" in n)
+            names = {n for n in files if n in exclude_files or (suffixes and n.endswith(suffixes))}
+            self._skips[exclude_files] = {
+                shard: dead | {files[n]["doc"] for n in names if files[n]["shard"] == shard}
+                for shard, dead in self.dead.items()
+            }  # fmt: skip
+        return self._skips[exclude_files]
 
     # ---- read side ------------------------------------------------------------------
     def _occurrences(self, pattern: Sequence[int]) -> list[tuple[str, int, int]]:
@@ -149,15 +167,9 @@ class Datastore:
 
         Occurrence is monotone in the suffix length (a suffix that occurs has shorter
         suffixes that occur), so the longest length is found by binary search.
-        Continuations inside ``exclude_files`` (names as in the manifest) are not used.
+        Continuations inside ``exclude_files`` are not used (names as :meth:`_skip` matches them).
         """
-        skip = self.dead
-        if exclude_files:
-            files = self.manifest["files"]
-            skip = {
-                shard: dead | {files[n]["doc"] for n in exclude_files if n in files and files[n]["shard"] == shard}
-                for shard, dead in self.dead.items()
-            }
+        skip = self._skip(exclude_files)
         context = list(context[-max_len:])
         lo_len, hi_len = min_len - 1, len(context)  # invariant: lo_len occurs (or is min_len-1), hi_len+1 does not
         best: list[tuple[str, int, int]] = []
