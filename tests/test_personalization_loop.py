@@ -151,6 +151,23 @@ def test_a_failed_tuning_records_why_and_keeps_no_half_written_version(accepted,
     assert versions.create().name == "v2"  # the failed number is not reused
 
 
+def test_a_tuning_reads_only_the_newest_accepted_completions(accepted, tiny_gguf, tmp_path, monkeypatch):
+    import codeaccel.personalization.loop as loop
+
+    seen = {}
+
+    def stop_at_training(model, examples, config, folder, progress):
+        seen["train"] = len(examples)
+        raise MemoryError("stop here")
+
+    monkeypatch.setattr(loop, "finetune", stop_at_training)
+    config = LoopConfig(threshold=1, continuation_tokens=4, teach="accepted", max_items=12)
+    with pytest.raises(MemoryError):
+        run_tuning(accepted, DraftVersions(tmp_path / "drafts"), tiny_gguf, tiny_gguf, config)
+    newest = accepted.items()[-12:]
+    assert seen["train"] == len(split(newest, config.held_out_every)[0])  # 12 of the 30, split as always
+
+
 def test_the_gguf_adapter_computes_what_peft_computes(tiny_gguf, tmp_path):
     """transformers reads the tiny llama GGUF (its q/k rows un-permuted); the adapter is permuted back."""
     hf = load_engine(tiny_gguf, "hf", dtype="float32", n_ctx=256)

@@ -46,10 +46,15 @@ class LoopConfig:
     continuation_tokens: int = 64  # the target's continuation of each prompt (teach and validation)
     k: int = 4  # draft tokens per verification in the acceptance measurement
     tune: TuneConfig = field(default_factory=TuneConfig)
+    # the newest accepted completions a tuning reads (each costs a target continuation): a store that grows for
+    # months does not make every tuning longer than the last
+    max_items: int = 1024
 
     def __post_init__(self) -> None:
-        if self.threshold < 1 or self.held_out_every < 2 or self.continuation_tokens < 1 or self.k < 1:
-            raise UserError("loop settings: threshold >= 1, held out every >= 2, continuation tokens >= 1, k >= 1")
+        if (self.threshold < 1 or self.held_out_every < 2 or self.continuation_tokens < 1 or self.k < 1
+                or self.max_items < self.held_out_every):  # fmt: skip
+            raise UserError("loop settings: threshold >= 1, held out every >= 2, continuation tokens >= 1, k >= 1, "
+                            "max items >= held out every")  # fmt: skip
         check_teach(self.teach)
 
 
@@ -117,7 +122,7 @@ def run_tuning(store: AcceptedStore, versions: DraftVersions, draft_model: str, 
 
 def _tune(store: AcceptedStore, versions: DraftVersions, draft_model: str, target_model: str, config: LoopConfig,
           report: Progress) -> LoopResult:  # fmt: skip
-    items = store.items()
+    items = sorted(store.items(), key=lambda s: s.id)[-config.max_items :]  # the newest
     train_items, held_items = split(items, config.held_out_every)
     if not train_items or not held_items:
         raise UserError(f"{len(items)} accepted completions: too few to hold some out (one in {config.held_out_every})")
