@@ -1,5 +1,6 @@
 """The speculative decode loop: exact stopping rules on a scripted engine, losslessness on tiny models."""
 
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -10,7 +11,7 @@ from codeaccel.decoding.autoregressive import generate
 from codeaccel.decoding.costs import LearnedCosts
 from codeaccel.decoding.draft_length import DraftLength, DraftPricing
 from codeaccel.decoding.draft_model import DraftModelDrafter
-from codeaccel.decoding.drafter import Draft
+from codeaccel.decoding.drafter import Draft, StepTiming
 from codeaccel.decoding.generation import Request
 from codeaccel.decoding.sampling import SamplingParams, logits_to_probs
 from codeaccel.decoding.speculative import speculative_generate
@@ -205,8 +206,22 @@ def test_draft_model_drafter_skips_the_prompt_when_drafting_cannot_pay():
         costs.record_verification(15, 0.005, 16)  # 16 tokens now cost half a step: s clips to its floor, 0.1
         costs.record_draft(1, 0.0001)
     assert pricing.can_pay(costs.snapshot())
-    assert session.propose([1, 2, 3, 4], 2, GREEDY, np.random.default_rng(0)).tokens == [5, 1]
+    real_prefill = draft.prefill
+
+    def slow_prefill(tokens):  # the catch-up on a skipped prompt takes long; drafting itself does not
+        time.sleep(0.05)
+        return real_prefill(tokens)
+
+    draft.prefill = slow_prefill
+    t0 = time.perf_counter()
+    proposal = session.propose([1, 2, 3, 4], 2, GREEDY, np.random.default_rng(0))
+    draft_s = time.perf_counter() - t0
+    del draft.prefill
+    assert proposal.tokens == [5, 1] and proposal.catch_up_s >= 0.05
     assert draft.forward_calls == [[1, 2, 3, 4], [5]]
+    before = costs.snapshot().t_draft_s
+    session.observe([1, 2, 3, 4], proposal, None, StepTiming(0.01, draft_s, 3))
+    assert costs.snapshot().t_draft_s < before + 0.001  # the catch-up is not priced as drafting (0.025 s a token)
     drafter.start([1, 2, 3])  # once drafting can pay, start prefills again (reusing the cached [1, 2])
     assert draft.forward_calls == [[1, 2, 3, 4], [5], [3]]
 

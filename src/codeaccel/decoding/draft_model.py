@@ -16,6 +16,7 @@ speed (seconds per drafted token) into the pricing's shared learned costs.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -68,7 +69,9 @@ class DraftModelSession:
         if k < 1:
             return Draft(tokens=[])
         costs = self.pricing.costs.snapshot() if self.pricing is not None else None  # one reading per draft
+        t_catch_up = time.perf_counter()
         logits = self.engine.prefill(context)  # [vocab]; evaluates only tokens new since the last call
+        catch_up_s = time.perf_counter() - t_catch_up
         tokens: list[int] = []
         probs: list[np.ndarray] = []  # rows of [vocab], sampling only
         survival = 1.0  # the draft's estimate that the target accepts every token so far
@@ -94,7 +97,7 @@ class DraftModelSession:
                 token = sample(q, rng)
                 probs.append(q)
             tokens.append(token)
-        return Draft(tokens=tokens, probs=np.stack(probs) if probs else None, source="model")
+        return Draft(tokens=tokens, probs=np.stack(probs) if probs else None, source="model", catch_up_s=catch_up_s)
 
     def _stop(self, costs: Costs | None, i: int, survival: float, draft_step: bool) -> bool:
         if self.pricing is None or survival >= self.pricing.min_survival(costs, i, draft_step):
@@ -104,8 +107,8 @@ class DraftModelSession:
 
     def observe(self, context: Sequence[int], draft: Draft, verdict: Verdict, timing: StepTiming) -> None:
         # the next prefill(context) re-syncs the cache; k adapts in the loop's DraftLengthState
-        if self.pricing is not None:
-            self.pricing.costs.record_draft(len(draft.tokens), timing.draft_s)
+        if self.pricing is not None:  # the drafting itself: a prompt caught up after a skipped prefill is not it
+            self.pricing.costs.record_draft(len(draft.tokens), max(0.0, timing.draft_s - draft.catch_up_s))
 
     def stats(self) -> DrafterStats:
         return DrafterStats(confidence_stops=self.confidence_stops if self.pricing is not None else None)

@@ -46,6 +46,9 @@ class Draft:
     parents: list[int] | None = None  # a token tree: node i continues node parents[i] (-1: the context)
     lookup: Lookup | None = None  # retrieval drafts: what the datastores gave
     acceptance: float | None = None  # the drafter's estimate of each token's acceptance, in [0, 1) (None: none)
+    # seconds of ``propose`` spent bringing the drafter's own cache up to the context (its prompt after a skipped
+    # prefill, tokens committed since): not the price of drafting these tokens
+    catch_up_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.probs is not None and self.probs.shape[0] != len(self.tokens):
