@@ -120,9 +120,15 @@ def test_sample_and_compare_reproduces_autoregressive_sampling_stream():
     logits = np.random.default_rng(5).normal(size=(4, 50)).astype(np.float32)
     from codeaccel.decoding.sampling import next_token
 
-    ar = [next_token(row, params, np.random.default_rng(11)) for row in logits[:1]]
-    v = verify_sample_and_compare([ar[0], 0, 0], logits, params, np.random.default_rng(11))
-    assert v.tokens[0] == ar[0]
+    stream = np.random.default_rng(11)
+    ar = [next_token(row, params, stream) for row in logits]  # token by token, one random stream: [4]
+    # a draft that is the autoregressive stream itself: accepted whole, the bonus the stream's next token
+    v = verify_sample_and_compare(ar[:3], logits, params, np.random.default_rng(11))
+    assert v.tokens == ar and v.n_accepted == 3 and v.bonus
+    # a draft that leaves it at position 1: the first token kept, then exactly the stream's second draw
+    wrong = (ar[1] + 1) % 50
+    v = verify_sample_and_compare([ar[0], wrong, ar[2]], logits, params, np.random.default_rng(11))
+    assert v.tokens == ar[:2] and v.n_accepted == 1 and not v.bonus
 
 
 # ---- statistics: the output distribution is the target's ----------------------------------------
