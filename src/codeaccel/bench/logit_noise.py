@@ -4,7 +4,7 @@ Speculative verification evaluates k+1 tokens at once; autoregressive decoding o
 at a time. Mathematically the logits are equal; numerically, batched kernels sum in
 a different order (and bf16 rounds coarsely), so a greedy choice between two tokens
 whose logits are closer than this noise can go either way. The benchmark measures
-the noise once per engine and model, and counts a divergence from autoregressive
+the noise once per engine, model and dtype, and counts a divergence from autoregressive
 output as a *near tie* only when the target's top-1/top-2 margin at the divergence
 is below ``tolerance`` (twice the largest change seen on any top-10 logit: the two
 leading logits can move in opposite directions).

@@ -1,7 +1,7 @@
 """Tune, validate, then promote: one turn of the personalization loop.
 
 Once at least ``threshold`` accepted completions are newer than the last tuning's, a copy of the
-draft is fine-tuned with LoRA on the training part of all accepted completions (one
+draft is fine-tuned with LoRA on the training part of the newest ``max_items`` accepted completions (one
 (repository, prompt) in ``held_out_every`` is held out, by a hash of both: the same prompt accepted
 twice is never on both sides), on the text the user accepted, on the target's
 own greedy continuation of each prompt, or on that continuation with the target's distribution

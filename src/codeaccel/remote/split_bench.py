@@ -1,7 +1,8 @@
 """The client/server split on loopback: remote drafts verified by the server, against the server alone.
 
-One codeaccel server (the target, autoregressive: it only verifies what clients draft) and, per
-level, c clients sending the same FIM requests (cut from real code, :mod:`codeaccel.bench.load_test`)
+A fresh codeaccel server per level and mode (the target, autoregressive: it only verifies what clients
+draft; its prefix cache on, where a verify session's context stays between calls) and, per level, c clients
+sending the same FIM requests (cut from real code, :mod:`codeaccel.bench.load_test`)
 back to back, greedy, ``n_predict`` tokens:
 
 * ``server-alone``: each client posts the prompt to ``/v1/completions``: the target decodes it;
@@ -10,9 +11,9 @@ back to back, greedy, ``n_predict`` tokens:
 
 Per level: end-to-end latency p50 / p99, aggregate tokens/s, errors, the target's seconds per
 generated token (the server's evaluation seconds over the tokens it committed, read from its
-``/metrics`` before and after), the mean accepted length, and how many remote outputs equal the
-server-alone ones. On loopback the clients' drafts run on the same cores as the server, so
-the remote numbers include the drafts' competition for the CPU that a real split would not have.
+``/metrics`` before and after), the mean accepted length, how many remote outputs equal the
+server-alone ones, and the share of prompt tokens the server found cached. On loopback the clients'
+drafts run on the same cores as the server, so the remote numbers include the drafts' competition for the CPU that a real split would not have.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ engine evaluation. Modules:
 * ``errors``: every error mapped in one place to an OpenAI-style body;
 * ``access``: the API key (401 without it) and every response counted by route and status;
 * ``body_limit``: a body over the limit refused with 413, with or without a length;
-* ``app``: ``create_app(settings)``, the routes, loading in the background (``/health`` 503 until loaded);
+* ``app``: ``create_app(settings)``, the routes, loading in the background (``/health`` 503 until loaded,
+  or once the decoding thread stopped);
 * ``replicas``: the same app as N replicas on Ray Serve behind one port.
 """

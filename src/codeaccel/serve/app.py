@@ -1,8 +1,8 @@
 """The FastAPI application: ``create_app(settings)`` (no work at import), its routes, its lifespan.
 
 The model loads in a background thread after the server starts listening, so ``/health``
-answers 503 while loading (and if loading failed), 200 after. Routes are thin: validate,
-build the prompt, submit a :class:`~codeaccel.serve.completions.Call`, format.
+answers 503 while loading (and if loading failed, or once the decoding thread stopped), 200 after.
+Routes are thin: validate, build the prompt, submit a :class:`~codeaccel.serve.completions.Call`, format.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 ``{"error": {"message", "type", "param", "code"}}``.
 
 Bad input (unparsable JSON, a body not sent as JSON (415), bad UTF-8, wrong types, values out of range,
-a prompt too long, an unknown model, an oversized body) is a 4xx; a full queue or a model still loading a 503
-(with ``Retry-After`` when full); only a bug is a 500.
+a prompt too long, an unknown model, an oversized body) is a 4xx; a full queue, a model still loading, a
+stopped decoding thread or a shutdown a 503 (with ``Retry-After`` when full); only a bug is a 500.
 """
 
 from __future__ import annotations

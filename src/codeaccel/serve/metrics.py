@@ -3,7 +3,9 @@
 Names: ``codeaccel_*`` for our own; the speculative counters also as vLLM names them
 (``vllm:spec_decode_num_drafts``, ``…_num_draft_tokens``, ``…_num_accepted_tokens``,
 ``…_num_accepted_tokens_per_pos{position}``) and as llama-server does
-(``llamacpp:spec_decode_num_drafts``, ...), so existing dashboards read them unchanged.
+(``llamacpp:spec_decode_num_drafts``, ...), and llama-server's own prompt and predicted token counters and
+processing / deferred gauges (``llamacpp:prompt_tokens``, ``llamacpp:requests_processing``, ...), so existing
+dashboards read them unchanged.
 prometheus-client adds ``_total`` to every counter's exposed name, as both of them expose.
 """
 
