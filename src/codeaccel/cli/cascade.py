@@ -284,7 +284,8 @@ def solve(
     ] = None,
     tuned: Annotated[Path | None, typer.Option(help="A `cascade tune` JSON report: use the point it chose.")] = None,
     budget: Annotated[
-        float | None, typer.Option(help="With --tuned: dollars per problem; the most accurate point within it on the tuning split.")
+        float | None,
+        typer.Option(help="With --tuned: dollars per problem; the most accurate point within it on the tuning split."),
     ] = None,
     scorer: Annotated[
         str | None, typer.Option(help=f"{' or '.join(SCORERS)}; default cascade, with --tuned the report's.")

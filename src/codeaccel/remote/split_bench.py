@@ -13,7 +13,8 @@ Per level: end-to-end latency p50 / p99, aggregate tokens/s, errors, the target'
 generated token (the server's evaluation seconds over the tokens it committed, read from its
 ``/metrics`` before and after), the mean accepted length, how many remote outputs equal the
 server-alone ones, and the share of prompt tokens the server found cached. On loopback the clients'
-drafts run on the same cores as the server, so the remote numbers include the drafts' competition for the CPU that a real split would not have.
+drafts run on the same cores as the server, so the remote numbers include the drafts' competition for the
+CPU that a real split would not have.
 """
 
 from __future__ import annotations
