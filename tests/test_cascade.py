@@ -553,6 +553,10 @@ def test_run_then_tune_through_the_cli(tmp_path, tiny_gguf, tiny_gguf_draft):
     assert [r["model"] for r in alone] == ["tiny", "tiny-draft"]
     assert all(r["n_problems"] == 10 and r["s_per_token"] > 0 and r["cost_s"] > 0 for r in alone)
     assert "per token and per problem" in (tmp_path / "cascade-humaneval-cascade.md").read_text()
+    spent = {r["model"]: r for r in doc["spent_in_sweep"]}  # seconds per token as the sweep actually spent them
+    assert set(spent) == {"tiny", "tiny-draft"} and all(r["s_per_token"] > 0 and r["mean_batch"] >= 1
+                                                        for r in spent.values())  # fmt: skip
+    assert spent["tiny"]["generations"] == 10 * (1 + 10 + 2 * (1 + 10))
     one = tmp_path / "one"
     elsewhere = runner.invoke(app, ["cascade", "tune", "humaneval", "--models", tiny_gguf, "--limit", "10",
                                     "--store", str(tmp_path / "store.sqlite"), "--out", str(one)])  # fmt: skip

@@ -23,6 +23,7 @@ from pathlib import Path
 from codeaccel import machine
 from codeaccel.cascade.cost import PAPER_USD_PER_HOUR, usd
 from codeaccel.cascade.replay import Evaluation
+from codeaccel.cascade.store import Spend
 from codeaccel.cascade.tuner import SPLIT_SEED, TUNE_FRACTION, Chosen, TuneResult, pareto_front
 
 
@@ -68,6 +69,7 @@ def write_report(
     cost_scales: dict[str, float] | None = None,
     n_seq_max: int | None = None,
     model_specs: dict[str, str] | None = None,
+    spent: dict[str, Sequence[Spend]] | None = None,
 ) -> list[Path]:
     """``greedy``: each model's greedy answer alone over every problem, with its seconds per token (one sequence).
     ``stages_per_model``: where a model follows itself, its number of stages, model by model; the files are
@@ -77,7 +79,8 @@ def write_report(
     left out of the replay, ``keep`` where they counted. ``cost_scales``: per model, the factor its measured
     costs were scaled by to the speed the sweep ran at (None: the measured costs as they are).
     ``n_seq_max``: the most sequences of one problem the replay priced as decoding at once. ``model_specs``:
-    each stored model name with what loads it (``cascade solve --tuned``)."""
+    each stored model name with what loads it (``cascade solve --tuned``). ``spent``: per model, what the sweep
+    spent on each of its generations (its seconds per token as actually spent, batched as it ran)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     kw = {"dataset": dataset, "engine": engine, "usd_per_hour": usd_per_hour}
     rows = [row(e, split="tune", **kw) for e in result.tune_front]
@@ -127,6 +130,7 @@ def write_report(
         "summary": summary,
         "test_validity": validity,
         "greedy_alone": [_greedy_row(e, s_per_token, usd_per_hour) for e, s_per_token in greedy],
+        "spent_in_sweep": [_spent_row(m, rows) for m, rows in (spent or {}).items() if rows],
         "rows": rows,
         **({"generation": generation} if generation else {}),
         **({"models": model_specs} if model_specs else {}),
@@ -152,6 +156,28 @@ def _greedy_row(e: Evaluation, s_per_token: float, usd_per_hour: float) -> dict:
         "cost_s": float(f"{e.cost_s:.4g}"),  # per problem: generation + prefill
         "cost_usd": usd(e.cost_s, usd_per_hour),
     }
+
+
+def _spent_row(model: str, rows: Sequence[Spend]) -> dict:
+    """What the sweep itself spent on a model's generations: each one's share of the batched steps it ran in
+    and of its prompt's prefill, summed (the replay prices from measured batch costs instead)."""
+    tokens = sum(r.tokens for r in rows)
+    seconds = sum(r.seconds for r in rows)
+    batch = sum(r.batch_size * r.tokens for r in rows) / tokens if tokens else None
+    return {"model": model, "generations": len(rows), "tokens": tokens, "seconds": round(seconds, 1),
+            "s_per_token": float(f"{seconds / tokens:.4g}") if tokens else None,
+            "mean_batch": round(batch, 2) if batch is not None else None}  # fmt: skip
+
+
+def _spent_lines(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    lines = ["", "## What the sweep spent (every stored generation; batched as it ran)", "",
+             "| model | generations | tokens | seconds | s per token | mean batch |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    lines += [f"| {r['model']} | {r['generations']} | {r['tokens']} | {r['seconds']} | {r['s_per_token']} | "
+              f"{r['mean_batch']} |" for r in rows]  # fmt: skip
+    return lines
 
 
 def _greedy_lines(rows: list[dict]) -> list[str]:
@@ -231,6 +257,7 @@ def _markdown(doc: dict, command: str) -> str:
     else:
         lines.append("No cascade point of the tuning front reaches the best single model's tuning accuracy.")
     lines += _greedy_lines(doc.get("greedy_alone", []))
+    lines += _spent_lines(doc.get("spent_in_sweep", []))
     lines += ["", "## Test validity (share of extracted lines the reference solution passes)", "",
               "| model | l | tests | tests with a kept line | lines kept | valid | left out (repeat a shown test) |",
               "|---|---|---|---|---|---|---|"]  # fmt: skip

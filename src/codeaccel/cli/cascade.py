@@ -237,6 +237,7 @@ def tune_command(
             cost_scales={m: replay.cost_scale(m) for m in distinct} if calibrate_costs else None,
             n_seq_max=replay.n_seq_max,
             model_specs=specs,
+            spent={m: store.spend(m, problems[0].dataset) for m in distinct},
         )
     for path in paths:
         out.print(f"wrote {path}")
