@@ -454,8 +454,8 @@ class BatchDecoder:
         while self._waiting and free > 0:
             handle, request = self._waiting[0]
             key = _prefill_key(request)
-            prompt = key[0]
-            room = self.seqs.n_ctx_seq - len(prompt)
+            prompt, n_draft = key
+            room = self.seqs.n_ctx_seq - len(prompt) + n_draft  # as reserved below: a given draft is its own tokens
             need = min(request.max_tokens, room) + (0 if key in groups else len(prompt))
             if reserved + need > self.seqs.n_ctx and (reserved or groups):
                 break  # wait for running requests to free cells (one request alone always fits)
