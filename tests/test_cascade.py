@@ -341,6 +341,7 @@ def test_replay_takes_the_answer_the_stage_accepts(tmp_path):
         assert run.gen_s == pytest.approx(60 * 0.1 / 6)  # every measured step costs 0.1 s: 6 sequences per step
         with pytest.raises(UserError, match="no stored answer sample"):
             replay.stage_run(Stage("m", 5, 2), "T/0")
+        assert replay.any_passes("m", 1, ["T/0"]) == 1.0  # sample 0 passes (the greedy answer is no sample)
         # each stored generation spent 0.1 s on 10 tokens at a mean batch of 2 (0.05 s per token measured) and
         # shared a 50-token prompt with 3 others (50 * 0.001 / 4 s): 0.1 / 0.5125 of the measured costs
         calibrated = Replay(store, "humaneval", ["T/0"], calibrate=True)
@@ -557,6 +558,9 @@ def test_run_then_tune_through_the_cli(tmp_path, tiny_gguf, tiny_gguf_draft):
     assert set(spent) == {"tiny", "tiny-draft"} and all(r["s_per_token"] > 0 and r["mean_batch"] >= 1
                                                         for r in spent.values())  # fmt: skip
     assert spent["tiny"]["generations"] == 10 * (1 + 10 + 2 * (1 + 10))
+    headroom = {r["model"]: r for r in doc["any_sample_passes"]}  # a perfect selector's pass@1, never falling in k
+    assert set(headroom) == {"tiny", "tiny-draft"}
+    assert all(0 <= r["k=3"] <= r["k=5"] <= r["k=10"] <= 1 for r in headroom.values())
     one = tmp_path / "one"
     elsewhere = runner.invoke(app, ["cascade", "tune", "humaneval", "--models", tiny_gguf, "--limit", "10",
                                     "--store", str(tmp_path / "store.sqlite"), "--out", str(one)])  # fmt: skip

@@ -219,6 +219,15 @@ class Replay:
                 return ProblemOutcome(task_id, passed, i, cost, prompt, gen_tokens, prompt_tokens)
         raise InternalError(f"{config.label()}: no stage answered (the last running stage always does)")
 
+    def any_passes(self, model: str, k: int, task_ids: Sequence[str]) -> float:
+        """Share of problems where one of ``model``'s sampled answers 0..k-1 passes the official tests: the
+        pass@1 a perfect selector among them would reach (what self-tests leave on the table)."""
+        hits = 0
+        for task_id in task_ids:
+            d = self.data(model, task_id)
+            hits += any(d.answer_passed[d.answers[s].id] for s in range(k) if s in d.answers)
+        return hits / len(task_ids) if task_ids else 0.0
+
     def evaluate(self, config: CascadeConfig, task_ids: Sequence[str], scorer: Scorer = "cascade") -> Evaluation:
         outcomes = [self.outcome(config, t, scorer) for t in task_ids]
         return Evaluation(config, scorer, outcomes)

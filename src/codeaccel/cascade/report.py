@@ -70,6 +70,7 @@ def write_report(
     n_seq_max: int | None = None,
     model_specs: dict[str, str] | None = None,
     spent: dict[str, Sequence[Spend]] | None = None,
+    headroom: dict[str, dict[int, float]] | None = None,
 ) -> list[Path]:
     """``greedy``: each model's greedy answer alone over every problem, with its seconds per token (one sequence).
     ``stages_per_model``: where a model follows itself, its number of stages, model by model; the files are
@@ -80,7 +81,9 @@ def write_report(
     costs were scaled by to the speed the sweep ran at (None: the measured costs as they are).
     ``n_seq_max``: the most sequences of one problem the replay priced as decoding at once. ``model_specs``:
     each stored model name with what loads it (``cascade solve --tuned``). ``spent``: per model, what the sweep
-    spent on each of its generations (its seconds per token as actually spent, batched as it ran)."""
+    spent on each of its generations (its seconds per token as actually spent, batched as it ran).
+    ``headroom``: per model and k, the share of problems where one of its first k sampled answers passes (what a
+    perfect selector would reach), every problem replayed."""
     out_dir.mkdir(parents=True, exist_ok=True)
     kw = {"dataset": dataset, "engine": engine, "usd_per_hour": usd_per_hour}
     rows = [row(e, split="tune", **kw) for e in result.tune_front]
@@ -131,6 +134,8 @@ def write_report(
         "test_validity": validity,
         "greedy_alone": [_greedy_row(e, s_per_token, usd_per_hour) for e, s_per_token in greedy],
         "spent_in_sweep": [_spent_row(m, rows) for m, rows in (spent or {}).items() if rows],
+        "any_sample_passes": [{"model": m, **{f"k={k}": round(v, 4) for k, v in ks.items()}}
+                              for m, ks in (headroom or {}).items()],  # fmt: skip
         "rows": rows,
         **({"generation": generation} if generation else {}),
         **({"models": model_specs} if model_specs else {}),
@@ -177,6 +182,16 @@ def _spent_lines(rows: list[dict]) -> list[str]:
              "|---|---|---|---|---|---|"]  # fmt: skip
     lines += [f"| {r['model']} | {r['generations']} | {r['tokens']} | {r['seconds']} | {r['s_per_token']} | "
               f"{r['mean_batch']} |" for r in rows]  # fmt: skip
+    return lines
+
+
+def _headroom_lines(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    ks = [key for key in rows[0] if key != "model"]
+    lines = ["", "## One of the first k sampled answers passes (a perfect selector's pass@1; every problem)", "",
+             "| model | " + " | ".join(ks) + " |", "|---" * (len(ks) + 1) + "|"]  # fmt: skip
+    lines += [f"| {r['model']} | " + " | ".join(f"{r[k]:.3f}" for k in ks) + " |" for r in rows]
     return lines
 
 
@@ -258,6 +273,7 @@ def _markdown(doc: dict, command: str) -> str:
         lines.append("No cascade point of the tuning front reaches the best single model's tuning accuracy.")
     lines += _greedy_lines(doc.get("greedy_alone", []))
     lines += _spent_lines(doc.get("spent_in_sweep", []))
+    lines += _headroom_lines(doc.get("any_sample_passes", []))
     lines += ["", "## Test validity (share of extracted lines the reference solution passes)", "",
               "| model | l | tests | tests with a kept line | lines kept | valid | left out (repeat a shown test) |",
               "|---|---|---|---|---|---|---|"]  # fmt: skip

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from codeaccel.cascade.config import Stage, enumerate_configs, make_config
+from codeaccel.cascade.config import KS, Stage, enumerate_configs, make_config
 from codeaccel.cascade.cost import CPU_USD_PER_HOUR
 from codeaccel.cascade.endpoint import parse_endpoint, stage_name
 from codeaccel.cascade.problems import check_dataset, function_problem, load_cascade_problems
@@ -238,6 +238,7 @@ def tune_command(
             n_seq_max=replay.n_seq_max,
             model_specs=specs,
             spent={m: store.spend(m, problems[0].dataset) for m in distinct},
+            headroom={m: {k: replay.any_passes(m, k, task_ids) for k in KS if k >= 3} for m in distinct},
         )
     for path in paths:
         out.print(f"wrote {path}")
