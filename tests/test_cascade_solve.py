@@ -181,6 +181,29 @@ def test_a_model_following_itself_generates_only_what_it_adds(tiny_gguf, humanev
     assert solution.official_passed is False
 
 
+def test_a_stage_whose_tests_vouch_for_one_sample_answers_with_that_sample(tiny_gguf, humaneval_0, monkeypatch):
+    """The live solver takes the scorer's best answer, not the first: sample 2 alone passes both test lines,
+    its score 2 · 1 reaches θ · k · N_t = 0.3 · 3 · 2, the stage accepts it and the later stage never runs."""
+    seen = {}
+
+    def two_lines(text, entry_point, n_lines):
+        return ["assert candidate(1) == 1", "assert candidate(2) == 2"]
+
+    def only_sample_2_passes(self, cp, model, samples, answers, lines, line_passed):
+        seen["answers"] = [a.text for a in answers]
+        for s in samples:
+            line_passed[(model, s)] = {line: s == 2 for line in lines}
+
+    monkeypatch.setattr(solve_module, "extract_test_lines", two_lines)
+    monkeypatch.setattr(CascadeSolver, "_execute", only_sample_2_passes)
+    config = make_config([Stage(tiny_gguf, 3, 2), Stage(tiny_gguf + "-never-loaded", 0, 0)], [0.3, 0.0])
+    with CascadeSolver(config, max_tokens=12) as solver:
+        solution = solver.solve(humaneval_0)
+    (stage,) = solution.stages
+    assert stage.decided == "accepted" and solution.answered_by == 0 and stage.verdict.best == 2
+    assert solution.completion == seen["answers"][2]
+
+
 def test_a_function_on_stdin_that_is_not_utf8_is_one_line_exit_2():
     import subprocess
     import sys

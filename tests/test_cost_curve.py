@@ -30,7 +30,7 @@ def test_cost_interpolates_and_extrapolates():
 
 
 def test_context_too_small_is_refused(tiny_gguf):
-    from codeaccel.errors import CodeaccelError
+    from codeaccel.errors import UserError
 
-    with load_engine(tiny_gguf, "llama.cpp", n_ctx=64) as eng, pytest.raises(CodeaccelError):
+    with load_engine(tiny_gguf, "llama.cpp", n_ctx=64) as eng, pytest.raises(UserError, match="exceeds the engine"):
         measure_cost_curve(eng, k_max=32, context_tokens=eng.n_ctx - 16)

@@ -469,6 +469,8 @@ def test_event_store_survives_reopen(tmp_path):
     ids = [store.add(EventRequest(type="view", completion_id=f"c{i}")) for i in range(3)]
     again = EventStore(tmp_path / "events.sqlite")
     assert [e["id"] for e in again.events()] == ids
+    # acknowledged = on disk: a kill -9 keeps the page cache, so only the setting shows it (FULL = 2)
+    assert again._connect().execute("PRAGMA synchronous").fetchone()[0] == 2
 
 
 def _metric(server, name: str) -> float:
