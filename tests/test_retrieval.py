@@ -339,19 +339,43 @@ def test_tree_sampling_matches_target_distribution(tiny_gguf):
 
     from test_speculative import _exact_sequence_probs
 
+    class TopTree(TreeDrafter):
+        """Two roots, the target's two most likely next tokens, each with the target's best child: inside the
+        sampled support (top-k 3), so branches are accepted often and sampling runs through accepted nodes."""
+
+        def __init__(self, engine):
+            super().__init__(engine.n_vocab, 0)
+            self.engine = engine
+
+        def propose(self, context, k, params, rng):
+            self.engine.reset()
+            row = self.engine.eval(list(context))[-1]
+            tokens, parents = [], []
+            for root in (int(t) for t in np.argsort(-row)[:2]):
+                tokens.append(root)
+                parents.append(-1)
+                child = int(np.argmax(self.engine.eval([root])[-1]))
+                self.engine.rewind(len(context))
+                tokens.append(child)
+                parents.append(len(tokens) - 2)
+            n = min(k, len(tokens))
+            return Draft(tokens=tokens[:n], parents=parents[:n])
+
     params = SamplingParams(temperature=1.5, top_k=3)
-    with load_engine(tiny_gguf, n_ctx=256) as eng:
+    with load_engine(tiny_gguf, n_ctx=256) as eng, load_engine(tiny_gguf, n_ctx=256) as drafts:
         prompt = eng.tokenize("def f(x):\n    return")
         exact = _exact_sequence_probs(eng, prompt, params, 3)
-        # trees built from the target's own top tokens, so branches are often accepted
         counts = dict.fromkeys(exact, 0)
-        drafter = TreeDrafter(eng.n_vocab, 5)
-        n = 2000
+        drafter = TopTree(drafts)
+        n, accepted, verified = 2000, 0, 0
         for seed in range(n):
             gen = speculative_generate(
                 eng, drafter, DraftLength(flat_curve(), fixed_k=6), prompt, SamplingParams(1.5, top_k=3, seed=seed), 3
             )
             counts[tuple(gen.tokens)] += 1
+            accepted += gen.stats.speculation.accepted_tokens
+            verified += gen.stats.speculation.drafts
+        assert accepted / verified > 0.5  # sampling really went through accepted tree nodes
         seqs = list(exact)
         assert scipy_stats.chisquare([counts[s] for s in seqs], [exact[s] * n for s in seqs]).pvalue > 1e-3
 
