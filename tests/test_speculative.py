@@ -335,18 +335,38 @@ def _exact_sequence_probs(target, prompt, params, length):
     return out
 
 
-@pytest.mark.parametrize("which", ["other-weights", "same-weights", "confidence-stop"])
+class _Tempered:
+    """The target's own weights with its logits scaled: the same top tokens, other probabilities (a draft whose q
+    overlaps p partly, so rejection sampling's residual max(0, p - q) is what decides)."""
+
+    def __init__(self, engine, factor: float):
+        self._engine, self.factor = engine, factor
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def prefill(self, tokens):
+        return self._engine.prefill(tokens) * self.factor
+
+    def eval(self, tokens, *args, **kwargs):
+        return self._engine.eval(tokens, *args, **kwargs) * self.factor
+
+
+@pytest.mark.parametrize("which", ["other-weights", "same-weights", "tempered", "confidence-stop"])
 def test_speculative_sampling_matches_target_distribution(tiny_gguf, tiny_gguf_draft, which):
     """Chi-square over all 3-token continuations (top-k 3): speculative samples follow the target exactly.
 
+    tempered: the target's weights at a flatter temperature, the same support with other probabilities:
+    tokens are accepted often, but not always (the residual distribution is sampled).
     confidence-stop: drafts end early where the draft is unsure (each extra verified token
     priced at half a step), so draft lengths vary from step to step and sample to sample.
     """
     params = SamplingParams(temperature=1.5, top_k=3)
     with (
         load_engine(tiny_gguf, n_ctx=256) as target,
-        load_engine(tiny_gguf if which == "same-weights" else tiny_gguf_draft, n_ctx=256) as draft,
+        load_engine(tiny_gguf if which in ("same-weights", "tempered") else tiny_gguf_draft, n_ctx=256) as draft,
     ):
+        draft = _Tempered(draft, 0.5) if which == "tempered" else draft
         prompt = target.tokenize("def f(x):\n    return")
         exact = _exact_sequence_probs(target, prompt, params, 3)
         if which == "confidence-stop":
@@ -358,7 +378,7 @@ def test_speculative_sampling_matches_target_distribution(tiny_gguf, tiny_gguf_d
             policy = DraftLength(flat_curve(), fixed_k=2)
             costs = LearnedCosts(policy.curve)
             drafter = DraftModelDrafter(draft)
-        stops = drafted = 0
+        stops = drafted = accepted = 0
         n = 3000
         counts = dict.fromkeys(exact, 0)
         for seed in range(n):
@@ -367,6 +387,9 @@ def test_speculative_sampling_matches_target_distribution(tiny_gguf, tiny_gguf_d
             counts[tuple(gen.tokens)] += 1  # a KeyError here is a sequence the target cannot produce
             stops += gen.stats.drafter.confidence_stops or 0
             drafted += gen.stats.speculation.drafted_tokens
+            accepted += gen.stats.speculation.accepted_tokens
+        if which == "tempered":
+            assert 0.3 < accepted / drafted < 0.95  # partly accepted: the residual decided the rest
         if which == "confidence-stop":
             assert stops > 0 and drafted > 0  # both outcomes happened
         seqs = list(exact)
