@@ -220,14 +220,21 @@ def test_a_tuning_turn_is_validated_and_promoted_only_if_better(accepted, tiny_g
 
 
 def test_a_worse_draft_is_never_promoted(accepted, tiny_gguf, tiny_gguf_draft, tmp_path):
+    """Against the live tuned version, not the base model: v1 (tuned well) is live; a candidate ruined by a huge
+    learning rate is measured on its own adapter, found worse than v1, and left validated, not promoted."""
     versions = DraftVersions(tmp_path / "drafts")
+    good = LoopConfig(threshold=20, continuation_tokens=16, tune=TuneConfig(epochs=8, learning_rate=2e-2,
+                                                                            max_seconds=900))  # fmt: skip
+    first = run_tuning(accepted, versions, tiny_gguf_draft, tiny_gguf, good)
+    assert first.promoted and versions.live().name == "v1"
     ruin = LoopConfig(threshold=1, continuation_tokens=16, teach="accepted",
                       tune=TuneConfig(epochs=4, learning_rate=1.0, max_seconds=60))  # fmt: skip
-    result = run_tuning(accepted, versions, tiny_gguf, tiny_gguf, ruin)  # the draft is the target: live = perfect
-    assert result.live.acceptance_rate == 1.0
+    result = run_tuning(accepted, versions, tiny_gguf_draft, tiny_gguf, ruin, force=True)
+    assert result.live_name == "v1"  # measured against the live tuned version, as it measured when promoted:
+    assert result.live.mean_accepted_len == pytest.approx(first.candidate.mean_accepted_len)
     assert result.candidate.mean_accepted_len < result.live.mean_accepted_len  # its own adapter was measured
-    assert not result.promoted and versions.live() is None
-    assert versions.list()[0].record["status"] == "validated"
+    assert not result.promoted and versions.live().name == "v1"
+    assert versions.list()[1].record["status"] == "validated"
 
 
 def test_draft_commands_train_list_promote_and_rollback(accepted, tiny_gguf, tiny_gguf_draft, tmp_path):
