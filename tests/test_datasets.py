@@ -7,7 +7,7 @@ from importlib import resources
 import pytest
 
 from codeaccel.bench.datasets import STOP, load_problems
-from codeaccel.errors import CodeaccelError
+from codeaccel.errors import UserError
 from codeaccel.sandbox import Job, SandboxPool, execute
 
 
@@ -52,5 +52,5 @@ def test_all_official_solutions_pass_and_wrong_ones_fail():
 
 @pytest.mark.parametrize("name,limit", [("apps", None), ("humaneval", 0), ("mbpp", -2)])
 def test_bad_dataset_arguments(name, limit):
-    with pytest.raises(CodeaccelError):
+    with pytest.raises(UserError, match="unknown dataset" if limit is None else "--limit"):
         load_problems(name, limit)

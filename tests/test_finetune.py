@@ -14,7 +14,7 @@ import pytest
 from codeaccel.decoding.autoregressive import generate
 from codeaccel.decoding.sampling import SamplingParams
 from codeaccel.engines import load_engine
-from codeaccel.errors import CodeaccelError
+from codeaccel.errors import CodeaccelError, UserError
 from codeaccel.personalization.acceptance import AcceptanceStats, Continuation, measure_acceptance, replay
 from codeaccel.personalization.distill import TeacherTop, check_teach, teacher_top_k, top_k_of
 from codeaccel.personalization.finetune import TrainingExample, TuneConfig, finetune, soft_cross_entropy
@@ -140,7 +140,7 @@ def test_limits_stop_the_training(pair, tmp_path):
     assert (by_steps.steps, by_steps.stopped_by) == (3, "max_steps")
     by_time = finetune(draft.model, examples, TuneConfig(epochs=50, max_seconds=0.2, permute_qk=False), tmp_path / "b")
     assert by_time.stopped_by == "max_seconds" and by_time.steps < len(examples) * 50
-    with pytest.raises(CodeaccelError):
+    with pytest.raises(UserError, match="rank >= 1"):
         TuneConfig(rank=0)
     assert AcceptanceStats().mean_accepted_len == 0.0
 

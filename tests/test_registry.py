@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-from codeaccel.errors import CodeaccelError
+from codeaccel.errors import CodeaccelError, UserError
 from codeaccel.models import registry
 from codeaccel.models.registry import BundledModel, ensure_assembled, is_assembled, resolve_model
 
@@ -127,7 +127,7 @@ def test_local_paths(tmp_path):
 
 @pytest.mark.parametrize("spec", ["", "no-such-model", "/no/such/file.gguf"])
 def test_unknown_models_are_refused(spec):
-    with pytest.raises(CodeaccelError):
+    with pytest.raises(UserError, match="unknown model" if spec else "no model given"):
         resolve_model(spec)
 
 

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from codeaccel.decoding.sampling import NUCLEUS_CANDIDATES, SamplingParams, logits_to_probs, next_token, sample
-from codeaccel.errors import CodeaccelError
+from codeaccel.errors import UserError
 
 
 @pytest.mark.parametrize(
@@ -10,7 +10,7 @@ from codeaccel.errors import CodeaccelError
     [{"temperature": -0.1}, {"temperature": float("nan")}, {"top_p": 0.0}, {"top_p": 1.5}, {"top_k": -1}, {"seed": -3}],
 )
 def test_invalid_params_are_refused(kwargs):
-    with pytest.raises(CodeaccelError):
+    with pytest.raises(UserError, match=next(iter(kwargs))):  # a user error naming the setting
         SamplingParams(**kwargs)
 
 
