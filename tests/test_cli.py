@@ -94,6 +94,23 @@ def test_a_prompt_on_stdin_that_is_not_utf8_is_one_line_exit_2(tiny_gguf):
         assert result.returncode == 2 and "stdin is not UTF-8 text" in stderr and "Traceback" not in stderr
 
 
+def test_ctrl_c_is_exit_130_with_a_line_saying_what_is_kept(tiny_gguf):
+    """typer turns Ctrl-C into exit 130 before our handler could see it: the line saying that finished work
+    is saved must still be printed (it was not)."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "codeaccel", "generate", "-", "-m", tiny_gguf],
+                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
+    time.sleep(4)  # started, waiting for the prompt on stdin
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted (finished benchmark problems are saved" in stderr
+    assert "Traceback" not in stderr
+
+
 def test_corrupt_model_file(tmp_path):
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(b"GGUF" + b"\0" * 64)

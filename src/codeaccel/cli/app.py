@@ -94,5 +94,25 @@ def _run() -> None:
         err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        err.print("interrupted (finished benchmark problems are saved; rerun to resume)")
+        _say_interrupted()
         sys.exit(130)
+    except SystemExit as exc:  # typer turns Ctrl-C into exit 130 itself, before the handler above could see it
+        if exc.code == 130 and _caused_by(exc, KeyboardInterrupt):
+            _say_interrupted()
+        raise
+
+
+def _say_interrupted() -> None:
+    err.print("interrupted (finished benchmark problems are saved; rerun to resume)")
+
+
+def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
+    """Whether ``kind`` is in the chain of exceptions that led to ``exc`` (raised from, or while handling)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, kind):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
