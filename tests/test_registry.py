@@ -62,6 +62,15 @@ def test_assembles_verifies_and_reuses(fake_model):
     assert resolve_model("fake-model").kind == "gguf"
 
 
+def test_a_cache_it_cannot_write_is_one_setup_error(fake_model, monkeypatch):
+    from codeaccel.errors import SetupError
+
+    model, _ = fake_model
+    monkeypatch.setenv("CODEACCEL_CACHE_DIR", "/proc/codeaccel-cannot-write-here")  # not even root writes /proc
+    with pytest.raises(SetupError, match="cannot write model fake-model .*CODEACCEL_CACHE_DIR"):
+        ensure_assembled(model)
+
+
 def test_corrupt_part_fails_and_leaves_no_file(fake_model):
     model, site = fake_model
     (site / "fake_parts_x2" / "data" / "part.bin").write_bytes(b"x" * len(PARTS[1]))

@@ -172,6 +172,14 @@ def ensure_assembled(model: BundledModel, progress: Callable[[int, int], None] |
     if is_assembled(model):
         return path
     parts = find_parts(model)
+    try:
+        return _assemble(model, parts, path, progress)
+    except OSError as exc:  # a full disk, a cache folder it may not write: what to do, not a traceback
+        raise SetupError(f"cannot write model {model.name} to {path.parent}: {exc.strerror or exc}; free space "
+                         "there or point CODEACCEL_CACHE_DIR elsewhere") from None  # fmt: skip
+
+
+def _assemble(model: BundledModel, parts: list[Path], path: Path, progress) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.partial-{os.getpid()}")
     log.info("assembling %s from %d parts into %s", model.name, len(parts), path)
