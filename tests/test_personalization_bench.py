@@ -143,3 +143,18 @@ def test_a_work_folder_from_before_the_split_setting_is_a_file_split(config, tmp
         _check_settings(dataclasses.replace(config, split="function"), work)
     with pytest.raises(UserError, match="split"):
         dataclasses.replace(config, split="commit")
+
+
+def test_a_cache_line_cut_short_is_cut_off_and_made_again(tmp_path):
+    """A kill or a full disk mid-write leaves half a line: it is dropped (its record regenerated) and cut off the
+    file, so the next append starts a line of its own instead of gluing onto it."""
+    from codeaccel.personalization.bench import _cached_records
+
+    cache = tmp_path / "examples.jsonl"
+    cache.write_text(json.dumps({"task_id": "a", "x": 1}) + "\n" + '{"task_id": "b", "x"')
+    assert [r["task_id"] for r in _cached_records(cache)] == ["a"]
+    assert cache.read_text().endswith("\n") and cache.read_text().count("\n") == 1
+    with cache.open("a") as out:
+        out.write(json.dumps({"task_id": "b", "x": 2}) + "\n")
+    assert [r["task_id"] for r in _cached_records(cache)] == ["a", "b"]
+    assert _cached_records(tmp_path / "none.jsonl") == []

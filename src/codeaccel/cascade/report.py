@@ -134,8 +134,9 @@ def write_report(
         "test_validity": validity,
         "greedy_alone": [_greedy_row(e, s_per_token, usd_per_hour) for e, s_per_token in greedy],
         "spent_in_sweep": [_spent_row(m, rows) for m, rows in (spent or {}).items() if rows],
-        "any_sample_passes": [{"model": m, **{f"k={k}": round(v, 4) for k, v in ks.items()}}
-                              for m, ks in (headroom or {}).items()],  # fmt: skip
+        "any_sample_passes": [
+            {"model": m, **{f"k={k}": round(v, 4) for k, v in ks.items()}} for m, ks in (headroom or {}).items()
+        ],  # fmt: skip
         "rows": rows,
         **({"generation": generation} if generation else {}),
         **({"models": model_specs} if model_specs else {}),

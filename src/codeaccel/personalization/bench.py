@@ -90,16 +90,10 @@ def _examples(
     continuations that lack them."""
     cache, teacher_cache = work / "examples.jsonl", work / "teachers.jsonl"
     done: dict[str, Example] = {}
-    if cache.is_file():
-        for line in cache.read_text().splitlines():
-            e = json.loads(line)
-            done[e["task_id"]] = Example(e["task_id"], e["file"], tuple(e["prompt"]), tuple(e["accepted"]),
-                                         tuple(e["target"]))  # fmt: skip
-    teachers: dict[str, TeacherTop] = {}
-    if teacher_cache.is_file():
-        for line in teacher_cache.read_text().splitlines():
-            t = json.loads(line)
-            teachers[t["task_id"]] = TeacherTop.from_record(t)
+    for e in _cached_records(cache):
+        done[e["task_id"]] = Example(e["task_id"], e["file"], tuple(e["prompt"]), tuple(e["accepted"]),
+                                     tuple(e["target"]))  # fmt: skip
+    teachers: dict[str, TeacherTop] = {t["task_id"]: TeacherTop.from_record(t) for t in _cached_records(teacher_cache)}
     problems = load_repository_problems(config.package, config.n_problems)
     distill = "distill" in config.teach
     todo = [p for p in problems if p.task_id not in done or (distill and p.task_id not in teachers)]
@@ -131,7 +125,42 @@ def _examples(
             target.close()
     progress("target continuations", len(todo), len(todo))
     examples = [done[p.task_id] for p in problems]
-    return *split_examples(examples, config.split, config.held_out_every), teachers
+    train, held = split_examples(examples, config.split, config.held_out_every)
+    if not train or not held:
+        empty = "training" if not train else "held-out"
+        raise UserError(f"{len(examples)} functions of {config.package} leave the {empty} "
+                        f"part empty (one {config.split} in {config.held_out_every} held out): give more --problems "
+                        "or another --held-out-every")  # fmt: skip
+    return train, held, teachers
+
+
+def _read_tune(folder: Path) -> dict | None:
+    """A finished tuning's report (None where there is none, or it was cut short: tuned again)."""
+    try:
+        tune = json.loads((folder / "tune.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return tune if isinstance(tune, dict) else None
+
+
+def _cached_records(path: Path) -> list[dict]:
+    """A cache file's records (regenerated when missing): a line cut short by a kill or a full disk is cut off
+    the file, so the next append starts on a line of its own, and its record is made again."""
+    if not path.is_file():
+        return []
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        data = data[: data.rfind(b"\n") + 1]
+        path.write_bytes(data)
+    records = []
+    for line in data.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # not whole: regenerated
+        if isinstance(record, dict) and "task_id" in record:
+            records.append(record)
+    return records
 
 
 def split_examples(examples: list[Example], split: str, every: int) -> tuple[list[Example], list[Example]]:
@@ -206,10 +235,11 @@ def run_personalization_bench(config: PersonalizationBenchConfig, work: Path, pr
         measured = name in rows and not rows[name].get("pending")
         if (folder / "adapter.gguf").is_file() and (measured or (folder / "tune.json").is_file()):  # tuned before
             adapters[teach] = folder / "adapter.gguf"
-            if name not in rows:
-                tune = json.loads((folder / "tune.json").read_text())
-                rows[name] = {**base, "method": name, "teach": teach, "tune": tune, "pending": True}
-            continue
+            tune = _read_tune(folder) if name not in rows else None
+            if name in rows or tune is not None:
+                if name not in rows:
+                    rows[name] = {**base, "method": name, "teach": teach, "tune": tune, "pending": True}
+                continue
         examples = [_training_example(e, teach, teachers) for e in train]
         hf = load_engine(config.draft_model, "hf", dtype="float32")
         try:
