@@ -53,11 +53,11 @@ class AutoregressiveMethod:
     """The ``autoregressive`` method: one target evaluation per token."""
 
     name = "autoregressive"
-    settings: dict = {}
     variant = ""
 
     def __init__(self, target: Engine):
         self.target = target
+        self.settings: dict = {}  # its own: a caller adding to one method's settings never changes another's
 
     def generate(self, request: Request) -> Generation:
         r = request

@@ -52,7 +52,7 @@ def _gguf():
     return gguf
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # an array field: compared by identity, not elementwise
 class DraftVocabulary:
     """The reduced model file and the full-vocabulary ids of its rows, in row order."""
 

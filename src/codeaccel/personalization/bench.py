@@ -257,7 +257,12 @@ def run_personalization_bench(config: PersonalizationBenchConfig, work: Path, pr
         rows[name] = {**base, "method": name, "teach": teach, "tune": report.to_record(), "pending": True}
 
     target = load_engine(config.target_model) if config.e2e else None
-    draft = load_engine(config.draft_model)
+    try:
+        draft = load_engine(config.draft_model)
+    except BaseException:  # the target loaded first is freed, not left to the process's exit
+        if target is not None:
+            target.close()
+        raise
     try:
         if config.e2e and "autoregressive" not in rows:
             keep({**base, "method": "autoregressive", **_e2e(target, None, held, config, progress, "target alone")})
