@@ -175,25 +175,25 @@ def _spent_row(model: str, rows: Sequence[Spend]) -> dict:
             "mean_batch": round(batch, 2) if batch is not None else None}  # fmt: skip
 
 
-def _spent_lines(rows: list[dict]) -> list[str]:
-    if not rows:
+def _section(title: str, header: list[str], cells: list[list[str]]) -> list[str]:
+    """A Markdown section: its title, a table of ``header`` and one row per ``cells`` (none: nothing)."""
+    if not cells:
         return []
-    lines = ["", "## What the sweep spent (every stored generation; batched as it ran)", "",
-             "| model | generations | tokens | seconds | s per token | mean batch |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
-    lines += [f"| {r['model']} | {r['generations']} | {r['tokens']} | {r['seconds']} | {r['s_per_token']} | "
-              f"{r['mean_batch']} |" for r in rows]  # fmt: skip
-    return lines
+    return ["", f"## {title}", "", "| " + " | ".join(header) + " |", "|---" * len(header) + "|",
+            *("| " + " | ".join(row) + " |" for row in cells)]  # fmt: skip
+
+
+def _spent_lines(rows: list[dict]) -> list[str]:
+    keys = ["model", "generations", "tokens", "seconds", "s_per_token", "mean_batch"]
+    return _section("What the sweep spent (every stored generation; batched as it ran)",
+                    ["model", "generations", "tokens", "seconds", "s per token", "mean batch"],
+                    [[str(r[k]) for k in keys] for r in rows])  # fmt: skip
 
 
 def _headroom_lines(rows: list[dict]) -> list[str]:
-    if not rows:
-        return []
-    ks = [key for key in rows[0] if key != "model"]
-    lines = ["", "## One of the first k sampled answers passes (a perfect selector's pass@1; every problem)", "",
-             "| model | " + " | ".join(ks) + " |", "|---" * (len(ks) + 1) + "|"]  # fmt: skip
-    lines += [f"| {r['model']} | " + " | ".join(f"{r[k]:.3f}" for k in ks) + " |" for r in rows]
-    return lines
+    ks = [key for key in rows[0] if key != "model"] if rows else []
+    return _section("One of the first k sampled answers passes (a perfect selector's pass@1; every problem)",
+                    ["model", *ks], [[r["model"], *(f"{r[k]:.3f}" for k in ks)] for r in rows])  # fmt: skip
 
 
 def _greedy_lines(rows: list[dict]) -> list[str]:
