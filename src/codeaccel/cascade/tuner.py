@@ -40,9 +40,8 @@ def in_tuning_split(task_id: str, seed: int = SPLIT_SEED, fraction: float = TUNE
 
 def split(task_ids: Sequence[str], seed: int = SPLIT_SEED, fraction: float = TUNE_FRACTION) -> tuple[list, list]:
     """(tuning, validation) task ids, each sorted: :func:`in_tuning_split` per id."""
-    tune = sorted(t for t in task_ids if in_tuning_split(t, seed, fraction))
-    validate = sorted(t for t in task_ids if not in_tuning_split(t, seed, fraction))
-    return tune, validate
+    tunes = {t: in_tuning_split(t, seed, fraction) for t in task_ids}
+    return sorted(t for t, side in tunes.items() if side), sorted(t for t, side in tunes.items() if not side)
 
 
 def pareto_front(points: Sequence[Evaluation]) -> list[Evaluation]:
