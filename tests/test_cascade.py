@@ -177,6 +177,8 @@ def test_extraction_keeps_distinct_compiling_asserts_on_the_entry_point():
     reply = (
         "```python\nassert add(1, 2) == 3\n"
         "assert add(1, 2) == 3\n"  # duplicate
+        "assert add(1,2)==3  # the same line, spelt otherwise\n"
+        "assert add('a', \"b\") == 'ab'\n"
         "assert sub(1, 2) == -1\n"  # another function
         "assert add(1,\n"  # does not compile alone
         "print(add(2, 2))\n"  # not an assert
@@ -184,9 +186,9 @@ def test_extraction_keeps_distinct_compiling_asserts_on_the_entry_point():
         "assert add(-1, 1) == 0\n"
         "```\nassert add(9, 9) == 18\n"  # after the fence
     )
-    assert extract_test_lines(reply, "add", 4) == ["assert add(1, 2) == 3", "assert add(0, 0) == 0  # zero",
-                                                   "assert add(-1, 1) == 0"]  # fmt: skip
-    assert extract_test_lines(reply, "add", 2) == ["assert add(1, 2) == 3", "assert add(0, 0) == 0  # zero"]
+    assert extract_test_lines(reply, "add", 4) == ["assert add(1, 2) == 3", "assert add('a', 'b') == 'ab'",
+                                                   "assert add(0, 0) == 0", "assert add(-1, 1) == 0"]  # fmt: skip
+    assert extract_test_lines(reply, "add", 2) == ["assert add(1, 2) == 3", "assert add('a', 'b') == 'ab'"]
     assert extract_test_lines("assert not add(1, 2) == 4\nassert x(add(1, 1))", "add", 4) == [
         "assert not add(1, 2) == 4",
         "assert x(add(1, 1))",
@@ -615,6 +617,38 @@ def test_each_problem_is_executed_as_soon_as_stored_and_an_interrupted_run_resum
         run.run_cascade_generation(config, store)
         assert store.executed_tasks("tiny", "humaneval") == {f"HumanEval/{i}" for i in range(3)}
         assert all(store.generations("tiny", "humaneval", t) == rows for t, rows in before.items())  # none again
+
+
+def test_results_of_other_sandbox_rules_are_refused_until_executed_again(tmp_path, tiny_gguf, monkeypatch):
+    """One store, one set of sandbox rules: a store executed under older rules is not added to, and
+    ``re_execute`` runs its stored generations again (nothing generated again), replacing every result."""
+    import codeaccel.cascade.run as run
+    from codeaccel.sandbox.execution import RULES_VERSION
+
+    config = run.RunConfig(models=(tiny_gguf,), dataset="humaneval", limit=2, max_tokens=8)
+    with GenerationStore(tmp_path / "store.sqlite") as store:
+        run.run_cascade_generation(config, store)
+        assert store.execution_rules() == RULES_VERSION
+        generated = {t: store.generations("tiny", "humaneval", t) for t in store.generated_tasks("tiny", "humaneval")}
+        answer = generated["HumanEval/0"][0]
+        store._db.execute("DELETE FROM meta WHERE key = 'sandbox_rules'")  # a store from before rules were kept
+        store._db.execute("INSERT OR REPLACE INTO line_results VALUES (?, 'assert stale(1)', 1)", (answer.id,))
+        assert store.execution_rules() == 1
+    with GenerationStore(tmp_path / "store.sqlite") as store:
+        with pytest.raises(UserError, match=f"sandbox rules 1, and this codeaccel's are {RULES_VERSION}.*--re-execute"):
+            run.run_cascade_generation(run.RunConfig(models=(tiny_gguf,), dataset="humaneval", limit=3, max_tokens=8),
+                                       store)  # fmt: skip
+        assert store.generated_tasks("tiny", "humaneval") == set(generated)  # refused before generating
+    executed: list[str] = []
+    real = run.execute_problem
+    monkeypatch.setattr(run, "execute_problem", lambda st, pool, m, cp, limits: executed.append(cp.task_id)
+                        or real(st, pool, m, cp, limits))  # fmt: skip
+    with GenerationStore(tmp_path / "store.sqlite") as store:
+        run.run_cascade_generation(replace(config, re_execute=True), store)
+        assert sorted(executed) == sorted(generated) and store.execution_rules() == RULES_VERSION
+        assert {t: store.generations("tiny", "humaneval", t) for t in generated} == generated  # none again
+        assert "assert stale(1)" not in store.line_results([answer.id])[answer.id]  # replaced whole
+        assert store.executed_tasks("tiny", "humaneval") == set(generated)
 
 
 @pytest.mark.parametrize(

@@ -225,6 +225,9 @@ def test_methods_search_the_request_first(target, tiny_gguf_draft, tmp_path, mon
             assert context.drafter.datastores == [] and context.drafter.context
             assert context.settings == {"datastores": [], "context": True}
             assert retrieval.drafter.context and len(retrieval.drafter.datastores) == 1
+            # a rebuilt datastore of the same name is another setting; its fingerprint stays out of the label
+            assert retrieval.settings["datastore_content"] == {"repo": store.fingerprint}
+            assert store.fingerprint not in retrieval.variant and "datastore_content" not in retrieval.variant
             assert not ablated.drafter.context and ablated.settings["ablate"] == ["context"]
             assert isinstance(spec.drafter, HybridDrafter) and spec.drafter.retrieval.datastores == []
             assert spec.settings["context"] is True and spec.variant.endswith(", context")

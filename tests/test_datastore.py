@@ -288,3 +288,12 @@ def test_a_manifest_of_another_shape_is_refused_naming_it_and_rebuilt_from_its_s
     (path / "source.json").unlink()  # nothing to rebuild from: a one-line error, no traceback
     with pytest.raises(CodeaccelError, match="manifest.json"):
         open_datastore(path, char_tokens, "chars")
+
+
+def test_the_fingerprint_tells_contents_apart_not_rebuilds_of_the_same(project, tmp_path):
+    first = build_datastore(tmp_path / "a", "proj", "repository", [project], char_tokens, "chars").fingerprint
+    again = build_datastore(tmp_path / "b", "proj", "repository", [project], char_tokens, "chars").fingerprint
+    assert first == again == Datastore(tmp_path / "a").fingerprint and len(first) == 12
+    (project / "pkg" / "core.py").write_text("def gamma_renamed(x):\n    return x * 43\n")
+    updated, _ = update_datastore(tmp_path / "a", char_tokens, "chars")
+    assert updated.fingerprint != first  # same name, other files: another setting for a benchmark's records

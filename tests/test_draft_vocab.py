@@ -177,6 +177,11 @@ def test_draft_vocab_option_ranks_by_the_general_datastore(tiny_gguf, tiny_gguf_
             plain = build_method("speculative", target, MethodOptions(draft_model=tiny_gguf_draft, draft_k=3), pool)
             assert method.settings["draft_model"].endswith(f"-vocab{KEEP}")
             assert method.variant != plain.variant  # stored as its own row
+            vocabulary = method.drafter.engine._vocabulary
+            assert (
+                method.settings["draft_vocab"] == KEEP and method.settings["draft_vocab_ids"] == vocabulary.fingerprint
+            )
+            assert vocabulary.fingerprint not in method.variant  # in the record's key, not in its table label
             kept = method.drafter.engine._vocabulary.token_ids.tolist()
             assert set(target.tokenize("def f(x):\n    return x + 1\n")) <= set(kept)  # the counted tokens
             assert target.eog_token_ids <= set(kept)
@@ -185,3 +190,15 @@ def test_draft_vocab_option_ranks_by_the_general_datastore(tiny_gguf, tiny_gguf_
             assert method.generate(Request(prompt, SamplingParams(), 24)).tokens == ar.tokens
             method.close()
             plain.close()
+
+
+def test_the_vocabulary_fingerprint_tells_kept_tokens_apart():
+    from pathlib import Path
+
+    from codeaccel.models.draft_vocab import DraftVocabulary
+
+    def vocab(ids):
+        return DraftVocabulary(Path("x.gguf"), np.array(ids, dtype=np.int64), "test")
+
+    assert vocab([0, 1, 5]).fingerprint == vocab([0, 1, 5]).fingerprint
+    assert vocab([0, 1, 5]).fingerprint != vocab([0, 1, 6]).fingerprint  # one size, other tokens

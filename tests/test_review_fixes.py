@@ -100,3 +100,41 @@ def test_an_ablation_alone_is_stored_and_reported_under_its_own_name(tiny_gguf, 
     assert again.returncode == 0, again.stderr
     rows = json.loads((out / "summary.json").read_text())["rows"]
     assert [(r["method"], r["n_problems"]) for r in rows] == [("retrieval-without-cache", 1)]
+
+
+def test_a_hybrid_whose_draft_fails_to_load_closes_its_retrieval_drafter(monkeypatch):
+    import codeaccel.methods.registry as registry
+    from codeaccel.engines.cost_curve import CostCurve
+    from codeaccel.engines.pool import EnginePool
+    from codeaccel.methods.registry import MethodOptions
+    from codeaccel.retrieval.drafter import RetrievalDrafter
+
+    closed = []
+    monkeypatch.setattr(RetrievalDrafter, "close", lambda self: closed.append(self))
+    monkeypatch.setattr(registry, "open_datastores", lambda target, names: [])
+    flat = CostCurve("scripted", "scripted", None, 0, 1, [1, 2, 4], [0.01, 0.01, 0.01], [1.0, 1.0, 1.0])
+    monkeypatch.setattr(registry, "cost_curve_for", lambda target: flat)
+
+    def no_draft(*args, **kwargs):
+        raise UserError("no such draft model")
+
+    monkeypatch.setattr(registry, "_draft_engine", no_draft)
+    with pytest.raises(UserError, match="no such draft"):
+        registry.BUILDERS["hybrid"](ScriptedEngine(["<eos>", "a"], {1: 0}), MethodOptions(), EnginePool())
+    assert len(closed) == 1 and isinstance(closed[0], RetrievalDrafter)
+
+
+def test_usage_counts_cached_prompt_tokens_once_per_prompt_of_a_list():
+    from types import SimpleNamespace
+
+    from codeaccel.serve.formats import usage
+
+    def choice(generated, cached):
+        return SimpleNamespace(generation=SimpleNamespace(n_generated=generated, n_cached_prompt_tokens=cached))
+
+    # two prompts (10 and 20 tokens), two choices each: prompt 0's choices had 4 and 6 cached, prompt 1's 15 and 0
+    finished = [choice(3, 4), choice(5, 6), choice(2, 15), choice(1, 0)]
+    got = usage(finished, 30, prompt_of=[0, 0, 1, 1])
+    assert got["prompt_tokens_details"]["cached_tokens"] == 6 + 15  # was max over all choices: 15
+    assert got["completion_tokens"] == 11 and got["total_tokens"] == 41
+    assert usage(finished[:2], 10)["prompt_tokens_details"]["cached_tokens"] == 6  # one prompt, n choices: once

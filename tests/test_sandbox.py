@@ -74,10 +74,49 @@ def test_a_broken_solution_runs_no_test():
     assert r.status == "error" and [t.exc_type for t in r.tests] == ["SetupFailed", "SetupFailed"]
 
 
-def test_sys_exit_in_a_test_line_is_an_error_unless_zero():
-    r = execute("import sys", ["sys.exit(0)", "sys.exit(3)", "assert True"], FAST)
-    assert [t.status for t in r.tests] == ["passed", "error", "passed"]
-    assert r.tests[1].exc_type == "SystemExit" and r.tests[1].message == "3"
+def test_sys_exit_in_a_test_line_is_an_error_whatever_its_code():
+    # a solution that exits when called must not pass the line that calls it
+    lines = ["sys.exit(0)", "sys.exit(3)", "assert f() == 1", "assert True"]
+    r = execute("import sys\ndef f():\n    sys.exit()", lines, FAST)
+    assert [t.status for t in r.tests] == ["error", "error", "error", "passed"]
+    assert {t.exc_type for t in r.tests[:3]} == {"SystemExit"} and r.tests[1].message == "3"
+    exiting = execute("import sys\nsys.exit(0)\ndef f():\n    return 1", ["assert f() == 1"], FAST)
+    assert exiting.setup_status == "error" and exiting.setup_error.startswith("SystemExit")
+
+
+def test_the_solution_is_not_main_so_its_main_block_does_not_run():
+    solution = "def f():\n    return 1\nif __name__ == '__main__':\n    assert f() == 2, 'example usage'\n"
+    r = execute(solution, ["assert f() == 1", "assert __name__ == '__sandbox__'"], FAST)
+    assert r.passed and r.setup_status == "ok"
+
+
+def test_lines_a_slow_solution_had_no_time_for_are_run_again_in_the_pool():
+    slow = "import time\ndef f(x):\n    time.sleep(0.4)\n    return x\n"
+    lines = [f"assert f({i}) == {i}" for i in range(8)]  # 3.2 s in all: the run's 1.5 s budget starts ~4
+    limits = Limits(timeout_s=2.0, line_timeout_s=1.0)
+    alone = execute(slow, lines, limits)
+    cut = [t for t in alone.tests if t.out_of_budget]
+    assert cut and all(t.status == "timeout" for t in cut) and alone.status == "timeout"
+    with SandboxPool(workers=2) as pool:
+        slow_r, stuck_r = pool.map_every_line([Job(slow, lines, limits),
+                                               Job("def f(x):\n    while True: pass", lines, limits)])  # fmt: skip
+    assert (
+        slow_r.passed
+        and [t.status for t in slow_r.tests] == ["passed"] * 8
+        and not any(t.out_of_budget for t in slow_r.tests)
+    )
+    assert slow_r.wall_s > alone.wall_s  # it took more than one run
+    # a line that timed out on its own: the rest is not tried again (each would time out too)
+    assert stuck_r.tests[0].status == "timeout" and not stuck_r.tests[0].out_of_budget
+    assert any(t.out_of_budget for t in stuck_r.tests) and stuck_r.status == "timeout"
+
+
+def test_a_setup_that_spends_the_whole_budget_is_not_run_again_and_again():
+    limits = Limits(timeout_s=2.0, line_timeout_s=2.0)
+    with SandboxPool(workers=1) as pool:
+        (r,) = pool.map_every_line([Job("import time\ntime.sleep(1.2)", ["time.sleep(0.6)"], limits)])
+    assert r.setup_status == "ok" and r.tests[0].out_of_budget and r.status == "timeout"
+    assert r.wall_s < 2.0  # one run: a second would get no further
 
 
 def test_limits_are_validated():
@@ -401,11 +440,27 @@ def test_the_pool_keeps_order_and_runs_in_parallel():
 # --- after the suite ---------------------------------------------------------------------------------------
 
 
-def test_zz_the_suite_left_no_processes_cgroups_or_files():
+def _sandbox_traces() -> dict[str, set]:
+    """Every process, cgroup and run folder a sandbox run leaves while it lives (any process's runs)."""
+    markers = ("forkbomb-7f3a", "daemon-51c2", "/tmp/.codeaccel/runner.py")
+    cgroups = {f"{c.parent}/{p.name}" for c in ISO.cgroups for p in c.parent.iterdir() if p.name.startswith("run-")}
+    return {
+        "processes": {pid for marker in markers for pid in _processes_with(marker)},
+        "cgroups": cgroups,
+        "folders": set(Path(tempfile.gettempdir()).glob("codeaccel-run-*")),
+    }
+
+
+@pytest.fixture(scope="module", autouse=True)
+def traces_before_the_suite() -> dict[str, set]:
+    """What other processes' sandboxes (a benchmark running beside the suite) had left before this file ran."""
+    return _sandbox_traces()
+
+
+def test_zz_the_suite_left_no_processes_cgroups_or_files(traces_before_the_suite):
     """Runs last (file order): nothing of any run above remains."""
-    for marker in ("forkbomb-7f3a", "daemon-51c2", "/tmp/.codeaccel/runner.py"):
-        assert _processes_with(marker) == []
-    for controller in ISO.cgroups:
-        assert [p.name for p in controller.parent.iterdir() if p.name.startswith("run-")] == []
-    assert not list(Path(tempfile.gettempdir()).glob("codeaccel-run-*"))
+    after = _sandbox_traces()
+    assert {kind: found - traces_before_the_suite[kind] for kind, found in after.items()} == {
+        "processes": set(), "cgroups": set(), "folders": set()
+    }  # fmt: skip
     os.kill(os.getpid(), 0)  # and the parent is alive

@@ -138,18 +138,21 @@ def run_bench(
         for dataset, dataset_problems in problems.items():
             # methods interleaved per problem: a drift in the machine's speed hits every method alike
             for problem in dataset_problems:
+                prompt_cached = False  # a method ran on this problem here (not taken from the store on resume)
                 for method in methods:
                     key = _record_key(config, engine, dataset, problem, method)
                     description = f"{dataset} {method.name} {problem.task_id}"
                     report(BenchProgress(done, total, passed, description))
                     record = store.get(key) if resume else None
                     if record is None:
-                        # cold caches (no prompt prefix left by the previous method) unless shared
-                        shared = config.share_prefill and method is not methods[0]
+                        # cold caches (no prompt prefix left by the previous method) unless shared, which
+                        # needs an earlier method to have run on this very prompt in this process
+                        shared = config.share_prefill and prompt_cached
                         if not shared:
                             engine.reset()
                             pool.reset()
                         record = _run_one(engine, method, problem, config, key)
+                        prompt_cached = True
                         record.update(prefill_shared=shared, cpu=cpu)
                         if uses_cost_curve(method.name) and curve:
                             record["target_cost_curve"] = curve

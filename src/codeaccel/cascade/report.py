@@ -71,6 +71,7 @@ def write_report(
     model_specs: dict[str, str] | None = None,
     spent: dict[str, Sequence[Spend]] | None = None,
     headroom: dict[str, dict[int, float]] | None = None,
+    sandbox_rules: int | None = None,
 ) -> list[Path]:
     """``greedy``: each model's greedy answer alone over every problem, with its seconds per token (one sequence).
     ``stages_per_model``: where a model follows itself, its number of stages, model by model; the files are
@@ -83,7 +84,8 @@ def write_report(
     each stored model name with what loads it (``cascade solve --tuned``). ``spent``: per model, what the sweep
     spent on each of its generations (its seconds per token as actually spent, batched as it ran).
     ``headroom``: per model and k, the share of problems where one of its first k sampled answers passes (what a
-    perfect selector would reach), every problem replayed."""
+    perfect selector would reach), every problem replayed. ``sandbox_rules``: the rules the store's results were
+    executed under (:data:`codeaccel.sandbox.execution.RULES_VERSION`)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     kw = {"dataset": dataset, "engine": engine, "usd_per_hour": usd_per_hour}
     rows = [row(e, split="tune", **kw) for e in result.tune_front]
@@ -121,6 +123,7 @@ def write_report(
             "n_seq_max": n_seq_max,
             "shown_tests": shown_tests,
             "costs": "measured" if cost_scales is None else "scaled to the sweep's spend",
+            **({"sandbox_rules": sandbox_rules} if sandbox_rules is not None else {}),
             **(generation or {}),
         },
         "cost_scales": {m: round(f, 4) for m, f in (cost_scales or {}).items()},  # fmt: skip

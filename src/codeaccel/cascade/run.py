@@ -40,6 +40,7 @@ from codeaccel.cascade.store import GenerationStore, StoredGeneration
 from codeaccel.engines import load_engine, open_sequences
 from codeaccel.errors import UserError
 from codeaccel.sandbox import Job, Limits, SandboxPool
+from codeaccel.sandbox.execution import RULES_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ class RunConfig:
     # so two self-test formats are compared on the very same answers
     answers_from: str | None = None
     remeasure_costs: bool = False  # measure every local model's batch costs again, on this machine
+    re_execute: bool = False  # drop every stored execution result and execute the stored generations again
 
     @property
     def generation(self) -> GenerationSettings:
@@ -111,6 +113,7 @@ def _run(config: RunConfig, store: GenerationStore, problems: list[CascadeProble
     if config.answers_from is not None and any(parse_endpoint(m) for m in config.models):
         raise UserError("--answers-from takes local models' answers; an endpoint stage generates its own")
     source = _answers_source(config)  # refused before this store is written to
+    _check_execution_rules(store, config.re_execute)
     store.set_meta("run_config", config.to_record())
     store.set_meta("machine", machine.provenance("")["machine"])
     limits = Limits(timeout_s=config.test_timeout_s, line_timeout_s=2.0)
@@ -121,6 +124,21 @@ def _run(config: RunConfig, store: GenerationStore, problems: list[CascadeProble
     finally:
         if source is not None:
             source.close()
+
+
+def _check_execution_rules(store: GenerationStore, re_execute: bool) -> None:
+    """One store, one set of sandbox rules: results made under other rules are refused, or with ``re_execute``
+    dropped (every problem is then executed again from its stored generations)."""
+    rules = store.execution_rules()
+    if re_execute:
+        log.info("dropping the stored execution results of %s: every problem is executed again", store.path)
+        store.forget_executions(RULES_VERSION)
+    elif rules is None:
+        store.set_meta("sandbox_rules", RULES_VERSION)
+    elif rules != RULES_VERSION:
+        raise UserError(f"{store.path} holds results executed under sandbox rules {rules}, and this codeaccel's "
+                        f"are {RULES_VERSION} (codeaccel.sandbox.execution.RULES_VERSION): add --re-execute to run "
+                        "the stored generations again under them (nothing is generated again)")  # fmt: skip
 
 
 def _generate_and_execute(config: RunConfig, store: GenerationStore, problems: list[CascadeProblem],
@@ -260,7 +278,7 @@ def execute_problem(store: GenerationStore, pool: SandboxPool, model: str, cp: C
     jobs = [Job(cp.reference, distinct, limits)]
     jobs += [Job(cp.problem.solution(a.text), cp.problem.tests, limits) for a in answers]  # official tests
     jobs += [Job(cp.problem.code_prefix + a.text + "\n", distinct, limits) for a in answers]  # self-tests
-    results = list(pool.map(jobs))
+    results = pool.map_every_line(jobs)  # every line its own chance, however slow the answer
     reference, official, own = results[0], results[1 : 1 + len(answers)], results[1 + len(answers) :]
     valid = {line: r.status == "passed" for line, r in zip(distinct, reference.tests)}
     store.add_executions(

@@ -13,7 +13,8 @@ Two prompt formats, measured against each other (``docs/benchmarks/cascade/``):
 
 :func:`extract_test_lines` keeps, in order, the reply's lines that are one ``assert``
 statement calling the entry point and compile on their own (CodeT keeps only such
-pieces), without duplicates, at most l of them.
+pieces), each in one canonical spelling (``ast.unparse``), without duplicates in that
+spelling, at most l of them.
 
 Where the answer prompt shows official tests (MBPP shows all three it is graded by), a
 model's "own" test may be a copy of one: :func:`repeats_shown_test` finds the lines that
@@ -67,7 +68,8 @@ def self_test_prompt(cp: CascadeProblem, l: int, fmt: SelfTestFormat) -> SelfTes
 
 
 def extract_test_lines(reply: str, entry_point: str, l: int) -> list[str]:  # noqa: E741
-    """At most l distinct, compiling, one-line ``assert`` statements that call ``entry_point``, in order.
+    """At most l distinct, compiling, one-line ``assert`` statements that call ``entry_point``, in order, each
+    spelt canonically (``assert f(1,2)==3  # x`` → ``assert f(1, 2) == 3``).
 
     ``reply`` is the text the lines are read from: the started prefix plus the
     completion (a leading code fence is skipped, anything after a closing fence ignored).
@@ -76,8 +78,8 @@ def extract_test_lines(reply: str, entry_point: str, l: int) -> list[str]:  # no
     text = text.split("```", 1)[0]
     kept: list[str] = []
     for raw in text.splitlines():
-        line = raw.strip()
-        if line in kept or not _is_test_line(line, entry_point):
+        line = _test_line(raw.strip(), entry_point)
+        if line is None or line in kept:
             continue
         kept.append(line)
         if len(kept) == l:
@@ -124,17 +126,24 @@ def _call_arguments(code: str, entry_point: str) -> frozenset[str]:
     return frozenset(out)
 
 
-def _is_test_line(line: str, entry_point: str) -> bool:
+def _test_line(line: str, entry_point: str) -> str | None:
+    """``line`` in one canonical spelling (``ast.unparse``: spacing, quotes and comments do not make two lines
+    distinct) if it is an ``assert`` that compiles alone and calls ``entry_point``; else None."""
     if not line.startswith("assert"):
-        return False
+        return None
     try:
         tree = ast.parse(line)
         with warnings.catch_warnings():  # the model's code, not ours: its SyntaxWarnings are not for the log
             warnings.simplefilter("ignore")
             compile(tree, "<test line>", "exec")  # what parses but cannot run alone (await, yield, return) is no test
-    except (SyntaxError, ValueError):
-        return False
+    except (SyntaxError, ValueError, RecursionError, MemoryError):  # the last two: absurdly nested input
+        return None
     if len(tree.body) != 1 or not isinstance(tree.body[0], ast.Assert):
-        return False
+        return None
     calls = (n for n in ast.walk(tree.body[0].test) if isinstance(n, ast.Call))
-    return any(isinstance(c.func, ast.Name) and c.func.id == entry_point for c in calls)
+    if not any(isinstance(c.func, ast.Name) and c.func.id == entry_point for c in calls):
+        return None
+    try:
+        return ast.unparse(tree)
+    except (ValueError, RecursionError):
+        return None

@@ -245,7 +245,7 @@ class CascadeSolver:
             if todo:
                 jobs.append(Job(cp.problem.code_prefix + a.text + "\n", todo, self.limits))
                 owners.append((known, todo))
-        for (known, todo), result in zip(owners, self._pool.map(jobs)):
+        for (known, todo), result in zip(owners, self._pool.map_every_line(jobs)):
             known.update({line: t.status == "passed" for line, t in zip(todo, result.tests)})
 
     def _official(self, cp: CascadeProblem, completion: str) -> bool | None:

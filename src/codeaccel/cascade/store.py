@@ -266,8 +266,12 @@ class GenerationStore:
         answer_results: dict[int, tuple[bool, str]],
         line_results: dict[int, dict[str, bool]],
     ) -> None:
-        """A problem's execution results for one model, in one transaction, marked executed."""
+        """A problem's execution results for one model, in one transaction, marked executed (any results it had
+        before are replaced whole: a line no longer extracted leaves no row behind)."""
         with self._lock, self._transaction():
+            for table, column, ids in (("test_lines", "generation_id", test_lines), ("line_results", "answer_id",
+                                                                                   line_results)):  # fmt: skip
+                self._db.executemany(f"DELETE FROM {table} WHERE {column} = ?", [(i,) for i in ids])
             for gen_id, lines in test_lines.items():
                 self._db.executemany(
                     "INSERT OR REPLACE INTO test_lines VALUES (?, ?, ?, ?)",
@@ -283,6 +287,22 @@ class GenerationStore:
                     [(answer_id, line, int(ok)) for line, ok in results.items()],
                 )
             self._db.execute("INSERT OR REPLACE INTO executed VALUES (?, ?, ?)", (model, dataset, task_id))
+
+    def execution_rules(self) -> int | None:
+        """The sandbox rules (:data:`codeaccel.sandbox.execution.RULES_VERSION`) its execution results were made
+        under; None where nothing is executed yet (a store from before the rules were recorded: 1)."""
+        rules = self.meta("sandbox_rules")
+        if rules is None and self._db.execute("SELECT 1 FROM executed LIMIT 1").fetchone():
+            return 1
+        return rules
+
+    def forget_executions(self, rules: int) -> None:
+        """Drop every execution result (the generations stay), so that each problem is executed again, under
+        sandbox ``rules`` from now on; in one transaction."""
+        with self._lock, self._transaction():
+            for table in ("executed", "line_results", "answer_results", "test_lines"):
+                self._db.execute(f"DELETE FROM {table}")
+            self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", ("sandbox_rules", json.dumps(rules)))
 
     def executed_tasks(self, model: str, dataset: str) -> set[str]:
         cur = self._db.execute("SELECT task_id FROM executed WHERE model = ? AND dataset = ?", (model, dataset))

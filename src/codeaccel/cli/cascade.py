@@ -113,6 +113,13 @@ def run(
         bool,
         typer.Option(help="Measure every local model's batch costs again, here (all from one machine)."),
     ] = False,
+    re_execute: Annotated[
+        bool,
+        typer.Option(
+            help="Drop every stored execution result and execute the stored generations again (after "
+            "the sandbox's rules changed); nothing stored is generated again."
+        ),
+    ] = False,
     out_dir: Out = Path("runs/cascade"),
 ) -> None:
     """Generate (batched) every answer and test a sweep can use, execute them, store all; resumable."""
@@ -149,6 +156,7 @@ def run(
         max_tokens=max_tokens,
         answers_from=str(answers_from) if answers_from is not None else None,
         remeasure_costs=remeasure_costs,
+        re_execute=re_execute,
     )
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn())  # fmt: skip
@@ -157,7 +165,7 @@ def run(
 
         def show(p: RunProgress) -> None:
             if not tasks:  # the first progress: the run passed its checks, the store is this command's
-                store.set_meta("command_run", command_line())
+                store.set_meta("command_re_execute" if re_execute else "command_run", command_line())
             key = (p.model, p.stage)
             if key not in tasks:
                 tasks[key] = progress.add_task(f"{p.stage} {p.model}", total=p.total)
@@ -233,6 +241,7 @@ def tune_command(
             command=command_line(),
             stages_per_model=[names.count(m) for m in distinct],
             generation={key: run_config[key] for key in ("test_format", "max_tokens", "engine") if key in run_config},
+            sandbox_rules=store.execution_rules(),
             shown_tests=shown_tests,
             cost_scales={m: replay.cost_scale(m) for m in distinct} if calibrate_costs else None,
             n_seq_max=replay.n_seq_max,

@@ -34,6 +34,9 @@ class Method(Protocol):
     def close(self) -> None: ...
 
 
+FINGERPRINTS = ("datastore_content", "draft_vocab_ids")  # settings that tell contents apart: not for labels
+
+
 def variant_label(settings: dict) -> str:
     """A short label of a method's settings: ``qwen2.5-coder-0.5b-instruct on llama.cpp, k=4``."""
     parts = []
@@ -44,7 +47,7 @@ def variant_label(settings: dict) -> str:
     parts += [  # a switch that is on is named alone ("context")
         k if v is True else f"{k}={v}"
         for k, v in settings.items()
-        if k not in ("draft_model", "draft_engine", "draft_k", "draft_dtype")
+        if k not in ("draft_model", "draft_engine", "draft_k", "draft_dtype", *FINGERPRINTS)
     ]
     return ", ".join(parts)
 

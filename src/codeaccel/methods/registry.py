@@ -112,15 +112,22 @@ def ranked_draft_vocabulary(target: Engine, draft_model: str, size: int, engine:
     return draft_vocabulary(source.path, counts, size, always, corpus)
 
 
+def _draft_vocabulary(target: Engine, options: MethodOptions, pool: EnginePool) -> DraftVocabulary | None:
+    """The reduced draft vocabulary ``options`` ask for (made once per pool), or None."""
+    if options.draft_vocab is None:
+        return None
+    model = options.draft_model or DEFAULT_DRAFT_MODEL
+    kind = options.draft_engine or target.kind
+    size = options.draft_vocab
+    return pool.vocabulary(
+        (model, kind, size, target.model_name), lambda: ranked_draft_vocabulary(target, model, size, kind)
+    )
+
+
 def _draft_engine(target: Engine, options: MethodOptions, pool: EnginePool) -> Engine:
     model = options.draft_model or DEFAULT_DRAFT_MODEL
     kind = options.draft_engine or target.kind
-    vocabulary = None
-    if options.draft_vocab is not None:
-        size = options.draft_vocab
-        vocabulary = pool.vocabulary(
-            (model, kind, size, target.model_name), lambda: ranked_draft_vocabulary(target, model, size, kind)
-        )
+    vocabulary = _draft_vocabulary(target, options, pool)
     engine = pool.get(model, kind, n_ctx=target.n_ctx, dtype=target.dtype or "bfloat16", vocabulary=vocabulary)
     check_same_tokenizer(engine, target)
     return engine
@@ -140,6 +147,9 @@ def _model_drafting(
     settings = {"draft_model": draft.model_name, "draft_engine": draft.kind}
     if draft.dtype:  # hf only: a bf16 and a float32 draft are two settings
         settings["draft_dtype"] = draft.dtype
+    vocabulary = _draft_vocabulary(target, options, pool)  # the one the draft was loaded with (cached)
+    if vocabulary is not None:  # a reduced draft is a setting of its own, down to which tokens it keeps
+        settings.update(draft_vocab=vocabulary.size, draft_vocab_ids=vocabulary.fingerprint)
     if adaptive:
         settings["draft_stop"] = "confidence"
     else:  # a fixed k is a setting of its own (records of k = 4 and k = 8 are not one row)
@@ -188,6 +198,8 @@ def _retrieval_drafting(
     cache = None if "cache" in off else AcceptanceCache()  # shared by the method's requests
     context = not rest and "context" not in off  # the request's own text (REST searches datastores only)
     settings: dict = {"datastores": [s.name for s in stores]}
+    if stores:  # a rebuilt datastore of the same name is another setting (records of the old one are not reused)
+        settings["datastore_content"] = {s.name: s.fingerprint for s in stores}
     if context:
         settings["context"] = True
     if off and not rest:
@@ -214,7 +226,11 @@ def _retrieval(
 def _hybrid(target: Engine, options: MethodOptions, pool: EnginePool) -> Method:
     costs = LearnedCosts(cost_curve_for(target))  # the loop records every verification; both drafters read them
     retrieval = _retrieval_drafting(target, options, costs)
-    model = _model_drafting(target, options, pool, costs)
+    try:
+        model = _model_drafting(target, options, pool, costs)
+    except BaseException:  # a draft that does not load: the datastores opened for it are closed, not leaked
+        retrieval.drafter.close()
+        raise
     settings = {**retrieval.settings, **model.settings}
     drafter = HybridDrafter(retrieval.drafter, model.drafter, model.draft_length, costs)
     loop_length = DraftLength(costs.curve, fixed_k=RETRIEVAL_K_MAX)

@@ -64,6 +64,11 @@ class DraftVocabulary:
     def size(self) -> int:
         return len(self.token_ids)
 
+    @property
+    def fingerprint(self) -> str:
+        """The kept token ids, hashed (12 hex digits): two vocabularies of one size that keep other tokens differ."""
+        return hashlib.sha256(np.asarray(self.token_ids, dtype="<i8").tobytes()).hexdigest()[:12]
+
     def scatter(self, logits: np.ndarray, n_vocab: int) -> np.ndarray:
         """Reduced logits  # [n, N] -> full-vocabulary logits  # [n, n_vocab], -inf (probability 0) elsewhere."""
         out = np.full((logits.shape[0], n_vocab), -np.inf, dtype=np.float32)

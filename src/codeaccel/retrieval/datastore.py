@@ -206,6 +206,15 @@ class Datastore:
             "roots": m["roots"],
         }
 
+    @property
+    def fingerprint(self) -> str:
+        """Its content, hashed (12 hex digits): the tokenizer, each indexed file's name and SHA-256, the dead
+        documents. A datastore rebuilt or updated on other files has another."""
+        m = self.manifest
+        content = {"tokenizer": m["tokenizer"], "files": {n: e["sha256"] for n, e in m["files"].items()},
+                   "dead": {shard: sorted(docs) for shard, docs in m["dead"].items()}}  # fmt: skip
+        return _sha256(json.dumps(content, sort_keys=True).encode())[:12]
+
     def close(self) -> None:
         """Drop the memory maps (before the files under them are replaced)."""
         self.shards.clear()

@@ -33,12 +33,18 @@ from typing import Literal
 from codeaccel.errors import SetupError, UserError
 from codeaccel.sandbox.cgroup import RunCgroup
 from codeaccel.sandbox.layers import RUNNER, SANDBOX_RUNNER, SANDBOX_WORKDIR, Isolation, bwrap_args, probe
+from codeaccel.sandbox.runner import OUT_OF_BUDGET
 
 Status = Literal["passed", "failed", "error", "timeout", "memory_limit", "output_limit", "killed"]
 STATUSES: tuple[str, ...] = ("passed", "failed", "error", "timeout", "memory_limit", "output_limit", "killed")
 ALLOW_NETWORK_ENV = "CODEACCEL_SANDBOX_ALLOW_NETWORK"
 _BASE_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONHASHSEED": "0"}  # all a run inherits
 RUNNER_MARGIN_S = 0.5  # the runner's own budget ends this long before the wall-clock kill
+# What a result means, raised whenever the runner's rules change, so that results stored under other rules
+# are known (a cascade store refuses to mix them; bench records carry it):
+# 1: the program ran as ``__main__`` (its main block ran) and ``sys.exit(0)`` in a test line passed it
+# 2: the program runs as ``__sandbox__``; ``SystemExit`` is an error wherever raised
+RULES_VERSION = 2
 
 
 class SandboxUnavailable(SetupError):
@@ -78,6 +84,11 @@ class LineResult:
     message: str | None = None
     wall_s: float | None = None
     cpu_s: float | None = None
+
+    @property
+    def out_of_budget(self) -> bool:
+        """The run's budget, not the line's own limit, stopped it: it got no time or was cut short (a ``timeout``)."""
+        return self.exc_type == OUT_OF_BUDGET
 
 
 @dataclass(frozen=True)

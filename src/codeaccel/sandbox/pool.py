@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from codeaccel.errors import UserError
 from codeaccel.sandbox.execution import ExecutionResult, Limits, execute
@@ -36,6 +36,26 @@ class SandboxPool:
     def map(self, jobs: Iterable[Job]) -> Iterator[ExecutionResult]:
         return self._executor.map(lambda job: execute(job.solution, job.tests, job.limits), jobs)
 
+    def map_every_line(self, jobs: Sequence[Job]) -> list[ExecutionResult]:
+        """Like :meth:`map`, but every test line gets its own time limit: where a run's budget cut lines short or
+        left them no time while no line had hit its own limit (a slow solution, not a stuck one), those lines run
+        again in a new run (the solution set up afresh), until every line ran to its end or its own limit, or a
+        new run gets through none of them."""
+        results = list(self.map(jobs))
+        last = list(results)  # each job's latest run: one that finished no line is not tried again
+        while True:
+            again = [
+                i
+                for i, r in enumerate(results)
+                if _has_lines_out_of_budget(r) and not _stuck(r) and _progressed(last[i])
+            ]
+            if not again:
+                return results
+            rest = [Job(jobs[i].solution, [t.test for t in results[i].tests if t.out_of_budget], jobs[i].limits)
+                    for i in again]  # fmt: skip
+            for i, more in zip(again, self.map(rest)):
+                results[i], last[i] = _continued(results[i], more), more
+
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
 
@@ -44,3 +64,35 @@ class SandboxPool:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _has_lines_out_of_budget(result: ExecutionResult) -> bool:
+    return any(t.out_of_budget for t in result.tests)
+
+
+def _progressed(run: ExecutionResult) -> bool:
+    return any(not t.out_of_budget for t in run.tests)
+
+
+def _stuck(result: ExecutionResult) -> bool:
+    """A line ran out of its own time (or the solution did): the lines after it would most likely too."""
+    return result.setup_status != "ok" or any(t.status == "timeout" and not t.out_of_budget for t in result.tests)
+
+
+def _continued(first: ExecutionResult, more: ExecutionResult) -> ExecutionResult:
+    """``first`` with its lines out of budget replaced, in order, by ``more``'s results for them."""
+    later = iter(more.tests)
+    tests = [next(later) if t.out_of_budget else t for t in first.tests]
+    statuses = [t.status for t in tests] + [r.status for r in (first, more) if r.status != "timeout"]
+    return replace(
+        first,
+        status=next((s for s in statuses if s != "passed"), "passed"),
+        tests=tests,
+        returncode=more.returncode,
+        wall_s=first.wall_s + more.wall_s,
+        cpu_s=first.cpu_s + more.cpu_s,
+        stdout=first.stdout + more.stdout,
+        stderr=first.stderr + more.stderr,
+        output_capped=first.output_capped or more.output_capped,
+        oom_kills=first.oom_kills + more.oom_kills,
+    )

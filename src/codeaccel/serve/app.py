@@ -315,12 +315,13 @@ def create_app(settings: ServeSettings, load_in_background: bool = True, replica
         record = served(rt, "cmpl", [prompts[p_index] for _, p_index in requests])
         call = Call(rt.scheduler, [r for r, _ in requests], body.stream, body.stops, record, state.completion_cache)
         n_prompt = sum(len(p) for p in prompts)
+        prompt_of = [p_index for _, p_index in requests]  # choice index → its prompt
         if body.stream:
-            return _sse(_openai_completion_stream(call, rt.model_id, http, body, n_prompt), call)
+            return _sse(_openai_completion_stream(call, rt.model_id, http, body, n_prompt, prompt_of), call)
         results = await call.results(http)
         await call.after_done()
         echo = [_echo_text(rt, body, p_index) for _, p_index in requests] if body.echo else [""] * len(results)
-        return formats.completion_body(call, rt.model_id, results, n_prompt, echo)
+        return formats.completion_body(call, rt.model_id, results, n_prompt, echo, prompt_of)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, http: Request, rt: ReadyRuntime):
@@ -550,14 +551,16 @@ def _sse(chunks: AsyncIterator[str], call: Call | None, done_marker: bool = True
                              background=background)  # fmt: skip
 
 
-async def _openai_completion_stream(call: Call, model: str, http: Request, body: CompletionRequest, n_prompt: int):
-    finished = []
+async def _openai_completion_stream(call: Call, model: str, http: Request, body: CompletionRequest, n_prompt: int,
+                                    prompt_of: list[int]):  # fmt: skip
+    finished, finished_prompts = [], []
     async for d in call.deltas(http):
         if d.finished is not None:
             finished.append(d.finished)
+            finished_prompts.append(prompt_of[d.index])
         yield formats.sse(formats.completion_chunk(call, model, d))
     if body.stream_options and body.stream_options.include_usage:
-        yield formats.sse(formats.usage_chunk(call, model, "text_completion", finished, n_prompt))
+        yield formats.sse(formats.usage_chunk(call, model, "text_completion", finished, n_prompt, finished_prompts))
     await call.after_done()
     yield formats.sse("[DONE]")
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from codeaccel.serve.completions import Call, ChoiceDelta, ChoiceResult, openai_finish_reason
 from codeaccel.serve.scheduler import Finished
@@ -15,9 +15,15 @@ def sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
 
-def usage(finished: list[Finished], n_prompts_tokens: int) -> dict:
+def usage(finished: list[Finished], n_prompts_tokens: int, prompt_of: Sequence[int] | None = None) -> dict:
+    """OpenAI's ``usage``: ``n_prompts_tokens`` counts each prompt once; ``prompt_of[i]``, the prompt of
+    ``finished[i]`` (default: one prompt), so that cached tokens are counted once per prompt too (its most
+    cached choice), summed over a list of prompts."""
     completion = sum(f.generation.n_generated for f in finished)
-    cached = max((f.generation.n_cached_prompt_tokens for f in finished), default=0)
+    per_prompt: dict[int, int] = {}
+    for p, f in zip(prompt_of if prompt_of is not None else [0] * len(finished), finished):
+        per_prompt[p] = max(per_prompt.get(p, 0), f.generation.n_cached_prompt_tokens)
+    cached = sum(per_prompt.values())
     return {"prompt_tokens": n_prompts_tokens, "completion_tokens": completion,
             "total_tokens": n_prompts_tokens + completion,
             "prompt_tokens_details": {"cached_tokens": cached}}  # fmt: skip
@@ -46,20 +52,23 @@ def _timings_all(results: list[ChoiceResult]) -> dict:
 
 
 def _body(call: Call, model: str, kind: tuple[str, str], results: list[ChoiceResult], prompt_tokens: int,
-          content: Callable[[ChoiceResult], dict]) -> dict:  # fmt: skip
+          content: Callable[[ChoiceResult], dict], prompt_of: Sequence[int] | None = None) -> dict:  # fmt: skip
     """The final object of a completion or chat call: ``kind`` = (id prefix, object), ``content(r)`` the
-    choice's own fields (``text`` or ``message``)."""
+    choice's own fields (``text`` or ``message``); ``prompt_of[index]``: a choice's prompt (default: one)."""
     prefix, obj = kind
     choices = [{"index": r.index, **content(r), "logprobs": None,
                 "finish_reason": openai_finish_reason(r.finished.generation.finish_reason)}
                for r in results]  # fmt: skip
     return {"id": f"{prefix}-{call.id}", "object": obj, "created": call.created, "model": model, "choices": choices,
-            "usage": usage([r.finished for r in results], prompt_tokens), "timings": _timings_all(results)}  # fmt: skip
+            "usage": usage([r.finished for r in results], prompt_tokens,
+                           None if prompt_of is None else [prompt_of[r.index] for r in results]),
+            "timings": _timings_all(results)}  # fmt: skip
 
 
-def completion_body(call: Call, model: str, results: list[ChoiceResult], prompt_tokens: int, echo: list[str]) -> dict:
+def completion_body(call: Call, model: str, results: list[ChoiceResult], prompt_tokens: int, echo: list[str],
+                    prompt_of: Sequence[int]) -> dict:  # fmt: skip
     return _body(call, model, ("cmpl", "text_completion"), results, prompt_tokens,
-                 lambda r: {"text": echo[r.index] + r.finished.generation.text})  # fmt: skip
+                 lambda r: {"text": echo[r.index] + r.finished.generation.text}, prompt_of)  # fmt: skip
 
 
 def completion_chunk(call: Call, model: str, d: ChoiceDelta) -> dict:
@@ -84,10 +93,11 @@ def chat_chunk(call: Call, model: str, index: int, delta: dict, finish_reason: s
     return chunk if finished is None else {**chunk, "timings": timings(finished)}
 
 
-def usage_chunk(call: Call, model: str, obj: str, finished: list[Finished], prompt_tokens: int) -> dict:
+def usage_chunk(call: Call, model: str, obj: str, finished: list[Finished], prompt_tokens: int,
+                prompt_of: Sequence[int] | None = None) -> dict:  # fmt: skip
     prefix = "chatcmpl" if obj.startswith("chat") else "cmpl"  # the id every other chunk of the stream carries
     return {"id": f"{prefix}-{call.id}", "object": obj, "created": call.created, "model": model, "choices": [],
-            "usage": usage(finished, prompt_tokens)}  # fmt: skip
+            "usage": usage(finished, prompt_tokens, prompt_of)}  # fmt: skip
 
 
 def native_body(model: str, f: Finished, prompt: str) -> dict:
