@@ -189,6 +189,7 @@ def test_extraction_keeps_distinct_compiling_asserts_on_the_entry_point():
     assert extract_test_lines(reply, "add", 4) == ["assert add(1, 2) == 3", "assert add('a', 'b') == 'ab'",
                                                    "assert add(0, 0) == 0", "assert add(-1, 1) == 0"]  # fmt: skip
     assert extract_test_lines(reply, "add", 2) == ["assert add(1, 2) == 3", "assert add('a', 'b') == 'ab'"]
+    assert extract_test_lines('assert add(f"{1:\\n}") == 1', "add", 4) == []  # unparsed over two lines: no line
     assert extract_test_lines("assert not add(1, 2) == 4\nassert x(add(1, 1))", "add", 4) == [
         "assert not add(1, 2) == 4",
         "assert x(add(1, 1))",
@@ -649,6 +650,13 @@ def test_results_of_other_sandbox_rules_are_refused_until_executed_again(tmp_pat
         assert {t: store.generations("tiny", "humaneval", t) for t in generated} == generated  # none again
         assert "assert stale(1)" not in store.line_results([answer.id])[answer.id]  # replaced whole
         assert store.executed_tasks("tiny", "humaneval") == set(generated)
+        # a re-execution drops every result, so it must run on all the store holds
+        problems = load_cascade_problems("humaneval", 2)
+        for narrower, problems_run in ((replace(config, re_execute=True), problems[:1]),
+                                       (replace(config, re_execute=True, models=()), problems)):  # fmt: skip
+            with pytest.raises(UserError, match="--re-execute drops every execution result"):
+                run._check_execution_rules(store, narrower, problems_run)
+        assert store.executed_tasks("tiny", "humaneval") == set(generated)  # refused before anything was dropped
 
 
 @pytest.mark.parametrize(

@@ -152,6 +152,10 @@ def test_a_part_package_of_another_release_is_named_before_anything_is_assembled
     dist = site / "fake_parts_x2-1.1.dist-info"  # metadata: fake-parts-x2 1.1 installed, the model wants 1.0
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: fake-parts-x2\nVersion: 1.1\n")
+    (dist / "RECORD").write_text("fake_parts_x9/__init__.py,,\n")  # another copy's files: not the one imported
+    assert ensure_assembled(model).read_bytes() == b"".join(PARTS)  # so the hash decides, and it is right
+    registry.assembled_path(model).unlink()
+    (dist / "RECORD").write_text("fake_parts_x2/__init__.py,,\nfake_parts_x2/data/part.bin,,\n")  # the one imported
     with pytest.raises(CodeaccelError, match=r"fake-parts-x2 1.1 is installed.*pip install 'fake-parts-x2==1.0'"):
         ensure_assembled(model)
     assert not registry.assembled_path(model).exists()

@@ -111,6 +111,38 @@ def test_lines_a_slow_solution_had_no_time_for_are_run_again_in_the_pool():
     assert any(t.out_of_budget for t in stuck_r.tests) and stuck_r.status == "timeout"
 
 
+def test_a_line_the_wall_clock_kills_inside_c_code_while_the_budget_bounds_it_runs_again():
+    # each line 0.7 s in "C code" (SIGALRM blocked, as in a long C call): the run's own timer cannot stop the
+    # line the 1.5 s budget overruns, so the wall clock kills the run at 2 s in the middle of it
+    slow = (
+        "import signal, time\n"
+        "def f(x):\n"
+        "    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})\n"
+        "    time.sleep(0.7)\n"
+        "    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGALRM})\n"
+        "    return x\n"
+    )
+    lines = [f"assert f({i}) == {i}" for i in range(4)]
+    limits = Limits(timeout_s=2.0, line_timeout_s=1.9)
+    alone = execute(slow, lines, limits)
+    assert alone.returncode is None and alone.status == "timeout"  # killed at the wall clock
+    assert all(t.status == "passed" or t.out_of_budget for t in alone.tests)
+    assert any("during this line" in (t.message or "") for t in alone.tests)  # the line it was killed in
+    with SandboxPool(workers=1) as pool:
+        (r,) = pool.map_every_line([Job(slow, lines, limits)])
+    assert r.passed and [t.status for t in r.tests] == ["passed"] * 4
+
+
+def test_the_solution_is_a_registered_module():
+    solution = (
+        "import pickle\nfrom dataclasses import dataclass\n"
+        "@dataclass\nclass Node:\n    val: int\n    next: 'Node' = None\n"
+    )
+    lines = ["assert Node(1).val == 1", "assert pickle.loads(pickle.dumps(Node(2))) == Node(2)"]
+    r = execute(solution, lines, FAST)
+    assert r.setup_status == "ok" and r.passed, r.tests
+
+
 def test_a_setup_that_spends_the_whole_budget_is_not_run_again_and_again():
     limits = Limits(timeout_s=2.0, line_timeout_s=2.0)
     with SandboxPool(workers=1) as pool:
@@ -464,3 +496,20 @@ def test_zz_the_suite_left_no_processes_cgroups_or_files(traces_before_the_suite
         "processes": set(), "cgroups": set(), "folders": set()
     }  # fmt: skip
     os.kill(os.getpid(), 0)  # and the parent is alive
+
+
+def test_a_continued_run_takes_execute_s_own_verdict_order():
+    from codeaccel.sandbox.execution import ExecutionResult, LineResult
+    from codeaccel.sandbox.pool import _continued
+
+    def run(tests, oom=0, capped=False):
+        status = next((t.status for t in tests if t.status != "passed"), "passed")
+        return ExecutionResult(status, tests, "ok", None, 0, 1.0, 0.5, "", "", capped, oom)
+
+    cut = LineResult("b", "timeout", "OutOfBudget", "no time left in the run")
+    first = run([LineResult("a", "failed", "AssertionError"), cut])
+    assert _continued(first, run([LineResult("b", "passed")])).status == "failed"  # the first line's verdict
+    assert _continued(first, run([LineResult("b", "passed")], oom=1)).status == "memory_limit"  # as execute says
+    passed = _continued(run([LineResult("a", "passed"), cut]), run([LineResult("b", "passed")], capped=True))
+    assert passed.status == "output_limit" and [t.status for t in passed.tests] == ["passed", "passed"]
+    assert passed.wall_s == 2.0 and passed.cpu_s == 1.0

@@ -36,6 +36,7 @@ from codeaccel.methods.registry import MethodOptions, build_method, uses_cost_cu
 from codeaccel.models.registry import resolve_model
 from codeaccel.sandbox import ExecutionResult, Job, Limits, SandboxPool, execute
 from codeaccel.sandbox import probe as probe_sandbox
+from codeaccel.sandbox.execution import RULES_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +154,7 @@ def run_bench(
                             pool.reset()
                         record = _run_one(engine, method, problem, config, key)
                         prompt_cached = True
-                        record.update(prefill_shared=shared, cpu=cpu)
+                        record.update(prefill_shared=shared, cpu=cpu, sandbox_rules=RULES_VERSION)
                         if uses_cost_curve(method.name) and curve:
                             record["target_cost_curve"] = curve
                         _compare_with_autoregressive(engine, store, config, dataset, problem, record)

@@ -113,7 +113,7 @@ def _run(config: RunConfig, store: GenerationStore, problems: list[CascadeProble
     if config.answers_from is not None and any(parse_endpoint(m) for m in config.models):
         raise UserError("--answers-from takes local models' answers; an endpoint stage generates its own")
     source = _answers_source(config)  # refused before this store is written to
-    _check_execution_rules(store, config.re_execute)
+    _check_execution_rules(store, config, problems)
     store.set_meta("run_config", config.to_record())
     store.set_meta("machine", machine.provenance("")["machine"])
     limits = Limits(timeout_s=config.test_timeout_s, line_timeout_s=2.0)
@@ -126,11 +126,22 @@ def _run(config: RunConfig, store: GenerationStore, problems: list[CascadeProble
             source.close()
 
 
-def _check_execution_rules(store: GenerationStore, re_execute: bool) -> None:
+def _check_execution_rules(store: GenerationStore, config: RunConfig, problems: list[CascadeProblem]) -> None:
     """One store, one set of sandbox rules: results made under other rules are refused, or with ``re_execute``
-    dropped (every problem is then executed again from its stored generations)."""
+    dropped (every problem is then executed again from its stored generations, so the run must cover all that
+    is stored: every model, every problem)."""
     rules = store.execution_rules()
-    if re_execute:
+    if config.re_execute:
+        ours, task_ids = {stage_name(m) for m in config.models}, {p.task_id for p in problems}
+        left_out = sorted(store.models() - ours)
+        beyond = sorted(t for m in store.models() & ours for t in store.generated_tasks(m, config.dataset)
+                        if t not in task_ids)  # fmt: skip
+        if left_out or beyond:
+            why = (
+                f"it also holds {left_out}" if left_out else f"{beyond[0]} and {len(beyond) - 1} more lie past --limit"
+            )
+            raise UserError(f"--re-execute drops every execution result of {store.path}, so it must run on all the "
+                            f"store holds: {why} (name all its models, no smaller --limit)")  # fmt: skip
         log.info("dropping the stored execution results of %s: every problem is executed again", store.path)
         store.forget_executions(RULES_VERSION)
     elif rules is None:

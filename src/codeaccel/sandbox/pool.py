@@ -39,22 +39,25 @@ class SandboxPool:
     def map_every_line(self, jobs: Sequence[Job]) -> list[ExecutionResult]:
         """Like :meth:`map`, but every test line gets its own time limit: where a run's budget cut lines short or
         left them no time while no line had hit its own limit (a slow solution, not a stuck one), those lines run
-        again in a new run (the solution set up afresh), until every line ran to its end or its own limit, or a
-        new run gets through none of them."""
+        again in a new run (the solution set up afresh), until every line ran to its end or its own limit. A job
+        stops being continued when a new run finishes none of its lines, its solution fails to set up again (its
+        first verdicts stand), or after :data:`MAX_EXTRA_RUNS` extra runs (the lines left stay ``timeout``)."""
         results = list(self.map(jobs))
-        last = list(results)  # each job's latest run: one that finished no line is not tried again
-        while True:
-            again = [
-                i
-                for i, r in enumerate(results)
-                if _has_lines_out_of_budget(r) and not _stuck(r) and _progressed(last[i])
-            ]
-            if not again:
-                return results
+        extra = [0] * len(results)
+        open_jobs = [i for i, r in enumerate(results) if _to_continue(r) and _progressed(r)]
+        while open_jobs:
             rest = [Job(jobs[i].solution, [t.test for t in results[i].tests if t.out_of_budget], jobs[i].limits)
-                    for i in again]  # fmt: skip
-            for i, more in zip(again, self.map(rest)):
-                results[i], last[i] = _continued(results[i], more), more
+                    for i in open_jobs]  # fmt: skip
+            still = []
+            for i, more in zip(open_jobs, self.map(rest)):
+                extra[i] += 1
+                if more.setup_status != "ok":  # set up once, not again (a limit met by chance): keep what ran
+                    continue
+                results[i] = _continued(results[i], more)
+                if _to_continue(results[i]) and _progressed(more) and extra[i] < MAX_EXTRA_RUNS:
+                    still.append(i)
+            open_jobs = still
+        return results
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
@@ -66,8 +69,12 @@ class SandboxPool:
         self.close()
 
 
-def _has_lines_out_of_budget(result: ExecutionResult) -> bool:
-    return any(t.out_of_budget for t in result.tests)
+MAX_EXTRA_RUNS = 5  # per job of map_every_line: its lines' worst case is 6 runs' budgets, not one per line
+
+
+def _to_continue(result: ExecutionResult) -> bool:
+    """Lines the budget stopped, and none that stopped at its own limit."""
+    return any(t.out_of_budget for t in result.tests) and not _stuck(result)
 
 
 def _progressed(run: ExecutionResult) -> bool:
@@ -83,10 +90,14 @@ def _continued(first: ExecutionResult, more: ExecutionResult) -> ExecutionResult
     """``first`` with its lines out of budget replaced, in order, by ``more``'s results for them."""
     later = iter(more.tests)
     tests = [next(later) if t.out_of_budget else t for t in first.tests]
-    statuses = [t.status for t in tests] + [r.status for r in (first, more) if r.status != "timeout"]
+    status = next((t.status for t in tests if t.status != "passed"), "passed")  # as execute's own verdict:
+    if status == "passed" and (first.output_capped or more.output_capped):
+        status = "output_limit"
+    if first.oom_kills or more.oom_kills:  # the kernel killed a process for memory in either run
+        status = "memory_limit"
     return replace(
         first,
-        status=next((s for s in statuses if s != "passed"), "passed"),
+        status=status,
         tests=tests,
         returncode=more.returncode,
         wall_s=first.wall_s + more.wall_s,

