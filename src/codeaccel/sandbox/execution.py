@@ -233,8 +233,9 @@ def _read_capped(path: Path, cap: int) -> tuple[str, bool]:
 
 
 def _read_reports(path: Path, cap: int) -> dict:
-    """The runner's JSON lines: {"setup": {...}} and {"test": i, ...} by key ("setup", i), {"start": i,
-    "budget_bound": b} as ("start", i) → b; unreadable lines are ignored."""
+    """The runner's JSON lines by key: ``"setup"`` → its {"setup": {...}}, ``i`` → its {"test": i, ...}, and
+    ``("start", i)`` → whether the budget bounded line i (its {"start": i, "budget_bound": b}); unreadable lines
+    are ignored."""
     reports: dict = {}
     with open(path, "rb") as f:
         data = f.read(cap)
