@@ -23,7 +23,7 @@ _REPLAY_FLAGS = ("--rescore", "--report-only")
 
 @opt.with_method_flags
 def bench(
-    datasets: Annotated[str, typer.Argument(help="humaneval, mbpp, or both comma-separated.")],
+    datasets: Annotated[str, typer.Argument(help="Comma-separated: humaneval, mbpp, repo:<package>, edits:<name>.")],
     model: opt.ModelOpt = opt.DEFAULT_MODEL,
     engine: opt.EngineOpt = "llama.cpp",
     method: Annotated[

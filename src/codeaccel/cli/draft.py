@@ -20,7 +20,9 @@ from codeaccel.personalization.loop import LoopConfig, run_tuning
 from codeaccel.personalization.store import open_store
 from codeaccel.personalization.versions import DraftVersions, default_versions_dir
 
-app = typer.Typer(help="The draft tuned on accepted completions: train, list, promote, rollback.", no_args_is_help=True)
+app = typer.Typer(
+    help="The draft tuned on accepted completions: train, list, promote, rollback, bench.", no_args_is_help=True
+)
 
 DraftOpt = Annotated[str, typer.Option("--draft-model", help="The base draft (bundled name or GGUF file).")]
 VersionsOpt = Annotated[

@@ -32,7 +32,7 @@ from codeaccel.retrieval.datastore import (
     update_datastore,
 )
 
-app = typer.Typer(help="Retrieval datastores: build, update, stats.", no_args_is_help=True)
+app = typer.Typer(help="Retrieval datastores: build, update, stats, bench.", no_args_is_help=True)
 
 
 def _tokenizer(model: str, engine: str) -> tuple[Engine, str]:
