@@ -312,15 +312,15 @@ def create_app(settings: ServeSettings, load_in_background: bool = True, replica
         prompts = await run_in_threadpool(_completion_prompts, rt, body, settings.ctx_size, settings.default_max_tokens)
         prediction = await run_in_threadpool(_prediction, rt, body)
         requests = _requests(body, prompts, settings, prediction)
-        record = served(rt, "cmpl", [prompts[p_index] for _, p_index in requests])
+        prompt_of = [p_index for _, p_index in requests]  # choice index → its prompt
+        record = served(rt, "cmpl", [prompts[p_index] for p_index in prompt_of])
         call = Call(rt.scheduler, [r for r, _ in requests], body.stream, body.stops, record, state.completion_cache)
         n_prompt = sum(len(p) for p in prompts)
-        prompt_of = [p_index for _, p_index in requests]  # choice index → its prompt
         if body.stream:
             return _sse(_openai_completion_stream(call, rt.model_id, http, body, n_prompt, prompt_of), call)
         results = await call.results(http)
         await call.after_done()
-        echo = [_echo_text(rt, body, p_index) for _, p_index in requests] if body.echo else [""] * len(results)
+        echo = [_echo_text(rt, body, p_index) for p_index in prompt_of] if body.echo else [""] * len(results)
         return formats.completion_body(call, rt.model_id, results, n_prompt, echo, prompt_of)
 
     @app.post("/v1/chat/completions")
